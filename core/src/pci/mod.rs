@@ -1,0 +1,8 @@
+//! PCI: function addresses, config-space decoding and the topology of a sysroot.
+
+pub mod bdf;
+pub mod config;
+pub mod topology;
+
+pub use bdf::Bdf;
+pub use topology::{Bar, BarKind, DevIdx, PciDevice, Topology, TopologyError};

@@ -1,0 +1,616 @@
+//! The registry: registered peer-memory regions, looked up by address without locks, and
+//! resolved per (region, peer) into the route the peer must take.
+//!
+//! Read side: an immutable `Snapshot` (radix span maps by virtual and by bus address) published
+//! through `arc_swap`; a `Reader` keeps a per-thread cached `Arc` so a lookup costs one atomic
+//! load plus the radix walk, and never touches a lock or a shared reference count. Verdicts are
+//! cached per (provider, client) in write-once cells, like the kernel's `map_types` xarray.
+//! Write side: one mutex serialises writers; each edit clones the current snapshot (path copy)
+//! and publishes it. Unregistering publishes a snapshot without the region and marks its entry
+//! dead, so later lookups miss and later resolves fail; readers still holding the old snapshot
+//! keep the region alive through its `Arc`, so nothing resolves into freed memory.
+//!
+//! Must not: compute a verdict itself (that is `path`), or hand out an address it did not derive
+//! from the topology through `addr`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use arc_swap::{ArcSwap, Cache, Guard};
+
+use crate::addr::{AddrError, AddrRange, BusAddr, CpuPhys, VirtAddr};
+use crate::path::{MapType, Verdict};
+use crate::pci::topology::BarKind;
+use crate::pci::{Bdf, DevIdx, Topology};
+use crate::region::{Backing, PeerMemory, Provider};
+use crate::route::{BounceWhy, Peer, Route, RouteKind};
+use crate::spanmap::{Span, SpanMap};
+
+/// Identity of one registration (never reused within a registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RegionId(u64);
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "region#{}", self.0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown PCI device {0}")]
+    UnknownDevice(Bdf),
+    #[error("{bdf} has no BAR{bar} (empty or not a BAR 0-5)")]
+    NoSuchBar { bdf: Bdf, bar: u8 },
+    #[error("{bdf} BAR{bar} is an I/O port BAR: peers cannot DMA to it")]
+    IoBar { bdf: Bdf, bar: u8 },
+    #[error("{bdf} BAR{bar}: {len:#x} bytes at offset {offset:#x} run past the BAR's {bar_len:#x} bytes")]
+    OutOfBar {
+        bdf: Bdf,
+        bar: u8,
+        offset: u64,
+        len: u64,
+        bar_len: u64,
+    },
+    #[error("region is empty")]
+    Empty,
+    #[error("{space} range {start:#x}..={last:#x} overlaps {existing}")]
+    Overlap {
+        space: &'static str,
+        start: u64,
+        last: u64,
+        existing: RegionId,
+    },
+    #[error(transparent)]
+    Addr(#[from] AddrError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{0} was unregistered")]
+    Unregistered(RegionId),
+    #[error("{0} has no CPU mapping, so the CPU cannot reach it")]
+    NoCpuMapping(RegionId),
+}
+
+/// Where a BAR-backed region sits.
+#[derive(Debug, Clone, Copy)]
+struct BarPlace {
+    dev: DevIdx,
+    hierarchy: usize,
+    cpu: CpuPhys,
+    bus: Option<BusAddr>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Bar(BarPlace),
+    HostPages,
+    DmaBuf,
+    OpaqueFd,
+}
+
+/// A registered region as the registry keeps it: the region plus what was derived at
+/// registration (its PCI place and addresses), so resolving needs no I/O and no allocation.
+pub struct Entry {
+    id: RegionId,
+    region: Arc<dyn PeerMemory>,
+    live: AtomicBool,
+    len: u64,
+    provider: Provider,
+    va: Option<AddrRange<VirtAddr>>,
+    kind: Kind,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("id", &self.id)
+            .field("len", &self.len)
+            .field("provider", &self.provider)
+            .field("va", &self.va)
+            .field("live", &self.is_live())
+            .finish()
+    }
+}
+
+impl Entry {
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+    pub fn region(&self) -> &Arc<dyn PeerMemory> {
+        &self.region
+    }
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+    pub fn cpu_range(&self) -> Option<AddrRange<VirtAddr>> {
+        self.va
+    }
+    /// CPU physical address of the region's first byte (BAR-backed regions).
+    pub fn cpu_phys(&self) -> Option<CpuPhys> {
+        self.bar().map(|b| b.cpu)
+    }
+    /// Bus address of the region's first byte (BAR-backed regions whose bus start is known).
+    pub fn bus_addr(&self) -> Option<BusAddr> {
+        self.bar().and_then(|b| b.bus)
+    }
+    fn bar(&self) -> Option<BarPlace> {
+        match self.kind {
+            Kind::Bar(p) => Some(p),
+            _ => None,
+        }
+    }
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+}
+
+/// A lookup hit: the region and the byte offset of the address inside it.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit<'a> {
+    pub entry: &'a Arc<Entry>,
+    pub offset: u64,
+}
+
+/// One immutable view of the registry.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    va: SpanMap<VirtAddr, Arc<Entry>>,
+    /// Per host-bridge hierarchy (index into `Topology::host_bridges()`).
+    bus: Vec<SpanMap<BusAddr, Arc<Entry>>>,
+    regions: usize,
+}
+
+impl Snapshot {
+    /// The region whose CPU mapping contains `va`.
+    #[inline]
+    pub fn lookup_va(&self, va: VirtAddr) -> Option<Hit<'_>> {
+        let s: &Span<VirtAddr, Arc<Entry>> = self.va.get(va)?;
+        Some(Hit {
+            entry: &s.val,
+            offset: va.raw() - s.start.raw(),
+        })
+    }
+    /// The BAR-backed region at bus address `bus` on host-bridge hierarchy `hierarchy`.
+    #[inline]
+    pub fn lookup_bus(&self, hierarchy: usize, bus: BusAddr) -> Option<Hit<'_>> {
+        let s = self.bus.get(hierarchy)?.get(bus)?;
+        Some(Hit {
+            entry: &s.val,
+            offset: bus.raw() - s.start.raw(),
+        })
+    }
+    /// Number of registered regions.
+    pub fn len(&self) -> usize {
+        self.regions
+    }
+    pub fn is_empty(&self) -> bool {
+        self.regions == 0
+    }
+}
+
+/// Write-once verdict cells per (provider, client); rows are allocated on first use.
+struct VerdictCache {
+    rows: Box<[OnceLock<Box<[OnceLock<Verdict>]>>]>,
+}
+
+impl VerdictCache {
+    fn new(n: usize) -> Self {
+        VerdictCache {
+            rows: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+    #[inline]
+    fn get<'a>(&'a self, topo: &Topology, p: DevIdx, c: DevIdx) -> &'a Verdict {
+        let n = self.rows.len();
+        let row = self.rows[p.get()].get_or_init(|| (0..n).map(|_| OnceLock::new()).collect());
+        row[c.get()].get_or_init(|| topo.verdict(p, c))
+    }
+}
+
+struct Writer {
+    latest: Arc<Snapshot>,
+    va_ranges: BTreeMap<u64, (u64, RegionId)>,
+    bus_ranges: BTreeMap<(usize, u64), (u64, RegionId)>,
+}
+
+struct Shared {
+    topo: Arc<Topology>,
+    current: Arc<ArcSwap<Snapshot>>,
+    writer: Mutex<Writer>,
+    verdicts: VerdictCache,
+    next_id: AtomicU64,
+}
+
+/// The registry. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("regions", &self.len())
+            .finish()
+    }
+}
+
+/// The registration guard: the region stays registered until this is dropped.
+pub struct Registration {
+    shared: Arc<Shared>,
+    entry: Arc<Entry>,
+}
+
+impl Registration {
+    pub fn entry(&self) -> &Arc<Entry> {
+        &self.entry
+    }
+}
+
+impl Deref for Registration {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
+impl fmt::Debug for Registration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.entry.fmt(f)
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.unregister(&self.entry);
+    }
+}
+
+/// A per-thread reader: caches the current snapshot, re-checking it with one atomic load.
+pub struct Reader {
+    cache: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
+}
+
+impl Reader {
+    /// The current snapshot (refreshed if a writer published since the last call).
+    #[inline]
+    pub fn snapshot(&mut self) -> &Snapshot {
+        self.cache.load()
+    }
+    #[inline]
+    pub fn lookup_va(&mut self, va: VirtAddr) -> Option<Hit<'_>> {
+        self.cache.load().lookup_va(va)
+    }
+}
+
+fn overlap_check<K: Ord + Copy>(
+    map: &BTreeMap<K, (u64, RegionId)>,
+    lo_key: K,
+    key_of_last: K,
+    start: u64,
+    space: &'static str,
+    last: u64,
+) -> Result<(), RegistryError> {
+    if let Some((_, &(elast, id))) = map.range(lo_key..=key_of_last).next_back() {
+        if elast >= start {
+            return Err(RegistryError::Overlap {
+                space,
+                start,
+                last,
+                existing: id,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Shared {
+    fn publish(&self, w: &mut Writer, snap: Snapshot) {
+        let s = Arc::new(snap);
+        self.current.store(s.clone());
+        w.latest = s;
+    }
+
+    fn unregister(&self, e: &Arc<Entry>) {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut snap = (*w.latest).clone();
+        if let Some(va) = e.va {
+            snap.va.remove(va.start(), va.last(), e.id.0);
+            w.va_ranges.remove(&va.start().raw());
+        }
+        if let Some(BarPlace {
+            hierarchy,
+            bus: Some(bus),
+            ..
+        }) = e.bar()
+        {
+            let last = BusAddr::new(bus.raw() + (e.len - 1));
+            snap.bus[hierarchy].remove(bus, last, e.id.0);
+            w.bus_ranges.remove(&(hierarchy, bus.raw()));
+        }
+        snap.regions -= 1;
+        self.publish(&mut w, snap);
+        e.live.store(false, Ordering::Release);
+    }
+}
+
+impl Registry {
+    /// A registry resolving against `topo`.
+    pub fn new(topo: Arc<Topology>) -> Registry {
+        let hierarchies = topo.host_bridges().len();
+        let snap = Arc::new(Snapshot {
+            bus: vec![SpanMap::default(); hierarchies],
+            ..Default::default()
+        });
+        let n = topo.len();
+        Registry {
+            shared: Arc::new(Shared {
+                current: Arc::new(ArcSwap::new(snap.clone())),
+                writer: Mutex::new(Writer {
+                    latest: snap,
+                    va_ranges: BTreeMap::new(),
+                    bus_ranges: BTreeMap::new(),
+                }),
+                verdicts: VerdictCache::new(n),
+                next_id: AtomicU64::new(1),
+                topo,
+            }),
+        }
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.shared.topo
+    }
+
+    /// The current snapshot (an `arc_swap` guard: cheap, but prefer a `Reader` in loops).
+    pub fn snapshot(&self) -> Guard<Arc<Snapshot>> {
+        self.shared.current.load()
+    }
+
+    /// A reader for one thread.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            cache: Cache::new(self.shared.current.clone()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.snapshot().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The peer for a PCI function of this registry's topology.
+    pub fn peer(&self, bdf: Bdf) -> Result<Peer, RegistryError> {
+        self.shared
+            .topo
+            .idx(bdf)
+            .map(Peer::Pci)
+            .map_err(|_| RegistryError::UnknownDevice(bdf))
+    }
+
+    /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`).
+    pub fn hierarchy_of(&self, dev: DevIdx) -> usize {
+        let hb = &self.shared.topo.device(dev).host_bridge;
+        self.shared
+            .topo
+            .host_bridges()
+            .iter()
+            .position(|h| &h.name == hb)
+            .expect("every device has its host bridge")
+    }
+
+    /// Registers a region. It stays registered until the returned guard is dropped.
+    pub fn register(&self, region: Arc<dyn PeerMemory>) -> Result<Registration, RegistryError> {
+        let len = region.len();
+        if len == 0 {
+            return Err(RegistryError::Empty);
+        }
+        let topo = &self.shared.topo;
+        let kind = match region.backing() {
+            Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => {
+                let dev = topo
+                    .idx(bdf)
+                    .map_err(|_| RegistryError::UnknownDevice(bdf))?;
+                let d = topo.device(dev);
+                let b = d.bar(bar).ok_or(RegistryError::NoSuchBar { bdf, bar })?;
+                if b.kind == BarKind::Io {
+                    return Err(RegistryError::IoBar { bdf, bar });
+                }
+                let out = RegistryError::OutOfBar {
+                    bdf,
+                    bar,
+                    offset,
+                    len,
+                    bar_len: b.cpu.len(),
+                };
+                match offset.checked_add(len) {
+                    Some(end) if end <= b.cpu.len() => {}
+                    _ => return Err(out),
+                }
+                let cpu = b.cpu.at(offset)?;
+                let bus = match b.window() {
+                    Some(w) => Some(w.to_bus(cpu)?),
+                    None => None,
+                };
+                Kind::Bar(BarPlace {
+                    dev,
+                    hierarchy: self.hierarchy_of(dev),
+                    cpu,
+                    bus,
+                })
+            }
+            Backing::HostPages => Kind::HostPages,
+            Backing::DmaBuf(_) => Kind::DmaBuf,
+            Backing::OpaqueFd(_) => Kind::OpaqueFd,
+        };
+        let va = match region.cpu_mapping() {
+            Some(v) => Some(AddrRange::new(v, len)?),
+            None => None,
+        };
+
+        let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let id = RegionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        if let Some(r) = va {
+            overlap_check(
+                &w.va_ranges,
+                0,
+                r.last().raw(),
+                r.start().raw(),
+                "virtual",
+                r.last().raw(),
+            )?;
+        }
+        let bus_range = match kind {
+            Kind::Bar(BarPlace {
+                hierarchy,
+                bus: Some(bus),
+                ..
+            }) => {
+                let r = AddrRange::new(bus, len)?;
+                overlap_check(
+                    &w.bus_ranges,
+                    (hierarchy, 0),
+                    (hierarchy, r.last().raw()),
+                    bus.raw(),
+                    "bus",
+                    r.last().raw(),
+                )?;
+                Some((hierarchy, r))
+            }
+            _ => None,
+        };
+        let entry = Arc::new(Entry {
+            id,
+            provider: region.provider(),
+            region,
+            live: AtomicBool::new(true),
+            len,
+            va,
+            kind,
+        });
+        let mut snap = (*w.latest).clone();
+        if let Some(r) = va {
+            snap.va.insert(Arc::new(Span {
+                start: r.start(),
+                last: r.last(),
+                id: id.0,
+                val: entry.clone(),
+            }));
+            w.va_ranges.insert(r.start().raw(), (r.last().raw(), id));
+        }
+        if let Some((h, r)) = bus_range {
+            snap.bus[h].insert(Arc::new(Span {
+                start: r.start(),
+                last: r.last(),
+                id: id.0,
+                val: entry.clone(),
+            }));
+            w.bus_ranges
+                .insert((h, r.start().raw()), (r.last().raw(), id));
+        }
+        snap.regions += 1;
+        self.shared.publish(&mut w, snap);
+        drop(w);
+        tracing::debug!(%id, len, "registered region");
+        Ok(Registration {
+            shared: self.shared.clone(),
+            entry,
+        })
+    }
+
+    /// The route `peer` takes to `entry`, with the verdict cached per (provider, client).
+    #[inline]
+    pub fn resolve<'r>(&'r self, entry: &Entry, peer: Peer) -> Result<Route<'r>, ResolveError> {
+        self.resolve_with(entry, peer, |p, c| {
+            Cow::Borrowed(self.shared.verdicts.get(&self.shared.topo, p, c))
+        })
+    }
+
+    /// Like `resolve`, but computes the verdict afresh (no cache): what a first resolve costs.
+    pub fn resolve_uncached(
+        &self,
+        entry: &Entry,
+        peer: Peer,
+    ) -> Result<Route<'static>, ResolveError> {
+        self.resolve_with(entry, peer, |p, c| {
+            Cow::Owned(self.shared.topo.verdict(p, c))
+        })
+    }
+
+    #[inline]
+    fn resolve_with<'r>(
+        &self,
+        entry: &Entry,
+        peer: Peer,
+        verdict: impl FnOnce(DevIdx, DevIdx) -> Cow<'r, Verdict>,
+    ) -> Result<Route<'r>, ResolveError> {
+        if !entry.is_live() {
+            return Err(ResolveError::Unregistered(entry.id));
+        }
+        let mut route = Route {
+            kind: RouteKind::Bounce(BounceWhy::OpaqueToPeer),
+            len: entry.len,
+            cpu_address: entry.cpu_phys(),
+            bus_address: entry.bus_addr(),
+            verdict: None,
+        };
+        let client = match peer {
+            Peer::Cpu => {
+                route.kind = RouteKind::CpuMapped(
+                    entry
+                        .va
+                        .ok_or(ResolveError::NoCpuMapping(entry.id))?
+                        .start(),
+                );
+                return Ok(route);
+            }
+            Peer::Pci(c) => c,
+        };
+        route.kind = match entry.kind {
+            Kind::Bar(place) => {
+                let v = verdict(place.dev, client);
+                let kind = match v.map_type {
+                    MapType::BusAddr => match place.bus {
+                        Some(b) => RouteKind::BusAddr(b),
+                        None => RouteKind::Bounce(BounceWhy::BusAddrUnknown),
+                    },
+                    MapType::ThruHostBridge if v.client_iommu.translating => RouteKind::Iommu(None),
+                    MapType::ThruHostBridge => RouteKind::HostBridge(place.cpu),
+                    MapType::NotSupported => RouteKind::Bounce(BounceWhy::NotSupported),
+                };
+                route.verdict = Some(v);
+                kind
+            }
+            Kind::DmaBuf => {
+                if let Provider::Pci(bdf) = entry.provider {
+                    if let Ok(p) = self.shared.topo.idx(bdf) {
+                        route.verdict = Some(verdict(p, client));
+                    }
+                }
+                match route.verdict.as_ref().map(|v| v.map_type) {
+                    Some(MapType::NotSupported) => RouteKind::Bounce(BounceWhy::NotSupported),
+                    _ => RouteKind::KernelImport,
+                }
+            }
+            Kind::HostPages | Kind::OpaqueFd => match entry.va {
+                Some(va) => RouteKind::CpuMapped(va.start()),
+                None => RouteKind::Bounce(BounceWhy::OpaqueToPeer),
+            },
+        };
+        Ok(route)
+    }
+}
