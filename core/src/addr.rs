@@ -13,26 +13,13 @@ use std::marker::PhantomData;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddrError {
     #[error("{space} address {base:#x} + {delta:#x} overflows 64 bits")]
-    Overflow {
-        space: &'static str,
-        base: u64,
-        delta: u64,
-    },
+    Overflow { space: &'static str, base: u64, delta: u64 },
     #[error("{space} address {addr:#x} lies outside the window {start:#x}..{end:#x}")]
-    OutsideWindow {
-        space: &'static str,
-        addr: u64,
-        start: u64,
-        end: u64,
-    },
+    OutsideWindow { space: &'static str, addr: u64, start: u64, end: u64 },
     #[error("empty {space} range at {start:#x}")]
     EmptyRange { space: &'static str, start: u64 },
     #[error("bus offset {offset} moves {space} address {addr:#x} outside 0..2^64")]
-    OffsetOutOfRange {
-        space: &'static str,
-        addr: u64,
-        offset: i128,
-    },
+    OffsetOutOfRange { space: &'static str, addr: u64, offset: i128 },
 }
 
 /// A typed address. Each address space is its own type; the only way to get a raw number out is
@@ -44,14 +31,11 @@ pub trait Address: Copy + Ord + fmt::Debug + fmt::LowerHex + Send + Sync + 'stat
     fn raw(self) -> u64;
 
     fn checked_add(self, delta: u64) -> Result<Self, AddrError> {
-        self.raw()
-            .checked_add(delta)
-            .map(Self::new)
-            .ok_or(AddrError::Overflow {
-                space: Self::SPACE,
-                base: self.raw(),
-                delta,
-            })
+        self.raw().checked_add(delta).map(Self::new).ok_or(AddrError::Overflow {
+            space: Self::SPACE,
+            base: self.raw(),
+            delta,
+        })
     }
 
     /// `self - base`, or `None` if `self < base`.
@@ -150,18 +134,11 @@ impl<A: Address> AddrRange<A> {
     /// A range of `len` bytes at `start`; rejects empty ranges and ranges that wrap past 2^64.
     pub fn new(start: A, len: u64) -> Result<Self, AddrError> {
         if len == 0 {
-            return Err(AddrError::EmptyRange {
-                space: A::SPACE,
-                start: start.raw(),
-            });
+            return Err(AddrError::EmptyRange { space: A::SPACE, start: start.raw() });
         }
         // The last byte must be representable.
         start.checked_add(len - 1)?;
-        Ok(AddrRange {
-            start,
-            len,
-            _space: PhantomData,
-        })
+        Ok(AddrRange { start, len, _space: PhantomData })
     }
 
     pub fn start(&self) -> A {
@@ -230,13 +207,7 @@ impl<A: Address> AddrRange<A> {
 
 impl<A: Address> fmt::Debug for AddrRange<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}[{:#x}..={:#x}]",
-            A::SPACE,
-            self.start.raw(),
-            self.last().raw()
-        )
+        write!(f, "{}[{:#x}..={:#x}]", A::SPACE, self.start.raw(), self.last().raw())
     }
 }
 
@@ -285,10 +256,7 @@ pub struct BarWindow {
 impl BarWindow {
     /// A window of `len` bytes at CPU `cpu_start` whose bus address is `bus_start`.
     pub fn new(cpu_start: CpuPhys, bus_start: BusAddr, len: u64) -> Result<Self, AddrError> {
-        Ok(BarWindow {
-            cpu: AddrRange::new(cpu_start, len)?,
-            bus: AddrRange::new(bus_start, len)?,
-        })
+        Ok(BarWindow { cpu: AddrRange::new(cpu_start, len)?, bus: AddrRange::new(bus_start, len)? })
     }
     pub fn cpu(&self) -> AddrRange<CpuPhys> {
         self.cpu
@@ -325,13 +293,11 @@ impl BarWindow {
 /// known from a host-bridge window rather than a BAR, e.g. device-tree `ranges`).
 pub fn apply_offset(cpu: CpuPhys, offset: BusOffset) -> Result<BusAddr, AddrError> {
     let v = cpu.raw() as i128 + offset.get();
-    u64::try_from(v)
-        .map(BusAddr::new)
-        .map_err(|_| AddrError::OffsetOutOfRange {
-            space: CpuPhys::SPACE,
-            addr: cpu.raw(),
-            offset: offset.get(),
-        })
+    u64::try_from(v).map(BusAddr::new).map_err(|_| AddrError::OffsetOutOfRange {
+        space: CpuPhys::SPACE,
+        addr: cpu.raw(),
+        offset: offset.get(),
+    })
 }
 
 #[cfg(test)]
@@ -340,14 +306,8 @@ mod tests {
 
     #[test]
     fn range_rejects_empty_and_wrapping() {
-        assert!(matches!(
-            AddrRange::new(CpuPhys::new(0x1000), 0),
-            Err(AddrError::EmptyRange { .. })
-        ));
-        assert!(matches!(
-            AddrRange::new(CpuPhys::new(u64::MAX), 2),
-            Err(AddrError::Overflow { .. })
-        ));
+        assert!(matches!(AddrRange::new(CpuPhys::new(0x1000), 0), Err(AddrError::EmptyRange { .. })));
+        assert!(matches!(AddrRange::new(CpuPhys::new(u64::MAX), 2), Err(AddrError::Overflow { .. })));
         let r = AddrRange::new(CpuPhys::new(u64::MAX), 1).unwrap();
         assert_eq!(r.last(), CpuPhys::new(u64::MAX));
         assert_eq!(r.end_exclusive(), 1u128 << 64);
@@ -371,90 +331,47 @@ mod tests {
 
     #[test]
     fn zero_offset_window_is_identity() {
-        let w =
-            BarWindow::new(CpuPhys::new(0xfe00_0000), BusAddr::new(0xfe00_0000), 0x4000).unwrap();
+        let w = BarWindow::new(CpuPhys::new(0xfe00_0000), BusAddr::new(0xfe00_0000), 0x4000).unwrap();
         assert!(w.offset().is_zero());
-        assert_eq!(
-            w.to_bus(CpuPhys::new(0xfe00_1234)).unwrap(),
-            BusAddr::new(0xfe00_1234)
-        );
+        assert_eq!(w.to_bus(CpuPhys::new(0xfe00_1234)).unwrap(), BusAddr::new(0xfe00_1234));
     }
 
     #[test]
     fn positive_bus_offset_translates_both_ways() {
         // bus = cpu + 0x1_0000_0000
-        let w = BarWindow::new(
-            CpuPhys::new(0x8000_0000),
-            BusAddr::new(0x1_8000_0000),
-            0x10_0000,
-        )
-        .unwrap();
+        let w = BarWindow::new(CpuPhys::new(0x8000_0000), BusAddr::new(0x1_8000_0000), 0x10_0000).unwrap();
         assert_eq!(w.offset().get(), 0x1_0000_0000);
-        assert_eq!(
-            w.to_bus(CpuPhys::new(0x8000_0010)).unwrap(),
-            BusAddr::new(0x1_8000_0010)
-        );
-        assert_eq!(
-            w.to_cpu(BusAddr::new(0x1_8000_0010)).unwrap(),
-            CpuPhys::new(0x8000_0010)
-        );
+        assert_eq!(w.to_bus(CpuPhys::new(0x8000_0010)).unwrap(), BusAddr::new(0x1_8000_0010));
+        assert_eq!(w.to_cpu(BusAddr::new(0x1_8000_0010)).unwrap(), CpuPhys::new(0x8000_0010));
         assert_eq!(format!("{}", w.offset()), "0x100000000");
     }
 
     #[test]
     fn negative_bus_offset_translates_both_ways() {
         // POWER-like: CPU window high, bus window low.
-        let w = BarWindow::new(
-            CpuPhys::new(0x6000_0000_0000),
-            BusAddr::new(0x8000_0000),
-            0x20_0000,
-        )
-        .unwrap();
+        let w = BarWindow::new(CpuPhys::new(0x6000_0000_0000), BusAddr::new(0x8000_0000), 0x20_0000).unwrap();
         assert!(w.offset().get() < 0);
-        assert_eq!(
-            w.to_bus(CpuPhys::new(0x6000_0000_1000)).unwrap(),
-            BusAddr::new(0x8000_1000)
-        );
-        assert_eq!(
-            w.to_cpu(BusAddr::new(0x8000_1000)).unwrap(),
-            CpuPhys::new(0x6000_0000_1000)
-        );
+        assert_eq!(w.to_bus(CpuPhys::new(0x6000_0000_1000)).unwrap(), BusAddr::new(0x8000_1000));
+        assert_eq!(w.to_cpu(BusAddr::new(0x8000_1000)).unwrap(), CpuPhys::new(0x6000_0000_1000));
         assert_eq!(format!("{}", w.offset()), "-0x5fff80000000");
     }
 
     #[test]
     fn translation_outside_window_is_an_error() {
         let w = BarWindow::new(CpuPhys::new(0x1000), BusAddr::new(0x9000), 0x1000).unwrap();
-        assert!(matches!(
-            w.to_bus(CpuPhys::new(0x2000)),
-            Err(AddrError::OutsideWindow { .. })
-        ));
-        assert!(matches!(
-            w.to_cpu(BusAddr::new(0x1000)),
-            Err(AddrError::OutsideWindow { .. })
-        ));
+        assert!(matches!(w.to_bus(CpuPhys::new(0x2000)), Err(AddrError::OutsideWindow { .. })));
+        assert!(matches!(w.to_cpu(BusAddr::new(0x1000)), Err(AddrError::OutsideWindow { .. })));
         assert!(w.at(0x1000).is_err());
     }
 
     #[test]
     fn apply_offset_is_checked() {
         assert_eq!(
-            apply_offset(
-                CpuPhys::new(0x1000),
-                BusOffset::between(CpuPhys::new(0x2000), BusAddr::new(0))
-            )
-            .unwrap_err(),
-            AddrError::OffsetOutOfRange {
-                space: "CPU physical",
-                addr: 0x1000,
-                offset: -0x2000
-            }
+            apply_offset(CpuPhys::new(0x1000), BusOffset::between(CpuPhys::new(0x2000), BusAddr::new(0))).unwrap_err(),
+            AddrError::OffsetOutOfRange { space: "CPU physical", addr: 0x1000, offset: -0x2000 }
         );
         let off = BusOffset::between(CpuPhys::new(0), BusAddr::new(u64::MAX));
         assert!(apply_offset(CpuPhys::new(1), off).is_err());
-        assert_eq!(
-            apply_offset(CpuPhys::new(0), off).unwrap(),
-            BusAddr::new(u64::MAX)
-        );
+        assert_eq!(apply_offset(CpuPhys::new(0), off).unwrap(), BusAddr::new(u64::MAX));
     }
 }

@@ -8,6 +8,7 @@
 //!   them up by address and resolves what a peer must program to reach them.
 
 pub mod addr;
+pub mod capture;
 pub mod path;
 pub mod pci;
 pub mod platform;
@@ -21,8 +22,6 @@ pub mod sysroot;
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, Iova, VirtAddr};
 pub use path::{MapType, PathLabel, Verdict};
 pub use pci::{Bdf, DevIdx, Topology, TopologyError};
-pub use region::{Backing, BarRegion, HostRegion, PeerMemory, Provider, RegionError};
-pub use registry::{
-    Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot,
-};
+pub use region::{Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError};
+pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind};

@@ -178,24 +178,14 @@ pub struct Verdict {
 
 fn iommu_state(t: &Topology, i: DevIdx) -> IommuState {
     match &t.device(i).iommu_group {
-        Some(g) => IommuState {
-            group: Some(g.id),
-            domain_type: g.domain_type.clone(),
-            translating: g.translating(),
-        },
-        None => IommuState {
-            group: None,
-            domain_type: None,
-            translating: false,
-        },
+        Some(g) => IommuState { group: Some(g.id), domain_type: g.domain_type.clone(), translating: g.translating() },
+        None => IommuState { group: None, domain_type: None, translating: false },
     }
 }
 
 /// The kernel's allowlist, as it stands in the sysroot's kernel (all 6.12 entries if unknown).
 fn allowlist_for(kernel: Option<KernelVersion>) -> impl Iterator<Item = &'static AllowEntry> {
-    ALLOWLIST
-        .iter()
-        .filter(move |e| kernel.is_none_or(|k| k >= e.since))
+    ALLOWLIST.iter().filter(move |e| kernel.is_none_or(|k| k >= e.since))
 }
 
 /// `__host_bridge_whitelist()`: is the host bridge device of `hb` allowed.
@@ -243,12 +233,9 @@ fn host_bridge_allowed(t: &Topology, hb: &str, same: bool, reasons: &mut Vec<Str
             true
         }
         None => {
-            let k = kernel
-                .map(|k| format!("Linux {k}"))
-                .unwrap_or_else(|| "Linux 6.12 (kernel release unknown)".into());
-            let later = ALLOWLIST
-                .iter()
-                .find(|e| e.vendor == d.vendor && e.device == d.device);
+            let k =
+                kernel.map(|k| format!("Linux {k}")).unwrap_or_else(|| "Linux 6.12 (kernel release unknown)".into());
+            let later = ALLOWLIST.iter().find(|e| e.vendor == d.vendor && e.device == d.device);
             match later {
                 Some(e) => reasons.push(format!(
                     "host bridge {} [{:04x}:{:04x}] is allowlisted only since Linux {}; this sysroot runs {k}",
@@ -276,9 +263,7 @@ impl Topology {
         let mut reasons = Vec::new();
         let mut acs = Vec::new();
         let mut unknown = Vec::new();
-        let note_acs = |t: &Topology, i: DevIdx, acs: &mut Vec<Bdf>, unknown: &mut Vec<Bdf>| match t
-            .acs_redir(i)
-        {
+        let note_acs = |t: &Topology, i: DevIdx, acs: &mut Vec<Bdf>, unknown: &mut Vec<Bdf>| match t.acs_redir(i) {
             Some(true) => acs.push(t.device(i).bdf),
             Some(false) => {}
             None => unknown.push(t.device(i).bdf),
@@ -363,10 +348,7 @@ impl Topology {
                     cpu.describe()
                 ));
             } else {
-                reasons.push(format!(
-                    "CPU {} is not AMD Zen: the host bridge must be allowlisted",
-                    cpu.describe()
-                ));
+                reasons.push(format!("CPU {} is not AMD Zen: the host bridge must be allowlisted", cpu.describe()));
                 reasons.extend(hb_reasons);
                 if !(pok && cok) {
                     map_type = MapType::NotSupported;
@@ -388,18 +370,10 @@ impl Topology {
         }
 
         let acs_fix = (!acs.is_empty()).then(|| {
-            format!(
-                "pci=disable_acs_redir={}",
-                acs.iter()
-                    .map(|b| b.to_kernel_param())
-                    .collect::<Vec<_>>()
-                    .join(";")
-            )
+            format!("pci=disable_acs_redir={}", acs.iter().map(|b| b.to_kernel_param()).collect::<Vec<_>>().join(";"))
         });
         if let Some(fix) = &acs_fix {
-            reasons.push(format!(
-                "to disable ACS redirect for this path, boot with: {fix}"
-            ));
+            reasons.push(format!("to disable ACS redirect for this path, boot with: {fix}"));
         }
         if !unknown.is_empty() {
             reasons.push(format!(
@@ -426,10 +400,7 @@ impl Topology {
         let (bandwidth_gbs, bottleneck) = self.bottleneck(provider, client, common);
         let provider_iommu = iommu_state(self, provider);
         let client_iommu = iommu_state(self, client);
-        for (who, bdf, st) in [
-            ("provider", pa.bdf, &provider_iommu),
-            ("client", pb.bdf, &client_iommu),
-        ] {
+        for (who, bdf, st) in [("provider", pa.bdf, &provider_iommu), ("client", pb.bdf, &client_iommu)] {
             if let Some(g) = st.group {
                 let ty = st.domain_type.as_deref().unwrap_or("unknown");
                 reasons.push(if st.translating {
@@ -467,12 +438,7 @@ impl Topology {
     }
 
     /// The narrowest current link on the path (each device's own link is its upstream link).
-    fn bottleneck(
-        &self,
-        a: DevIdx,
-        b: DevIdx,
-        common: Option<DevIdx>,
-    ) -> (Option<f64>, Option<Bdf>) {
+    fn bottleneck(&self, a: DevIdx, b: DevIdx, common: Option<DevIdx>) -> (Option<f64>, Option<Bdf>) {
         let mut best: Option<(f64, Bdf)> = None;
         for start in [a, b] {
             for i in self.chain(start) {

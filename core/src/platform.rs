@@ -16,14 +16,8 @@ pub struct KernelVersion(pub u32, pub u32, pub u32);
 impl KernelVersion {
     /// Parses the leading `X.Y[.Z]` of an osrelease string like `6.12.48+deb12-amd64`.
     pub fn parse(s: &str) -> Option<KernelVersion> {
-        let head: String = s
-            .chars()
-            .take_while(|c| c.is_ascii_digit() || *c == '.')
-            .collect();
-        let mut it = head
-            .split('.')
-            .filter(|p| !p.is_empty())
-            .map(|p| p.parse::<u32>());
+        let head: String = s.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+        let mut it = head.split('.').filter(|p| !p.is_empty()).map(|p| p.parse::<u32>());
         let major = it.next()?.ok()?;
         let minor = it.next()?.ok()?;
         let patch = it.next().and_then(|r| r.ok()).unwrap_or(0);
@@ -144,13 +138,8 @@ const DMI_VIRT: &[&str] = &[
 ];
 
 /// PCI vendors that only exist as emulated or paravirtual devices.
-pub const VIRT_PCI_VENDORS: &[(u16, &str)] = &[
-    (0x1af4, "virtio (Red Hat)"),
-    (0x1b36, "QEMU"),
-    (0x15ad, "VMware"),
-    (0x80ee, "VirtualBox"),
-    (0x5853, "Xen"),
-];
+pub const VIRT_PCI_VENDORS: &[(u16, &str)] =
+    &[(0x1af4, "virtio (Red Hat)"), (0x1b36, "QEMU"), (0x15ad, "VMware"), (0x80ee, "VirtualBox"), (0x5853, "Xen")];
 
 impl Platform {
     pub fn read(root: &Sysroot) -> Result<Platform, SysrootError> {
@@ -178,15 +167,10 @@ impl Platform {
         if self.cpu.hypervisor_flag {
             signals.push("cpuinfo: x86 'hypervisor' flag".to_string());
         }
-        for (what, v) in [
-            ("sys_vendor", &self.dmi_sys_vendor),
-            ("product_name", &self.dmi_product_name),
-        ] {
+        for (what, v) in [("sys_vendor", &self.dmi_sys_vendor), ("product_name", &self.dmi_product_name)] {
             if let Some(v) = v {
                 let lower = v.to_ascii_lowercase();
-                let hit = DMI_VIRT
-                    .iter()
-                    .any(|k| lower.starts_with(&k.to_ascii_lowercase()))
+                let hit = DMI_VIRT.iter().any(|k| lower.starts_with(&k.to_ascii_lowercase()))
                     || (what == "product_name" && lower.contains("virtual machine"));
                 if hit {
                     signals.push(format!("dmi {what}: {v:?}"));
@@ -213,10 +197,7 @@ impl Platform {
                 signals.push(format!("device-tree hypervisor node: {c:?}"));
             }
         }
-        Virtualization {
-            virtualized: !signals.is_empty(),
-            signals,
-        }
+        Virtualization { virtualized: !signals.is_empty(), signals }
     }
 
     /// Adds PCI-vendor signals (paravirtual devices) found by the topology scan.
@@ -247,10 +228,7 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
         match k {
             "vendor_id" => cpu.vendor = Some(v.to_string()),
             "cpu family" => {
-                cpu.family = Some(
-                    v.parse()
-                        .map_err(|_| malformed_err(rel, "cpu family is not a number", v))?,
-                )
+                cpu.family = Some(v.parse().map_err(|_| malformed_err(rel, "cpu family is not a number", v))?)
             }
             "model name" | "Hardware" | "machine" => cpu.model_name = Some(v.to_string()),
             "flags" => cpu.hypervisor_flag = v.split_whitespace().any(|f| f == "hypervisor"),
@@ -261,23 +239,14 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
 }
 
 fn be_u32s(rel: &Path, b: &[u8]) -> Result<Vec<u32>, SysrootError> {
-    if b.len() % 4 != 0 {
-        return Err(malformed_err(
-            rel,
-            format!("{} bytes, not a multiple of 4 (big-endian cells)", b.len()),
-            "",
-        ));
+    if !b.len().is_multiple_of(4) {
+        return Err(malformed_err(rel, format!("{} bytes, not a multiple of 4 (big-endian cells)", b.len()), ""));
     }
-    Ok(b.chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(b.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 fn dt_strings(b: &[u8]) -> Vec<String> {
-    b.split(|&c| c == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
+    b.split(|&c| c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
 fn read_device_tree(root: &Sysroot) -> Result<Option<DeviceTree>, SysrootError> {
@@ -286,13 +255,8 @@ fn read_device_tree(root: &Sysroot) -> Result<Option<DeviceTree>, SysrootError> 
         return Ok(None);
     }
     let mut dt = DeviceTree {
-        compatible: root
-            .read_bytes_opt(base.join("compatible"))?
-            .map(|b| dt_strings(&b))
-            .unwrap_or_default(),
-        model: root
-            .read_bytes_opt(base.join("model"))?
-            .map(|b| dt_strings(&b).join(" ")),
+        compatible: root.read_bytes_opt(base.join("compatible"))?.map(|b| dt_strings(&b)).unwrap_or_default(),
+        model: root.read_bytes_opt(base.join("model"))?.map(|b| dt_strings(&b).join(" ")),
         hypervisor_compatible: root
             .read_bytes_opt(base.join("hypervisor/compatible"))?
             .map(|b| dt_strings(&b))
@@ -306,10 +270,7 @@ fn read_device_tree(root: &Sysroot) -> Result<Option<DeviceTree>, SysrootError> 
 fn cells(root: &Sysroot, node: &Path, name: &str, default: u32) -> Result<u32, SysrootError> {
     let rel = node.join(name);
     match root.read_bytes_opt(&rel)? {
-        Some(b) => be_u32s(&rel, &b)?
-            .first()
-            .copied()
-            .ok_or_else(|| malformed_err(&rel, "empty", "")),
+        Some(b) => be_u32s(&rel, &b)?.first().copied().ok_or_else(|| malformed_err(&rel, "empty", "")),
         None => Ok(default),
     }
 }
@@ -326,65 +287,38 @@ fn find_pci_hosts(
         return Ok(());
     }
     let my_addr_cells = cells(root, node, "#address-cells", 2)?;
-    let is_pci = root
-        .read_bytes_opt(node.join("device_type"))?
-        .is_some_and(|b| dt_strings(&b) == ["pci"]);
+    let is_pci = root.read_bytes_opt(node.join("device_type"))?.is_some_and(|b| dt_strings(&b) == ["pci"]);
     if is_pci && depth > 0 {
         out.push(parse_pci_host(root, node, parent_addr_cells)?);
         return Ok(()); // PCI-PCI bridge nodes below a host are not host bridges
     }
     for child in root.list_dir(node)?.unwrap_or_default() {
         let p = node.join(&child);
-        if std::fs::symlink_metadata(root.path(&p))
-            .map(|m| m.is_dir())
-            .unwrap_or(false)
-        {
+        if std::fs::symlink_metadata(root.path(&p)).map(|m| m.is_dir()).unwrap_or(false) {
             find_pci_hosts(root, &p, my_addr_cells, depth + 1, out)?;
         }
     }
     Ok(())
 }
 
-fn parse_pci_host(
-    root: &Sysroot,
-    node: &Path,
-    parent_addr_cells: u32,
-) -> Result<DtPciHost, SysrootError> {
+fn parse_pci_host(root: &Sysroot, node: &Path, parent_addr_cells: u32) -> Result<DtPciHost, SysrootError> {
     let domain = match root.read_bytes_opt(node.join("linux,pci-domain"))? {
-        Some(b) => be_u32s(&node.join("linux,pci-domain"), &b)?
-            .first()
-            .copied(),
+        Some(b) => be_u32s(&node.join("linux,pci-domain"), &b)?.first().copied(),
         None => None,
     };
     let bus_range = match root.read_bytes_opt(node.join("bus-range"))? {
         Some(b) => match be_u32s(&node.join("bus-range"), &b)?.as_slice() {
             [a, z] => Some((*a, *z)),
-            _ => {
-                return Err(malformed_err(
-                    &node.join("bus-range"),
-                    "expected 2 cells",
-                    "",
-                ))
-            }
+            _ => return Err(malformed_err(&node.join("bus-range"), "expected 2 cells", "")),
         },
         None => None,
     };
     let rel = node.join("ranges");
     let ranges = match root.read_bytes_opt(&rel)? {
-        Some(b) => parse_pci_ranges(
-            &rel,
-            &b,
-            parent_addr_cells,
-            cells(root, node, "#size-cells", 2)?,
-        )?,
+        Some(b) => parse_pci_ranges(&rel, &b, parent_addr_cells, cells(root, node, "#size-cells", 2)?)?,
         None => Vec::new(),
     };
-    Ok(DtPciHost {
-        node: node.to_path_buf(),
-        domain,
-        bus_range,
-        ranges,
-    })
+    Ok(DtPciHost { node: node.to_path_buf(), domain, bus_range, ranges })
 }
 
 /// Parses a PCI host bridge `ranges` property: (3 child cells, `parent_cells` parent cells,
@@ -397,22 +331,11 @@ pub fn parse_pci_ranges(
 ) -> Result<Vec<DtRange>, SysrootError> {
     let c = be_u32s(rel, bytes)?;
     if !(1..=2).contains(&parent_cells) || !(1..=2).contains(&size_cells) {
-        return Err(malformed_err(
-            rel,
-            format!("unsupported cell sizes {parent_cells}/{size_cells}"),
-            "",
-        ));
+        return Err(malformed_err(rel, format!("unsupported cell sizes {parent_cells}/{size_cells}"), ""));
     }
     let stride = 3 + parent_cells as usize + size_cells as usize;
-    if c.len() % stride != 0 {
-        return Err(malformed_err(
-            rel,
-            format!(
-                "{} cells is not a multiple of the entry size {stride}",
-                c.len()
-            ),
-            "",
-        ));
+    if !c.len().is_multiple_of(stride) {
+        return Err(malformed_err(rel, format!("{} cells is not a multiple of the entry size {stride}", c.len()), ""));
     }
     let num = |s: &[u32]| s.iter().fold(0u64, |acc, &x| (acc << 32) | x as u64);
     Ok(c.chunks_exact(stride)
@@ -436,43 +359,22 @@ mod tests {
 
     #[test]
     fn kernel_version_parses_distribution_suffixes() {
-        assert_eq!(
-            KernelVersion::parse("6.12.48+deb12-amd64"),
-            Some(KernelVersion(6, 12, 48))
-        );
-        assert_eq!(
-            KernelVersion::parse("6.18.44-fc-v657"),
-            Some(KernelVersion(6, 18, 44))
-        );
-        assert_eq!(
-            KernelVersion::parse("5.4-rc1"),
-            Some(KernelVersion(5, 4, 0))
-        );
+        assert_eq!(KernelVersion::parse("6.12.48+deb12-amd64"), Some(KernelVersion(6, 12, 48)));
+        assert_eq!(KernelVersion::parse("6.18.44-fc-v657"), Some(KernelVersion(6, 18, 44)));
+        assert_eq!(KernelVersion::parse("5.4-rc1"), Some(KernelVersion(5, 4, 0)));
         assert_eq!(KernelVersion::parse("garbage"), None);
         assert!(KernelVersion(5, 15, 0) < KernelVersion(6, 1, 0));
     }
 
     #[test]
     fn zen_rule_needs_amd_and_family_0x17() {
-        let mut c = Cpu {
-            vendor: Some("AuthenticAMD".into()),
-            family: Some(0x17),
-            ..Default::default()
-        };
+        let mut c = Cpu { vendor: Some("AuthenticAMD".into()), family: Some(0x17), ..Default::default() };
         assert!(c.supports_p2pdma());
         c.family = Some(0x16);
         assert!(!c.supports_p2pdma());
-        c = Cpu {
-            vendor: Some("HygonGenuine".into()),
-            family: Some(0x18),
-            ..Default::default()
-        };
+        c = Cpu { vendor: Some("HygonGenuine".into()), family: Some(0x18), ..Default::default() };
         assert!(!c.supports_p2pdma(), "Hygon is X86_VENDOR_HYGON, not AMD");
-        c = Cpu {
-            vendor: Some("GenuineIntel".into()),
-            family: Some(6),
-            ..Default::default()
-        };
+        c = Cpu { vendor: Some("GenuineIntel".into()), family: Some(6), ..Default::default() };
         assert!(!c.supports_p2pdma());
         assert!(!Cpu::default().supports_p2pdma());
     }

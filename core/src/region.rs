@@ -42,10 +42,7 @@ pub enum RegionError {
     #[error("this region cannot be exported to an fd: {0}")]
     NotExportable(&'static str),
     #[error("{what}: {source}")]
-    Os {
-        what: &'static str,
-        source: std::io::Error,
-    },
+    Os { what: &'static str, source: std::io::Error },
 }
 
 /// A contiguous range of memory that peers may reach. Everything else derives from these.
@@ -60,9 +57,7 @@ pub trait PeerMemory: Send + Sync + 'static {
     }
     /// An fd another process or driver can import, when the backing allows.
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
-        Err(RegionError::NotExportable(
-            "the backing has no exportable fd",
-        ))
+        Err(RegionError::NotExportable("the backing has no exportable fd"))
     }
 
     /// Always false for a valid region (kept for the `len`/`is_empty` pair).
@@ -88,36 +83,18 @@ impl HostRegion {
     /// Allocates `len` bytes rounded up to the page size, zero-filled.
     pub fn new(len: u64) -> Result<HostRegion, RegionError> {
         if len == 0 {
-            return Err(RegionError::Invalid {
-                len,
-                why: "zero length".into(),
-            });
+            return Err(RegionError::Invalid { len, why: "zero length".into() });
         }
         let page = sys::page_size();
         let rounded = len
             .div_ceil(page)
             .checked_mul(page)
-            .ok_or(RegionError::Invalid {
-                len,
-                why: "rounding to the page size overflows".into(),
-            })?;
-        let fd = sys::memfd("peermem-host").map_err(|source| RegionError::Os {
-            what: "memfd_create",
-            source,
-        })?;
-        sys::set_len(&fd, rounded).map_err(|source| RegionError::Os {
-            what: "ftruncate",
-            source,
-        })?;
-        let map = sys::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os {
-            what: "mmap",
-            source,
-        })?;
-        Ok(HostRegion {
-            map,
-            fd,
-            numa: None,
-        })
+            .ok_or(RegionError::Invalid { len, why: "rounding to the page size overflows".into() })?;
+        let fd = sys::memfd("peermem-host").map_err(|source| RegionError::Os { what: "memfd_create", source })?;
+        sys::set_len(&fd, rounded).map_err(|source| RegionError::Os { what: "ftruncate", source })?;
+        let map =
+            sys::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
+        Ok(HostRegion { map, fd, numa: None })
     }
 
     /// Mutable access while this is the only handle (before registration, or via `Arc::get_mut`).
@@ -128,22 +105,12 @@ impl HostRegion {
     /// Writes `data` at `offset` through the shared mapping. Concurrent peers may observe a
     /// partial write, as with any DMA buffer.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RegionError> {
-        self.map
-            .write_at(offset, data)
-            .map_err(|why| RegionError::Invalid {
-                len: self.len(),
-                why,
-            })
+        self.map.write_at(offset, data).map_err(|why| RegionError::Invalid { len: self.len(), why })
     }
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RegionError> {
-        self.map
-            .read_at(offset, buf)
-            .map_err(|why| RegionError::Invalid {
-                len: self.len(),
-                why,
-            })
+        self.map.read_at(offset, buf).map_err(|why| RegionError::Invalid { len: self.len(), why })
     }
 }
 
@@ -161,10 +128,48 @@ impl PeerMemory for HostRegion {
         Some(self.map.addr())
     }
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
-        self.fd.try_clone().map_err(|source| RegionError::Os {
-            what: "dup",
-            source,
-        })
+        self.fd.try_clone().map_err(|source| RegionError::Os { what: "dup", source })
+    }
+}
+
+/// A sub-range of a shared `HostRegion`, registered on its own (one buffer of a pool).
+#[derive(Debug, Clone)]
+pub struct HostSlice {
+    pool: std::sync::Arc<HostRegion>,
+    offset: u64,
+    len: u64,
+}
+
+impl HostSlice {
+    /// `len` bytes at `offset` of `pool`; the range must lie inside the pool.
+    pub fn new(pool: std::sync::Arc<HostRegion>, offset: u64, len: u64) -> Result<HostSlice, RegionError> {
+        let plen = pool.len();
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= plen => Ok(HostSlice { pool, offset, len }),
+            _ => Err(RegionError::Invalid {
+                len,
+                why: format!("slice at offset {offset:#x} does not fit the {plen:#x}-byte pool"),
+            }),
+        }
+    }
+    pub fn pool(&self) -> &std::sync::Arc<HostRegion> {
+        &self.pool
+    }
+}
+
+impl PeerMemory for HostSlice {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn provider(&self) -> Provider {
+        self.pool.provider()
+    }
+    fn backing(&self) -> Backing<'_> {
+        Backing::HostPages
+    }
+    fn cpu_mapping(&self) -> Option<VirtAddr> {
+        // In range by construction: offset < pool length, and the pool's mapping is valid.
+        Some(VirtAddr::new(self.pool.map.addr().raw() + self.offset))
     }
 }
 
@@ -186,11 +191,7 @@ impl PeerMemory for BarRegion {
         Provider::Pci(self.bdf)
     }
     fn backing(&self) -> Backing<'_> {
-        Backing::Bar {
-            bdf: self.bdf,
-            bar: self.bar,
-            offset: self.offset,
-        }
+        Backing::Bar { bdf: self.bdf, bar: self.bar, offset: self.offset }
     }
 }
 
@@ -219,11 +220,18 @@ mod tests {
     }
 
     #[test]
+    fn host_slices_must_fit_their_pool() {
+        let pool = std::sync::Arc::new(HostRegion::new(8192).unwrap());
+        let s = HostSlice::new(pool.clone(), 4096, 4096).unwrap();
+        assert_eq!(s.cpu_mapping().unwrap().raw(), pool.cpu_mapping().unwrap().raw() + 4096);
+        assert!(HostSlice::new(pool.clone(), 4096, 4097).is_err());
+        assert!(HostSlice::new(pool.clone(), 0, 0).is_err());
+        assert!(HostSlice::new(pool, u64::MAX, 2).is_err());
+    }
+
+    #[test]
     fn host_region_rejects_bad_sizes_and_offsets() {
-        assert!(matches!(
-            HostRegion::new(0),
-            Err(RegionError::Invalid { .. })
-        ));
+        assert!(matches!(HostRegion::new(0), Err(RegionError::Invalid { .. })));
         assert!(HostRegion::new(u64::MAX).is_err());
         let r = HostRegion::new(4096).unwrap();
         assert!(r.write_at(4090, &[0u8; 7]).is_err());

@@ -49,22 +49,11 @@ pub enum RegistryError {
     #[error("{bdf} BAR{bar} is an I/O port BAR: peers cannot DMA to it")]
     IoBar { bdf: Bdf, bar: u8 },
     #[error("{bdf} BAR{bar}: {len:#x} bytes at offset {offset:#x} run past the BAR's {bar_len:#x} bytes")]
-    OutOfBar {
-        bdf: Bdf,
-        bar: u8,
-        offset: u64,
-        len: u64,
-        bar_len: u64,
-    },
+    OutOfBar { bdf: Bdf, bar: u8, offset: u64, len: u64, bar_len: u64 },
     #[error("region is empty")]
     Empty,
     #[error("{space} range {start:#x}..={last:#x} overlaps {existing}")]
-    Overlap {
-        space: &'static str,
-        start: u64,
-        last: u64,
-        existing: RegionId,
-    },
+    Overlap { space: &'static str, start: u64, last: u64, existing: RegionId },
     #[error(transparent)]
     Addr(#[from] AddrError),
 }
@@ -177,19 +166,13 @@ impl Snapshot {
     #[inline]
     pub fn lookup_va(&self, va: VirtAddr) -> Option<Hit<'_>> {
         let s: &Span<VirtAddr, Arc<Entry>> = self.va.get(va)?;
-        Some(Hit {
-            entry: &s.val,
-            offset: va.raw() - s.start.raw(),
-        })
+        Some(Hit { entry: &s.val, offset: va.raw() - s.start.raw() })
     }
     /// The BAR-backed region at bus address `bus` on host-bridge hierarchy `hierarchy`.
     #[inline]
     pub fn lookup_bus(&self, hierarchy: usize, bus: BusAddr) -> Option<Hit<'_>> {
         let s = self.bus.get(hierarchy)?.get(bus)?;
-        Some(Hit {
-            entry: &s.val,
-            offset: bus.raw() - s.start.raw(),
-        })
+        Some(Hit { entry: &s.val, offset: bus.raw() - s.start.raw() })
     }
     /// Number of registered regions.
     pub fn len(&self) -> usize {
@@ -200,16 +183,17 @@ impl Snapshot {
     }
 }
 
+/// One provider's verdicts, indexed by client.
+type VerdictRow = Box<[OnceLock<Verdict>]>;
+
 /// Write-once verdict cells per (provider, client); rows are allocated on first use.
 struct VerdictCache {
-    rows: Box<[OnceLock<Box<[OnceLock<Verdict>]>>]>,
+    rows: Box<[OnceLock<VerdictRow>]>,
 }
 
 impl VerdictCache {
     fn new(n: usize) -> Self {
-        VerdictCache {
-            rows: (0..n).map(|_| OnceLock::new()).collect(),
-        }
+        VerdictCache { rows: (0..n).map(|_| OnceLock::new()).collect() }
     }
     #[inline]
     fn get<'a>(&'a self, topo: &Topology, p: DevIdx, c: DevIdx) -> &'a Verdict {
@@ -241,9 +225,7 @@ pub struct Registry {
 
 impl fmt::Debug for Registry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry")
-            .field("regions", &self.len())
-            .finish()
+        f.debug_struct("Registry").field("regions", &self.len()).finish()
     }
 }
 
@@ -305,12 +287,7 @@ fn overlap_check<K: Ord + Copy>(
 ) -> Result<(), RegistryError> {
     if let Some((_, &(elast, id))) = map.range(lo_key..=key_of_last).next_back() {
         if elast >= start {
-            return Err(RegistryError::Overlap {
-                space,
-                start,
-                last,
-                existing: id,
-            });
+            return Err(RegistryError::Overlap { space, start, last, existing: id });
         }
     }
     Ok(())
@@ -330,12 +307,7 @@ impl Shared {
             snap.va.remove(va.start(), va.last(), e.id.0);
             w.va_ranges.remove(&va.start().raw());
         }
-        if let Some(BarPlace {
-            hierarchy,
-            bus: Some(bus),
-            ..
-        }) = e.bar()
-        {
+        if let Some(BarPlace { hierarchy, bus: Some(bus), .. }) = e.bar() {
             let last = BusAddr::new(bus.raw() + (e.len - 1));
             snap.bus[hierarchy].remove(bus, last, e.id.0);
             w.bus_ranges.remove(&(hierarchy, bus.raw()));
@@ -350,19 +322,12 @@ impl Registry {
     /// A registry resolving against `topo`.
     pub fn new(topo: Arc<Topology>) -> Registry {
         let hierarchies = topo.host_bridges().len();
-        let snap = Arc::new(Snapshot {
-            bus: vec![SpanMap::default(); hierarchies],
-            ..Default::default()
-        });
+        let snap = Arc::new(Snapshot { bus: vec![SpanMap::default(); hierarchies], ..Default::default() });
         let n = topo.len();
         Registry {
             shared: Arc::new(Shared {
                 current: Arc::new(ArcSwap::new(snap.clone())),
-                writer: Mutex::new(Writer {
-                    latest: snap,
-                    va_ranges: BTreeMap::new(),
-                    bus_ranges: BTreeMap::new(),
-                }),
+                writer: Mutex::new(Writer { latest: snap, va_ranges: BTreeMap::new(), bus_ranges: BTreeMap::new() }),
                 verdicts: VerdictCache::new(n),
                 next_id: AtomicU64::new(1),
                 topo,
@@ -381,9 +346,7 @@ impl Registry {
 
     /// A reader for one thread.
     pub fn reader(&self) -> Reader {
-        Reader {
-            cache: Cache::new(self.shared.current.clone()),
-        }
+        Reader { cache: Cache::new(self.shared.current.clone()) }
     }
 
     pub fn len(&self) -> usize {
@@ -395,22 +358,13 @@ impl Registry {
 
     /// The peer for a PCI function of this registry's topology.
     pub fn peer(&self, bdf: Bdf) -> Result<Peer, RegistryError> {
-        self.shared
-            .topo
-            .idx(bdf)
-            .map(Peer::Pci)
-            .map_err(|_| RegistryError::UnknownDevice(bdf))
+        self.shared.topo.idx(bdf).map(Peer::Pci).map_err(|_| RegistryError::UnknownDevice(bdf))
     }
 
     /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`).
     pub fn hierarchy_of(&self, dev: DevIdx) -> usize {
         let hb = &self.shared.topo.device(dev).host_bridge;
-        self.shared
-            .topo
-            .host_bridges()
-            .iter()
-            .position(|h| &h.name == hb)
-            .expect("every device has its host bridge")
+        self.shared.topo.host_bridges().iter().position(|h| &h.name == hb).expect("every device has its host bridge")
     }
 
     /// Registers a region. It stays registered until the returned guard is dropped.
@@ -422,21 +376,13 @@ impl Registry {
         let topo = &self.shared.topo;
         let kind = match region.backing() {
             Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => {
-                let dev = topo
-                    .idx(bdf)
-                    .map_err(|_| RegistryError::UnknownDevice(bdf))?;
+                let dev = topo.idx(bdf).map_err(|_| RegistryError::UnknownDevice(bdf))?;
                 let d = topo.device(dev);
                 let b = d.bar(bar).ok_or(RegistryError::NoSuchBar { bdf, bar })?;
                 if b.kind == BarKind::Io {
                     return Err(RegistryError::IoBar { bdf, bar });
                 }
-                let out = RegistryError::OutOfBar {
-                    bdf,
-                    bar,
-                    offset,
-                    len,
-                    bar_len: b.cpu.len(),
-                };
+                let out = RegistryError::OutOfBar { bdf, bar, offset, len, bar_len: b.cpu.len() };
                 match offset.checked_add(len) {
                     Some(end) if end <= b.cpu.len() => {}
                     _ => return Err(out),
@@ -446,12 +392,7 @@ impl Registry {
                     Some(w) => Some(w.to_bus(cpu)?),
                     None => None,
                 };
-                Kind::Bar(BarPlace {
-                    dev,
-                    hierarchy: self.hierarchy_of(dev),
-                    cpu,
-                    bus,
-                })
+                Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev), cpu, bus })
             }
             Backing::HostPages => Kind::HostPages,
             Backing::DmaBuf(_) => Kind::DmaBuf,
@@ -465,21 +406,10 @@ impl Registry {
         let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
         let id = RegionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         if let Some(r) = va {
-            overlap_check(
-                &w.va_ranges,
-                0,
-                r.last().raw(),
-                r.start().raw(),
-                "virtual",
-                r.last().raw(),
-            )?;
+            overlap_check(&w.va_ranges, 0, r.last().raw(), r.start().raw(), "virtual", r.last().raw())?;
         }
         let bus_range = match kind {
-            Kind::Bar(BarPlace {
-                hierarchy,
-                bus: Some(bus),
-                ..
-            }) => {
+            Kind::Bar(BarPlace { hierarchy, bus: Some(bus), .. }) => {
                 let r = AddrRange::new(bus, len)?;
                 overlap_check(
                     &w.bus_ranges,
@@ -493,62 +423,33 @@ impl Registry {
             }
             _ => None,
         };
-        let entry = Arc::new(Entry {
-            id,
-            provider: region.provider(),
-            region,
-            live: AtomicBool::new(true),
-            len,
-            va,
-            kind,
-        });
+        let entry =
+            Arc::new(Entry { id, provider: region.provider(), region, live: AtomicBool::new(true), len, va, kind });
         let mut snap = (*w.latest).clone();
         if let Some(r) = va {
-            snap.va.insert(Arc::new(Span {
-                start: r.start(),
-                last: r.last(),
-                id: id.0,
-                val: entry.clone(),
-            }));
+            snap.va.insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
             w.va_ranges.insert(r.start().raw(), (r.last().raw(), id));
         }
         if let Some((h, r)) = bus_range {
-            snap.bus[h].insert(Arc::new(Span {
-                start: r.start(),
-                last: r.last(),
-                id: id.0,
-                val: entry.clone(),
-            }));
-            w.bus_ranges
-                .insert((h, r.start().raw()), (r.last().raw(), id));
+            snap.bus[h].insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
+            w.bus_ranges.insert((h, r.start().raw()), (r.last().raw(), id));
         }
         snap.regions += 1;
         self.shared.publish(&mut w, snap);
         drop(w);
         tracing::debug!(%id, len, "registered region");
-        Ok(Registration {
-            shared: self.shared.clone(),
-            entry,
-        })
+        Ok(Registration { shared: self.shared.clone(), entry })
     }
 
     /// The route `peer` takes to `entry`, with the verdict cached per (provider, client).
     #[inline]
     pub fn resolve<'r>(&'r self, entry: &Entry, peer: Peer) -> Result<Route<'r>, ResolveError> {
-        self.resolve_with(entry, peer, |p, c| {
-            Cow::Borrowed(self.shared.verdicts.get(&self.shared.topo, p, c))
-        })
+        self.resolve_with(entry, peer, |p, c| Cow::Borrowed(self.shared.verdicts.get(&self.shared.topo, p, c)))
     }
 
     /// Like `resolve`, but computes the verdict afresh (no cache): what a first resolve costs.
-    pub fn resolve_uncached(
-        &self,
-        entry: &Entry,
-        peer: Peer,
-    ) -> Result<Route<'static>, ResolveError> {
-        self.resolve_with(entry, peer, |p, c| {
-            Cow::Owned(self.shared.topo.verdict(p, c))
-        })
+    pub fn resolve_uncached(&self, entry: &Entry, peer: Peer) -> Result<Route<'static>, ResolveError> {
+        self.resolve_with(entry, peer, |p, c| Cow::Owned(self.shared.topo.verdict(p, c)))
     }
 
     #[inline]
@@ -570,12 +471,7 @@ impl Registry {
         };
         let client = match peer {
             Peer::Cpu => {
-                route.kind = RouteKind::CpuMapped(
-                    entry
-                        .va
-                        .ok_or(ResolveError::NoCpuMapping(entry.id))?
-                        .start(),
-                );
+                route.kind = RouteKind::CpuMapped(entry.va.ok_or(ResolveError::NoCpuMapping(entry.id))?.start());
                 return Ok(route);
             }
             Peer::Pci(c) => c,

@@ -93,9 +93,7 @@ impl Route<'_> {
         Some(match self.kind {
             RouteKind::BusAddr(a) => RouteKind::BusAddr(BusAddr::new(a.raw() + offset)),
             RouteKind::HostBridge(a) => RouteKind::HostBridge(CpuPhys::new(a.raw() + offset)),
-            RouteKind::Iommu(Some(a)) => {
-                RouteKind::Iommu(Some(Iova::new(a.raw().checked_add(offset)?)))
-            }
+            RouteKind::Iommu(Some(a)) => RouteKind::Iommu(Some(Iova::new(a.raw().checked_add(offset)?))),
             RouteKind::CpuMapped(a) => RouteKind::CpuMapped(VirtAddr::new(a.raw() + offset)),
             k => k,
         })
@@ -113,11 +111,7 @@ impl Route<'_> {
 
     /// Every reason, the verdict's first, then what the route adds.
     pub fn reasons(&self) -> Vec<String> {
-        let mut r: Vec<String> = self
-            .verdict
-            .as_ref()
-            .map(|v| v.reasons.clone())
-            .unwrap_or_default();
+        let mut r: Vec<String> = self.verdict.as_ref().map(|v| v.reasons.clone()).unwrap_or_default();
         r.push(match self.kind {
             RouteKind::BusAddr(a) => format!("route bus_addr: the client programs PCI bus address {a} (CPU address + the BAR's bus offset)"),
             RouteKind::HostBridge(a) => format!("route host_bridge: the client programs CPU physical address {a} (no IOMMU translation)"),

@@ -1,11 +1,12 @@
 //! A persistent (copy-on-write) radix index from addresses to non-overlapping spans: the read
 //! side of the registry.
 //!
-//! Shape: like a page table with huge pages, after SPDK's two-level `spdk_mem_map`. A small
-//! sorted top vector keyed by `addr >> 39` points to a node of 512 slots of 1 GiB; each slot is
-//! empty, holds the one span that overlaps it, holds a child node of 512 slots of 2 MiB, or (at
-//! the 2 MiB level only) a sorted list of the spans sharing that granule. A lookup is the top
-//! scan plus at most two dependent node loads and a bounds check. Writers change a clone: nodes
+//! Shape: like a page table with huge pages, after SPDK's `spdk_mem_map`. A small sorted top
+//! vector keyed by `addr >> 39` points to a node of 512 slots of 1 GiB; each slot is empty, holds
+//! the one span that overlaps it, or holds a child node of 512 slots of the next size (2 MiB, then
+//! 4 KiB). Only a 4 KiB slot shared by several sub-page spans holds a sorted list. A lookup is
+//! the top scan, one to three dependent node loads (only as deep as spans are dense) and a bounds
+//! check: no search, no lock. Writers change a clone: nodes
 //! are `Arc`s and `Arc::make_mut` copies only the path being edited, so readers of an older map
 //! never see a change and never wait.
 //!
@@ -20,7 +21,7 @@ const FANOUT_BITS: u32 = 9;
 const FANOUT: usize = 1 << FANOUT_BITS;
 const TOP_SHIFT: u32 = 39;
 const MID_SHIFT: u32 = 30;
-const LEAF_SHIFT: u32 = 21;
+const LEAF_SHIFT: u32 = 12;
 
 /// One indexed span `[start, last]` (inclusive) with the caller's value.
 #[derive(Debug)]
@@ -46,10 +47,7 @@ struct Many<A: Address, V> {
 
 impl<A: Address, V> Clone for Many<A, V> {
     fn clone(&self) -> Self {
-        Many {
-            starts: self.starts.clone(),
-            spans: self.spans.clone(),
-        }
+        Many { starts: self.starts.clone(), spans: self.spans.clone() }
     }
 }
 
@@ -74,22 +72,18 @@ impl<A: Address, V> Clone for Slot<A, V> {
 
 #[derive(Debug)]
 struct Node<A: Address, V> {
-    slots: Box<[Slot<A, V>]>,
+    slots: [Slot<A, V>; FANOUT],
 }
 
 impl<A: Address, V> Clone for Node<A, V> {
     fn clone(&self) -> Self {
-        Node {
-            slots: self.slots.clone(),
-        }
+        Node { slots: self.slots.clone() }
     }
 }
 
 impl<A: Address, V> Node<A, V> {
     fn new() -> Self {
-        Node {
-            slots: (0..FANOUT).map(|_| Slot::Empty).collect(),
-        }
+        Node { slots: std::array::from_fn(|_| Slot::Empty) }
     }
     fn is_empty(&self) -> bool {
         self.slots.iter().all(|s| matches!(s, Slot::Empty))
@@ -121,19 +115,13 @@ pub(crate) struct SpanMap<A: Address, V> {
 
 impl<A: Address, V> Clone for SpanMap<A, V> {
     fn clone(&self) -> Self {
-        SpanMap {
-            top: self.top.clone(),
-            len: self.len,
-        }
+        SpanMap { top: self.top.clone(), len: self.len }
     }
 }
 
 impl<A: Address, V> Default for SpanMap<A, V> {
     fn default() -> Self {
-        SpanMap {
-            top: Vec::new(),
-            len: 0,
-        }
+        SpanMap { top: Vec::new(), len: 0 }
     }
 }
 
@@ -221,14 +209,7 @@ impl<A: Address, V> SpanMap<A, V> {
 
 /// Inserts `span` into the slots of `node` (whose range starts at `base`, slots of `1 << shift`)
 /// overlapping `[lo, hi]`.
-fn insert_in<A: Address, V>(
-    node: &mut Node<A, V>,
-    base: u64,
-    shift: u32,
-    lo: u64,
-    hi: u64,
-    span: &Arc<Span<A, V>>,
-) {
+fn insert_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u64, hi: u64, span: &Arc<Span<A, V>>) {
     for idx in slot_index(lo, shift)..=slot_index(hi, shift) {
         let sbase = base | ((idx as u64) << shift);
         let slast = sbase | ((1u64 << shift) - 1);
@@ -239,18 +220,12 @@ fn insert_in<A: Address, V>(
             Slot::One(existing) if shift == LEAF_SHIFT => {
                 let mut spans = vec![existing.clone(), span.clone()];
                 spans.sort_by_key(|s| s.start);
-                *slot = Slot::Many(Arc::new(Many {
-                    starts: spans.iter().map(|s| s.start).collect(),
-                    spans,
-                }));
+                *slot = Slot::Many(Arc::new(Many { starts: spans.iter().map(|s| s.start).collect(), spans }));
             }
             Slot::One(existing) => {
                 let existing = existing.clone();
                 let mut child = Node::new();
-                let (elo, ehi) = (
-                    existing.start.raw().max(sbase),
-                    existing.last.raw().min(slast),
-                );
+                let (elo, ehi) = (existing.start.raw().max(sbase), existing.last.raw().min(slast));
                 insert_in(&mut child, sbase, shift - FANOUT_BITS, elo, ehi, &existing);
                 insert_in(&mut child, sbase, shift - FANOUT_BITS, clo, chi, span);
                 *slot = Slot::Node(Arc::new(child));
@@ -261,26 +236,12 @@ fn insert_in<A: Address, V>(
                 m.starts.insert(p, span.start);
                 m.spans.insert(p, span.clone());
             }
-            Slot::Node(child) => insert_in(
-                Arc::make_mut(child),
-                sbase,
-                shift - FANOUT_BITS,
-                clo,
-                chi,
-                span,
-            ),
+            Slot::Node(child) => insert_in(Arc::make_mut(child), sbase, shift - FANOUT_BITS, clo, chi, span),
         }
     }
 }
 
-fn remove_in<A: Address, V>(
-    node: &mut Node<A, V>,
-    base: u64,
-    shift: u32,
-    lo: u64,
-    hi: u64,
-    id: u64,
-) {
+fn remove_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u64, hi: u64, id: u64) {
     for idx in slot_index(lo, shift)..=slot_index(hi, shift) {
         let sbase = base | ((idx as u64) << shift);
         let slast = sbase | ((1u64 << shift) - 1);
@@ -306,14 +267,7 @@ fn remove_in<A: Address, V>(
             }
             Slot::Node(child) => {
                 let c = Arc::make_mut(child);
-                remove_in(
-                    c,
-                    sbase,
-                    shift - FANOUT_BITS,
-                    lo.max(sbase),
-                    hi.min(slast),
-                    id,
-                );
+                remove_in(c, sbase, shift - FANOUT_BITS, lo.max(sbase), hi.min(slast), id);
                 if c.is_empty() {
                     *slot = Slot::Empty;
                 } else if let Some(sole) = c.sole_span() {
@@ -330,19 +284,11 @@ mod tests {
     use crate::addr::VirtAddr;
 
     fn span(start: u64, len: u64, id: u64) -> Arc<Span<VirtAddr, u64>> {
-        Arc::new(Span {
-            start: VirtAddr::new(start),
-            last: VirtAddr::new(start + (len - 1)),
-            id,
-            val: id,
-        })
+        Arc::new(Span { start: VirtAddr::new(start), last: VirtAddr::new(start + (len - 1)), id, val: id })
     }
 
     fn brute<'a>(spans: &'a [Arc<Span<VirtAddr, u64>>], a: u64) -> Option<u64> {
-        spans
-            .iter()
-            .find(|s| s.contains(VirtAddr::new(a)))
-            .map(|s| s.id)
+        spans.iter().find(|s| s.contains(VirtAddr::new(a))).map(|s| s.id)
     }
 
     #[test]
@@ -385,11 +331,7 @@ mod tests {
             u64::MAX - 0x1000,
         ];
         for a in probes {
-            assert_eq!(
-                m.get(VirtAddr::new(a)).map(|s| s.id),
-                brute(&spans, a),
-                "address {a:#x}"
-            );
+            assert_eq!(m.get(VirtAddr::new(a)).map(|s| s.id), brute(&spans, a), "address {a:#x}");
         }
         assert_eq!(m.len(), 6);
     }

@@ -21,8 +21,7 @@ pub fn page_size() -> u64 {
 
 /// A new anonymous memory file (close-on-exec).
 pub fn memfd(name: &str) -> io::Result<OwnedFd> {
-    let cname =
-        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: cname is a valid NUL-terminated string that outlives the call.
     let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
@@ -34,8 +33,7 @@ pub fn memfd(name: &str) -> io::Result<OwnedFd> {
 
 /// Sets a file's length.
 pub fn set_len(fd: &OwnedFd, len: u64) -> io::Result<()> {
-    let len =
-        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: ftruncate on a valid fd has no memory-safety preconditions.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
         return Err(io::Error::last_os_error());
@@ -96,14 +94,10 @@ impl Mapping {
     }
 
     fn check(&self, offset: u64, n: usize) -> Result<usize, String> {
-        let off =
-            usize::try_from(offset).map_err(|_| format!("offset {offset:#x} out of range"))?;
+        let off = usize::try_from(offset).map_err(|_| format!("offset {offset:#x} out of range"))?;
         match off.checked_add(n) {
             Some(end) if end <= self.len => Ok(off),
-            _ => Err(format!(
-                "{n} bytes at offset {offset:#x} exceed the {}-byte mapping",
-                self.len
-            )),
+            _ => Err(format!("{n} bytes at offset {offset:#x} exceed the {}-byte mapping", self.len)),
         }
     }
 

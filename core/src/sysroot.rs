@@ -16,11 +16,7 @@ pub enum SysrootError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}: malformed: {why} (content {content:?})")]
-    Malformed {
-        path: PathBuf,
-        why: String,
-        content: String,
-    },
+    Malformed { path: PathBuf, why: String, content: String },
     #[error("{path}: symlink target {target} escapes the sysroot")]
     Escapes { path: PathBuf, target: PathBuf },
 }
@@ -37,14 +33,8 @@ impl Sysroot {
         let root = root.into();
         match fs::metadata(&root) {
             Ok(m) if m.is_dir() => Ok(Sysroot { root }),
-            Ok(_) => Err(SysrootError::BadRoot {
-                root,
-                why: "not a directory".into(),
-            }),
-            Err(e) => Err(SysrootError::BadRoot {
-                root,
-                why: e.to_string(),
-            }),
+            Ok(_) => Err(SysrootError::BadRoot { root, why: "not a directory".into() }),
+            Err(e) => Err(SysrootError::BadRoot { root, why: e.to_string() }),
         }
     }
 
@@ -58,10 +48,7 @@ impl Sysroot {
     }
 
     fn io_err(&self, rel: &Path, e: io::Error) -> SysrootError {
-        SysrootError::Io {
-            path: rel.to_path_buf(),
-            source: e,
-        }
+        SysrootError::Io { path: rel.to_path_buf(), source: e }
     }
 
     /// Reads a text attribute, trimmed. `Ok(None)` if the file does not exist.
@@ -73,10 +60,7 @@ impl Sysroot {
                 Err(e) => Err(SysrootError::Malformed {
                     path: rel.to_path_buf(),
                     why: "not UTF-8 text".into(),
-                    content: String::from_utf8_lossy(e.as_bytes())
-                        .chars()
-                        .take(40)
-                        .collect(),
+                    content: String::from_utf8_lossy(e.as_bytes()).chars().take(40).collect(),
                 }),
             },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -87,8 +71,7 @@ impl Sysroot {
     /// Reads a text attribute that must exist.
     pub fn read(&self, rel: impl AsRef<Path>) -> Result<String, SysrootError> {
         let rel = rel.as_ref();
-        self.read_opt(rel)?
-            .ok_or_else(|| self.io_err(rel, io::Error::from(io::ErrorKind::NotFound)))
+        self.read_opt(rel)?.ok_or_else(|| self.io_err(rel, io::Error::from(io::ErrorKind::NotFound)))
     }
 
     /// Reads a binary file. `Ok(None)` if it does not exist.
@@ -125,33 +108,17 @@ impl Sysroot {
         let rel = rel.as_ref();
         let target = match fs::read_link(self.path(rel)) {
             Ok(t) => t,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::InvalidInput
-                ) =>
-            {
-                return Ok(None)
-            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::InvalidInput) => return Ok(None),
             Err(e) => return Err(self.io_err(rel, e)),
         };
         let base = rel.parent().unwrap_or(Path::new(""));
-        let joined = if target.is_absolute() {
-            target.clone()
-        } else {
-            base.join(&target)
-        };
-        normalize(&joined).map(Some).ok_or(SysrootError::Escapes {
-            path: rel.to_path_buf(),
-            target,
-        })
+        let joined = if target.is_absolute() { target.clone() } else { base.join(&target) };
+        normalize(&joined).map(Some).ok_or(SysrootError::Escapes { path: rel.to_path_buf(), target })
     }
 
     /// The last path component of a symlink's target (e.g. a driver name), if the link exists.
     pub fn link_name(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
-        Ok(self
-            .resolve_link(rel)?
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
+        Ok(self.resolve_link(rel)?.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
     }
 }
 
@@ -172,20 +139,13 @@ pub fn normalize(p: &Path) -> Option<PathBuf> {
 }
 
 fn malformed(rel: &Path, why: impl Into<String>, content: &str) -> SysrootError {
-    SysrootError::Malformed {
-        path: rel.to_path_buf(),
-        why: why.into(),
-        content: content.chars().take(60).collect(),
-    }
+    SysrootError::Malformed { path: rel.to_path_buf(), why: why.into(), content: content.chars().take(60).collect() }
 }
 
 /// Parses `0x`-prefixed (or bare) hex, as sysfs writes `vendor`, `class`, `resource`.
 pub fn parse_hex(rel: &Path, s: &str) -> Result<u64, SysrootError> {
     let t = s.trim();
-    let h = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .unwrap_or(t);
+    let h = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
     if h.is_empty() || h.len() > 16 {
         return Err(malformed(rel, "expected a hex number", s));
     }
@@ -203,9 +163,7 @@ pub fn parse_hex_bits(rel: &Path, s: &str, bits: u32) -> Result<u64, SysrootErro
 
 /// Parses a decimal integer attribute.
 pub fn parse_dec<T: std::str::FromStr>(rel: &Path, s: &str) -> Result<T, SysrootError> {
-    s.trim()
-        .parse::<T>()
-        .map_err(|_| malformed(rel, "expected a decimal integer", s))
+    s.trim().parse::<T>().map_err(|_| malformed(rel, "expected a decimal integer", s))
 }
 
 /// Parses a `0`/`1` boolean attribute.
@@ -229,17 +187,11 @@ mod tests {
     #[test]
     fn normalize_applies_parent_and_refuses_escape() {
         assert_eq!(
-            normalize(Path::new(
-                "sys/bus/pci/devices/../../../devices/pci0000:00/0000:00:01.0"
-            ))
-            .unwrap(),
+            normalize(Path::new("sys/bus/pci/devices/../../../devices/pci0000:00/0000:00:01.0")).unwrap(),
             PathBuf::from("sys/devices/pci0000:00/0000:00:01.0")
         );
         assert!(normalize(Path::new("sys/../../etc")).is_none());
-        assert_eq!(
-            normalize(Path::new("/sys/./x")).unwrap(),
-            PathBuf::from("sys/x")
-        );
+        assert_eq!(normalize(Path::new("/sys/./x")).unwrap(), PathBuf::from("sys/x"));
     }
 
     #[test]
@@ -258,9 +210,7 @@ mod tests {
 
     #[test]
     fn open_rejects_missing_root() {
-        let e = Sysroot::open("/nonexistent/peermem-root")
-            .unwrap_err()
-            .to_string();
+        let e = Sysroot::open("/nonexistent/peermem-root").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/peermem-root"), "{e}");
     }
 
@@ -274,25 +224,13 @@ mod tests {
             d.path().join("sys/bus/pci/devices/0000:00:01.0"),
         )
         .unwrap();
-        std::os::unix::fs::symlink(
-            "../../../../../../..",
-            d.path().join("sys/bus/pci/devices/evil"),
-        )
-        .unwrap();
+        std::os::unix::fs::symlink("../../../../../../..", d.path().join("sys/bus/pci/devices/evil")).unwrap();
         let r = Sysroot::open(d.path()).unwrap();
         assert_eq!(
-            r.resolve_link("sys/bus/pci/devices/0000:00:01.0")
-                .unwrap()
-                .unwrap(),
+            r.resolve_link("sys/bus/pci/devices/0000:00:01.0").unwrap().unwrap(),
             PathBuf::from("sys/devices/pci0000:00/0000:00:01.0")
         );
-        assert!(matches!(
-            r.resolve_link("sys/bus/pci/devices/evil"),
-            Err(SysrootError::Escapes { .. })
-        ));
-        assert!(r
-            .resolve_link("sys/bus/pci/devices/none")
-            .unwrap()
-            .is_none());
+        assert!(matches!(r.resolve_link("sys/bus/pci/devices/evil"), Err(SysrootError::Escapes { .. })));
+        assert!(r.resolve_link("sys/bus/pci/devices/none").unwrap().is_none());
     }
 }

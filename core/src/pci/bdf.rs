@@ -4,9 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// Domain (segment), bus, device and function of one PCI function.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(into = "String", try_from = "String")]
 pub struct Bdf {
     domain: u32,
@@ -25,12 +23,7 @@ pub struct BdfParseError {
 impl Bdf {
     /// Builds a BDF; `dev` must be < 32 and `func` < 8.
     pub fn new(domain: u32, bus: u8, dev: u8, func: u8) -> Option<Bdf> {
-        (dev < 32 && func < 8).then_some(Bdf {
-            domain,
-            bus,
-            dev,
-            func,
-        })
+        (dev < 32 && func < 8).then_some(Bdf { domain, bus, dev, func })
     }
     pub fn domain(self) -> u32 {
         self.domain
@@ -61,10 +54,7 @@ impl Bdf {
 impl FromStr for Bdf {
     type Err = BdfParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why| BdfParseError {
-            input: s.to_string(),
-            why,
-        };
+        let err = |why| BdfParseError { input: s.to_string(), why };
         let hex = |p: &str, max_len: usize, what| {
             if p.is_empty() || p.len() > max_len || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
                 Err(err(what))
@@ -72,16 +62,10 @@ impl FromStr for Bdf {
                 u32::from_str_radix(p, 16).map_err(|_| err(what))
             }
         };
-        let (rest, func) = s
-            .rsplit_once('.')
-            .ok_or_else(|| err("missing '.function'"))?;
+        let (rest, func) = s.rsplit_once('.').ok_or_else(|| err("missing '.function'"))?;
         let parts: Vec<&str> = rest.split(':').collect();
         let (domain, bus, dev) = match parts.as_slice() {
-            [d, b, v] => (
-                hex(d, 8, "bad domain")?,
-                hex(b, 2, "bad bus")?,
-                hex(v, 2, "bad device")?,
-            ),
+            [d, b, v] => (hex(d, 8, "bad domain")?, hex(b, 2, "bad bus")?, hex(v, 2, "bad device")?),
             [b, v] => (0, hex(b, 2, "bad bus")?, hex(v, 2, "bad device")?),
             _ => return Err(err("wrong number of ':' parts")),
         };
@@ -95,12 +79,7 @@ impl FromStr for Bdf {
         if func >= 8 {
             return Err(err("function number above 7"));
         }
-        Ok(Bdf {
-            domain,
-            bus: bus as u8,
-            dev: dev as u8,
-            func: func as u8,
-        })
+        Ok(Bdf { domain, bus: bus as u8, dev: dev as u8, func: func as u8 })
     }
 }
 
@@ -119,11 +98,7 @@ impl From<Bdf> for String {
 
 impl fmt::Display for Bdf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:04x}:{:02x}:{:02x}.{:x}",
-            self.domain, self.bus, self.dev, self.func
-        )
+        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.dev, self.func)
     }
 }
 
@@ -150,16 +125,9 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in [
-            "",
-            "0000:03:00",
-            "0000:03:20.0",
-            "0000:03:00.8",
-            "zz:00.0",
-            "0000:003:00.0",
-            "1:2:3:4.0",
-            "00:00.00",
-        ] {
+        for bad in
+            ["", "0000:03:00", "0000:03:20.0", "0000:03:00.8", "zz:00.0", "0000:003:00.0", "1:2:3:4.0", "00:00.00"]
+        {
             assert!(bad.parse::<Bdf>().is_err(), "{bad} should not parse");
         }
     }

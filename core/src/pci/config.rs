@@ -127,20 +127,9 @@ impl fmt::Display for Acs {
             Acs::Unknown => f.write_str("unknown"),
             Acs::Absent => f.write_str("absent"),
             Acs::Present { cap, ctrl } => {
-                let bits = [
-                    (0x1, "SV"),
-                    (0x2, "TB"),
-                    (0x4, "RR"),
-                    (0x8, "CR"),
-                    (0x10, "UF"),
-                    (0x20, "EC"),
-                    (0x40, "DT"),
-                ];
-                let on: Vec<&str> = bits
-                    .iter()
-                    .filter(|(b, _)| ctrl & b != 0)
-                    .map(|(_, n)| *n)
-                    .collect();
+                let bits =
+                    [(0x1, "SV"), (0x2, "TB"), (0x4, "RR"), (0x8, "CR"), (0x10, "UF"), (0x20, "EC"), (0x40, "DT")];
+                let on: Vec<&str> = bits.iter().filter(|(b, _)| ctrl & b != 0).map(|(_, n)| *n).collect();
                 write!(f, "cap={cap:#06x} ctrl={ctrl:#06x} [{}]", on.join(" "))
             }
         }
@@ -159,12 +148,10 @@ pub struct ConfigInfo {
 }
 
 fn rd16(b: &[u8], off: usize) -> Option<u16> {
-    b.get(off..off + 2)
-        .map(|s| u16::from_le_bytes([s[0], s[1]]))
+    b.get(off..off + 2).map(|s| u16::from_le_bytes([s[0], s[1]]))
 }
 fn rd32(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4)
-        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(off..off + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 impl ConfigInfo {
@@ -188,14 +175,7 @@ impl ConfigInfo {
         let bars = parse_bars(bytes, nbars)?;
         let pcie = walk_std_caps(bytes, header_type);
         let acs = walk_ext_caps(bytes, pcie);
-        Ok(ConfigInfo {
-            len,
-            header_type,
-            multifunction: ht & 0x80 != 0,
-            bars,
-            pcie,
-            acs,
-        })
+        Ok(ConfigInfo { len, header_type, multifunction: ht & 0x80 != 0, bars, pcie, acs })
     }
 
     pub fn port_type(&self) -> Option<PortType> {
@@ -224,28 +204,12 @@ fn parse_bars(b: &[u8], nbars: usize) -> Result<Vec<BarReg>, ConfigError> {
             }
             let hi = rd32(b, PCI_BASE_ADDRESS_0 + 4 * (i + 1)).unwrap_or(0);
             let addr = ((hi as u64) << 32) | (lo & !0xf) as u64;
-            bars.push(if addr == 0 {
-                BarReg::Unset
-            } else {
-                BarReg::Mem {
-                    bus_start: addr,
-                    is64,
-                    prefetchable,
-                }
-            });
+            bars.push(if addr == 0 { BarReg::Unset } else { BarReg::Mem { bus_start: addr, is64, prefetchable } });
             bars.push(BarReg::Upper);
             i += 2;
         } else {
             let addr = (lo & !0xf) as u64;
-            bars.push(if addr == 0 {
-                BarReg::Unset
-            } else {
-                BarReg::Mem {
-                    bus_start: addr,
-                    is64,
-                    prefetchable,
-                }
-            });
+            bars.push(if addr == 0 { BarReg::Unset } else { BarReg::Mem { bus_start: addr, is64, prefetchable } });
             i += 1;
         }
     }
@@ -258,11 +222,7 @@ fn walk_std_caps(b: &[u8], header_type: u8) -> Pcie {
     if status & PCI_STATUS_CAP_LIST == 0 {
         return Pcie::No;
     }
-    let ptr_off = if header_type == 2 {
-        PCI_CB_CAPABILITY_LIST
-    } else {
-        PCI_CAPABILITY_LIST
-    };
+    let ptr_off = if header_type == 2 { PCI_CB_CAPABILITY_LIST } else { PCI_CAPABILITY_LIST };
     let mut pos = (b[ptr_off] & 0xfc) as usize;
     // The kernel's __pci_find_next_cap_ttl bounds the walk at 48 entries.
     for _ in 0..48 {
@@ -291,11 +251,7 @@ fn walk_std_caps(b: &[u8], header_type: u8) -> Pcie {
 fn walk_ext_caps(b: &[u8], pcie: Pcie) -> Acs {
     if b.len() <= PCI_EXT_CAP_START {
         // A conventional PCI function has no extended config space at all.
-        return if pcie == Pcie::No {
-            Acs::Absent
-        } else {
-            Acs::Unknown
-        };
+        return if pcie == Pcie::No { Acs::Absent } else { Acs::Unknown };
     }
     let mut pos = PCI_EXT_CAP_START;
     // Each capability is >= 4 bytes: the kernel's bound is (4096 - 256) / 8.
@@ -326,17 +282,11 @@ pub(crate) mod tests {
     use super::*;
 
     /// A type-0 PCIe endpoint config space with one 64-bit prefetchable BAR at `bar0`.
-    pub(crate) fn endpoint_config(
-        len: usize,
-        bar0: u64,
-        acs_ctrl: Option<u16>,
-        port: u8,
-    ) -> Vec<u8> {
+    pub(crate) fn endpoint_config(len: usize, bar0: u64, acs_ctrl: Option<u16>, port: u8) -> Vec<u8> {
         let mut c = vec![0u8; len];
         c[0..2].copy_from_slice(&0x1b36u16.to_le_bytes());
         c[PCI_STATUS..PCI_STATUS + 2].copy_from_slice(&PCI_STATUS_CAP_LIST.to_le_bytes());
-        c[PCI_BASE_ADDRESS_0..PCI_BASE_ADDRESS_0 + 4]
-            .copy_from_slice(&((bar0 as u32 & !0xf) | 0xc).to_le_bytes());
+        c[PCI_BASE_ADDRESS_0..PCI_BASE_ADDRESS_0 + 4].copy_from_slice(&((bar0 as u32 & !0xf) | 0xc).to_le_bytes());
         c[0x14..0x18].copy_from_slice(&((bar0 >> 32) as u32).to_le_bytes());
         c[PCI_CAPABILITY_LIST] = 0x40;
         if len > 0x44 {
@@ -360,14 +310,7 @@ pub(crate) mod tests {
     fn decodes_64bit_prefetchable_bar_and_port_type() {
         let c = endpoint_config(4096, 0x38_0000_0000, None, 0);
         let info = ConfigInfo::parse(&c).unwrap();
-        assert_eq!(
-            info.bars[0],
-            BarReg::Mem {
-                bus_start: 0x38_0000_0000,
-                is64: true,
-                prefetchable: true
-            }
-        );
+        assert_eq!(info.bars[0], BarReg::Mem { bus_start: 0x38_0000_0000, is64: true, prefetchable: true });
         assert_eq!(info.bars[1], BarReg::Upper);
         assert_eq!(info.pcie, Pcie::Yes(PortType::Endpoint));
         assert_eq!(info.acs, Acs::Absent);
@@ -375,13 +318,7 @@ pub(crate) mod tests {
 
     #[test]
     fn acs_redirect_bits_match_kernel_mask() {
-        for (ctrl, redir) in [
-            (0x0001u16, false),
-            (0x0004, true),
-            (0x0008, true),
-            (0x0020, true),
-            (0x0053, false),
-        ] {
+        for (ctrl, redir) in [(0x0001u16, false), (0x0004, true), (0x0008, true), (0x0020, true), (0x0053, false)] {
             let c = endpoint_config(4096, 0x1000_0000, Some(ctrl), 4);
             let info = ConfigInfo::parse(&c).unwrap();
             assert_eq!(info.acs.redirects(), Some(redir), "ctrl {ctrl:#x}");
@@ -397,13 +334,7 @@ pub(crate) mod tests {
         assert_eq!(info.pcie, Pcie::Unknown);
         assert_eq!(info.acs.redirects(), None);
         // BARs are in the first 64 bytes: still readable.
-        assert!(matches!(
-            info.bars[0],
-            BarReg::Mem {
-                bus_start: 0x1000_0000,
-                ..
-            }
-        ));
+        assert!(matches!(info.bars[0], BarReg::Mem { bus_start: 0x1000_0000, .. }));
         let c = endpoint_config(256, 0x1000_0000, Some(0x1d), 4);
         assert_eq!(ConfigInfo::parse(&c).unwrap().acs, Acs::Unknown);
     }
@@ -419,14 +350,8 @@ pub(crate) mod tests {
 
     #[test]
     fn garbage_config_is_an_error_or_bounded() {
-        assert_eq!(
-            ConfigInfo::parse(&[0u8; 3]),
-            Err(ConfigError::TooShort { len: 3 })
-        );
-        assert_eq!(
-            ConfigInfo::parse(&[0u8; 100]),
-            Err(ConfigError::OddSize { len: 100 })
-        );
+        assert_eq!(ConfigInfo::parse(&[0u8; 3]), Err(ConfigError::TooShort { len: 3 }));
+        assert_eq!(ConfigInfo::parse(&[0u8; 100]), Err(ConfigError::OddSize { len: 100 }));
         // All 0xff (a device that fell off the bus): the walks terminate.
         let c = vec![0xffu8; 4096];
         let info = ConfigInfo::parse(&c).unwrap();
@@ -444,10 +369,7 @@ pub(crate) mod tests {
         // A 64-bit BAR flagged in the last slot.
         let mut c = vec![0u8; 64];
         c[PCI_BASE_ADDRESS_0 + 20] = 0x4;
-        assert_eq!(
-            ConfigInfo::parse(&c),
-            Err(ConfigError::TruncatedBar64 { index: 5 })
-        );
+        assert_eq!(ConfigInfo::parse(&c), Err(ConfigError::TruncatedBar64 { index: 5 }));
     }
 
     #[test]

@@ -12,9 +12,7 @@ use crate::addr::{AddrRange, BarWindow, BusAddr, CpuPhys};
 use crate::pci::bdf::Bdf;
 use crate::pci::config::{Acs, BarReg, ConfigError, ConfigInfo, PortType};
 use crate::platform::{Platform, VIRT_PCI_VENDORS};
-use crate::sysroot::{
-    malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Sysroot, SysrootError,
-};
+use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Sysroot, SysrootError};
 
 /// Dense index of a device in one `Topology`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -185,9 +183,7 @@ pub enum HostBridgeDev {
 impl HostBridgeDev {
     pub fn device(self) -> Option<DevIdx> {
         match self {
-            HostBridgeDev::Devfn0(i)
-            | HostBridgeDev::RootPort(i)
-            | HostBridgeDev::AssumedRootPort(i) => Some(i),
+            HostBridgeDev::Devfn0(i) | HostBridgeDev::RootPort(i) | HostBridgeDev::AssumedRootPort(i) => Some(i),
             _ => None,
         }
     }
@@ -234,11 +230,7 @@ fn parse_link_speed(rel: &Path, s: &str) -> Result<Option<f64>, SysrootError> {
     let unit_ok = s.split_whitespace().nth(1) == Some("GT/s");
     match num.parse::<f64>() {
         Ok(v) if unit_ok && v.is_finite() && v > 0.0 && v < 1000.0 => Ok(Some(v)),
-        _ => Err(malformed_err(
-            rel,
-            "expected '<N> GT/s [PCIe]' or 'Unknown'",
-            s,
-        )),
+        _ => Err(malformed_err(rel, "expected '<N> GT/s [PCIe]' or 'Unknown'", s)),
     }
 }
 
@@ -249,32 +241,22 @@ fn parse_resource(rel: &Path, text: &str) -> Result<Vec<(u64, u64, u64)>, Sysroo
         if f.len() != 3 {
             return Err(malformed_err(rel, "expected 3 hex fields per line", line));
         }
-        out.push((
-            parse_hex(rel, f[0])?,
-            parse_hex(rel, f[1])?,
-            parse_hex(rel, f[2])?,
-        ));
+        out.push((parse_hex(rel, f[0])?, parse_hex(rel, f[1])?, parse_hex(rel, f[2])?));
     }
     if out.len() < 6 {
-        return Err(malformed_err(
-            rel,
-            format!("{} lines, need >= 6 (one per BAR)", out.len()),
-            text,
-        ));
+        return Err(malformed_err(rel, format!("{} lines, need >= 6 (one per BAR)", out.len()), text));
     }
     Ok(out)
 }
 
 fn is_host_bridge_dir(name: &str) -> bool {
     // pci<domain>:<bus>, e.g. pci0000:00 or pci10000:e0
-    name.strip_prefix("pci")
-        .and_then(|r| r.split_once(':'))
-        .is_some_and(|(d, b)| {
-            (4..=8).contains(&d.len())
-                && b.len() == 2
-                && d.bytes().all(|c| c.is_ascii_hexdigit())
-                && b.bytes().all(|c| c.is_ascii_hexdigit())
-        })
+    name.strip_prefix("pci").and_then(|r| r.split_once(':')).is_some_and(|(d, b)| {
+        (4..=8).contains(&d.len())
+            && b.len() == 2
+            && d.bytes().all(|c| c.is_ascii_hexdigit())
+            && b.bytes().all(|c| c.is_ascii_hexdigit())
+    })
 }
 
 struct RawDev {
@@ -292,34 +274,24 @@ impl Topology {
         let mut platform = Platform::read(&sys)?;
         let names = sys
             .list_dir("sys/bus/pci/devices")?
-            .ok_or_else(|| TopologyError::NoPci {
-                root: sys.root().to_path_buf(),
-            })?;
+            .ok_or_else(|| TopologyError::NoPci { root: sys.root().to_path_buf() })?;
 
         // Pass 1: names, sysfs directories, directory chains.
         let mut raws = Vec::with_capacity(names.len());
         for name in &names {
             let link = PathBuf::from("sys/bus/pci/devices").join(name);
-            let bdf: Bdf = name.parse().map_err(|e: crate::pci::bdf::BdfParseError| {
-                TopologyError::Layout {
-                    path: link.clone(),
-                    why: e.to_string(),
-                }
+            let bdf: Bdf = name.parse().map_err(|e: crate::pci::bdf::BdfParseError| TopologyError::Layout {
+                path: link.clone(),
+                why: e.to_string(),
             })?;
-            let dir = sys
-                .resolve_link(&link)?
-                .ok_or_else(|| TopologyError::Layout {
-                    path: link.clone(),
-                    why: "not a symlink into sys/devices".into(),
-                })?;
+            let dir = sys.resolve_link(&link)?.ok_or_else(|| TopologyError::Layout {
+                path: link.clone(),
+                why: "not a symlink into sys/devices".into(),
+            })?;
             raws.push(Self::chain_of(bdf, &link, dir)?);
         }
         raws.sort_by_key(|r| r.bdf);
-        let index: HashMap<Bdf, DevIdx> = raws
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.bdf, DevIdx(i as u32)))
-            .collect();
+        let index: HashMap<Bdf, DevIdx> = raws.iter().enumerate().map(|(i, r)| (r.bdf, DevIdx(i as u32))).collect();
 
         // Pass 2: attributes.
         let mut devices = Vec::with_capacity(raws.len());
@@ -345,12 +317,9 @@ impl Topology {
                     .components()
                     .filter_map(|c| c.as_os_str().to_str().and_then(|s| s.parse::<Bdf>().ok()))
                     .filter_map(|b| index.get(&b).copied())
-                    .last();
+                    .next_back();
                 if let Some(i) = owner {
-                    devices[i.get()].class_devices.push(ClassDevice {
-                        class: class.to_string(),
-                        name: name.clone(),
-                    });
+                    devices[i.get()].class_devices.push(ClassDevice { class: class.to_string(), name: name.clone() });
                 }
             }
         }
@@ -367,10 +336,7 @@ impl Topology {
                 });
             }
             if r.parent_bdf.is_none() {
-                let hb = host_bridges
-                    .iter_mut()
-                    .find(|h| h.name == r.host_bridge)
-                    .expect("inserted above");
+                let hb = host_bridges.iter_mut().find(|h| h.name == r.host_bridge).expect("inserted above");
                 hb.root_bus.push(DevIdx(i as u32));
             }
         }
@@ -402,8 +368,7 @@ impl Topology {
         for (vid, what) in VIRT_PCI_VENDORS {
             let n = devices.iter().filter(|d| d.vendor == *vid).count();
             if n > 0 {
-                platform
-                    .add_pci_virt_signal(format!("pci: {n} {what} device(s) (vendor {vid:#06x})"));
+                platform.add_pci_virt_signal(format!("pci: {n} {what} device(s) (vendor {vid:#06x})"));
             }
         }
         // Cross-check BAR-derived bus offsets against device-tree `ranges`.
@@ -437,67 +402,32 @@ impl Topology {
             }
         }
 
-        Ok(Topology {
-            root: sys.root().to_path_buf(),
-            platform,
-            devices,
-            index,
-            host_bridges,
-            warnings,
-        })
+        Ok(Topology { root: sys.root().to_path_buf(), platform, devices, index, host_bridges, warnings })
     }
 
     /// Splits a device's sysfs directory into host bridge and chain of upstream BDFs.
     fn chain_of(bdf: Bdf, link: &Path, dir: PathBuf) -> Result<RawDev, TopologyError> {
-        let comps: Vec<String> = dir
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        let layout = |why: String| TopologyError::Layout {
-            path: link.to_path_buf(),
-            why,
-        };
-        if comps.first().map(String::as_str) != Some("sys")
-            || comps.get(1).map(String::as_str) != Some("devices")
-        {
-            return Err(layout(format!(
-                "target {} is not under sys/devices",
-                dir.display()
-            )));
+        let comps: Vec<String> = dir.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+        let layout = |why: String| TopologyError::Layout { path: link.to_path_buf(), why };
+        if comps.first().map(String::as_str) != Some("sys") || comps.get(1).map(String::as_str) != Some("devices") {
+            return Err(layout(format!("target {} is not under sys/devices", dir.display())));
         }
         let hb = comps
             .iter()
             .rposition(|c| is_host_bridge_dir(c))
-            .ok_or_else(|| {
-                layout(format!(
-                    "no pci<domain>:<bus> host bridge directory in {}",
-                    dir.display()
-                ))
-            })?;
+            .ok_or_else(|| layout(format!("no pci<domain>:<bus> host bridge directory in {}", dir.display())))?;
         let mut chain = Vec::new();
         for c in &comps[hb + 1..] {
             chain.push(c.parse::<Bdf>().map_err(|_| {
-                layout(format!(
-                    "{c:?} in {} is not a PCI function below the host bridge",
-                    dir.display()
-                ))
+                layout(format!("{c:?} in {} is not a PCI function below the host bridge", dir.display()))
             })?);
         }
         if chain.last() != Some(&bdf) {
-            return Err(layout(format!(
-                "target {} does not end in {bdf}",
-                dir.display()
-            )));
+            return Err(layout(format!("target {} does not end in {bdf}", dir.display())));
         }
         let parent_bdf = chain.len().checked_sub(2).map(|i| chain[i]);
         let host_dir: PathBuf = comps[..=hb].iter().collect();
-        Ok(RawDev {
-            bdf,
-            dir,
-            host_bridge: comps[hb].clone(),
-            host_dir,
-            parent_bdf,
-        })
+        Ok(RawDev { bdf, dir, host_bridge: comps[hb].clone(), host_dir, parent_bdf })
     }
 
     fn read_device(
@@ -522,16 +452,11 @@ impl Topology {
         let device = hex("device", 16)? as u16;
         let class = hex("class", 24)? as u32;
         let cfg_rel = d.join("config");
-        let cfg = sys
-            .read_bytes_opt(&cfg_rel)?
-            .ok_or_else(|| TopologyError::Layout {
-                path: cfg_rel.clone(),
-                why: "missing (every PCI function has a config file)".into(),
-            })?;
-        let config = ConfigInfo::parse(&cfg).map_err(|source| TopologyError::Config {
-            path: cfg_rel,
-            source,
+        let cfg = sys.read_bytes_opt(&cfg_rel)?.ok_or_else(|| TopologyError::Layout {
+            path: cfg_rel.clone(),
+            why: "missing (every PCI function has a config file)".into(),
         })?;
+        let config = ConfigInfo::parse(&cfg).map_err(|source| TopologyError::Config { path: cfg_rel, source })?;
 
         let res_rel = d.join("resource");
         let res = parse_resource(&res_rel, &sys.read(&res_rel)?)?;
@@ -541,12 +466,7 @@ impl Topology {
                 continue;
             }
             if end < start {
-                return Err(malformed_err(
-                    &res_rel,
-                    format!("line {i}: end {end:#x} < start {start:#x}"),
-                    "",
-                )
-                .into());
+                return Err(malformed_err(&res_rel, format!("line {i}: end {end:#x} < start {start:#x}"), "").into());
             }
             if flags & (RES_DISABLED | RES_UNSET) != 0 {
                 continue;
@@ -556,51 +476,29 @@ impl Topology {
             } else if flags & RES_MEM != 0 {
                 BarKind::Mem
             } else {
-                return Err(malformed_err(
-                    &res_rel,
-                    format!("line {i}: flags {flags:#x} are neither IO nor MEM"),
-                    "",
-                )
-                .into());
+                return Err(
+                    malformed_err(&res_rel, format!("line {i}: flags {flags:#x} are neither IO nor MEM"), "").into()
+                );
             };
-            let len = (end - start)
-                .checked_add(1)
-                .ok_or_else(|| malformed_err(&res_rel, "BAR spans 2^64", ""))?;
-            let cpu = AddrRange::new(CpuPhys::new(start), len)
-                .map_err(|e| malformed_err(&res_rel, e.to_string(), ""))?;
+            let len = (end - start).checked_add(1).ok_or_else(|| malformed_err(&res_rel, "BAR spans 2^64", ""))?;
+            let cpu =
+                AddrRange::new(CpuPhys::new(start), len).map_err(|e| malformed_err(&res_rel, e.to_string(), ""))?;
             let reg = config.bars.get(i).copied().unwrap_or(BarReg::Unset);
             let (bus_start, is64, prefetchable) = match (kind, reg) {
-                (
-                    BarKind::Mem,
-                    BarReg::Mem {
-                        bus_start,
-                        is64,
-                        prefetchable,
-                    },
-                ) => (Some(BusAddr::new(bus_start)), is64, prefetchable),
-                (BarKind::Io, BarReg::Io { addr }) => {
-                    (Some(BusAddr::new(addr as u64)), false, false)
+                (BarKind::Mem, BarReg::Mem { bus_start, is64, prefetchable }) => {
+                    (Some(BusAddr::new(bus_start)), is64, prefetchable)
                 }
+                (BarKind::Io, BarReg::Io { addr }) => (Some(BusAddr::new(addr as u64)), false, false),
                 _ => (None, flags & RES_MEM_64 != 0, flags & RES_PREFETCH != 0),
             };
-            bars.push(Bar {
-                index: i as u8,
-                kind,
-                cpu,
-                bus_start,
-                is64,
-                prefetchable,
-                flags,
-            });
+            bars.push(Bar { index: i as u8, kind, cpu, bus_start, is64, prefetchable, flags });
         }
 
         let link = Link {
             cur_gts: Self::opt_attr(sys, d, "current_link_speed", parse_link_speed)?.flatten(),
-            cur_width: Self::opt_attr(sys, d, "current_link_width", parse_dec::<u32>)?
-                .filter(|w| *w > 0),
+            cur_width: Self::opt_attr(sys, d, "current_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
             max_gts: Self::opt_attr(sys, d, "max_link_speed", parse_link_speed)?.flatten(),
-            max_width: Self::opt_attr(sys, d, "max_link_width", parse_dec::<u32>)?
-                .filter(|w| *w > 0),
+            max_width: Self::opt_attr(sys, d, "max_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
         };
         let numa_node = Self::opt_attr(sys, d, "numa_node", parse_dec::<i32>)?.filter(|n| *n >= 0);
         let local_cpulist = sys.read_opt(d.join("local_cpulist"))?;
@@ -617,8 +515,7 @@ impl Topology {
         let p2pmem = match sys.read_opt(d.join("p2pmem/size"))? {
             Some(size) => Some(P2pmem {
                 size: parse_dec(&d.join("p2pmem/size"), &size)?,
-                available: Self::opt_attr(sys, d, "p2pmem/available", parse_dec::<u64>)?
-                    .unwrap_or(0),
+                available: Self::opt_attr(sys, d, "p2pmem/available", parse_dec::<u64>)?.unwrap_or(0),
                 published: Self::opt_attr(sys, d, "p2pmem/published", parse_bool)?.unwrap_or(false),
             }),
             None => None,
@@ -682,10 +579,7 @@ impl Topology {
         self.devices.is_empty()
     }
     pub fn idx(&self, bdf: Bdf) -> Result<DevIdx, TopologyError> {
-        self.index
-            .get(&bdf)
-            .copied()
-            .ok_or(TopologyError::UnknownDevice(bdf))
+        self.index.get(&bdf).copied().ok_or(TopologyError::UnknownDevice(bdf))
     }
     pub fn device(&self, i: DevIdx) -> &PciDevice {
         &self.devices[i.get()]
@@ -744,17 +638,9 @@ mod tests {
 
     #[test]
     fn link_bandwidth_uses_line_code() {
-        let gen3x16 = Link {
-            cur_gts: Some(8.0),
-            cur_width: Some(16),
-            ..Default::default()
-        };
+        let gen3x16 = Link { cur_gts: Some(8.0), cur_width: Some(16), ..Default::default() };
         assert!((gen3x16.bandwidth_gbs().unwrap() - 15.75).abs() < 0.01);
-        let gen1x1 = Link {
-            cur_gts: Some(2.5),
-            cur_width: Some(1),
-            ..Default::default()
-        };
+        let gen1x1 = Link { cur_gts: Some(2.5), cur_width: Some(1), ..Default::default() };
         assert!((gen1x1.bandwidth_gbs().unwrap() - 0.25).abs() < 1e-9);
         assert_eq!(Link::default().bandwidth_gbs(), None);
     }
@@ -773,9 +659,6 @@ mod tests {
         assert!(parse_resource(p, "0x0 0x0 0x0\n").is_err());
         assert!(parse_resource(p, &"0x0 0x0\n".repeat(6)).is_err());
         assert!(parse_resource(p, &"0x0 0x0 0xzz\n".repeat(6)).is_err());
-        assert_eq!(
-            parse_resource(p, &"0x0 0x0 0x0\n".repeat(7)).unwrap().len(),
-            7
-        );
+        assert_eq!(parse_resource(p, &"0x0 0x0 0x0\n".repeat(7)).unwrap().len(), 7);
     }
 }
