@@ -287,7 +287,7 @@ mod tests {
         Arc::new(Span { start: VirtAddr::new(start), last: VirtAddr::new(start + (len - 1)), id, val: id })
     }
 
-    fn brute<'a>(spans: &'a [Arc<Span<VirtAddr, u64>>], a: u64) -> Option<u64> {
+    fn brute(spans: &[Arc<Span<VirtAddr, u64>>], a: u64) -> Option<u64> {
         spans.iter().find(|s| s.contains(VirtAddr::new(a))).map(|s| s.id)
     }
 
