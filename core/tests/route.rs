@@ -4,9 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use peermem::{
-    Address, BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, PeerMemory, Registry, RegistryError, RouteKind, Topology,
-};
+use peermem::{BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, PeerMemory, Registry, RegistryError, RouteKind, Topology};
 
 fn registry(name: &str) -> Registry {
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures")).join(name);
