@@ -16,7 +16,7 @@ pub mod region;
 pub mod registry;
 pub mod route;
 mod spanmap;
-mod sys;
+pub mod sys;
 pub mod sysroot;
 
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, Iova, VirtAddr};

@@ -1,4 +1,6 @@
-//! The core's only system-call layer: memfd, ftruncate, mmap/munmap, page size.
+//! The core's only system-call layer: memfd, ftruncate, mmap/munmap, page size. Backends reuse
+//! `Mapping` for every shared mapping they make (sysfs `p2pmem/allocate`, `resourceN`, VFIO
+//! regions) instead of calling mmap themselves.
 //!
 //! Owns every `unsafe` block of the core crate. Must not: know what a region or a device is.
 //! Everything it returns is owned (`OwnedFd`, `Mapping` unmapped on drop) or an `io::Error`.
@@ -57,7 +59,13 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from offset 0, MAP_SHARED, read-write.
     pub fn shared(fd: BorrowedFd<'_>, len: u64) -> io::Result<Mapping> {
+        Mapping::shared_at(fd, len, 0)
+    }
+
+    /// Maps `len` bytes of `fd` from byte `offset` (page-aligned), MAP_SHARED, read-write.
+    pub fn shared_at(fd: BorrowedFd<'_>, len: u64, offset: u64) -> io::Result<Mapping> {
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         if len == 0 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
@@ -70,7 +78,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
-                0,
+                offset,
             )
         };
         if p == libc::MAP_FAILED {
