@@ -93,6 +93,10 @@ impl Mapping {
     pub fn len(&self) -> usize {
         self.len
     }
+    /// Always false: an empty mapping cannot be created.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
     /// Exclusive access. There is deliberately no `&self -> &[u8]`: the bytes are shared memory
     /// that `write_at` (and peers) change, so shared access copies through `read_at`/`write_at`.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
