@@ -81,7 +81,7 @@ impl BlockDevice {
     fn check(&self, offset: u64, buf: &[u8]) -> Result<(), DirectIoError> {
         let align = ALIGN.max(self.block);
         let addr = buf.as_ptr() as u64;
-        if offset % align != 0 || buf.len() as u64 % align != 0 || addr % align != 0 {
+        if !offset.is_multiple_of(align) || !(buf.len() as u64).is_multiple_of(align) || !addr.is_multiple_of(align) {
             return Err(DirectIoError::Misaligned { align, offset, len: buf.len() as u64, addr });
         }
         Ok(())
