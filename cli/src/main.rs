@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use peermem::pci::topology::{BarKind, PciDevice};
-use peermem::{BarRegion, Bdf, PeerMemory, Registry, RouteKind, Topology, Verdict};
+use peermem::{BarRegion, Bdf, PeerMemory, Registry, Topology, Verdict};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -291,20 +291,16 @@ fn route_json(t: Arc<Topology>, provider: Bdf, bar: u8, offset: u64, client: Bdf
     if offset >= b.cpu.len() {
         bail!("offset {offset:#x} is past the end of {provider} BAR{bar} ({:#x} bytes)", b.cpu.len());
     }
+    // The region is the BAR from OFFSET to its end, so the route's addresses are OFFSET's.
     let reg = Registry::new(t.clone());
     let peer = reg.peer(client)?;
-    let region: Arc<dyn PeerMemory> = Arc::new(BarRegion { bdf: provider, bar, offset: 0, len: b.cpu.len() });
+    let region: Arc<dyn PeerMemory> = Arc::new(BarRegion { bdf: provider, bar, offset, len: b.cpu.len() - offset });
     let guard = reg.register(region)?;
     let route = reg.resolve(&guard, peer)?;
-    let kind = route.at(offset).ok_or_else(|| anyhow!("offset {offset:#x} outside the region"))?;
-    let cpu = route.cpu_address.map(|a| a.raw() + offset);
-    let bus = route.bus_address.map(|a| a.raw() + offset);
-    let dma = match kind {
-        RouteKind::BusAddr(a) => Some(a.raw()),
-        RouteKind::HostBridge(a) => Some(a.raw()),
-        RouteKind::Iommu(Some(a)) => Some(a.raw()),
-        _ => None,
-    };
+    let cpu = route.cpu_address.map(|a| a.raw());
+    let bus = route.bus_address.map(|a| a.raw());
+    let dma = route.dma_address();
+    let kind = route.kind;
     let v = route.verdict.as_deref();
     Ok(json!({
         "provider": provider,
