@@ -49,6 +49,24 @@ fn devices_under_one_switch_are_distance_4_bus_addr() {
 }
 
 #[test]
+fn two_functions_of_one_device_are_distance_2_bus_addr() {
+    // qemu-wide: one NVMe device with functions 0 and 1 below root port 00:03.0.
+    let v = why(&topo("qemu-wide"), "0000:12:00.0", "0000:12:00.1");
+    assert_eq!((v.map_type, v.distance, v.path), (MapType::BusAddr, 2, PathLabel::PIX));
+    assert_eq!(v.common_upstream, Some(bdf("0000:00:03.0")));
+}
+
+#[test]
+fn nested_switches_are_bus_addr_pxb_with_full_distance() {
+    // qemu-wide: 03:00.0 below switch u1; 08:00.0 below switch u2, itself below u1's port 02:03.0.
+    let t = topo("qemu-wide");
+    let v = why(&t, "0000:03:00.0", "0000:08:00.0");
+    assert_eq!((v.map_type, v.distance, v.path), (MapType::BusAddr, 2 + 4, PathLabel::PXB));
+    assert_eq!(v.common_upstream, Some(bdf("0000:01:00.0")));
+    assert_eq!(t.len(), 66);
+}
+
+#[test]
 fn no_common_bridge_on_q35_intel_host_bridge_is_not_supported() {
     let t = topo("qemu-switch");
     // q35's 8086:29c0 is not allowlisted and TCG's CPU is not AMD Zen: the kernel refuses (EREMOTEIO).
