@@ -24,4 +24,4 @@ pub use path::{MapType, PathLabel, Verdict};
 pub use pci::{Bdf, DevIdx, Topology, TopologyError};
 pub use region::{Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
-pub use route::{BounceWhy, Peer, Route, RouteKind};
+pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};

@@ -13,7 +13,6 @@
 //! Must not: compute a verdict itself (that is `path`), or hand out an address it did not derive
 //! from the topology through `addr`.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Deref;
@@ -27,7 +26,7 @@ use crate::path::{MapType, Verdict};
 use crate::pci::topology::BarKind;
 use crate::pci::{Bdf, DevIdx, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
-use crate::route::{BounceWhy, Peer, Route, RouteKind};
+use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
 use crate::spanmap::{Span, SpanMap};
 
 /// Identity of one registration (never reused within a registry).
@@ -165,14 +164,14 @@ impl Snapshot {
     /// The region whose CPU mapping contains `va`.
     #[inline]
     pub fn lookup_va(&self, va: VirtAddr) -> Option<Hit<'_>> {
-        let s: &Span<VirtAddr, Arc<Entry>> = self.va.get(va)?;
-        Some(Hit { entry: &s.val, offset: va.raw() - s.start.raw() })
+        let (start, s) = self.va.get(va)?;
+        Some(Hit { entry: &s.val, offset: va.raw() - start.raw() })
     }
     /// The BAR-backed region at bus address `bus` on host-bridge hierarchy `hierarchy`.
     #[inline]
     pub fn lookup_bus(&self, hierarchy: usize, bus: BusAddr) -> Option<Hit<'_>> {
-        let s = self.bus.get(hierarchy)?.get(bus)?;
-        Some(Hit { entry: &s.val, offset: bus.raw() - s.start.raw() })
+        let (start, s) = self.bus.get(hierarchy)?.get(bus)?;
+        Some(Hit { entry: &s.val, offset: bus.raw() - start.raw() })
     }
     /// Number of registered regions.
     pub fn len(&self) -> usize {
@@ -444,12 +443,12 @@ impl Registry {
     /// The route `peer` takes to `entry`, with the verdict cached per (provider, client).
     #[inline]
     pub fn resolve<'r>(&'r self, entry: &Entry, peer: Peer) -> Result<Route<'r>, ResolveError> {
-        self.resolve_with(entry, peer, |p, c| Cow::Borrowed(self.shared.verdicts.get(&self.shared.topo, p, c)))
+        self.resolve_with(entry, peer, |p, c| VerdictRef::Cached(self.shared.verdicts.get(&self.shared.topo, p, c)))
     }
 
     /// Like `resolve`, but computes the verdict afresh (no cache): what a first resolve costs.
     pub fn resolve_uncached(&self, entry: &Entry, peer: Peer) -> Result<Route<'static>, ResolveError> {
-        self.resolve_with(entry, peer, |p, c| Cow::Owned(self.shared.topo.verdict(p, c)))
+        self.resolve_with(entry, peer, |p, c| VerdictRef::Fresh(Box::new(self.shared.topo.verdict(p, c))))
     }
 
     #[inline]
@@ -457,7 +456,7 @@ impl Registry {
         &self,
         entry: &Entry,
         peer: Peer,
-        verdict: impl FnOnce(DevIdx, DevIdx) -> Cow<'r, Verdict>,
+        verdict: impl FnOnce(DevIdx, DevIdx) -> VerdictRef<'r>,
     ) -> Result<Route<'r>, ResolveError> {
         if !entry.is_live() {
             return Err(ResolveError::Unregistered(entry.id));

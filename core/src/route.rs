@@ -3,7 +3,7 @@
 //! Owns: `Route`, `RouteKind`, `Peer` and the words that explain a route. Must not: decide the
 //! route (the registry does, from the verdict) or hold a lock.
 
-use std::borrow::Cow;
+use std::ops::Deref;
 
 use crate::addr::{BusAddr, CpuPhys, Iova, VirtAddr};
 use crate::path::{MapType, Verdict};
@@ -67,6 +67,31 @@ impl RouteKind {
     }
 }
 
+/// The verdict behind a route: borrowed from the registry's per-pair cache, or computed afresh.
+/// (A pointer either way, so a `Route` stays small and cheap to return.)
+#[derive(Debug, Clone)]
+pub enum VerdictRef<'r> {
+    Cached(&'r Verdict),
+    Fresh(Box<Verdict>),
+}
+
+/// Equal when the verdicts are equal, cached or not.
+impl PartialEq for VerdictRef<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Deref for VerdictRef<'_> {
+    type Target = Verdict;
+    fn deref(&self) -> &Verdict {
+        match self {
+            VerdictRef::Cached(v) => v,
+            VerdictRef::Fresh(v) => v,
+        }
+    }
+}
+
 /// The registry's answer for one (region, peer) pair. Addresses are of the region's first byte;
 /// `at(offset)` gives the address of any byte.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,7 +102,7 @@ pub struct Route<'r> {
     pub cpu_address: Option<CpuPhys>,
     pub bus_address: Option<BusAddr>,
     /// The PCI verdict behind the route, when a PCI pair was judged.
-    pub verdict: Option<Cow<'r, Verdict>>,
+    pub verdict: Option<VerdictRef<'r>>,
 }
 
 impl Route<'_> {

@@ -54,7 +54,13 @@ impl<A: Address, V> Clone for Many<A, V> {
 #[derive(Debug)]
 enum Slot<A: Address, V> {
     Empty,
-    One(Arc<Span<A, V>>),
+    /// The one span overlapping this slot, its bounds copied inline so a lookup never has to
+    /// load the span itself to check them.
+    One {
+        start: A,
+        last: A,
+        span: Arc<Span<A, V>>,
+    },
     Many(Arc<Many<A, V>>),
     Node(Arc<Node<A, V>>),
 }
@@ -63,10 +69,16 @@ impl<A: Address, V> Clone for Slot<A, V> {
     fn clone(&self) -> Self {
         match self {
             Slot::Empty => Slot::Empty,
-            Slot::One(s) => Slot::One(s.clone()),
+            Slot::One { start, last, span } => Slot::One { start: *start, last: *last, span: span.clone() },
             Slot::Many(m) => Slot::Many(m.clone()),
             Slot::Node(n) => Slot::Node(n.clone()),
         }
+    }
+}
+
+impl<A: Address, V> Slot<A, V> {
+    fn one(span: &Arc<Span<A, V>>) -> Self {
+        Slot::One { start: span.start, last: span.last, span: span.clone() }
     }
 }
 
@@ -94,7 +106,7 @@ impl<A: Address, V> Node<A, V> {
         for s in self.slots.iter() {
             match s {
                 Slot::Empty => {}
-                Slot::One(sp) => match found {
+                Slot::One { span: sp, .. } => match found {
                     None => found = Some(sp),
                     Some(f) if f.id == sp.id => {}
                     Some(_) => return None,
@@ -110,18 +122,21 @@ impl<A: Address, V> Node<A, V> {
 #[derive(Debug)]
 pub(crate) struct SpanMap<A: Address, V> {
     top: Vec<(u64, Arc<Node<A, V>>)>,
+    /// Copy of `top[0]`, kept inline so the common case (one top key: every user-space virtual
+    /// address below 512 GiB, or one bus window) skips the vector's extra pointer load.
+    first: Option<(u64, Arc<Node<A, V>>)>,
     len: usize,
 }
 
 impl<A: Address, V> Clone for SpanMap<A, V> {
     fn clone(&self) -> Self {
-        SpanMap { top: self.top.clone(), len: self.len }
+        SpanMap { top: self.top.clone(), first: self.first.clone(), len: self.len }
     }
 }
 
 impl<A: Address, V> Default for SpanMap<A, V> {
     fn default() -> Self {
-        SpanMap { top: Vec::new(), len: 0 }
+        SpanMap { top: Vec::new(), first: None, len: 0 }
     }
 }
 
@@ -136,12 +151,18 @@ impl<A: Address, V> SpanMap<A, V> {
         self.len
     }
 
-    /// The span containing `a`.
+    /// The span containing `a`, with its start.
     #[inline]
-    pub fn get(&self, a: A) -> Option<&Arc<Span<A, V>>> {
+    pub fn get(&self, a: A) -> Option<(A, &Arc<Span<A, V>>)> {
         let raw = a.raw();
         let key = raw >> TOP_SHIFT;
-        let node = if self.top.len() <= 8 {
+        let node = if let Some((k, n)) = &self.first {
+            if *k == key {
+                n
+            } else {
+                &self.top[self.top.binary_search_by_key(&key, |(k, _)| *k).ok()?].1
+            }
+        } else if self.top.len() <= 8 {
             &self.top.iter().find(|(k, _)| *k == key)?.1
         } else {
             &self.top[self.top.binary_search_by_key(&key, |(k, _)| *k).ok()?].1
@@ -151,7 +172,7 @@ impl<A: Address, V> SpanMap<A, V> {
         loop {
             match &node.slots[slot_index(raw, shift)] {
                 Slot::Empty => return None,
-                Slot::One(s) => return s.contains(a).then_some(s),
+                Slot::One { start, last, span } => return (a >= *start && a <= *last).then_some((*start, span)),
                 Slot::Many(m) => {
                     let i = match m.starts.binary_search(&a) {
                         Ok(i) => i,
@@ -159,7 +180,7 @@ impl<A: Address, V> SpanMap<A, V> {
                         Err(i) => i - 1,
                     };
                     let s = &m.spans[i];
-                    return s.contains(a).then_some(s);
+                    return s.contains(a).then_some((m.starts[i], s));
                 }
                 Slot::Node(n) => {
                     node = n;
@@ -171,6 +192,7 @@ impl<A: Address, V> SpanMap<A, V> {
 
     /// Inserts a span. The caller guarantees it overlaps no span already in the map.
     pub fn insert(&mut self, span: Arc<Span<A, V>>) {
+        self.first = None; // drop the extra reference so make_mut copies only shared nodes
         let (lo, hi) = (span.start.raw(), span.last.raw());
         for key in (lo >> TOP_SHIFT)..=(hi >> TOP_SHIFT) {
             let base = key << TOP_SHIFT;
@@ -186,10 +208,12 @@ impl<A: Address, V> SpanMap<A, V> {
             insert_in(node, base, MID_SHIFT, lo.max(base), hi.min(top_last), &span);
         }
         self.len += 1;
+        self.first = self.top.first().cloned();
     }
 
     /// Removes the span `id` that was inserted covering `[start, last]`.
     pub fn remove(&mut self, start: A, last: A, id: u64) {
+        self.first = None;
         let (lo, hi) = (start.raw(), last.raw());
         for key in (lo >> TOP_SHIFT)..=(hi >> TOP_SHIFT) {
             let Ok(pos) = self.top.binary_search_by_key(&key, |(k, _)| *k) else {
@@ -204,6 +228,7 @@ impl<A: Address, V> SpanMap<A, V> {
             }
         }
         self.len = self.len.saturating_sub(1);
+        self.first = self.top.first().cloned();
     }
 }
 
@@ -216,13 +241,13 @@ fn insert_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u6
         let (clo, chi) = (lo.max(sbase), hi.min(slast));
         let slot = &mut node.slots[idx];
         match slot {
-            Slot::Empty => *slot = Slot::One(span.clone()),
-            Slot::One(existing) if shift == LEAF_SHIFT => {
+            Slot::Empty => *slot = Slot::one(span),
+            Slot::One { span: existing, .. } if shift == LEAF_SHIFT => {
                 let mut spans = vec![existing.clone(), span.clone()];
                 spans.sort_by_key(|s| s.start);
                 *slot = Slot::Many(Arc::new(Many { starts: spans.iter().map(|s| s.start).collect(), spans }));
             }
-            Slot::One(existing) => {
+            Slot::One { span: existing, .. } => {
                 let existing = existing.clone();
                 let mut child = Node::new();
                 let (elo, ehi) = (existing.start.raw().max(sbase), existing.last.raw().min(slast));
@@ -248,7 +273,7 @@ fn remove_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u6
         let slot = &mut node.slots[idx];
         match slot {
             Slot::Empty => {}
-            Slot::One(s) => {
+            Slot::One { span: s, .. } => {
                 if s.id == id {
                     *slot = Slot::Empty;
                 }
@@ -261,7 +286,7 @@ fn remove_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u6
                 }
                 match mm.spans.len() {
                     0 => *slot = Slot::Empty,
-                    1 => *slot = Slot::One(mm.spans[0].clone()),
+                    1 => *slot = Slot::one(&mm.spans[0]),
                     _ => {}
                 }
             }
@@ -271,7 +296,7 @@ fn remove_in<A: Address, V>(node: &mut Node<A, V>, base: u64, shift: u32, lo: u6
                 if c.is_empty() {
                     *slot = Slot::Empty;
                 } else if let Some(sole) = c.sole_span() {
-                    *slot = Slot::One(sole);
+                    *slot = Slot::one(&sole);
                 }
             }
         }
@@ -331,7 +356,7 @@ mod tests {
             u64::MAX - 0x1000,
         ];
         for a in probes {
-            assert_eq!(m.get(VirtAddr::new(a)).map(|s| s.id), brute(&spans, a), "address {a:#x}");
+            assert_eq!(m.get(VirtAddr::new(a)).map(|(_, s)| s.id), brute(&spans, a), "address {a:#x}");
         }
         assert_eq!(m.len(), 6);
     }
@@ -348,13 +373,13 @@ mod tests {
         let old = m.clone();
         m.remove(a.start, a.last, 1);
         assert!(m.get(VirtAddr::new(0x1000)).is_none());
-        assert_eq!(m.get(VirtAddr::new(0x3000)).unwrap().id, 2);
+        assert_eq!(m.get(VirtAddr::new(0x3000)).unwrap().1.id, 2);
         // The clone taken before the removal still sees the span: readers are never disturbed.
-        assert_eq!(old.get(VirtAddr::new(0x1000)).unwrap().id, 1);
+        assert_eq!(old.get(VirtAddr::new(0x1000)).unwrap().1.id, 1);
         m.remove(b.start, b.last, 2);
         m.remove(c.start, c.last, 3);
         assert!(m.top.is_empty(), "all nodes collapse away");
-        assert_eq!(old.get(VirtAddr::new(0x4000_0000)).unwrap().id, 3);
+        assert_eq!(old.get(VirtAddr::new(0x4000_0000)).unwrap().1.id, 3);
     }
 
     #[test]
@@ -388,12 +413,12 @@ mod tests {
             }
             for _ in 0..4 {
                 let a = (next() % 4096) * cell + next() % cell;
-                assert_eq!(m.get(VirtAddr::new(a)).map(|s| s.id), brute(&live, a));
+                assert_eq!(m.get(VirtAddr::new(a)).map(|(_, s)| s.id), brute(&live, a));
             }
         }
         for s in &live {
-            assert_eq!(m.get(s.start).unwrap().id, s.id);
-            assert_eq!(m.get(s.last).unwrap().id, s.id);
+            assert_eq!(m.get(s.start).unwrap().1.id, s.id);
+            assert_eq!(m.get(s.last).unwrap().1.id, s.id);
         }
     }
 }
