@@ -54,7 +54,7 @@ impl Sysroot {
     /// Reads a text attribute, trimmed. `Ok(None)` if the file does not exist.
     pub fn read_opt(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
         let rel = rel.as_ref();
-        match fs::read(self.path(rel)) {
+        match read_file(&self.path(rel)) {
             Ok(b) => match String::from_utf8(b) {
                 Ok(s) => Ok(Some(s.trim_end_matches(['\n', '\0']).trim().to_string())),
                 Err(e) => Err(SysrootError::Malformed {
@@ -77,7 +77,7 @@ impl Sysroot {
     /// Reads a binary file. `Ok(None)` if it does not exist.
     pub fn read_bytes_opt(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<u8>>, SysrootError> {
         let rel = rel.as_ref();
-        match fs::read(self.path(rel)) {
+        match read_file(&self.path(rel)) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io_err(rel, e)),
@@ -120,6 +120,16 @@ impl Sysroot {
     pub fn link_name(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
         Ok(self.resolve_link(rel)?.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
     }
+}
+
+/// Reads a whole file without the size query `fs::read` makes first: sysfs attributes report a
+/// size of 4096 whatever they hold, so the query buys nothing, and discovery is syscall-bound.
+fn read_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(4096);
+    f.read_to_end(&mut buf)?;
+    Ok(buf)
 }
 
 /// Lexically normalizes a root-relative path: drops `.` and the root, applies `..`. `None` if

@@ -293,17 +293,37 @@ impl Topology {
         raws.sort_by_key(|r| r.bdf);
         let index: HashMap<Bdf, DevIdx> = raws.iter().enumerate().map(|(i, r)| (r.bdf, DevIdx(i as u32))).collect();
 
-        // Pass 2: attributes.
-        let mut devices = Vec::with_capacity(raws.len());
-        for r in &raws {
-            let parent = match r.parent_bdf {
-                Some(p) => Some(*index.get(&p).ok_or_else(|| TopologyError::Layout {
+        // Pass 2: attributes. Reading is syscall-bound, so large trees are read by a few threads.
+        let parents = raws
+            .iter()
+            .map(|r| match r.parent_bdf {
+                Some(p) => index.get(&p).copied().map(Some).ok_or_else(|| TopologyError::Layout {
                     path: r.dir.clone(),
                     why: format!("upstream bridge {p} is not in sys/bus/pci/devices"),
-                })?),
-                None => None,
-            };
-            devices.push(Self::read_device(&sys, r, parent, &index)?);
+                }),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4);
+        let chunk = raws.len().div_ceil(threads).max(16);
+        let mut devices = Vec::with_capacity(raws.len());
+        let read_all = |rs: &[RawDev], ps: &[Option<DevIdx>]| {
+            rs.iter().zip(ps).map(|(r, &p)| Self::read_device(&sys, r, p, &index)).collect::<Result<Vec<_>, _>>()
+        };
+        if raws.len() <= chunk {
+            devices = read_all(&raws, &parents)?;
+        } else {
+            std::thread::scope(|scope| -> Result<(), TopologyError> {
+                let workers: Vec<_> = raws
+                    .chunks(chunk)
+                    .zip(parents.chunks(chunk))
+                    .map(|(rs, ps)| scope.spawn(|| read_all(rs, ps)))
+                    .collect();
+                for w in workers {
+                    devices.extend(w.join().expect("device reader thread panicked")?);
+                }
+                Ok(())
+            })?;
         }
 
         // Class devices (nvme0, eth0, ...) onto their PCI function.
