@@ -43,10 +43,16 @@ pub enum RegionError {
     NotExportable(&'static str),
     #[error("{what}: {source}")]
     Os { what: &'static str, source: std::io::Error },
+    /// A backend's own error (Vulkan, verbs, VFIO), kept whole.
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// A contiguous range of memory that peers may reach. Everything else derives from these.
-pub trait PeerMemory: Send + Sync + 'static {
+///
+/// `Any` is a supertrait so a registry entry's `&dyn PeerMemory` can be upcast to `&dyn Any` and
+/// downcast to the backend's concrete type (a mover finding out that a region is a Vulkan buffer).
+pub trait PeerMemory: std::any::Any + Send + Sync + 'static {
     /// Length in bytes (never 0).
     fn len(&self) -> u64;
     fn provider(&self) -> Provider;
@@ -217,6 +223,14 @@ mod tests {
         let mut buf = [0u8; 7];
         r.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"peermem");
+    }
+
+    #[test]
+    fn a_registered_region_downcasts_to_its_concrete_type() {
+        let r: std::sync::Arc<dyn PeerMemory> = std::sync::Arc::new(HostRegion::new(4096).unwrap());
+        let any: &dyn std::any::Any = r.as_ref();
+        assert!(any.downcast_ref::<HostRegion>().is_some());
+        assert!(any.downcast_ref::<BarRegion>().is_none());
     }
 
     #[test]
