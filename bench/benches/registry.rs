@@ -63,6 +63,13 @@ fn lookup(c: &mut Criterion) {
                 black_box(reader.lookup_va(black_box(s.probes[i])).map(|h| h.offset))
             })
         });
+        // The loop's own cost (probe load + black_box), to read the others against.
+        g.bench_with_input(BenchmarkId::new("harness_only", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) & (PROBES - 1);
+                black_box(black_box(s.probes[i]).raw())
+            })
+        });
         let snap = s.reg.snapshot();
         g.bench_with_input(BenchmarkId::new("registry_snapshot", n), &n, |b, _| {
             b.iter(|| {
