@@ -9,6 +9,7 @@
 
 pub mod addr;
 pub mod capture;
+pub mod mover;
 pub mod path;
 pub mod pci;
 pub mod platform;

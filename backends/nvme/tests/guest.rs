@@ -11,8 +11,12 @@
 
 use std::sync::Arc;
 
-use peermem::{Bdf, HostRegion, MapType, PeerMemory, Registry, RouteKind, Topology};
-use peermem_nvme::{BlockDevice, P2pmemRegion};
+use std::time::Duration;
+
+use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, RouteKind, Topology};
+use peermem_nvme::cmb::open_bar0_sysfs;
+use peermem_nvme::regs::CmbState;
+use peermem_nvme::{Binding, BlockDevice, CmbRegion, Controller, Dir, IommuMode, NvmeError, P2pmemRegion};
 
 const LEN: u64 = 1 << 20;
 
@@ -111,4 +115,351 @@ fn kernel_p2pdma_agrees_with_peermem_for_every_nvme_pair() {
     }
     assert!(wrong.is_empty(), "kernel and peermem disagree:\n{}", wrong.join("\n"));
     assert!(table.len() >= 16);
+}
+
+/// Item 1: the real registers of every controller, read through sysfs `resource0` while the
+/// kernel driver owns it, decode to what QEMU's `nvme,cmb_size_mb=N` presents.
+#[test]
+fn live_registers_decode_through_sysfs_resource0() {
+    let topo = live();
+    for bdf in nvme_controllers(&topo) {
+        let bar0 = open_bar0_sysfs(&topo, bdf).unwrap();
+        let r = bar0.registers().unwrap();
+        println!(
+            "{bdf}: NVMe {} MQES {} TO {} ms DSTRD {} MPS {}..{} CC.EN {} CSTS.RDY {} AQA {:?} CMBS {} CMBMSC.CRE {} cmb {:?}",
+            r.vs, r.cap.mqes, r.cap.timeout_ms, r.cap.doorbell_stride, r.cap.mps_min, r.cap.mps_max, r.cc.en,
+            r.csts.rdy, r.aqa, r.cap.cmbs, r.cmbmsc.cre, r.cmb()
+        );
+        assert!(r.vs.major >= 1);
+        assert!(r.cc.en && r.csts.rdy && !r.csts.cfs, "the kernel driver keeps {bdf} enabled");
+        assert_eq!((r.cc.iosqes, r.cc.iocqes), (6, 4));
+        assert_ne!(r.asq, 0);
+        let has_cmb = topo.by_bdf(bdf).unwrap().p2pmem.is_some();
+        match r.cmb().unwrap() {
+            CmbState::Present(c) => {
+                assert!(has_cmb, "{bdf}: CMB without p2pmem");
+                assert_eq!(c.bir, 2);
+                assert!(c.caps.wds && c.caps.rds && c.caps.lists && c.caps.sqs, "{c:?}");
+                let bar = topo.by_bdf(bdf).unwrap().bar(2).unwrap().cpu.len();
+                c.check_within(bar).unwrap();
+            }
+            other => assert!(!has_cmb, "{bdf}: p2pmem but registers say {other:?}"),
+        }
+    }
+}
+
+/// Item 2: every CMB found from its registers is a region the registry resolves; a peer gets
+/// `BusAddr` exactly when the kernel verdict is bus_addr (the switch pair in `switch`).
+#[test]
+fn cmb_regions_resolve_through_the_registry() {
+    let topo = live();
+    let reg = Registry::new(topo.clone());
+    let nvmes = nvme_controllers(&topo);
+    let mut bus_pairs = 0;
+    for &p in nvmes.iter().filter(|&&b| topo.by_bdf(b).unwrap().p2pmem.is_some()) {
+        let region = CmbRegion::discover(&topo, p).unwrap();
+        let bar = topo.by_bdf(p).unwrap().bar(region.bar()).unwrap().clone();
+        let g = reg.register(Arc::new(region) as Arc<dyn PeerMemory>).unwrap();
+        assert_eq!(g.cpu_phys(), Some(bar.cpu.start()));
+        for &c in nvmes.iter().filter(|&&c| c != p) {
+            let v = topo.verdict(topo.idx(p).unwrap(), topo.idx(c).unwrap());
+            let route = reg.resolve(&g, reg.peer(c).unwrap()).unwrap();
+            match v.map_type {
+                MapType::BusAddr => {
+                    bus_pairs += 1;
+                    assert_eq!(route.kind, RouteKind::BusAddr(bar.window().unwrap().bus().start()), "{p} -> {c}");
+                }
+                MapType::NotSupported => assert!(!route.kind.is_direct(), "{p} -> {c}: {:?}", route.kind),
+                MapType::ThruHostBridge => assert!(route.kind.is_direct()),
+            }
+        }
+    }
+    assert!(bus_pairs >= 2, "the switch pair resolves bus_addr both ways");
+}
+
+/// The ivshmem function: the stand-in GPU BAR (BAR2, contents = $PEERMEM_IVSHMEM_FILE).
+fn ivshmem(t: &Topology) -> Option<Bdf> {
+    t.devices().iter().find(|d| d.vendor == 0x1af4 && d.device == 0x1110).map(|d| d.bdf)
+}
+
+fn iommu_group_size(bdf: Bdf) -> Option<usize> {
+    let dir = format!("/sys/bus/pci/devices/{bdf}/iommu_group/devices");
+    std::fs::read_dir(dir).ok().map(|d| d.count())
+}
+
+/// The controller to hand to VFIO: with an IOMMU, one alone in its group (the switch pair shares
+/// one, and the other would keep its kernel driver); without, one with a switch peer.
+fn vfio_candidate(t: &Topology, nvmes: &[Bdf]) -> (Bdf, Option<Bdf>) {
+    let peer_of = |x: Bdf| {
+        nvmes.iter().copied().find(|&y| {
+            y != x
+                && t.by_bdf(y).unwrap().p2pmem.is_some()
+                && t.verdict(t.idx(y).unwrap(), t.idx(x).unwrap()).map_type == MapType::BusAddr
+        })
+    };
+    match nvmes.iter().copied().find(|&b| iommu_group_size(b).is_some()) {
+        Some(_) => {
+            let x = *nvmes.iter().find(|&&b| iommu_group_size(b) == Some(1)).expect("an NVMe alone in its IOMMU group");
+            (x, peer_of(x))
+        }
+        None => {
+            let x = nvmes.iter().copied().find(|&b| peer_of(b).is_some()).unwrap_or(nvmes[0]);
+            (x, peer_of(x))
+        }
+    }
+}
+
+fn fill(seed: u8, i: usize) -> u8 {
+    (i as u64).wrapping_mul(2_654_435_761).wrapping_add(seed as u64 * 977).rotate_right(13) as u8
+}
+
+fn wait_for_nvme_driver(bdf: Bdf) -> Arc<Topology> {
+    for _ in 0..500 {
+        let t = Arc::new(Topology::discover("/").unwrap());
+        if let Ok(d) = t.by_bdf(bdf) {
+            if d.class_devices.iter().any(|c| c.class == "nvme") && BlockDevice::open_namespace(&t, bdf).is_ok() {
+                return t;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{bdf}: the nvme driver did not come back");
+}
+
+/// Item 4: the userspace VFIO driver reads known data into host memory and into peer memory
+/// through the registry's routes, writes through VFIO and the kernel reads it back, refuses a
+/// `Bounce` pair with no command issued (then the data bounces through host memory into the
+/// ivshmem BAR, verified in the host's backing file), and hands the controller back to nvme.
+#[test]
+fn vfio_driver_moves_data_only_through_registry_routes() {
+    const LEN: u64 = 1 << 20;
+    const SRC: u64 = 16 << 20;
+    const DST: u64 = 32 << 20;
+    let topo = live();
+    let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
+    let nvmes = nvme_controllers(&topo);
+    let (x, switch_peer) = vfio_candidate(&topo, &nvmes);
+    let shm = ivshmem(&topo);
+    println!("{topology}: VFIO on {x}, switch peer {switch_peer:?}, ivshmem {shm:?}");
+
+    // Known data at SRC through the kernel driver, before VFIO takes the controller.
+    let mut known = HostRegion::new(LEN).unwrap();
+    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
+        *b = fill(1, i);
+    }
+    let expect: Vec<u8> = known.as_mut_slice().to_vec();
+    BlockDevice::open_namespace(&topo, x).unwrap().write_at(SRC, known.as_mut_slice()).unwrap();
+    // Peer memory that stays owned by the kernel: a p2pmem allocation on the switch peer.
+    let peer_region = switch_peer.map(|y| P2pmemRegion::allocate(&topo, y, LEN).unwrap());
+
+    let reg = Registry::new(topo.clone());
+    // Decided before binding: vfio-pci gives a no-IOMMU function a (noiommu-N) group too.
+    let translated = iommu_group_size(x).is_some();
+    let binding = Binding::to_vfio(x).unwrap();
+    let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let ns = ctrl.namespace();
+    println!("  {:?} {:?} mode {:?}", ctrl.info(), ns, ctrl.mode());
+    assert_eq!(ctrl.mode(), if translated { IommuMode::Type1 } else { IommuMode::NoIommu });
+    let bs = ns.block_size;
+
+    // Host memory: route cpu_mapped, DMA through the container's IOVA or locked pages.
+    let host_mem = Arc::new(HostRegion::new(LEN).unwrap());
+    let host = reg.register(host_mem.clone() as Arc<dyn PeerMemory>).unwrap();
+    ctrl.transfer(&reg, Dir::Read, &host, 0, SRC / bs, LEN).unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    host_mem.read_at(0, &mut got).unwrap();
+    assert!(got == expect, "VFIO read into host memory differs");
+
+    // Write through VFIO from host memory, read back through VFIO.
+    let src_mem = Arc::new(HostRegion::new(LEN).unwrap());
+    let src = reg.register(src_mem.clone() as Arc<dyn PeerMemory>).unwrap();
+    let pattern2: Vec<u8> = (0..LEN as usize).map(|i| fill(2, i)).collect();
+    src_mem.write_at(0, &pattern2).unwrap();
+    ctrl.transfer(&reg, Dir::Write, &src, 0, DST / bs, LEN).unwrap();
+    ctrl.transfer(&reg, Dir::Read, &host, 0, DST / bs, LEN).unwrap();
+    host_mem.read_at(0, &mut got).unwrap();
+    assert!(got == pattern2, "VFIO write/read round trip differs");
+
+    // Controller reset between transfers (CC.EN 1 -> 0 -> 1, fresh queues): I/O works after it.
+    ctrl.reset().unwrap();
+    host_mem.write_at(0, &vec![0u8; LEN as usize]).unwrap();
+    ctrl.transfer(&reg, Dir::Read, &host, 0, DST / bs, LEN).unwrap();
+    host_mem.read_at(0, &mut got).unwrap();
+    assert!(got == pattern2, "read after a controller reset differs");
+
+    // Bad input: past the namespace, misaligned, past the region: typed, and no command.
+    let before = ctrl.commands_issued();
+    let e = ctrl.transfer(&reg, Dir::Read, &host, 0, ns.blocks - 1, 2 * bs).unwrap_err();
+    assert!(matches!(e, NvmeError::OutOfNamespace { .. }), "{e}");
+    assert!(matches!(ctrl.transfer(&reg, Dir::Read, &host, 0, 0, 100).unwrap_err(), NvmeError::BadTransfer { .. }));
+    assert!(matches!(ctrl.transfer(&reg, Dir::Read, &host, 4096, 0, LEN).unwrap_err(), NvmeError::BadTransfer { .. }));
+    assert_eq!(ctrl.commands_issued(), before);
+
+    // The stand-in GPU BAR (ivshmem BAR2): direct when the registry says so, else refused
+    // before any command and bounced through host memory by the CPU. (`wide` has no ivshmem.)
+    if let Some(shm) = shm {
+        // Zero the BAR first, so only this transfer can put the data there.
+        open_resource(shm, 2, LEN).write_at(0, &vec![0u8; LEN as usize]).unwrap();
+        let gpu =
+            reg.register(Arc::new(BarRegion { bdf: shm, bar: 2, offset: 0, len: LEN }) as Arc<dyn PeerMemory>).unwrap();
+        let route = reg.resolve(&gpu, reg.peer(x).unwrap()).unwrap();
+        println!("  {x} -> ivshmem BAR2: route {} ({:?})", route.kind.name(), route.map_type());
+        let before = ctrl.commands_issued();
+        match ctrl.transfer(&reg, Dir::Read, &gpu, 0, SRC / bs, LEN) {
+            Ok(()) => {
+                assert!(route.kind.is_direct(), "a {} route must not DMA", route.kind.name());
+                if topology == "switch-gpu" {
+                    assert!(matches!(route.kind, RouteKind::BusAddr(_)), "ivshmem under the switch: {:?}", route.kind);
+                }
+            }
+            Err(NvmeError::RouteRefused { kind, .. }) => {
+                assert!(!route.kind.is_direct() || kind == "iommu", "refused a direct route: {kind}");
+                assert_eq!(ctrl.commands_issued(), before, "a refused route issued commands");
+                // Bounce: namespace -> host (VFIO) -> ivshmem BAR (CPU through sysfs resource2).
+                ctrl.transfer(&reg, Dir::Read, &host, 0, SRC / bs, LEN).unwrap();
+                host_mem.read_at(0, &mut got).unwrap();
+                let bar = open_resource(shm, 2, LEN);
+                bar.write_at(0, &got).unwrap();
+            }
+            Err(e) => panic!("{x} -> ivshmem: {e}"),
+        }
+        if let Some(file) = std::env::var_os("PEERMEM_IVSHMEM_FILE") {
+            let mut back = vec![0u8; LEN as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&file).unwrap(), &mut back, 0).unwrap();
+            assert!(back == expect, "the host's ivshmem file does not hold the namespace data");
+            println!("  ivshmem backing file verified ({} bytes)", back.len());
+        }
+    }
+
+    // A switch peer's p2pmem pages (kernel-owned CMB pool): BusAddr, direct.
+    if let (Some(y), Some(region)) = (switch_peer, peer_region) {
+        let region = Arc::new(region);
+        let p = reg.register(region.clone() as Arc<dyn PeerMemory>).unwrap();
+        let route = reg.resolve(&p, reg.peer(x).unwrap()).unwrap();
+        println!("  {x} -> {y} p2pmem: route {}", route.kind.name());
+        assert!(matches!(route.kind, RouteKind::BusAddr(_)));
+        ctrl.transfer(&reg, Dir::Read, &p, 0, SRC / bs, LEN).unwrap();
+        region.read_at(0, &mut got).unwrap();
+        let ok = got == expect;
+        println!("  VFIO read into {y}'s CMB through its bus address: {}", if ok { "data matches" } else { "CORRUPT" });
+        if ctrl.mode() == IommuMode::NoIommu {
+            assert!(ok, "bus-address DMA into the switch peer's CMB differs");
+        }
+    }
+
+    drop(ctrl);
+    binding.restore().unwrap();
+    let topo = wait_for_nvme_driver(x);
+    let mut back = HostRegion::new(LEN).unwrap();
+    BlockDevice::open_namespace(&topo, x).unwrap().read_at(DST, back.as_mut_slice()).unwrap();
+    assert!(back.as_mut_slice() == &pattern2[..], "the kernel reads back what VFIO wrote");
+}
+
+fn open_resource(bdf: Bdf, bar: u8, len: u64) -> peermem::sys::Mapping {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/sys/bus/pci/devices/{bdf}/resource{bar}"))
+        .unwrap();
+    peermem::sys::Mapping::shared(std::os::fd::AsFd::as_fd(&f), len).unwrap()
+}
+
+/// Item 5: the core mover's route integrity probe. For every switch-local pair (kernel verdict
+/// bus_addr, route BusAddr), a canary goes namespace -> provider's p2pmem by O_DIRECT (the
+/// direct route) and is read back by the CPU. Under `switch-iommu` QEMU's translated vIOMMU
+/// makes that DMA "succeed" with corrupt data (DESIGN section 8): the probe must mark the route
+/// broken and the copy must fall back to a bounce through host memory, which delivers the right
+/// bytes. Elsewhere the canary is intact and the copy goes direct.
+#[test]
+fn route_probe_catches_the_viommu_corruption_and_bounces() {
+    use peermem::mover::{BounceReason, Pipeline, Plan, RouteHealth};
+    use std::cell::RefCell;
+    const CANARY: u64 = 64 << 10;
+    const LEN: u64 = 1 << 20;
+    const AT: u64 = 48 << 20;
+    let topo = live();
+    let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
+    let nvmes = nvme_controllers(&topo);
+    let reg = Registry::new(topo.clone());
+    let health = RouteHealth::new();
+    let mut pairs = 0;
+    for &p in nvmes.iter().filter(|&&b| topo.by_bdf(b).unwrap().p2pmem.is_some()) {
+        for &c in nvmes.iter().filter(|&&c| c != p) {
+            let v = topo.verdict(topo.idx(p).unwrap(), topo.idx(c).unwrap());
+            if v.map_type != MapType::BusAddr {
+                continue;
+            }
+            pairs += 1;
+            let region = RefCell::new(P2pmemRegion::allocate(&topo, p, LEN).unwrap());
+            let (bar, off) = (region.borrow().bar(), region.borrow().bar_offset());
+            // The same pages as the registry sees them: a range of p's BAR.
+            let g = reg
+                .register(Arc::new(BarRegion { bdf: p, bar, offset: off, len: LEN }) as Arc<dyn PeerMemory>)
+                .unwrap();
+            let peer = reg.peer(c).unwrap();
+            let route = reg.resolve(&g, peer).unwrap();
+            assert!(matches!(route.kind, RouteKind::BusAddr(_)));
+            let bd = BlockDevice::open_namespace(&topo, c).unwrap();
+            let stage = RefCell::new(HostRegion::new(LEN).unwrap());
+            let direct = |canary: &[u8]| -> Result<(), String> {
+                let mut h = stage.borrow_mut();
+                h.as_mut_slice()[..canary.len()].copy_from_slice(canary);
+                bd.write_at(AT, &h.as_mut_slice()[..canary.len()]).map_err(|e| e.to_string())?;
+                bd.read_at(AT, &mut region.borrow_mut().as_mut_slice()[..canary.len()]).map_err(|e| e.to_string())
+            };
+            let read_back = |buf: &mut [u8]| region.borrow().read_at(0, buf);
+            let plan = health
+                .plan(&route, g.id(), peer, Some((CANARY as usize, (Box::new(direct), Box::new(read_back)))))
+                .unwrap();
+            println!("{topology}: {c} -> {p} p2pmem: route {}, plan: {plan}", route.kind.name());
+            let mut region = region.into_inner();
+
+            // The real copy: namespace data at AT+LEN into the region, as the plan says.
+            let data: Vec<u8> = (0..LEN as usize).map(|i| fill(5, i)).collect();
+            stage.borrow_mut().as_mut_slice().copy_from_slice(&data);
+            bd.write_at(AT + LEN, stage.borrow_mut().as_mut_slice()).unwrap();
+            match &plan {
+                Plan::Direct => bd.read_at(AT + LEN, region.as_mut_slice()).unwrap(),
+                Plan::Bounce(_) => {
+                    let pipe = Pipeline::new(256 << 10, 3).unwrap();
+                    let st = pipe.staging().to_vec();
+                    let dst = std::sync::Mutex::new(&mut region);
+                    let stats = pipe
+                        .run(
+                            LEN,
+                            |slot, o, n| {
+                                // O_DIRECT into a page-aligned staging buffer (host memory).
+                                let mut tmp = HostRegion::new(n).unwrap();
+                                bd.read_at(AT + LEN + o, tmp.as_mut_slice()).map_err(|e| e.to_string())?;
+                                st[slot].write_at(0, tmp.as_mut_slice()).map_err(|e| e.to_string())
+                            },
+                            |slot, o, n| {
+                                let mut d = dst.lock().unwrap();
+                                let s = &mut d.as_mut_slice()[o as usize..(o + n) as usize];
+                                st[slot].read_at(0, s).map_err(|e| e.to_string())
+                            },
+                        )
+                        .unwrap();
+                    println!(
+                        "  bounced {} bytes in {} chunks ({:.1} MB/s)",
+                        stats.bytes,
+                        stats.chunks,
+                        stats.mb_per_s()
+                    );
+                }
+            }
+            let mut back = vec![0u8; LEN as usize];
+            region.read_at(0, &mut back).unwrap();
+            assert!(back == data, "{c} -> {p}: the planned copy ({plan}) delivered wrong data");
+            if topology == "switch-iommu" {
+                assert!(
+                    matches!(plan, Plan::Bounce(BounceReason::Broken(_))),
+                    "the probe missed the vIOMMU corruption"
+                );
+            } else {
+                assert_eq!(plan, Plan::Direct, "{c} -> {p}");
+            }
+        }
+    }
+    assert!(pairs >= 2, "no switch-local pair to probe");
 }

@@ -1,0 +1,379 @@
+//! VFIO plumbing for the userspace driver: binding a function to vfio-pci and back, the
+//! container/group/device fds, BAR access, bus mastering and DMA address spaces.
+//!
+//! Owns: `Binding` (driver_override + unbind + drivers_probe, restored on drop), `Vfio` (type1 or
+//! no-IOMMU container), IOVA allocation and the table of what this process mapped for its device.
+//! Must not: decide which addresses a device may use (the registry's routes do), or know NVMe.
+//!
+//! No-IOMMU mode (no IOMMU group before binding): DMA addresses are CPU physical addresses, found
+//! through `/proc/self/pagemap` for locked host pages. Type1: everything the device reaches is
+//! mapped with VFIO_IOMMU_MAP_DMA at an IOVA chosen here.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use peermem::sys::Mapping;
+use peermem::{Bdf, Iova, VirtAddr};
+
+use crate::sys::{self, FileMmio, MappedMmio, Mmio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{what}: {source}")]
+    Ioctl { what: &'static str, source: std::io::Error },
+    #[error("{bdf}: {why}")]
+    Bind { bdf: Bdf, why: String },
+    #[error("VFIO API version {0}, expected 0")]
+    ApiVersion(i32),
+    #[error("{bdf}: IOMMU group {group} is not viable (another device in it is bound to a kernel driver)")]
+    NotViable { bdf: Bdf, group: String },
+    #[error("no DMA address for {va}: {why}")]
+    NoDmaAddress { va: VirtAddr, why: String },
+    #[error("IOVA space exhausted mapping {len:#x} bytes")]
+    IovaExhausted { len: u64 },
+}
+
+fn write_attr(path: &Path, value: &str) -> Result<(), VfioError> {
+    let mut f =
+        OpenOptions::new().write(true).open(path).map_err(|source| VfioError::Io { path: path.into(), source })?;
+    f.write_all(value.as_bytes()).map_err(|source| VfioError::Io { path: path.into(), source })
+}
+
+fn link_name(path: &Path) -> Option<String> {
+    std::fs::read_link(path).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+const BIND_WAIT: Duration = Duration::from_secs(10);
+
+/// A function bound to vfio-pci; dropping it gives the function back to its previous driver.
+#[derive(Debug)]
+pub struct Binding {
+    bdf: Bdf,
+    dir: PathBuf,
+    previous: Option<String>,
+    noiommu: bool,
+    restored: bool,
+}
+
+impl Binding {
+    /// Binds the live function `bdf` to vfio-pci (enabling no-IOMMU mode when it has no IOMMU
+    /// group), remembering its current driver.
+    pub fn to_vfio(bdf: Bdf) -> Result<Binding, VfioError> {
+        let dir = PathBuf::from("/sys/bus/pci/devices").join(bdf.to_string());
+        if !dir.exists() {
+            return Err(VfioError::Bind { bdf, why: format!("{} does not exist", dir.display()) });
+        }
+        let previous = link_name(&dir.join("driver"));
+        let noiommu = !dir.join("iommu_group").exists();
+        if noiommu {
+            write_attr(Path::new("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"), "1")?;
+        }
+        let mut b = Binding { bdf, dir, previous: previous.clone(), noiommu, restored: false };
+        if previous.as_deref() == Some("vfio-pci") {
+            return Ok(b);
+        }
+        write_attr(&b.dir.join("driver_override"), "vfio-pci")?;
+        if previous.is_some() {
+            write_attr(&b.dir.join("driver/unbind"), &bdf.to_string())?;
+        }
+        // drivers_probe fails with an error when no driver takes it: check the outcome instead.
+        let _ = write_attr(Path::new("/sys/bus/pci/drivers_probe"), &bdf.to_string());
+        let dir = b.dir.clone();
+        if !wait_until(BIND_WAIT, || link_name(&dir.join("driver")).as_deref() == Some("vfio-pci")) {
+            let why =
+                format!("not bound to vfio-pci after {BIND_WAIT:?} (driver {:?})", link_name(&dir.join("driver")));
+            b.restore_inner();
+            return Err(VfioError::Bind { bdf, why });
+        }
+        tracing::info!(%bdf, previous = ?b.previous, noiommu, "bound to vfio-pci");
+        Ok(b)
+    }
+
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+    pub fn noiommu(&self) -> bool {
+        self.noiommu
+    }
+    pub fn sysfs_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The IOMMU group name (a number) of the bound function.
+    pub fn group(&self) -> Result<String, VfioError> {
+        link_name(&self.dir.join("iommu_group"))
+            .ok_or_else(|| VfioError::Bind { bdf: self.bdf, why: "no iommu_group after binding to vfio-pci".into() })
+    }
+
+    fn restore_inner(&mut self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let bdf = self.bdf.to_string();
+        if link_name(&self.dir.join("driver")).is_some() {
+            if let Err(e) = write_attr(&self.dir.join("driver/unbind"), &bdf) {
+                errs.push(e.to_string());
+            }
+        }
+        if let Err(e) = write_attr(&self.dir.join("driver_override"), "\n") {
+            errs.push(e.to_string());
+        }
+        if let Some(prev) = self.previous.clone() {
+            let _ = write_attr(Path::new("/sys/bus/pci/drivers_probe"), &bdf);
+            let dir = self.dir.clone();
+            if !wait_until(BIND_WAIT, || link_name(&dir.join("driver")).as_deref() == Some(prev.as_str())) {
+                errs.push(format!("not rebound to {prev} after {BIND_WAIT:?}"));
+            }
+        }
+        self.restored = true;
+        errs
+    }
+
+    /// Gives the function back to its previous driver and waits (bounded) until it is bound.
+    pub fn restore(mut self) -> Result<(), VfioError> {
+        let errs = self.restore_inner();
+        if errs.is_empty() {
+            tracing::info!(bdf = %self.bdf, previous = ?self.previous, "driver restored");
+            Ok(())
+        } else {
+            Err(VfioError::Bind { bdf: self.bdf, why: errs.join("; ") })
+        }
+    }
+}
+
+impl Drop for Binding {
+    fn drop(&mut self) {
+        if !self.restored {
+            for e in self.restore_inner() {
+                tracing::warn!(bdf = %self.bdf, "restoring driver: {e}");
+            }
+        }
+    }
+}
+
+/// How the device's DMA is translated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IommuMode {
+    /// VFIO type1 v2: DMA addresses are IOVAs this process maps.
+    Type1,
+    /// No IOMMU: DMA addresses are CPU physical addresses.
+    NoIommu,
+}
+
+#[derive(Debug)]
+struct DmaMapping {
+    va: u64,
+    len: u64,
+    iova: u64,
+}
+
+/// IOVAs handed out start here (clear of the low 4 GiB and its MSI window).
+const IOVA_BASE: u64 = 1 << 32;
+/// And stay below 2^39 (the narrowest address width of QEMU's intel-iommu).
+const IOVA_LIMIT: u64 = 1 << 39;
+
+/// An open VFIO device with its group and container.
+#[derive(Debug)]
+pub struct Vfio {
+    bdf: Bdf,
+    mode: IommuMode,
+    container: File,
+    _group: File,
+    device: File,
+    maps: Vec<DmaMapping>,
+    next_iova: u64,
+    /// Mappings of peer BARs this process made to hand them to the IOMMU.
+    peer_maps: Vec<Mapping>,
+}
+
+impl Vfio {
+    /// Opens the container, group and device of a function bound to vfio-pci.
+    pub fn open(binding: &Binding) -> Result<Vfio, VfioError> {
+        let bdf = binding.bdf();
+        let group = binding.group()?;
+        let mode = if binding.noiommu() { IommuMode::NoIommu } else { IommuMode::Type1 };
+        let open = |p: PathBuf| {
+            OpenOptions::new().read(true).write(true).open(&p).map_err(|source| VfioError::Io { path: p, source })
+        };
+        let container = open("/dev/vfio/vfio".into())?;
+        let v = sys::vfio_api_version(&container)
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_GET_API_VERSION", source })?;
+        if v != sys::VFIO_API_VERSION {
+            return Err(VfioError::ApiVersion(v));
+        }
+        let typ = match mode {
+            IommuMode::Type1 => sys::VFIO_TYPE1V2_IOMMU,
+            IommuMode::NoIommu => sys::VFIO_NOIOMMU_IOMMU,
+        };
+        if !sys::vfio_check_extension(&container, typ)
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_CHECK_EXTENSION", source })?
+        {
+            return Err(VfioError::Bind { bdf, why: format!("the kernel's VFIO lacks IOMMU type {typ} ({mode:?})") });
+        }
+        let dev_node = match mode {
+            IommuMode::Type1 => format!("/dev/vfio/{group}"),
+            IommuMode::NoIommu => format!("/dev/vfio/noiommu-{group}"),
+        };
+        let path = PathBuf::from(&dev_node);
+        if !wait_until(BIND_WAIT, || path.exists()) {
+            return Err(VfioError::Bind { bdf, why: format!("{dev_node} did not appear") });
+        }
+        let group_f = open(path)?;
+        let flags = sys::vfio_group_flags(&group_f)
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_GROUP_GET_STATUS", source })?;
+        if flags & sys::VFIO_GROUP_FLAGS_VIABLE == 0 {
+            return Err(VfioError::NotViable { bdf, group });
+        }
+        sys::vfio_group_set_container(&group_f, &container).map_err(|source| match source.raw_os_error() {
+            Some(libc::EBUSY) => VfioError::NotViable { bdf, group: group.clone() },
+            _ => VfioError::Ioctl { what: "VFIO_GROUP_SET_CONTAINER", source },
+        })?;
+        sys::vfio_set_iommu(&container, typ).map_err(|source| VfioError::Ioctl { what: "VFIO_SET_IOMMU", source })?;
+        let device = sys::vfio_group_device(&group_f, &bdf.to_string())
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_GROUP_GET_DEVICE_FD", source })?;
+        tracing::debug!(%bdf, ?mode, group, "VFIO device open");
+        Ok(Vfio {
+            bdf,
+            mode,
+            container,
+            _group: group_f,
+            device,
+            maps: Vec::new(),
+            next_iova: IOVA_BASE,
+            peer_maps: Vec::new(),
+        })
+    }
+
+    pub fn bdf(&self) -> Bdf {
+        self.bdf
+    }
+    pub fn mode(&self) -> IommuMode {
+        self.mode
+    }
+
+    /// Region `index` (a BAR) as an MMIO window: mmapped when VFIO allows, else pread/pwrite.
+    pub fn bar(&self, index: u32) -> Result<Box<dyn Mmio + Send + Sync>, VfioError> {
+        let info = sys::vfio_region_info(&self.device, index)
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_GET_REGION_INFO", source })?;
+        if info.size == 0 {
+            return Err(VfioError::Bind { bdf: self.bdf, why: format!("BAR{index} is empty") });
+        }
+        if info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0 {
+            match Mapping::shared_at(self.device.as_fd(), info.size, info.offset) {
+                Ok(m) => return Ok(Box::new(MappedMmio::new(m))),
+                Err(e) => {
+                    tracing::debug!(bdf = %self.bdf, index, "mmap of the VFIO region failed ({e}); using pread/pwrite")
+                }
+            }
+        }
+        let f = self.device.try_clone().map_err(|source| VfioError::Ioctl { what: "dup", source })?;
+        Ok(Box::new(FileMmio::new(f, info.offset, info.size)))
+    }
+
+    /// Sets memory-space and bus-master enable in the command register (vfio-pci leaves bus
+    /// mastering off).
+    pub fn enable_bus_master(&self) -> Result<(), VfioError> {
+        use std::os::unix::fs::FileExt;
+        let info = sys::vfio_region_info(&self.device, sys::VFIO_PCI_CONFIG_REGION_INDEX)
+            .map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_GET_REGION_INFO(config)", source })?;
+        let io = |source| VfioError::Ioctl { what: "config space command register", source };
+        let mut cmd = [0u8; 2];
+        self.device.read_exact_at(&mut cmd, info.offset + 4).map_err(io)?;
+        let v = u16::from_le_bytes(cmd) | 0x6;
+        self.device.write_all_at(&v.to_le_bytes(), info.offset + 4).map_err(io)
+    }
+
+    /// Function-level reset through VFIO (the device forgets its queues).
+    pub fn reset(&self) -> Result<(), VfioError> {
+        sys::vfio_device_reset(&self.device).map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_RESET", source })
+    }
+
+    /// Makes `len` bytes at `va` (page-aligned, a live mapping the caller keeps) reachable by the
+    /// device: an IOMMU mapping in type1 mode, locked pages in no-IOMMU mode. Idempotent.
+    pub fn map(&mut self, va: VirtAddr, len: u64) -> Result<(), VfioError> {
+        if self.maps.iter().any(|m| va.raw() >= m.va && va.raw() + len <= m.va + m.len) {
+            return Ok(());
+        }
+        let page = peermem::sys::page_size();
+        let (start, end) = (va.raw() / page * page, (va.raw() + len).div_ceil(page) * page);
+        let len = end - start;
+        let iova = match self.mode {
+            IommuMode::Type1 => {
+                let iova = self.next_iova;
+                if iova.checked_add(len).is_none_or(|e| e > IOVA_LIMIT) {
+                    return Err(VfioError::IovaExhausted { len });
+                }
+                sys::vfio_map_dma(&self.container, start, iova, len)
+                    .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_MAP_DMA", source })?;
+                // Leave a guard page between mappings.
+                self.next_iova = iova + len + page;
+                iova
+            }
+            IommuMode::NoIommu => {
+                sys::mlock(start, len).map_err(|source| VfioError::Ioctl { what: "mlock", source })?;
+                0
+            }
+        };
+        tracing::debug!(bdf = %self.bdf, va = start, len, iova, "DMA mapped");
+        self.maps.push(DmaMapping { va: start, len, iova });
+        Ok(())
+    }
+
+    /// Maps a peer's BAR range (already mapped into this process as `map`) into the device's
+    /// IOMMU domain; returns its IOVA. Only meaningful in type1 mode.
+    pub fn map_peer(&mut self, map: Mapping) -> Result<Iova, VfioError> {
+        let (va, len) = (map.addr(), map.len() as u64);
+        self.peer_maps.push(map);
+        self.map(va, len)?;
+        self.iova_of(va).map(Iova::new)
+    }
+
+    fn iova_of(&self, va: VirtAddr) -> Result<u64, VfioError> {
+        self.maps
+            .iter()
+            .find(|m| va.raw() >= m.va && va.raw() < m.va + m.len)
+            .map(|m| m.iova + (va.raw() - m.va))
+            .ok_or(VfioError::NoDmaAddress { va, why: "not mapped for this device".into() })
+    }
+
+    /// The address the device programs to reach process address `va` (mapped with `map`):
+    /// its IOVA (type1) or its CPU physical address (no-IOMMU). Valid up to the end of va's page.
+    pub fn dma_address(&self, va: VirtAddr) -> Result<u64, VfioError> {
+        let iova = self.iova_of(va)?;
+        match self.mode {
+            IommuMode::Type1 => Ok(iova),
+            IommuMode::NoIommu => crate::p2pmem::virt_to_phys(va)
+                .map(|p| p.raw())
+                .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
+        }
+    }
+}
+
+impl Drop for Vfio {
+    fn drop(&mut self) {
+        if self.mode == IommuMode::Type1 {
+            for m in &self.maps {
+                if let Err(e) = sys::vfio_unmap_dma(&self.container, m.iova, m.len) {
+                    tracing::warn!(bdf = %self.bdf, iova = m.iova, "VFIO_IOMMU_UNMAP_DMA: {e}");
+                }
+            }
+        }
+    }
+}
