@@ -1,0 +1,147 @@
+//! The backend's errors: every refusal of a device, every failed completion and every bounded
+//! wait that ran out is a variant here, carrying the device, the call and the errno or status.
+//!
+//! Owns: `RdmaError`, `WcError`, `Refusal`, `Method`. Must not: decide what to do about an error
+//! (callers and `mr` do).
+
+use std::fmt;
+use std::io;
+
+use peermem::{RegionError, RegistryError, ResolveError};
+
+/// How a region was (or was to be) registered with a NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    /// `ibv_reg_dmabuf_mr`: the NIC's kernel driver imports the region's dma-buf.
+    DmaBuf,
+    /// `ibv_reg_mr` on the region's CPU mapping: the kernel pins the pages behind it.
+    CpuMapping,
+    /// A host-memory bounce buffer is registered instead; data is staged by copies.
+    Bounce,
+    /// `ibv_reg_dm_mr` on NIC device memory.
+    DeviceMemory,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::DmaBuf => "dmabuf_mr",
+            Method::CpuMapping => "reg_mr",
+            Method::Bounce => "bounce",
+            Method::DeviceMemory => "dm_mr",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One registration method the device (or the region) refused, and why.
+#[derive(Debug)]
+pub struct Refusal {
+    pub method: Method,
+    pub error: RdmaError,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.method, self.error)
+    }
+}
+
+/// A work completion that did not succeed, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WcError {
+    pub wr_id: u64,
+    /// `ibv_wc_status` value.
+    pub status: u32,
+    /// The library's name for it (`ibv_wc_status_str`).
+    pub name: String,
+    pub vendor_err: u32,
+    /// The operation the work request was (the CQE opcode is undefined on error, so this is ours).
+    pub op: &'static str,
+}
+
+impl WcError {
+    /// What the status usually means, in one line.
+    pub fn meaning(&self) -> &'static str {
+        match self.status {
+            1 => "local length error: the buffer is shorter than the message",
+            2 => "local QP operation error (QP in a bad state or malformed work request)",
+            4 => "local protection error: the lkey does not cover the local buffer",
+            5 => "flushed: the QP went to the error state before this request ran",
+            8 => "local access error",
+            9 => "remote invalid request: the peer rejected the operation",
+            10 => "remote access error: the rkey is invalid, deregistered, or lacks the access this operation needs",
+            11 => "remote operation error: the peer could not complete the operation",
+            12 => "transport retries exceeded: the peer stopped answering (gone, or the link is down)",
+            13 => "receiver-not-ready retries exceeded: the peer posted no receive",
+            _ => "see ibv_wc_status_str",
+        }
+    }
+
+    /// True for statuses that mean the remote key was refused.
+    pub fn is_remote_access(&self) -> bool {
+        self.status == 10
+    }
+}
+
+impl fmt::Display for WcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} wr {}: {} (status {}, vendor error {:#x}): {}",
+            self.op,
+            self.wr_id,
+            self.name,
+            self.status,
+            self.vendor_err,
+            self.meaning()
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
+    #[error("libibverbs.so.1 cannot be loaded (install the libibverbs1 package)")]
+    NoLibrary,
+    #[error("no RDMA device{}", .wanted.as_ref().map(|w| format!(" named {w}")).unwrap_or_default())]
+    NoDevice { wanted: Option<String> },
+    #[error("{dev}: {what}: {source}")]
+    Verbs { dev: String, what: &'static str, source: io::Error },
+    #[error("{dev}: {what} is not supported: {why}")]
+    NotSupported { dev: String, what: &'static str, why: String },
+    #[error("{dev}: port {port} is not active (state {state})")]
+    PortDown { dev: String, port: u8, state: u32 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{dev}: every way to register the region was refused: {}", .refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
+    AllRefused { dev: String, refusals: Vec<Refusal> },
+    #[error("work completion failed: {0}")]
+    Completion(WcError),
+    #[error("timed out after {ms} ms waiting for {what}")]
+    Timeout { what: String, ms: u128 },
+    #[error("out-of-band exchange with {peer}: {source}")]
+    Exchange { peer: String, source: io::Error },
+    #[error("sysfs {path}: {source}")]
+    Sysfs { path: String, source: io::Error },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+}
+
+impl RdmaError {
+    /// The errno behind a verbs failure, if any.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            RdmaError::Verbs { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
