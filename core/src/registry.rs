@@ -33,6 +33,13 @@ use crate::spanmap::{Span, SpanMap};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RegionId(u64);
 
+impl RegionId {
+    /// The number behind the id (unique within one registry), for logs and maps.
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+}
+
 impl fmt::Display for RegionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "region#{}", self.0)
