@@ -239,11 +239,20 @@ impl fmt::Debug for Registry {
 pub struct Registration {
     shared: Arc<Shared>,
     entry: Arc<Entry>,
+    /// Resources tied to this registration (a NIC's MR, an IOMMU mapping), dropped last-first
+    /// before the region leaves the registry.
+    attached: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Registration {
     pub fn entry(&self) -> &Arc<Entry> {
         &self.entry
+    }
+
+    /// Ties `resource` to this registration: it is dropped (newest first) just before the region
+    /// is unregistered, so e.g. a memory registration never outlives the region's registration.
+    pub fn attach(&mut self, resource: impl std::any::Any + Send + Sync) {
+        self.attached.push(Box::new(resource));
     }
 }
 
@@ -262,6 +271,9 @@ impl fmt::Debug for Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
+        while let Some(r) = self.attached.pop() {
+            drop(r);
+        }
         self.shared.unregister(&self.entry);
     }
 }
@@ -444,7 +456,7 @@ impl Registry {
         self.shared.publish(&mut w, snap);
         drop(w);
         tracing::debug!(%id, len, "registered region");
-        Ok(Registration { shared: self.shared.clone(), entry })
+        Ok(Registration { shared: self.shared.clone(), entry, attached: Vec::new() })
     }
 
     /// The route `peer` takes to `entry`, with the verdict cached per (provider, client).

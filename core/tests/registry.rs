@@ -135,3 +135,23 @@ fn readers_never_see_a_torn_or_freed_region_while_writers_churn() {
     assert!(total > 0);
     assert_eq!(reg.len(), stable.len());
 }
+
+#[test]
+fn attached_resources_drop_before_the_region_is_unregistered() {
+    struct Probe(Registry, VirtAddr, Arc<AtomicBool>);
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            // Still registered while attached resources are released.
+            self.2.store(self.0.snapshot().lookup_va(self.1).is_some(), Ordering::SeqCst);
+        }
+    }
+    let reg = Registry::new(host_fixture());
+    let r = Arc::new(HostRegion::new(4096).unwrap());
+    let va = r.cpu_mapping().unwrap();
+    let mut g = reg.register(r).unwrap();
+    let seen = Arc::new(AtomicBool::new(false));
+    g.attach(Probe(reg.clone(), va, seen.clone()));
+    drop(g);
+    assert!(seen.load(Ordering::SeqCst), "the resource was dropped while the region was still registered");
+    assert!(reg.snapshot().lookup_va(va).is_none());
+}
