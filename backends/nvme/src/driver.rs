@@ -384,6 +384,14 @@ impl Controller {
     pub fn mode(&self) -> IommuMode {
         self.vfio.mode()
     }
+    /// The controller's PCI function.
+    pub fn bdf(&self) -> peermem::Bdf {
+        self.vfio.bdf()
+    }
+    /// This controller as a registry peer.
+    pub fn peer(&self) -> Peer {
+        self.peer
+    }
     /// Commands submitted so far (admin and I/O): a refused transfer leaves it unchanged.
     pub fn commands_issued(&self) -> u64 {
         self.commands
@@ -481,7 +489,7 @@ impl Controller {
                 if !matches!(entry.region().backing(), Backing::HostPages) {
                     return Err(refuse("cpu_mapped", route.reasons()));
                 }
-                self.vfio.map(va, entry.len())?;
+                self.vfio.map_owned(Some(entry.id()), va, entry.len())?;
                 Target::Host(va)
             }
             RouteKind::KernelImport | RouteKind::Bounce(_) => return Err(refuse(route.kind.name(), route.reasons())),

@@ -274,6 +274,71 @@ pub fn vfio_unmap_dma(container: &File, iova: u64, size: u64) -> io::Result<()> 
     ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &mut m as *mut DmaUnmap) }).map(drop)
 }
 
+// ---- CPU access to peer-memory regions (the loader's copies and O_DIRECT targets) ---------------
+
+/// Start address of bytes `off..off+len` of `region`'s CPU mapping, bounds-checked.
+fn region_span(region: &dyn peermem::PeerMemory, off: u64, len: u64) -> Result<usize, String> {
+    let va = region.cpu_mapping().ok_or("the region has no CPU mapping")?;
+    match off.checked_add(len) {
+        Some(end) if end <= region.len() => {}
+        _ => return Err(format!("{len} bytes at offset {off:#x} exceed the {}-byte region", region.len())),
+    }
+    usize::try_from(va.raw() + off).map_err(|_| format!("address {:#x} out of range", va.raw() + off))
+}
+
+/// `pread(2)` of `len` bytes at `file_off` of `file` straight into bytes `off..` of `region`'s
+/// CPU mapping (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
+pub fn pread_into(
+    file: &File,
+    file_off: u64,
+    region: &dyn peermem::PeerMemory,
+    off: u64,
+    len: u64,
+) -> io::Result<usize> {
+    let p = region_span(region, off, len).map_err(io::Error::other)?;
+    let file_off = libc::off_t::try_from(file_off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: p..p+len lies inside the region's live CPU mapping (bounds checked above; the
+    // borrow of `region` keeps the mapping alive for the call). No Rust reference is created over
+    // those bytes: the kernel writes them as a device would (they are shared DMA memory).
+    let n = unsafe { libc::pread(file.as_raw_fd(), p as *mut libc::c_void, len as usize, file_off) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Copies `len` bytes from `src` at `soff` to `dst` at `doff`, both through their CPU mappings.
+pub fn copy_region(
+    src: &dyn peermem::PeerMemory,
+    soff: u64,
+    dst: &dyn peermem::PeerMemory,
+    doff: u64,
+    len: u64,
+) -> Result<(), String> {
+    let s = region_span(src, soff, len)?;
+    let d = region_span(dst, doff, len)?;
+    // SAFETY: both spans lie inside live CPU mappings kept alive by the borrows (checked above);
+    // `copy` tolerates overlap; the bytes are shared memory that no Rust reference borrows.
+    unsafe { std::ptr::copy(s as *const u8, d as *mut u8, len as usize) };
+    Ok(())
+}
+
+/// Copies bytes `off..off+buf.len()` of `region` into `buf`.
+pub fn read_region(region: &dyn peermem::PeerMemory, off: u64, buf: &mut [u8]) -> Result<(), String> {
+    let s = region_span(region, off, buf.len() as u64)?;
+    // SAFETY: the span lies inside the live mapping (checked); buf is a distinct &mut borrow.
+    unsafe { std::ptr::copy(s as *const u8, buf.as_mut_ptr(), buf.len()) };
+    Ok(())
+}
+
+/// Copies `data` into `region` at `off`.
+pub fn write_region(region: &dyn peermem::PeerMemory, off: u64, data: &[u8]) -> Result<(), String> {
+    let d = region_span(region, off, data.len() as u64)?;
+    // SAFETY: the span lies inside the live mapping (checked); data cannot alias it mutably.
+    unsafe { std::ptr::copy(data.as_ptr(), d as *mut u8, data.len()) };
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use peermem::sys::Mapping;
-use peermem::{Bdf, Iova, VirtAddr};
+use peermem::{Bdf, Iova, RegionId, VirtAddr};
 
 use crate::sys::{self, FileMmio, MappedMmio, Mmio};
 
@@ -182,6 +182,8 @@ struct DmaMapping {
     va: u64,
     len: u64,
     iova: u64,
+    /// The registered region the mapping was made for (None: the driver's own pool, peer BARs).
+    owner: Option<RegionId>,
 }
 
 /// IOVAs handed out start here (clear of the low 4 GiB and its MSI window).
@@ -308,12 +310,29 @@ impl Vfio {
     /// Makes `len` bytes at `va` (page-aligned, a live mapping the caller keeps) reachable by the
     /// device: an IOMMU mapping in type1 mode, locked pages in no-IOMMU mode. Idempotent.
     pub fn map(&mut self, va: VirtAddr, len: u64) -> Result<(), VfioError> {
-        if self.maps.iter().any(|m| va.raw() >= m.va && va.raw() + len <= m.va + m.len) {
+        self.map_owned(None, va, len)
+    }
+
+    /// Like `map`, for the pages of registered region `owner`. A mapping made for another
+    /// region at the same addresses (a region since freed whose addresses were reused) is stale:
+    /// it is dropped (IOMMU unmap) and the new pages mapped, so DMA never reaches freed pages.
+    pub fn map_owned(&mut self, owner: Option<RegionId>, va: VirtAddr, len: u64) -> Result<(), VfioError> {
+        if self.maps.iter().any(|m| va.raw() >= m.va && va.raw() + len <= m.va + m.len && m.owner == owner) {
             return Ok(());
         }
         let page = peermem::sys::page_size();
         let (start, end) = (va.raw() / page * page, (va.raw() + len).div_ceil(page) * page);
         let len = end - start;
+        let (stale, keep): (Vec<DmaMapping>, Vec<DmaMapping>) =
+            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va < end && start < m.va + m.len);
+        self.maps = keep;
+        for m in stale {
+            tracing::debug!(bdf = %self.bdf, va = m.va, len = m.len, "dropping a stale DMA mapping");
+            if self.mode == IommuMode::Type1 {
+                sys::vfio_unmap_dma(&self.container, m.iova, m.len)
+                    .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_UNMAP_DMA", source })?;
+            }
+        }
         let iova = match self.mode {
             IommuMode::Type1 => {
                 let iova = self.next_iova;
@@ -332,7 +351,7 @@ impl Vfio {
             }
         };
         tracing::debug!(bdf = %self.bdf, va = start, len, iova, "DMA mapped");
-        self.maps.push(DmaMapping { va: start, len, iova });
+        self.maps.push(DmaMapping { va: start, len, iova, owner });
         Ok(())
     }
 
