@@ -52,7 +52,14 @@ pub enum RegionError {
 ///
 /// `Any` is a supertrait so a registry entry's `&dyn PeerMemory` can be upcast to `&dyn Any` and
 /// downcast to the backend's concrete type (a mover finding out that a region is a Vulkan buffer).
-pub trait PeerMemory: std::any::Any + Send + Sync + 'static {
+///
+/// # Safety
+/// Backends hand a region's CPU mapping to the kernel and to drivers (O_DIRECT buffers,
+/// `ibv_reg_mr`, Vulkan host-pointer imports, CPU copies). An implementer promises: when
+/// `cpu_mapping()` returns `Some(va)`, the `len()` bytes at `va` are mapped readable and writable
+/// in this process for as long as the object lives, and `cpu_mapping()` and `len()` always
+/// return the same values.
+pub unsafe trait PeerMemory: std::any::Any + Send + Sync + 'static {
     /// Length in bytes (never 0).
     fn len(&self) -> u64;
     fn provider(&self) -> Provider;
@@ -120,7 +127,8 @@ impl HostRegion {
     }
 }
 
-impl PeerMemory for HostRegion {
+// SAFETY: the mapping is owned by the region and unmapped only when it drops; len is its size.
+unsafe impl PeerMemory for HostRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }
@@ -163,7 +171,9 @@ impl HostSlice {
     }
 }
 
-impl PeerMemory for HostSlice {
+// SAFETY: the slice holds an Arc of its pool, whose mapping covers offset..offset+len
+// (checked in `new`) for the pool's life.
+unsafe impl PeerMemory for HostSlice {
     fn len(&self) -> u64 {
         self.len
     }
@@ -189,7 +199,8 @@ pub struct BarRegion {
     pub len: u64,
 }
 
-impl PeerMemory for BarRegion {
+// SAFETY: no CPU mapping is claimed.
+unsafe impl PeerMemory for BarRegion {
     fn len(&self) -> u64 {
         self.len
     }

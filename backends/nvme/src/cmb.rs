@@ -137,7 +137,8 @@ impl CmbRegion {
     }
 }
 
-impl PeerMemory for CmbRegion {
+// SAFETY: the optional CPU mapping of the CMB is owned by the region and lives as long as it.
+unsafe impl PeerMemory for CmbRegion {
     fn len(&self) -> u64 {
         self.len
     }

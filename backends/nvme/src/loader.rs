@@ -313,7 +313,8 @@ struct MappedBar {
     map: Mapping,
 }
 
-impl PeerMemory for MappedBar {
+// SAFETY: the BAR mapping is owned by this value and unmapped only when it drops.
+unsafe impl PeerMemory for MappedBar {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }

@@ -110,7 +110,8 @@ impl P2pmemRegion {
     }
 }
 
-impl PeerMemory for P2pmemRegion {
+// SAFETY: the p2pmem mapping is owned by the region and unmapped only when it drops.
+unsafe impl PeerMemory for P2pmemRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }

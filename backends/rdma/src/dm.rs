@@ -90,7 +90,8 @@ impl DeviceMemory {
     }
 }
 
-impl PeerMemory for DeviceMemory {
+// SAFETY: device memory claims no CPU mapping.
+unsafe impl PeerMemory for DeviceMemory {
     fn len(&self) -> u64 {
         self.dm.len
     }

@@ -43,7 +43,8 @@ impl UdmabufRegion {
     }
 }
 
-impl PeerMemory for UdmabufRegion {
+// SAFETY: the memfd mapping is owned by the region and unmapped only when it drops.
+unsafe impl PeerMemory for UdmabufRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }

@@ -213,7 +213,9 @@ impl fmt::Debug for VulkanRegion {
     }
 }
 
-impl PeerMemory for VulkanRegion {
+// SAFETY: the memory stays mapped (vkMapMemory once, unmapped when the memory is freed) or is
+// an imported host region kept alive by an Arc, for as long as this region lives.
+unsafe impl PeerMemory for VulkanRegion {
     fn len(&self) -> u64 {
         self.mem.len
     }
