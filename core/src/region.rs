@@ -245,6 +245,27 @@ mod tests {
     }
 
     #[test]
+    fn mapped_copies_check_both_ranges_and_need_mappings() {
+        let a = HostRegion::new(8192).unwrap();
+        let b = HostRegion::new(4096).unwrap();
+        a.write_at(100, b"peer").unwrap();
+        sys::copy_mapped(&a, 100, &b, 4092, 4).unwrap();
+        let mut got = [0u8; 4];
+        sys::read_mapped(&b, 4092, &mut got).unwrap();
+        assert_eq!(&got, b"peer");
+        sys::write_mapped(&a, 0, b"mem").unwrap();
+        let mut got = [0u8; 3];
+        a.read_at(0, &mut got).unwrap();
+        assert_eq!(&got, b"mem");
+        assert!(sys::copy_mapped(&a, 8190, &b, 0, 4).unwrap_err().contains("source"));
+        assert!(sys::copy_mapped(&a, 0, &b, 4093, 4).unwrap_err().contains("destination"));
+        assert!(sys::copy_mapped(&a, u64::MAX, &b, 0, 2).is_err());
+        let bar = BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 0, len: 4096 };
+        assert!(sys::copy_mapped(&bar, 0, &b, 0, 4).unwrap_err().contains("no CPU mapping"));
+        assert!(sys::read_mapped(&b, 4095, &mut [0u8; 2]).is_err());
+    }
+
+    #[test]
     fn host_slices_must_fit_their_pool() {
         let pool = std::sync::Arc::new(HostRegion::new(8192).unwrap());
         let s = HostSlice::new(pool.clone(), 4096, 4096).unwrap();

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::addr::VirtAddr;
+use crate::region::PeerMemory;
 
 /// The system page size.
 pub fn page_size() -> u64 {
@@ -137,4 +138,50 @@ impl Drop for Mapping {
         // SAFETY: ptr/len describe a mapping created by mmap and not unmapped before.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
+}
+
+// ---- CPU access to any region through its CPU mapping (the one copy every backend uses) -------
+
+/// Start of bytes `off..off+len` of `r`'s CPU mapping, bounds-checked.
+fn mapped_span(what: &str, r: &dyn PeerMemory, off: u64, len: u64) -> Result<*mut u8, String> {
+    let va = r.cpu_mapping().ok_or_else(|| format!("the {what} region has no CPU mapping"))?;
+    match off.checked_add(len) {
+        Some(end) if end <= r.len() => {}
+        _ => return Err(format!("{len:#x} bytes at offset {off:#x} exceed the {:#x}-byte {what} region", r.len())),
+    }
+    usize::try_from(len).map_err(|_| format!("length {len:#x} does not fit this address space"))?;
+    Ok((va.raw() + off) as usize as *mut u8)
+}
+
+/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` through their CPU mappings.
+pub fn copy_mapped(
+    src: &dyn PeerMemory,
+    src_off: u64,
+    dst: &dyn PeerMemory,
+    dst_off: u64,
+    len: u64,
+) -> Result<(), String> {
+    let s = mapped_span("source", src, src_off, len)?;
+    let d = mapped_span("destination", dst, dst_off, len)?;
+    // SAFETY: `PeerMemory` is an unsafe trait whose implementers promise the CPU mapping covers
+    // all `len()` bytes while the region lives (borrowed here); both ranges were checked to lie
+    // inside. `copy` tolerates overlap. Concurrent DMA can tear the bytes, never the access.
+    unsafe { std::ptr::copy(s as *const u8, d, len as usize) };
+    Ok(())
+}
+
+/// Copies bytes `off..off+buf.len()` of `r` into `buf`.
+pub fn read_mapped(r: &dyn PeerMemory, off: u64, buf: &mut [u8]) -> Result<(), String> {
+    let s = mapped_span("source", r, off, buf.len() as u64)?;
+    // SAFETY: as in `copy_mapped`; `buf` is a distinct &mut borrow.
+    unsafe { std::ptr::copy(s as *const u8, buf.as_mut_ptr(), buf.len()) };
+    Ok(())
+}
+
+/// Copies `data` into `r` at `off`.
+pub fn write_mapped(r: &dyn PeerMemory, off: u64, data: &[u8]) -> Result<(), String> {
+    let d = mapped_span("destination", r, off, data.len() as u64)?;
+    // SAFETY: as in `copy_mapped`; `data` cannot alias the mapping mutably.
+    unsafe { std::ptr::copy(data.as_ptr(), d, data.len()) };
+    Ok(())
 }

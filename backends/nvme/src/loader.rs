@@ -562,7 +562,7 @@ fn bounce(
         if lo >= hi {
             return Ok(());
         }
-        sys::copy_region(&*staging[slot], lo - (a0 + off), window, doff + (lo - range.start), hi - lo)
+        peermem::sys::copy_mapped(&*staging[slot], lo - (a0 + off), window, doff + (lo - range.start), hi - lo)
     };
     match source {
         Source::Kernel(k) => {
@@ -603,7 +603,7 @@ fn read_via_host(source: &mut Source<'_>, at: u64, n: u64, reg: &Registry) -> Re
     let out: Arc<dyn PeerMemory> = Arc::new(out);
     bounce(source, &pipe, at..at + n, reg, &*out, 0)?;
     let mut v = vec![0u8; n as usize];
-    sys::read_region(&*out, 0, &mut v).map_err(|why| LoadError::Copy { what: "read back", offset: 0, why })?;
+    peermem::sys::read_mapped(&*out, 0, &mut v).map_err(|why| LoadError::Copy { what: "read back", offset: 0, why })?;
     Ok(v)
 }
 
@@ -624,10 +624,10 @@ fn probe(
     let expected = read_via_host(source, at, n, reg)?;
     let poison: Vec<u8> = expected.iter().map(|b| !b).collect();
     let copy_err = |what, why| LoadError::Copy { what, offset: doff, why };
-    sys::write_region(window, doff, &poison).map_err(|w| copy_err("probe poison", w))?;
+    peermem::sys::write_mapped(window, doff, &poison).map_err(|w| copy_err("probe poison", w))?;
     direct(source, method, at, n, dest, reg, doff, n, 1)?;
     let mut back = vec![0u8; n as usize];
-    sys::read_region(window, doff, &mut back).map_err(|w| copy_err("probe read-back", w))?;
+    peermem::sys::read_mapped(window, doff, &mut back).map_err(|w| copy_err("probe read-back", w))?;
     Ok(compare(&expected, &back))
 }
 
@@ -637,7 +637,7 @@ fn checksum_region(window: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, L
     let mut o = 0;
     while o < len {
         let n = (buf.len() as u64).min(len - o) as usize;
-        sys::read_region(window, off + o, &mut buf[..n]).map_err(|why| LoadError::Copy {
+        peermem::sys::read_mapped(window, off + o, &mut buf[..n]).map_err(|why| LoadError::Copy {
             what: "checksum",
             offset: off + o,
             why,

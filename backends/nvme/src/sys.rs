@@ -307,37 +307,7 @@ pub fn pread_into(
     Ok(n as usize)
 }
 
-/// Copies `len` bytes from `src` at `soff` to `dst` at `doff`, both through their CPU mappings.
-pub fn copy_region(
-    src: &dyn peermem::PeerMemory,
-    soff: u64,
-    dst: &dyn peermem::PeerMemory,
-    doff: u64,
-    len: u64,
-) -> Result<(), String> {
-    let s = region_span(src, soff, len)?;
-    let d = region_span(dst, doff, len)?;
-    // SAFETY: both spans lie inside live CPU mappings kept alive by the borrows (checked above);
-    // `copy` tolerates overlap; the bytes are shared memory that no Rust reference borrows.
-    unsafe { std::ptr::copy(s as *const u8, d as *mut u8, len as usize) };
-    Ok(())
-}
-
-/// Copies bytes `off..off+buf.len()` of `region` into `buf`.
-pub fn read_region(region: &dyn peermem::PeerMemory, off: u64, buf: &mut [u8]) -> Result<(), String> {
-    let s = region_span(region, off, buf.len() as u64)?;
-    // SAFETY: the span lies inside the live mapping (checked); buf is a distinct &mut borrow.
-    unsafe { std::ptr::copy(s as *const u8, buf.as_mut_ptr(), buf.len()) };
-    Ok(())
-}
-
-/// Copies `data` into `region` at `off`.
-pub fn write_region(region: &dyn peermem::PeerMemory, off: u64, data: &[u8]) -> Result<(), String> {
-    let d = region_span(region, off, data.len() as u64)?;
-    // SAFETY: the span lies inside the live mapping (checked); data cannot alias it mutably.
-    unsafe { std::ptr::copy(data.as_ptr(), d as *mut u8, data.len()) };
-    Ok(())
-}
+// Copies between regions' CPU mappings: `peermem::sys::{copy_mapped, read_mapped, write_mapped}`.
 
 #[cfg(test)]
 mod tests {

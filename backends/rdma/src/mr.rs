@@ -181,7 +181,7 @@ impl NicMr {
     /// (through the region's CPU mapping). A no-op for direct registrations.
     pub fn bounce_to_region(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => sys::copy_between(&*self.region, offset, &**b, offset, len).map_err(RdmaError::Invalid),
+            Some(b) => peermem::sys::copy_mapped(&**b, offset, &*self.region, offset, len).map_err(RdmaError::Invalid),
             None => Ok(()),
         }
     }
@@ -190,7 +190,7 @@ impl NicMr {
     /// it or it is sent). A no-op for direct registrations.
     pub fn region_to_bounce(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => sys::copy_between(&**b, offset, &*self.region, offset, len).map_err(RdmaError::Invalid),
+            Some(b) => peermem::sys::copy_mapped(&*self.region, offset, &**b, offset, len).map_err(RdmaError::Invalid),
             None => Ok(()),
         }
     }

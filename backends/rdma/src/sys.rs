@@ -715,34 +715,3 @@ pub fn udmabuf_create(memfd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Resu
     // SAFETY: fresh fd owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
-
-/// Copies `len` bytes from byte `src_off` of `src` to byte `dst_off` of `dst` through their CPU
-/// mappings (bounce staging). Both ranges are checked against the regions' lengths.
-pub fn copy_between(
-    dst: &dyn peermem::PeerMemory,
-    dst_off: u64,
-    src: &dyn peermem::PeerMemory,
-    src_off: u64,
-    len: u64,
-) -> Result<(), String> {
-    let fits = |r: &dyn peermem::PeerMemory, off: u64| off.checked_add(len).is_some_and(|end| end <= r.len());
-    if !fits(dst, dst_off) || !fits(src, src_off) {
-        return Err(format!(
-            "copy of {len:#x} bytes from {src_off:#x} (of {:#x}) to {dst_off:#x} (of {:#x}) is out of range",
-            src.len(),
-            dst.len()
-        ));
-    }
-    let (Some(d), Some(s)) = (dst.cpu_mapping(), src.cpu_mapping()) else {
-        return Err("a region has no CPU mapping: stage it with its owner's copy instead".into());
-    };
-    let n = usize::try_from(len).map_err(|_| "length does not fit usize".to_string())?;
-    // SAFETY: `PeerMemory::cpu_mapping` promises a mapping of all `len()` bytes that lives as
-    // long as the region (borrowed here); both ranges were checked to lie inside. The regions are
-    // distinct allocations, and `copy` tolerates overlap anyway. Concurrent DMA may race with the
-    // copy, as with any DMA buffer: the bytes are plain data.
-    unsafe {
-        ptr::copy((s.raw() + src_off) as *const u8, (d.raw() + dst_off) as *mut u8, n);
-    }
-    Ok(())
-}
