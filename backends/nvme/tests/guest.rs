@@ -789,3 +789,41 @@ fn a_controller_that_stops_answering_fails_bounded_and_recovers_after_reset() {
     binding.restore().unwrap();
     wait_for_nvme_driver(x);
 }
+
+/// Item 6 with the GPU as the destination: a host-visible Vulkan buffer (lavapipe in the guest,
+/// reached through the host root) filled from a namespace range by the loader. lavapipe memory is
+/// system RAM without a PCI function, so the route is through its CPU mapping; the data is checked
+/// by the loader's checksum and by a GPU copy (vkCmdCopyBuffer) into a second buffer read back.
+#[test]
+fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
+    use peermem_nvme::loader::Checksum;
+    use peermem_nvme::{load, KernelSource, LoadOptions, Source};
+    use peermem_vulkan::{Device, Placement, Select};
+    const LEN: u64 = 8 << 20;
+    const AT: u64 = 96 << 20;
+    let topo = live();
+    let x = nvme_controllers(&topo)[0];
+    let mut known = HostRegion::new(LEN).unwrap();
+    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
+        *b = fill(11, i);
+    }
+    let expect = known.as_mut_slice().to_vec();
+    BlockDevice::open_namespace(&topo, x).unwrap().write_at(AT, known.as_mut_slice()).unwrap();
+
+    let gpu = Device::open(Select::Best).expect("a Vulkan device (lavapipe) in the guest");
+    let vram = Arc::new(gpu.allocate(LEN, Placement::Mappable).unwrap());
+    let reg = Registry::new(topo.clone());
+    let g = reg.register(vram.clone()).unwrap();
+    let mut src = Source::Kernel(KernelSource::namespace(&topo, x).unwrap());
+    let r = load(&mut src, AT..AT + LEN, &g, &reg, &LoadOptions::default()).unwrap();
+    println!("{x} -> Vulkan buffer:\n{r}");
+    assert_eq!(r.checksum, Checksum::of(&expect));
+    assert_eq!(r.source_checksum, Some(Checksum::of(&expect)));
+
+    let back = gpu.allocate(LEN, Placement::Mappable).unwrap();
+    gpu.copy(&vram, 0, &back, 0, LEN).unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    peermem::sys::read_mapped(&back, 0, &mut got).unwrap();
+    assert!(got == expect, "the GPU copy of the loaded buffer differs from the namespace range");
+    drop(g);
+}
