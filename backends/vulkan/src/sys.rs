@@ -732,30 +732,35 @@ pub(crate) fn check_range(which: &'static str, offset: u64, len: u64, size: u64)
     }
 }
 
-/// The CPU address of byte `offset..offset+len` of a mapped region, checked.
-fn mapped(which: &'static str, r: &dyn PeerMemory, offset: u64, len: u64) -> Result<*mut u8, VkError> {
-    let va = r.cpu_mapping().ok_or(VkError::NotMapped { which })?;
-    check_range(which, offset, len, r.len())?;
-    Ok((va.raw() + offset) as usize as *mut u8)
+/// Checks that bytes `offset..offset+len` of `r` are CPU-mapped, with this crate's typed errors.
+fn check_mapped(which: &'static str, r: &dyn PeerMemory, offset: u64, len: u64) -> Result<(), VkError> {
+    r.cpu_mapping().ok_or(VkError::NotMapped { which })?;
+    check_range(which, offset, len, r.len())
 }
+
+// The copies themselves are the core's one checked copy over CPU mappings
+// (`peermem::sys::{read,write,copy}_mapped`); these only give them typed errors first.
 
 /// Reads `buf.len()` bytes at `offset` of a CPU-mapped region.
 pub(crate) fn read_mapped(r: &dyn PeerMemory, offset: u64, buf: &mut [u8]) -> Result<(), VkError> {
-    let p = mapped("source", r, offset, buf.len() as u64)?;
-    // SAFETY: `p..p+len` lies inside the region's CPU mapping (checked), which the region keeps
-    // mapped while borrowed; `buf` is a distinct Rust allocation. Concurrent device writes can
-    // tear the data, as with any DMA buffer, but cannot make the access invalid.
-    unsafe { std::ptr::copy_nonoverlapping(p as *const u8, buf.as_mut_ptr(), buf.len()) };
-    Ok(())
+    check_mapped("source", r, offset, buf.len() as u64)?;
+    peermem::sys::read_mapped(r, offset, buf).map_err(|_| VkError::OutOfRange {
+        which: "source",
+        offset,
+        len: buf.len() as u64,
+        size: r.len(),
+    })
 }
 
 /// Writes `data` at `offset` of a CPU-mapped region.
 pub(crate) fn write_mapped(r: &dyn PeerMemory, offset: u64, data: &[u8]) -> Result<(), VkError> {
-    let p = mapped("destination", r, offset, data.len() as u64)?;
-    // SAFETY: as in `read_mapped`, with the roles swapped; the mapping is writable (shared
-    // read-write mappings: vkMapMemory, memfd MAP_SHARED).
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-    Ok(())
+    check_mapped("destination", r, offset, data.len() as u64)?;
+    peermem::sys::write_mapped(r, offset, data).map_err(|_| VkError::OutOfRange {
+        which: "destination",
+        offset,
+        len: data.len() as u64,
+        size: r.len(),
+    })
 }
 
 /// Copies `len` bytes between two CPU-mapped regions (overlap allowed: memmove).
@@ -766,11 +771,14 @@ pub(crate) fn copy_mapped(
     dst_off: u64,
     len: u64,
 ) -> Result<(), VkError> {
-    let s = mapped("source", src, src_off, len)?;
-    let d = mapped("destination", dst, dst_off, len)?;
-    // SAFETY: both ranges lie inside live CPU mappings (checked); `copy` tolerates overlap.
-    unsafe { std::ptr::copy(s as *const u8, d, len as usize) };
-    Ok(())
+    check_mapped("source", src, src_off, len)?;
+    check_mapped("destination", dst, dst_off, len)?;
+    peermem::sys::copy_mapped(src, src_off, dst, dst_off, len).map_err(|_| VkError::OutOfRange {
+        which: "destination",
+        offset: dst_off,
+        len,
+        size: dst.len(),
+    })
 }
 
 /// Sends `data` and one fd in one message (`SCM_RIGHTS`).
