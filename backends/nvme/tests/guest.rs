@@ -213,6 +213,17 @@ fn fill(seed: u8, i: usize) -> u8 {
     (i as u64).wrapping_mul(2_654_435_761).wrapping_add(seed as u64 * 977).rotate_right(13) as u8
 }
 
+/// Writes `len` bytes of `fill(seed, _)` at byte `at` of `bdf`'s namespace (O_DIRECT through the
+/// kernel driver) and returns them.
+fn write_known(topo: &Topology, bdf: Bdf, at: u64, len: u64, seed: u8) -> Vec<u8> {
+    let mut known = HostRegion::new(len).unwrap();
+    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
+        *b = fill(seed, i);
+    }
+    BlockDevice::open_namespace(topo, bdf).unwrap().write_at(at, known.as_mut_slice()).unwrap();
+    known.as_mut_slice()[..len as usize].to_vec()
+}
+
 fn wait_for_nvme_driver(bdf: Bdf) -> Arc<Topology> {
     for _ in 0..500 {
         let t = Arc::new(Topology::discover("/").unwrap());
@@ -243,12 +254,7 @@ fn vfio_driver_moves_data_only_through_registry_routes() {
     println!("{topology}: VFIO on {x}, switch peer {switch_peer:?}, ivshmem {shm:?}");
 
     // Known data at SRC through the kernel driver, before VFIO takes the controller.
-    let mut known = HostRegion::new(LEN).unwrap();
-    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
-        *b = fill(1, i);
-    }
-    let expect: Vec<u8> = known.as_mut_slice().to_vec();
-    BlockDevice::open_namespace(&topo, x).unwrap().write_at(SRC, known.as_mut_slice()).unwrap();
+    let expect = write_known(&topo, x, SRC, LEN, 1);
     // Peer memory that stays owned by the kernel: a p2pmem allocation on the switch peer.
     let peer_region = switch_peer.map(|y| P2pmemRegion::allocate(&topo, y, LEN).unwrap());
 
@@ -525,12 +531,7 @@ fn loader_moves_a_namespace_range_into_every_destination_kind() {
             && topo.by_bdf(z).unwrap().p2pmem.is_some()
             && topo.verdict(topo.idx(z).unwrap(), topo.idx(x).unwrap()).map_type == MapType::NotSupported
     });
-    let mut known = HostRegion::new(LEN).unwrap();
-    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
-        *b = fill(6, i);
-    }
-    let expect = known.as_mut_slice().to_vec();
-    BlockDevice::open_namespace(&topo, x).unwrap().write_at(AT, known.as_mut_slice()).unwrap();
+    let expect = write_known(&topo, x, AT, LEN, 6);
 
     let reg = Registry::new(topo.clone());
     let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![
@@ -601,12 +602,7 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
     let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
     let nvmes = nvme_controllers(&topo);
     let (x, _) = vfio_candidate(&topo, &nvmes);
-    let mut known = HostRegion::new(LEN).unwrap();
-    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
-        *b = fill(7, i);
-    }
-    let expect = known.as_mut_slice().to_vec();
-    BlockDevice::open_namespace(&topo, x).unwrap().write_at(AT, known.as_mut_slice()).unwrap();
+    let expect = write_known(&topo, x, AT, LEN, 7);
     let want = Checksum::of(&expect);
 
     let reg = Registry::new(topo.clone());
@@ -735,12 +731,7 @@ fn a_controller_that_stops_answering_fails_bounded_and_recovers_after_reset() {
     let topo = live();
     let nvmes = nvme_controllers(&topo);
     let (x, _) = vfio_candidate(&topo, &nvmes);
-    let mut known = HostRegion::new(LEN).unwrap();
-    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
-        *b = fill(9, i);
-    }
-    let expect = known.as_mut_slice().to_vec();
-    BlockDevice::open_namespace(&topo, x).unwrap().write_at(AT, known.as_mut_slice()).unwrap();
+    let expect = write_known(&topo, x, AT, LEN, 9);
     let reg = Registry::new(topo.clone());
     let binding = Binding::to_vfio(x).unwrap();
     let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
@@ -803,12 +794,7 @@ fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
     const AT: u64 = 96 << 20;
     let topo = live();
     let x = nvme_controllers(&topo)[0];
-    let mut known = HostRegion::new(LEN).unwrap();
-    for (i, b) in known.as_mut_slice().iter_mut().enumerate() {
-        *b = fill(11, i);
-    }
-    let expect = known.as_mut_slice().to_vec();
-    BlockDevice::open_namespace(&topo, x).unwrap().write_at(AT, known.as_mut_slice()).unwrap();
+    let expect = write_known(&topo, x, AT, LEN, 11);
 
     let gpu = Device::open(Select::Best).expect("a Vulkan device (lavapipe) in the guest");
     let vram = Arc::new(gpu.allocate(LEN, Placement::Mappable).unwrap());
