@@ -1,5 +1,5 @@
 //! RDMA WRITE bandwidth into a peermem-registered region against perftest's `ib_write_bw` on the
-//! same rxe link, same message size and queue depth, in one guest run (issue 6, item 8).
+//! same rxe link, same message size and queue depth, in one guest run.
 //!
 //! Runs only inside the testbed guest (soft-RoCE rxe0 on eth0, out-of-band over 127.0.0.1):
 //!   cargo bench -p peermem-bench --bench rdma_write --no-run   # prints the binary

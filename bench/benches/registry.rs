@@ -32,7 +32,7 @@ fn setup(n: u64) -> Setup {
     let topo = Arc::new(Topology::discover(largest_fixture()).expect("fixture"));
     let reg = Registry::new(topo);
     let pool = Arc::new(HostRegion::new(n * REGION).expect("pool"));
-    let base = pool.cpu_mapping().unwrap().raw();
+    let base = pool.cpu_range().unwrap().start().raw();
     let mut guards = Vec::with_capacity(n as usize);
     let mut baseline = BTreeMap::new();
     for i in 0..n {
@@ -108,7 +108,7 @@ fn lookup_under_writer(c: &mut Criterion) {
                         let sl: Arc<dyn PeerMemory> =
                             Arc::new(HostSlice::new(pool.clone(), (k % 64) * REGION, REGION).unwrap());
                         if use_baseline {
-                            let key = sl.cpu_mapping().unwrap().raw();
+                            let key = sl.cpu_range().unwrap().start().raw();
                             s.baseline.write().unwrap().insert(key, (key + REGION - 1, sl));
                             s.baseline.write().unwrap().remove(&key);
                         } else {

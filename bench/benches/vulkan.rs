@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use peermem::HostRegion;
-use peermem_vulkan::{cpu_copy, Device, Placement, Select, VulkanRegion};
+use peermem::PeerMemory;
+use peermem_vulkan::{Device, Placement, Select, VulkanRegion};
 
 const COPY: u64 = 64 << 20;
 
@@ -86,7 +87,7 @@ fn ratios(s: &mut Copies) {
             black_box(&s.vdst);
         });
         time(1, &mut || s.dev.copy(&s.src, 0, &s.dst, 0, COPY).unwrap());
-        time(2, &mut || cpu_copy(&s.src, 0, &s.dst, 0, COPY).unwrap());
+        time(2, &mut || s.src.copy_to(0, &s.dst, 0, COPY).unwrap());
         time(3, &mut || s.dev.copy(&s.host, 0, &s.dst, 0, COPY).unwrap());
     }
     for v in &mut t {
@@ -123,7 +124,7 @@ fn copies(c: &mut Criterion) {
         })
     });
     g.bench_function("gpu_copy", |b| b.iter(|| s.dev.copy(&s.src, 0, &s.dst, 0, COPY).unwrap()));
-    g.bench_function("cpu_copy", |b| b.iter(|| cpu_copy(&s.src, 0, &s.dst, 0, COPY).unwrap()));
+    g.bench_function("cpu_copy", |b| b.iter(|| s.src.copy_to(0, &s.dst, 0, COPY).unwrap()));
     g.bench_function("gpu_copy_from_host_import", |b| b.iter(|| s.dev.copy(&s.host, 0, &s.dst, 0, COPY).unwrap()));
     g.finish();
     ratios(&mut s);

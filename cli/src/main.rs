@@ -299,7 +299,7 @@ fn route_json(t: Arc<Topology>, provider: Bdf, bar: u8, offset: u64, client: Bdf
     let route = reg.resolve(&guard, peer)?;
     let cpu = route.cpu_address.map(|a| a.raw());
     let bus = route.bus_address.map(|a| a.raw());
-    let dma = route.dma_address();
+    let dma = route.dma_address().map(|d| d.device_bits());
     let kind = route.kind;
     let v = route.verdict.as_deref();
     Ok(json!({

@@ -122,6 +122,50 @@ impl VirtAddr {
     }
 }
 
+/// What a device programs to reach memory, tagged with the address space it lies in: a PCI bus
+/// address (peer-to-peer below a common bridge), a CPU physical address (through the root
+/// complex, no IOMMU translation) or an IOVA (through a translating IOMMU).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum DmaAddr {
+    Bus(BusAddr),
+    Phys(CpuPhys),
+    Iova(Iova),
+}
+
+impl DmaAddr {
+    /// The same kind of address `delta` bytes further on (checked).
+    pub fn checked_add(self, delta: u64) -> Result<DmaAddr, AddrError> {
+        Ok(match self {
+            DmaAddr::Bus(a) => DmaAddr::Bus(Address::checked_add(a, delta)?),
+            DmaAddr::Phys(a) => DmaAddr::Phys(Address::checked_add(a, delta)?),
+            DmaAddr::Iova(a) => DmaAddr::Iova(Address::checked_add(a, delta)?),
+        })
+    }
+    /// The value the device's address field holds (a PRP entry, a descriptor): the one place a
+    /// typed DMA address becomes wire bits.
+    pub fn device_bits(self) -> u64 {
+        match self {
+            DmaAddr::Bus(a) => a.raw(),
+            DmaAddr::Phys(a) => a.raw(),
+            DmaAddr::Iova(a) => a.raw(),
+        }
+    }
+    /// The name of the address space.
+    pub fn space(self) -> &'static str {
+        match self {
+            DmaAddr::Bus(_) => BusAddr::SPACE,
+            DmaAddr::Phys(_) => CpuPhys::SPACE,
+            DmaAddr::Iova(_) => Iova::SPACE,
+        }
+    }
+}
+
+impl fmt::Display for DmaAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:#x}", self.space(), self.device_bits())
+    }
+}
+
 /// A half-open, non-empty range `[start, start + len)` in one address space.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AddrRange<A: Address> {

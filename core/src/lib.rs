@@ -17,12 +17,13 @@ pub mod region;
 pub mod registry;
 pub mod route;
 mod spanmap;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod sysroot;
 
-pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, Iova, VirtAddr};
+pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, DmaAddr, Iova, VirtAddr};
 pub use path::{MapType, PathLabel, Verdict};
-pub use pci::{Bdf, DevIdx, Topology, TopologyError};
-pub use region::{Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError};
+pub use pci::{BarMapping, Bdf, DevIdx, MapBarError, Topology, TopologyError};
+pub use region::{AccessError, Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError, Side};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};

@@ -1,9 +1,11 @@
 //! Moving data when a route may lie: the route integrity probe, and bounce copies through host
 //! staging buffers (pipelined, several buffers in flight).
 //!
-//! Owns: `RouteHealth` (per (region, peer): routes a probe proved broken, never trusted again),
-//! the canary and its comparison, `Plan` (direct or bounce, and why), and `Pipeline`, a
-//! two-thread fill/drain copy over page-aligned `HostRegion` staging buffers.
+//! Owns: the one move planner (`RouteHealth::decide` over `reachable`: route kind + the
+//! initiator's `Reach` + probe + health -> `Decision`, direct or bounce with every reason),
+//! `RouteHealth` (per (region, peer): routes a probe proved broken, never trusted again), the
+//! canary and its comparison, and `Pipeline`, a two-thread fill/drain copy over page-aligned
+//! `HostRegion` staging buffers.
 //! Must not: know any device or move bytes itself through a device: the caller supplies the
 //! transfers as closures (a backend's DMA, an O_DIRECT read, a CPU copy), so the core stays
 //! device-free. A probe that cannot run is reported, never assumed to have passed.
@@ -13,8 +15,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::region::{HostRegion, RegionError};
-use crate::registry::RegionId;
+use crate::region::{Backing, HostRegion, Provider, RegionError};
+use crate::registry::{Entry, RegionId};
 use crate::route::{Peer, Route, RouteKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,31 +55,106 @@ impl std::fmt::Display for Broken {
 /// What to do for one transfer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
-    /// The route is direct and (if probed) carried the canary intact.
+    /// The route is direct for this initiator and (if probed) carried the canary intact.
     Direct,
     /// Stage through host memory.
     Bounce(BounceReason),
 }
 
+impl Plan {
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Plan::Direct)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BounceReason {
-    /// The registry's route is not direct (its kind name: `bounce`, `kernel_import`, ...).
-    RouteNotDirect(&'static str),
+    /// The initiator cannot reach the region through the registry's route (its kind name, and
+    /// why not).
+    NotDirect { route: &'static str, why: String },
     /// A probe proved the direct route corrupts data.
     Broken(Broken),
+    /// The probe itself could not run (the transfer or the read-back failed).
+    ProbeFailed(String),
 }
 
 impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Plan::Direct => write!(f, "direct (route verified)"),
-            Plan::Bounce(BounceReason::RouteNotDirect(k)) => {
-                write!(f, "bounce through host memory: the registry's route is {k}")
+            Plan::Direct => write!(f, "direct"),
+            Plan::Bounce(BounceReason::NotDirect { route, why }) => {
+                write!(f, "bounce through host memory: route {route}: {why}")
             }
             Plan::Bounce(BounceReason::Broken(b)) => {
                 write!(f, "bounce through host memory: the direct route is broken ({b})")
             }
+            Plan::Bounce(BounceReason::ProbeFailed(e)) => {
+                write!(f, "bounce through host memory: the route probe could not run ({e})")
+            }
         }
+    }
+}
+
+/// How an initiator reaches memory, which decides which routes are direct for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// A device programmed with an address by a userspace driver (the VFIO NVMe driver): any
+    /// route with a DMA address (`bus_addr`, `host_bridge`, `iommu`), or CPU-mapped host pages
+    /// (the driver translates or maps them).
+    DeviceAddress,
+    /// The kernel pins the region's CPU pages for its device (O_DIRECT, `ibv_reg_mr`): host pages,
+    /// P2PDMA pages (`p2pmem`), or a host-memory dma-buf with a CPU mapping. A raw BAR mapping
+    /// has no pages to pin (EFAULT).
+    KernelPages,
+    /// The device's kernel driver imports the region's dma-buf (`ibv_reg_dmabuf_mr`).
+    DmaBufImport,
+}
+
+/// The one answer to "does this transfer go direct?": the plan, the route it rests on, and every
+/// reason (the route's, then the planner's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub plan: Plan,
+    /// The registry's route kind for the pair.
+    pub route: &'static str,
+    pub reasons: Vec<String>,
+}
+
+impl Decision {
+    pub fn is_direct(&self) -> bool {
+        self.plan.is_direct()
+    }
+}
+
+/// Whether `reach` can use a route of kind `route` to reach `entry` directly; `Err` says why not.
+/// The only "is this route direct for me?" check of the project.
+pub fn reachable(route: &RouteKind, entry: &Entry, reach: Reach) -> Result<(), String> {
+    let region = entry.region();
+    let mapped = entry.cpu_range().is_some();
+    let host_memory = matches!(region.provider(), Provider::Host { .. });
+    match (reach, route) {
+        (_, RouteKind::Bounce(_)) => Err("no direct path exists for this pair".into()),
+        (Reach::DeviceAddress, RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_)) => Ok(()),
+        (Reach::DeviceAddress, RouteKind::CpuMapped(_)) if host_memory => Ok(()),
+        (Reach::DeviceAddress, RouteKind::KernelImport) if host_memory && mapped => Ok(()),
+        (Reach::DeviceAddress, k) => Err(format!("a device cannot be programmed with a {} route", k.name())),
+        (Reach::KernelPages, RouteKind::CpuMapped(_)) if host_memory => Ok(()),
+        (Reach::KernelPages, RouteKind::KernelImport) if host_memory && mapped => Ok(()),
+        (Reach::KernelPages, RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_))
+            if mapped && matches!(region.backing(), Backing::P2pmem { .. }) =>
+        {
+            Ok(())
+        }
+        (Reach::KernelPages, RouteKind::KernelImport) => {
+            Err("the kernel cannot pin a device dma-buf's pages through its CPU mapping".into())
+        }
+        (Reach::KernelPages, _) if !mapped => Err("the region has no CPU mapping for the kernel to pin".into()),
+        (Reach::KernelPages, _) => {
+            Err("the kernel cannot pin a raw BAR mapping (no P2PDMA pages: EFAULT); a userspace driver can reach it"
+                .into())
+        }
+        (Reach::DmaBufImport, RouteKind::KernelImport) => Ok(()),
+        (Reach::DmaBufImport, k) => Err(format!("the region is not a dma-buf (route {})", k.name())),
     }
 }
 
@@ -134,70 +211,129 @@ impl RouteHealth {
         self.broken.lock().unwrap_or_else(|p| p.into_inner()).insert((region, peer), why);
     }
 
-    /// Probes a direct route: `direct` must move the given canary into the destination through
-    /// the route (the peer's DMA), `read_back` must read the destination through a path that
-    /// does not depend on the route (the CPU mapping). A mismatch marks the route broken.
-    /// Returns the comparison (`None`: intact).
+    /// Probes a direct route (see `Probe`). A mismatch marks the route broken. Returns the
+    /// comparison (`None`: intact).
     pub fn probe<E: std::fmt::Display>(
         &self,
         region: RegionId,
         peer: Peer,
-        canary_len: usize,
-        direct: impl FnOnce(&[u8]) -> Result<(), E>,
-        read_back: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        probe: Probe<'_, E>,
     ) -> Result<Option<Broken>, MoveError> {
-        static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let seed = region_hash(region) ^ n.rotate_left(32) ^ canary_len as u64;
-        let c = canary(canary_len, seed);
-        direct(&c).map_err(|e| MoveError::ProbeTransfer { region, peer, why: e.to_string() })?;
-        let mut back = vec![0u8; canary_len];
-        read_back(&mut back).map_err(|e| MoveError::ProbeReadBack { region, peer, why: e.to_string() })?;
-        let verdict = compare(&c, &back);
+        let transfer = |e: E| MoveError::ProbeTransfer { region, peer, why: e.to_string() };
+        let read_back_err = |e: E| MoveError::ProbeReadBack { region, peer, why: e.to_string() };
+        let (expected, back) = match probe {
+            Probe::Canary { len, write, read_back } => {
+                static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let c = canary(len, region_hash(region) ^ n.rotate_left(32) ^ len as u64);
+                write(&c).map_err(transfer)?;
+                let mut back = vec![0u8; len];
+                read_back(&mut back).map_err(read_back_err)?;
+                (c, back)
+            }
+            Probe::Known { expected, poison, transfer: run, read_back } => {
+                let complement: Vec<u8> = expected.iter().map(|b| !b).collect();
+                poison(&complement).map_err(transfer)?;
+                run().map_err(transfer)?;
+                let mut back = vec![0u8; expected.len()];
+                read_back(&mut back).map_err(read_back_err)?;
+                (expected, back)
+            }
+        };
+        let verdict = compare(&expected, &back);
         match &verdict {
             Some(b) => self.mark_broken(region, peer, b.clone()),
-            None => tracing::debug!(%region, ?peer, canary_len, "route probe: canary intact"),
+            None => tracing::debug!(%region, ?peer, len = expected.len(), "route probe: intact"),
         }
         Ok(verdict)
     }
 
-    /// The plan for `route` (region `region`, seen by `peer`): bounce when the route is not direct
-    /// or was proven broken; otherwise probe it once (if `probe` is given) and decide.
-    pub fn plan<E: std::fmt::Display>(
+    /// The one move planner: whether `peer`, reaching memory the way `reach` says, moves data
+    /// into `entry` directly, given the registry's `route` for the pair. Bounce when the route
+    /// is not direct for this initiator or was proven broken; otherwise, for device memory, probe
+    /// it once (when `probe` is given) before trusting it. A probe that cannot run bounces.
+    pub fn decide<E: std::fmt::Display>(
         &self,
         route: &Route<'_>,
-        region: RegionId,
+        entry: &Entry,
         peer: Peer,
-        probe: Option<(usize, ProbeFns<'_, E>)>,
-    ) -> Result<Plan, MoveError> {
-        if !is_dma_route(&route.kind) {
-            return Ok(Plan::Bounce(BounceReason::RouteNotDirect(route.kind.name())));
+        reach: Reach,
+        probe: Option<Probe<'_, E>>,
+    ) -> Decision {
+        let mut reasons = route.reasons();
+        let plan = self.plan_inner(route, entry, peer, reach, probe, &mut reasons);
+        reasons.push(format!("plan: {plan}"));
+        Decision { plan, route: route.kind.name(), reasons }
+    }
+
+    fn plan_inner<E: std::fmt::Display>(
+        &self,
+        route: &Route<'_>,
+        entry: &Entry,
+        peer: Peer,
+        reach: Reach,
+        probe: Option<Probe<'_, E>>,
+        reasons: &mut Vec<String>,
+    ) -> Plan {
+        if let Err(why) = reachable(&route.kind, entry, reach) {
+            return Plan::Bounce(BounceReason::NotDirect { route: route.kind.name(), why });
         }
+        let region = entry.id();
         if let Some(b) = self.broken(region, peer) {
-            return Ok(Plan::Bounce(BounceReason::Broken(b)));
+            return Plan::Bounce(BounceReason::Broken(b));
         }
-        if let Some((len, (direct, read_back))) = probe {
-            if let Some(b) = self.probe(region, peer, len, direct, read_back)? {
-                return Ok(Plan::Bounce(BounceReason::Broken(b)));
+        if matches!(entry.provider(), Provider::Host { .. }) {
+            return Plan::Direct;
+        }
+        match probe {
+            None => {
+                reasons.push("probe: not run by this caller; the route is trusted on the verdict alone".into());
+                Plan::Direct
             }
+            Some(p) => match (p.len(), self.probe(region, peer, p)) {
+                (len, Ok(None)) => {
+                    reasons.push(format!("probe: {len} bytes through the direct route arrived intact"));
+                    Plan::Direct
+                }
+                (_, Ok(Some(b))) => Plan::Bounce(BounceReason::Broken(b)),
+                (_, Err(e)) => Plan::Bounce(BounceReason::ProbeFailed(e.to_string())),
+            },
         }
-        Ok(Plan::Direct)
     }
 }
 
-/// The two transfers of a probe: into the destination through the route, and back by the CPU.
-pub type ProbeFns<'a, E> =
-    (Box<dyn FnOnce(&[u8]) -> Result<(), E> + 'a>, Box<dyn FnOnce(&mut [u8]) -> Result<(), E> + 'a>);
+/// A route integrity probe: what the caller moves through the route under test, and how the
+/// CPU reads the destination back through a path that does not depend on that route.
+pub enum Probe<'a, E> {
+    /// Write a fresh canary of `len` bytes through the route (`write`), then read it back.
+    Canary { len: usize, write: WriteFn<'a, E>, read_back: ReadFn<'a, E> },
+    /// Read-only: the route carries bytes already known by another path (a source's own data,
+    /// read through host memory). The destination is first poisoned with their complement, so
+    /// stale or untouched memory cannot pass; `transfer` then moves them through the route.
+    Known {
+        expected: Vec<u8>,
+        poison: WriteFn<'a, E>,
+        transfer: Box<dyn FnOnce() -> Result<(), E> + 'a>,
+        read_back: ReadFn<'a, E>,
+    },
+}
 
-fn is_dma_route(k: &RouteKind) -> bool {
-    matches!(
-        k,
-        RouteKind::BusAddr(_)
-            | RouteKind::HostBridge(_)
-            | RouteKind::Iommu(_)
-            | RouteKind::CpuMapped(_)
-            | RouteKind::KernelImport
-    )
+/// Puts bytes into the destination (through the route under test, or as poison).
+pub type WriteFn<'a, E> = Box<dyn FnOnce(&[u8]) -> Result<(), E> + 'a>;
+/// Reads the destination back by the CPU.
+pub type ReadFn<'a, E> = Box<dyn FnOnce(&mut [u8]) -> Result<(), E> + 'a>;
+
+impl<E> Probe<'_, E> {
+    /// Bytes the probe moves.
+    pub fn len(&self) -> usize {
+        match self {
+            Probe::Canary { len, .. } => *len,
+            Probe::Known { expected, .. } => expected.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 fn region_hash(r: RegionId) -> u64 {
@@ -308,27 +444,50 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pci::Bdf;
     use crate::route::BounceWhy;
+    use crate::{BarRegion, PeerMemory, Registration, Registry};
+
+    fn registry() -> Registry {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+        Registry::new(Arc::new(crate::Topology::discover(root).unwrap()))
+    }
 
     fn rid(n: u64) -> RegionId {
-        // RegionIds come from a registry; make two through one.
-        let topo = std::sync::Arc::new(
-            crate::Topology::discover(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch"))
-                .unwrap(),
-        );
-        let reg = crate::Registry::new(topo);
-        let mut last = None;
-        let mut keep = Vec::new();
-        for _ in 0..n {
-            let g = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
-            last = Some(g.id());
-            keep.push(g);
-        }
-        last.unwrap()
+        let reg = registry();
+        let keep: Vec<Registration> =
+            (0..n).map(|_| reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap()).collect();
+        keep.last().unwrap().id()
     }
 
     fn route(kind: RouteKind) -> Route<'static> {
         Route { kind, len: 4096, cpu_address: None, bus_address: None, verdict: None }
+    }
+
+    /// A CMB-sized BAR region of the switch NVMe (device memory: probed before trusted).
+    fn bar(reg: &Registry) -> Registration {
+        let bdf: Bdf = "0000:03:00.0".parse().unwrap();
+        reg.register(Arc::new(BarRegion { bdf, bar: 2, offset: 0, len: 4096 })).unwrap()
+    }
+
+    type Fns<'a> = Probe<'a, String>;
+
+    fn flipping(dest: &std::cell::RefCell<Vec<u8>>, len: usize, at: Option<usize>) -> Fns<'_> {
+        Probe::Canary {
+            len,
+            write: Box::new(move |c: &[u8]| {
+                let mut v = c.to_vec();
+                if let Some(i) = at {
+                    v[i] ^= 0x40;
+                }
+                *dest.borrow_mut() = v;
+                Ok(())
+            }),
+            read_back: Box::new(move |b: &mut [u8]| {
+                b.copy_from_slice(&dest.borrow());
+                Ok(())
+            }),
+        }
     }
 
     #[test]
@@ -351,82 +510,131 @@ mod tests {
 
     #[test]
     fn a_route_that_corrupts_the_canary_is_marked_broken_and_bounced() {
+        let reg = registry();
+        let g = bar(&reg);
         let h = RouteHealth::new();
-        let r = rid(1);
         let peer = Peer::Cpu;
         let dest = std::cell::RefCell::new(Vec::new());
+        let r = route(RouteKind::BusAddr(crate::BusAddr::new(0x1000)));
         // A "direct path" that flips a bit, as the vIOMMU trap does.
-        let plan = h
-            .plan::<String>(
-                &route(RouteKind::BusAddr(crate::BusAddr::new(0x1000))),
-                r,
-                peer,
-                Some((
-                    4096,
-                    (
-                        Box::new(|c: &[u8]| {
-                            let mut v = c.to_vec();
-                            v[4000] ^= 0x40;
-                            *dest.borrow_mut() = v;
-                            Ok(())
-                        }),
-                        Box::new(|b: &mut [u8]| {
-                            b.copy_from_slice(&dest.borrow());
-                            Ok(())
-                        }),
-                    ),
-                )),
-            )
-            .unwrap();
-        assert!(matches!(&plan, Plan::Bounce(BounceReason::Broken(b)) if b.first_mismatch == 4000), "{plan:?}");
-        assert!(plan.to_string().contains("broken"));
+        let d = h.decide(&r, &g, peer, Reach::DeviceAddress, Some(flipping(&dest, 4096, Some(4000))));
+        assert!(matches!(&d.plan, Plan::Bounce(BounceReason::Broken(b)) if b.first_mismatch == 4000), "{d:?}");
+        assert!(d.reasons.last().unwrap().contains("broken"));
+        assert_eq!(d.route, "bus_addr");
         // Remembered: no second probe needed.
-        let again = h.plan::<String>(&route(RouteKind::BusAddr(crate::BusAddr::new(0x1000))), r, peer, None).unwrap();
-        assert_eq!(again, plan);
+        let again = h.decide::<String>(&r, &g, peer, Reach::DeviceAddress, None);
+        assert_eq!(again.plan, d.plan);
     }
 
     #[test]
     fn an_intact_route_goes_direct_and_a_bounce_route_is_never_probed() {
+        let reg = registry();
+        let g = bar(&reg);
         let h = RouteHealth::new();
-        let r = rid(2);
         let cell = std::cell::RefCell::new(Vec::new());
-        let plan = h
-            .plan::<String>(
-                &route(RouteKind::BusAddr(crate::BusAddr::new(0))),
-                r,
-                Peer::Cpu,
-                Some((
-                    512,
-                    (
-                        Box::new(|c: &[u8]| {
-                            *cell.borrow_mut() = c.to_vec();
-                            Ok(())
-                        }),
-                        Box::new(|b: &mut [u8]| {
-                            b.copy_from_slice(&cell.borrow());
-                            Ok(())
-                        }),
-                    ),
-                )),
-            )
-            .unwrap();
-        assert_eq!(plan, Plan::Direct);
-        let p = h
-            .plan::<String>(
-                &route(RouteKind::Bounce(BounceWhy::NotSupported)),
-                r,
-                Peer::Cpu,
-                Some((512, (Box::new(|_: &[u8]| panic!("probed a bounce route")), Box::new(|_: &mut [u8]| Ok(()))))),
-            )
-            .unwrap();
-        assert_eq!(p, Plan::Bounce(BounceReason::RouteNotDirect("bounce")));
+        let r = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
+        let d = h.decide(&r, &g, Peer::Cpu, Reach::DeviceAddress, Some(flipping(&cell, 512, None)));
+        assert_eq!(d.plan, Plan::Direct);
+        assert!(d.reasons.iter().any(|s| s.contains("arrived intact")), "{:?}", d.reasons);
+        let never: Fns = Probe::Canary {
+            len: 512,
+            write: Box::new(|_: &[u8]| panic!("probed a bounce route")),
+            read_back: Box::new(|_: &mut [u8]| Ok(())),
+        };
+        let d = h.decide(
+            &route(RouteKind::Bounce(BounceWhy::NotSupported)),
+            &g,
+            Peer::Cpu,
+            Reach::DeviceAddress,
+            Some(never),
+        );
+        assert!(matches!(d.plan, Plan::Bounce(BounceReason::NotDirect { route: "bounce", .. })), "{d:?}");
+    }
+
+    #[test]
+    fn what_is_direct_depends_on_how_the_initiator_reaches_memory() {
+        let reg = registry();
+        let dev = bar(&reg);
+        let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+        let va = host.cpu_range().unwrap().start();
+        let bus = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
+        let cpu = route(RouteKind::CpuMapped(va));
+        // A userspace driver programs any DMA address, and host pages.
+        assert!(reachable(&bus.kind, &dev, Reach::DeviceAddress).is_ok());
+        assert!(reachable(&cpu.kind, &host, Reach::DeviceAddress).is_ok());
+        // The kernel pins pages: a raw BAR has none.
+        let e = reachable(&bus.kind, &dev, Reach::KernelPages).unwrap_err();
+        assert!(e.contains("no CPU mapping"), "{e}");
+        assert!(reachable(&cpu.kind, &host, Reach::KernelPages).is_ok());
+        // Only a dma-buf is imported.
+        assert!(reachable(&cpu.kind, &host, Reach::DmaBufImport).is_err());
+        assert!(reachable(&RouteKind::KernelImport, &host, Reach::DmaBufImport).is_ok());
+        // A host-memory dma-buf with a CPU mapping is pinned through the mapping.
+        assert!(reachable(&RouteKind::KernelImport, &host, Reach::KernelPages).is_ok());
+        // Host memory needs no probe.
+        let d = RouteHealth::new().decide::<String>(&cpu, &host, Peer::Cpu, Reach::KernelPages, None);
+        assert_eq!(d.plan, Plan::Direct);
+    }
+
+    #[test]
+    fn a_probe_that_cannot_run_bounces_with_its_reason() {
+        let reg = registry();
+        let g = bar(&reg);
+        let fails: Fns = Probe::Canary {
+            len: 64,
+            write: Box::new(|_: &[u8]| Err("EIO".to_string())),
+            read_back: Box::new(|_: &mut [u8]| Ok(())),
+        };
+        let r = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
+        let d = RouteHealth::new().decide(&r, &g, Peer::Cpu, Reach::DeviceAddress, Some(fails));
+        assert!(matches!(&d.plan, Plan::Bounce(BounceReason::ProbeFailed(e)) if e.contains("EIO")), "{d:?}");
     }
 
     #[test]
     fn a_failing_probe_transfer_is_an_error_not_a_pass() {
         let h = RouteHealth::new();
-        let e = h.probe(rid(1), Peer::Cpu, 64, |_| Err("EIO"), |_| Ok::<(), &str>(())).unwrap_err();
+        let p: Fns = Probe::Canary {
+            len: 64,
+            write: Box::new(|_: &[u8]| Err("EIO".to_string())),
+            read_back: Box::new(|_: &mut [u8]| Ok(())),
+        };
+        let e = h.probe(rid(1), Peer::Cpu, p).unwrap_err();
         assert!(matches!(e, MoveError::ProbeTransfer { .. }), "{e}");
+    }
+
+    /// The read-only probe poisons the destination first: a route that moves nothing is caught.
+    #[test]
+    fn a_known_bytes_probe_catches_a_route_that_moves_nothing() {
+        let h = RouteHealth::new();
+        let dest = std::cell::RefCell::new(vec![0u8; 256]);
+        let expected = canary(256, 9);
+        let p: Fns = Probe::Known {
+            expected: expected.clone(),
+            poison: Box::new(|c: &[u8]| {
+                dest.borrow_mut().copy_from_slice(c);
+                Ok(())
+            }),
+            transfer: Box::new(|| Ok(())),
+            read_back: Box::new(|b: &mut [u8]| {
+                b.copy_from_slice(&dest.borrow());
+                Ok(())
+            }),
+        };
+        let b = h.probe(rid(1), Peer::Cpu, p).unwrap().expect("nothing moved: every byte wrong");
+        assert_eq!(b.mismatched, 256);
+        let ok: Fns = Probe::Known {
+            expected: expected.clone(),
+            poison: Box::new(|_: &[u8]| Ok(())),
+            transfer: Box::new(|| {
+                dest.borrow_mut().copy_from_slice(&expected);
+                Ok(())
+            }),
+            read_back: Box::new(|b: &mut [u8]| {
+                b.copy_from_slice(&dest.borrow());
+                Ok(())
+            }),
+        };
+        assert_eq!(h.probe(rid(2), Peer::Cpu, ok).unwrap(), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::addr::{AddrRange, VirtAddr};
 use crate::pci::Bdf;
-use crate::sys;
+use crate::sys::{self, MappedSpan};
 
 /// Who owns the memory physically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,24 +48,46 @@ pub enum RegionError {
     Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
+/// Which side of an access a region was on, for error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        })
+    }
+}
+
+/// Why a CPU access to a region's bytes did not happen. Nothing was copied in any case.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error("{n:#x} bytes at offset {offset:#x} run past the {region_len:#x}-byte {side} region")]
+    OutOfRange { side: Side, offset: u64, n: u64, region_len: u64 },
+    #[error("the {side} region has no CPU mapping (only a device can reach it)")]
+    NoCpuMapping { side: Side },
+    #[error("the {side} region's CPU mapping covers {completed:#x} of the {expected:#x} bytes asked")]
+    PartialBuffer { side: Side, expected: u64, completed: u64 },
+}
+
 /// A contiguous range of memory that peers may reach. Everything else derives from these.
 ///
-/// `Any` is a supertrait so a registry entry's `&dyn PeerMemory` can be upcast to `&dyn Any` and
-/// downcast to the backend's concrete type (a mover finding out that a region is a Vulkan buffer).
-///
-/// # Safety
-/// Backends hand a region's CPU mapping to the kernel and to drivers (O_DIRECT buffers,
-/// `ibv_reg_mr`, Vulkan host-pointer imports, CPU copies). An implementer promises: when
-/// `cpu_mapping()` returns `Some(va)`, the `len()` bytes at `va` are mapped readable and writable
-/// in this process for as long as the object lives, and `cpu_mapping()` and `len()` always
-/// return the same values.
-pub unsafe trait PeerMemory: std::any::Any + Send + Sync + 'static {
+/// CPU access lives on the region (`read_at`, `write_at`, `copy_to`): they copy through the
+/// mapping `cpu_mapping()` lends, which is borrowed from the region, so it cannot outlive it.
+/// Backends hand that span's address to the kernel and to drivers (O_DIRECT buffers,
+/// `ibv_reg_mr`, Vulkan host-pointer imports) only while they hold the region.
+pub trait PeerMemory: Send + Sync + 'static {
     /// Length in bytes (never 0).
     fn len(&self) -> u64;
     fn provider(&self) -> Provider;
     fn backing(&self) -> Backing<'_>;
-    /// Start of a CPU mapping of all `len()` bytes, when the region has one.
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
+    /// A CPU mapping of all `len()` bytes, when the region has one.
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
         None
     }
     /// An fd another process or driver can import, when the backing allows.
@@ -77,14 +99,48 @@ pub unsafe trait PeerMemory: std::any::Any + Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The CPU mapping as a range.
+    /// The CPU mapping as a range of addresses.
     fn cpu_range(&self) -> Option<AddrRange<VirtAddr>> {
-        AddrRange::new(self.cpu_mapping()?, self.len()).ok()
+        let s = self.cpu_mapping()?;
+        AddrRange::new(s.addr(), s.len().min(self.len())).ok()
+    }
+    /// The mapped bytes `offset..offset+n`, checked against the region and its mapping.
+    fn span_at(&self, side: Side, offset: u64, n: u64) -> Result<MappedSpan<'_>, AccessError> {
+        let region_len = self.len();
+        if offset.checked_add(n).is_none_or(|end| end > region_len) {
+            return Err(AccessError::OutOfRange { side, offset, n, region_len });
+        }
+        let span = self.cpu_mapping().ok_or(AccessError::NoCpuMapping { side })?;
+        span.sub(offset, n).map_err(|_| AccessError::PartialBuffer {
+            side,
+            expected: n,
+            completed: span.len().saturating_sub(offset).min(n),
+        })
+    }
+    /// Copies bytes at `offset` into `buf`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let s = self.span_at(Side::Source, offset, buf.len() as u64)?;
+        s.read_at(0, buf).expect("span sized to the buffer");
+        Ok(())
+    }
+    /// Copies `data` into the region at `offset`. Concurrent peers may observe a partial write,
+    /// as with any DMA buffer.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), AccessError> {
+        let s = self.span_at(Side::Destination, offset, data.len() as u64)?;
+        s.write_at(0, data).expect("span sized to the data");
+        Ok(())
+    }
+    /// Copies `n` bytes at `offset` of this region to `dst` at `dst_offset`, CPU to CPU mapping.
+    fn copy_to(&self, offset: u64, dst: &dyn PeerMemory, dst_offset: u64, n: u64) -> Result<(), AccessError> {
+        let s = self.span_at(Side::Source, offset, n)?;
+        let d = dst.span_at(Side::Destination, dst_offset, n)?;
+        s.copy_to(0, &d, 0, n).expect("spans sized to the copy");
+        Ok(())
     }
 }
 
-/// Page-aligned system memory backed by a memfd, mapped shared: usable by the CPU, exportable as
-/// an fd (another process, or a Vulkan driver, can map or import the same pages).
+/// Page-aligned system memory backed by a sealed memfd, mapped shared: usable by the CPU,
+/// exportable as an fd (another process, or a Vulkan driver, can map or import the same pages).
 #[derive(Debug)]
 pub struct HostRegion {
     map: sys::Mapping,
@@ -103,8 +159,8 @@ impl HostRegion {
             .div_ceil(page)
             .checked_mul(page)
             .ok_or(RegionError::Invalid { len, why: "rounding to the page size overflows".into() })?;
-        let fd = sys::memfd("peermem-host").map_err(|source| RegionError::Os { what: "memfd_create", source })?;
-        sys::set_len(&fd, rounded).map_err(|source| RegionError::Os { what: "ftruncate", source })?;
+        let fd = sys::sealed_memfd("peermem-host", rounded)
+            .map_err(|source| RegionError::Os { what: "memfd_create", source })?;
         let map =
             sys::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
         Ok(HostRegion { map, fd, numa: None })
@@ -115,20 +171,13 @@ impl HostRegion {
         self.map.as_mut_slice()
     }
 
-    /// Writes `data` at `offset` through the shared mapping. Concurrent peers may observe a
-    /// partial write, as with any DMA buffer.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RegionError> {
-        self.map.write_at(offset, data).map_err(|why| RegionError::Invalid { len: self.len(), why })
-    }
-
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RegionError> {
-        self.map.read_at(offset, buf).map_err(|why| RegionError::Invalid { len: self.len(), why })
+    /// The memfd behind the pages (sealed against resizing).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 
-// SAFETY: the mapping is owned by the region and unmapped only when it drops; len is its size.
-unsafe impl PeerMemory for HostRegion {
+impl PeerMemory for HostRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }
@@ -138,8 +187,8 @@ unsafe impl PeerMemory for HostRegion {
     fn backing(&self) -> Backing<'_> {
         Backing::HostPages
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
-        Some(self.map.addr())
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        Some(self.map.span())
     }
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
         self.fd.try_clone().map_err(|source| RegionError::Os { what: "dup", source })
@@ -171,9 +220,7 @@ impl HostSlice {
     }
 }
 
-// SAFETY: the slice holds an Arc of its pool, whose mapping covers offset..offset+len
-// (checked in `new`) for the pool's life.
-unsafe impl PeerMemory for HostSlice {
+impl PeerMemory for HostSlice {
     fn len(&self) -> u64 {
         self.len
     }
@@ -183,9 +230,9 @@ unsafe impl PeerMemory for HostSlice {
     fn backing(&self) -> Backing<'_> {
         Backing::HostPages
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
-        // In range by construction: offset < pool length, and the pool's mapping is valid.
-        Some(VirtAddr::new(self.pool.map.addr().raw() + self.offset))
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        // In range by construction (`new` checked offset + len against the pool).
+        self.pool.map.span().sub(self.offset, self.len).ok()
     }
 }
 
@@ -199,8 +246,7 @@ pub struct BarRegion {
     pub len: u64,
 }
 
-// SAFETY: no CPU mapping is claimed.
-unsafe impl PeerMemory for BarRegion {
+impl PeerMemory for BarRegion {
     fn len(&self) -> u64 {
         self.len
     }
@@ -221,55 +267,79 @@ mod tests {
         let mut r = HostRegion::new(10_000).unwrap();
         assert_eq!(r.len() % sys::page_size(), 0);
         assert!(r.len() >= 10_000);
-        assert_eq!(r.cpu_mapping().unwrap().raw() % sys::page_size(), 0);
+        assert_eq!(r.cpu_range().unwrap().start().raw() % sys::page_size(), 0);
         assert!(r.as_mut_slice().iter().all(|&b| b == 0));
         r.as_mut_slice()[..4].copy_from_slice(b"peer");
         let fd = r.export_fd().unwrap();
         // The exported fd maps the same pages.
         let other = sys::Mapping::shared(fd.as_fd(), r.len()).unwrap();
         let mut head = [0u8; 4];
-        other.read_at(0, &mut head).unwrap();
+        other.span().read_at(0, &mut head).unwrap();
         assert_eq!(&head, b"peer");
-        other.write_at(4, b"mem").unwrap();
+        other.span().write_at(4, b"mem").unwrap();
         let mut buf = [0u8; 7];
         r.read_at(0, &mut buf).unwrap();
         assert_eq!(&buf, b"peermem");
     }
 
     #[test]
-    fn a_registered_region_downcasts_to_its_concrete_type() {
-        let r: std::sync::Arc<dyn PeerMemory> = std::sync::Arc::new(HostRegion::new(4096).unwrap());
-        let any: &dyn std::any::Any = r.as_ref();
-        assert!(any.downcast_ref::<HostRegion>().is_some());
-        assert!(any.downcast_ref::<BarRegion>().is_none());
-    }
-
-    #[test]
-    fn mapped_copies_check_both_ranges_and_need_mappings() {
+    fn region_copies_check_both_ranges_and_need_mappings() {
         let a = HostRegion::new(8192).unwrap();
         let b = HostRegion::new(4096).unwrap();
         a.write_at(100, b"peer").unwrap();
-        sys::copy_mapped(&a, 100, &b, 4092, 4).unwrap();
+        a.copy_to(100, &b, 4092, 4).unwrap();
         let mut got = [0u8; 4];
-        sys::read_mapped(&b, 4092, &mut got).unwrap();
+        b.read_at(4092, &mut got).unwrap();
         assert_eq!(&got, b"peer");
-        sys::write_mapped(&a, 0, b"mem").unwrap();
-        let mut got = [0u8; 3];
-        a.read_at(0, &mut got).unwrap();
-        assert_eq!(&got, b"mem");
-        assert!(sys::copy_mapped(&a, 8190, &b, 0, 4).unwrap_err().contains("source"));
-        assert!(sys::copy_mapped(&a, 0, &b, 4093, 4).unwrap_err().contains("destination"));
-        assert!(sys::copy_mapped(&a, u64::MAX, &b, 0, 2).is_err());
+        assert_eq!(
+            a.copy_to(8190, &b, 0, 4),
+            Err(AccessError::OutOfRange { side: Side::Source, offset: 8190, n: 4, region_len: 8192 })
+        );
+        assert_eq!(
+            a.copy_to(0, &b, 4093, 4),
+            Err(AccessError::OutOfRange { side: Side::Destination, offset: 4093, n: 4, region_len: 4096 })
+        );
+        assert!(matches!(a.copy_to(u64::MAX, &b, 0, 2), Err(AccessError::OutOfRange { .. })));
         let bar = BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 0, len: 4096 };
-        assert!(sys::copy_mapped(&bar, 0, &b, 0, 4).unwrap_err().contains("no CPU mapping"));
-        assert!(sys::read_mapped(&b, 4095, &mut [0u8; 2]).is_err());
+        assert_eq!(bar.copy_to(0, &b, 0, 4), Err(AccessError::NoCpuMapping { side: Side::Source }));
+        assert_eq!(b.copy_to(0, &bar, 0, 4), Err(AccessError::NoCpuMapping { side: Side::Destination }));
+        assert!(b.read_at(4095, &mut [0u8; 2]).is_err());
+        let e = a.copy_to(8190, &b, 0, 4).unwrap_err().to_string();
+        assert!(e.contains("source") && e.contains("0x2000"), "{e}");
+    }
+
+    /// A region whose mapping is shorter than it claims: accesses past the mapping are refused.
+    #[test]
+    fn a_mapping_shorter_than_the_region_is_a_partial_buffer() {
+        struct Short(HostRegion);
+        impl PeerMemory for Short {
+            fn len(&self) -> u64 {
+                self.0.len() * 2
+            }
+            fn provider(&self) -> Provider {
+                self.0.provider()
+            }
+            fn backing(&self) -> Backing<'_> {
+                Backing::HostPages
+            }
+            fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+                self.0.cpu_mapping()
+            }
+        }
+        let s = Short(HostRegion::new(4096).unwrap());
+        assert_eq!(
+            s.write_at(4000, &[1u8; 200]),
+            Err(AccessError::PartialBuffer { side: Side::Destination, expected: 200, completed: 96 })
+        );
+        s.write_at(0, &[1u8; 200]).unwrap();
+        assert_eq!(s.cpu_range().unwrap().len(), 4096);
     }
 
     #[test]
     fn host_slices_must_fit_their_pool() {
         let pool = std::sync::Arc::new(HostRegion::new(8192).unwrap());
         let s = HostSlice::new(pool.clone(), 4096, 4096).unwrap();
-        assert_eq!(s.cpu_mapping().unwrap().raw(), pool.cpu_mapping().unwrap().raw() + 4096);
+        assert_eq!(s.cpu_range().unwrap().start().raw(), pool.cpu_range().unwrap().start().raw() + 4096);
         assert!(HostSlice::new(pool.clone(), 4096, 4097).is_err());
         assert!(HostSlice::new(pool.clone(), 0, 0).is_err());
         assert!(HostSlice::new(pool, u64::MAX, 2).is_err());

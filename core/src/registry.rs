@@ -58,6 +58,8 @@ pub enum RegistryError {
     OutOfBar { bdf: Bdf, bar: u8, offset: u64, len: u64, bar_len: u64 },
     #[error("region is empty")]
     Empty,
+    #[error("the region's CPU mapping covers {mapped:#x} of its {len:#x} bytes")]
+    ShortMapping { mapped: u64, len: u64 },
     #[error("{space} range {start:#x}..={last:#x} overlaps {existing}")]
     Overlap { space: &'static str, start: u64, last: u64, existing: RegionId },
     #[error(transparent)]
@@ -417,7 +419,8 @@ impl Registry {
             Backing::OpaqueFd(_) => Kind::OpaqueFd,
         };
         let va = match region.cpu_mapping() {
-            Some(v) => Some(AddrRange::new(v, len)?),
+            Some(s) if s.len() >= len => Some(AddrRange::new(s.addr(), len)?),
+            Some(s) => return Err(RegistryError::ShortMapping { mapped: s.len(), len }),
             None => None,
         };
 

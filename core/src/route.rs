@@ -5,7 +5,7 @@
 
 use std::ops::Deref;
 
-use crate::addr::{BusAddr, CpuPhys, Iova, VirtAddr};
+use crate::addr::{AddrError, Address, BusAddr, CpuPhys, DmaAddr, Iova, VirtAddr};
 use crate::path::{MapType, Verdict};
 use crate::pci::DevIdx;
 
@@ -65,6 +65,16 @@ impl RouteKind {
     pub fn is_direct(&self) -> bool {
         !matches!(self, RouteKind::Bounce(_))
     }
+
+    /// The address a device programs, for the kinds that have one.
+    pub fn dma_address(&self) -> Option<DmaAddr> {
+        match *self {
+            RouteKind::BusAddr(a) => Some(DmaAddr::Bus(a)),
+            RouteKind::HostBridge(a) => Some(DmaAddr::Phys(a)),
+            RouteKind::Iommu(Some(a)) => Some(DmaAddr::Iova(a)),
+            _ => None,
+        }
+    }
 }
 
 /// The verdict behind a route: borrowed from the registry's per-pair cache, or computed afresh.
@@ -110,28 +120,29 @@ impl Route<'_> {
         self.verdict.as_ref().map(|v| v.map_type)
     }
 
-    /// The route to byte `offset` of the region; `None` past the end.
-    pub fn at(&self, offset: u64) -> Option<RouteKind> {
+    /// The route to byte `offset` of the region (checked: past the end, or an address that would
+    /// overflow, is an error).
+    pub fn at(&self, offset: u64) -> Result<RouteKind, AddrError> {
         if offset >= self.len {
-            return None;
+            return Err(AddrError::OutsideWindow { space: "region offset", addr: offset, start: 0, end: self.len });
         }
-        Some(match self.kind {
-            RouteKind::BusAddr(a) => RouteKind::BusAddr(BusAddr::new(a.raw() + offset)),
-            RouteKind::HostBridge(a) => RouteKind::HostBridge(CpuPhys::new(a.raw() + offset)),
-            RouteKind::Iommu(Some(a)) => RouteKind::Iommu(Some(Iova::new(a.raw().checked_add(offset)?))),
-            RouteKind::CpuMapped(a) => RouteKind::CpuMapped(VirtAddr::new(a.raw() + offset)),
+        Ok(match self.kind {
+            RouteKind::BusAddr(a) => RouteKind::BusAddr(Address::checked_add(a, offset)?),
+            RouteKind::HostBridge(a) => RouteKind::HostBridge(Address::checked_add(a, offset)?),
+            RouteKind::Iommu(Some(a)) => RouteKind::Iommu(Some(Address::checked_add(a, offset)?)),
+            RouteKind::CpuMapped(a) => RouteKind::CpuMapped(Address::checked_add(a, offset)?),
             k => k,
         })
     }
 
-    /// The address the peer programs for the region's first byte, if the route has one.
-    pub fn dma_address(&self) -> Option<u64> {
-        match self.kind {
-            RouteKind::BusAddr(a) => Some(a.raw()),
-            RouteKind::HostBridge(a) => Some(a.raw()),
-            RouteKind::Iommu(Some(a)) => Some(a.raw()),
-            _ => None,
-        }
+    /// What the peer programs for the region's first byte, if the route has a DMA address.
+    pub fn dma_address(&self) -> Option<DmaAddr> {
+        self.kind.dma_address()
+    }
+
+    /// What the peer programs for byte `offset` of the region (checked).
+    pub fn dma_address_at(&self, offset: u64) -> Result<Option<DmaAddr>, AddrError> {
+        Ok(self.at(offset)?.dma_address())
     }
 
     /// Every reason, the verdict's first, then what the route adds.

@@ -1,58 +1,45 @@
-//! The core's only system-call layer: memfd, ftruncate, mmap/munmap, page size. Backends reuse
-//! `Mapping` for every shared mapping they make (sysfs `p2pmem/allocate`, `resourceN`, VFIO
-//! regions) instead of calling mmap themselves.
+//! The core's only system layer: memfd (sealed to its size), mmap/munmap, page size, pagemap,
+//! and `MappedSpan`, a borrowed view of mapped bytes through which every CPU copy of the project
+//! goes. Backends reuse `Mapping` for every shared mapping they make (sysfs `p2pmem/allocate`,
+//! `resourceN` through `Topology::map_bar`, VFIO regions) instead of calling mmap themselves.
 //!
 //! Owns every `unsafe` block of the core crate. Must not: know what a region or a device is.
-//! Everything it returns is owned (`OwnedFd`, `Mapping` unmapped on drop) or an `io::Error`.
+//! Everything it returns is owned (`OwnedFd`, `Mapping` unmapped on drop), borrowed with a
+//! lifetime (`MappedSpan<'_>`), or an `io::Error`.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::marker::PhantomData;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 
-use crate::addr::VirtAddr;
-use crate::region::PeerMemory;
+use rustix::fs::{MemfdFlags, SealFlags};
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::addr::{CpuPhys, VirtAddr};
 
 /// The system page size.
 pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if v > 0 {
-        v as u64
-    } else {
-        4096
-    }
+    rustix::param::page_size() as u64
 }
 
-/// A new anonymous memory file (close-on-exec).
-pub fn memfd(name: &str) -> io::Result<OwnedFd> {
-    let cname = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: cname is a valid NUL-terminated string that outlives the call.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Sets a file's length.
-pub fn set_len(fd: &OwnedFd, len: u64) -> io::Result<()> {
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: ftruncate on a valid fd has no memory-safety preconditions.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+/// A new anonymous memory file of `len` bytes (close-on-exec), sealed so that it can neither
+/// shrink nor grow: a mapping of it can never turn into SIGBUS because someone truncated it.
+pub fn sealed_memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    rustix::fs::ftruncate(&fd, len)?;
+    rustix::fs::fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL)?;
+    Ok(fd)
 }
 
 /// A shared read-write mapping, unmapped on drop.
 #[derive(Debug)]
 pub struct Mapping {
-    ptr: *mut u8,
+    ptr: NonNull<u8>,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory; access goes through &self/&mut self methods that
-// copy bytes, and concurrent writers race only on the bytes (as any DMA buffer does).
+// SAFETY: the mapping is plain shared memory; access goes through `MappedSpan`, which copies
+// bytes, and concurrent writers race only on the bytes (as any DMA buffer does).
 unsafe impl Send for Mapping {}
 // SAFETY: see Send; no interior state besides the mapped bytes.
 unsafe impl Sync for Mapping {}
@@ -66,30 +53,27 @@ impl Mapping {
     /// Maps `len` bytes of `fd` from byte `offset` (page-aligned), MAP_SHARED, read-write.
     pub fn shared_at(fd: BorrowedFd<'_>, len: u64, offset: u64) -> io::Result<Mapping> {
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        if len == 0 {
+        if len == 0 || !offset.is_multiple_of(page_size()) {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
         // SAFETY: a fresh mapping chosen by the kernel (addr NULL) aliases no Rust object; the
         // fd is valid for the call.
         let p = unsafe {
-            libc::mmap(
+            rustix::mm::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                fd,
                 offset,
-            )
+            )?
         };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Mapping { ptr: p.cast(), len })
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
     }
 
     pub fn addr(&self) -> VirtAddr {
-        VirtAddr::from_ptr(self.ptr)
+        VirtAddr::from_ptr(self.ptr.as_ptr())
     }
     pub fn len(&self) -> usize {
         self.len
@@ -98,90 +82,194 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+    /// All the mapped bytes, borrowed from the mapping.
+    pub fn span(&self) -> MappedSpan<'_> {
+        MappedSpan { ptr: self.ptr, len: self.len, _life: PhantomData }
+    }
     /// Exclusive access. There is deliberately no `&self -> &[u8]`: the bytes are shared memory
-    /// that `write_at` (and peers) change, so shared access copies through `read_at`/`write_at`.
+    /// that peers change, so shared access copies through `MappedSpan`.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr..ptr+len is a live mapping owned by self; &mut self guarantees no other
         // access through this Mapping while the slice lives.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-
-    fn check(&self, offset: u64, n: usize) -> Result<usize, String> {
-        let off = usize::try_from(offset).map_err(|_| format!("offset {offset:#x} out of range"))?;
-        match off.checked_add(n) {
-            Some(end) if end <= self.len => Ok(off),
-            _ => Err(format!("{n} bytes at offset {offset:#x} exceed the {}-byte mapping", self.len)),
-        }
-    }
-
-    /// Copies `data` into the mapping at `offset` (bounds-checked).
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), String> {
-        let off = self.check(offset, data.len())?;
-        // SAFETY: bounds checked above; the destination is shared memory that no Rust reference
-        // borrows mutably (only `as_mut_slice(&mut self)` hands one out), and data cannot alias
-        // it mutably.
-        unsafe { std::ptr::copy(data.as_ptr(), self.ptr.add(off), data.len()) };
-        Ok(())
-    }
-
-    /// Copies from the mapping at `offset` into `buf` (bounds-checked).
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        let off = self.check(offset, buf.len())?;
-        // SAFETY: bounds checked above; buf is a distinct &mut borrow.
-        unsafe { std::ptr::copy(self.ptr.add(off), buf.as_mut_ptr(), buf.len()) };
-        Ok(())
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: ptr/len describe a mapping created by mmap and not unmapped before.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        // SAFETY: ptr/len describe a mapping created by mmap and not unmapped before; no
+        // `MappedSpan` of it outlives `self` (they borrow it).
+        if let Err(e) = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) } {
+            tracing::error!(%e, len = self.len, "munmap failed");
+        }
     }
 }
 
-// ---- CPU access to any region through its CPU mapping (the one copy every backend uses) -------
+/// Why a copy through mapped bytes did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpanError {
+    #[error("{n:#x} bytes at offset {offset:#x} run past the {len:#x}-byte mapping")]
+    OutOfRange { offset: u64, n: u64, len: u64 },
+}
 
-/// Start of bytes `off..off+len` of `r`'s CPU mapping, bounds-checked.
-fn mapped_span(what: &str, r: &dyn PeerMemory, off: u64, len: u64) -> Result<*mut u8, String> {
-    let va = r.cpu_mapping().ok_or_else(|| format!("the {what} region has no CPU mapping"))?;
-    match off.checked_add(len) {
-        Some(end) if end <= r.len() => {}
-        _ => return Err(format!("{len:#x} bytes at offset {off:#x} exceed the {:#x}-byte {what} region", r.len())),
+/// `len` mapped bytes at a CPU address, borrowed for `'a` from whatever owns the mapping (a
+/// `Mapping`, a backend's driver mapping). Every CPU copy of the project goes through this type:
+/// the bytes are shared with devices, so there is no `&[u8]` over them, only copies in and out.
+#[derive(Debug, Clone, Copy)]
+pub struct MappedSpan<'a> {
+    ptr: NonNull<u8>,
+    len: usize,
+    _life: PhantomData<&'a Mapping>,
+}
+
+// SAFETY: a span only copies bytes in and out of shared memory (see `Mapping`).
+unsafe impl Send for MappedSpan<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for MappedSpan<'_> {}
+
+impl<'a> MappedSpan<'a> {
+    /// A span over memory that some other owner mapped (a driver's mapping).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must be mapped readable and writable in this process for all of `'a`, and
+    /// must not be covered by a live Rust reference (`&`/`&mut [u8]`) during `'a`.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize) -> MappedSpan<'a> {
+        MappedSpan { ptr, len, _life: PhantomData }
     }
-    usize::try_from(len).map_err(|_| format!("length {len:#x} does not fit this address space"))?;
-    Ok((va.raw() + off) as usize as *mut u8)
+
+    pub fn addr(&self) -> VirtAddr {
+        VirtAddr::from_ptr(self.ptr.as_ptr())
+    }
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `offset..offset+n` of this span.
+    pub fn sub(&self, offset: u64, n: u64) -> Result<MappedSpan<'a>, SpanError> {
+        let off = self.check(offset, n)?;
+        // SAFETY: off+n <= len (checked), so the pointer stays inside the same mapping.
+        let ptr = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(off)) };
+        Ok(MappedSpan { ptr, len: n as usize, _life: PhantomData })
+    }
+
+    fn check(&self, offset: u64, n: u64) -> Result<usize, SpanError> {
+        let err = SpanError::OutOfRange { offset, n, len: self.len as u64 };
+        match offset.checked_add(n) {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(err),
+        }
+    }
+
+    /// Copies `data` into the span at `offset`.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), SpanError> {
+        let off = self.check(offset, data.len() as u64)?;
+        // SAFETY: bounds checked; the destination is mapped for 'a (constructor contract) and
+        // `data` is a distinct borrow. `copy` is a plain memmove: concurrent DMA can tear the
+        // bytes, never the access.
+        unsafe { std::ptr::copy(data.as_ptr(), self.ptr.as_ptr().add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes at `offset` into `buf`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SpanError> {
+        let off = self.check(offset, buf.len() as u64)?;
+        // SAFETY: bounds checked; the source is mapped for 'a; `buf` is a distinct &mut borrow.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Copies `n` bytes from `self` at `src_off` to `dst` at `dst_off` (the spans may overlap).
+    pub fn copy_to(&self, src_off: u64, dst: &MappedSpan<'_>, dst_off: u64, n: u64) -> Result<(), SpanError> {
+        let s = self.check(src_off, n)?;
+        let d = dst.check(dst_off, n)?;
+        // SAFETY: both ranges checked against their spans, which are mapped for their
+        // lifetimes; `copy` tolerates overlap.
+        unsafe { std::ptr::copy(self.ptr.as_ptr().add(s), dst.ptr.as_ptr().add(d), n as usize) };
+        Ok(())
+    }
+
+    /// Fills `n` bytes at `offset` with `byte`.
+    pub fn fill(&self, offset: u64, n: u64, byte: u8) -> Result<(), SpanError> {
+        let off = self.check(offset, n)?;
+        // SAFETY: bounds checked; mapped for 'a.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), byte, n as usize) };
+        Ok(())
+    }
 }
 
-/// Copies `len` bytes from `src` at `src_off` to `dst` at `dst_off` through their CPU mappings.
-pub fn copy_mapped(
-    src: &dyn PeerMemory,
-    src_off: u64,
-    dst: &dyn PeerMemory,
-    dst_off: u64,
-    len: u64,
-) -> Result<(), String> {
-    let s = mapped_span("source", src, src_off, len)?;
-    let d = mapped_span("destination", dst, dst_off, len)?;
-    // SAFETY: `PeerMemory` is an unsafe trait whose implementers promise the CPU mapping covers
-    // all `len()` bytes while the region lives (borrowed here); both ranges were checked to lie
-    // inside. `copy` tolerates overlap. Concurrent DMA can tear the bytes, never the access.
-    unsafe { std::ptr::copy(s as *const u8, d, len as usize) };
-    Ok(())
+/// Why a virtual address has no known physical address.
+#[derive(Debug, thiserror::Error)]
+pub enum PagemapError {
+    #[error("/proc/self/pagemap: {0}")]
+    Io(#[from] io::Error),
+    #[error("{va} is not present in memory (touch or lock the page first)")]
+    NotPresent { va: VirtAddr },
+    #[error("/proc/self/pagemap hides physical addresses (PFN 0): CAP_SYS_ADMIN is needed")]
+    Hidden,
 }
 
-/// Copies bytes `off..off+buf.len()` of `r` into `buf`.
-pub fn read_mapped(r: &dyn PeerMemory, off: u64, buf: &mut [u8]) -> Result<(), String> {
-    let s = mapped_span("source", r, off, buf.len() as u64)?;
-    // SAFETY: as in `copy_mapped`; `buf` is a distinct &mut borrow.
-    unsafe { std::ptr::copy(s as *const u8, buf.as_mut_ptr(), buf.len()) };
-    Ok(())
+/// The CPU physical address behind `va`, from `/proc/self/pagemap` (root: other users read PFN 0).
+pub fn virt_to_phys(va: VirtAddr) -> Result<CpuPhys, PagemapError> {
+    use std::os::unix::fs::FileExt;
+    let page = page_size();
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, (va.raw() / page) * 8)?;
+    let entry = u64::from_le_bytes(e);
+    if entry & (1 << 63) == 0 {
+        return Err(PagemapError::NotPresent { va });
+    }
+    let pfn = entry & ((1 << 55) - 1);
+    if pfn == 0 {
+        return Err(PagemapError::Hidden);
+    }
+    Ok(CpuPhys::new(pfn * page + va.raw() % page))
 }
 
-/// Copies `data` into `r` at `off`.
-pub fn write_mapped(r: &dyn PeerMemory, off: u64, data: &[u8]) -> Result<(), String> {
-    let d = mapped_span("destination", r, off, data.len() as u64)?;
-    // SAFETY: as in `copy_mapped`; `data` cannot alias the mapping mutably.
-    unsafe { std::ptr::copy(data.as_ptr(), d, data.len()) };
-    Ok(())
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn sealed_memfds_cannot_change_size() {
+        let fd = sealed_memfd("t", 8192).unwrap();
+        assert!(rustix::fs::ftruncate(&fd, 4096).is_err());
+        assert!(rustix::fs::ftruncate(&fd, 1 << 20).is_err());
+        let m = Mapping::shared(fd.as_fd(), 8192).unwrap();
+        m.span().write_at(8188, b"ok!!").unwrap();
+        let mut b = [0u8; 4];
+        m.span().read_at(8188, &mut b).unwrap();
+        assert_eq!(&b, b"ok!!");
+    }
+
+    #[test]
+    fn spans_check_every_range() {
+        let fd = sealed_memfd("t", 4096).unwrap();
+        let m = Mapping::shared(fd.as_fd(), 4096).unwrap();
+        let s = m.span();
+        assert!(s.write_at(4090, &[0; 7]).is_err());
+        assert!(s.write_at(u64::MAX, &[0; 1]).is_err());
+        assert!(s.sub(4000, 97).is_err());
+        let sub = s.sub(4000, 96).unwrap();
+        assert_eq!(sub.addr().raw(), s.addr().raw() + 4000);
+        sub.fill(0, 96, 0xab).unwrap();
+        let mut b = [0u8; 2];
+        s.read_at(4094, &mut b).unwrap();
+        assert_eq!(b, [0xab, 0xab]);
+        s.copy_to(4000, &s, 0, 96).unwrap();
+        s.read_at(95, &mut b[..1]).unwrap();
+        assert_eq!(b[0], 0xab);
+        assert_eq!(s.copy_to(0, &sub, 1, 96), Err(SpanError::OutOfRange { offset: 1, n: 96, len: 96 }));
+    }
+
+    #[test]
+    fn mappings_need_a_page_aligned_offset_and_a_length() {
+        let fd = sealed_memfd("t", 8192).unwrap();
+        assert!(Mapping::shared_at(fd.as_fd(), 4096, 100).is_err());
+        assert!(Mapping::shared(fd.as_fd(), 0).is_err());
+    }
 }

@@ -17,7 +17,7 @@ fn host_fixture() -> Arc<Topology> {
 fn lookup_by_va_returns_region_and_offset() {
     let reg = Registry::new(host_fixture());
     let r = Arc::new(HostRegion::new(3 * 4096).unwrap());
-    let base = r.cpu_mapping().unwrap();
+    let base = r.cpu_range().unwrap().start();
     let g = reg.register(r.clone()).unwrap();
     let snap = reg.snapshot();
     let hit = snap.lookup_va(VirtAddr::new(base.raw() + 5000)).unwrap();
@@ -34,7 +34,7 @@ fn cpu_and_pci_peers_reach_host_memory_through_its_mapping() {
     let topo = host_fixture();
     let reg = Registry::new(topo.clone());
     let r = Arc::new(HostRegion::new(4096).unwrap());
-    let va = r.cpu_mapping().unwrap();
+    let va = r.cpu_range().unwrap().start();
     let g = reg.register(r).unwrap();
     let route = reg.resolve(&g, Peer::Cpu).unwrap();
     assert_eq!(route.kind, RouteKind::CpuMapped(va));
@@ -51,7 +51,7 @@ fn unregister_makes_lookups_miss_and_resolves_fail_but_old_snapshots_stay_valid(
     let mut r = HostRegion::new(4096).unwrap();
     r.as_mut_slice()[0] = 0xa5;
     let r = Arc::new(r);
-    let va = r.cpu_mapping().unwrap();
+    let va = r.cpu_range().unwrap().start();
     let g = reg.register(r.clone()).unwrap();
     let old = reg.snapshot();
     let entry = g.entry().clone();
@@ -91,7 +91,7 @@ fn overlapping_registrations_are_refused() {
 fn readers_never_see_a_torn_or_freed_region_while_writers_churn() {
     let reg = Registry::new(host_fixture());
     let pool = Arc::new(HostRegion::new(256 * 4096).unwrap());
-    let base = pool.cpu_mapping().unwrap().raw();
+    let base = pool.cpu_range().unwrap().start().raw();
     // Half the slots stay registered throughout; the other half churn.
     let stable: Vec<_> = (0..128)
         .map(|i| reg.register(Arc::new(HostSlice::new(pool.clone(), i * 8192, 4096).unwrap())).unwrap())
@@ -147,7 +147,7 @@ fn attached_resources_drop_before_the_region_is_unregistered() {
     }
     let reg = Registry::new(host_fixture());
     let r = Arc::new(HostRegion::new(4096).unwrap());
-    let va = r.cpu_mapping().unwrap();
+    let va = r.cpu_range().unwrap().start();
     let mut g = reg.register(r).unwrap();
     let seen = Arc::new(AtomicBool::new(false));
     g.attach(Probe(reg.clone(), va, seen.clone()));

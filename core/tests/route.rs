@@ -4,7 +4,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use peermem::{BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, PeerMemory, Registry, RegistryError, RouteKind, Topology};
+use peermem::{
+    BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, DmaAddr, PeerMemory, Registry, RegistryError, RouteKind, Topology,
+};
 
 fn registry(name: &str) -> Registry {
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures")).join(name);
@@ -26,8 +28,10 @@ fn switch_peer_gets_the_bus_address_and_lookup_by_bus_finds_it() {
     let g = reg.register(cmb(0x1000, 0x10_0000)).unwrap();
     let r = reg.resolve(&g, reg.peer(bdf("0000:04:00.0")).unwrap()).unwrap();
     assert_eq!(r.kind, RouteKind::BusAddr(BusAddr::new(0xe400_1000)));
-    assert_eq!(r.at(0x10), Some(RouteKind::BusAddr(BusAddr::new(0xe400_1010))));
-    assert_eq!(r.at(0x10_0000), None);
+    assert_eq!(r.at(0x10), Ok(RouteKind::BusAddr(BusAddr::new(0xe400_1010))));
+    assert_eq!(r.dma_address_at(0x10), Ok(Some(DmaAddr::Bus(BusAddr::new(0xe400_1010)))));
+    assert!(r.at(0x10_0000).is_err(), "past the region's end");
+    assert!(r.at(u64::MAX).is_err());
     let client = reg.topology().idx(bdf("0000:04:00.0")).unwrap();
     let snap = reg.snapshot();
     let hit = snap.lookup_bus(reg.hierarchy_of(client), BusAddr::new(0xe400_1010)).unwrap();
@@ -50,7 +54,8 @@ fn host_bridge_route_programs_the_cpu_address_without_iommu_and_an_iova_with_one
     let g = reg.register(cmb(0x2000, 4096)).unwrap();
     let r = reg.resolve(&g, reg.peer(bdf("0000:81:00.0")).unwrap()).unwrap();
     assert_eq!(r.kind, RouteKind::HostBridge(CpuPhys::new(0xe400_2000)));
-    assert_eq!(r.dma_address(), Some(0xe400_2000));
+    assert_eq!(r.dma_address(), Some(DmaAddr::Phys(CpuPhys::new(0xe400_2000))));
+    assert_eq!(r.dma_address().unwrap().device_bits(), 0xe400_2000);
 
     let reg = registry("derived-iommu-amd-zen");
     let g = reg.register(cmb(0x2000, 4096)).unwrap();

@@ -1,26 +1,22 @@
 //! The controller memory buffer as a peer-memory region, found from the registers alone.
 //!
-//! Owns: opening BAR0 through sysfs `resource0`, reading the CMB geometry (setting CMBMSC.CRE
+//! Owns: mapping BAR0 (through `Topology::map_bar`), reading the CMB geometry (setting CMBMSC.CRE
 //! when the registers read 0, as NVMe 1.4 requires), checking it against the BAR the topology
 //! reports, and `CmbRegion`, a `PeerMemory` with `Backing::Bar { bdf, bar: BIR, offset }`.
 //! Must not: compute CPU or bus addresses (the registry derives them from the topology), or touch
 //! the CMB's contents while the kernel driver owns the controller (it may keep queues there).
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
-use std::path::PathBuf;
-
 use peermem::pci::topology::BarKind;
-use peermem::sys::Mapping;
-use peermem::{Backing, Bdf, PeerMemory, Provider, Topology, VirtAddr};
+use peermem::sys::MappedSpan;
+use peermem::{Backing, BarMapping, Bdf, PeerMemory, Provider, Topology};
 
 use crate::regs::{Bar0, Cmb, CmbState, RegError};
 use crate::sys::MappedMmio;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CmbError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    MapBar(#[from] peermem::MapBarError),
     #[error(transparent)]
     Topology(#[from] peermem::TopologyError),
     #[error("{bdf}: {source}")]
@@ -37,12 +33,9 @@ pub enum CmbError {
 pub fn open_bar0_sysfs(topo: &Topology, bdf: Bdf) -> Result<Bar0<MappedMmio>, CmbError> {
     let dev = topo.by_bdf(bdf)?;
     let bar = dev.bar(0).filter(|b| b.kind == BarKind::Mem).ok_or(CmbError::NoSuchBar { bdf, bar: 0 })?;
-    let path = topo.root().join(&dev.sysfs_dir).join("resource0");
-    let io = |source| CmbError::Io { path: path.clone(), source };
-    let f = OpenOptions::new().read(true).write(true).open(&path).map_err(io)?;
     // Registers and the first doorbells are all this crate needs from a kernel-owned BAR0.
     let len = bar.cpu.len().min(0x2000);
-    let map = Mapping::shared(f.as_fd(), len).map_err(io)?;
+    let map = topo.map_bar(bdf, 0, 0, len)?.into_mapping();
     Bar0::new(MappedMmio::new(map)).map_err(|source| CmbError::Registers { bdf, source })
 }
 
@@ -72,7 +65,7 @@ pub struct CmbRegion {
     /// Byte offset of this region inside the CMB, and its length.
     start: u64,
     len: u64,
-    cpu: Option<Mapping>,
+    cpu: Option<BarMapping>,
 }
 
 impl CmbRegion {
@@ -110,11 +103,7 @@ impl CmbRegion {
     /// Maps the region for the CPU through sysfs `resource<BIR>`. Only for a controller the
     /// kernel driver does not own (the kernel may keep submission queues in the CMB).
     pub fn map_cpu(&mut self, topo: &Topology) -> Result<(), CmbError> {
-        let dev = topo.by_bdf(self.bdf)?;
-        let path = topo.root().join(&dev.sysfs_dir).join(format!("resource{}", self.cmb.bir));
-        let io = |source| CmbError::Io { path: path.clone(), source };
-        let f = OpenOptions::new().read(true).write(true).open(&path).map_err(io)?;
-        self.cpu = Some(Mapping::shared_at(f.as_fd(), self.len, self.bar_offset()).map_err(io)?);
+        self.cpu = Some(topo.map_bar(self.bdf, self.cmb.bir, self.bar_offset(), self.len)?);
         Ok(())
     }
 
@@ -131,14 +120,9 @@ impl CmbRegion {
     pub fn bar_offset(&self) -> u64 {
         self.cmb.offset + self.start
     }
-    /// The CPU mapping, after `map_cpu`.
-    pub fn mapping(&self) -> Option<&Mapping> {
-        self.cpu.as_ref()
-    }
 }
 
-// SAFETY: the optional CPU mapping of the CMB is owned by the region and lives as long as it.
-unsafe impl PeerMemory for CmbRegion {
+impl PeerMemory for CmbRegion {
     fn len(&self) -> u64 {
         self.len
     }
@@ -148,8 +132,8 @@ unsafe impl PeerMemory for CmbRegion {
     fn backing(&self) -> Backing<'_> {
         Backing::Bar { bdf: self.bdf, bar: self.cmb.bir, offset: self.bar_offset() }
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
-        self.cpu.as_ref().map(|m| m.addr())
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        self.cpu.as_ref().and_then(|m| m.cpu_mapping())
     }
 }
 

@@ -9,13 +9,11 @@
 //! is refused before a command is built. I/O goes to the one namespace named at open, inside its
 //! size.
 
-use std::fs::OpenOptions;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peermem::sys::Mapping;
-use peermem::{Backing, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, VirtAddr};
+use peermem::{Backing, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology, VirtAddr};
 
 use crate::regs::{off, Aqa, Bar0, Cap, Cc, RegError};
 use crate::sys::{self, Mmio};
@@ -91,6 +89,8 @@ pub enum NvmeError {
     Reg(#[from] RegError),
     #[error("{what}: {source}")]
     Region { what: &'static str, source: peermem::RegionError },
+    #[error("{what}: {source}")]
+    Access { what: &'static str, source: peermem::AccessError },
     #[error("route refused: {region} is not directly reachable from this controller ({kind}): {reasons}")]
     RouteRefused { region: String, kind: &'static str, reasons: String },
     #[error("resolve: {0}")]
@@ -267,7 +267,7 @@ impl Controller {
     }
 
     fn pool_va(&self) -> VirtAddr {
-        self.pool.cpu_mapping().expect("a HostRegion is CPU-mapped")
+        self.pool.cpu_range().expect("a HostRegion is CPU-mapped").start()
     }
 
     /// DMA address of byte `off` of the pool (always within one page of the pool).
@@ -279,7 +279,7 @@ impl Controller {
         self.disable()?;
         self.pool
             .write_at(0, &vec![0u8; POOL_PRP as usize])
-            .map_err(|source| NvmeError::Region { what: "pool", source })?;
+            .map_err(|source| NvmeError::Access { what: "pool", source })?;
         self.admin = Queue::new(0, ADMIN_DEPTH, POOL_ASQ, POOL_ACQ);
         self.io = None;
         let aqa = Aqa { asqs: ADMIN_DEPTH as u32, acqs: ADMIN_DEPTH as u32 };
@@ -294,7 +294,7 @@ impl Controller {
         let ident = self.pool_dma(POOL_IDENT)?;
         self.admin_cmd("Identify controller", Sqe { opcode: 0x06, prp1: ident, cdw10: 1, ..Default::default() })?;
         let mut id = vec![0u8; PAGE as usize];
-        self.pool.read_at(POOL_IDENT, &mut id).map_err(|source| NvmeError::Region { what: "identify", source })?;
+        self.pool.read_at(POOL_IDENT, &mut id).map_err(|source| NvmeError::Access { what: "identify", source })?;
         let text = |r: std::ops::Range<usize>| String::from_utf8_lossy(&id[r]).trim().to_string();
         let mdts = match id[77] {
             0 => None,
@@ -315,7 +315,7 @@ impl Controller {
 
         // Identify namespace.
         self.admin_cmd("Identify namespace", Sqe { opcode: 0x06, nsid, prp1: ident, cdw10: 0, ..Default::default() })?;
-        self.pool.read_at(POOL_IDENT, &mut id).map_err(|source| NvmeError::Region { what: "identify", source })?;
+        self.pool.read_at(POOL_IDENT, &mut id).map_err(|source| NvmeError::Access { what: "identify", source })?;
         let blocks = u64::from_le_bytes(id[0..8].try_into().expect("8 bytes"));
         let flbas = (id[26] & 0xf) as usize;
         let lbaf = u32::from_le_bytes(id[128 + 4 * flbas..132 + 4 * flbas].try_into().expect("4 bytes"));
@@ -413,7 +413,7 @@ impl Controller {
         q.tail = (q.tail + 1) % q.depth;
         q.in_flight += 1;
         let (tail, qid) = (q.tail, q.qid);
-        self.pool.write_at(at, &sqe.bytes(cid)).map_err(|source| NvmeError::Region { what: "SQ", source })?;
+        self.pool.write_at(at, &sqe.bytes(cid)).map_err(|source| NvmeError::Access { what: "SQ", source })?;
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.commands += 1;
         self.bar0.write32(self.doorbell(qid, false), tail as u32)?;
@@ -482,7 +482,7 @@ impl Controller {
                 if self.vfio.mode() != IommuMode::Type1 {
                     return Err(refuse("iommu", route.reasons()));
                 }
-                let map = peer_bar_mapping(entry).map_err(|why| refuse("iommu", vec![why]))?;
+                let map = peer_bar_mapping(reg.topology(), entry).map_err(|why| refuse("iommu", vec![why]))?;
                 Target::Linear(self.vfio.map_peer(map)?.raw())
             }
             RouteKind::CpuMapped(va) => {
@@ -538,7 +538,7 @@ impl Controller {
         }
         let list_off = POOL_PRP + slot as u64 * PAGE;
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        self.pool.write_at(list_off, &bytes).map_err(|source| NvmeError::Region { what: "PRP list", source })?;
+        self.pool.write_at(list_off, &bytes).map_err(|source| NvmeError::Access { what: "PRP list", source })?;
         Ok((first, self.pool_dma(list_off)?))
     }
 
@@ -678,8 +678,8 @@ impl Queue {
 }
 
 /// A CPU mapping of a BAR-backed region to hand to the IOMMU: the region's own mapping when it
-/// has one is not reusable (it is not ours to keep), so map sysfs `resource<bar>` afresh.
-fn peer_bar_mapping(entry: &Entry) -> Result<Mapping, String> {
+/// has one is not reusable (it is not ours to keep), so the topology maps the BAR range afresh.
+fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<Mapping, String> {
     let (bdf, bar, offset) = match entry.region().backing() {
         Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => (bdf, bar, offset),
         _ => return Err("not a BAR-backed region".into()),
@@ -687,9 +687,7 @@ fn peer_bar_mapping(entry: &Entry) -> Result<Mapping, String> {
     if offset % PAGE != 0 {
         return Err(format!("BAR offset {offset:#x} is not page aligned"));
     }
-    let path = format!("/sys/bus/pci/devices/{bdf}/resource{bar}");
-    let f = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| format!("{path}: {e}"))?;
-    Mapping::shared_at(f.as_fd(), entry.len(), offset).map_err(|e| format!("mmap {path}: {e}"))
+    topo.map_bar(bdf, bar, offset, entry.len()).map(|m| m.into_mapping()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

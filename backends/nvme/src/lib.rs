@@ -10,25 +10,22 @@
 //!   verdict says `not_supported` (the guest tests check every pair).
 //! - [`vfio`] and [`driver`]: a polled userspace NVMe driver over VFIO (type1 or no-IOMMU) whose
 //!   PRP entries come only from registry routes.
-//! - [`loader`]: the NVMe-to-GPU loader: a byte range of a file or namespace into any registered
-//!   region, direct when the route allows (probed for peer memory), else a pipelined bounce.
 //! - `sys`: the crate's only `unsafe` (MMIO, VFIO ioctls, mlock).
 
 pub mod blockdev;
 pub mod cmb;
 pub mod p2pmem;
 pub mod regs;
+#[allow(unsafe_code)]
 mod sys;
 
 pub use blockdev::{BlockDevice, DirectIoError};
 pub use cmb::{CmbError, CmbRegion};
 pub use p2pmem::{P2pmemError, P2pmemRegion};
 pub use regs::{RegError, Registers};
-pub use sys::{MappedMmio, Mmio};
+pub use sys::{pread_into, MappedMmio, Mmio};
 pub mod driver;
-pub mod loader;
 pub mod vfio;
 
 pub use driver::{Controller, Dir, NvmeError};
-pub use loader::{load, KernelSource, LoadError, LoadOptions, LoadReport, Method, Source};
 pub use vfio::{Binding, IommuMode, Vfio, VfioError};

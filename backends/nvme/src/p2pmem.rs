@@ -3,13 +3,12 @@
 //! Owns: allocating (mmap of `p2pmem/allocate`), finding the allocation's place in the BAR, and the
 //! `PeerMemory` impl. Must not: compute bus addresses (the registry does from the BAR place).
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use peermem::pci::topology::BarKind;
-use peermem::sys::Mapping;
+use peermem::sys::{MappedSpan, Mapping};
 use peermem::{Backing, Bdf, CpuPhys, PeerMemory, Provider, Topology, VirtAddr};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,8 +19,8 @@ pub enum P2pmemError {
     NotProvider { bdf: Bdf },
     #[error("{bdf}: {len} bytes requested, {available} available in its p2pmem pool")]
     Exhausted { bdf: Bdf, len: u64, available: u64 },
-    #[error("/proc/self/pagemap gives no physical address for {va} (needs CAP_SYS_ADMIN)")]
-    NoPhysAddr { va: VirtAddr },
+    #[error("p2pmem page at {va}: {source}")]
+    NoPhysAddr { va: VirtAddr, source: peermem::sys::PagemapError },
     #[error("{bdf}: p2pmem page at CPU {cpu} lies in no memory BAR of the device")]
     NotInBar { bdf: Bdf, cpu: CpuPhys },
     #[error("{bdf}: p2pmem pages are not physically contiguous ({first} then {at} at +{offset:#x})")]
@@ -37,21 +36,6 @@ pub struct P2pmemRegion {
     bar: u8,
     bar_offset: u64,
     map: Mapping,
-}
-
-/// The CPU physical address behind a virtual address of this process (root only).
-pub fn virt_to_phys(va: VirtAddr) -> Result<CpuPhys, P2pmemError> {
-    let page = peermem::sys::page_size();
-    let path = Path::new("/proc/self/pagemap");
-    let f = File::open(path).map_err(|source| P2pmemError::Io { path: path.into(), source })?;
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, (va.raw() / page) * 8).map_err(|source| P2pmemError::Io { path: path.into(), source })?;
-    let e = u64::from_le_bytes(b);
-    let pfn = e & ((1 << 55) - 1);
-    if e >> 63 == 0 || pfn == 0 {
-        return Err(P2pmemError::NoPhysAddr { va });
-    }
-    Ok(CpuPhys::new(pfn * page + va.raw() % page))
 }
 
 impl P2pmemRegion {
@@ -71,12 +55,17 @@ impl P2pmemRegion {
         let map = Mapping::shared(f.as_fd(), len).map_err(io)?;
         // Touch every page so it is faulted in (the kernel allocates from the pool at fault time),
         // then check the pages are one contiguous range of one BAR.
+        let span = map.span();
         for off in (0..len).step_by(page as usize) {
-            map.write_at(off, &[0]).map_err(|e| io(std::io::Error::other(e)))?;
+            span.write_at(off, &[0]).map_err(|e| io(std::io::Error::other(e)))?;
         }
-        let first = virt_to_phys(map.addr())?;
+        let phys = |off: u64| {
+            let va = span.sub(off, 1).expect("offset inside the mapping").addr();
+            peermem::sys::virt_to_phys(va).map_err(|source| P2pmemError::NoPhysAddr { va, source })
+        };
+        let first = phys(0)?;
         for off in (page..len).step_by(page as usize) {
-            let at = virt_to_phys(VirtAddr::new(map.addr().raw() + off))?;
+            let at = phys(off)?;
             if at.raw() != first.raw() + off {
                 return Err(P2pmemError::NotContiguous { bdf, first, at, offset: off });
             }
@@ -105,13 +94,9 @@ impl P2pmemRegion {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.map.as_mut_slice()
     }
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
-        self.map.read_at(offset, buf)
-    }
 }
 
-// SAFETY: the p2pmem mapping is owned by the region and unmapped only when it drops.
-unsafe impl PeerMemory for P2pmemRegion {
+impl PeerMemory for P2pmemRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }
@@ -121,7 +106,7 @@ unsafe impl PeerMemory for P2pmemRegion {
     fn backing(&self) -> Backing<'_> {
         Backing::P2pmem { bdf: self.bdf, bar: self.bar, offset: self.bar_offset }
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
-        Some(self.map.addr())
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        Some(self.map.span())
     }
 }

@@ -274,40 +274,22 @@ pub fn vfio_unmap_dma(container: &File, iova: u64, size: u64) -> io::Result<()> 
     ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &mut m as *mut DmaUnmap) }).map(drop)
 }
 
-// ---- CPU access to peer-memory regions (the loader's copies and O_DIRECT targets) ---------------
+// ---- O_DIRECT targets -------------------------------------------------------------------------
 
-/// Start address of bytes `off..off+len` of `region`'s CPU mapping, bounds-checked.
-fn region_span(region: &dyn peermem::PeerMemory, off: u64, len: u64) -> Result<usize, String> {
-    let va = region.cpu_mapping().ok_or("the region has no CPU mapping")?;
-    match off.checked_add(len) {
-        Some(end) if end <= region.len() => {}
-        _ => return Err(format!("{len} bytes at offset {off:#x} exceed the {}-byte region", region.len())),
-    }
-    usize::try_from(va.raw() + off).map_err(|_| format!("address {:#x} out of range", va.raw() + off))
-}
-
-/// `pread(2)` of `len` bytes at `file_off` of `file` straight into bytes `off..` of `region`'s
-/// CPU mapping (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
-pub fn pread_into(
-    file: &File,
-    file_off: u64,
-    region: &dyn peermem::PeerMemory,
-    off: u64,
-    len: u64,
-) -> io::Result<usize> {
-    let p = region_span(region, off, len).map_err(io::Error::other)?;
+/// `pread(2)` of `span.len()` bytes at `file_off` of `file` straight into the mapped bytes of
+/// `span` (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
+pub fn pread_into(file: &File, file_off: u64, span: peermem::sys::MappedSpan<'_>) -> io::Result<usize> {
     let file_off = libc::off_t::try_from(file_off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: p..p+len lies inside the region's live CPU mapping (bounds checked above; the
-    // borrow of `region` keeps the mapping alive for the call). No Rust reference is created over
-    // those bytes: the kernel writes them as a device would (they are shared DMA memory).
-    let n = unsafe { libc::pread(file.as_raw_fd(), p as *mut libc::c_void, len as usize, file_off) };
+    let p = span.addr().raw() as usize as *mut libc::c_void;
+    // SAFETY: the span is mapped for its lifetime (borrowed for this call) and covers
+    // `span.len()` bytes; no Rust reference is created over them: the kernel writes them as a
+    // device would (they are shared DMA memory).
+    let n = unsafe { libc::pread(file.as_raw_fd(), p, span.len() as usize, file_off) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
 }
-
-// Copies between regions' CPU mappings: `peermem::sys::{copy_mapped, read_mapped, write_mapped}`.
 
 #[cfg(test)]
 mod tests {
@@ -326,8 +308,7 @@ mod tests {
 
     #[test]
     fn mmio_rejects_unaligned_and_out_of_window_offsets() {
-        let fd = peermem::sys::memfd("mmio-test").unwrap();
-        peermem::sys::set_len(&fd, 4096).unwrap();
+        let fd = peermem::sys::sealed_memfd("mmio-test", 4096).unwrap();
         let m = MappedMmio::new(Mapping::shared(std::os::fd::AsFd::as_fd(&fd), 4096).unwrap());
         m.write32(8, 0xdead_beef).unwrap();
         assert_eq!(m.read32(8).unwrap(), 0xdead_beef);

@@ -378,7 +378,7 @@ impl Vfio {
         let iova = self.iova_of(va)?;
         match self.mode {
             IommuMode::Type1 => Ok(iova),
-            IommuMode::NoIommu => crate::p2pmem::virt_to_phys(va)
+            IommuMode::NoIommu => peermem::sys::virt_to_phys(va)
                 .map(|p| p.raw())
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }

@@ -90,8 +90,7 @@ impl DeviceMemory {
     }
 }
 
-// SAFETY: device memory claims no CPU mapping.
-unsafe impl PeerMemory for DeviceMemory {
+impl PeerMemory for DeviceMemory {
     fn len(&self) -> u64 {
         self.dm.len
     }

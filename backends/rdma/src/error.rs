@@ -118,6 +118,9 @@ pub enum RdmaError {
     PortDown { dev: String, port: u8, state: u32 },
     #[error("{0}")]
     Invalid(String),
+    /// A CPU copy through a region's mapping (bounce buffers) that could not happen.
+    #[error(transparent)]
+    Access(#[from] peermem::AccessError),
     #[error("{dev}: every way to register the region was refused: {}", .refusals.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("; "))]
     AllRefused { dev: String, refusals: Vec<Refusal> },
     #[error("work completion failed: {0}")]

@@ -17,7 +17,8 @@
 
 use std::sync::Arc;
 
-use peermem::{Backing, HostRegion, Peer, PeerMemory, Registration, Registry, ResolveError, RouteKind};
+use peermem::mover::{reachable, Reach};
+use peermem::{Backing, Entry, HostRegion, Iova, Peer, PeerMemory, Registration, Registry, ResolveError, RouteKind};
 
 use crate::device::{Nic, NicPlace};
 use crate::error::{Method, RdmaError, Refusal};
@@ -181,7 +182,7 @@ impl NicMr {
     /// (through the region's CPU mapping). A no-op for direct registrations.
     pub fn bounce_to_region(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => peermem::sys::copy_mapped(&**b, offset, &*self.region, offset, len).map_err(RdmaError::Invalid),
+            Some(b) => Ok(b.copy_to(offset, &*self.region, offset, len)?),
             None => Ok(()),
         }
     }
@@ -190,7 +191,7 @@ impl NicMr {
     /// it or it is sent). A no-op for direct registrations.
     pub fn region_to_bounce(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => peermem::sys::copy_mapped(&*self.region, offset, &**b, offset, len).map_err(RdmaError::Invalid),
+            Some(b) => Ok(self.region.copy_to(offset, &**b, offset, len)?),
             None => Ok(()),
         }
     }
@@ -244,28 +245,15 @@ impl Drop for NicMr {
     }
 }
 
-/// The ways to try for a route, in order.
-fn plan(kind: RouteKind, dma_buf: bool, cpu: bool) -> Vec<Method> {
+/// The ways to try for a route, in order: what the mover's planner finds reachable for a NIC
+/// (its kernel driver imports a dma-buf, or pins the CPU pages), then always a bounce buffer.
+fn plan(kind: &RouteKind, entry: &Entry) -> Vec<Method> {
     let mut m = Vec::new();
-    match kind {
-        RouteKind::KernelImport => {
-            if dma_buf {
-                m.push(Method::DmaBuf);
-            }
-            if cpu {
-                m.push(Method::CpuMapping);
-            }
-        }
-        RouteKind::CpuMapped(_) => m.push(Method::CpuMapping),
-        RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_) => {
-            if dma_buf {
-                m.push(Method::DmaBuf);
-            }
-            if cpu {
-                m.push(Method::CpuMapping);
-            }
-        }
-        RouteKind::Bounce(_) => {}
+    if reachable(kind, entry, Reach::DmaBufImport).is_ok() {
+        m.push(Method::DmaBuf);
+    }
+    if reachable(kind, entry, Reach::KernelPages).is_ok() {
+        m.push(Method::CpuMapping);
     }
     m.push(Method::Bounce);
     m
@@ -303,14 +291,13 @@ impl Nic {
             _ => kind,
         };
         reasons.insert(0, format!("{}: {}", self.name(), self.dev.place.describe()));
-        let cpu = region.cpu_mapping();
         let mut refusals = Vec::new();
         let bits = access.bits();
-        for method in plan(kind, is_dma_buf, cpu.is_some()) {
+        for method in plan(&kind, &registration) {
             let attempt = match method {
                 Method::DmaBuf => match region.backing() {
                     Backing::DmaBuf(fd) => {
-                        let iova = cpu.map(|v| v.raw()).unwrap_or(0);
+                        let iova = region.cpu_range().map(|r| Iova::new(r.start().raw())).unwrap_or_default();
                         self.pd
                             .reg_dmabuf_mr(fd, 0, region.len() as usize, iova, bits)
                             .map(|mr| (mr, None))
@@ -318,19 +305,13 @@ impl Nic {
                     }
                     _ => continue,
                 },
-                Method::CpuMapping => match cpu {
-                    Some(va) => self
-                        .pd
-                        .reg_mr(va.raw(), region.len() as usize, bits)
-                        .map(|mr| (mr, None))
-                        .map_err(self.verbs_err("ibv_reg_mr")),
-                    None => continue,
-                },
+                Method::CpuMapping => {
+                    self.pd.reg_mr(&region, bits).map(|mr| (mr, None)).map_err(self.verbs_err("ibv_reg_mr"))
+                }
                 Method::Bounce => HostRegion::new(region.len()).map_err(RdmaError::from).and_then(|b| {
                     let b = Arc::new(b);
-                    let va = b.cpu_mapping().map(|v| v.raw()).unwrap_or(0);
                     self.pd
-                        .reg_mr(va, region.len() as usize, bits)
+                        .reg_mr(&(b.clone() as Arc<dyn PeerMemory>), bits)
                         .map(|mr| (mr, Some(b)))
                         .map_err(self.verbs_err("ibv_reg_mr (bounce)"))
                 }),
@@ -386,14 +367,17 @@ mod tests {
 
     #[test]
     fn plans_follow_the_route_and_always_end_in_bounce() {
-        let va = peermem::VirtAddr::new(0x1000);
-        assert_eq!(plan(RouteKind::KernelImport, true, true), [Method::DmaBuf, Method::CpuMapping, Method::Bounce]);
-        assert_eq!(plan(RouteKind::CpuMapped(va), false, true), [Method::CpuMapping, Method::Bounce]);
-        assert_eq!(
-            plan(RouteKind::HostBridge(peermem::CpuPhys::new(0)), false, true),
-            [Method::CpuMapping, Method::Bounce]
-        );
-        assert_eq!(plan(RouteKind::Bounce(peermem::BounceWhy::NotSupported), true, true), [Method::Bounce]);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qemu-switch");
+        let reg = Registry::new(Arc::new(peermem::Topology::discover(root).unwrap()));
+        let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+        let bar = peermem::BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 0, len: 4096 };
+        let bar = reg.register(Arc::new(bar)).unwrap();
+        let va = host.cpu_range().unwrap().start();
+        assert_eq!(plan(&RouteKind::KernelImport, &host), [Method::DmaBuf, Method::CpuMapping, Method::Bounce]);
+        assert_eq!(plan(&RouteKind::CpuMapped(va), &host), [Method::CpuMapping, Method::Bounce]);
+        // A raw BAR has no pages for the NIC's kernel driver to pin, and is no dma-buf.
+        assert_eq!(plan(&RouteKind::HostBridge(peermem::CpuPhys::new(0)), &bar), [Method::Bounce]);
+        assert_eq!(plan(&RouteKind::Bounce(peermem::BounceWhy::NotSupported), &host), [Method::Bounce]);
     }
 
     #[test]

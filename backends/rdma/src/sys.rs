@@ -9,12 +9,13 @@
 //! process starts: without the library every call fails with an errno instead of the binary not
 //! starting, and `library_present` tells the two cases apart.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::sync::Arc;
 
+use peermem::PeerMemory;
 use rdma_mummy_sys as ffi;
 
 fn errno() -> io::Error {
@@ -249,10 +250,18 @@ impl Pd {
     /// `ibv_reg_mr` on `len` bytes of this process's address space at `addr`. The kernel pins
     /// the pages until the MR is deregistered, so a stale VA can never make the NIC reach pages
     /// reused elsewhere; the caller keeps the mapping alive to see the data.
-    pub fn reg_mr(self: &Arc<Self>, addr: u64, len: usize, access: u32) -> io::Result<Mr> {
-        // SAFETY: the kernel validates the range (EFAULT when it cannot pin it); the PD is live.
-        let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr as *mut libc::c_void, len, access as libc::c_int) };
-        Mr::wrap(mr, self, None)
+    pub fn reg_mr(self: &Arc<Self>, region: &Arc<dyn PeerMemory>, access: u32) -> io::Result<Mr> {
+        let span = region.cpu_mapping().ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let len =
+            usize::try_from(region.len().min(span.len())).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let addr = span.addr().raw() as usize as *mut libc::c_void;
+        // SAFETY: `addr..addr+len` is the region's CPU mapping (borrowed above); the MR keeps an
+        // Arc of the region, so the mapping outlives the registration; the kernel validates the
+        // range (EFAULT when it cannot pin it); the PD is live.
+        let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr, len, access as libc::c_int) };
+        let mut mr = Mr::wrap(mr, self, None)?;
+        mr._region = Some(KeepAlive(region.clone()));
+        Ok(mr)
     }
 
     /// `ibv_reg_dmabuf_mr`: the NIC's kernel driver imports `fd` and maps `len` bytes at
@@ -262,11 +271,12 @@ impl Pd {
         fd: BorrowedFd<'_>,
         offset: u64,
         len: usize,
-        iova: u64,
+        iova: peermem::Iova,
         access: u32,
     ) -> io::Result<Mr> {
         // SAFETY: the fd is borrowed for the call (the kernel takes its own reference).
-        let mr = unsafe { ffi::ibv_reg_dmabuf_mr(self.pd, offset, len, iova, fd.as_raw_fd(), access as libc::c_int) };
+        let mr =
+            unsafe { ffi::ibv_reg_dmabuf_mr(self.pd, offset, len, iova.raw(), fd.as_raw_fd(), access as libc::c_int) };
         Mr::wrap(mr, self, None)
     }
 
@@ -298,12 +308,23 @@ pub struct Mr {
     pub len: usize,
     _pd: Arc<Pd>,
     _dm: Option<Arc<Dm>>,
+    /// The region whose CPU pages an `ibv_reg_mr` pinned: dropped after the MR is deregistered.
+    _region: Option<KeepAlive>,
 }
 
 // SAFETY: verbs objects are thread-safe; freed only in Drop.
 unsafe impl Send for Mr {}
 // SAFETY: as above.
 unsafe impl Sync for Mr {}
+
+/// A region kept alive by an MR that pinned its pages.
+pub struct KeepAlive(Arc<dyn PeerMemory>);
+
+impl std::fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeepAlive({} bytes)", self.0.len())
+    }
+}
 
 impl Mr {
     fn wrap(mr: *mut ffi::ibv_mr, pd: &Arc<Pd>, dm: Option<Arc<Dm>>) -> io::Result<Mr> {
@@ -312,7 +333,7 @@ impl Mr {
         }
         // SAFETY: a non-null MR returned by libibverbs is valid until dereg.
         let (lkey, rkey, addr, len) = unsafe { ((*mr).lkey, (*mr).rkey, (*mr).addr as u64, (*mr).length) };
-        Ok(Mr { mr, lkey, rkey, addr, len, _pd: pd.clone(), _dm: dm })
+        Ok(Mr { mr, lkey, rkey, addr, len, _pd: pd.clone(), _dm: dm, _region: None })
     }
 }
 
@@ -669,28 +690,6 @@ pub mod qp_state {
     pub const ERR: u32 = S::IBV_QPS_ERR;
 }
 
-/// A memfd of `len` bytes that can be sealed against shrinking (what udmabuf requires).
-pub fn sealed_memfd(name: &str, len: u64) -> io::Result<OwnedFd> {
-    let cname = CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: valid C string; a non-negative return is a new fd we own.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(errno());
-    }
-    // SAFETY: fd was just created and is owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len_off = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: plain syscalls on an fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len_off) } != 0 {
-        return Err(errno());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
-        return Err(errno());
-    }
-    Ok(fd)
-}
-
 #[repr(C)]
 struct UdmabufCreate {
     memfd: u32,
@@ -699,7 +698,7 @@ struct UdmabufCreate {
     size: u64,
 }
 /// `_IOW('u', 0x42, struct udmabuf_create)`.
-const UDMABUF_CREATE: libc::c_ulong = 0x4018_7542;
+const UDMABUF_CREATE: rustix::ioctl::Opcode = rustix::ioctl::opcode::write::<UdmabufCreate>(b'u', 0x42);
 const UDMABUF_FLAGS_CLOEXEC: u32 = 1;
 
 /// A dma-buf over `size` bytes at `offset` of `memfd`, from `/dev/udmabuf`.

@@ -5,8 +5,8 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use peermem::sys::Mapping;
-use peermem::{Backing, PeerMemory, Provider, RegionError, VirtAddr};
+use peermem::sys::{MappedSpan, Mapping};
+use peermem::{Backing, PeerMemory, Provider, RegionError};
 
 use crate::error::RdmaError;
 use crate::sys;
@@ -28,23 +28,14 @@ impl UdmabufRegion {
             .filter(|&r| r > 0)
             .ok_or_else(|| RdmaError::Invalid(format!("udmabuf of {len} bytes")))?;
         let os = |what: &'static str| move |source| RdmaError::Region(RegionError::Os { what, source });
-        let memfd = sys::sealed_memfd("peermem-udmabuf", rounded).map_err(os("memfd_create"))?;
+        let memfd = peermem::sys::sealed_memfd("peermem-udmabuf", rounded).map_err(os("memfd_create"))?;
         let dmabuf = sys::udmabuf_create(memfd.as_fd(), 0, rounded).map_err(os("UDMABUF_CREATE"))?;
         let map = Mapping::shared(memfd.as_fd(), rounded).map_err(os("mmap"))?;
         Ok(UdmabufRegion { map, dmabuf, _memfd: memfd })
     }
-
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), RdmaError> {
-        self.map.write_at(offset, data).map_err(RdmaError::Invalid)
-    }
-
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), RdmaError> {
-        self.map.read_at(offset, buf).map_err(RdmaError::Invalid)
-    }
 }
 
-// SAFETY: the memfd mapping is owned by the region and unmapped only when it drops.
-unsafe impl PeerMemory for UdmabufRegion {
+impl PeerMemory for UdmabufRegion {
     fn len(&self) -> u64 {
         self.map.len() as u64
     }
@@ -54,8 +45,8 @@ unsafe impl PeerMemory for UdmabufRegion {
     fn backing(&self) -> Backing<'_> {
         Backing::DmaBuf(self.dmabuf.as_fd())
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
-        Some(self.map.addr())
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        Some(self.map.span())
     }
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
         self.dmabuf.try_clone().map_err(|source| RegionError::Os { what: "dup", source })

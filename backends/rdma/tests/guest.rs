@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peermem::{HostRegion, Peer, Registry, RouteKind, Topology};
+use peermem::{HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology};
 use peermem_rdma::{
     devices, Access, ConnectOpts, Connection, DeviceMemory, Local, Method, Nic, NicPlace, RdmaError, UdmabufRegion,
 };

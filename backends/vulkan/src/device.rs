@@ -564,8 +564,8 @@ mod tests {
         if !dev.info().is_lavapipe() {
             return;
         }
-        // lavapipe does not advertise dma-buf export; force one attempt as if it did (DESIGN
-        // section 8 measured the refusal: VK_ERROR_OUT_OF_DEVICE_MEMORY).
+        // lavapipe does not advertise dma-buf export; force one attempt as if it did (it was
+        // measured to refuse with VK_ERROR_OUT_OF_DEVICE_MEMORY).
         dev.inner.dma_buf_export.store(UNTRIED, Ordering::Relaxed);
         let r = dev.allocate(4096, Placement::Mappable).unwrap();
         assert_eq!(r.handle_type(), Some(HandleType::OpaqueFd));

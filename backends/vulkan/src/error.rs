@@ -81,6 +81,9 @@ pub enum VkError {
     /// A CPU access to a region without a CPU mapping.
     #[error("{which} region has no CPU mapping (not host-visible and coherent)")]
     NotMapped { which: &'static str },
+    /// A CPU access through a region's mapping that could not happen.
+    #[error(transparent)]
+    Access(#[from] peermem::AccessError),
     /// An access past a region's end.
     #[error("{which}: {len:#x} bytes at offset {offset:#x} run past the region's {size:#x} bytes")]
     OutOfRange { which: &'static str, offset: u64, len: u64, size: u64 },

@@ -10,7 +10,8 @@
 //!   when the driver reports one; otherwise host memory, and [`VulkanRegion::notes`] says why.
 //! - Imports: [`Device::import`] (opaque fd from another `VkDevice` or process, dma-buf) and
 //!   [`Device::import_host`] (any CPU-mapped region, alignment and size checked here).
-//! - Transfers: [`Device::copy`] (vkCmdCopyBuffer, fence, bounded wait) and [`cpu_copy`].
+//! - Transfers: [`Device::copy`] (vkCmdCopyBuffer, fence, bounded wait), and CPU copies through
+//!   the core's `PeerMemory::{read_at, write_at, copy_to}`.
 //! - [`ipc`]: send an [`Export`] to another process over a unix socket (`SCM_RIGHTS`).
 //!
 //! Lifetimes: a region keeps its device's handles alive, an import keeps its source alive, and
@@ -28,7 +29,7 @@
 //! // GPU memory in the registry: look it up by address, resolve it for a peer, say why.
 //! let reg = Registry::new(Arc::new(Topology::discover("/")?));
 //! let guard = reg.register(vram.clone())?;
-//! if let Some(va) = vram.cpu_mapping() {
+//! if let Some(va) = vram.cpu_range().map(|r| r.start()) {
 //!     let found = reg.snapshot().lookup_va(va).map(|hit| hit.entry.id());
 //!     assert_eq!(found, Some(guard.id()));
 //! }
@@ -51,8 +52,9 @@ mod device;
 mod error;
 pub mod ipc;
 mod region;
+#[allow(unsafe_code)]
 mod sys;
 
 pub use device::{Device, DeviceInfo, DeviceKind, ExternalCaps, HandleCaps, HandleType, Placement, Select, Vulkan};
 pub use error::VkError;
-pub use region::{cpu_copy, Export, ExportLayout, Origin, VulkanRegion};
+pub use region::{Export, ExportLayout, Origin, VulkanRegion};

@@ -9,11 +9,12 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use peermem::{Backing, PeerMemory, Provider, RegionError, Route, VirtAddr};
+use peermem::sys::MappedSpan;
+use peermem::{Backing, PeerMemory, Provider, RegionError, Route};
 
 use crate::device::{DeviceInfo, HandleType};
 use crate::error::VkError;
-use crate::sys::{self, RawMemory};
+use crate::sys::RawMemory;
 
 /// How a region came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,16 +143,6 @@ impl VulkanRegion {
         })
     }
 
-    /// Writes `data` at `offset` through the CPU mapping.
-    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), VkError> {
-        sys::write_mapped(self, offset, data)
-    }
-
-    /// Reads `buf.len()` bytes at `offset` through the CPU mapping.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), VkError> {
-        sys::read_mapped(self, offset, buf)
-    }
-
     /// What the registry cannot know about this region: where the memory really is and why the
     /// provider is what it is.
     pub fn notes(&self) -> Vec<String> {
@@ -213,9 +204,7 @@ impl fmt::Debug for VulkanRegion {
     }
 }
 
-// SAFETY: the memory stays mapped (vkMapMemory once, unmapped when the memory is freed) or is
-// an imported host region kept alive by an Arc, for as long as this region lives.
-unsafe impl PeerMemory for VulkanRegion {
+impl PeerMemory for VulkanRegion {
     fn len(&self) -> u64 {
         self.mem.len
     }
@@ -233,22 +222,10 @@ unsafe impl PeerMemory for VulkanRegion {
             _ => Backing::HostPages,
         }
     }
-    fn cpu_mapping(&self) -> Option<VirtAddr> {
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
         self.mem.cpu_mapping()
     }
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
         Ok(self.export()?.fd)
     }
-}
-
-/// Copies `len` bytes between two CPU-mapped regions of any kind (memmove semantics): the CPU
-/// path of a transfer when both sides are mapped.
-pub fn cpu_copy(
-    src: &dyn PeerMemory,
-    src_offset: u64,
-    dst: &dyn PeerMemory,
-    dst_offset: u64,
-    len: u64,
-) -> Result<(), VkError> {
-    sys::copy_mapped(src, src_offset, dst, dst_offset, len)
 }

@@ -17,6 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ash::vk;
+use std::ptr::NonNull;
+
+use peermem::sys::MappedSpan;
 use peermem::{Bdf, PeerMemory, VirtAddr};
 
 use crate::device::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
@@ -518,7 +521,7 @@ impl RawMemory {
         let (Some(ext), Some(align)) = (dev.host_ext.as_ref(), dev.min_host_alignment) else {
             return Err(VkError::MissingExtension { device: dev.name.clone(), ext: "VK_EXT_external_memory_host" });
         };
-        let va = source.cpu_mapping().ok_or(VkError::NotMapped { which: "host import source" })?;
+        let va = source.cpu_mapping().ok_or(VkError::NotMapped { which: "host import source" })?.addr();
         let len = source.len();
         if !align.is_power_of_two() {
             // The spec guarantees a power of two; anything else is a driver bug we will not guess around.
@@ -572,9 +575,18 @@ impl RawMemory {
         })
     }
 
-    /// The CPU address of this memory: our mapping, or the host import's source mapping.
-    pub(crate) fn cpu_mapping(&self) -> Option<VirtAddr> {
-        self.map.or_else(|| self.host.as_ref().and_then(|h| h.cpu_mapping()))
+    /// The CPU mapping of this memory: our `vkMapMemory` mapping, or the host import's source.
+    pub(crate) fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        match self.map {
+            Some(va) => {
+                let ptr = NonNull::new(va.raw() as usize as *mut u8)?;
+                // SAFETY: vkMapMemory mapped `len` bytes at `va` (host-visible, coherent); they
+                // stay mapped until `drop` unmaps them, which cannot happen while `&self` is
+                // borrowed; no Rust reference ever covers those bytes.
+                Some(unsafe { MappedSpan::from_raw(ptr, self.len as usize) })
+            }
+            None => self.host.as_ref().and_then(|h| h.cpu_mapping()),
+        }
     }
 }
 
@@ -730,55 +742,6 @@ pub(crate) fn check_range(which: &'static str, offset: u64, len: u64, size: u64)
         Some(end) if end <= size => Ok(()),
         _ => Err(VkError::OutOfRange { which, offset, len, size }),
     }
-}
-
-/// Checks that bytes `offset..offset+len` of `r` are CPU-mapped, with this crate's typed errors.
-fn check_mapped(which: &'static str, r: &dyn PeerMemory, offset: u64, len: u64) -> Result<(), VkError> {
-    r.cpu_mapping().ok_or(VkError::NotMapped { which })?;
-    check_range(which, offset, len, r.len())
-}
-
-// The copies themselves are the core's one checked copy over CPU mappings
-// (`peermem::sys::{read,write,copy}_mapped`); these only give them typed errors first.
-
-/// Reads `buf.len()` bytes at `offset` of a CPU-mapped region.
-pub(crate) fn read_mapped(r: &dyn PeerMemory, offset: u64, buf: &mut [u8]) -> Result<(), VkError> {
-    check_mapped("source", r, offset, buf.len() as u64)?;
-    peermem::sys::read_mapped(r, offset, buf).map_err(|_| VkError::OutOfRange {
-        which: "source",
-        offset,
-        len: buf.len() as u64,
-        size: r.len(),
-    })
-}
-
-/// Writes `data` at `offset` of a CPU-mapped region.
-pub(crate) fn write_mapped(r: &dyn PeerMemory, offset: u64, data: &[u8]) -> Result<(), VkError> {
-    check_mapped("destination", r, offset, data.len() as u64)?;
-    peermem::sys::write_mapped(r, offset, data).map_err(|_| VkError::OutOfRange {
-        which: "destination",
-        offset,
-        len: data.len() as u64,
-        size: r.len(),
-    })
-}
-
-/// Copies `len` bytes between two CPU-mapped regions (overlap allowed: memmove).
-pub(crate) fn copy_mapped(
-    src: &dyn PeerMemory,
-    src_off: u64,
-    dst: &dyn PeerMemory,
-    dst_off: u64,
-    len: u64,
-) -> Result<(), VkError> {
-    check_mapped("source", src, src_off, len)?;
-    check_mapped("destination", dst, dst_off, len)?;
-    peermem::sys::copy_mapped(src, src_off, dst, dst_off, len).map_err(|_| VkError::OutOfRange {
-        which: "destination",
-        offset: dst_off,
-        len,
-        size: dst.len(),
-    })
 }
 
 /// Sends `data` and one fd in one message (`SCM_RIGHTS`).

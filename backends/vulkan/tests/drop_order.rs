@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{device, memfd_mappings, open_fds, pattern, registry};
-use peermem::HostRegion;
+use peermem::{HostRegion, PeerMemory};
 use peermem_vulkan::{Device, Placement, VulkanRegion};
 
 const LEN: u64 = 256 * 1024;

@@ -23,7 +23,7 @@ fn a_registered_host_region_is_used_by_the_gpu_in_place() {
     let imp = dev.import_host(host.clone()).unwrap();
     assert_eq!(imp.origin(), Origin::HostPointer);
     assert_eq!(imp.len(), LEN);
-    assert_eq!(imp.cpu_mapping(), host.cpu_mapping(), "the GPU uses the host pages, no copy");
+    assert_eq!(imp.cpu_range(), host.cpu_range(), "the GPU uses the host pages, no copy");
     assert_eq!(imp.provider(), host.provider());
     assert!(matches!(imp.backing(), Backing::HostPages));
     assert!(imp.export().is_err(), "the source exports itself");
@@ -31,7 +31,7 @@ fn a_registered_host_region_is_used_by_the_gpu_in_place() {
     // The import's address is the registered host region's.
     let hit = reg
         .snapshot()
-        .lookup_va(VirtAddr::new(imp.cpu_mapping().unwrap().raw() + 4096))
+        .lookup_va(VirtAddr::new(imp.cpu_range().unwrap().start().raw() + 4096))
         .map(|h| (h.entry.id(), h.offset));
     assert_eq!(hit, Some((guard.id(), 4096)));
     // Registering the same pages twice is an overlap: register the source or the import.
@@ -58,7 +58,7 @@ fn misaligned_host_imports_are_refused_with_the_alignment() {
         return eprintln!("{} has no VK_EXT_external_memory_host: nothing to check", dev.info());
     };
     let pool = Arc::new(HostRegion::new(4 * align).unwrap());
-    let start = pool.cpu_mapping().unwrap().raw();
+    let start = pool.cpu_range().unwrap().start().raw();
     for off in [64, align / 2, align + 8] {
         let s = Arc::new(HostSlice::new(pool.clone(), off, align).unwrap());
         match dev.import_host(s) {

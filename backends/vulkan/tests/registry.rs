@@ -21,7 +21,7 @@ fn a_lavapipe_region_resolves_to_its_cpu_mapping_for_a_pci_peer_because_it_is_ho
     assert_eq!(guard.provider(), region.provider());
 
     // Lookup by any address inside the region.
-    let va = region.cpu_mapping().expect("lavapipe memory is host-visible");
+    let va = region.cpu_range().expect("lavapipe memory is host-visible").start();
     let snap = reg.snapshot();
     let hit = snap.lookup_va(VirtAddr::new(va.raw() + 12345)).expect("registered");
     assert_eq!((hit.entry.id(), hit.offset), (guard.id(), 12345));
@@ -69,8 +69,8 @@ fn an_imported_region_registers_like_the_original() {
     let ga = reg.register(ra.clone()).unwrap();
     let gb = reg.register(rb.clone()).unwrap();
     assert_ne!(ga.id(), gb.id(), "two mappings of one memory are two regions");
-    let hit = reg.snapshot().lookup_va(rb.cpu_mapping().unwrap()).map(|h| h.entry.id());
+    let hit = reg.snapshot().lookup_va(rb.cpu_range().unwrap().start()).map(|h| h.entry.id());
     assert_eq!(hit, Some(gb.id()));
     let peer = reg.peer("0000:04:00.0".parse().unwrap()).unwrap();
-    assert_eq!(reg.resolve(&gb, peer).unwrap().kind, RouteKind::CpuMapped(rb.cpu_mapping().unwrap()));
+    assert_eq!(reg.resolve(&gb, peer).unwrap().kind, RouteKind::CpuMapped(rb.cpu_range().unwrap().start()));
 }

@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{device, pattern};
-use peermem::{Backing, HostRegion, PeerMemory, Provider};
-use peermem_vulkan::{cpu_copy, Device, Export, HandleType, Origin, Placement, VkError, VulkanRegion};
+use peermem::{AccessError, Backing, HostRegion, PeerMemory, Provider, Side};
+use peermem_vulkan::{Device, Export, HandleType, Origin, Placement, VkError, VulkanRegion};
 
 const LEN: u64 = 1 << 20;
 const HALF: u64 = LEN / 2;
@@ -38,7 +38,7 @@ fn exported_memory_is_shared_both_ways_between_two_vkdevices() {
     let rb = b.import(export).unwrap();
     assert_eq!(rb.origin(), Origin::Imported(ra.handle_type().unwrap()));
     assert_eq!(rb.len(), LEN);
-    assert_ne!(rb.cpu_mapping(), ra.cpu_mapping(), "B maps the memory on its own");
+    assert_ne!(rb.cpu_range(), ra.cpu_range(), "B maps the memory on its own");
 
     // A -> B: the CPU sees A's write through B's mapping, and B's GPU copies it.
     assert_eq!(read(&rb, 0, HALF), pattern(1, HALF as usize));
@@ -111,7 +111,7 @@ fn a_memfd_imports_as_a_dma_buf_and_is_shared_both_ways() {
         Ok(i) => i,
         // Only lavapipe is known to take a memfd as a dma-buf; a real driver wants a real one.
         Err(e) if !dev.info().is_lavapipe() => return eprintln!("driver refuses a memfd as dma-buf: {e}"),
-        Err(e) => panic!("lavapipe accepts a memfd as a dma-buf (DESIGN section 8): {e}"),
+        Err(e) => panic!("lavapipe accepts a memfd as a dma-buf: {e}"),
     };
     assert_eq!(imp.origin(), Origin::Imported(HandleType::DmaBuf));
     assert!(matches!(imp.backing(), Backing::DmaBuf(_)));
@@ -193,13 +193,13 @@ fn cpu_copies_work_between_any_mapped_regions() {
     let host = HostRegion::new(LEN).unwrap();
     host.write_at(0, &pattern(6, LEN as usize)).unwrap();
     let gpu = dev.allocate(LEN, Placement::Mappable).unwrap();
-    cpu_copy(&host, 0, &gpu, 0, LEN).unwrap();
+    host.copy_to(0, &gpu, 0, LEN).unwrap();
     assert_eq!(read(&gpu, 0, LEN), pattern(6, LEN as usize));
-    cpu_copy(&gpu, 10, &gpu, 20, 1000).unwrap(); // overlapping: memmove
+    gpu.copy_to(10, &gpu, 20, 1000).unwrap(); // overlapping: memmove
     assert_eq!(read(&gpu, 20, 1000), pattern(6, LEN as usize)[10..1010].to_vec());
-    assert!(matches!(cpu_copy(&host, LEN - 1, &gpu, 0, 2), Err(VkError::OutOfRange { which: "source", .. })));
+    assert!(matches!(host.copy_to(LEN - 1, &gpu, 0, 2), Err(AccessError::OutOfRange { side: Side::Source, .. })));
     let bar = peermem::BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 0, len: 4096 };
-    assert!(matches!(cpu_copy(&bar, 0, &gpu, 0, 1), Err(VkError::NotMapped { which: "source" })));
+    assert_eq!(bar.copy_to(0, &gpu, 0, 1), Err(AccessError::NoCpuMapping { side: Side::Source }));
 }
 
 #[test]

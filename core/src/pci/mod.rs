@@ -1,8 +1,10 @@
 //! PCI: function addresses, config-space decoding and the topology of a sysroot.
 
+pub mod bar;
 pub mod bdf;
 pub mod config;
 pub mod topology;
 
+pub use bar::{BarMapping, MapBarError};
 pub use bdf::Bdf;
 pub use topology::{Bar, BarKind, DevIdx, PciDevice, Topology, TopologyError};

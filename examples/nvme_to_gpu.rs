@@ -18,21 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use peermem::{BarRegion, Bdf, HostRegion, PeerMemory, Registry, Topology};
-use peermem_nvme::{load, Binding, Controller, KernelSource, LoadOptions, P2pmemRegion, Source};
-
-fn size(s: &str) -> Result<u64, String> {
-    let (n, m) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let v = match n.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => n.parse(),
-    };
-    v.map(|v| v * m).map_err(|e| format!("bad size '{s}': {e}"))
-}
+use peermem_examples::size;
+use peermem_loader::{load, Checksum, KernelSource, LoadOptions, Source};
+use peermem_nvme::{Binding, Controller, P2pmemRegion};
 
 struct Args {
     file: Option<String>,
@@ -198,7 +186,7 @@ fn plain_read(
         done += r;
     }
     let secs = t.elapsed().as_secs_f64();
-    Ok((len as f64 / secs / 1e6, peermem_nvme::loader::Checksum::of(&host)))
+    Ok((len as f64 / secs / 1e6, Checksum::of(&host)))
 }
 
 fn main() -> ExitCode {

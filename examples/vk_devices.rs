@@ -26,6 +26,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut b = [0u8; 5];
     imp.read_at(0, &mut b)?;
     println!("import: {imp:?} reads {:?}", String::from_utf8_lossy(&b));
-    println!("backing {:?} mapping {:?}", imp.backing(), imp.cpu_mapping());
+    println!("backing {:?} mapping {:?}", imp.backing(), imp.cpu_range());
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! RDMA into GPU memory (issue 6, item 6): a server exports a Vulkan buffer, registers it for
+//! RDMA into GPU memory: a server exports a Vulkan buffer, registers it for
 //! the NIC through the peermem registry, and a client RDMA-writes a pattern into it; the server
 //! checks the bytes through a Vulkan GPU copy. Both print the route, why, and the bandwidth.
 //!

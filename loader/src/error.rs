@@ -1,0 +1,35 @@
+//! The loader's one error type.
+
+use std::path::PathBuf;
+
+use peermem_nvme::NvmeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("range {start:#x}..{end:#x} is empty or runs past the source's {len} bytes")]
+    BadRange { start: u64, end: u64, len: u64 },
+    #[error("{len} bytes at offset {offset:#x} do not fit the {region_len}-byte destination")]
+    TooSmall { len: u64, offset: u64, region_len: u64 },
+    #[error("the destination cannot be reached by the CPU either: {0}")]
+    Unreachable(String),
+    #[error(transparent)]
+    MapBar(#[from] peermem::MapBarError),
+    #[error(transparent)]
+    Access(#[from] peermem::AccessError),
+    #[error(transparent)]
+    Nvme(#[from] NvmeError),
+    #[error("resolve: {0}")]
+    Resolve(#[from] peermem::ResolveError),
+    #[error(transparent)]
+    Move(#[from] peermem::mover::MoveError),
+    #[error(transparent)]
+    Registry(#[from] peermem::RegistryError),
+    #[error("staging: {0}")]
+    Region(#[from] peermem::RegionError),
+    #[error("{what} at offset {offset:#x}: {why}")]
+    Copy { what: &'static str, offset: u64, why: String },
+    #[error("checksum mismatch: destination {dest:#018x}, source {source_sum:#018x}")]
+    Mismatch { dest: u64, source_sum: u64 },
+}

@@ -1,0 +1,176 @@
+//! Inside the testbed guest only (cargo feature `guest`; run through `testbed/run`): the loader
+//! moves namespace and file ranges into every destination kind of the testbed (host memory,
+//! p2pmem of a switch peer and across the host bridge, the ivshmem "GPU" BAR, a Vulkan buffer),
+//! through the kernel's NVMe driver and through the userspace VFIO driver, and every byte is
+//! checked (and, for the ivshmem BAR, in the host file behind it).
+
+use std::sync::Arc;
+
+use peermem::{BarRegion, HostRegion, MapType, PeerMemory, Registry};
+use peermem_loader::{load, Checksum, KernelSource, LoadOptions, Method, Source};
+use peermem_nvme::{Binding, Controller, P2pmemRegion};
+
+#[path = "../../backends/nvme/tests/common/mod.rs"]
+mod common;
+use common::*;
+
+/// Item 6 through the kernel's NVMe driver: a namespace range (and a file range) loaded into every
+/// destination kind: host memory and a switch peer's p2pmem go direct (O_DIRECT into the pages;
+/// under the translated vIOMMU the probe catches the corruption and the load bounces), a p2pmem
+/// pool across the host bridge and the ivshmem BAR bounce. Every load's checksum matches the
+/// source, the bytes are compared, and the ivshmem load is checked in the host's backing file.
+#[test]
+fn loader_moves_a_namespace_range_into_every_destination_kind() {
+    const LEN: u64 = 8 << 20;
+    const AT: u64 = 64 << 20;
+    const SHM_AT: u64 = 128 << 20;
+    let topo = live();
+    let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
+    let nvmes = nvme_controllers(&topo);
+    let (x, y) = switch_pair(&topo, &nvmes).expect("a switch-local NVMe pair");
+    let far = nvmes.iter().copied().find(|&z| {
+        z != x
+            && topo.by_bdf(z).unwrap().p2pmem.is_some()
+            && topo.verdict(topo.idx(z).unwrap(), topo.idx(x).unwrap()).map_type == MapType::NotSupported
+    });
+    let expect = write_known(&topo, x, AT, LEN, 6);
+
+    let reg = Registry::new(topo.clone());
+    let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![
+        ("host", Arc::new(HostRegion::new(LEN).unwrap())),
+        ("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(&topo, y, LEN).unwrap())),
+    ];
+    if let Some(z) = far {
+        dests.push(("p2pmem across the host bridge", Arc::new(P2pmemRegion::allocate(&topo, z, LEN).unwrap())));
+    }
+    if let Some(shm) = ivshmem(&topo) {
+        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: SHM_AT, len: LEN })));
+    }
+    let want = Checksum::of(&expect);
+    for (name, region) in dests {
+        let g = reg.register(region.clone()).unwrap();
+        let mut src = Source::Kernel(KernelSource::namespace(&topo, x).unwrap());
+        let opts = LoadOptions { chunk: 1 << 20, depth: 4, ..Default::default() };
+        let r = load(&mut src, AT..AT + LEN, &g, &reg, &opts).unwrap();
+        println!("{topology}: {x} -> {name}:\n{r}");
+        assert_eq!(r.checksum, want, "{name}");
+        assert_eq!(r.source_checksum, Some(want), "{name}");
+        assert!(read_dest(&topo, &region, 0, LEN) == expect, "{name}: bytes differ");
+        let direct = r.method == Method::KernelDirect;
+        match name {
+            "host" => assert!(direct, "{name}: {}", r.method),
+            "p2pmem switch peer" if topology == "switch-iommu" => {
+                assert!(!direct, "the probe must catch the vIOMMU corruption: {}", r.method)
+            }
+            "p2pmem switch peer" => assert!(direct, "{name}: {}", r.method),
+            _ => assert!(!direct, "{name}: {}", r.method),
+        }
+        if name == "ivshmem BAR2" {
+            if let Some(back) = ivshmem_file(SHM_AT, LEN) {
+                assert!(back == expect, "the host's ivshmem file does not hold the loaded range");
+                println!("  ivshmem backing file verified at {SHM_AT:#x} ({LEN} bytes)");
+            }
+        }
+    }
+
+    // A file range (tmpfs, no PCI device behind it), unaligned at both ends, into host memory.
+    let path = std::path::Path::new("/tmp/peermem-loader-src.bin");
+    std::fs::write(path, &expect).unwrap();
+    let host: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(LEN).unwrap());
+    let g = reg.register(host.clone()).unwrap();
+    let mut src = Source::Kernel(KernelSource::open(path).unwrap());
+    let range = 1234..LEN - 77;
+    let r = load(&mut src, range.clone(), &g, &reg, &LoadOptions { dest_offset: 100, ..Default::default() }).unwrap();
+    println!("{topology}: file -> host:\n{r}");
+    let part = &expect[range.start as usize..range.end as usize];
+    assert_eq!(r.checksum, Checksum::of(part));
+    assert!(read_dest(&topo, &host, 100, range.end - range.start) == part);
+    std::fs::remove_file(path).unwrap();
+}
+
+/// Item 6 through the userspace VFIO driver: into the ivshmem BAR direct when the registry routes
+/// it (bus_addr under the switch in `switch-gpu`, an IOVA under the vIOMMU), else bounced (and no
+/// command aimed at the BAR); into host memory direct. Verified by checksum, by the bytes, and in
+/// the host's ivshmem file; the controller goes back to the kernel driver afterwards.
+#[test]
+fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
+    use peermem::RouteKind as K;
+    const LEN: u64 = 8 << 20;
+    const AT: u64 = 80 << 20;
+    const SHM_AT: u64 = 160 << 20;
+    let topo = live();
+    let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    let expect = write_known(&topo, x, AT, LEN, 7);
+    let want = Checksum::of(&expect);
+
+    let reg = Registry::new(topo.clone());
+    let binding = Binding::to_vfio(x).unwrap();
+    let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let peer = reg.peer(x).unwrap();
+    let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![("host", Arc::new(HostRegion::new(LEN).unwrap()))];
+    if let Some(shm) = ivshmem(&topo) {
+        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: SHM_AT, len: LEN })));
+    }
+    for (name, region) in dests {
+        let g = reg.register(region.clone()).unwrap();
+        let kind = reg.resolve(&g, peer).unwrap().kind;
+        let mut src = Source::Vfio(&mut ctrl);
+        let r = load(&mut src, AT..AT + LEN, &g, &reg, &LoadOptions::default()).unwrap();
+        println!("{topology}: {x} (VFIO) -> {name}:\n{r}");
+        assert_eq!(r.checksum, want, "{name}");
+        assert_eq!(r.source_checksum, Some(want));
+        assert!(read_dest(&topo, &region, 0, LEN) == expect, "{name}: bytes differ");
+        match kind {
+            K::Bounce(_) => assert!(matches!(r.method, Method::Bounce { .. }), "{name}: {}", r.method),
+            K::BusAddr(_) | K::CpuMapped(_) => assert_eq!(r.method, Method::VfioDirect, "{name}"),
+            _ => {}
+        }
+        if name == "ivshmem BAR2" {
+            if topology == "switch-gpu" {
+                assert!(matches!(kind, K::BusAddr(_)), "ivshmem under the switch: {kind:?}");
+            }
+            if let Some(back) = ivshmem_file(SHM_AT, LEN) {
+                assert!(back == expect, "the host's ivshmem file does not hold the loaded range");
+                println!("  ivshmem backing file verified at {SHM_AT:#x} ({LEN} bytes)");
+            }
+        }
+    }
+    drop(ctrl);
+    binding.restore().unwrap();
+    wait_for_nvme_driver(x);
+}
+
+/// Item 6 with the GPU as the destination: a host-visible Vulkan buffer (lavapipe in the guest,
+/// reached through the host root) filled from a namespace range by the loader. lavapipe memory is
+/// system RAM without a PCI function, so the route is through its CPU mapping; the data is checked
+/// by the loader's checksum and by a GPU copy (vkCmdCopyBuffer) into a second buffer read back.
+#[test]
+fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
+    use peermem_vulkan::{Device, Placement, Select};
+    const LEN: u64 = 8 << 20;
+    const AT: u64 = 96 << 20;
+    let topo = live();
+    let x = nvme_controllers(&topo)[0];
+    let expect = write_known(&topo, x, AT, LEN, 11);
+
+    let gpu = Device::open(Select::Best).expect("a Vulkan device (lavapipe) in the guest");
+    let vram = Arc::new(gpu.allocate(LEN, Placement::Mappable).unwrap());
+    let reg = Registry::new(topo.clone());
+    let g = reg.register(vram.clone()).unwrap();
+    let mut src = Source::Kernel(KernelSource::namespace(&topo, x).unwrap());
+    let r = load(&mut src, AT..AT + LEN, &g, &reg, &LoadOptions::default()).unwrap();
+    println!("{x} -> Vulkan buffer:\n{r}");
+    assert_eq!(r.checksum, Checksum::of(&expect));
+    assert_eq!(r.source_checksum, Some(Checksum::of(&expect)));
+    // lavapipe memory is host memory with a CPU mapping: O_DIRECT lands straight in it.
+    assert_eq!(r.method, Method::KernelDirect, "{r}");
+
+    let back = gpu.allocate(LEN, Placement::Mappable).unwrap();
+    gpu.copy(&vram, 0, &back, 0, LEN).unwrap();
+    let mut got = vec![0u8; LEN as usize];
+    back.read_at(0, &mut got).unwrap();
+    assert!(got == expect, "the GPU copy of the loaded buffer differs from the namespace range");
+    drop(g);
+}
