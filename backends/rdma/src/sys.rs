@@ -714,3 +714,15 @@ pub fn udmabuf_create(memfd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Resu
     // SAFETY: fresh fd owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udmabuf_ioctl_number_matches_the_kernel_uapi() {
+        // _IOW('u', 0x42, struct udmabuf_create) with a 24-byte struct.
+        assert_eq!(std::mem::size_of::<UdmabufCreate>(), 24);
+        assert_eq!(UDMABUF_CREATE as u64, 0x4018_7542);
+    }
+}

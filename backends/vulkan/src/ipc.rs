@@ -3,15 +3,21 @@
 //!
 //! Owns: the wire format. Must not: import anything (the receiver calls `Device::import`).
 
-use std::os::fd::AsFd;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags,
+};
 
 use peermem::{Bdf, Provider};
 
 use crate::device::HandleType;
 use crate::error::VkError;
 use crate::region::{Export, ExportLayout};
-use crate::sys;
 
 const MAGIC: &[u8; 8] = b"PMVKEXP1";
 const SIZE: usize = 96;
@@ -87,7 +93,7 @@ fn decode(b: &[u8; SIZE], fd: std::os::fd::OwnedFd) -> Result<Export, VkError> {
 /// Sends `export` (its fd and layout) over a connected unix stream socket. The fd stays open
 /// here too: the receiver gets its own descriptor.
 pub fn send_export(sock: &UnixStream, export: &Export) -> Result<(), VkError> {
-    sys::send_with_fd(sock, &encode(export), export.fd.as_fd())
+    send_with_fd(sock, &encode(export), export.fd.as_fd())
         .map_err(|source| VkError::Os { what: "sendmsg (SCM_RIGHTS)", source })
 }
 
@@ -95,7 +101,7 @@ pub fn send_export(sock: &UnixStream, export: &Export) -> Result<(), VkError> {
 pub fn recv_export(sock: &UnixStream) -> Result<Export, VkError> {
     let mut buf = [0u8; SIZE];
     let (n, fd) =
-        sys::recv_with_fd(sock, &mut buf).map_err(|source| VkError::Os { what: "recvmsg (SCM_RIGHTS)", source })?;
+        recv_with_fd(sock, &mut buf).map_err(|source| VkError::Os { what: "recvmsg (SCM_RIGHTS)", source })?;
     if n != SIZE {
         return Err(VkError::BadDescriptor(format!("{n} bytes, expected {SIZE}")));
     }
@@ -133,4 +139,43 @@ mod tests {
         assert!(matches!(decode(&g, fd()), Err(VkError::BadDescriptor(_))));
         assert!(matches!(decode(&[0; SIZE], fd()), Err(VkError::BadDescriptor(_))));
     }
+}
+
+/// Sends `data` and one fd in one message (`SCM_RIGHTS`).
+fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    let fds = [fd];
+    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+        return Err(io::Error::other("SCM_RIGHTS control buffer too small"));
+    }
+    let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, SendFlags::NOSIGNAL)?;
+    if n != data.len() {
+        return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
+    }
+    Ok(())
+}
+
+/// Receives up to `buf.len()` bytes and at most one fd (closed-on-exec) from one message. Every
+/// fd that arrives is owned (and closed when dropped), including extra ones refused here.
+fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let msg = rustix::net::recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    if msg.flags.contains(ReturnFlags::CTRUNC) {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated (too many fds)"));
+    }
+    if fds.len() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} fds in one message, expected 1", fds.len()),
+        ));
+    }
+    Ok((msg.bytes, fds.pop()))
 }

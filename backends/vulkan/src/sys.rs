@@ -10,9 +10,7 @@
 //! the callbacks and plain values passed in.
 
 use std::ffi::{c_void, CStr};
-use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -741,79 +739,5 @@ pub(crate) fn check_range(which: &'static str, offset: u64, len: u64, size: u64)
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(VkError::OutOfRange { which, offset, len, size }),
-    }
-}
-
-/// Sends `data` and one fd in one message (`SCM_RIGHTS`).
-pub(crate) fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    // Enough for one cmsghdr carrying one int, u64-aligned as cmsghdr requires.
-    let mut space = [0u64; 8];
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut c_void, iov_len: data.len() };
-    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the sendmsg call, the
-    // control buffer holds CMSG_SPACE(sizeof(int)) (checked) and the CMSG macros stay inside it.
-    unsafe {
-        let need = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
-        assert!(need <= std::mem::size_of_val(&space));
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr() as *mut c_void;
-        msg.msg_controllen = need as _;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::c_int, fd.as_raw_fd());
-        let n = libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != data.len() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "short sendmsg"));
-        }
-    }
-    Ok(())
-}
-
-/// Receives up to `buf.len()` bytes and at most one fd (closed-on-exec) from one message.
-pub(crate) fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
-    let mut space = [0u64; 8];
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut c_void, iov_len: buf.len() };
-    // SAFETY: as in `send_with_fd`; after recvmsg the kernel filled at most msg_controllen bytes
-    // of the control buffer, and CMSG_NXTHDR stops inside it. Each fd received in an SCM_RIGHTS
-    // message is a new descriptor owned by this process: wrapped once, closed once.
-    unsafe {
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = space.as_mut_ptr() as *mut c_void;
-        msg.msg_controllen = std::mem::size_of_val(&space) as _;
-        let n = libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut fds = Vec::new();
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c);
-                let bytes = (*c).cmsg_len as usize - (data as usize - c as usize);
-                for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
-                    let fd = std::ptr::read_unaligned((data as *const libc::c_int).add(i));
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "control message truncated (too many fds)"));
-        }
-        if fds.len() > 1 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} fds in one message, expected 1", fds.len()),
-            ));
-        }
-        Ok((n as usize, fds.pop()))
     }
 }
