@@ -109,38 +109,6 @@ pub fn recv_export(sock: &UnixStream) -> Result<Export, VkError> {
     decode(&buf, fd)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn descriptor_round_trips_and_garbage_is_refused() {
-        let fd = || std::fs::File::open("/dev/null").unwrap().into();
-        let e = Export {
-            fd: fd(),
-            handle: HandleType::OpaqueFd,
-            len: 12345,
-            provider: Provider::Pci("0000:03:00.0".parse().unwrap()),
-            layout: Some(ExportLayout {
-                alloc_size: 16384,
-                memory_type: 3,
-                dedicated: true,
-                device_uuid: [7; 16],
-                driver_uuid: [9; 16],
-            }),
-        };
-        let d = decode(&encode(&e), fd()).unwrap();
-        assert_eq!((d.handle, d.len, d.provider, d.layout), (e.handle, e.len, e.provider, e.layout));
-        let h = Export::dma_buf(fd(), 4096, Provider::Host { numa: Some(1) });
-        let d = decode(&encode(&h), fd()).unwrap();
-        assert_eq!((d.handle, d.provider, d.layout), (HandleType::DmaBuf, Provider::Host { numa: Some(1) }, None));
-        let mut g = encode(&e);
-        g[8] = 9;
-        assert!(matches!(decode(&g, fd()), Err(VkError::BadDescriptor(_))));
-        assert!(matches!(decode(&[0; SIZE], fd()), Err(VkError::BadDescriptor(_))));
-    }
-}
-
 /// Sends `data` and one fd in one message (`SCM_RIGHTS`).
 fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
@@ -178,4 +146,36 @@ fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<
         ));
     }
     Ok((msg.bytes, fds.pop()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_round_trips_and_garbage_is_refused() {
+        let fd = || std::fs::File::open("/dev/null").unwrap().into();
+        let e = Export {
+            fd: fd(),
+            handle: HandleType::OpaqueFd,
+            len: 12345,
+            provider: Provider::Pci("0000:03:00.0".parse().unwrap()),
+            layout: Some(ExportLayout {
+                alloc_size: 16384,
+                memory_type: 3,
+                dedicated: true,
+                device_uuid: [7; 16],
+                driver_uuid: [9; 16],
+            }),
+        };
+        let d = decode(&encode(&e), fd()).unwrap();
+        assert_eq!((d.handle, d.len, d.provider, d.layout), (e.handle, e.len, e.provider, e.layout));
+        let h = Export::dma_buf(fd(), 4096, Provider::Host { numa: Some(1) });
+        let d = decode(&encode(&h), fd()).unwrap();
+        assert_eq!((d.handle, d.provider, d.layout), (HandleType::DmaBuf, Provider::Host { numa: Some(1) }, None));
+        let mut g = encode(&e);
+        g[8] = 9;
+        assert!(matches!(decode(&g, fd()), Err(VkError::BadDescriptor(_))));
+        assert!(matches!(decode(&[0; SIZE], fd()), Err(VkError::BadDescriptor(_))));
+    }
 }
