@@ -23,7 +23,7 @@ pub mod sysroot;
 
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, DmaAddr, Iova, VirtAddr};
 pub use path::{MapType, PathLabel, Verdict};
-pub use pci::{BarMapping, Bdf, DevIdx, MapBarError, Topology, TopologyError};
+pub use pci::{BarError, BarMapping, Bdf, DevIdx, MapBarError, Topology, TopologyError};
 pub use region::{AccessError, Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError, Side};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};

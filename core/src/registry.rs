@@ -23,7 +23,7 @@ use arc_swap::{ArcSwap, Cache, Guard};
 
 use crate::addr::{AddrError, AddrRange, BusAddr, CpuPhys, VirtAddr};
 use crate::path::{MapType, Verdict};
-use crate::pci::topology::BarKind;
+use crate::pci::BarError;
 use crate::pci::{Bdf, DevIdx, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
@@ -50,12 +50,8 @@ impl fmt::Display for RegionId {
 pub enum RegistryError {
     #[error("unknown PCI device {0}")]
     UnknownDevice(Bdf),
-    #[error("{bdf} has no BAR{bar} (empty or not a BAR 0-5)")]
-    NoSuchBar { bdf: Bdf, bar: u8 },
-    #[error("{bdf} BAR{bar} is an I/O port BAR: peers cannot DMA to it")]
-    IoBar { bdf: Bdf, bar: u8 },
-    #[error("{bdf} BAR{bar}: {len:#x} bytes at offset {offset:#x} run past the BAR's {bar_len:#x} bytes")]
-    OutOfBar { bdf: Bdf, bar: u8, offset: u64, len: u64, bar_len: u64 },
+    #[error(transparent)]
+    Bar(#[from] BarError),
     #[error("region is empty")]
     Empty,
     #[error("the region's CPU mapping covers {mapped:#x} of its {len:#x} bytes")]
@@ -396,17 +392,7 @@ impl Registry {
         let topo = &self.shared.topo;
         let kind = match region.backing() {
             Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => {
-                let dev = topo.idx(bdf).map_err(|_| RegistryError::UnknownDevice(bdf))?;
-                let d = topo.device(dev);
-                let b = d.bar(bar).ok_or(RegistryError::NoSuchBar { bdf, bar })?;
-                if b.kind == BarKind::Io {
-                    return Err(RegistryError::IoBar { bdf, bar });
-                }
-                let out = RegistryError::OutOfBar { bdf, bar, offset, len, bar_len: b.cpu.len() };
-                match offset.checked_add(len) {
-                    Some(end) if end <= b.cpu.len() => {}
-                    _ => return Err(out),
-                }
+                let (dev, b) = topo.memory_bar(bdf, bar, offset, len)?;
                 let cpu = b.cpu.at(offset)?;
                 let bus = match b.window() {
                     Some(w) => Some(w.to_bus(cpu)?),

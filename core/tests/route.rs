@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use peermem::{
-    BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, DmaAddr, PeerMemory, Registry, RegistryError, RouteKind, Topology,
+    BarError, BarRegion, Bdf, BounceWhy, BusAddr, CpuPhys, DmaAddr, PeerMemory, Registry, RegistryError, RouteKind,
+    Topology,
 };
 
 fn registry(name: &str) -> Registry {
@@ -91,15 +92,15 @@ fn positive_bus_offset_gives_bus_above_cpu() {
 fn bad_bar_regions_are_refused_at_registration() {
     let reg = registry("qemu-switch");
     let e = reg.register(cmb(0x400_0000 - 0x800, 0x1000)).unwrap_err();
-    assert!(matches!(e, RegistryError::OutOfBar { .. }), "{e}");
+    assert!(matches!(e, RegistryError::Bar(BarError::OutOfBar { .. })), "{e}");
     let e = reg.register(cmb(u64::MAX, 2)).unwrap_err();
-    assert!(matches!(e, RegistryError::OutOfBar { .. }), "{e}");
+    assert!(matches!(e, RegistryError::Bar(BarError::OutOfBar { .. })), "{e}");
     let e = reg.register(Arc::new(BarRegion { bdf: bdf("0000:03:00.0"), bar: 1, offset: 0, len: 1 })).unwrap_err();
-    assert!(matches!(e, RegistryError::NoSuchBar { .. }), "{e}");
+    assert!(matches!(e, RegistryError::Bar(BarError::NoSuchBar { .. })), "{e}");
     let e = reg.register(Arc::new(BarRegion { bdf: bdf("0000:00:10.0"), bar: 0, offset: 0, len: 1 })).unwrap_err();
-    assert!(matches!(e, RegistryError::IoBar { .. }), "{e}");
+    assert!(matches!(e, RegistryError::Bar(BarError::IoBar { .. })), "{e}");
     let e = reg.register(Arc::new(BarRegion { bdf: bdf("0000:0a:00.0"), bar: 0, offset: 0, len: 1 })).unwrap_err();
-    assert!(matches!(e, RegistryError::UnknownDevice(_)), "{e}");
+    assert!(matches!(e, RegistryError::Bar(BarError::UnknownDevice(_))), "{e}");
     // Two registrations of the same bus range on one hierarchy overlap.
     let _g = reg.register(cmb(0, 0x2000)).unwrap();
     let e = reg.register(cmb(0x1000, 0x2000)).unwrap_err();

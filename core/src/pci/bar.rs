@@ -9,21 +9,28 @@ use std::fs::OpenOptions;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
-use super::topology::BarKind;
-use super::{Bdf, Topology};
+use super::topology::{Bar, BarKind};
+use super::{Bdf, DevIdx, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::sys::{self, MappedSpan, Mapping};
 
-#[derive(Debug, thiserror::Error)]
-pub enum MapBarError {
+/// Why a byte range of a BAR cannot be used as peer memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BarError {
     #[error("unknown PCI device {0}")]
     UnknownDevice(Bdf),
     #[error("{bdf} has no BAR{bar} (empty or not a BAR 0-5)")]
     NoSuchBar { bdf: Bdf, bar: u8 },
-    #[error("{bdf} BAR{bar} is an I/O port BAR: it cannot be mapped")]
+    #[error("{bdf} BAR{bar} is an I/O port BAR: peers cannot DMA to it")]
     IoBar { bdf: Bdf, bar: u8 },
     #[error("{bdf} BAR{bar}: {len:#x} bytes at offset {offset:#x} do not fit the BAR's {bar_len:#x} bytes")]
     OutOfBar { bdf: Bdf, bar: u8, offset: u64, len: u64, bar_len: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapBarError {
+    #[error(transparent)]
+    Bar(#[from] BarError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -74,19 +81,26 @@ impl PeerMemory for BarMapping {
 }
 
 impl Topology {
+    /// The memory BAR `bar` of `bdf`, checked to hold `len` (> 0) bytes at `offset`.
+    pub fn memory_bar(&self, bdf: Bdf, bar: u8, offset: u64, len: u64) -> Result<(DevIdx, &Bar), BarError> {
+        let idx = self.idx(bdf).map_err(|_| BarError::UnknownDevice(bdf))?;
+        let b = self.device(idx).bar(bar).ok_or(BarError::NoSuchBar { bdf, bar })?;
+        if b.kind == BarKind::Io {
+            return Err(BarError::IoBar { bdf, bar });
+        }
+        let bar_len = b.cpu.len();
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > bar_len) {
+            return Err(BarError::OutOfBar { bdf, bar, offset, len, bar_len });
+        }
+        Ok((idx, b))
+    }
+
     /// Maps `len` bytes at `offset` of memory BAR `bar` of `bdf` for the CPU (root only on a live
     /// system; a capture has no BAR contents). Any offset works: the mapping is page-granular
     /// and the returned region covers exactly the range asked for.
     pub fn map_bar(&self, bdf: Bdf, bar: u8, offset: u64, len: u64) -> Result<BarMapping, MapBarError> {
-        let dev = self.by_bdf(bdf).map_err(|_| MapBarError::UnknownDevice(bdf))?;
-        let b = dev.bar(bar).ok_or(MapBarError::NoSuchBar { bdf, bar })?;
-        if b.kind == BarKind::Io {
-            return Err(MapBarError::IoBar { bdf, bar });
-        }
-        let bar_len = b.cpu.len();
-        if len == 0 || offset.checked_add(len).is_none_or(|end| end > bar_len) {
-            return Err(MapBarError::OutOfBar { bdf, bar, offset, len, bar_len });
-        }
+        let (idx, _) = self.memory_bar(bdf, bar, offset, len)?;
+        let dev = self.device(idx);
         let skip = offset % sys::page_size();
         let path = self.root().join(&dev.sysfs_dir).join(format!("resource{bar}"));
         let io = |source| MapBarError::Io { path: path.clone(), source };
@@ -112,12 +126,15 @@ mod tests {
     fn bars_are_checked_before_anything_is_opened() {
         let t = topo();
         let nvme: Bdf = "0000:03:00.0".parse().unwrap();
-        assert!(matches!(t.map_bar("0000:7f:00.0".parse().unwrap(), 0, 0, 4096), Err(MapBarError::UnknownDevice(_))));
-        assert!(matches!(t.map_bar(nvme, 5, 0, 4096), Err(MapBarError::NoSuchBar { .. })));
+        assert!(matches!(
+            t.map_bar("0000:7f:00.0".parse().unwrap(), 0, 0, 4096),
+            Err(MapBarError::Bar(BarError::UnknownDevice(_)))
+        ));
+        assert!(matches!(t.map_bar(nvme, 5, 0, 4096), Err(MapBarError::Bar(BarError::NoSuchBar { .. }))));
         let bar2 = t.by_bdf(nvme).unwrap().bar(2).unwrap().cpu.len();
-        assert!(matches!(t.map_bar(nvme, 2, bar2 - 4095, 4096), Err(MapBarError::OutOfBar { .. })));
-        assert!(matches!(t.map_bar(nvme, 2, u64::MAX, 2), Err(MapBarError::OutOfBar { .. })));
-        assert!(matches!(t.map_bar(nvme, 2, 0, 0), Err(MapBarError::OutOfBar { .. })));
+        assert!(matches!(t.map_bar(nvme, 2, bar2 - 4095, 4096), Err(MapBarError::Bar(BarError::OutOfBar { .. }))));
+        assert!(matches!(t.map_bar(nvme, 2, u64::MAX, 2), Err(MapBarError::Bar(BarError::OutOfBar { .. }))));
+        assert!(matches!(t.map_bar(nvme, 2, 0, 0), Err(MapBarError::Bar(BarError::OutOfBar { .. }))));
         // A capture holds no resource files: the error names the file below the capture.
         match t.map_bar(nvme, 2, 0, 4096) {
             Err(MapBarError::Io { path, .. }) => {

@@ -5,6 +5,6 @@ pub mod bdf;
 pub mod config;
 pub mod topology;
 
-pub use bar::{BarMapping, MapBarError};
+pub use bar::{BarError, BarMapping, MapBarError};
 pub use bdf::Bdf;
 pub use topology::{Bar, BarKind, DevIdx, PciDevice, Topology, TopologyError};
