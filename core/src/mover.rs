@@ -132,22 +132,19 @@ pub fn reachable(route: &RouteKind, entry: &Entry, reach: Reach) -> Result<(), S
     let region = entry.region();
     let mapped = entry.cpu_range().is_some();
     let host_memory = matches!(region.provider(), Provider::Host { .. });
+    // Pages the kernel can pin through the CPU mapping: system memory, or P2PDMA pages.
+    let pinnable = mapped && (host_memory || matches!(region.backing(), Backing::P2pmem { .. }));
     match (reach, route) {
         (_, RouteKind::Bounce(_)) => Err("no direct path exists for this pair".into()),
         (Reach::DeviceAddress, RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_)) => Ok(()),
         (Reach::DeviceAddress, RouteKind::CpuMapped(_)) if host_memory => Ok(()),
         (Reach::DeviceAddress, RouteKind::KernelImport) if host_memory && mapped => Ok(()),
         (Reach::DeviceAddress, k) => Err(format!("a device cannot be programmed with a {} route", k.name())),
-        (Reach::KernelPages, RouteKind::CpuMapped(_)) if host_memory => Ok(()),
         (Reach::KernelPages, RouteKind::KernelImport) if host_memory && mapped => Ok(()),
-        (Reach::KernelPages, RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_))
-            if mapped && matches!(region.backing(), Backing::P2pmem { .. }) =>
-        {
-            Ok(())
-        }
         (Reach::KernelPages, RouteKind::KernelImport) => {
             Err("the kernel cannot pin a device dma-buf's pages through its CPU mapping".into())
         }
+        (Reach::KernelPages, _) if pinnable => Ok(()),
         (Reach::KernelPages, _) if !mapped => Err("the region has no CPU mapping for the kernel to pin".into()),
         (Reach::KernelPages, _) => {
             Err("the kernel cannot pin a raw BAR mapping (no P2PDMA pages: EFAULT); a userspace driver can reach it"
@@ -571,6 +568,27 @@ mod tests {
         assert!(reachable(&RouteKind::KernelImport, &host, Reach::DmaBufImport).is_ok());
         // A host-memory dma-buf with a CPU mapping is pinned through the mapping.
         assert!(reachable(&RouteKind::KernelImport, &host, Reach::KernelPages).is_ok());
+        // P2PDMA pages are pinnable through their mapping (O_DIRECT since Linux 6.2), whatever the route.
+        struct P2p(HostRegion);
+        impl PeerMemory for P2p {
+            fn len(&self) -> u64 {
+                self.0.len()
+            }
+            fn provider(&self) -> Provider {
+                Provider::Pci("0000:03:00.0".parse().unwrap())
+            }
+            fn backing(&self) -> Backing<'_> {
+                Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
+            }
+            fn cpu_mapping(&self) -> Option<crate::sys::MappedSpan<'_>> {
+                self.0.cpu_mapping()
+            }
+        }
+        let p2p = reg.register(Arc::new(P2p(HostRegion::new(4096).unwrap()))).unwrap();
+        let p2p_va = route(RouteKind::CpuMapped(p2p.cpu_range().unwrap().start()));
+        assert!(reachable(&p2p_va.kind, &p2p, Reach::KernelPages).is_ok());
+        assert!(reachable(&bus.kind, &p2p, Reach::KernelPages).is_ok());
+        assert!(reachable(&p2p_va.kind, &p2p, Reach::DeviceAddress).is_err());
         // Host memory needs no probe.
         let d = RouteHealth::new().decide::<String>(&cpu, &host, Peer::Cpu, Reach::KernelPages, None);
         assert_eq!(d.plan, Plan::Direct);
