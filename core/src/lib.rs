@@ -3,14 +3,13 @@
 //! - [`addr`]: address spaces as types (`CpuPhys`, `BusAddr`, `Iova`, `VirtAddr`) and the one
 //!   place that converts between them.
 //! - [`pci`]: the topology of a sysroot (live `/` or a capture).
-//! - [`path`]: the kernel-exact P2P verdict for a (provider, client) pair, explained.
+//! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, explained.
 //! - [`region`], [`registry`], [`route`]: peer-memory regions, the lock-free registry that looks
 //!   them up by address and resolves what a peer must program to reach them.
 
 pub mod addr;
 pub mod capture;
 pub mod mover;
-pub mod path;
 pub mod pci;
 pub mod platform;
 pub mod region;
@@ -19,10 +18,11 @@ pub mod route;
 mod spanmap;
 pub mod sys;
 pub mod sysroot;
+pub mod verdict;
 
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, Iova, VirtAddr};
-pub use path::{MapType, PathLabel, Verdict};
 pub use pci::{Bdf, DevIdx, Topology, TopologyError};
 pub use region::{Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
+pub use verdict::{MapType, PathLabel, Verdict};
