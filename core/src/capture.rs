@@ -88,7 +88,7 @@ impl Out<'_> {
     }
 
     fn copy_file(&mut self, rel: &Path) -> Result<(), CaptureError> {
-        let bytes = match self.src.read_bytes_opt(rel) {
+        let bytes = match self.src.read_bytes_opt_max(rel, crate::sysroot::MAX_TEXT) {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(()),
             Err(e) => {
