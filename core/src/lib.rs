@@ -8,14 +8,18 @@
 //!   them up by address and resolves what a peer must program to reach them.
 
 pub mod addr;
+pub mod archive;
 pub mod capture;
 pub mod mover;
+pub mod nccl;
 pub mod pci;
+pub mod pciids;
 pub mod platform;
 pub mod region;
 pub mod registry;
 pub mod route;
 mod spanmap;
+pub mod storage;
 pub mod sys;
 pub mod sysroot;
 pub mod verdict;

@@ -39,6 +39,8 @@ pub struct Cpu {
     pub vendor: Option<String>,
     /// `cpu family` (x86 only), decimal in cpuinfo.
     pub family: Option<u32>,
+    /// `model` (x86 only), decimal in cpuinfo.
+    pub model: Option<u32>,
     pub model_name: Option<String>,
     /// The x86 `hypervisor` flag.
     pub hypervisor_flag: bool,
@@ -293,6 +295,7 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
             "cpu family" => {
                 cpu.family = Some(v.parse().map_err(|_| malformed_err(rel, "cpu family is not a number", v))?)
             }
+            "model" => cpu.model = v.parse().ok(),
             "model name" | "Hardware" | "machine" => cpu.model_name = Some(v.to_string()),
             "flags" => cpu.hypervisor_flag = v.split_whitespace().any(|f| f == "hypervisor"),
             _ => {}

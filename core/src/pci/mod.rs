@@ -2,7 +2,9 @@
 
 pub mod bdf;
 pub mod config;
+pub mod select;
 pub mod topology;
 
 pub use bdf::Bdf;
+pub use select::{EndpointKind, Labels, Selection};
 pub use topology::{Bar, BarKind, DevIdx, PciDevice, Topology, TopologyError};
