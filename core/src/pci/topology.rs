@@ -20,6 +20,10 @@ use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_
 pub struct DevIdx(pub(crate) u32);
 
 impl DevIdx {
+    /// The index of the `i`-th device of a topology (in `devices()` order).
+    pub fn new(i: usize) -> DevIdx {
+        DevIdx(i as u32)
+    }
     pub fn get(self) -> usize {
         self.0 as usize
     }
