@@ -247,7 +247,7 @@ fn print_matrix(t: &Topology, names: &Names, eps: &[DevIdx], paint: &Paint, o: &
     let labels: Vec<&str> = eps.iter().map(|&i| names.labels.label(i)).collect();
     let cells: Vec<Vec<String>> =
         verdicts.iter().map(|row| row.iter().map(|v| v.as_ref().map_or("X".into(), cell_text)).collect()).collect();
-    let w = labels.iter().map(|l| l.len()).chain(cells.iter().flatten().map(|c| c.len())).max().unwrap_or(4) + 2;
+    let w = labels.iter().map(|l| l.len()).chain(cells.iter().flatten().map(|c| c.len())).max().unwrap_or(4) + 1;
     let lw = labels.iter().map(|l| l.len()).max().unwrap_or(4) + 1;
     let affinity: Vec<String> =
         eps.iter().map(|&i| t.device(i).local_cpulist.clone().unwrap_or("N/A".into())).collect();

@@ -145,6 +145,20 @@ enum Member {
     Link(PathBuf, PathBuf),
 }
 
+/// A member name without `.`; `..` and absolute names are refused.
+fn clean_member(raw: &Path) -> Result<PathBuf, &'static str> {
+    let mut clean = PathBuf::new();
+    for c in raw.components() {
+        match c {
+            Component::Normal(n) => clean.push(n),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("'..' in the path"),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path"),
+        }
+    }
+    Ok(clean)
+}
+
 /// Checks every member of the tar in `bytes`; returns them and the single top directory.
 fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
     let unsafe_ = |member: &Path, why| ArchiveError::Unsafe {
@@ -161,15 +175,7 @@ fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), 
     for e in ar.entries().map_err(|e| fmt(format!("not a tar archive: {e}")))? {
         let e = e.map_err(|e| fmt(format!("bad tar member: {e}")))?;
         let raw = e.path().map_err(|e| fmt(format!("bad member name: {e}")))?.into_owned();
-        let mut clean = PathBuf::new();
-        for c in raw.components() {
-            match c {
-                Component::Normal(n) => clean.push(n),
-                Component::CurDir => {}
-                Component::ParentDir => return Err(unsafe_(&raw, "'..' in the path")),
-                Component::RootDir | Component::Prefix(_) => return Err(unsafe_(&raw, "absolute path")),
-            }
-        }
+        let clean = clean_member(&raw).map_err(|why| unsafe_(&raw, why))?;
         if clean.as_os_str().is_empty() {
             continue;
         }

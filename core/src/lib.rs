@@ -3,7 +3,9 @@
 //! - [`addr`]: address spaces as types (`CpuPhys`, `BusAddr`, `Iova`, `VirtAddr`) and the one
 //!   place that converts between them.
 //! - [`pci`]: the topology of a sysroot (live `/` or a capture).
-//! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, explained.
+//! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, then explained.
+//! - [`pciids`], [`archive`], [`storage`], [`nccl`]: device names from `pci.ids`, capture
+//!   archives, the PCI function behind a file, and NCCL's topology XML.
 //! - [`region`], [`registry`], [`route`]: peer-memory regions, the lock-free registry that looks
 //!   them up by address and resolves what a peer must program to reach them.
 

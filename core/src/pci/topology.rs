@@ -15,6 +15,9 @@ use crate::pci::config::{Acs, BarReg, ConfigError, ConfigInfo, Pcie, PortType};
 use crate::platform::Platform;
 use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Sysroot, SysrootError};
 
+/// IOMMU group, p2pmem pool and SR-IOV physical function of one device.
+type Extras = (Option<IommuGroup>, Option<P2pmem>, Option<DevIdx>);
+
 /// Dense index of a device in one `Topology`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DevIdx(pub(crate) u32);
@@ -711,6 +714,35 @@ impl Topology {
         };
         let local_cpulist = sys.read_opt(d.join("local_cpulist"))?;
         let driver = sys.link_name(d.join("driver"))?;
+        let (iommu_group, p2pmem, physfn) = Self::read_extras(sys, d, index)?;
+        Ok(PciDevice {
+            bdf: r.bdf,
+            vendor,
+            device,
+            class,
+            subsystem_vendor: opt_hex("subsystem_vendor", 16)?.map(|v| v as u16),
+            subsystem_device: opt_hex("subsystem_device", 16)?.map(|v| v as u16),
+            revision: opt_hex("revision", 8)?.map(|v| v as u8),
+            host_bridge: r.host_bridge.clone(),
+            sysfs_dir: r.dir.clone(),
+            parent,
+            physfn,
+            config,
+            link,
+            numa_node,
+            local_cpulist,
+            iommu_group,
+            driver,
+            bars,
+            p2pmem,
+            class_devices: Vec::new(),
+            linked: r.linked,
+            unknown,
+        })
+    }
+
+    /// IOMMU group (and its domain type), p2pmem pool and SR-IOV physical function.
+    fn read_extras(sys: &Sysroot, d: &Path, index: &HashMap<Bdf, DevIdx>) -> Result<Extras, TopologyError> {
         let iommu_group = match sys.link_name(d.join("iommu_group"))? {
             Some(g) => {
                 let rel = d.join("iommu_group");
@@ -736,30 +768,7 @@ impl Topology {
                 .and_then(|b| index.get(&b).copied()),
             None => None,
         };
-        Ok(PciDevice {
-            bdf: r.bdf,
-            vendor,
-            device,
-            class,
-            subsystem_vendor: opt_hex("subsystem_vendor", 16)?.map(|v| v as u16),
-            subsystem_device: opt_hex("subsystem_device", 16)?.map(|v| v as u16),
-            revision: opt_hex("revision", 8)?.map(|v| v as u8),
-            host_bridge: r.host_bridge.clone(),
-            sysfs_dir: r.dir.clone(),
-            parent,
-            physfn,
-            config,
-            link,
-            numa_node,
-            local_cpulist,
-            iommu_group,
-            driver,
-            bars,
-            p2pmem,
-            class_devices: Vec::new(),
-            linked: r.linked,
-            unknown,
-        })
+        Ok((iommu_group, p2pmem, physfn))
     }
 
     /// The link attributes; their absence is noted only for a PCI Express function (or one whose
