@@ -66,6 +66,44 @@ fn namespace_bytes(bd: &BlockDevice) -> Result<u64> {
     Ok(s.trim().parse::<u64>().map_err(|_| anyhow!("{p}: {s:?} is not a sector count"))? * 512)
 }
 
+/// The client writes the provider's memory: host -> namespace, then namespace -> p2pmem.
+fn client_writes(
+    bd: &BlockDevice,
+    region: &mut P2pmemRegion,
+    host: &mut HostRegion,
+    off: u64,
+    n: usize,
+) -> Result<Outcome> {
+    let c = canary(n, 0x7065_6572 ^ off);
+    host.as_mut_slice().copy_from_slice(&c);
+    bd.write_at(off, host.as_mut_slice()).map_err(|e| anyhow!("writing the canary: {e}"))?;
+    region.as_mut_slice().fill(0);
+    if let Some(e) = p2p(bd.read_at(off, region.as_mut_slice()))? {
+        return Ok(Outcome::Refused(e));
+    }
+    let mut back = vec![0u8; n];
+    region.read_at(0, &mut back).map_err(|e| anyhow!("reading p2pmem: {e}"))?;
+    Ok(judge(&c, &back))
+}
+
+/// The client reads the provider's memory: p2pmem -> namespace, then namespace -> host.
+fn client_reads(
+    bd: &BlockDevice,
+    region: &mut P2pmemRegion,
+    host: &mut HostRegion,
+    off: u64,
+    n: usize,
+) -> Result<Outcome> {
+    let c = canary(n, 0x6d65_6d21 ^ off);
+    region.as_mut_slice().copy_from_slice(&c);
+    if let Some(e) = p2p(bd.write_at(off, region.as_mut_slice()))? {
+        return Ok(Outcome::Refused(e));
+    }
+    host.as_mut_slice().fill(0);
+    bd.read_at(off, host.as_mut_slice()).map_err(|e| anyhow!("reading the canary back: {e}"))?;
+    Ok(judge(&c, host.as_mut_slice()))
+}
+
 pub fn probe(t: &Topology, p: DevIdx, c: DevIdx, len: u64, offset: Option<u64>, o: &mut Out) -> Result<u8> {
     let (pd, cd) = (t.device(p), t.device(c));
     let len = len.div_ceil(ALIGN).max(1) * ALIGN;
@@ -91,37 +129,9 @@ pub fn probe(t: &Topology, p: DevIdx, c: DevIdx, len: u64, offset: Option<u64>, 
     bd.read_at(off, host.as_mut_slice()).map_err(|e| anyhow!("saving the scratch range: {e}"))?;
     let saved = host.as_mut_slice().to_vec();
 
-    // The client writes the provider's memory: host -> namespace, then namespace -> p2pmem.
-    let c1 = canary(n, 0x7065_6572 ^ off);
-    host.as_mut_slice().copy_from_slice(&c1);
-    let written = bd.write_at(off, host.as_mut_slice());
-    let into = match written {
-        Err(e) => Err(anyhow!("writing the canary: {e}")),
-        Ok(()) => {
-            region.as_mut_slice().fill(0);
-            match p2p(bd.read_at(off, region.as_mut_slice())) {
-                Ok(Some(e)) => Ok(Outcome::Refused(e)),
-                Ok(None) => {
-                    let mut back = vec![0u8; n];
-                    region.read_at(0, &mut back).map_err(|e| anyhow!("reading p2pmem: {e}"))?;
-                    Ok(judge(&c1, &back))
-                }
-                Err(e) => Err(e),
-            }
-        }
-    };
-    // The client reads the provider's memory: p2pmem -> namespace, then namespace -> host.
-    let c2 = canary(n, 0x6d65_6d21 ^ off);
-    region.as_mut_slice().copy_from_slice(&c2);
-    let from = match p2p(bd.write_at(off, region.as_mut_slice())) {
-        Ok(Some(e)) => Ok(Outcome::Refused(e)),
-        Ok(None) => {
-            host.as_mut_slice().fill(0);
-            bd.read_at(off, host.as_mut_slice()).map_err(|e| anyhow!("reading the canary back: {e}"))?;
-            Ok(judge(&c2, host.as_mut_slice()))
-        }
-        Err(e) => Err(e),
-    };
+    // Every step below runs, and the scratch range is written back, whatever fails on the way.
+    let into = client_writes(&bd, &mut region, &mut host, off, n);
+    let from = client_reads(&bd, &mut region, &mut host, off, n);
     host.as_mut_slice().copy_from_slice(&saved);
     bd.write_at(off, host.as_mut_slice()).map_err(|e| anyhow!("restoring the scratch range: {e}"))?;
     let (into, from) = (into?, from?);

@@ -280,3 +280,22 @@ fn probe_refuses_a_capture() {
     let e = exit2(&fixture("qemu-switch"), &["probe", "NVME0", "NVME1"]);
     assert!(e.contains("live system"), "{e}");
 }
+
+#[test]
+fn this_machine_replays_from_its_own_capture_archive() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("me.tar.xz");
+    stdout_ok(Path::new("/"), &["capture", "--archive", a.to_str().unwrap()]);
+    let live = json(Path::new("/"), &["topo", "--json", "--all"]);
+    let replay = json(&a, &["topo", "--json", "--all"]);
+    let ids = |t: &Value| -> Vec<(Value, Value, Value)> {
+        t["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["bdf"].clone(), d["label"].clone(), d["upstream"].clone()))
+            .collect()
+    };
+    assert_eq!(ids(&live), ids(&replay));
+    assert_eq!(live["pairs"], replay["pairs"]);
+}
