@@ -299,3 +299,24 @@ fn this_machine_replays_from_its_own_capture_archive() {
     assert_eq!(ids(&live), ids(&replay));
     assert_eq!(live["pairs"], replay["pairs"]);
 }
+
+#[test]
+fn colour_only_on_a_terminal_and_never_with_no_color() {
+    // util-linux `script` gives the command a pseudo-terminal as stdout.
+    let on_tty = |no_color: Option<&str>| -> String {
+        let line =
+            format!("{} --root {} topo --class nvme", env!("CARGO_BIN_EXE_peermem"), fixture("qemu-switch").display());
+        let mut c = Command::new("script");
+        c.args(["-qec", &line, "/dev/null"]).env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        let o = c.output().expect("util-linux script");
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let tty = on_tty(None);
+    assert!(tty.contains("\x1b[32m") && tty.contains("\x1b[31m"), "{tty}");
+    assert!(!on_tty(Some("1")).contains('\x1b'));
+    assert!(!stdout_ok(&fixture("qemu-switch"), &["topo", "--class", "nvme"]).contains('\x1b'));
+}
