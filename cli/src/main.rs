@@ -182,6 +182,16 @@ fn main() -> ExitCode {
             o.flush();
             return ExitCode::SUCCESS;
         }
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    | clap::error::ErrorKind::MissingSubcommand
+            ) =>
+        {
+            eprintln!("peermem: a command is needed (topo, why, route, check, fix, probe, export, capture); see peermem --help");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // Usage errors in one line too; `--help` has the details.
             let text = e.to_string();

@@ -175,6 +175,12 @@ fn capture_archives_replay_like_the_directory_and_bad_ones_are_refused() {
     std::fs::write(&bad, b"\x1f\x8bnot gzip").unwrap();
     let e = exit2(&bad, &["topo"]);
     assert!(e.contains("bad.tar.gz"), "{e}");
+    let text = d.path().join("notes.txt");
+    std::fs::write(&text, "not a capture\n").unwrap();
+    let e = exit2(&text, &["topo"]);
+    assert!(e.contains("notes.txt") && e.contains("not a capture archive"), "{e}");
+    let e = exit2(&root, &[]);
+    assert!(e.contains("a command is needed"), "{e}");
 }
 
 #[test]

@@ -135,6 +135,13 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
     if out.len() as u64 > limit {
         return Err(too_large());
     }
+    // Every tar header (ustar, GNU, pax) carries "ustar" at offset 257.
+    if out.get(257..262) != Some(b"ustar".as_slice()) {
+        return Err(ArchiveError::Format {
+            archive: archive.to_path_buf(),
+            why: "not a capture archive (a .tar, optionally gzip, bzip2 or xz compressed) nor a directory".into(),
+        });
+    }
     Ok(out)
 }
 
