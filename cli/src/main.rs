@@ -1,37 +1,73 @@
-//! `peermem`: topology, per-pair P2P verdicts, routes and sysroot captures from the command line.
-//! A thin layer: every answer comes from the `peermem` crate; this file only parses and prints.
+//! `peermem`: topology, per-pair P2P verdicts, routes, checks, fixes, probes and sysroot captures
+//! from the command line. A thin layer: every answer comes from the `peermem` crate; these files
+//! only parse arguments and print.
+//!
+//! Exit status: 0 answered (for `check`: every pair direct), 1 `check` found a pair that is not
+//! direct (or `probe` found the route broken or refused), 2 bad input (one line on stderr). A
+//! closed output pipe (`peermem topo | head -1`) ends the command quietly.
 
-use std::path::PathBuf;
+mod out;
+mod pairs;
+mod probe;
+mod topo;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
-use peermem::pci::topology::{BarKind, PciDevice};
-use peermem::{BarRegion, Bdf, PeerMemory, Registry, Topology, Verdict};
+use peermem::pci::topology::BarKind;
+use peermem::pci::{Labels, Selection};
+use peermem::{BarRegion, Bdf, DevIdx, PeerMemory, Registry, Topology};
 use serde_json::{json, Value};
 
+use out::Out;
+
 #[derive(Parser)]
-#[command(name = "peermem", version, about = "PCIe peer-to-peer memory: topology, verdicts and routes")]
+#[command(name = "peermem", version, about = "PCIe peer-to-peer memory: topology, verdicts, routes, checks and fixes")]
 struct Cli {
-    /// Read sysfs/procfs from this root instead of / (e.g. a `peermem capture` directory).
+    /// Read sysfs/procfs from this root instead of /: a `peermem capture` directory, or a capture
+    /// archive (.tar, .tar.gz, .tar.bz2, .tar.xz) whose single top directory is one.
     #[arg(long, global = true, default_value = "/")]
     root: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(clap::Args, Clone, Default)]
+struct Filter {
+    /// List every PCI function, bridges included.
+    #[arg(long)]
+    all: bool,
+    /// Only these endpoint classes: gpu, nic, nvme, storage, acc (repeat or comma-separate).
+    #[arg(long = "class", value_name = "CLASS")]
+    class: Vec<String>,
+}
+
+impl Filter {
+    fn selection(&self) -> Result<Selection> {
+        if self.all {
+            return Ok(Selection::All);
+        }
+        Selection::parse(&self.class).map_err(|e| anyhow!("--class: {e}"))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Matrix of path labels between endpoints, like `nvidia-smi topo -m`.
     Topo {
+        #[command(flatten)]
+        filter: Filter,
         #[arg(long)]
         json: bool,
     },
-    /// The kernel's P2P verdict for one (provider, client) pair, explained.
+    /// The kernel's P2P verdict for one (provider, client) pair, explained. Either side may be a
+    /// PCI address, a label (NVME0), or a file or block device (the function that serves it).
     Why {
-        provider: Bdf,
-        client: Bdf,
+        provider: String,
+        client: String,
         #[arg(long)]
         json: bool,
     },
@@ -47,8 +83,51 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Copy the files peermem reads from the root into DIR (attach it to a bug report).
-    Capture { dir: PathBuf },
+    /// Exit 0 when every named pair (default: every pair of the listed endpoints) is direct, 1 if
+    /// not, 2 on bad input: a node-health gate. One line per pair.
+    Check {
+        /// Also accept pairs that go through an allowed host bridge (thru_host_bridge).
+        #[arg(long)]
+        allow_host_bridge: bool,
+        #[command(flatten)]
+        filter: Filter,
+        /// PROVIDER CLIENT [PROVIDER CLIENT]...
+        pairs: Vec<String>,
+    },
+    /// The smallest change that makes the named pairs (default: all listed endpoints) direct.
+    Fix {
+        #[command(flatten)]
+        filter: Filter,
+        /// PROVIDER CLIENT [PROVIDER CLIENT]...
+        pairs: Vec<String>,
+    },
+    /// Prove the route on the live system (root): a canary through the kernel P2PDMA path,
+    /// PROVIDER's p2pmem <-> CLIENT's NVMe namespace, both directions.
+    Probe {
+        provider: String,
+        client: String,
+        /// Canary bytes per direction.
+        #[arg(long, default_value = "65536", value_parser = parse_offset)]
+        len: u64,
+        /// Byte offset of the scratch range on CLIENT's namespace (default: its last MiB); its
+        /// content is read first and written back afterwards.
+        #[arg(long, value_parser = parse_offset)]
+        offset: Option<u64>,
+    },
+    /// Export the topology for other tools.
+    Export {
+        /// Write the XML NCCL reads from NCCL_TOPO_FILE ("-" for stdout).
+        #[arg(long, value_name = "FILE")]
+        nccl_xml: PathBuf,
+    },
+    /// Copy the files peermem reads from the root into DIR, or into one archive (attach it to a
+    /// bug report; replay it with --root).
+    Capture {
+        dir: Option<PathBuf>,
+        /// Write a .tar, .tar.gz, .tar.bz2 or .tar.xz archive instead of a directory.
+        #[arg(long, value_name = "FILE", conflicts_with = "dir")]
+        archive: Option<PathBuf>,
+    },
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -56,15 +135,37 @@ fn parse_offset(s: &str) -> Result<u64, String> {
         Some(h) => u64::from_str_radix(h, 16),
         None => s.parse::<u64>(),
     };
-    r.map_err(|_| format!("{s:?} is not a decimal or 0x-hex byte offset"))
+    r.map_err(|_| format!("{s:?} is not a decimal or 0x-hex number"))
 }
 
 fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
 
-fn discover(root: &PathBuf) -> Result<Topology> {
-    Topology::discover(root).map_err(|e| anyhow!("{e}"))
+/// The sysroot to read: the directory, or a capture archive unpacked into a temporary one.
+struct Root {
+    path: PathBuf,
+    _unpacked: Option<tempfile::TempDir>,
+}
+
+impl Root {
+    fn open(p: &Path) -> Result<Root> {
+        let meta = std::fs::metadata(p).map_err(|e| anyhow!("--root {}: {e}", p.display()))?;
+        if meta.is_dir() {
+            return Ok(Root { path: p.to_path_buf(), _unpacked: None });
+        }
+        let tmp = tempfile::Builder::new().prefix("peermem-root-").tempdir().context("temporary directory")?;
+        let path = peermem::archive::unpack(p, tmp.path()).map_err(|e| anyhow!("--root {e}"))?;
+        Ok(Root { path, _unpacked: Some(tmp) })
+    }
+
+    fn discover(&self) -> Result<Topology> {
+        Topology::discover(&self.path).map_err(|e| anyhow!("{e}"))
+    }
+
+    fn is_live(&self) -> bool {
+        self.path == Path::new("/")
+    }
 }
 
 fn main() -> ExitCode {
@@ -74,7 +175,23 @@ fn main() -> ExitCode {
         .init();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) if !e.use_stderr() => {
+            // --help, --version: printed quietly even into a closed pipe.
+            let mut o = Out::new();
+            o.line(e.render().to_string().trim_end());
+            o.flush();
+            return ExitCode::SUCCESS;
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    | clap::error::ErrorKind::MissingSubcommand
+            ) =>
+        {
+            eprintln!("peermem: a command is needed (topo, why, route, check, fix, probe, export, capture); see peermem --help");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // Usage errors in one line too; `--help` has the details.
             let text = e.to_string();
@@ -83,203 +200,146 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut o = Out::new();
+    let code = match run(cli, &mut o) {
+        Ok(code) => code,
         Err(e) => {
+            o.flush();
             // One line: the whole cause chain.
             eprintln!("peermem: {}", format!("{e:#}").replace('\n', " "));
-            ExitCode::FAILURE
+            return ExitCode::from(2);
         }
-    }
+    };
+    o.flush();
+    ExitCode::from(code)
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, o: &mut Out) -> Result<u8> {
+    let root = Root::open(&cli.root)?;
     match cli.cmd {
-        Cmd::Topo { json } => {
-            let t = discover(&cli.root)?;
+        Cmd::Topo { filter, json } => {
+            let t = root.discover()?;
+            let sel = filter.selection()?;
+            let names = topo::Names::load(&t)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&topo_json(&t))?);
+                o.line(&serde_json::to_string_pretty(&topo::topo_json(&t, &names, &sel))?);
             } else {
-                print_topo(&t);
+                topo::print_topo(&t, &names, &sel, o);
             }
         }
         Cmd::Why { provider, client, json } => {
-            let t = discover(&cli.root)?;
-            let v = t.verdict(t.idx(provider)?, t.idx(client)?);
+            let t = root.discover()?;
+            let labels = Labels::new(&t);
+            let p = resolve(&t, &labels, &root, &provider)?;
+            let c = resolve(&t, &labels, &root, &client)?;
+            let v = t.verdict(p, c);
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                o.line(&serde_json::to_string_pretty(&v)?);
             } else {
-                print_verdict(&v);
+                topo::print_verdict(&v, o);
             }
         }
         Cmd::Route { provider, bar, offset, client, json } => {
             if bar > 5 {
                 bail!("BAR {bar} out of range: memory BARs are numbered 0-5");
             }
-            let t = Arc::new(discover(&cli.root)?);
+            let t = Arc::new(root.discover()?);
             let out = route_json(t, provider, bar, offset, client)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                o.line(&serde_json::to_string_pretty(&out)?);
             } else {
-                print_route(&out);
+                print_route(&out, o);
             }
         }
-        Cmd::Capture { dir } => {
-            let r = peermem::capture::capture(&cli.root, &dir)
-                .with_context(|| format!("capture into {}", dir.display()))?;
-            println!(
-                "captured {} PCI functions ({} files, {} links) from {} into {}",
-                r.devices,
-                r.files,
-                r.links,
-                cli.root.display(),
-                dir.display()
-            );
-            for s in &r.skipped {
-                eprintln!("peermem: skipped unreadable {s}");
+        Cmd::Check { allow_host_bridge, filter, pairs } => {
+            let t = root.discover()?;
+            let ps = pairs::pairs(&t, &root, &filter.selection()?, &pairs)?;
+            return Ok(pairs::check(&t, &ps, allow_host_bridge, o));
+        }
+        Cmd::Fix { filter, pairs } => {
+            let t = root.discover()?;
+            let ps = pairs::pairs(&t, &root, &filter.selection()?, &pairs)?;
+            pairs::fix(&t, &ps, o);
+        }
+        Cmd::Probe { provider, client, len, offset } => {
+            if !root.is_live() {
+                bail!("probe moves data on the live system: it cannot run on --root {}", cli.root.display());
+            }
+            let t = root.discover()?;
+            let labels = Labels::new(&t);
+            let p = resolve(&t, &labels, &root, &provider)?;
+            let c = resolve(&t, &labels, &root, &client)?;
+            return probe::probe(&t, p, c, len, offset, o);
+        }
+        Cmd::Export { nccl_xml } => {
+            let t = root.discover()?;
+            let xml = peermem::nccl::topology_xml(&t, &format!("peermem {}", cli.root.display()));
+            if nccl_xml == Path::new("-") {
+                o.text(&xml);
+            } else {
+                std::fs::write(&nccl_xml, xml).with_context(|| format!("--nccl-xml {}", nccl_xml.display()))?;
+                o.line(&format!("wrote {} (use it with NCCL_TOPO_FILE={})", nccl_xml.display(), nccl_xml.display()));
             }
         }
+        Cmd::Capture { dir, archive } => capture(&root, &cli.root, dir, archive, o)?,
+    }
+    Ok(0)
+}
+
+fn capture(root: &Root, from: &Path, dir: Option<PathBuf>, archive: Option<PathBuf>, o: &mut Out) -> Result<()> {
+    let (dir, tmp) = match (dir, &archive) {
+        (Some(d), None) => (d, None),
+        (None, Some(a)) => {
+            let (_, stem) = peermem::archive::Compression::from_name(a).ok_or_else(|| {
+                anyhow!("--archive {}: name must end in .tar, .tar.gz, .tgz, .tar.bz2, .tar.xz", a.display())
+            })?;
+            if a.exists() {
+                bail!("--archive {}: exists: refusing to overwrite it", a.display());
+            }
+            let tmp = tempfile::Builder::new().prefix("peermem-capture-").tempdir().context("temporary directory")?;
+            (tmp.path().join(stem), Some(tmp))
+        }
+        _ => bail!("capture needs DIR or --archive FILE"),
+    };
+    let r = peermem::capture::capture(&root.path, &dir).with_context(|| format!("capture into {}", dir.display()))?;
+    let into = match &archive {
+        Some(a) => {
+            peermem::archive::pack(&dir, a).map_err(|e| anyhow!("{e}"))?;
+            a.clone()
+        }
+        None => dir.clone(),
+    };
+    drop(tmp);
+    o.line(&format!(
+        "captured {} PCI functions ({} files, {} links) from {} into {}",
+        r.devices,
+        r.files,
+        r.links,
+        from.display(),
+        into.display()
+    ));
+    for s in &r.skipped {
+        eprintln!("peermem: skipped unreadable {s}");
     }
     Ok(())
 }
 
-fn device_json(t: &Topology, d: &PciDevice) -> Value {
-    let i = t.idx(d.bdf).expect("device of this topology");
-    let bars: Vec<Value> = d
-        .bars
-        .iter()
-        .filter(|b| b.kind == BarKind::Mem)
-        .map(|b| {
-            json!({
-                "index": b.index,
-                "cpu_start": hex(b.cpu.start().raw()),
-                "bus_start": b.bus_start.map(|a| hex(a.raw())),
-                "bus_offset": b.window().map(|w| w.offset().to_string()),
-                "len": hex(b.cpu.len()),
-                "is64": b.is64,
-                "prefetchable": b.prefetchable,
-            })
-        })
-        .collect();
-    json!({
-        "bdf": d.bdf,
-        "vendor": format!("{:#06x}", d.vendor),
-        "device": format!("{:#06x}", d.device),
-        "class": format!("{:#08x}", d.class),
-        "upstream": t.upstream(i).map(|u| t.device(u).bdf),
-        "host_bridge": d.host_bridge,
-        "port_type": d.port_type(),
-        "physfn": d.physfn.map(|p| t.device(p).bdf),
-        "numa_node": d.numa_node,
-        "local_cpulist": d.local_cpulist,
-        "driver": d.driver,
-        "iommu_group": d.iommu_group.as_ref().map(|g| g.id),
-        "iommu_type": d.iommu_group.as_ref().and_then(|g| g.domain_type.clone()),
-        "acs": d.acs().to_string(),
-        "config_bytes": d.config.len,
-        "link": {
-            "current_gts": d.link.cur_gts, "current_width": d.link.cur_width,
-            "max_gts": d.link.max_gts, "max_width": d.link.max_width,
-            "bandwidth_gbs": d.link.bandwidth_gbs(),
-        },
-        "p2pmem": d.p2pmem.map(|p| json!({"size": p.size, "available": p.available, "published": p.published})),
-        "class_devices": d.class_devices.iter().map(|c| format!("{}/{}", c.class, c.name)).collect::<Vec<_>>(),
-        "bars": bars,
-    })
-}
-
-fn topo_json(t: &Topology) -> Value {
-    let p = &t.platform;
-    json!({
-        "root": t.root(),
-        "kernel": p.osrelease,
-        "cpu": p.cpu.describe(),
-        "cpu_supports_p2pdma": p.cpu.supports_p2pdma(),
-        "virtualized": p.virt.virtualized,
-        "virtualization_signals": p.virt.signals,
-        "host_bridges": t.host_bridges().iter().map(|h| json!({
-            "name": h.name,
-            "device": h.dev.device().map(|i| t.device(i).bdf),
-        })).collect::<Vec<_>>(),
-        "devices": t.devices().iter().map(|d| device_json(t, d)).collect::<Vec<_>>(),
-        "warnings": t.warnings,
-    })
-}
-
-fn short_name(d: &PciDevice) -> String {
-    match d.class_devices.first() {
-        Some(c) => c.name.clone(),
-        None => format!("{:02x}:{:02x}.{}", d.bdf.bus(), d.bdf.dev(), d.bdf.func()),
+/// A device named on the command line: a PCI address, a label (`NVME0`), or a file or block
+/// device (the function that serves it).
+pub(crate) fn resolve(t: &Topology, labels: &Labels, root: &Root, s: &str) -> Result<DevIdx> {
+    if let Ok(b) = s.parse::<Bdf>() {
+        return Ok(t.idx(b)?);
     }
-}
-
-fn print_topo(t: &Topology) {
-    let eps: Vec<_> = t.endpoints().collect();
-    let names: Vec<String> = eps.iter().map(|&i| short_name(t.device(i))).collect();
-    let w = names.iter().map(|n| n.len()).max().unwrap_or(4).max(5) + 1;
-    print!("{:w$}", "");
-    for n in &names {
-        print!("{n:>w$}");
+    if let Some(i) = labels.find(s) {
+        return Ok(i);
     }
-    println!("  NUMA  host bridge");
-    for (ri, &a) in eps.iter().enumerate() {
-        print!("{:w$}", names[ri]);
-        for &b in &eps {
-            let cell = if a == b {
-                "X".to_string()
-            } else {
-                let v = t.verdict(a, b);
-                let mark = match v.map_type {
-                    peermem::MapType::NotSupported => "*",
-                    _ => "",
-                };
-                format!("{:?}{mark}", v.path)
-            };
-            print!("{cell:>w$}");
-        }
-        let d = t.device(a);
-        println!("  {:>4}  {}", d.numa_node.map_or("-".into(), |n| n.to_string()), d.host_bridge);
+    let p = Path::new(s);
+    if s.contains('/') || p.exists() {
+        let sys = peermem::sysroot::Sysroot::open(&root.path).map_err(|e| anyhow!("{e}"))?;
+        let served = peermem::storage::serving_function(&sys, p).map_err(|e| anyhow!("{e}"))?;
+        return t.idx(served.bdf).map_err(|e| anyhow!("{s} is served by {}: {e}", served.bdf));
     }
-    println!();
-    println!("Legend: X self; PIX one switch; PXB several switches; PHB through the host bridge;");
-    println!("        SYS across host bridges; * the kernel refuses P2P (not_supported: bounce via host memory)");
-    println!();
-    for &i in &eps {
-        let d = t.device(i);
-        let cls: Vec<String> = d.class_devices.iter().map(|c| format!("{}/{}", c.class, c.name)).collect();
-        println!(
-            "{}  [{:04x}:{:04x}] class {:06x}  {}{}",
-            d.bdf,
-            d.vendor,
-            d.device,
-            d.class,
-            d.driver.as_deref().unwrap_or("(no driver)"),
-            if cls.is_empty() { String::new() } else { format!("  {}", cls.join(" ")) }
-        );
-    }
-    let p = &t.platform;
-    println!();
-    println!("kernel {}  cpu {}", p.osrelease.as_deref().unwrap_or("unknown"), p.cpu.describe());
-    if p.virt.virtualized {
-        println!("virtualized: {}", p.virt.signals.join("; "));
-    }
-    for w in &t.warnings {
-        println!("warning: {w}");
-    }
-}
-
-fn print_verdict(v: &Verdict) {
-    println!("provider {}  client {}", v.provider, v.client);
-    println!("map_type {}  distance {}  path {:?}", v.map_type.as_str(), v.distance, v.path);
-    if let Some(bw) = v.bandwidth_gbs {
-        println!("bottleneck {:.2} GB/s at {}", bw, v.bottleneck.map(|b| b.to_string()).unwrap_or_default());
-    }
-    if let Some(fix) = &v.acs_fix {
-        println!("fix: {fix}");
-    }
-    for r in &v.reasons {
-        println!("- {r}");
-    }
+    bail!("{s:?} is not a PCI address (dddd:bb:dd.f), a label of this topology (e.g. NVME0) or an existing file")
 }
 
 fn route_json(t: Arc<Topology>, provider: Bdf, bar: u8, offset: u64, client: Bdf) -> Result<Value> {
@@ -311,7 +371,7 @@ fn route_json(t: Arc<Topology>, provider: Bdf, bar: u8, offset: u64, client: Bdf
         "dma_address": dma.map(hex),
         "map_type": route.map_type().map(|m| m.as_str()),
         "distance": v.map(|v| v.distance),
-        "path": v.map(|v| format!("{:?}", v.path)),
+        "path": v.map(|v| v.path.as_str()),
         "cpu_address": cpu.map(hex),
         "bus_address": bus.map(hex),
         "bus_offset": b.window().map(|w| w.offset().to_string()),
@@ -319,12 +379,17 @@ fn route_json(t: Arc<Topology>, provider: Bdf, bar: u8, offset: u64, client: Bdf
     }))
 }
 
-fn print_route(v: &Value) {
+fn print_route(v: &Value, o: &mut Out) {
     let s = |k: &str| v[k].as_str().map(str::to_string).unwrap_or_else(|| "-".into());
-    println!("{} BAR{} +{} -> {}", s("provider"), v["bar"], s("offset"), s("client"));
-    println!("route {}  dma_address {}  (map_type {})", s("route"), s("dma_address"), s("map_type"));
-    println!("cpu_address {}  bus_address {}  bus_offset {}", s("cpu_address"), s("bus_address"), s("bus_offset"));
+    o.line(&format!("{} BAR{} +{} -> {}", s("provider"), v["bar"], s("offset"), s("client")));
+    o.line(&format!("route {}  dma_address {}  (map_type {})", s("route"), s("dma_address"), s("map_type")));
+    o.line(&format!(
+        "cpu_address {}  bus_address {}  bus_offset {}",
+        s("cpu_address"),
+        s("bus_address"),
+        s("bus_offset")
+    ));
     for r in v["reasons"].as_array().into_iter().flatten() {
-        println!("- {}", r.as_str().unwrap_or_default());
+        o.line(&format!("- {}", r.as_str().unwrap_or_default()));
     }
 }

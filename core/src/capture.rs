@@ -1,5 +1,6 @@
-//! `peermem capture`: copies exactly the files of the sysroot contract (DESIGN section 4) from a
-//! live root into a directory, so a topology can be replayed anywhere with `--root`.
+//! `peermem capture`: copies exactly the files peermem reads (PCI functions and their attributes,
+//! class devices, IOMMU groups, platform and device-tree files) from a live root into a
+//! directory, so a topology can be replayed anywhere with `--root`.
 //!
 //! Owns: which files are copied and how symlinks are reproduced (same relative targets as the
 //! live system). Must not: interpret the files (the topology reader does) or invent any.
@@ -88,7 +89,7 @@ impl Out<'_> {
     }
 
     fn copy_file(&mut self, rel: &Path) -> Result<(), CaptureError> {
-        let bytes = match self.src.read_bytes_opt(rel) {
+        let bytes = match self.src.read_bytes_opt_max(rel, crate::sysroot::MAX_TEXT) {
             Ok(Some(b)) => b,
             Ok(None) => return Ok(()),
             Err(e) => {

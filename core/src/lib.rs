@@ -3,27 +3,33 @@
 //! - [`addr`]: address spaces as types (`CpuPhys`, `BusAddr`, `Iova`, `VirtAddr`) and the one
 //!   place that converts between them.
 //! - [`pci`]: the topology of a sysroot (live `/` or a capture).
-//! - [`path`]: the kernel-exact P2P verdict for a (provider, client) pair, explained.
+//! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, then explained.
+//! - [`pciids`], [`archive`], [`storage`], [`nccl`]: device names from `pci.ids`, capture
+//!   archives, the PCI function behind a file, and NCCL's topology XML.
 //! - [`region`], [`registry`], [`route`]: peer-memory regions, the lock-free registry that looks
 //!   them up by address and resolves what a peer must program to reach them.
 
 pub mod addr;
+pub mod archive;
 pub mod capture;
 pub mod mover;
-pub mod path;
+pub mod nccl;
 pub mod pci;
+pub mod pciids;
 pub mod platform;
 pub mod region;
 pub mod registry;
 pub mod route;
 mod spanmap;
+pub mod storage;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod sysroot;
+pub mod verdict;
 
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, DmaAddr, Iova, VirtAddr};
-pub use path::{MapType, PathLabel, Verdict};
 pub use pci::{BarError, BarMapping, Bdf, DevIdx, MapBarError, Topology, TopologyError};
 pub use region::{AccessError, Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError, Side};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
+pub use verdict::{MapType, PathLabel, Verdict};

@@ -1,8 +1,9 @@
 //! Facts about the machine a sysroot came from: kernel release, CPU (for the kernel's AMD Zen
 //! rule), virtualization signals, and device-tree PCI host-bridge windows.
 //!
-//! Owns: parsing `proc/sys/kernel/osrelease`, `proc/cpuinfo`, DMI ids and `proc/device-tree`.
-//! Must not: know about PCI devices (the topology cross-checks BARs against the DT windows).
+//! Owns: parsing `proc/sys/kernel/osrelease`, `proc/cpuinfo`, DMI ids and `proc/device-tree`,
+//! and the platform checks over the devices found (paravirtual PCI vendors, BAR offsets against
+//! the device-tree windows). Must not: read PCI devices (the topology does, then asks here).
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,8 @@ pub struct Cpu {
     pub vendor: Option<String>,
     /// `cpu family` (x86 only), decimal in cpuinfo.
     pub family: Option<u32>,
+    /// `model` (x86 only), decimal in cpuinfo.
+    pub model: Option<u32>,
     pub model_name: Option<String>,
     /// The x86 `hypervisor` flag.
     pub hypervisor_flag: bool,
@@ -143,11 +146,11 @@ pub const VIRT_PCI_VENDORS: &[(u16, &str)] =
 
 impl Platform {
     pub fn read(root: &Sysroot) -> Result<Platform, SysrootError> {
-        let osrelease = root.read_opt("proc/sys/kernel/osrelease")?;
+        let osrelease = root.read_lossy_opt("proc/sys/kernel/osrelease")?;
         let kernel = osrelease.as_deref().and_then(KernelVersion::parse);
         let cpu = read_cpuinfo(root)?;
-        let dmi_sys_vendor = root.read_opt("sys/devices/virtual/dmi/id/sys_vendor")?;
-        let dmi_product_name = root.read_opt("sys/devices/virtual/dmi/id/product_name")?;
+        let dmi_sys_vendor = root.read_lossy_opt("sys/devices/virtual/dmi/id/sys_vendor")?;
+        let dmi_product_name = root.read_lossy_opt("sys/devices/virtual/dmi/id/product_name")?;
         let device_tree = read_device_tree(root)?;
         let mut p = Platform {
             osrelease,
@@ -200,16 +203,78 @@ impl Platform {
         Virtualization { virtualized: !signals.is_empty(), signals }
     }
 
-    /// Adds PCI-vendor signals (paravirtual devices) found by the topology scan.
-    pub fn add_pci_virt_signal(&mut self, signal: String) {
-        self.virt.signals.push(signal);
-        self.virt.virtualized = true;
+    /// Adds the paravirtual PCI vendors among `vendors` (the IDs of every function found) as
+    /// virtualization signals.
+    pub fn add_pci_virt_signals(&mut self, vendors: impl Iterator<Item = u16> + Clone) {
+        for (vid, what) in VIRT_PCI_VENDORS {
+            let n = vendors.clone().filter(|v| v == vid).count();
+            if n > 0 {
+                self.virt.signals.push(format!("pci: {n} {what} device(s) (vendor {vid:#06x})"));
+                self.virt.virtualized = true;
+            }
+        }
     }
+
+    /// Platform facts that are unknown, as notes for the topology's warnings.
+    pub fn unknown_notes(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        match (&self.osrelease, self.kernel) {
+            (None, _) => v.push(
+                "kernel release unknown (proc/sys/kernel/osrelease missing): the Linux 6.12 allowlist is applied"
+                    .to_string(),
+            ),
+            (Some(r), None) => {
+                v.push(format!("kernel release {r:?} not understood: the Linux 6.12 allowlist is applied"))
+            }
+            _ => {}
+        }
+        if self.cpu.vendor.is_none() && self.cpu.model_name.is_none() {
+            v.push(
+                "CPU unknown (proc/cpuinfo missing or without vendor_id): the AMD Zen rule cannot apply".to_string(),
+            );
+        }
+        v
+    }
+}
+
+/// Cross-checks every memory BAR's bus offset against the device-tree PCI `ranges` that hold
+/// it; each disagreement (or a BAR in no window) is one warning.
+pub fn check_dt_ranges(dt: &DeviceTree, devices: &[crate::pci::PciDevice]) -> Vec<String> {
+    use crate::pci::BarKind;
+    let mut warnings = Vec::new();
+    for d in devices {
+        for b in d.bars.iter().filter(|b| b.kind == BarKind::Mem) {
+            let Some(w) = b.window() else { continue };
+            let hit = dt
+                .pci_hosts
+                .iter()
+                .flat_map(|h| h.ranges.iter().map(move |r| (h, r)))
+                .find(|(_, r)| r.space >= 2 && r.contains_cpu(b.cpu.start()));
+            match hit {
+                Some((h, r)) if r.offset() != w.offset() => warnings.push(format!(
+                    "{} BAR{}: config says bus offset {} but device-tree {} ranges say {}",
+                    d.bdf,
+                    b.index,
+                    w.offset(),
+                    h.node.display(),
+                    r.offset()
+                )),
+                None => warnings.push(format!(
+                    "{} BAR{} at CPU {:#x} lies in no device-tree PCI ranges window",
+                    d.bdf,
+                    b.index,
+                    b.cpu.start()
+                )),
+                _ => {}
+            }
+        }
+    }
+    warnings
 }
 
 fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
     let rel = Path::new("proc/cpuinfo");
-    let Some(text) = root.read_opt(rel)? else {
+    let Some(text) = root.read_text_opt_max(rel, crate::sysroot::MAX_TEXT)? else {
         return Ok(Cpu::default());
     };
     let mut cpu = Cpu::default();
@@ -230,6 +295,7 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
             "cpu family" => {
                 cpu.family = Some(v.parse().map_err(|_| malformed_err(rel, "cpu family is not a number", v))?)
             }
+            "model" => cpu.model = v.parse().ok(),
             "model name" | "Hardware" | "machine" => cpu.model_name = Some(v.to_string()),
             "flags" => cpu.hypervisor_flag = v.split_whitespace().any(|f| f == "hypervisor"),
             _ => {}

@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use arc_swap::{ArcSwap, Cache, Guard};
 
 use crate::addr::{AddrError, AddrRange, BusAddr, CpuPhys, VirtAddr};
-use crate::path::{MapType, Verdict};
 use crate::pci::BarError;
 use crate::pci::{Bdf, DevIdx, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
 use crate::spanmap::{Span, SpanMap};
+use crate::verdict::{MapType, Verdict};
 
 /// Identity of one registration (never reused within a registry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -6,8 +6,8 @@
 use std::ops::Deref;
 
 use crate::addr::{AddrError, Address, BusAddr, CpuPhys, DmaAddr, Iova, VirtAddr};
-use crate::path::{MapType, Verdict};
 use crate::pci::DevIdx;
+use crate::verdict::{MapType, Verdict};
 
 /// Who wants to reach the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

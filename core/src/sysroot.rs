@@ -1,12 +1,25 @@
 //! Reading a sysroot: a directory laid out like `/` (live, or captured with `peermem capture`).
 //!
-//! Owns: path joining under the root, lexical symlink resolution that never escapes the root,
-//! and attribute parsing with errors that name the file and what was wrong. Must not: interpret
-//! what the attributes mean (that is `pci::topology` and `platform`).
+//! Owns: every file read under the root, confined to it (`openat2` with `RESOLVE_IN_ROOT`: `..`
+//! and absolute symlinks stay inside), type-checked (only regular files are read; a FIFO or a
+//! device node is an error, never a hang) and size-capped; lexical symlink resolution that never
+//! escapes the root; attribute parsing with errors that name the file and what was wrong.
+//! Must not: interpret what the attributes mean (that is `pci::topology` and `platform`).
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+
+/// The most an attribute file may hold (sysfs attributes are at most a page; `config` 4096).
+pub const MAX_ATTR: usize = 1 << 20;
+/// The most a large text file (`proc/cpuinfo` of a many-core machine) may hold.
+pub const MAX_TEXT: usize = 64 << 20;
+/// The most entries one directory may list.
+pub const MAX_DIR_ENTRIES: usize = 1 << 20;
 
 /// An error reading the sysroot. Each names the file (relative to the root) and the cause.
 #[derive(Debug, thiserror::Error)]
@@ -19,23 +32,65 @@ pub enum SysrootError {
     Malformed { path: PathBuf, why: String, content: String },
     #[error("{path}: symlink target {target} escapes the sysroot")]
     Escapes { path: PathBuf, target: PathBuf },
+    #[error("{path}: not a regular file ({kind}): refusing to read it")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path}: more than {max} bytes: refusing to read it")]
+    TooLarge { path: PathBuf, max: usize },
+}
+
+impl SysrootError {
+    /// True when the file is simply absent or not readable by this user: a fact that becomes
+    /// unknown, not a broken sysroot.
+    pub fn is_unreadable(&self) -> bool {
+        matches!(self, SysrootError::Io { source, .. } if matches!(source.kind(), io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied))
+    }
 }
 
 /// A root directory to read sysfs/procfs from.
 #[derive(Debug, Clone)]
 pub struct Sysroot {
     root: PathBuf,
+    dir: Arc<OwnedFd>,
+}
+
+/// One directory entry: its name and whether it is a directory (symlinks are not followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub is_dir: bool,
+}
+
+fn kind_name(m: &fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
 }
 
 impl Sysroot {
     /// Opens `root`; it must be an existing directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Sysroot, SysrootError> {
         let root = root.into();
+        let bad = |why: String| SysrootError::BadRoot { root: root.clone(), why };
         match fs::metadata(&root) {
-            Ok(m) if m.is_dir() => Ok(Sysroot { root }),
-            Ok(_) => Err(SysrootError::BadRoot { root, why: "not a directory".into() }),
-            Err(e) => Err(SysrootError::BadRoot { root, why: e.to_string() }),
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(bad("not a directory".into())),
+            Err(e) => return Err(bad(e.to_string())),
         }
+        let dir = rustix::fs::open(&root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| bad(io::Error::from(e).to_string()))?;
+        Ok(Sysroot { root, dir: Arc::new(dir) })
     }
 
     pub fn root(&self) -> &Path {
@@ -51,21 +106,80 @@ impl Sysroot {
         SysrootError::Io { path: rel.to_path_buf(), source: e }
     }
 
+    /// Opens `rel` inside the root without blocking (a FIFO opens at once) and without leaving
+    /// it: symlinks and `..` resolve as if the root were `/`.
+    fn open_in_root(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        let rel = normalize(rel).unwrap_or_default();
+        let rel = if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel };
+        let flags = flags | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(&*self.dir, &rel, flags, Mode::empty(), resolve) {
+            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) if self.root == Path::new("/") => {
+                // Kernels before 5.6 (or a seccomp filter) lack openat2; at `/` there is
+                // nothing to escape from.
+                Ok(rustix::fs::openat(&*self.dir, &rel, flags, Mode::empty())?)
+            }
+            r => Ok(r?),
+        }
+    }
+
+    /// Reads a binary file of at most `max` bytes. `Ok(None)` if it does not exist.
+    pub fn read_bytes_opt_max(&self, rel: impl AsRef<Path>, max: usize) -> Result<Option<Vec<u8>>, SysrootError> {
+        use std::io::Read;
+        let rel = rel.as_ref();
+        let fd = match self.open_in_root(rel, OFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io_err(rel, e)),
+        };
+        let mut f = fs::File::from(fd);
+        let m = f.metadata().map_err(|e| self.io_err(rel, e))?;
+        if !m.is_file() {
+            return Err(SysrootError::NotRegular { path: rel.to_path_buf(), kind: kind_name(&m) });
+        }
+        // No size query: sysfs attributes report 4096 whatever they hold.
+        let mut buf = Vec::with_capacity(4096.min(max + 1));
+        (&mut f).take(max as u64 + 1).read_to_end(&mut buf).map_err(|e| self.io_err(rel, e))?;
+        if buf.len() > max {
+            return Err(SysrootError::TooLarge { path: rel.to_path_buf(), max });
+        }
+        Ok(Some(buf))
+    }
+
+    /// Reads a binary file (at most [`MAX_ATTR`] bytes). `Ok(None)` if it does not exist.
+    pub fn read_bytes_opt(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<u8>>, SysrootError> {
+        self.read_bytes_opt_max(rel, MAX_ATTR)
+    }
+
+    fn text(rel: &Path, b: Vec<u8>) -> Result<String, SysrootError> {
+        match String::from_utf8(b) {
+            Ok(s) => Ok(s.trim_end_matches(['\n', '\0']).trim().to_string()),
+            Err(e) => Err(SysrootError::Malformed {
+                path: rel.to_path_buf(),
+                why: "not UTF-8 text".into(),
+                content: String::from_utf8_lossy(e.as_bytes()).chars().take(40).collect(),
+            }),
+        }
+    }
+
     /// Reads a text attribute, trimmed. `Ok(None)` if the file does not exist.
     pub fn read_opt(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
         let rel = rel.as_ref();
-        match read_file(&self.path(rel)) {
-            Ok(b) => match String::from_utf8(b) {
-                Ok(s) => Ok(Some(s.trim_end_matches(['\n', '\0']).trim().to_string())),
-                Err(e) => Err(SysrootError::Malformed {
-                    path: rel.to_path_buf(),
-                    why: "not UTF-8 text".into(),
-                    content: String::from_utf8_lossy(e.as_bytes()).chars().take(40).collect(),
-                }),
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io_err(rel, e)),
-        }
+        self.read_bytes_opt(rel)?.map(|b| Self::text(rel, b)).transpose()
+    }
+
+    /// Reads a large text file (at most [`MAX_TEXT`] bytes), trimmed. `Ok(None)` if absent.
+    pub fn read_text_opt_max(&self, rel: impl AsRef<Path>, max: usize) -> Result<Option<String>, SysrootError> {
+        let rel = rel.as_ref();
+        self.read_bytes_opt_max(rel, max)?.map(|b| Self::text(rel, b)).transpose()
+    }
+
+    /// Reads a free-text attribute (DMI strings, model names) whose bytes firmware chose: bytes
+    /// that are not UTF-8 become U+FFFD instead of an error.
+    pub fn read_lossy_opt(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
+        Ok(self
+            .read_bytes_opt(rel)?
+            .map(|b| String::from_utf8_lossy(&b).trim_end_matches(['\n', '\0']).trim().to_string()))
     }
 
     /// Reads a text attribute that must exist.
@@ -74,31 +188,42 @@ impl Sysroot {
         self.read_opt(rel)?.ok_or_else(|| self.io_err(rel, io::Error::from(io::ErrorKind::NotFound)))
     }
 
-    /// Reads a binary file. `Ok(None)` if it does not exist.
-    pub fn read_bytes_opt(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<u8>>, SysrootError> {
+    /// The entries of a directory, sorted by name, symlinks not followed. `Ok(None)` if it does
+    /// not exist.
+    pub fn entries(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<DirEntry>>, SysrootError> {
         let rel = rel.as_ref();
-        match read_file(&self.path(rel)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io_err(rel, e)),
+        let fd = match self.open_in_root(rel, OFlags::DIRECTORY) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io_err(rel, e)),
+        };
+        let mut dir = rustix::fs::Dir::new(fd).map_err(|e| self.io_err(rel, e.into()))?;
+        let mut out = Vec::new();
+        while let Some(ent) = dir.read() {
+            let ent = ent.map_err(|e| self.io_err(rel, e.into()))?;
+            let name = ent.file_name().to_string_lossy().into_owned();
+            if name == "." || name == ".." {
+                continue;
+            }
+            if out.len() >= MAX_DIR_ENTRIES {
+                return Err(SysrootError::TooLarge { path: rel.to_path_buf(), max: MAX_DIR_ENTRIES });
+            }
+            let is_dir = match ent.file_type() {
+                rustix::fs::FileType::Directory => true,
+                rustix::fs::FileType::Unknown => {
+                    fs::symlink_metadata(self.path(rel).join(&name)).map(|m| m.is_dir()).unwrap_or(false)
+                }
+                _ => false,
+            };
+            out.push(DirEntry { name, is_dir });
         }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Some(out))
     }
 
     /// Names of the entries of a directory, sorted. `Ok(None)` if it does not exist.
     pub fn list_dir(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<String>>, SysrootError> {
-        let rel = rel.as_ref();
-        let rd = match fs::read_dir(self.path(rel)) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io_err(rel, e)),
-        };
-        let mut names = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| self.io_err(rel, e))?;
-            names.push(ent.file_name().to_string_lossy().into_owned());
-        }
-        names.sort();
-        Ok(Some(names))
+        Ok(self.entries(rel)?.map(|v| v.into_iter().map(|e| e.name).collect()))
     }
 
     /// Resolves the symlink at `rel` lexically, relative to its directory, to a root-relative
@@ -120,16 +245,6 @@ impl Sysroot {
     pub fn link_name(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
         Ok(self.resolve_link(rel)?.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
     }
-}
-
-/// Reads a whole file without the size query `fs::read` makes first: sysfs attributes report a
-/// size of 4096 whatever they hold, so the query buys nothing, and discovery is syscall-bound.
-fn read_file(path: &Path) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = fs::File::open(path)?;
-    let mut buf = Vec::with_capacity(4096);
-    f.read_to_end(&mut buf)?;
-    Ok(buf)
 }
 
 /// Lexically normalizes a root-relative path: drops `.` and the root, applies `..`. `None` if
@@ -242,5 +357,45 @@ mod tests {
         );
         assert!(matches!(r.resolve_link("sys/bus/pci/devices/evil"), Err(SysrootError::Escapes { .. })));
         assert!(r.resolve_link("sys/bus/pci/devices/none").unwrap().is_none());
+    }
+
+    #[test]
+    fn hostile_files_are_refused_in_bounded_time_and_named() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("x");
+        fs::create_dir_all(&dev).unwrap();
+        // A FIFO: opening it for reading would block forever without O_NONBLOCK.
+        let fifo = dev.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        // A huge sparse file.
+        let big = fs::File::create(dev.join("big")).unwrap();
+        big.set_len(1 << 40).unwrap();
+        // A symlink loop and a link to the host's /dev/zero (confined: it names root/dev/zero).
+        std::os::unix::fs::symlink("loop", dev.join("loop")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dev.join("zero")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../../../../../etc/hostname", dev.join("out")).unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        let e = r.read_bytes_opt("x/fifo").unwrap_err();
+        assert!(matches!(e, SysrootError::NotRegular { .. }) && e.to_string().contains("x/fifo"), "{e}");
+        let e = r.read_bytes_opt("x/big").unwrap_err();
+        assert!(matches!(e, SysrootError::TooLarge { .. }) && e.to_string().contains("x/big"), "{e}");
+        let e = r.read_bytes_opt("x/loop").unwrap_err();
+        assert!(e.to_string().contains("x/loop"), "{e}");
+        // Inside the root, /dev/zero is root/dev/zero (absent here): a missing file, not the host's device.
+        assert!(r.read_bytes_opt("x/zero").unwrap().is_none());
+        assert!(r.read_bytes_opt("x/out").unwrap().is_none());
+        assert!(matches!(
+            r.read_bytes_opt("x").unwrap_err(),
+            SysrootError::NotRegular { .. } | SysrootError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn non_utf8_free_text_is_lossy_not_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("vendor"), b"Gigabyte \xff\xfe Inc\n").unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        assert!(r.read_opt("vendor").is_err());
+        assert_eq!(r.read_lossy_opt("vendor").unwrap().unwrap(), "Gigabyte \u{fffd}\u{fffd} Inc");
     }
 }

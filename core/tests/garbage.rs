@@ -66,12 +66,95 @@ fn garbage_in_each_device_attribute_names_the_file() {
 }
 
 #[test]
-fn missing_required_files_name_the_file() {
-    for file in ["vendor", "device", "class", "resource", "config"] {
+fn a_missing_attribute_makes_that_fact_unknown_and_names_the_file() {
+    for file in ["resource", "config", "numa_node"] {
         let d = copy_fixture();
         fs::remove_file(d.path().join(DEV).join(file)).unwrap();
-        expect_error_naming(d.path(), &format!("0000:00:03.0/{file}"));
+        let t = Topology::discover(d.path()).unwrap_or_else(|e| panic!("without {file}: {e}"));
+        let dev = t.by_bdf("0000:00:03.0".parse().unwrap()).unwrap();
+        assert!(
+            dev.unknown.iter().any(|u| u.why.contains(&format!("0000:00:03.0/{file}"))),
+            "{file}: {:?}",
+            dev.unknown
+        );
+        // The other devices are untouched and the verdict still answers.
+        assert!(t.by_bdf("0000:00:01.0".parse().unwrap()).unwrap().unknown.is_empty());
+        let v =
+            t.verdict(t.idx("0000:00:01.0".parse().unwrap()).unwrap(), t.idx("0000:00:03.0".parse().unwrap()).unwrap());
+        assert!(!v.reasons.is_empty());
     }
+    // A missing ID file is read from the config bytes instead: nothing is unknown.
+    let want = Topology::discover(copy_fixture().path()).unwrap();
+    let want = want.by_bdf("0000:00:03.0".parse().unwrap()).unwrap();
+    for file in ["vendor", "device", "class"] {
+        let d = copy_fixture();
+        fs::remove_file(d.path().join(DEV).join(file)).unwrap();
+        let t = Topology::discover(d.path()).unwrap();
+        let dev = t.by_bdf("0000:00:03.0".parse().unwrap()).unwrap();
+        assert_eq!((dev.vendor, dev.device, dev.class), (want.vendor, want.device, want.class), "{file}");
+        assert!(dev.unknown.is_empty(), "{file}: {:?}", dev.unknown);
+    }
+    // Without config the IDs come from the sysfs files; without both, vendor reads 0xffff and
+    // both facts are listed.
+    let d = copy_fixture();
+    fs::remove_file(d.path().join(DEV).join("config")).unwrap();
+    fs::remove_file(d.path().join(DEV).join("vendor")).unwrap();
+    let t = Topology::discover(d.path()).unwrap();
+    let dev = t.by_bdf("0000:00:03.0".parse().unwrap()).unwrap();
+    assert_eq!(dev.vendor, 0xffff);
+    let facts: Vec<&str> = dev.unknown.iter().map(|u| u.fact).collect();
+    assert!(facts.contains(&"config") && facts.contains(&"vendor"), "{facts:?}");
+    assert_eq!(dev.acs().redirects(), None, "ACS unknown without config");
+}
+
+#[test]
+fn hostile_files_end_in_a_named_error_in_bounded_time() {
+    // A FIFO as config would block a plain open forever; a huge sparse file would exhaust memory.
+    let d = copy_fixture();
+    let cfg = d.path().join(DEV).join("config");
+    fs::remove_file(&cfg).unwrap();
+    assert!(Command::new("mkfifo").arg(&cfg).status().unwrap().success());
+    let e = expect_error_naming(d.path(), "0000:00:03.0/config");
+    assert!(e.contains("FIFO"), "{e}");
+
+    let d = copy_fixture();
+    let cfg = d.path().join(DEV).join("config");
+    fs::File::create(&cfg).unwrap().set_len(1 << 40).unwrap();
+    expect_error_naming(d.path(), "0000:00:03.0/config");
+
+    let d = copy_fixture();
+    let res = d.path().join(DEV).join("resource");
+    fs::File::create(&res).unwrap().set_len(1 << 40).unwrap();
+    let e = expect_error_naming(d.path(), "0000:00:03.0/resource");
+    assert!(e.contains("more than"), "{e}");
+
+    // A symlink loop as an attribute, and /dev/zero (inside the root: absent).
+    let d = copy_fixture();
+    let v = d.path().join(DEV).join("vendor");
+    fs::remove_file(&v).unwrap();
+    std::os::unix::fs::symlink("vendor", &v).unwrap();
+    expect_error_naming(d.path(), "0000:00:03.0/vendor");
+    let d = copy_fixture();
+    let cfg = d.path().join(DEV).join("config");
+    fs::remove_file(&cfg).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &cfg).unwrap();
+    let t = Topology::discover(d.path()).unwrap();
+    assert!(t.by_bdf("0000:00:03.0".parse().unwrap()).unwrap().unknown.iter().any(|u| u.fact == "config"));
+
+    // A directory symlink loop in the sys/devices tree is not followed.
+    let d = copy_fixture();
+    std::os::unix::fs::symlink(".", d.path().join(DEV).join("0000:00:1f.0")).unwrap();
+    assert!(Topology::discover(d.path()).is_ok());
+}
+
+#[test]
+fn functions_without_a_bus_link_are_found_in_the_device_tree() {
+    let d = copy_fixture();
+    fs::remove_file(d.path().join("sys/bus/pci/devices/0000:00:03.0")).unwrap();
+    let t = Topology::discover(d.path()).unwrap();
+    let dev = t.by_bdf("0000:00:03.0".parse().unwrap()).unwrap();
+    assert!(!dev.linked);
+    assert!(t.warnings.iter().any(|w| w.contains("partial capture") && w.contains("0000:00:03.0")), "{:?}", t.warnings);
 }
 
 #[test]

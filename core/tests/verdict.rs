@@ -240,3 +240,43 @@ fn committed_derived_fixtures_match_the_script() {
     let out = Command::new("python3").arg(fixture("derive.py")).arg("--check").output().expect("python3");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn node_label_needs_one_known_numa_node_across_host_bridges() {
+    assert_eq!(why(&topo("derived-one-node"), A, PXB).path, PathLabel::NODE);
+    assert_eq!(why(&topo("derived-two-sockets"), A, PXB).path, PathLabel::SYS);
+    assert_eq!(why(&topo("qemu-switch"), A, PXB).path, PathLabel::SYS, "NUMA unknown");
+    assert_eq!(why(&topo("derived-one-node"), A, RP).path, PathLabel::PHB, "one host bridge");
+}
+
+#[test]
+fn an_acs_detour_keeps_the_switch_label_beside_the_path() {
+    let v = why(&topo("derived-acs-switch-port"), A, B);
+    assert_eq!((v.path, v.switch_path), (PathLabel::PHB, Some(PathLabel::PIX)));
+    assert_eq!(why(&topo("qemu-switch"), A, B).switch_path, None);
+}
+
+#[test]
+fn the_kernel_transcription_returns_facts_in_the_kernels_order() {
+    let t = topo("derived-acs-common-upstream");
+    let k = peermem::verdict::calc_map_type_and_dist(&t, t.idx(bdf(A)).unwrap(), t.idx(bdf(B)).unwrap());
+    assert_eq!(k.map_type, MapType::NotSupported);
+    assert_eq!(k.distance, 4);
+    assert_eq!(k.acs_redirect.iter().map(|&i| t.device(i).bdf).collect::<Vec<_>>(), vec![bdf("0000:01:00.0")]);
+    let hb = k.host_bridge.unwrap();
+    assert!(!hb.cpu_supports_p2pdma && hb.same_host_bridge && hb.findings.len() == 1);
+    // Bus-address pairs never reach the host-bridge rule.
+    let t = topo("qemu-switch");
+    let k = peermem::verdict::calc_map_type_and_dist(&t, t.idx(bdf(A)).unwrap(), t.idx(bdf(B)).unwrap());
+    assert!(k.host_bridge.is_none() && k.map_type == MapType::BusAddr);
+}
+
+#[test]
+fn a_partial_capture_still_gives_the_kernel_verdict() {
+    let t = topo("derived-partial");
+    assert_eq!(why(&t, A, B).map_type, MapType::BusAddr, "the switch ports come from the sys/devices tree");
+    assert!(!t.by_bdf(bdf("0000:01:00.0")).unwrap().linked);
+    assert_eq!(t.platform.kernel, None);
+    assert!(t.platform.dmi_product_name.as_deref().unwrap().contains('\u{fffd}'));
+    assert_eq!(t.by_bdf(bdf("0000:02:01.0")).unwrap().link.max_gts, None, "Unknown speed");
+}

@@ -178,6 +178,18 @@ impl ConfigInfo {
         Ok(ConfigInfo { len, header_type, multifunction: ht & 0x80 != 0, bars, pcie, acs })
     }
 
+    /// A config space that could not be read: no BAR registers, PCIe and ACS unknown.
+    pub fn unknown() -> ConfigInfo {
+        ConfigInfo {
+            len: 0,
+            header_type: 0,
+            multifunction: false,
+            bars: Vec::new(),
+            pcie: Pcie::Unknown,
+            acs: Acs::Unknown,
+        }
+    }
+
     pub fn port_type(&self) -> Option<PortType> {
         match self.pcie {
             Pcie::Yes(t) => Some(t),

@@ -3,8 +3,10 @@
 pub mod bar;
 pub mod bdf;
 pub mod config;
+pub mod select;
 pub mod topology;
 
 pub use bar::{BarError, BarMapping, MapBarError};
 pub use bdf::Bdf;
+pub use select::{EndpointKind, Labels, Selection};
 pub use topology::{Bar, BarKind, DevIdx, PciDevice, Topology, TopologyError};
