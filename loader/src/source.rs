@@ -4,8 +4,9 @@
 //! Owns: opening sources, finding the PCI function behind a file. Must not: write to a source.
 
 use std::fs::{File, OpenOptions};
+
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use peermem::{Bdf, Topology};
@@ -34,12 +35,29 @@ impl KernelSource {
     pub fn open(path: impl AsRef<Path>) -> Result<KernelSource, LoadError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| LoadError::Io { path: path.clone(), source };
-        let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path) {
+        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+        let open = |flags| OpenOptions::new().read(true).custom_flags(flags | libc::O_NONBLOCK).open(&path);
+        let (file, direct) = match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (File::open(&path).map_err(io)?, false),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(io)?, false),
             Err(e) => return Err(io(e)),
         };
         let meta = file.metadata().map_err(io)?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            let kind = if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a file"
+            };
+            return Err(LoadError::NotAFile { path, kind });
+        }
         let dev = if meta.file_type().is_file() { meta.dev() } else { meta.rdev() };
         let len = if meta.file_type().is_file() { meta.len() } else { (&file).seek(SeekFrom::End(0)).map_err(io)? };
         let device = pci_device_of(libc::major(dev), libc::minor(dev));
