@@ -17,6 +17,7 @@ mod io;
 mod load;
 pub mod options;
 pub mod report;
+pub mod shard;
 pub mod source;
 #[allow(unsafe_code)]
 mod sys;
@@ -27,4 +28,5 @@ pub use error::LoadError;
 pub use load::load;
 pub use options::{Engine, Options, Verify};
 pub use report::{LoadOptions, LoadReport, Method};
+pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{KernelSource, Source, ALIGN};

@@ -226,37 +226,6 @@ fn ticket_waits_are_bounded_and_report_once() {
     assert!(t.wait_timeout(Duration::from_millis(1)).is_none());
 }
 
-fn count_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-#[test]
-fn ten_thousand_loads_leave_no_fd_or_registration_behind() {
-    let d = tempfile::tempdir().unwrap();
-    let p = write_file(d.path(), "src", &pattern(7, 64 << 10));
-    let reg = registry();
-    let regions = reg.len();
-    let fds = count_fds();
-    {
-        let loader = Loader::new(&reg, opts(Engine::Auto)).unwrap();
-        for i in 0..10_000u64 {
-            let f = loader.open(&p).unwrap();
-            let (_h, g) = host(&reg, 8192);
-            let off = (i * 4099) % (60 << 10);
-            match i % 4 {
-                // Misaligned (staged), aligned (direct), past the end (error), too big (error).
-                0 => drop(loader.read(&f, off, 1000, &g, 3).unwrap()),
-                1 => drop(loader.read(&f, 4096, 4096, &g, 0).unwrap()),
-                2 => assert!(loader.read(&f, 60 << 10, 8 << 10, &g, 0).is_err()),
-                _ => assert!(loader.read(&f, 0, 9000, &g, 0).is_err()),
-            }
-        }
-        assert_eq!(reg.len(), regions);
-    }
-    assert_eq!(reg.len(), regions);
-    assert_eq!(count_fds(), fds, "fds before and after 10k loads");
-}
-
 fn vulkan() -> Option<Device> {
     match Device::open(Select::Best) {
         Ok(d) => Some(d),
