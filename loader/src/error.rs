@@ -47,7 +47,7 @@ pub enum LoadError {
     #[error("{path}: xxh3 mismatch for {len} bytes at offset {offset:#x}: destination {dest:#018x}, expected {expected:#018x}")]
     HashMismatch { path: PathBuf, offset: u64, len: u64, dest: u64, expected: u64 },
     #[error("vulkan: {0}")]
-    Vulkan(#[from] peermem_vulkan::VkError),
+    Vulkan(Box<peermem_vulkan::VkError>),
     #[error("the io engine: {0}")]
     Engine(String),
     #[error("the loader has shut down")]
@@ -56,4 +56,18 @@ pub enum LoadError {
     RingFull { slots: usize },
     #[error("shard layout: {0}")]
     Layout(String),
+}
+
+impl From<peermem_vulkan::VkError> for LoadError {
+    fn from(e: peermem_vulkan::VkError) -> LoadError {
+        LoadError::Vulkan(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_error_stays_small_enough_to_return_by_value() {
+        assert!(std::mem::size_of::<super::LoadError>() <= 128, "{}", std::mem::size_of::<super::LoadError>());
+    }
 }
