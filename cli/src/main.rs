@@ -11,6 +11,8 @@ use peermem::pci::topology::{BarKind, PciDevice};
 use peermem::{BarRegion, Bdf, PeerMemory, Registry, Topology, Verdict};
 use serde_json::{json, Value};
 
+mod load;
+
 #[derive(Parser)]
 #[command(name = "peermem", version, about = "PCIe peer-to-peer memory: topology, verdicts and routes")]
 struct Cli {
@@ -49,6 +51,8 @@ enum Cmd {
     },
     /// Copy the files peermem reads from the root into DIR (attach it to a bug report).
     Capture { dir: PathBuf },
+    /// Read files into host, Vulkan, p2pmem or BAR memory through the loader; report route and MB/s.
+    Load(load::LoadArgs),
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Load(args) => load::run(&cli.root, args)?,
         Cmd::Topo { json } => {
             let t = discover(&cli.root)?;
             if json {
