@@ -754,85 +754,153 @@ impl Worker {
             d.method = how.to_string();
         }
 
-        // 5. Keep `depth` requests in flight until all are done (or one failed).
+        // 5. Keep `depth` requests in flight until all are done (or one failed). GPU copies out
+        // of staging run on their own thread, so reads keep flowing while the GPU copies.
         let t0 = Instant::now();
         let mut free_cpu: Vec<usize> = (0..self.staging.len()).rev().collect();
         let mut free_gpu: Vec<Vec<usize>> =
             gpu_slots.iter().map(|g| g.as_ref().map_or(Vec::new(), |s| (0..s.len()).rev().collect())).collect();
         let mut flights: HashMap<u64, Flight> = HashMap::new();
         let mut failed: Option<LoadError> = None;
-        let mut done: Vec<Done> = Vec::new();
-        loop {
-            // Fill.
-            while failed.is_none() && flights.len() < opts.depth {
-                let Some(q) = queue.front() else { break };
-                let r = &batch.reads[q.read];
-                let d = &dests[q.dest];
-                let (mem, mem_off, fixed, slot): (Arc<dyn PeerMemory>, u64, Option<u16>, Option<usize>) = match q.target
-                {
-                    Target::Direct => (d.entry.region().clone(), q.doff, d.fixed, None),
-                    Target::Stage { .. } => match &gpu_slots[q.dest] {
-                        Some(slots) => match free_gpu[q.dest].pop() {
-                            Some(s) => (slots[s].0.clone(), 0, None, Some(s)),
-                            None => break,
-                        },
-                        None => match free_cpu.pop() {
-                            Some(s) => (self.staging[s].clone(), 0, staging_fixed.map(|f| f + s as u16), Some(s)),
-                            None => break,
-                        },
-                    },
-                };
-                let req = IoReq { file: r.file.0.clone(), off: q.off, mem, mem_off, len: q.len, fixed };
-                let tag = self.tag();
-                match self.io.push(tag, req.clone()) {
-                    Ok(true) => {
-                        let q = queue.pop_front().expect("front exists");
-                        flights.insert(tag, Flight { req, job: Some(q), slot });
+        let (copy_tx, copy_rx) = mpsc::channel::<GpuCopy>();
+        let (back_tx, back_rx) = mpsc::channel::<(GpuCopy, Result<(), LoadError>)>();
+        let mut copying = 0usize;
+        let copy_timeout = opts.timeout;
+        let slots_ref = &gpu_slots;
+        let stages_ref = &gpu_stages;
+        std::thread::scope(|sc| {
+            if gpu_stages.iter().any(Option::is_some) {
+                sc.spawn(move || {
+                    for c in copy_rx {
+                        let r = match (&stages_ref[c.dest], &slots_ref[c.dest]) {
+                            (Some(g), Some(slots)) => {
+                                g.device.set_copy_timeout(copy_timeout);
+                                g.device.copy(&slots[c.slot].1, c.skip, &g.region, c.doff, c.n).map_err(LoadError::from)
+                            }
+                            _ => Err(LoadError::Engine("a GPU copy for a destination without staging".into())),
+                        };
+                        if back_tx.send((c, r)).is_err() {
+                            return;
+                        }
                     }
-                    Ok(false) => {
-                        give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                });
+            } else {
+                drop((copy_rx, back_tx));
+            }
+            let mut done: Vec<Done> = Vec::new();
+            loop {
+                // Fill.
+                while failed.is_none() && flights.len() < opts.depth {
+                    let Some(q) = queue.front() else { break };
+                    let r = &batch.reads[q.read];
+                    let d = &dests[q.dest];
+                    let (mem, mem_off, fixed, slot): (Arc<dyn PeerMemory>, u64, Option<u16>, Option<usize>) = match q
+                        .target
+                    {
+                        Target::Direct => (d.entry.region().clone(), q.doff, d.fixed, None),
+                        Target::Stage { .. } => match &gpu_slots[q.dest] {
+                            Some(slots) => match free_gpu[q.dest].pop() {
+                                Some(s) => (slots[s].0.clone(), 0, None, Some(s)),
+                                None => break,
+                            },
+                            None => match free_cpu.pop() {
+                                Some(s) => (self.staging[s].clone(), 0, staging_fixed.map(|f| f + s as u16), Some(s)),
+                                None => break,
+                            },
+                        },
+                    };
+                    let req = IoReq { file: r.file.0.clone(), off: q.off, mem, mem_off, len: q.len, fixed };
+                    let tag = self.tag();
+                    match self.io.push(tag, req.clone()) {
+                        Ok(true) => {
+                            let q = queue.pop_front().expect("front exists");
+                            flights.insert(tag, Flight { req, job: Some(q), slot });
+                        }
+                        Ok(false) => {
+                            give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                            break;
+                        }
+                        Err(e) => {
+                            give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                            failed = Some(e);
+                        }
+                    }
+                }
+                if flights.is_empty() && copying == 0 && (queue.is_empty() || failed.is_some()) {
+                    break;
+                }
+                // Reap reads, or (none in flight) wait for a GPU copy to give its slot back.
+                done.clear();
+                let mut copied: Vec<(GpuCopy, Result<(), LoadError>)> = Vec::new();
+                if flights.is_empty() {
+                    match back_rx.recv_timeout(opts.timeout) {
+                        Ok(c) => copied.push(c),
+                        Err(_) => {
+                            failed.get_or_insert(LoadError::Timeout {
+                                what: "GPU copies out of staging",
+                                ms: opts.timeout.as_millis(),
+                            });
+                            break;
+                        }
+                    }
+                } else {
+                    if let Err(e) = self.io.wait(&mut done, opts.timeout) {
+                        failed.get_or_insert(e);
                         break;
                     }
-                    Err(e) => {
-                        give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
-                        failed = Some(e);
+                    if done.is_empty() {
+                        failed.get_or_insert(LoadError::Timeout {
+                            what: "reads in flight",
+                            ms: opts.timeout.as_millis(),
+                        });
+                        break;
+                    }
+                }
+                copied.extend(back_rx.try_iter());
+                for (c, r) in copied {
+                    copying -= 1;
+                    free_gpu[c.dest].push(c.slot);
+                    match r {
+                        Ok(()) => dests[c.dest].bytes_staged += c.n,
+                        Err(e) => {
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                for (tag, res) in done.drain(..) {
+                    // A read of an earlier, abandoned batch: the engine held its memory until now.
+                    let Some(f) = flights.remove(&tag) else { continue };
+                    let q = f.job.clone().expect("every flight of this batch has its job");
+                    let r = &batch.reads[q.read];
+                    let outcome = match res {
+                        Err(e) => Err(LoadError::Io { path: r.file.path().to_path_buf(), source: e }),
+                        Ok(n) => self.complete(&q, n as u64, &f, &dests, r, &mut queue),
+                    };
+                    match outcome {
+                        Ok(Completed::Bytes { direct, staged }) => {
+                            give_back(f.slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                            dests[q.dest].bytes_direct += direct;
+                            dests[q.dest].bytes_staged += staged;
+                        }
+                        Ok(Completed::GpuCopy { skip, doff, n }) => {
+                            let slot = f.slot.expect("a staged read has a slot");
+                            if copy_tx.send(GpuCopy { dest: q.dest, slot, skip, doff, n }).is_ok() {
+                                copying += 1;
+                            } else {
+                                free_gpu[q.dest].push(slot);
+                                failed.get_or_insert(LoadError::Engine("the GPU copy thread is gone".into()));
+                            }
+                        }
+                        Err(e) => {
+                            give_back(f.slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                            failed.get_or_insert(e);
+                        }
                     }
                 }
             }
-            if flights.is_empty() && (queue.is_empty() || failed.is_some()) {
-                break;
-            }
-            // Reap.
-            done.clear();
-            if let Err(e) = self.io.wait(&mut done, opts.timeout) {
-                failed.get_or_insert(e);
-                break;
-            }
-            if done.is_empty() {
-                failed.get_or_insert(LoadError::Timeout { what: "reads in flight", ms: opts.timeout.as_millis() });
-                break;
-            }
-            for (tag, res) in done.drain(..) {
-                // A read of an earlier, abandoned batch: the engine held its memory until now.
-                let Some(f) = flights.remove(&tag) else { continue };
-                let q = f.job.clone().expect("every flight of this batch has its job");
-                let r = &batch.reads[q.read];
-                let outcome = match res {
-                    Err(e) => Err(LoadError::Io { path: r.file.path().to_path_buf(), source: e }),
-                    Ok(n) => self.complete(&q, n as u64, &f, &dests, &gpu_slots, r, &mut queue),
-                };
-                give_back(f.slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
-                match outcome {
-                    Ok((direct, staged)) => {
-                        dests[q.dest].bytes_direct += direct;
-                        dests[q.dest].bytes_staged += staged;
-                    }
-                    Err(e) => {
-                        failed.get_or_insert(e);
-                    }
-                }
-            }
-        }
+            // Ends the copy thread after its last copy (each bounded by the copy timeout).
+            drop(copy_tx);
+        });
         let seconds = t0.elapsed().as_secs_f64();
         if !flights.is_empty() {
             // Abandoned with reads still in flight (the engine holds their memory until they
@@ -968,19 +1036,17 @@ impl Worker {
         })
     }
 
-    /// Handles one completion: a short direct read continues, a staged piece is copied on.
-    /// Returns (bytes direct, bytes staged).
-    #[allow(clippy::too_many_arguments)]
+    /// Handles one completion: a short direct read continues, a staged piece is copied on by the
+    /// CPU here, or handed to the GPU copy thread.
     fn complete(
         &self,
         q: &Req,
         n: u64,
         f: &Flight,
         dests: &[DestRun],
-        gpu_slots: &[HeldSlots<'_>],
         r: &Read,
         queue: &mut VecDeque<Req>,
-    ) -> Result<(u64, u64), LoadError> {
+    ) -> Result<Completed, LoadError> {
         let short = |got| LoadError::ShortRead { path: r.file.path().to_path_buf(), offset: q.off, got, want: q.len };
         match q.target {
             Target::Direct => {
@@ -990,27 +1056,39 @@ impl Worker {
                 if n < q.len {
                     queue.push_front(Req { off: q.off + n, len: q.len - n, doff: q.doff + n, ..q.clone() });
                 }
-                Ok((n.min(q.len), 0))
+                Ok(Completed::Bytes { direct: n.min(q.len), staged: 0 })
             }
             Target::Stage { skip, n: want, doff } => {
                 if n < skip + want {
                     return Err(short(n));
                 }
                 let d = &dests[q.dest];
-                match (&gpu_slots[q.dest], &d.gpu, f.slot) {
-                    (Some(slots), Some(g), Some(s)) => {
-                        g.device.set_copy_timeout(self.opts.timeout);
-                        g.device.copy(&slots[s].1, skip, &g.region, doff, want)?;
-                    }
-                    _ => {
-                        let w = d.window.as_ref().ok_or_else(|| LoadError::Unreachable("no CPU window".into()))?;
-                        f.req.mem.copy_to(skip, &**w, doff, want)?;
-                    }
+                if d.gpu.is_some() {
+                    return Ok(Completed::GpuCopy { skip, doff, n: want });
                 }
-                Ok((0, want))
+                let w = d.window.as_ref().ok_or_else(|| LoadError::Unreachable("no CPU window".into()))?;
+                f.req.mem.copy_to(skip, &**w, doff, want)?;
+                Ok(Completed::Bytes { direct: 0, staged: want })
             }
         }
     }
+}
+
+/// What a completed read leaves to do.
+enum Completed {
+    /// Nothing: these bytes arrived.
+    Bytes { direct: u64, staged: u64 },
+    /// A GPU copy of `n` bytes at `skip` of the staging slot to destination offset `doff`.
+    GpuCopy { skip: u64, doff: u64, n: u64 },
+}
+
+/// A GPU copy out of staging slot `slot` of destination `dest`.
+struct GpuCopy {
+    dest: usize,
+    slot: usize,
+    skip: u64,
+    doff: u64,
+    n: u64,
 }
 
 fn give_back(slot: Option<usize>, gpu: &HeldSlots<'_>, free_cpu: &mut Vec<usize>, free_gpu: &mut Vec<usize>) {
