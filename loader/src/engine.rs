@@ -64,6 +64,8 @@ struct GpuStage {
     /// Staging buffers (host pages, and their import into the device). Locked by the batch using
     /// them, so two loaders never share a slot.
     slots: Mutex<Vec<StageSlot>>,
+    /// Bytes per staging buffer.
+    slot_len: u64,
     /// A batch gave up on reads still in flight into these slots: they take no new reads.
     abandoned: std::sync::atomic::AtomicBool,
 }
@@ -408,10 +410,14 @@ impl Loader {
         if reg.len() != region.len() || reg.cpu_range() != region.cpu_range() {
             return Err(LoadError::Layout("the registration is not the given Vulkan region's".into()));
         }
+        // Staging buffers of up to 8 requests each (at least 4 MiB): one GPU copy per buffer,
+        // and enough buffers to keep `depth` requests in flight while copies run.
         let chunk = self.opts.block_chunk();
-        let slots = (0..self.opts.depth.min(64))
+        let slot_len = (chunk * 8).clamp(4 << 20, crate::sys::MAX_FIXED);
+        let n = (self.opts.depth as u64 * chunk).div_ceil(slot_len).max(1) + 2;
+        let slots = (0..n.min(64))
             .map(|_| {
-                let h = Arc::new(HostRegion::new(chunk)?);
+                let h = Arc::new(HostRegion::new(slot_len)?);
                 let v = device.import_host(h.clone() as Arc<dyn PeerMemory>)?;
                 Ok((h, v))
             })
@@ -422,6 +428,7 @@ impl Loader {
                 device: device.clone(),
                 region,
                 slots: Mutex::new(slots),
+                slot_len,
                 abandoned: false.into(),
             })),
         })
@@ -471,8 +478,8 @@ struct Planned {
 enum Target {
     /// Straight into the destination's pages.
     Direct,
-    /// Into a staging buffer; then bytes `skip..skip+n` of it go to destination offset `doff`.
-    Stage { skip: u64, n: u64, doff: u64 },
+    /// Into the staging buffer of `group`, at byte `at` of it.
+    Stage { group: usize, at: u64 },
 }
 
 #[derive(Clone)]
@@ -505,6 +512,18 @@ struct DestRun {
 struct Flight {
     req: IoReq,
     job: Option<Req>,
+}
+
+/// Aligned source bytes read into one staging buffer (by one or more requests), of which bytes
+/// `skip..skip+n` go to destination offset `doff` once every part arrived.
+struct Group {
+    dest: usize,
+    skip: u64,
+    n: u64,
+    doff: u64,
+    parts: u32,
+    pushed: u32,
+    arrived: u32,
     slot: Option<usize>,
 }
 
@@ -632,6 +651,7 @@ impl Worker {
         }
         // 3. Requests.
         let mut queue: VecDeque<Req> = VecDeque::new();
+        let mut groups: Vec<Group> = Vec::new();
         let mut misaligned = 0u64;
         for (i, r) in batch.reads.iter().enumerate() {
             let d = &dests[read_dest[i]];
@@ -674,22 +694,39 @@ impl Worker {
                         });
                     }
                 }
-                // Aligned pieces covering the rest, each at most one staging buffer.
+                // Aligned pieces covering the rest, each one staging buffer (GPU staging buffers
+                // are larger: fewer, longer GPU copies), read in requests of `chunk` bytes.
+                let piece = d.gpu.as_ref().map_or(chunk, |g| g.slot_len);
                 let (lo, hi) = (r.offset + body, r.offset + r.len);
+                let flen_a = r.file.len().div_ceil(a) * a;
                 let mut p = lo / a * a;
                 while p < hi {
-                    let pend = (p + chunk).min(hi.div_ceil(a) * a);
-                    let s = p.max(lo);
-                    let e = pend.min(hi);
-                    let flen_a = r.file.len().div_ceil(a) * a;
-                    queue.push_back(Req {
-                        read: i,
+                    let pend = (p + piece).min(hi.div_ceil(a) * a);
+                    let (s, e) = (p.max(lo), pend.min(hi));
+                    let read_len = pend.min(flen_a) - p;
+                    let g = groups.len();
+                    let parts = read_len.div_ceil(chunk);
+                    groups.push(Group {
                         dest: read_dest[i],
-                        off: p,
-                        len: pend.min(flen_a) - p,
-                        doff: 0,
-                        target: Target::Stage { skip: s - p, n: e - s, doff: r.dest_offset + (s - r.offset) },
+                        skip: s - p,
+                        n: e - s,
+                        doff: r.dest_offset + (s - r.offset),
+                        parts: parts as u32,
+                        pushed: 0,
+                        arrived: 0,
+                        slot: None,
                     });
+                    for k in 0..parts {
+                        let at = k * chunk;
+                        queue.push_back(Req {
+                            read: i,
+                            dest: read_dest[i],
+                            off: p + at,
+                            len: chunk.min(read_len - at),
+                            doff: 0,
+                            target: Target::Stage { group: g, at },
+                        });
+                    }
                     p = pend;
                 }
             }
@@ -794,36 +831,48 @@ impl Worker {
                     let Some(q) = queue.front() else { break };
                     let r = &batch.reads[q.read];
                     let d = &dests[q.dest];
-                    let (mem, mem_off, fixed, slot): (Arc<dyn PeerMemory>, u64, Option<u16>, Option<usize>) = match q
-                        .target
-                    {
-                        Target::Direct => (d.entry.region().clone(), q.doff, d.fixed, None),
-                        Target::Stage { .. } => match &gpu_slots[q.dest] {
-                            Some(slots) => match free_gpu[q.dest].pop() {
-                                Some(s) => (slots[s].0.clone(), 0, None, Some(s)),
-                                None => break,
-                            },
-                            None => match free_cpu.pop() {
-                                Some(s) => (self.staging[s].clone(), 0, staging_fixed.map(|f| f + s as u16), Some(s)),
-                                None => break,
-                            },
-                        },
+                    let (mem, mem_off, fixed): (Arc<dyn PeerMemory>, u64, Option<u16>) = match q.target {
+                        Target::Direct => (d.entry.region().clone(), q.doff, d.fixed),
+                        Target::Stage { group, at } => {
+                            let slot = match groups[group].slot {
+                                Some(s) => s,
+                                None => {
+                                    let free = match &gpu_slots[q.dest] {
+                                        Some(_) => &mut free_gpu[q.dest],
+                                        None => &mut free_cpu,
+                                    };
+                                    let Some(s) = free.pop() else { break };
+                                    groups[group].slot = Some(s);
+                                    s
+                                }
+                            };
+                            match &gpu_slots[q.dest] {
+                                Some(slots) => (slots[slot].0.clone(), at, None),
+                                None => (self.staging[slot].clone(), at, staging_fixed.map(|f| f + slot as u16)),
+                            }
+                        }
                     };
                     let req = IoReq { file: r.file.0.clone(), off: q.off, mem, mem_off, len: q.len, fixed };
                     let tag = self.tag();
-                    match self.io.push(tag, req.clone()) {
+                    let pushed = self.io.push(tag, req.clone());
+                    if let Target::Stage { group, .. } = q.target {
+                        let g = &mut groups[group];
+                        match pushed {
+                            Ok(true) => g.pushed += 1,
+                            // Nothing of the group in flight: its buffer goes back.
+                            _ if g.pushed == 0 => {
+                                give_back(g.slot.take(), &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest])
+                            }
+                            _ => {}
+                        }
+                    }
+                    match pushed {
                         Ok(true) => {
                             let q = queue.pop_front().expect("front exists");
-                            flights.insert(tag, Flight { req, job: Some(q), slot });
+                            flights.insert(tag, Flight { req, job: Some(q) });
                         }
-                        Ok(false) => {
-                            give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
-                            break;
-                        }
-                        Err(e) => {
-                            give_back(slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
-                            failed = Some(e);
-                        }
+                        Ok(false) => break,
+                        Err(e) => failed = Some(e),
                     }
                 }
                 if flights.is_empty() && copying == 0 && (queue.is_empty() || failed.is_some()) {
@@ -874,17 +923,26 @@ impl Worker {
                     let r = &batch.reads[q.read];
                     let outcome = match res {
                         Err(e) => Err(LoadError::Io { path: r.file.path().to_path_buf(), source: e }),
-                        Ok(n) => self.complete(&q, n as u64, &f, &dests, r, &mut queue),
+                        Ok(n) => self.complete(&q, n as u64, &f, &dests, &mut groups, r, &mut queue),
                     };
                     match outcome {
-                        Ok(Completed::Bytes { direct, staged }) => {
-                            give_back(f.slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                        Ok(Completed::Bytes { direct, staged, group }) => {
                             dests[q.dest].bytes_direct += direct;
                             dests[q.dest].bytes_staged += staged;
+                            if let Some(g) = group {
+                                release(&mut groups[g], &gpu_slots, &mut free_cpu, &mut free_gpu);
+                            }
                         }
-                        Ok(Completed::GpuCopy { skip, doff, n }) => {
-                            let slot = f.slot.expect("a staged read has a slot");
-                            if copy_tx.send(GpuCopy { dest: q.dest, slot, skip, doff, n }).is_ok() {
+                        Ok(Completed::Pending) => {
+                            if let (Some(_), Target::Stage { group, .. }) = (&failed, &q.target) {
+                                release(&mut groups[*group], &gpu_slots, &mut free_cpu, &mut free_gpu);
+                            }
+                        }
+                        Ok(Completed::GpuCopy { group }) => {
+                            let g = &mut groups[group];
+                            let slot = g.slot.take().expect("a staged group has its buffer");
+                            let c = GpuCopy { dest: g.dest, slot, skip: g.skip, doff: g.doff, n: g.n };
+                            if copy_tx.send(c).is_ok() {
                                 copying += 1;
                             } else {
                                 free_gpu[q.dest].push(slot);
@@ -892,7 +950,10 @@ impl Worker {
                             }
                         }
                         Err(e) => {
-                            give_back(f.slot, &gpu_slots[q.dest], &mut free_cpu, &mut free_gpu[q.dest]);
+                            if let Target::Stage { group, .. } = q.target {
+                                groups[group].arrived += 1;
+                                release(&mut groups[group], &gpu_slots, &mut free_cpu, &mut free_gpu);
+                            }
                             failed.get_or_insert(e);
                         }
                     }
@@ -905,13 +966,11 @@ impl Worker {
         if !flights.is_empty() {
             // Abandoned with reads still in flight (the engine holds their memory until they
             // complete): their staging buffers must not take new reads.
-            if flights.values().any(|f| f.slot.is_some() && gpu_slots[f.job.as_ref().map_or(0, |j| j.dest)].is_none()) {
-                self.staging = Vec::new();
-            }
             for f in flights.values() {
-                if let (Some(_), Some(j)) = (f.slot, &f.job) {
-                    if let Some(g) = &dests[j.dest].gpu {
-                        g.abandoned.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Some(j @ Req { target: Target::Stage { .. }, .. }) = &f.job {
+                    match &dests[j.dest].gpu {
+                        Some(g) => g.abandoned.store(true, std::sync::atomic::Ordering::SeqCst),
+                        None => self.staging = Vec::new(),
                     }
                 }
             }
@@ -1036,14 +1095,16 @@ impl Worker {
         })
     }
 
-    /// Handles one completion: a short direct read continues, a staged piece is copied on by the
-    /// CPU here, or handed to the GPU copy thread.
+    /// Handles one completion: a short direct read continues; the last part of a staged group
+    /// is copied on by the CPU here, or handed to the GPU copy thread.
+    #[allow(clippy::too_many_arguments)]
     fn complete(
         &self,
         q: &Req,
         n: u64,
         f: &Flight,
         dests: &[DestRun],
+        groups: &mut [Group],
         r: &Read,
         queue: &mut VecDeque<Req>,
     ) -> Result<Completed, LoadError> {
@@ -1056,19 +1117,26 @@ impl Worker {
                 if n < q.len {
                     queue.push_front(Req { off: q.off + n, len: q.len - n, doff: q.doff + n, ..q.clone() });
                 }
-                Ok(Completed::Bytes { direct: n.min(q.len), staged: 0 })
+                Ok(Completed::Bytes { direct: n.min(q.len), staged: 0, group: None })
             }
-            Target::Stage { skip, n: want, doff } => {
-                if n < skip + want {
+            Target::Stage { group, at } => {
+                let g = &mut groups[group];
+                // Past the end of the file a read may come back short; the wanted bytes may not.
+                let need = (g.skip + g.n).saturating_sub(at).min(q.len);
+                if n < need {
                     return Err(short(n));
+                }
+                g.arrived += 1;
+                if g.arrived < g.parts {
+                    return Ok(Completed::Pending);
                 }
                 let d = &dests[q.dest];
                 if d.gpu.is_some() {
-                    return Ok(Completed::GpuCopy { skip, doff, n: want });
+                    return Ok(Completed::GpuCopy { group });
                 }
                 let w = d.window.as_ref().ok_or_else(|| LoadError::Unreachable("no CPU window".into()))?;
-                f.req.mem.copy_to(skip, &**w, doff, want)?;
-                Ok(Completed::Bytes { direct: 0, staged: want })
+                f.req.mem.copy_to(g.skip, &**w, g.doff, g.n)?;
+                Ok(Completed::Bytes { direct: 0, staged: g.n, group: Some(group) })
             }
         }
     }
@@ -1076,10 +1144,12 @@ impl Worker {
 
 /// What a completed read leaves to do.
 enum Completed {
-    /// Nothing: these bytes arrived.
-    Bytes { direct: u64, staged: u64 },
-    /// A GPU copy of `n` bytes at `skip` of the staging slot to destination offset `doff`.
-    GpuCopy { skip: u64, doff: u64, n: u64 },
+    /// These bytes arrived (and `group`, when given, is done with its staging buffer).
+    Bytes { direct: u64, staged: u64, group: Option<usize> },
+    /// A part of a staged group arrived; others are still in flight or queued.
+    Pending,
+    /// Every part of `group` arrived: the GPU copies it on.
+    GpuCopy { group: usize },
 }
 
 /// A GPU copy out of staging slot `slot` of destination `dest`.
@@ -1089,6 +1159,13 @@ struct GpuCopy {
     skip: u64,
     doff: u64,
     n: u64,
+}
+
+/// Gives a group's staging buffer back once nothing of it is in flight any more.
+fn release(g: &mut Group, gpu_slots: &[HeldSlots<'_>], free_cpu: &mut Vec<usize>, free_gpu: &mut [Vec<usize>]) {
+    if g.arrived >= g.pushed {
+        give_back(g.slot.take(), &gpu_slots[g.dest], free_cpu, &mut free_gpu[g.dest]);
+    }
 }
 
 fn give_back(slot: Option<usize>, gpu: &HeldSlots<'_>, free_cpu: &mut Vec<usize>, free_gpu: &mut Vec<usize>) {
