@@ -231,6 +231,30 @@ fn vs_fio(dir: PathBuf) {
         "fio",
         "loader",
     );
+    // fio with its buffers and file registered too (what the loader does by default).
+    pair(
+        "sequential 1 MiB QD16, 512 MiB, host memory; fio --fixedbufs --registerfiles",
+        rounds,
+        || {
+            fio(&[
+                "--name=seqfixed".into(),
+                format!("--filename={s}"),
+                "--rw=read".into(),
+                "--bs=1M".into(),
+                "--iodepth=16".into(),
+                format!("--size={size}"),
+                "--fixedbufs".into(),
+                "--registerfiles".into(),
+            ])
+        },
+        || {
+            let mut b = Batch::new();
+            b.read(&sf, 0, size, &hdest, 0);
+            timed(&seq_l, b)
+        },
+        "fio",
+        "loader",
+    );
     let rand_l = Loader::new(&reg, Options { chunk: 128 << 10, depth: 32, ..Options::default() }).unwrap();
     let rf = rand_l.open(&seq).unwrap();
     let mut seed = 0;

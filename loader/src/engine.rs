@@ -750,6 +750,7 @@ impl Worker {
         }
         let mut fixed_set: Vec<Arc<dyn PeerMemory>> = Vec::new();
         let mut staging_fixed = None;
+        let mut gpu_fixed: Vec<Option<u16>> = vec![None; dests.len()];
         if self.io.is_uring() && opts.fixed_buffers {
             for d in dests.iter_mut() {
                 if d.via == Via::Direct
@@ -765,6 +766,12 @@ impl Worker {
                 staging_fixed = Some(fixed_set.len() as u16);
                 fixed_set.extend(self.staging.iter().map(|s| s.clone() as Arc<dyn PeerMemory>));
             }
+            for (i, g) in gpu_slots.iter().enumerate() {
+                if let Some(slots) = g {
+                    gpu_fixed[i] = Some(fixed_set.len() as u16);
+                    fixed_set.extend(slots.iter().map(|(h, _)| h.clone() as Arc<dyn PeerMemory>));
+                }
+            }
             if fixed_set.is_empty() {
                 // Release an earlier batch's set (and the regions it holds).
                 self.io.unregister();
@@ -772,6 +779,7 @@ impl Worker {
                 if let Err(why) = self.io.register(fixed_set.clone()) {
                     fallbacks.push(format!("fixed buffers not registered ({why}): plain io_uring reads"));
                     staging_fixed = None;
+                    gpu_fixed.iter_mut().for_each(|g| *g = None);
                     for d in dests.iter_mut() {
                         d.fixed = None;
                     }
@@ -847,7 +855,7 @@ impl Worker {
                                 }
                             };
                             match &gpu_slots[q.dest] {
-                                Some(slots) => (slots[slot].0.clone(), at, None),
+                                Some(slots) => (slots[slot].0.clone(), at, gpu_fixed[q.dest].map(|b| b + slot as u16)),
                                 None => (self.staging[slot].clone(), at, staging_fixed.map(|f| f + slot as u16)),
                             }
                         }
