@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use crate::error::LoadError;
 
-/// Bytes per read request. Measured on this project's reference machine (ext4 on virtio-blk,
-/// `bench/loader.sh`): 512 KiB..1 MiB requests reach the disk's sequential rate at depth 16;
-/// larger ones only add latency per request.
+/// Bytes per read request. Measured on ext4 over virtio-blk (`PEERMEM_LOADER_SWEEP=1
+/// bench/loader-vs-fio.sh`): at depth 16-32, 256 KiB, 1 MiB and 4 MiB requests all reach the
+/// disk's sequential rate (1.1-1.4 GB/s, within the noise of a shared machine); 1 MiB keeps
+/// staging buffers small and the number of requests per GiB low.
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
-/// Requests in flight. Measured as above: random 128 KiB reads need ~32 in flight to reach the
-/// disk's random-read rate; more adds nothing.
+/// Requests in flight. Measured as above: depth 4 is the slowest at every chunk size; random
+/// 128 KiB reads gain little past 32 (1027 / 1062 / 1124 / 1137 MB/s at 8 / 16 / 32 / 64).
 pub const DEFAULT_DEPTH: usize = 32;
 /// Bound of any wait for progress (one completion, a GPU copy, a ticket's `wait`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
