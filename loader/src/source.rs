@@ -35,17 +35,12 @@ impl KernelSource {
     pub fn open(path: impl AsRef<Path>) -> Result<KernelSource, LoadError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| LoadError::Io { path: path.clone(), source };
-        // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
-        let open = |flags| OpenOptions::new().read(true).custom_flags(flags | libc::O_NONBLOCK).open(&path);
-        let (file, direct) = match open(libc::O_DIRECT) {
-            Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(io)?, false),
-            Err(e) => return Err(io(e)),
-        };
-        let meta = file.metadata().map_err(io)?;
-        let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            let kind = if ft.is_dir() {
+        // The type is checked before opening (opening a FIFO would wait for a writer) and again
+        // on the open file. No O_NONBLOCK: a block device read with it may come back short.
+        let not_a_file = |ft: std::fs::FileType| {
+            let kind = if ft.is_file() || ft.is_block_device() {
+                return None;
+            } else if ft.is_dir() {
                 "a directory"
             } else if ft.is_fifo() {
                 "a FIFO"
@@ -56,6 +51,19 @@ impl KernelSource {
             } else {
                 "not a file"
             };
+            Some(kind)
+        };
+        if let Some(kind) = not_a_file(std::fs::metadata(&path).map_err(io)?.file_type()) {
+            return Err(LoadError::NotAFile { path, kind });
+        }
+        let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(&path);
+        let (file, direct) = match open(libc::O_DIRECT) {
+            Ok(f) => (f, true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(io)?, false),
+            Err(e) => return Err(io(e)),
+        };
+        let meta = file.metadata().map_err(io)?;
+        if let Some(kind) = not_a_file(meta.file_type()) {
             return Err(LoadError::NotAFile { path, kind });
         }
         let dev = if meta.file_type().is_file() { meta.dev() } else { meta.rdev() };
