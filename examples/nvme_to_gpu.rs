@@ -1,55 +1,44 @@
-//! nvme_to_gpu: load a byte range of a file or NVMe namespace into a destination region (the
-//! stand-in GPU BAR, a p2pmem region, host memory), direct when the route allows, otherwise a
-//! pipelined bounce; prints the route, why, throughput and a checksum verified against the source.
+//! nvme_to_gpu: a byte range of an NVMe namespace (or a file) into GPU memory through
+//! `peermem-loader`, printing the route, how the bytes moved, why, and MB/s.
+//!
+//! With no arguments: the first NVMe namespace of the machine (the example's own executable when
+//! there is none) into the best destination it has: a Vulkan device-local buffer on a real GPU,
+//! else the ivshmem stand-in GPU BAR of the testbed, else a host-visible Vulkan buffer, else host
+//! memory. 64 MiB at most.
 //!
 //! ```text
-//! nvme_to_gpu (--file PATH | --namespace BDF [--vfio]) [--offset N] [--len N]
-//!             [--dest host | ivshmem | bar:BDF:BAR | p2pmem:BDF] [--chunk N] [--depth N]
-//!             [--no-verify] [--compare-read] [--repeat N]
+//! nvme_to_gpu [--file PATH | --namespace BDF [--vfio]] [--offset N] [--len N]
+//!             [--dest host|vulkan|vulkan-device|ivshmem|bar:BDF:BAR|p2pmem:BDF]
+//!             [--chunk N] [--depth N] [--strict] [--verify]
 //! ```
-//! `--vfio` binds the controller to vfio-pci for the run (the userspace driver reads) and gives it
-//! back after. `--compare-read` times a plain buffered read() of the same range into a host buffer
-//! (page cache dropped first) and prints loader/read as a ratio; `--repeat N` alternates N loads
-//! and N reads and compares the medians (only the first load is verified). Sizes take K/M/G suffixes.
+//! `--vfio` binds the controller to vfio-pci for the run and reads through the userspace driver
+//! (the synchronous `load()`); otherwise the kernel reads (the asynchronous `Loader`).
 
-use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use peermem::{BarRegion, Bdf, HostRegion, PeerMemory, Registry, Topology};
 use peermem_examples::size;
-use peermem_loader::{load, Checksum, KernelSource, LoadOptions, Source};
+use peermem_loader::{load, Dest, KernelSource, LoadOptions, Loader, Options, Source, Verify};
 use peermem_nvme::{Binding, Controller, P2pmemRegion};
+use peermem_vulkan::{Device, DeviceKind, Placement, Select};
 
+#[derive(Default)]
 struct Args {
     file: Option<String>,
     namespace: Option<Bdf>,
     vfio: bool,
     offset: u64,
     len: Option<u64>,
-    dest: String,
-    chunk: u64,
-    depth: usize,
+    dest: Option<String>,
+    chunk: Option<u64>,
+    depth: Option<usize>,
+    strict: bool,
     verify: bool,
-    compare_read: bool,
-    repeat: usize,
 }
 
 fn parse() -> Result<Args, String> {
-    let mut a = Args {
-        file: None,
-        namespace: None,
-        vfio: false,
-        offset: 0,
-        len: None,
-        dest: "host".into(),
-        chunk: 1 << 20,
-        depth: 4,
-        verify: true,
-        compare_read: false,
-        repeat: 1,
-    };
+    let mut a = Args::default();
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut v = || it.next().ok_or(format!("{k} needs a value"));
@@ -59,18 +48,17 @@ fn parse() -> Result<Args, String> {
             "--vfio" => a.vfio = true,
             "--offset" => a.offset = size(&v()?)?,
             "--len" => a.len = Some(size(&v()?)?),
-            "--dest" => a.dest = v()?,
-            "--chunk" => a.chunk = size(&v()?)?,
-            "--depth" => a.depth = v()?.parse().map_err(|e| format!("--depth: {e}"))?,
-            "--no-verify" => a.verify = false,
-            "--compare-read" => a.compare_read = true,
-            "--repeat" => a.repeat = v()?.parse::<usize>().map_err(|e| format!("--repeat: {e}"))?.max(1),
+            "--dest" => a.dest = Some(v()?),
+            "--chunk" => a.chunk = Some(size(&v()?)?),
+            "--depth" => a.depth = Some(v()?.parse().map_err(|e| format!("--depth: {e}"))?),
+            "--strict" => a.strict = true,
+            "--verify" => a.verify = true,
             "-h" | "--help" => return Err("usage: see the header of examples/nvme_to_gpu.rs".into()),
             _ => return Err(format!("unknown argument '{k}'")),
         }
     }
-    if a.file.is_some() == a.namespace.is_some() {
-        return Err("give exactly one of --file PATH or --namespace BDF".into());
+    if a.file.is_some() && a.namespace.is_some() {
+        return Err("give at most one of --file PATH or --namespace BDF".into());
     }
     if a.vfio && a.namespace.is_none() {
         return Err("--vfio needs --namespace BDF".into());
@@ -78,115 +66,102 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
+/// The first NVMe controller with a kernel namespace.
+fn first_namespace(topo: &Topology) -> Option<Bdf> {
+    topo.devices()
+        .iter()
+        .filter(|d| d.class == 0x01_08_02)
+        .map(|d| d.bdf)
+        .find(|&b| KernelSource::namespace(topo, b).is_ok())
+}
+
+/// The best destination this machine has, by name.
+fn best_dest(topo: &Topology, vk: Option<&Device>) -> &'static str {
+    let real_gpu = vk.is_some_and(|d| d.info().kind != DeviceKind::Cpu);
+    let ivshmem = topo.devices().iter().any(|d| d.vendor == 0x1af4 && d.device == 0x1110);
+    match (real_gpu, ivshmem, vk.is_some()) {
+        (true, _, _) => "vulkan-device",
+        (false, true, _) => "ivshmem",
+        (false, false, true) => "vulkan",
+        _ => "host",
+    }
+}
+
+type Run = Result<(), Box<dyn std::error::Error>>;
+
+fn run(a: Args) -> Run {
     let topo = Arc::new(Topology::discover("/")?);
     let reg = Registry::new(topo.clone());
-    // Keep the destination's own handle alive for the registration's lifetime.
-    let len_hint = a.len.unwrap_or(64 << 20);
-    let region: Arc<dyn PeerMemory> = match a.dest.as_str() {
-        "host" => Arc::new(HostRegion::new(len_hint)?),
+    let vk = Device::open(Select::Best).ok();
+    let (path, ns) = match (&a.file, a.namespace) {
+        (Some(f), _) => (f.clone(), None),
+        (None, Some(b)) => (KernelSource::namespace(&topo, b)?.path().display().to_string(), Some(b)),
+        (None, None) => match first_namespace(&topo) {
+            Some(b) => (KernelSource::namespace(&topo, b)?.path().display().to_string(), Some(b)),
+            None => {
+                let me = std::env::current_exe()?.display().to_string();
+                println!("nvme_to_gpu: no NVMe namespace on this machine; reading {me} instead");
+                (me, None)
+            }
+        },
+    };
+    let dest_name = a.dest.clone().unwrap_or_else(|| best_dest(&topo, vk.as_ref()).to_string());
+    let src_len = KernelSource::open(&path)?.len();
+    let len = a.len.unwrap_or(src_len.saturating_sub(a.offset).min(64 << 20));
+    println!("nvme_to_gpu: {len} bytes at {:#x} of {path} -> {dest_name}", a.offset);
+
+    let mut vk_region = None;
+    let region: Arc<dyn PeerMemory> = match dest_name.as_str() {
+        "host" => Arc::new(HostRegion::new(len)?),
+        "vulkan" | "vulkan-device" => {
+            let d = vk.as_ref().ok_or("no Vulkan device")?;
+            let p = if dest_name == "vulkan" { Placement::Mappable } else { Placement::DeviceLocal };
+            let v = Arc::new(d.allocate(len, p)?);
+            vk_region = Some(v.clone());
+            v
+        }
         "ivshmem" => {
-            let d = topo
-                .devices()
-                .iter()
-                .find(|d| d.vendor == 0x1af4 && d.device == 0x1110)
-                .ok_or("no ivshmem device (1af4:1110)")?;
-            let bar = d.bar(2).ok_or("ivshmem has no BAR2")?.cpu.len();
-            Arc::new(BarRegion { bdf: d.bdf, bar: 2, offset: 0, len: bar })
+            let d =
+                topo.devices().iter().find(|d| d.vendor == 0x1af4 && d.device == 0x1110).ok_or("no ivshmem device")?;
+            Arc::new(BarRegion { bdf: d.bdf, bar: 2, offset: 0, len: d.bar(2).ok_or("ivshmem has no BAR2")?.cpu.len() })
         }
         s if s.starts_with("bar:") => {
-            let mut p = s[4..].rsplitn(2, ':');
-            let bar: u8 = p.next().ok_or("bar:BDF:BAR")?.parse()?;
-            let bdf: Bdf = p.next().ok_or("bar:BDF:BAR")?.parse()?;
+            let (b, n) = s[4..].rsplit_once(':').ok_or("--dest bar:BDF:BAR")?;
+            let (bdf, bar): (Bdf, u8) = (b.parse()?, n.parse()?);
             let blen = topo.by_bdf(bdf)?.bar(bar).ok_or("no such BAR")?.cpu.len();
             Arc::new(BarRegion { bdf, bar, offset: 0, len: blen })
         }
-        s if s.starts_with("p2pmem:") => Arc::new(P2pmemRegion::allocate(&topo, s[7..].parse()?, len_hint)?),
+        s if s.starts_with("p2pmem:") => Arc::new(P2pmemRegion::allocate(&topo, s[7..].parse()?, len)?),
         other => return Err(format!("unknown --dest '{other}'").into()),
     };
-    let dest = reg.register(region)?;
+    let guard = reg.register(region)?;
 
-    let binding;
-    let mut ctrl;
-    let mut source = match (&a.file, a.namespace, a.vfio) {
-        (Some(f), _, _) => Source::Kernel(KernelSource::open(f)?),
-        (None, Some(b), false) => Source::Kernel(KernelSource::namespace(&topo, b)?),
-        (None, Some(b), true) => {
-            binding = Binding::to_vfio(b)?;
-            ctrl = Controller::open(&binding, &reg, 1)?;
-            Source::Vfio(&mut ctrl)
-        }
-        _ => unreachable!("checked by parse"),
-    };
-    let len = a.len.unwrap_or(source.len().saturating_sub(a.offset)).min(dest.len());
-    let range = a.offset..a.offset + len;
-    let opts = LoadOptions { chunk: a.chunk, depth: a.depth, verify: a.verify, ..Default::default() };
-    let report = load(&mut source, range.clone(), &dest, &reg, &opts)?;
-    println!("nvme_to_gpu: {} bytes {:#x}..{:#x} -> {} ({})", len, range.start, range.end, a.dest, dest.id());
-    println!("{report}");
-    if !a.compare_read {
+    if a.vfio {
+        // The userspace driver reads: the synchronous loader programs the routed address.
+        let b = ns.ok_or("--vfio needs --namespace")?;
+        let binding = Binding::to_vfio(b)?;
+        let mut ctrl = Controller::open(&binding, &reg, 1)?;
+        let opts = LoadOptions { verify: a.verify, ..Default::default() };
+        let r = load(&mut Source::Vfio(&mut ctrl), a.offset..a.offset + len, &guard, &reg, &opts)?;
+        println!("{r}");
         return Ok(());
     }
-    let path = match &source {
-        Source::Kernel(k) => k.path().to_path_buf(),
-        Source::Vfio(_) => return Err("--compare-read needs a kernel source (not --vfio)".into()),
-    };
-    let quiet = LoadOptions { verify: false, ..opts.clone() };
-    let (mut loads, mut reads) = (Vec::new(), Vec::new());
-    for i in 0..a.repeat {
-        let l = if i == 0 {
-            report.mb_per_s()
-        } else {
-            // Unverified against the source, but the destination must hold the same bytes.
-            let r = load(&mut source, range.clone(), &dest, &reg, &quiet)?;
-            if r.checksum != report.checksum {
-                return Err(format!("run {i}: destination checksum {:#018x} differs", r.checksum).into());
-            }
-            r.mb_per_s()
-        };
-        let (r, sum) = plain_read(&path, range.clone(), a.chunk)?;
-        if sum != report.checksum {
-            return Err("plain read() and the loader disagree on the checksum".into());
-        }
-        println!("  run {i}: loader {l:.1} MB/s, plain read() {r:.1} MB/s");
-        loads.push(l);
-        reads.push(r);
+    let mut opts = Options::from_env()?;
+    opts.strict |= a.strict;
+    opts.chunk = a.chunk.unwrap_or(opts.chunk);
+    opts.depth = a.depth.unwrap_or(opts.depth);
+    if a.verify {
+        opts.verify = Verify::Reread;
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    let loader = Loader::new(&reg, opts)?;
+    let dest = match (&vk_region, dest_name.as_str()) {
+        (Some(v), "vulkan-device") => loader.vulkan_device_dest(&guard, vk.as_ref().ok_or("no Vulkan")?, v.clone())?,
+        _ => Dest::region(&guard),
     };
-    let (l, r) = (median(&mut loads), median(&mut reads));
-    println!("median of {}: loader {l:.1} MB/s, plain read() into a host buffer {r:.1} MB/s", a.repeat);
-    println!("ratio loader/read = {:.2}", l / r);
+    let f = loader.open(&path)?;
+    let r = loader.read(&f, a.offset, len, &dest, 0)?;
+    println!("{r}");
     Ok(())
-}
-
-/// A plain buffered read() of `range` into a host buffer, page cache dropped first (root), like
-/// an application would: returns MB/s and the checksum of what it read.
-fn plain_read(
-    path: &std::path::Path,
-    range: std::ops::Range<u64>,
-    chunk: u64,
-) -> Result<(f64, u64), Box<dyn std::error::Error>> {
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "1");
-    let len = (range.end - range.start) as usize;
-    let mut f = std::fs::File::open(path)?;
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(range.start))?;
-    let mut host = vec![0u8; len];
-    host.iter_mut().step_by(4096).for_each(|b| *b = 1); // fault the buffer in before timing
-    let t = Instant::now();
-    let mut done = 0usize;
-    while done < len {
-        let n = (chunk as usize).min(len - done);
-        let r = f.read(&mut host[done..done + n])?;
-        if r == 0 {
-            return Err("short read".into());
-        }
-        done += r;
-    }
-    let secs = t.elapsed().as_secs_f64();
-    Ok((len as f64 / secs / 1e6, Checksum::of(&host)))
 }
 
 fn main() -> ExitCode {

@@ -22,6 +22,7 @@ use peermem::pci::{Labels, Selection};
 use peermem::{BarRegion, Bdf, DevIdx, PeerMemory, Registry, Topology};
 use serde_json::{json, Value};
 
+mod load;
 use out::Out;
 
 #[derive(Parser)]
@@ -128,6 +129,8 @@ enum Cmd {
         #[arg(long, value_name = "FILE", conflicts_with = "dir")]
         archive: Option<PathBuf>,
     },
+    /// Read files into host, Vulkan, p2pmem or BAR memory through the loader; report route and MB/s.
+    Load(load::LoadArgs),
 }
 
 fn parse_offset(s: &str) -> Result<u64, String> {
@@ -217,6 +220,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli, o: &mut Out) -> Result<u8> {
     let root = Root::open(&cli.root)?;
     match cli.cmd {
+        Cmd::Load(args) => load::run(&root.path, args)?,
         Cmd::Topo { filter, json } => {
             let t = root.discover()?;
             let sel = filter.selection()?;

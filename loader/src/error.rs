@@ -32,4 +32,42 @@ pub enum LoadError {
     Copy { what: &'static str, offset: u64, why: String },
     #[error("checksum mismatch: destination {dest:#018x}, source {source_sum:#018x}")]
     Mismatch { dest: u64, source_sum: u64 },
+    #[error("{path}: not a regular file or block device ({kind})")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error("{var}={value:?}: {why}")]
+    BadSetting { var: &'static str, value: String, why: String },
+    #[error("strict: {what} cannot go direct: {why}")]
+    NotDirect { what: String, why: String },
+    #[error("destination region {region} was unregistered while reads into it were in flight")]
+    Unregistered { region: peermem::RegionId },
+    #[error("{what}: no progress within {ms} ms")]
+    Timeout { what: &'static str, ms: u128 },
+    #[error("{path}: short read at offset {offset:#x}: {got} of {want} bytes (the file shrank?)")]
+    ShortRead { path: PathBuf, offset: u64, got: u64, want: u64 },
+    #[error("{path}: xxh3 mismatch for {len} bytes at offset {offset:#x}: destination {dest:#018x}, expected {expected:#018x}")]
+    HashMismatch { path: PathBuf, offset: u64, len: u64, dest: u64, expected: u64 },
+    #[error("vulkan: {0}")]
+    Vulkan(Box<peermem_vulkan::VkError>),
+    #[error("the io engine: {0}")]
+    Engine(String),
+    #[error("the loader has shut down")]
+    Closed,
+    #[error("the ring of {slots} batch buffers is full: drop a batch before asking for more")]
+    RingFull { slots: usize },
+    #[error("shard layout: {0}")]
+    Layout(String),
+}
+
+impl From<peermem_vulkan::VkError> for LoadError {
+    fn from(e: peermem_vulkan::VkError) -> LoadError {
+        LoadError::Vulkan(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_error_stays_small_enough_to_return_by_value() {
+        assert!(std::mem::size_of::<super::LoadError>() <= 128, "{}", std::mem::size_of::<super::LoadError>());
+    }
 }

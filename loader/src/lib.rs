@@ -11,13 +11,22 @@
 //! - [`checksum`]: the streaming checksum of moved bytes.
 
 pub mod checksum;
+mod engine;
 pub mod error;
+mod io;
 mod load;
+pub mod options;
 pub mod report;
+pub mod shard;
 pub mod source;
+#[allow(unsafe_code)]
+mod sys;
 
 pub use checksum::Checksum;
+pub use engine::{Batch, BatchReport, Dest, DestReport, FileHandle, Loader, Ticket, Via};
 pub use error::LoadError;
 pub use load::load;
+pub use options::{Engine, Options, Verify};
 pub use report::{LoadOptions, LoadReport, Method};
+pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{KernelSource, Source, ALIGN};

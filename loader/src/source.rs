@@ -4,8 +4,9 @@
 //! Owns: opening sources, finding the PCI function behind a file. Must not: write to a source.
 
 use std::fs::{File, OpenOptions};
+
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use peermem::{Bdf, Topology};
@@ -34,12 +35,37 @@ impl KernelSource {
     pub fn open(path: impl AsRef<Path>) -> Result<KernelSource, LoadError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| LoadError::Io { path: path.clone(), source };
-        let (file, direct) = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path) {
+        // The type is checked before opening (opening a FIFO would wait for a writer) and again
+        // on the open file. No O_NONBLOCK: a block device read with it may come back short.
+        let not_a_file = |ft: std::fs::FileType| {
+            let kind = if ft.is_file() || ft.is_block_device() {
+                return None;
+            } else if ft.is_dir() {
+                "a directory"
+            } else if ft.is_fifo() {
+                "a FIFO"
+            } else if ft.is_char_device() {
+                "a character device"
+            } else if ft.is_socket() {
+                "a socket"
+            } else {
+                "not a file"
+            };
+            Some(kind)
+        };
+        if let Some(kind) = not_a_file(std::fs::metadata(&path).map_err(io)?.file_type()) {
+            return Err(LoadError::NotAFile { path, kind });
+        }
+        let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(&path);
+        let (file, direct) = match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (File::open(&path).map_err(io)?, false),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(io)?, false),
             Err(e) => return Err(io(e)),
         };
         let meta = file.metadata().map_err(io)?;
+        if let Some(kind) = not_a_file(meta.file_type()) {
+            return Err(LoadError::NotAFile { path, kind });
+        }
         let dev = if meta.file_type().is_file() { meta.dev() } else { meta.rdev() };
         let len = if meta.file_type().is_file() { meta.len() } else { (&file).seek(SeekFrom::End(0)).map_err(io)? };
         let device = pci_device_of(libc::major(dev), libc::minor(dev));

@@ -1,0 +1,367 @@
+//! Loader benchmarks.
+//!
+//! `cargo bench -p peermem-bench --bench loader`: criterion throughput of the loader into host
+//! memory (sequential 1 MiB requests, random 128 KiB reads) on files in `target/`.
+//!
+//! `PEERMEM_LOADER_VS_FIO=DIR cargo bench -p peermem-bench --bench loader` (what
+//! `bench/loader-vs-fio.sh` runs): the loader against `fio` (io_uring engine, O_DIRECT, the same
+//! block size, depth and files in DIR), and the loader into Vulkan buffers against the loader into
+//! host memory, each pair interleaved round by round (other work on the machine hits both sides
+//! alike) and compared as a ratio of medians; CPU seconds per GiB for each side. With
+//! `PEERMEM_LOADER_SWEEP=1` it first sweeps chunk size and depth (how the defaults were chosen).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, Criterion, Throughput};
+use peermem::{HostRegion, PeerMemory, Registration, Registry, Topology};
+use peermem_loader::{Batch, Dest, FileHandle, Loader, Options};
+use peermem_vulkan::{Device, Placement, Select};
+
+const MIB: u64 = 1 << 20;
+
+fn registry() -> Registry {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+    Registry::new(Arc::new(Topology::discover(root).unwrap()))
+}
+
+/// A file of `len` bytes of non-constant data (written once, kept between runs).
+fn ensure_file(p: &Path, len: u64) {
+    if std::fs::metadata(p).is_ok_and(|m| m.len() == len) {
+        return;
+    }
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(p).unwrap());
+    let block: Vec<u8> = (0..MIB as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    let mut left = len;
+    let mut k = 0u8;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        let mut b = block[..n].to_vec();
+        b[0] = k;
+        k = k.wrapping_add(1);
+        f.write_all(&b).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+fn host(reg: &Registry, len: u64) -> (Arc<dyn PeerMemory>, Registration) {
+    let r: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(len).unwrap());
+    let g = reg.register(r.clone()).unwrap();
+    (r, g)
+}
+
+/// A deterministic xorshift for offsets.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed | 1;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    }
+}
+
+/// `n` random `bs`-aligned reads over `files` into a `ring`-byte destination.
+fn random_batch(files: &[FileHandle], n: usize, bs: u64, dest: &Dest, ring: u64, seed: u64) -> Batch {
+    let mut r = rng(seed);
+    let mut b = Batch::new();
+    for i in 0..n as u64 {
+        let f = &files[(r() % files.len() as u64) as usize];
+        let off = (r() % (f.len() / bs)) * bs;
+        b.read(f, off, bs, dest, (i * bs) % ring);
+    }
+    b
+}
+
+fn criterion_benches(c: &mut Criterion) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/loader-bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("seq.bin");
+    ensure_file(&p, 256 * MIB);
+    let reg = registry();
+    let mut g = c.benchmark_group("loader_host");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    let (_r, guard) = host(&reg, 256 * MIB);
+    let dest = Dest::region(&guard);
+    let l = Loader::new(&reg, Options { chunk: MIB, depth: 16, ..Options::default() }).unwrap();
+    let f = l.open(&p).unwrap();
+    g.throughput(Throughput::Bytes(256 * MIB));
+    g.bench_function("sequential_1MiB_qd16_256MiB", |b| b.iter(|| l.read(&f, 0, 256 * MIB, &dest, 0).unwrap()));
+    let l = Loader::new(&reg, Options { chunk: 128 << 10, depth: 32, ..Options::default() }).unwrap();
+    let f = l.open(&p).unwrap();
+    g.throughput(Throughput::Bytes(1024 * (128 << 10)));
+    let mut seed = 1;
+    g.bench_function("random_128KiB_qd32_x1024", |b| {
+        b.iter(|| {
+            seed += 1;
+            l.run(random_batch(std::slice::from_ref(&f), 1024, 128 << 10, &dest, 64 * MIB, seed)).unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, criterion_benches);
+
+/// CPU seconds this process has used (all threads), from /proc/self/stat (USER_HZ = 100).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let f: Vec<&str> = s[s.rfind(')').unwrap() + 2..].split(' ').collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    mbps: f64,
+    cpu_per_gib: f64,
+}
+
+/// Runs fio with `args` (plus the common io_uring/O_DIRECT/JSON options).
+fn fio(args: &[String]) -> Run {
+    let out = Command::new("fio")
+        .args(["--ioengine=io_uring", "--direct=1", "--output-format=json", "--thread", "--group_reporting"])
+        .args(args)
+        .output()
+        .expect("fio (apt-get install fio)");
+    assert!(out.status.success(), "fio {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("fio JSON");
+    let j = &v["jobs"][0];
+    let bytes = j["read"]["io_bytes"].as_f64().unwrap();
+    let secs = j["read"]["runtime"].as_f64().unwrap() / 1000.0;
+    let cpu = (j["usr_cpu"].as_f64().unwrap() + j["sys_cpu"].as_f64().unwrap()) / 100.0 * secs;
+    Run { mbps: bytes / secs / 1e6, cpu_per_gib: cpu / (bytes / (1u64 << 30) as f64) }
+}
+
+fn timed(l: &Loader, b: Batch) -> Run {
+    let bytes = b.bytes() as f64;
+    let c0 = cpu_seconds();
+    let t = Instant::now();
+    l.run(b).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    Run { mbps: bytes / secs / 1e6, cpu_per_gib: (cpu_seconds() - c0) / (bytes / (1u64 << 30) as f64) }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `a` and `b` once untimed, then alternately `rounds` times; prints both medians and b/a.
+fn pair(name: &str, rounds: usize, mut a: impl FnMut() -> Run, mut b: impl FnMut() -> Run, la: &str, lb: &str) {
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    // One untimed round first: page faults, fixed-buffer registration, file layout.
+    a();
+    b();
+    for _ in 0..rounds {
+        ra.push(a());
+        rb.push(b());
+    }
+    let (ma, mb) = (median(ra.iter().map(|r| r.mbps).collect()), median(rb.iter().map(|r| r.mbps).collect()));
+    let (ca, cb) =
+        (median(ra.iter().map(|r| r.cpu_per_gib).collect()), median(rb.iter().map(|r| r.cpu_per_gib).collect()));
+    println!(
+        "| {name} | {la} {ma:.0} MB/s ({ca:.2} CPU s/GiB) | {lb} {mb:.0} MB/s ({cb:.2} CPU s/GiB) | {:.2} |",
+        mb / ma
+    );
+    let each: Vec<String> = ra.iter().zip(&rb).map(|(x, y)| format!("{:.2}", y.mbps / x.mbps)).collect();
+    println!("|   rounds (ratio per round) | | | {} |", each.join(" "));
+}
+
+fn vs_fio(dir: PathBuf) {
+    std::fs::create_dir_all(&dir).unwrap();
+    let rounds: usize = std::env::var("PEERMEM_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let size = 512 * MIB;
+    let seq = dir.join("seq.bin");
+    ensure_file(&seq, size);
+    let shard_dir = dir.join("shards");
+    std::fs::create_dir_all(&shard_dir).unwrap();
+    let (nfiles, fsize) = (1000u64, 512 << 10);
+    for i in 0..nfiles {
+        ensure_file(&shard_dir.join(format!("shard.{i}")), fsize);
+    }
+    let reg = registry();
+    let (_host, hg) = host(&reg, size);
+    let hdest = Dest::region(&hg);
+    let s = seq.display().to_string();
+
+    if std::env::var("PEERMEM_LOADER_SWEEP").as_deref() == Ok("1") {
+        println!("sweep (sequential 256 MiB, then random 128 KiB x 2048): MB/s");
+        for chunk in [256 << 10, MIB, 4 * MIB] {
+            for depth in [4usize, 16, 32] {
+                let l = Loader::new(&reg, Options { chunk, depth, ..Options::default() }).unwrap();
+                let f = l.open(&seq).unwrap();
+                let mut b = Batch::new();
+                b.read(&f, 0, 256 * MIB, &hdest, 0);
+                println!("  seq chunk {:>5} KiB depth {depth:>2}: {:.0}", chunk >> 10, timed(&l, b).mbps);
+            }
+        }
+        for depth in [8usize, 16, 32, 64] {
+            let l = Loader::new(&reg, Options { depth, ..Options::default() }).unwrap();
+            let f = l.open(&seq).unwrap();
+            let r = timed(&l, random_batch(std::slice::from_ref(&f), 2048, 128 << 10, &hdest, 64 * MIB, 9));
+            println!("  random 128 KiB depth {depth:>2}: {:.0}", r.mbps);
+        }
+    }
+
+    println!("| workload | fio / host side | loader / other side | ratio |");
+    println!("|---|---|---|---|");
+    let seq_l = Loader::new(&reg, Options { chunk: MIB, depth: 16, ..Options::default() }).unwrap();
+    let sf = seq_l.open(&seq).unwrap();
+    pair(
+        "sequential 1 MiB QD16, 512 MiB, host memory",
+        rounds,
+        || {
+            fio(&[
+                "--name=seq".into(),
+                format!("--filename={s}"),
+                "--rw=read".into(),
+                "--bs=1M".into(),
+                "--iodepth=16".into(),
+                format!("--size={size}"),
+            ])
+        },
+        || {
+            let mut b = Batch::new();
+            b.read(&sf, 0, size, &hdest, 0);
+            timed(&seq_l, b)
+        },
+        "fio",
+        "loader",
+    );
+    // fio with its buffers and file registered too (what the loader does by default).
+    pair(
+        "sequential 1 MiB QD16, 512 MiB, host memory; fio --fixedbufs --registerfiles",
+        rounds,
+        || {
+            fio(&[
+                "--name=seqfixed".into(),
+                format!("--filename={s}"),
+                "--rw=read".into(),
+                "--bs=1M".into(),
+                "--iodepth=16".into(),
+                format!("--size={size}"),
+                "--fixedbufs".into(),
+                "--registerfiles".into(),
+            ])
+        },
+        || {
+            let mut b = Batch::new();
+            b.read(&sf, 0, size, &hdest, 0);
+            timed(&seq_l, b)
+        },
+        "fio",
+        "loader",
+    );
+    let rand_l = Loader::new(&reg, Options { chunk: 128 << 10, depth: 32, ..Options::default() }).unwrap();
+    let rf = rand_l.open(&seq).unwrap();
+    let mut seed = 0;
+    pair(
+        "random 128 KiB QD32, 512 MiB read, host memory",
+        rounds,
+        || {
+            fio(&[
+                "--name=rand".into(),
+                format!("--filename={s}"),
+                "--rw=randread".into(),
+                "--bs=128k".into(),
+                "--iodepth=32".into(),
+                format!("--size={size}"),
+                format!("--io_size={size}"),
+            ])
+        },
+        || {
+            seed += 1;
+            timed(
+                &rand_l,
+                random_batch(
+                    std::slice::from_ref(&rf),
+                    (size / (128 << 10)) as usize,
+                    128 << 10,
+                    &hdest,
+                    64 * MIB,
+                    seed,
+                ),
+            )
+        },
+        "fio",
+        "loader",
+    );
+    let shard_files: Vec<FileHandle> =
+        (0..nfiles).map(|i| rand_l.open(shard_dir.join(format!("shard.{i}"))).unwrap()).collect();
+    let sd = shard_dir.display().to_string();
+    let shard_bytes = 256 * MIB;
+    pair(
+        "shards: 1000 files x 512 KiB, random 128 KiB QD32, 256 MiB read",
+        rounds,
+        || {
+            fio(&[
+                "--name=shards".into(),
+                format!("--directory={sd}"),
+                "--filename_format=shard.$filenum".into(),
+                format!("--nrfiles={nfiles}"),
+                format!("--filesize={fsize}"),
+                "--file_service_type=random".into(),
+                "--rw=randread".into(),
+                "--bs=128k".into(),
+                "--iodepth=32".into(),
+                format!("--io_size={shard_bytes}"),
+            ])
+        },
+        || {
+            seed += 1;
+            timed(
+                &rand_l,
+                random_batch(&shard_files, (shard_bytes / (128 << 10)) as usize, 128 << 10, &hdest, 64 * MIB, seed),
+            )
+        },
+        "fio",
+        "loader",
+    );
+
+    let dev = match Device::open(Select::Best) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("(no Vulkan device: {e}; Vulkan rows skipped)");
+            return;
+        }
+    };
+    let vis = Arc::new(dev.allocate(size, Placement::Mappable).unwrap());
+    let vg = reg.register(vis.clone() as Arc<dyn PeerMemory>).unwrap();
+    let vdest = Dest::region(&vg);
+    let local = Arc::new(dev.allocate(size, Placement::DeviceLocal).unwrap());
+    let lg = reg.register(local.clone() as Arc<dyn PeerMemory>).unwrap();
+    let ldest = seq_l.vulkan_device_dest(&lg, &dev, local.clone()).unwrap();
+    let whole = |d: &Dest| {
+        let mut b = Batch::new();
+        b.read(&sf, 0, size, d, 0);
+        b
+    };
+    pair(
+        "sequential 1 MiB QD16 512 MiB: host-visible Vulkan buffer vs host memory",
+        rounds,
+        || timed(&seq_l, whole(&hdest)),
+        || timed(&seq_l, whole(&vdest)),
+        "host",
+        "vulkan",
+    );
+    pair(
+        "sequential 1 MiB QD16 512 MiB: device-local Vulkan buffer (staged, GPU copies) vs host memory",
+        rounds,
+        || timed(&seq_l, whole(&hdest)),
+        || timed(&seq_l, whole(&ldest)),
+        "host",
+        "vulkan-device",
+    );
+}
+
+fn main() {
+    if let Ok(dir) = std::env::var("PEERMEM_LOADER_VS_FIO") {
+        vs_fio(PathBuf::from(dir));
+        return;
+    }
+    benches();
+    criterion::Criterion::default().configure_from_args().final_summary();
+}

@@ -1,0 +1,102 @@
+//! `peermem load`: the loader from the shell, on files in a tempdir, into host memory and lavapipe
+//! Vulkan buffers; JSON fields, exit codes and one-line errors.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn peermem(args: &[&str]) -> Output {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+    Command::new(env!("CARGO_BIN_EXE_peermem")).arg("--root").arg(root).arg("load").args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn vulkan_skipped() -> bool {
+    std::env::var("PEERMEM_SKIP_VULKAN").as_deref() == Ok("1")
+}
+
+#[test]
+fn load_reports_bytes_rate_route_method_and_verification_as_json() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.bin");
+    std::fs::write(&p, (0..3_000_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).unwrap();
+    let q = d.path().join("b.bin");
+    std::fs::write(&q, vec![9u8; 1 << 20]).unwrap();
+    let (ps, qs) = (p.to_str().unwrap(), q.to_str().unwrap());
+    let v = json(&peermem(&[ps, qs, "--json", "--verify", "--chunk", "256K", "--depth", "4"]));
+    assert_eq!(v["bytes"], 3_000_000 + (1 << 20));
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    assert!(v["mb_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["route"], "cpu_mapped");
+    assert_eq!(v["method"], "direct");
+    assert_eq!(v["verified"], true);
+    assert_eq!((v["chunk"].as_u64(), v["depth"].as_u64()), (Some(256 << 10), Some(4)));
+    let v = json(&peermem(&[ps, "--json", "--offset", "4096", "--len", "8192"]));
+    assert_eq!((v["bytes"].as_u64(), v["verified"].is_null()), (Some(8192), true));
+    if !vulkan_skipped() {
+        let v = json(&peermem(&[ps, "--json", "--dest", "vulkan"]));
+        assert_eq!(v["method"], "direct");
+        let v = json(&peermem(&[ps, "--json", "--dest", "vulkan-device", "--verify"]));
+        assert_eq!((v["method"].as_str(), v["verified"].as_bool()), (Some("staged-gpu-copy"), Some(true)));
+    }
+    // Text output names the route and the rate.
+    let o = peermem(&[ps]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("route:") && text.contains("MB/s"), "{text}");
+}
+
+#[test]
+fn bad_input_exits_2_with_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.bin");
+    std::fs::write(&p, vec![1u8; 10_000]).unwrap();
+    let ps = p.to_str().unwrap();
+    let missing = d.path().join("missing");
+    for args in [
+        vec![missing.to_str().unwrap()],
+        vec![ps, "--dest", "gpu"],
+        vec![ps, "--dest", "bar:0000:01:00.0:9"],
+        vec![ps, "--dest", "p2pmem:zz"],
+        vec![ps, "--offset", "10000"],
+        vec![ps, "--len", "10001"],
+        vec![ps, "--depth", "0"],
+        vec![ps, "--chunk", "lots"],
+        vec!["/dev/zero"],
+        vec![d.path().to_str().unwrap()],
+    ] {
+        let o = peermem(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{args:?}: {}", stderr(&o));
+    }
+    // Strict: a misaligned range cannot go direct (exit 1: the machine's answer, not a typo).
+    let o = peermem(&[ps, "--strict", "--offset", "5", "--len", "100"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("strict"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_closed_pipe_is_not_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.bin");
+    std::fs::write(&p, vec![1u8; 100_000]).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+    let mut c = Command::new(env!("CARGO_BIN_EXE_peermem"))
+        .arg("--root")
+        .arg(root)
+        .args(["load", p.to_str().unwrap(), "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(c.stdout.take());
+    let o = c.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
