@@ -12,12 +12,15 @@
 //!   PRP entries come only from registry routes.
 //! - [`loader`]: the NVMe-to-GPU loader: a byte range of a file or namespace into any registered
 //!   region, direct when the route allows (probed for peer memory), else a pipelined bounce.
-//! - `sys`: the crate's only `unsafe` (MMIO, VFIO ioctls, mlock).
+//! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci: waits end early, owners
+//!   unwind and give the function back, then the process ends.
+//! - `sys`: the crate's raw layer (MMIO, VFIO ioctls through vfio-bindings and rustix, mlock).
 
 pub mod blockdev;
 pub mod cmb;
 pub mod p2pmem;
 pub mod regs;
+mod signals;
 mod sys;
 
 pub use blockdev::{BlockDevice, DirectIoError};
@@ -29,6 +32,6 @@ pub mod driver;
 pub mod loader;
 pub mod vfio;
 
-pub use driver::{Controller, Dir, NvmeError};
+pub use driver::{Controller, Dir, Io, NvmeError};
 pub use loader::{load, KernelSource, LoadError, LoadOptions, LoadReport, Method, Source};
-pub use vfio::{Binding, IommuMode, Vfio, VfioError};
+pub use vfio::{Binding, DmaAddr, IommuMode, Vfio, VfioError};

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use peermem::sys::Mapping;
-use peermem::{Bdf, Iova, RegionId, VirtAddr};
+use peermem::{Address, Bdf, BusAddr, CpuPhys, Iova, RegionId, VirtAddr};
 
 use crate::sys::{self, FileMmio, MappedMmio, Mmio};
 
@@ -29,13 +29,56 @@ pub enum VfioError {
     #[error("{bdf}: {why}")]
     Bind { bdf: Bdf, why: String },
     #[error("VFIO API version {0}, expected 0")]
-    ApiVersion(i32),
+    ApiVersion(u32),
     #[error("{bdf}: IOMMU group {group} is not viable (another device in it is bound to a kernel driver)")]
     NotViable { bdf: Bdf, group: String },
     #[error("no DMA address for {va}: {why}")]
     NoDmaAddress { va: VirtAddr, why: String },
     #[error("IOVA space exhausted mapping {len:#x} bytes")]
     IovaExhausted { len: u64 },
+    #[error("{what}: {source}")]
+    Addr { what: &'static str, source: peermem::addr::AddrError },
+}
+
+/// What a device programs to reach memory, tagged with its address space: a PCI bus address
+/// (peer-to-peer below a common bridge), a CPU physical address (no IOMMU translation) or an IOVA
+/// (this container's IOMMU domain).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum DmaAddr {
+    Bus(BusAddr),
+    Phys(CpuPhys),
+    Iova(Iova),
+}
+
+impl DmaAddr {
+    /// The same kind of address `delta` bytes further on (checked).
+    pub fn checked_add(self, delta: u64) -> Result<DmaAddr, peermem::addr::AddrError> {
+        Ok(match self {
+            DmaAddr::Bus(a) => DmaAddr::Bus(Address::checked_add(a, delta)?),
+            DmaAddr::Phys(a) => DmaAddr::Phys(Address::checked_add(a, delta)?),
+            DmaAddr::Iova(a) => DmaAddr::Iova(Address::checked_add(a, delta)?),
+        })
+    }
+    /// The value the device's address field holds (a PRP entry, a queue base register): the one
+    /// place a typed DMA address becomes wire bits.
+    pub fn device_bits(self) -> u64 {
+        match self {
+            DmaAddr::Bus(a) => a.raw(),
+            DmaAddr::Phys(a) => a.raw(),
+            DmaAddr::Iova(a) => a.raw(),
+        }
+    }
+}
+
+impl std::fmt::Display for DmaAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let space = match self {
+            DmaAddr::Bus(_) => "bus",
+            DmaAddr::Phys(_) => "CPU physical",
+            DmaAddr::Iova(_) => "IOVA",
+        };
+        write!(f, "{space} {:#x}", self.device_bits())
+    }
 }
 
 fn write_attr(path: &Path, value: &str) -> Result<(), VfioError> {
@@ -77,6 +120,10 @@ pub struct Binding {
 impl Binding {
     /// Binds the live function `bdf` to vfio-pci (enabling no-IOMMU mode when it has no IOMMU
     /// group), remembering its current driver.
+    ///
+    /// The first binding starts a SIGINT/SIGTERM watcher: on a signal, waits on the device fail
+    /// with an interrupt error so the owners unwind (quiescing the device, restoring the
+    /// driver), then the process ends with the signal's default action.
     pub fn to_vfio(bdf: Bdf) -> Result<Binding, VfioError> {
         let dir = PathBuf::from("/sys/bus/pci/devices").join(bdf.to_string());
         if !dir.exists() {
@@ -87,6 +134,7 @@ impl Binding {
         if noiommu {
             write_attr(Path::new("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"), "1")?;
         }
+        crate::signals::register(bdf, dir.clone());
         let mut b = Binding { bdf, dir, previous: previous.clone(), noiommu, restored: false };
         if previous.as_deref() == Some("vfio-pci") {
             return Ok(b);
@@ -143,6 +191,7 @@ impl Binding {
             }
         }
         self.restored = true;
+        crate::signals::unregister(self.bdf);
         errs
     }
 
@@ -179,17 +228,27 @@ pub enum IommuMode {
 
 #[derive(Debug)]
 struct DmaMapping {
-    va: u64,
+    va: VirtAddr,
     len: u64,
-    iova: u64,
+    /// Where the range starts in the IOMMU domain (type1); None in no-IOMMU mode (locked pages).
+    iova: Option<Iova>,
     /// The registered region the mapping was made for (None: the driver's own pool, peer BARs).
     owner: Option<RegionId>,
 }
 
+impl DmaMapping {
+    fn end(&self) -> u64 {
+        self.va.raw() + self.len
+    }
+    fn contains(&self, va: VirtAddr, len: u64) -> bool {
+        va >= self.va && va.raw().checked_add(len).is_some_and(|e| e <= self.end())
+    }
+}
+
 /// IOVAs handed out start here (clear of the low 4 GiB and its MSI window).
-const IOVA_BASE: u64 = 1 << 32;
+const IOVA_BASE: Iova = Iova::new(1 << 32);
 /// And stay below 2^39 (the narrowest address width of QEMU's intel-iommu).
-const IOVA_LIMIT: u64 = 1 << 39;
+const IOVA_LIMIT: Iova = Iova::new(1 << 39);
 
 /// An open VFIO device with its group and container.
 #[derive(Debug)]
@@ -200,7 +259,7 @@ pub struct Vfio {
     _group: File,
     device: File,
     maps: Vec<DmaMapping>,
-    next_iova: u64,
+    next_iova: Iova,
     /// Mappings of peer BARs this process made to hand them to the IOMMU.
     peer_maps: Vec<Mapping>,
 }
@@ -221,7 +280,7 @@ impl Vfio {
             return Err(VfioError::ApiVersion(v));
         }
         let typ = match mode {
-            IommuMode::Type1 => sys::VFIO_TYPE1V2_IOMMU,
+            IommuMode::Type1 => sys::VFIO_TYPE1v2_IOMMU,
             IommuMode::NoIommu => sys::VFIO_NOIOMMU_IOMMU,
         };
         if !sys::vfio_check_extension(&container, typ)
@@ -292,13 +351,23 @@ impl Vfio {
     /// Sets memory-space and bus-master enable in the command register (vfio-pci leaves bus
     /// mastering off).
     pub fn enable_bus_master(&self) -> Result<(), VfioError> {
+        self.update_command(|v| v | 0x6)
+    }
+
+    /// Clears bus-master enable: from the moment the write lands the function issues no memory
+    /// request, so no DMA of any command still in flight can reach memory.
+    pub fn disable_bus_master(&self) -> Result<(), VfioError> {
+        self.update_command(|v| v & !0x4)
+    }
+
+    fn update_command(&self, f: impl FnOnce(u16) -> u16) -> Result<(), VfioError> {
         use std::os::unix::fs::FileExt;
         let info = sys::vfio_region_info(&self.device, sys::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_GET_REGION_INFO(config)", source })?;
         let io = |source| VfioError::Ioctl { what: "config space command register", source };
         let mut cmd = [0u8; 2];
         self.device.read_exact_at(&mut cmd, info.offset + 4).map_err(io)?;
-        let v = u16::from_le_bytes(cmd) | 0x6;
+        let v = f(u16::from_le_bytes(cmd));
         self.device.write_all_at(&v.to_le_bytes(), info.offset + 4).map_err(io)
     }
 
@@ -307,79 +376,104 @@ impl Vfio {
         sys::vfio_device_reset(&self.device).map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_RESET", source })
     }
 
-    /// Makes `len` bytes at `va` (page-aligned, a live mapping the caller keeps) reachable by the
-    /// device: an IOMMU mapping in type1 mode, locked pages in no-IOMMU mode. Idempotent.
-    pub fn map(&mut self, va: VirtAddr, len: u64) -> Result<(), VfioError> {
-        self.map_owned(None, va, len)
+    /// Makes `len` bytes at `va` reachable by the device: an IOMMU mapping in type1 mode, locked
+    /// pages in no-IOMMU mode. Idempotent.
+    ///
+    /// # Safety
+    /// `va..va+len` must be memory the caller keeps mapped for as long as the device may use the
+    /// addresses `dma_address` gives for it: until the device is quiesced (or the commands using
+    /// it completed) and the mapping replaced or this `Vfio` dropped. Type1 pins the pages, but in
+    /// no-IOMMU mode the device holds physical addresses of pages the process may free.
+    pub unsafe fn map(&mut self, va: VirtAddr, len: u64) -> Result<(), VfioError> {
+        // SAFETY: the caller's contract is the same.
+        unsafe { self.map_owned(None, va, len) }
     }
 
     /// Like `map`, for the pages of registered region `owner`. A mapping made for another
     /// region at the same addresses (a region since freed whose addresses were reused) is stale:
     /// it is dropped (IOMMU unmap) and the new pages mapped, so DMA never reaches freed pages.
-    pub fn map_owned(&mut self, owner: Option<RegionId>, va: VirtAddr, len: u64) -> Result<(), VfioError> {
-        if self.maps.iter().any(|m| va.raw() >= m.va && va.raw() + len <= m.va + m.len && m.owner == owner) {
+    ///
+    /// # Safety
+    /// As for `map`; and no command using a stale mapping may still be in flight.
+    pub unsafe fn map_owned(&mut self, owner: Option<RegionId>, va: VirtAddr, len: u64) -> Result<(), VfioError> {
+        if self.maps.iter().any(|m| m.contains(va, len) && m.owner == owner) {
             return Ok(());
         }
         let page = peermem::sys::page_size();
-        let (start, end) = (va.raw() / page * page, (va.raw() + len).div_ceil(page) * page);
-        let len = end - start;
+        let addr = |source| VfioError::Addr { what: "DMA mapping range", source };
+        let end = va.checked_add(len).map_err(addr)?.raw().div_ceil(page) * page;
+        let start = VirtAddr::new(va.raw() / page * page);
+        let len = end - start.raw();
         let (stale, keep): (Vec<DmaMapping>, Vec<DmaMapping>) =
-            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va < end && start < m.va + m.len);
+            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va.raw() < end && start.raw() < m.end());
         self.maps = keep;
         for m in stale {
-            tracing::debug!(bdf = %self.bdf, va = m.va, len = m.len, "dropping a stale DMA mapping");
-            if self.mode == IommuMode::Type1 {
-                sys::vfio_unmap_dma(&self.container, m.iova, m.len)
+            tracing::debug!(bdf = %self.bdf, va = %m.va, len = m.len, "dropping a stale DMA mapping");
+            if let Some(iova) = m.iova {
+                sys::vfio_unmap_dma(&self.container, iova, m.len)
                     .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_UNMAP_DMA", source })?;
             }
         }
         let iova = match self.mode {
             IommuMode::Type1 => {
                 let iova = self.next_iova;
-                if iova.checked_add(len).is_none_or(|e| e > IOVA_LIMIT) {
+                let next = iova.checked_add(len).and_then(|e| e.checked_add(page)).map_err(addr)?;
+                if next > IOVA_LIMIT {
                     return Err(VfioError::IovaExhausted { len });
                 }
-                sys::vfio_map_dma(&self.container, start, iova, len)
+                // SAFETY: the caller keeps start..end mapped while the device may use it (this
+                // function's contract); the unmap happens only on replacement or drop, both after
+                // the device is done with it.
+                unsafe { sys::vfio_map_dma(&self.container, start, iova, len) }
                     .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_MAP_DMA", source })?;
                 // Leave a guard page between mappings.
-                self.next_iova = iova + len + page;
-                iova
+                self.next_iova = next;
+                Some(iova)
             }
             IommuMode::NoIommu => {
-                sys::mlock(start, len).map_err(|source| VfioError::Ioctl { what: "mlock", source })?;
-                0
+                // SAFETY: as above: the caller keeps the pages mapped while the device uses them.
+                unsafe { sys::mlock(start, len) }.map_err(|source| VfioError::Ioctl { what: "mlock", source })?;
+                None
             }
         };
-        tracing::debug!(bdf = %self.bdf, va = start, len, iova, "DMA mapped");
+        tracing::debug!(bdf = %self.bdf, va = %start, len, ?iova, "DMA mapped");
         self.maps.push(DmaMapping { va: start, len, iova, owner });
         Ok(())
     }
 
     /// Maps a peer's BAR range (already mapped into this process as `map`) into the device's
-    /// IOMMU domain; returns its IOVA. Only meaningful in type1 mode.
+    /// IOMMU domain; returns its IOVA. Only meaningful in type1 mode. The mapping is kept for as
+    /// long as this `Vfio`, so the IOMMU entry never outlives the pages behind it.
     pub fn map_peer(&mut self, map: Mapping) -> Result<Iova, VfioError> {
         let (va, len) = (map.addr(), map.len() as u64);
         self.peer_maps.push(map);
-        self.map(va, len)?;
-        self.iova_of(va).map(Iova::new)
+        // SAFETY: the mapping now lives in self.peer_maps until this Vfio is dropped, after the
+        // IOMMU mapping (Drop unmaps every IOVA first).
+        unsafe { self.map(va, len) }?;
+        match self.dma_address(va)? {
+            DmaAddr::Iova(iova) => Ok(iova),
+            other => Err(VfioError::NoDmaAddress { va, why: format!("{other} is not an IOVA (no-IOMMU mode)") }),
+        }
     }
 
-    fn iova_of(&self, va: VirtAddr) -> Result<u64, VfioError> {
+    fn mapping_of(&self, va: VirtAddr) -> Result<&DmaMapping, VfioError> {
         self.maps
             .iter()
-            .find(|m| va.raw() >= m.va && va.raw() < m.va + m.len)
-            .map(|m| m.iova + (va.raw() - m.va))
+            .find(|m| m.contains(va, 1))
             .ok_or(VfioError::NoDmaAddress { va, why: "not mapped for this device".into() })
     }
 
     /// The address the device programs to reach process address `va` (mapped with `map`):
     /// its IOVA (type1) or its CPU physical address (no-IOMMU). Valid up to the end of va's page.
-    pub fn dma_address(&self, va: VirtAddr) -> Result<u64, VfioError> {
-        let iova = self.iova_of(va)?;
-        match self.mode {
-            IommuMode::Type1 => Ok(iova),
-            IommuMode::NoIommu => crate::p2pmem::virt_to_phys(va)
-                .map(|p| p.raw())
+    pub fn dma_address(&self, va: VirtAddr) -> Result<DmaAddr, VfioError> {
+        let m = self.mapping_of(va)?;
+        match m.iova {
+            Some(iova) => {
+                let off = va.checked_offset_from(m.va).expect("va lies in the mapping");
+                iova.checked_add(off).map(DmaAddr::Iova).map_err(|source| VfioError::Addr { what: "IOVA", source })
+            }
+            None => crate::p2pmem::virt_to_phys(va)
+                .map(DmaAddr::Phys)
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }
     }
@@ -389,8 +483,10 @@ impl Drop for Vfio {
     fn drop(&mut self) {
         if self.mode == IommuMode::Type1 {
             for m in &self.maps {
-                if let Err(e) = sys::vfio_unmap_dma(&self.container, m.iova, m.len) {
-                    tracing::warn!(bdf = %self.bdf, iova = m.iova, "VFIO_IOMMU_UNMAP_DMA: {e}");
+                if let Some(iova) = m.iova {
+                    if let Err(e) = sys::vfio_unmap_dma(&self.container, iova, m.len) {
+                        tracing::warn!(bdf = %self.bdf, %iova, "VFIO_IOMMU_UNMAP_DMA: {e}");
+                    }
                 }
             }
         }
