@@ -967,6 +967,35 @@ mod tests {
         assert_eq!(Status::from_dw3(7 << 25 | 1 << 17).name(), "vendor specific or reserved status");
     }
 
+    fn held(transfer: u64) -> Option<InFlight> {
+        Some(InFlight { transfer, _region: None })
+    }
+
+    #[test]
+    fn a_command_id_and_its_prp_page_are_reused_only_after_that_command_completes() {
+        let mut q = Queue::new(1, 4, 0, 0);
+        let mut ids = Vec::new();
+        while let Some(cid) = q.alloc() {
+            q.slots[cid as usize] = held(1);
+            ids.push(cid);
+        }
+        // A queue of 4 entries holds at most 3 commands.
+        assert_eq!(ids, [0, 1, 2]);
+        // Out of order: the command with id 1 completes first. Ids rotate, so the next one is
+        // the never-used 3; then the queue is full again and nothing in flight is handed out.
+        q.slots[1] = None;
+        assert_eq!(q.alloc(), Some(3));
+        q.slots[3] = held(2);
+        assert_eq!(q.alloc(), None);
+        // Only completed ids come back, in rotation order from the last one handed out.
+        q.slots[2] = None;
+        assert_eq!(q.alloc(), Some(1));
+        q.slots[1] = held(3);
+        assert_eq!(q.alloc(), None);
+        assert_eq!(q.in_flight(), 3);
+        assert!(q.slots[0].is_some() && q.slots[3].is_some());
+    }
+
     #[test]
     fn submission_entries_follow_the_spec_layout() {
         let prp1 = Some(DmaAddr::Iova(peermem::Iova::new(0x1000)));

@@ -7,7 +7,8 @@
 //! their owners, whose drops quiesce the device and restore its driver. Once no function is
 //! bound, or after a grace period, the watcher ends the process with the signal's default action.
 //! Whatever is still bound then gets bus mastering cleared (so no DMA reaches the pages the
-//! process frees as it exits) and its `driver_override` cleared.
+//! process frees as it exits), its `driver_override` cleared, and a detached `/bin/sh` helper
+//! that, once this process is gone (its VFIO fds closed), unbinds vfio-pci and reprobes.
 //! Must not: restore a binding itself while this process may hold the function's VFIO fds
 //! (unbinding vfio-pci waits for them to close).
 
@@ -83,11 +84,31 @@ fn on_signal(sig: i32) {
         if let Err(e) = std::fs::write(dir.join("driver_override"), "\n") {
             tracing::error!(%bdf, "clearing driver_override: {e}");
         }
+        if let Err(e) = rebind_after_exit(*bdf) {
+            tracing::error!(%bdf, "starting the rebind helper: {e}");
+        }
     }
     if let Err(e) = signal_hook::low_level::emulate_default_handler(sig) {
         tracing::error!(sig, "re-raising the signal: {e}");
         std::process::exit(128 + sig);
     }
+}
+
+/// Starts a detached helper that waits (bounded, 60 s) for this process to end, then unbinds
+/// `bdf` from vfio-pci and asks the kernel to probe it (driver_override is clear by then, so its
+/// own driver takes it). Unbinding cannot happen earlier: vfio-pci waits for our fds to close.
+fn rebind_after_exit(bdf: Bdf) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let script = "i=0; while [ -e /proc/$0 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                  echo $1 > /sys/bus/pci/drivers/vfio-pci/unbind; echo $1 > /sys/bus/pci/drivers_probe";
+    std::process::Command::new("/bin/sh")
+        .args(["-c", script, &std::process::id().to_string(), &bdf.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map(drop)
 }
 
 /// Clears bus-master enable in the function's command register through sysfs config space.
