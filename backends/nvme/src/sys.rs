@@ -1,9 +1,12 @@
 //! The NVMe backend's only system-call and raw-memory layer: 32-bit MMIO on a mapped BAR, the
-//! handful of VFIO ioctls the userspace driver needs, mlock, and volatile access to DMA memory.
+//! handful of VFIO ioctls the userspace driver needs (uapi structs and numbers from
+//! vfio-bindings, calls through rustix), mlock, and volatile access to DMA memory.
 //!
-//! Owns every `unsafe` block of this crate. Must not: know NVMe (offsets and meanings live in
-//! `regs`/`driver`) or decide anything: it checks bounds and alignment, calls, and returns
-//! `io::Result`/`Result<_, String>` and owned fds.
+//! Owns every FFI call and raw-pointer access of this crate. The two calls that hand process
+//! memory to a device (`vfio_map_dma`, `mlock`) are `unsafe fn`: whether the memory outlives the
+//! device's use of it is the caller's contract, stated where `vfio` and `driver` call them.
+//! Must not: know NVMe (offsets and meanings live in `regs`/`driver`) or decide anything: it
+//! checks bounds and alignment, calls, and returns `io::Result`/`Result<_, String>` and owned fds.
 
 use std::fs::File;
 use std::io;

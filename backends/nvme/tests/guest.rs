@@ -984,51 +984,14 @@ fn vfio_timeout_mid_stream_quiesces_before_release_and_a_new_transfer_sees_no_st
     wait_for_nvme_driver(x);
 }
 
-/// `kill -TERM` during a long load through the VFIO driver: this test runs itself again as a
-/// child process (PEERMEM_VFIO_SIGTERM_CHILD set) that binds the controller and reads in a loop;
-/// the parent sends SIGTERM once the load runs. The child's driver sees the interrupt in its
-/// bounded wait and fails the transfer, its owners unwind (controller disabled, vfio-pci
-/// unbound), and the child dies of the signal. The function is then back on `nvme` with an empty
-/// `driver_override`, and the kernel reads the namespace.
-#[test]
-fn vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme() {
+/// Runs this test binary's test `name` again as a child with PEERMEM_VFIO_SIGTERM_CHILD set,
+/// sends it SIGTERM once it printed `LOADING`, and returns how it ended (bounded: 120 s), its
+/// output and how long it took to end.
+fn sigterm_child(name: &str) -> (std::process::ExitStatus, Vec<String>, Duration) {
     use std::io::BufRead;
-    use std::os::unix::process::ExitStatusExt;
-    const CHILD: &str = "PEERMEM_VFIO_SIGTERM_CHILD";
-    const NAME: &str = "vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme";
-    let topo = live();
-    let nvmes = nvme_controllers(&topo);
-    let (x, _) = vfio_candidate(&topo, &nvmes);
-    if std::env::var_os(CHILD).is_some() {
-        let reg = Registry::new(topo.clone());
-        let binding = Binding::to_vfio(x).unwrap();
-        let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
-        let bs = ctrl.namespace().block_size;
-        let mem = Arc::new(HostRegion::new(8 << 20).unwrap());
-        let g = reg.register(mem as Arc<dyn PeerMemory>).unwrap();
-        let t0 = std::time::Instant::now();
-        for n in 0u64.. {
-            match ctrl.transfer(&reg, Dir::Read, &g, 0, (n % 16) * (8 << 20) / bs, 8 << 20) {
-                Ok(()) if n == 0 => println!("LOADING"),
-                Ok(()) => {}
-                Err(e) => {
-                    println!("STOPPED after {n} transfers: {e}");
-                    break;
-                }
-            }
-            assert!(t0.elapsed() < Duration::from_secs(300), "no signal came");
-        }
-        drop(ctrl);
-        binding.restore().unwrap();
-        println!("RESTORED");
-        // The signal's default action ends the process now that nothing is bound.
-        std::thread::sleep(Duration::from_secs(60));
-        panic!("still alive 60 s after SIGTERM");
-    }
-
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(SIGTERM_CHILD, "1")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1057,15 +1020,101 @@ fn vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    let waited = t0.elapsed();
     out.extend(reader.join().unwrap());
-    println!("{x}: child {status:?}, after {:?}:\n  {}", t0.elapsed(), out.join("\n  "));
-    assert_eq!(status.signal(), Some(15), "the child did not end by SIGTERM");
-    assert!(out.iter().any(|l| l.starts_with("STOPPED") && l.contains("interrupted")), "no interrupt seen");
-    assert!(out.iter().any(|l| l == "RESTORED"));
+    (status, out, waited)
+}
+
+const SIGTERM_CHILD: &str = "PEERMEM_VFIO_SIGTERM_CHILD";
+
+/// The function is back on `nvme` (bounded wait: 30 s) with an empty `driver_override`.
+fn assert_back_on_nvme(x: Bdf) {
     let dir = format!("/sys/bus/pci/devices/{x}");
+    let t0 = std::time::Instant::now();
+    loop {
+        let driver = std::fs::read_link(format!("{dir}/driver")).ok();
+        if driver.as_ref().is_some_and(|d| d.ends_with("nvme")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{x}: bound to {driver:?}, not nvme");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let over = std::fs::read_to_string(format!("{dir}/driver_override")).unwrap();
     assert!(over.trim().is_empty() || over.trim() == "(null)", "driver_override left as {over:?}");
-    let driver = std::fs::read_link(format!("{dir}/driver")).unwrap();
-    assert!(driver.ends_with("nvme"), "bound to {}", driver.display());
     wait_for_nvme_driver(x);
+}
+
+/// SIGTERM while the owner of a bound controller is not in the driver (it sleeps, holding the
+/// controller and the binding): nothing unwinds, so after its grace period the signal watcher
+/// clears bus mastering and driver_override, leaves a helper to rebind, and the process dies of
+/// the signal; once it is gone the helper gives the function back to `nvme`.
+#[test]
+fn vfio_sigterm_while_the_owner_is_idle_still_gives_the_controller_back() {
+    const NAME: &str = "vfio_sigterm_while_the_owner_is_idle_still_gives_the_controller_back";
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    if std::env::var_os(SIGTERM_CHILD).is_some() {
+        let reg = Registry::new(topo.clone());
+        let binding = Binding::to_vfio(x).unwrap();
+        let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+        let bs = ctrl.namespace().block_size;
+        let mem = Arc::new(HostRegion::new(1 << 20).unwrap());
+        let g = reg.register(mem as Arc<dyn PeerMemory>).unwrap();
+        ctrl.transfer(&reg, Dir::Read, &g, 0, 0, (1 << 20) / bs * bs).unwrap();
+        println!("LOADING");
+        std::thread::sleep(Duration::from_secs(120));
+        panic!("still alive 120 s after SIGTERM");
+    }
+    let (status, out, waited) = sigterm_child(NAME);
+    println!("{x}: idle child {status:?} after {waited:?}:\n  {}", out.join("\n  "));
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(15), "not ended by SIGTERM");
+    assert_back_on_nvme(x);
+}
+
+/// `kill -TERM` during a long load through the VFIO driver: this test runs itself again as a
+/// child process (PEERMEM_VFIO_SIGTERM_CHILD set) that binds the controller and reads in a loop;
+/// the parent sends SIGTERM once the load runs. The child's driver sees the interrupt in its
+/// bounded wait and fails the transfer, its owners unwind (controller disabled, vfio-pci
+/// unbound), and the child dies of the signal. The function is then back on `nvme` with an empty
+/// `driver_override`, and the kernel reads the namespace.
+#[test]
+fn vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme() {
+    const NAME: &str = "vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme";
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    if std::env::var_os(SIGTERM_CHILD).is_some() {
+        let reg = Registry::new(topo.clone());
+        let binding = Binding::to_vfio(x).unwrap();
+        let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+        let bs = ctrl.namespace().block_size;
+        let mem = Arc::new(HostRegion::new(8 << 20).unwrap());
+        let g = reg.register(mem as Arc<dyn PeerMemory>).unwrap();
+        let t0 = std::time::Instant::now();
+        for n in 0u64.. {
+            match ctrl.transfer(&reg, Dir::Read, &g, 0, (n % 16) * (8 << 20) / bs, 8 << 20) {
+                Ok(()) if n == 0 => println!("LOADING"),
+                Ok(()) => {}
+                Err(e) => {
+                    println!("STOPPED after {n} transfers: {e}");
+                    break;
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "no signal came");
+        }
+        drop(ctrl);
+        binding.restore().unwrap();
+        println!("RESTORED");
+        // The signal's default action ends the process now that nothing is bound.
+        std::thread::sleep(Duration::from_secs(60));
+        panic!("still alive 60 s after SIGTERM");
+    }
+
+    let (status, out, waited) = sigterm_child(NAME);
+    println!("{x}: child {status:?}, after {waited:?}:\n  {}", out.join("\n  "));
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(15), "not ended by SIGTERM");
+    assert!(out.iter().any(|l| l.starts_with("STOPPED") && l.contains("interrupted")), "no interrupt seen");
+    assert!(out.iter().any(|l| l == "RESTORED"));
+    assert_back_on_nvme(x);
 }
