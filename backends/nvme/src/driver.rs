@@ -1,8 +1,11 @@
 //! A polled userspace NVMe driver over VFIO whose data pointers come only from registry routes.
 //!
 //! Owns: controller reset and enable, the admin queue, Identify, one I/O queue pair, PRP entries
-//! and lists, doorbells and phase bits, bounded waits and decoded completion status.
-//! Must not: compute a DMA address on its own. Every data page's address comes from
+//! and lists, doorbells and phase bits, bounded waits and decoded completion status, and what
+//! each command holds: its region and its PRP list page (named by its command id) stay its own
+//! until its completion, matched by id, is seen or the controller is quiesced.
+//! Must not: release memory a device may still write (after any failure the controller is
+//! disabled first), or compute a DMA address on its own. Every data page's address comes from
 //! `Registry::resolve(region, this controller)`: `BusAddr`/`HostBridge`/`Iommu(Some)` as given,
 //! `Iommu(None)` after mapping the region into this container, `CpuMapped` through the pages this
 //! process locked or mapped (`Vfio::dma_address`). A `Bounce` (or any route without an address)
