@@ -1,8 +1,11 @@
 //! A polled userspace NVMe driver over VFIO whose data pointers come only from registry routes.
 //!
 //! Owns: controller reset and enable, the admin queue, Identify, one I/O queue pair, PRP entries
-//! and lists, doorbells and phase bits, bounded waits and decoded completion status.
-//! Must not: compute a DMA address on its own. Every data page's address comes from
+//! and lists, doorbells and phase bits, bounded waits and decoded completion status, and what
+//! each command holds: its region and its PRP list page (named by its command id) stay its own
+//! until its completion, matched by id, is seen or the controller is quiesced.
+//! Must not: release memory a device may still write (after any failure the controller is
+//! disabled first), or compute a DMA address on its own. Every data page's address comes from
 //! `Registry::resolve(region, this controller)`: `BusAddr`/`HostBridge`/`Iommu(Some)` as given,
 //! `Iommu(None)` after mapping the region into this container, `CpuMapped` through the pages this
 //! process locked or mapped (`Vfio::dma_address`). A `Bounce` (or any route without an address)
@@ -12,8 +15,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peermem::sys::Mapping;
-use peermem::{Backing, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology, VirtAddr};
+use peermem::{
+    Address, Backing, BarMapping, DmaAddr, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology, VirtAddr,
+};
 
 use crate::regs::{off, Aqa, Bar0, Cap, Cc, RegError};
 use crate::sys::{self, Mmio};
@@ -97,6 +101,8 @@ pub enum NvmeError {
     Resolve(#[from] peermem::ResolveError),
     #[error("{what}: no answer within {waited:?}")]
     Timeout { what: String, waited: Duration },
+    #[error("{what}: interrupted by a termination signal (the controller was quiesced)")]
+    Interrupted { what: String },
     #[error("the controller reports a fatal status (CSTS.CFS)")]
     Fatal,
     #[error("{what}: {status}")]
@@ -135,8 +141,17 @@ impl Namespace {
     }
 }
 
+/// A command the controller holds. What its data pointers reach stays alive (the region's `Arc`)
+/// until its completion, matched by command id, is seen or the controller is quiesced.
+struct InFlight {
+    /// The transfer it belongs to (a completion of another transfer's command is not counted).
+    transfer: u64,
+    /// The region its data pointers reach (None: the driver's own pool), held, never read: it
+    /// keeps the memory alive while the device may write it.
+    _region: Option<Arc<dyn PeerMemory>>,
+}
+
 /// One submission/completion queue pair living in the DMA pool.
-#[derive(Debug)]
 struct Queue {
     qid: u16,
     depth: u16,
@@ -145,12 +160,38 @@ struct Queue {
     tail: u16,
     head: u16,
     phase: bool,
+    /// Commands the controller holds, indexed by command id. An I/O command's id also names
+    /// its PRP list page, so a list page is reused only after its own command completed.
+    slots: Vec<Option<InFlight>>,
+    /// Where the search for a free command id starts (ids rotate rather than repeat at once).
     next_cid: u16,
-    in_flight: u16,
+}
+
+impl Queue {
+    fn new(qid: u16, depth: u16, sq_off: u64, cq_off: u64) -> Queue {
+        let slots = (0..depth).map(|_| None).collect();
+        Queue { qid, depth, sq_off, cq_off, tail: 0, head: 0, phase: true, slots, next_cid: 0 }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
+    }
+
+    /// A free command id, or None when depth - 1 commands are in flight (the most a queue of
+    /// `depth` entries holds: one entry always stays empty).
+    fn alloc(&mut self) -> Option<u16> {
+        if self.in_flight() + 1 >= self.depth as usize {
+            return None;
+        }
+        let cid =
+            (0..self.depth).map(|i| (self.next_cid + i) % self.depth).find(|&c| self.slots[c as usize].is_none())?;
+        self.next_cid = (cid + 1) % self.depth;
+        Some(cid)
+    }
 }
 
 /// Layout of the DMA pool (one HostRegion): admin SQ/CQ, I/O SQ/CQ, an identify page, and one
-/// PRP list page per I/O queue slot.
+/// PRP list page per I/O command id.
 const POOL_ASQ: u64 = 0;
 const POOL_ACQ: u64 = PAGE;
 const POOL_IOSQ: u64 = 2 * PAGE;
@@ -164,8 +205,8 @@ const POOL_LEN: u64 = POOL_PRP + IO_DEPTH as u64 * PAGE;
 struct Sqe {
     opcode: u8,
     nsid: u32,
-    prp1: u64,
-    prp2: u64,
+    prp1: Option<DmaAddr>,
+    prp2: Option<DmaAddr>,
     cdw10: u32,
     cdw11: u32,
     cdw12: u32,
@@ -176,13 +217,26 @@ impl Sqe {
         let mut b = [0u8; 64];
         b[0..4].copy_from_slice(&(self.opcode as u32 | (cid as u32) << 16).to_le_bytes());
         b[4..8].copy_from_slice(&self.nsid.to_le_bytes());
-        b[24..32].copy_from_slice(&self.prp1.to_le_bytes());
-        b[32..40].copy_from_slice(&self.prp2.to_le_bytes());
+        b[24..32].copy_from_slice(&prp_entry(self.prp1));
+        b[32..40].copy_from_slice(&prp_entry(self.prp2));
         b[40..44].copy_from_slice(&self.cdw10.to_le_bytes());
         b[44..48].copy_from_slice(&self.cdw11.to_le_bytes());
         b[48..52].copy_from_slice(&self.cdw12.to_le_bytes());
         b
     }
+}
+
+/// What a PRP entry (in a command or a PRP list) holds for a typed DMA address; zero for none.
+fn prp_entry(a: Option<DmaAddr>) -> [u8; 8] {
+    a.map_or(0, DmaAddr::device_bits).to_le_bytes()
+}
+
+/// One completion queue entry, as read from the queue.
+#[derive(Debug, Clone, Copy)]
+struct Completion {
+    cid: u16,
+    sqid: u16,
+    status: Status,
 }
 
 /// Direction of a data transfer.
@@ -194,15 +248,32 @@ pub enum Dir {
     Write,
 }
 
+/// One range of a batch: `len` bytes between LBA `lba` of the namespace and byte `offset` of
+/// the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Io {
+    pub offset: u64,
+    pub lba: u64,
+    pub len: u64,
+}
+
 /// A resolved data target: how to get the DMA address of byte `o` of the transfer.
 enum Target {
     /// A fixed device-visible address for the region's first byte (bus, CPU physical or IOVA).
-    Linear(u64),
+    Linear(DmaAddr),
     /// Host pages: per-page lookup through the VFIO mapping.
     Host(VirtAddr),
 }
 
 /// A userspace NVMe controller over VFIO.
+///
+/// A device may still DMA after an error, so no memory it was given is released before it is
+/// known to be done: every command holds its region until its own completion (matched by
+/// command id) is seen, and any failure that leaves commands in flight (a timeout, a fatal
+/// status, a failed submission, an interrupt) disables the controller (bounded; bus mastering is
+/// cleared if that fails) before the error is returned. The queues are then re-created before
+/// the next transfer. Fields drop in order: the BAR mapping and the VFIO fds (closing them makes
+/// vfio-pci disable the function) before the pool and the regions of commands in flight.
 pub struct Controller {
     bar0: Bar0<Box<dyn Mmio + Send + Sync>>,
     cap: Cap,
@@ -216,6 +287,12 @@ pub struct Controller {
     peer: Peer,
     timeout: Duration,
     commands: u64,
+    completed: u64,
+    strays: u64,
+    peak_in_flight: usize,
+    transfers: u64,
+    /// The queues are gone (the controller was disabled after a failure): re-create them first.
+    needs_init: bool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -225,6 +302,7 @@ impl std::fmt::Debug for Controller {
             .field("mode", &self.vfio.mode())
             .field("ns", &self.ns)
             .field("commands", &self.commands)
+            .field("needs_init", &self.needs_init)
             .finish()
     }
 }
@@ -259,9 +337,13 @@ impl Controller {
             // Commands get the controller's own ready timeout, at least 5 s (TCG is slow).
             timeout: Duration::from_millis(cap.timeout_ms.max(5000)),
             commands: 0,
+            completed: 0,
+            strays: 0,
+            peak_in_flight: 0,
+            transfers: 0,
+            needs_init: true,
         };
-        let va = c.pool_va();
-        c.vfio.map(va, POOL_LEN)?;
+        c.vfio.map(c.pool.clone())?;
         c.init(nsid)?;
         Ok(c)
     }
@@ -271,27 +353,31 @@ impl Controller {
     }
 
     /// DMA address of byte `off` of the pool (always within one page of the pool).
-    fn pool_dma(&self, off: u64) -> Result<u64, NvmeError> {
-        Ok(self.vfio.dma_address(VirtAddr::new(self.pool_va().raw() + off))?)
+    fn pool_dma(&self, off: u64) -> Result<DmaAddr, NvmeError> {
+        let va = self.pool_va().checked_add(off).map_err(|source| VfioError::Addr { what: "pool", source })?;
+        Ok(self.vfio.dma_address(va)?)
     }
 
     fn init(&mut self, nsid: u32) -> Result<(), NvmeError> {
+        self.needs_init = true;
         self.disable()?;
+        // The controller holds nothing now: forget what was in flight (releasing its regions).
+        self.io = None;
+        self.admin = Queue::new(0, ADMIN_DEPTH, POOL_ASQ, POOL_ACQ);
+        self.vfio.enable_bus_master()?;
         self.pool
             .write_at(0, &vec![0u8; POOL_PRP as usize])
             .map_err(|source| NvmeError::Access { what: "pool", source })?;
-        self.admin = Queue::new(0, ADMIN_DEPTH, POOL_ASQ, POOL_ACQ);
-        self.io = None;
         let aqa = Aqa { asqs: ADMIN_DEPTH as u32, acqs: ADMIN_DEPTH as u32 };
         self.bar0.write32(off::AQA, aqa.encode())?;
-        self.bar0.write64(off::ASQ, self.pool_dma(POOL_ASQ)?)?;
-        self.bar0.write64(off::ACQ, self.pool_dma(POOL_ACQ)?)?;
+        self.bar0.write64(off::ASQ, self.pool_dma(POOL_ASQ)?.device_bits())?;
+        self.bar0.write64(off::ACQ, self.pool_dma(POOL_ACQ)?.device_bits())?;
         let cc = Cc { en: true, css: 0, mps: 0, ams: 0, shn: 0, iosqes: 6, iocqes: 4 };
         self.bar0.write32(off::CC, cc.encode())?;
         self.wait_ready(true)?;
 
         // Identify controller.
-        let ident = self.pool_dma(POOL_IDENT)?;
+        let ident = Some(self.pool_dma(POOL_IDENT)?);
         self.admin_cmd("Identify controller", Sqe { opcode: 0x06, prp1: ident, cdw10: 1, ..Default::default() })?;
         let mut id = vec![0u8; PAGE as usize];
         self.pool.read_at(POOL_IDENT, &mut id).map_err(|source| NvmeError::Access { what: "identify", source })?;
@@ -329,14 +415,25 @@ impl Controller {
         let depth = IO_DEPTH.min(self.cap.mqes.min(u16::MAX as u32) as u16);
         let q = Queue::new(1, depth, POOL_IOSQ, POOL_IOCQ);
         let qsize = (depth as u32 - 1) << 16 | 1;
-        let cq = self.pool_dma(POOL_IOCQ)?;
+        let cq = Some(self.pool_dma(POOL_IOCQ)?);
         self.admin_cmd("Create I/O CQ", Sqe { opcode: 0x05, prp1: cq, cdw10: qsize, cdw11: 1, ..Default::default() })?;
-        let sq = self.pool_dma(POOL_IOSQ)?;
+        let sq = Some(self.pool_dma(POOL_IOSQ)?);
         self.admin_cmd(
             "Create I/O SQ",
             Sqe { opcode: 0x01, prp1: sq, cdw10: qsize, cdw11: 1 << 16 | 1, ..Default::default() },
         )?;
         self.io = Some(q);
+        self.needs_init = false;
+        Ok(())
+    }
+
+    /// Re-creates the queues if a failure disabled the controller.
+    fn ensure_init(&mut self) -> Result<(), NvmeError> {
+        if self.needs_init {
+            let nsid = self.namespace().nsid;
+            tracing::info!(bdf = %self.vfio.bdf(), "re-creating the queues after a failure");
+            self.init(nsid)?;
+        }
         Ok(())
     }
 
@@ -360,11 +457,40 @@ impl Controller {
 
     /// Clears CC.EN and waits (bounded) for CSTS.RDY = 0: the controller drops every queue.
     pub fn disable(&mut self) -> Result<(), NvmeError> {
+        self.needs_init = true;
         let cc = Cc::decode(self.bar0.read32(off::CC)?);
         if cc.en {
             self.bar0.write32(off::CC, Cc { en: false, ..cc }.encode())?;
         }
         self.wait_ready(false)
+    }
+
+    /// Makes sure the controller touches no memory any more, after `why` left commands in
+    /// flight: disables it (CC.EN = 0, bounded wait for CSTS.RDY = 0); if that fails, clears bus
+    /// mastering. Only then are the commands forgotten and their regions released. When neither
+    /// works the commands stay owned (their regions alive) until the controller is dropped.
+    fn quiesce(&mut self, why: &NvmeError) {
+        let bdf = self.vfio.bdf();
+        let held = self.admin.in_flight() + self.io.as_ref().map_or(0, Queue::in_flight);
+        tracing::warn!(%bdf, in_flight = held, "quiescing the controller after: {why}");
+        self.needs_init = true;
+        let quiet = match self.disable() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%bdf, "disable failed ({e}); clearing bus mastering");
+                match self.vfio.disable_bus_master() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(%bdf, "cannot quiesce ({e}): {held} commands stay owned");
+                        false
+                    }
+                }
+            }
+        };
+        if quiet {
+            self.admin = Queue::new(0, ADMIN_DEPTH, POOL_ASQ, POOL_ACQ);
+            self.io = None;
+        }
     }
 
     /// Resets the controller (CC.EN 1 -> 0) and brings it back with fresh queues: what to do
@@ -396,6 +522,23 @@ impl Controller {
     pub fn commands_issued(&self) -> u64 {
         self.commands
     }
+    /// Completions matched to a command in flight by its command id (admin and I/O).
+    pub fn commands_completed(&self) -> u64 {
+        self.completed
+    }
+    /// Completions whose command id was not in flight (or named another queue): logged and
+    /// ignored, never counted for a transfer.
+    pub fn stray_completions(&self) -> u64 {
+        self.strays
+    }
+    /// The most I/O commands the controller held at once so far.
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak_in_flight
+    }
+    /// Whether a failure disabled the controller: the next transfer re-creates the queues.
+    pub fn needs_reinit(&self) -> bool {
+        self.needs_init
+    }
     /// Changes the bound on every wait for a completion.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -405,43 +548,62 @@ impl Controller {
         off::DOORBELLS + (2 * qid as u64 + cq as u64) * self.cap.doorbell_stride
     }
 
-    fn submit(&mut self, admin: bool, sqe: &Sqe) -> Result<u16, NvmeError> {
-        let q = if admin { &mut self.admin } else { self.io.as_mut().expect("I/O queue created") };
-        let cid = q.next_cid;
-        q.next_cid = q.next_cid.wrapping_add(1);
-        let at = q.sq_off + q.tail as u64 * 64;
-        q.tail = (q.tail + 1) % q.depth;
-        q.in_flight += 1;
-        let (tail, qid) = (q.tail, q.qid);
-        self.pool.write_at(at, &sqe.bytes(cid)).map_err(|source| NvmeError::Access { what: "SQ", source })?;
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.commands += 1;
-        self.bar0.write32(self.doorbell(qid, false), tail as u32)?;
-        Ok(cid)
+    fn queue(&mut self, admin: bool) -> Result<&mut Queue, NvmeError> {
+        if admin {
+            Ok(&mut self.admin)
+        } else {
+            self.io.as_mut().ok_or_else(|| NvmeError::Unsupported("the I/O queue is not created".into()))
+        }
     }
 
-    /// Waits (bounded) for the next completion of a queue; returns (cid, status).
-    fn reap(&mut self, admin: bool, what: &str) -> Result<(u16, Status), NvmeError> {
+    /// Writes `sqe` with command id `cid` (allocated by the caller) into the queue and rings the
+    /// doorbell; `held` is what the command owns until its completion. If the doorbell write
+    /// fails the controller may or may not have seen the command: it is quiesced.
+    fn submit(&mut self, admin: bool, cid: u16, sqe: &Sqe, held: InFlight) -> Result<(), NvmeError> {
+        let q = self.queue(admin)?;
+        let at = q.sq_off + q.tail as u64 * 64;
+        self.pool.write_at(at, &sqe.bytes(cid)).map_err(|source| NvmeError::Access { what: "SQ", source })?;
+        let q = self.queue(admin)?;
+        q.tail = (q.tail + 1) % q.depth;
+        q.slots[cid as usize] = Some(held);
+        let (tail, qid, n) = (q.tail, q.qid, q.in_flight());
+        if !admin {
+            self.peak_in_flight = self.peak_in_flight.max(n);
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.commands += 1;
+        if let Err(e) = self.bar0.write32(self.doorbell(qid, false), tail as u32) {
+            let e = NvmeError::from(e);
+            self.quiesce(&e);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Waits (bounded by `self.timeout`) for the next completion queue entry and consumes it.
+    fn reap(&mut self, admin: bool, what: &str) -> Result<Completion, NvmeError> {
         let start = Instant::now();
-        let va = self.pool_va().raw();
         let mut spins = 0u32;
         loop {
-            let q = if admin { &self.admin } else { self.io.as_ref().expect("I/O queue created") };
+            let q = self.queue(admin)?;
             let at = q.cq_off + q.head as u64 * 16;
-            let dw3 = sys::dma_read32(va, POOL_LEN, at + 12).map_err(NvmeError::Unsupported)?;
-            if (dw3 >> 16 & 1 == 1) == q.phase {
-                let q = if admin { &mut self.admin } else { self.io.as_mut().expect("I/O queue created") };
+            let dw3 = sys::dma_read32(&*self.pool, at + 12).map_err(NvmeError::Unsupported)?;
+            if (dw3 >> 16 & 1 == 1) == self.queue(admin)?.phase {
+                let dw2 = sys::dma_read32(&*self.pool, at + 8).map_err(NvmeError::Unsupported)?;
+                let q = self.queue(admin)?;
                 q.head = (q.head + 1) % q.depth;
                 if q.head == 0 {
                     q.phase = !q.phase;
                 }
-                q.in_flight = q.in_flight.saturating_sub(1);
                 let (head, qid) = (q.head, q.qid);
                 self.bar0.write32(self.doorbell(qid, true), head as u32)?;
-                return Ok((dw3 as u16, Status::from_dw3(dw3)));
+                return Ok(Completion { cid: dw3 as u16, sqid: (dw2 >> 16) as u16, status: Status::from_dw3(dw3) });
             }
             spins += 1;
             if spins.is_multiple_of(64) {
+                if crate::signals::interrupted() {
+                    return Err(NvmeError::Interrupted { what: what.to_string() });
+                }
                 if start.elapsed() > self.timeout {
                     if self.bar0.csts().map(|c| c.cfs).unwrap_or(true) {
                         return Err(NvmeError::Fatal);
@@ -455,13 +617,63 @@ impl Controller {
         }
     }
 
-    fn admin_cmd(&mut self, what: &str, sqe: Sqe) -> Result<(), NvmeError> {
-        self.submit(true, &sqe)?;
-        let (_, status) = self.reap(true, what)?;
-        if !status.is_success() {
-            return Err(NvmeError::Command { what: what.to_string(), status });
+    /// Matches completion `c` to the command it names and releases what that command held.
+    /// Returns the status when the command belongs to `transfer`; a completion for an id not in
+    /// flight (or for another queue) is logged and ignored.
+    fn retire(&mut self, admin: bool, c: Completion, transfer: u64) -> Result<Option<Status>, NvmeError> {
+        let bdf = self.vfio.bdf();
+        let q = self.queue(admin)?;
+        let qid = q.qid;
+        let held = match q.slots.get_mut(c.cid as usize) {
+            Some(slot) if c.sqid == qid => slot.take(),
+            _ => None,
+        };
+        match held {
+            Some(f) => {
+                self.completed += 1;
+                if f.transfer == transfer {
+                    return Ok(Some(c.status));
+                }
+                tracing::warn!(%bdf, cid = c.cid, "completion of an earlier transfer's command: not counted");
+            }
+            None => {
+                self.strays += 1;
+                tracing::warn!(%bdf, qid, cid = c.cid, sqid = c.sqid, "completion for a command not in flight: ignored");
+            }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Runs one admin command to completion (bounded); a failure to complete quiesces.
+    fn admin_cmd(&mut self, what: &str, sqe: Sqe) -> Result<(), NvmeError> {
+        self.transfers += 1;
+        let transfer = self.transfers;
+        let cid = self.admin.alloc().ok_or_else(|| NvmeError::Unsupported("admin queue full".into()))?;
+        self.submit(true, cid, &sqe, InFlight { transfer, _region: None })?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let c = match self.reap(true, what) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.quiesce(&e);
+                    return Err(e);
+                }
+            };
+            if c.cid != cid {
+                self.retire(true, c, transfer)?;
+                if Instant::now() > deadline {
+                    let e = NvmeError::Timeout { what: what.to_string(), waited: self.timeout };
+                    self.quiesce(&e);
+                    return Err(e);
+                }
+                continue;
+            }
+            return match self.retire(true, c, transfer)? {
+                Some(status) if status.is_success() => Ok(()),
+                Some(status) => Err(NvmeError::Command { what: what.to_string(), status }),
+                None => Err(NvmeError::Unsupported(format!("{what}: completion on the wrong queue"))),
+            };
+        }
     }
 
     /// Resolves `entry` for this controller into a DMA target, refusing routes without a direct
@@ -474,72 +686,72 @@ impl Controller {
             reasons: reasons.join("; "),
         };
         Ok(match route.kind {
-            RouteKind::BusAddr(a) => Target::Linear(a.raw()),
-            RouteKind::Iommu(Some(a)) => Target::Linear(a.raw()),
-            RouteKind::HostBridge(a) if self.vfio.mode() == IommuMode::NoIommu => Target::Linear(a.raw()),
+            RouteKind::BusAddr(a) => Target::Linear(DmaAddr::Bus(a)),
+            RouteKind::Iommu(Some(a)) => Target::Linear(DmaAddr::Iova(a)),
+            RouteKind::HostBridge(a) if self.vfio.mode() == IommuMode::NoIommu => Target::Linear(DmaAddr::Phys(a)),
             RouteKind::Iommu(None) | RouteKind::HostBridge(_) => {
                 // Through the root complex into this container's IOMMU domain: map the BAR range.
                 if self.vfio.mode() != IommuMode::Type1 {
                     return Err(refuse("iommu", route.reasons()));
                 }
                 let map = peer_bar_mapping(reg.topology(), entry).map_err(|why| refuse("iommu", vec![why]))?;
-                Target::Linear(self.vfio.map_peer(map)?.raw())
+                Target::Linear(DmaAddr::Iova(self.vfio.map_peer(map)?))
             }
             RouteKind::CpuMapped(va) => {
                 if !matches!(entry.region().backing(), Backing::HostPages) {
                     return Err(refuse("cpu_mapped", route.reasons()));
                 }
-                self.vfio.map_owned(Some(entry.id()), va, entry.len())?;
+                // SAFETY: every command using these pages holds the region (an Arc of it) until
+                // its completion is seen or the controller is quiesced, so the pages stay mapped
+                // while the device may use them; no command is in flight here (each transfer
+                // ends with none), so replacing a stale mapping is safe.
+                self.vfio.map_owned(Some(entry.id()), entry.region().clone())?;
                 Target::Host(va)
             }
             RouteKind::KernelImport | RouteKind::Bounce(_) => return Err(refuse(route.kind.name(), route.reasons())),
         })
     }
 
-    fn dma_at(&self, t: &Target, off: u64) -> Result<u64, NvmeError> {
+    fn dma_at(&self, t: &Target, off: u64) -> Result<DmaAddr, NvmeError> {
+        let addr = |source| NvmeError::Vfio(VfioError::Addr { what: "transfer", source });
         match t {
-            Target::Linear(a) => Ok(a + off),
-            Target::Host(va) => Ok(self.vfio.dma_address(VirtAddr::new(va.raw() + off))?),
+            Target::Linear(a) => a.checked_add(off).map_err(addr),
+            Target::Host(va) => Ok(self.vfio.dma_address(va.checked_add(off).map_err(addr)?)?),
         }
     }
 
-    /// Builds PRP1/PRP2 for `len` bytes at `off` of the target, using PRP list page `slot`.
-    fn prps(&self, t: &Target, off: u64, len: u64, slot: u16) -> Result<(u64, u64), NvmeError> {
+    /// Builds PRP1/PRP2 for `len` bytes at `off` of the target, writing a PRP list (when one is
+    /// needed) into the list page of command id `cid`.
+    fn prps(&self, t: &Target, off: u64, len: u64, cid: u16) -> Result<(DmaAddr, Option<DmaAddr>), NvmeError> {
         let first = self.dma_at(t, off)?;
-        if first % 4 != 0 {
-            return Err(NvmeError::BadTransfer {
-                len,
-                offset: off,
-                region_len: 0,
-                why: format!("DMA address {first:#x} is not dword aligned"),
-            });
+        let bad = |offset: u64, why: String| NvmeError::BadTransfer { len, offset, region_len: 0, why };
+        if first.device_bits() % 4 != 0 {
+            return Err(bad(off, format!("DMA address {first} is not dword aligned")));
         }
-        let first_chunk = PAGE - first % PAGE;
+        let first_chunk = PAGE - first.device_bits() % PAGE;
         if len <= first_chunk {
-            return Ok((first, 0));
+            return Ok((first, None));
         }
         let mut entries = Vec::new();
         let mut o = first_chunk;
         while o < len {
             let a = self.dma_at(t, off + o)?;
-            if a % PAGE != 0 {
-                return Err(NvmeError::BadTransfer {
-                    len,
-                    offset: off + o,
-                    region_len: 0,
-                    why: format!("page address {a:#x} is not page aligned"),
-                });
+            if a.device_bits() % PAGE != 0 {
+                return Err(bad(off + o, format!("page address {a} is not page aligned")));
             }
             entries.push(a);
             o += PAGE;
         }
         if entries.len() == 1 {
-            return Ok((first, entries[0]));
+            return Ok((first, Some(entries[0])));
         }
-        let list_off = POOL_PRP + slot as u64 * PAGE;
-        let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        if entries.len() > (PAGE / 8) as usize {
+            return Err(bad(off, format!("{} PRP entries do not fit one list page", entries.len())));
+        }
+        let list_off = POOL_PRP + cid as u64 * PAGE;
+        let bytes: Vec<u8> = entries.iter().flat_map(|&e| prp_entry(Some(e))).collect();
         self.pool.write_at(list_off, &bytes).map_err(|source| NvmeError::Access { what: "PRP list", source })?;
-        Ok((first, self.pool_dma(list_off)?))
+        Ok((first, Some(self.pool_dma(list_off)?)))
     }
 
     /// Moves `len` bytes between LBA `lba` of the namespace and byte `offset` of the registered
@@ -555,29 +767,47 @@ impl Controller {
         lba: u64,
         len: u64,
     ) -> Result<(), NvmeError> {
+        self.transfer_batch(reg, dir, entry, &[Io { offset, lba, len }])
+    }
+
+    /// Like `transfer`, for many ranges of one region at once: each range is checked first
+    /// (nothing is submitted if one is bad), then all of them run with up to the queue's depth
+    /// of commands in flight, in whatever order the controller completes them.
+    pub fn transfer_batch(&mut self, reg: &Registry, dir: Dir, entry: &Entry, ios: &[Io]) -> Result<(), NvmeError> {
         let ns = self.namespace();
-        let bad = |why: String| NvmeError::BadTransfer { len, offset, region_len: entry.len(), why };
-        if len == 0 || !len.is_multiple_of(ns.block_size) {
-            return Err(bad(format!("length is not a non-zero multiple of the {}-byte block", ns.block_size)));
+        for io in ios {
+            let bad =
+                |why: String| NvmeError::BadTransfer { len: io.len, offset: io.offset, region_len: entry.len(), why };
+            if io.len == 0 || !io.len.is_multiple_of(ns.block_size) {
+                return Err(bad(format!("length is not a non-zero multiple of the {}-byte block", ns.block_size)));
+            }
+            if io.offset.checked_add(io.len).is_none_or(|e| e > entry.len()) {
+                return Err(bad("runs past the region".into()));
+            }
+            let count = io.len / ns.block_size;
+            if io.lba.checked_add(count).is_none_or(|e| e > ns.blocks) {
+                return Err(NvmeError::OutOfNamespace {
+                    nsid: ns.nsid,
+                    lba: io.lba,
+                    lba_count: count,
+                    size: ns.blocks,
+                });
+            }
         }
-        if offset.checked_add(len).is_none_or(|e| e > entry.len()) {
-            return Err(bad("runs past the region".into()));
-        }
-        let count = len / ns.block_size;
-        if lba.checked_add(count).is_none_or(|e| e > ns.blocks) {
-            return Err(NvmeError::OutOfNamespace { nsid: ns.nsid, lba, lba_count: count, size: ns.blocks });
-        }
+        // No command is in flight between transfers: mappings of regions nobody holds any more go.
+        self.vfio.release_unused();
         let target = self.target(reg, entry)?;
         let chunk = self.info().mdts.unwrap_or(MAX_XFER).min(MAX_XFER);
         let mut cmds = Vec::new();
-        let mut done = 0;
-        while done < len {
-            let n = chunk.min(len - done);
-            cmds.push((offset + done, lba + done / ns.block_size, n));
-            done += n;
+        for io in ios {
+            let mut done = 0;
+            while done < io.len {
+                let n = chunk.min(io.len - done);
+                cmds.push(Io { offset: io.offset + done, lba: io.lba + done / ns.block_size, len: n });
+                done += n;
+            }
         }
-        let depth = self.io.as_ref().expect("I/O queue created").depth as usize;
-        self.run_io(dir, &target, &cmds, depth - 1)
+        self.run_io(dir, &target, entry.region(), &cmds, IO_DEPTH as usize - 1)
     }
 
     /// Submits `count` random 4 KiB-block reads at queue depth `qd` into `entry` (for benches):
@@ -601,47 +831,75 @@ impl Controller {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            cmds.push(((i % slots) * io_size, (x % span) * io_size / ns.block_size, io_size));
+            cmds.push(Io { offset: (i % slots) * io_size, lba: (x % span) * io_size / ns.block_size, len: io_size });
         }
-        let depth = self.io.as_ref().expect("I/O queue").depth as usize;
-        let saved = qd.clamp(1, depth - 1);
-        self.run_io(Dir::Read, &t, &cmds, saved)?;
+        self.run_io(Dir::Read, &t, entry.region(), &cmds, qd.max(1))?;
         Ok(count)
     }
 
-    /// Runs I/O commands (region offset, LBA, bytes) keeping up to `qd` in flight; after an
-    /// error no more are submitted, the ones in flight are reaped, and the first error returned.
-    fn run_io(&mut self, dir: Dir, t: &Target, cmds: &[(u64, u64, u64)], qd: usize) -> Result<(), NvmeError> {
+    /// Runs I/O commands keeping up to `qd` in flight (at most the queue's depth - 1). Each
+    /// command holds `region` and its PRP list page until its own completion is seen. After a
+    /// completion error no more are submitted and the ones in flight are reaped; after any other
+    /// error (a bad PRP, a failed submission, a timeout, a fatal status, an interrupt) the ones
+    /// in flight are reaped if the controller still answers, else it is quiesced. Either way no
+    /// command is in flight when this returns.
+    fn run_io(
+        &mut self,
+        dir: Dir,
+        t: &Target,
+        region: &Arc<dyn PeerMemory>,
+        cmds: &[Io],
+        qd: usize,
+    ) -> Result<(), NvmeError> {
+        self.ensure_init()?;
         let ns = self.namespace();
-        let depth = self.io.as_ref().expect("I/O queue").depth;
+        self.transfers += 1;
+        let transfer = self.transfers;
         let mut next = 0;
-        let mut reaped = 0;
         let mut first_err = None;
         let what = format!("{dir:?} of {} commands", cmds.len());
-        while reaped < cmds.len() {
-            while next < cmds.len() && next - reaped < qd && first_err.is_none() {
-                let (off, lba, n) = cmds[next];
-                let slot = self.io.as_ref().expect("I/O queue").next_cid % depth;
-                let (prp1, prp2) = self.prps(t, off, n, slot)?;
+        loop {
+            while first_err.is_none() && next < cmds.len() && self.queue(false)?.in_flight() < qd {
+                let Some(cid) = self.queue(false)?.alloc() else { break };
+                let Io { offset, lba, len } = cmds[next];
+                let (prp1, prp2) = match self.prps(t, offset, len, cid) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        first_err = Some(e);
+                        break;
+                    }
+                };
                 let sqe = Sqe {
                     opcode: if dir == Dir::Read { 0x02 } else { 0x01 },
                     nsid: ns.nsid,
-                    prp1,
+                    prp1: Some(prp1),
                     prp2,
                     cdw10: lba as u32,
                     cdw11: (lba >> 32) as u32,
-                    cdw12: (n / ns.block_size - 1) as u32,
+                    cdw12: (len / ns.block_size - 1) as u32,
                 };
-                self.submit(false, &sqe)?;
+                if let Err(e) = self.submit(false, cid, &sqe, InFlight { transfer, _region: Some(region.clone()) }) {
+                    first_err = Some(e);
+                    break;
+                }
                 next += 1;
             }
-            if next == reaped {
+            // After a quiesce the queue is gone, and with it everything in flight.
+            if self.io.as_ref().is_none_or(|q| q.in_flight() == 0) {
                 break;
             }
-            let (_, status) = self.reap(false, &what)?;
-            reaped += 1;
-            if !status.is_success() && first_err.is_none() {
-                first_err = Some(NvmeError::Command { what: what.clone(), status });
+            match self.reap(false, &what) {
+                Ok(c) => {
+                    if let Some(status) = self.retire(false, c, transfer)? {
+                        if !status.is_success() && first_err.is_none() {
+                            first_err = Some(NvmeError::Command { what: what.clone(), status });
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.quiesce(&e);
+                    return Err(first_err.unwrap_or(e));
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -653,33 +911,37 @@ impl Controller {
     }
 
     fn shutdown_inner(&mut self) -> Result<(), NvmeError> {
-        if self.io.take().is_some() {
-            self.admin_cmd("Delete I/O SQ", Sqe { opcode: 0x00, cdw10: 1, ..Default::default() })?;
-            self.admin_cmd("Delete I/O CQ", Sqe { opcode: 0x04, cdw10: 1, ..Default::default() })?;
+        if !self.needs_init && self.io.is_some() {
+            let deleted = self
+                .admin_cmd("Delete I/O SQ", Sqe { opcode: 0x00, cdw10: 1, ..Default::default() })
+                .and_then(|()| self.admin_cmd("Delete I/O CQ", Sqe { opcode: 0x04, cdw10: 1, ..Default::default() }));
+            if let Err(e) = deleted {
+                self.quiesce(&e);
+                return Err(e);
+            }
+            self.io = None;
         }
-        self.disable()
+        if let Err(e) = self.disable() {
+            self.quiesce(&e);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        if self.io.is_some() {
-            if let Err(e) = self.shutdown_inner() {
-                tracing::warn!(bdf = %self.vfio.bdf(), "shutdown: {e}");
-            }
+        // Also on unwinding: the controller must stop before the pool and the regions of any
+        // command in flight are released.
+        if let Err(e) = self.shutdown_inner() {
+            tracing::warn!(bdf = %self.vfio.bdf(), "shutdown: {e}");
         }
-    }
-}
-
-impl Queue {
-    fn new(qid: u16, depth: u16, sq_off: u64, cq_off: u64) -> Queue {
-        Queue { qid, depth, sq_off, cq_off, tail: 0, head: 0, phase: true, next_cid: 0, in_flight: 0 }
     }
 }
 
 /// A CPU mapping of a BAR-backed region to hand to the IOMMU: the region's own mapping when it
 /// has one is not reusable (it is not ours to keep), so the topology maps the BAR range afresh.
-fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<Mapping, String> {
+fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<BarMapping, String> {
     let (bdf, bar, offset) = match entry.region().backing() {
         Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => (bdf, bar, offset),
         _ => return Err("not a BAR-backed region".into()),
@@ -687,7 +949,7 @@ fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<Mapping, String> {
     if offset % PAGE != 0 {
         return Err(format!("BAR offset {offset:#x} is not page aligned"));
     }
-    topo.map_bar(bdf, bar, offset, entry.len()).map(|m| m.into_mapping()).map_err(|e| e.to_string())
+    topo.map_bar(bdf, bar, offset, entry.len()).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -706,9 +968,40 @@ mod tests {
         assert_eq!(Status::from_dw3(7 << 25 | 1 << 17).name(), "vendor specific or reserved status");
     }
 
+    fn held(transfer: u64) -> Option<InFlight> {
+        Some(InFlight { transfer, _region: None })
+    }
+
+    #[test]
+    fn a_command_id_and_its_prp_page_are_reused_only_after_that_command_completes() {
+        let mut q = Queue::new(1, 4, 0, 0);
+        let mut ids = Vec::new();
+        while let Some(cid) = q.alloc() {
+            q.slots[cid as usize] = held(1);
+            ids.push(cid);
+        }
+        // A queue of 4 entries holds at most 3 commands.
+        assert_eq!(ids, [0, 1, 2]);
+        // Out of order: the command with id 1 completes first. Ids rotate, so the next one is
+        // the never-used 3; then the queue is full again and nothing in flight is handed out.
+        q.slots[1] = None;
+        assert_eq!(q.alloc(), Some(3));
+        q.slots[3] = held(2);
+        assert_eq!(q.alloc(), None);
+        // Only completed ids come back, in rotation order from the last one handed out.
+        q.slots[2] = None;
+        assert_eq!(q.alloc(), Some(1));
+        q.slots[1] = held(3);
+        assert_eq!(q.alloc(), None);
+        assert_eq!(q.in_flight(), 3);
+        assert!(q.slots[0].is_some() && q.slots[3].is_some());
+    }
+
     #[test]
     fn submission_entries_follow_the_spec_layout() {
-        let b = Sqe { opcode: 0x02, nsid: 1, prp1: 0x1000, prp2: 0x2000, cdw10: 5, cdw11: 6, cdw12: 7 }.bytes(0x1234);
+        let prp1 = Some(DmaAddr::Iova(peermem::Iova::new(0x1000)));
+        let prp2 = Some(DmaAddr::Bus(peermem::BusAddr::new(0x2000)));
+        let b = Sqe { opcode: 0x02, nsid: 1, prp1, prp2, cdw10: 5, cdw11: 6, cdw12: 7 }.bytes(0x1234);
         assert_eq!(&b[0..4], &[0x02, 0, 0x34, 0x12]);
         assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 1);
         assert_eq!(u64::from_le_bytes(b[24..32].try_into().unwrap()), 0x1000);

@@ -10,12 +10,15 @@
 //!   verdict says `not_supported` (the guest tests check every pair).
 //! - [`vfio`] and [`driver`]: a polled userspace NVMe driver over VFIO (type1 or no-IOMMU) whose
 //!   PRP entries come only from registry routes.
-//! - `sys`: the crate's only `unsafe` (MMIO, VFIO ioctls, mlock).
+//! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci: waits end early, owners
+//!   unwind and give the function back, then the process ends.
+//! - `sys`: the crate's raw layer (MMIO, VFIO ioctls through vfio-bindings and rustix, mlock).
 
 pub mod blockdev;
 pub mod cmb;
 pub mod p2pmem;
 pub mod regs;
+mod signals;
 #[allow(unsafe_code)]
 mod sys;
 
@@ -27,5 +30,5 @@ pub use sys::{pread_into, MappedMmio, Mmio};
 pub mod driver;
 pub mod vfio;
 
-pub use driver::{Controller, Dir, NvmeError};
+pub use driver::{Controller, Dir, Io, NvmeError};
 pub use vfio::{Binding, IommuMode, Vfio, VfioError};

@@ -1,16 +1,22 @@
 //! The NVMe backend's only system-call and raw-memory layer: 32-bit MMIO on a mapped BAR, the
-//! handful of VFIO ioctls the userspace driver needs, mlock, and volatile access to DMA memory.
+//! handful of VFIO ioctls the userspace driver needs (uapi structs and numbers from
+//! vfio-bindings, calls through rustix), mlock, and volatile access to DMA memory.
 //!
-//! Owns every `unsafe` block of this crate. Must not: know NVMe (offsets and meanings live in
-//! `regs`/`driver`) or decide anything: it checks bounds and alignment, calls, and returns
-//! `io::Result`/`Result<_, String>` and owned fds.
+//! Owns every FFI call and raw-pointer access of this crate. The two calls that hand process
+//! memory to a device (`vfio_map_dma`, `mlock`) are `unsafe fn`: whether the memory outlives the
+//! device's use of it is the caller's contract, stated where `vfio` and `driver` call them.
+//! Must not: know NVMe (offsets and meanings live in `regs`/`driver`) or decide anything: it
+//! checks bounds and alignment, calls, and returns `io::Result`/`Result<_, String>` and owned fds.
 
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
+use libc::c_void;
 use peermem::sys::Mapping;
+use peermem::{Iova, VirtAddr};
+use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
 
 /// Aligned 32-bit register access to a device window.
 pub trait Mmio {
@@ -108,16 +114,18 @@ impl Mmio for FileMmio {
     }
 }
 
-/// A 32-bit volatile load from DMA memory at `va` (a completion-queue entry the device writes).
-///
-/// The caller passes an address inside a live mapping it owns; this checks alignment only.
-pub fn dma_read32(map_start: u64, map_len: u64, offset: u64) -> Result<u32, String> {
-    let off = check32(map_len, offset)?;
-    let p = (map_start as usize + off) as *const u32;
+/// A 32-bit volatile load of byte `offset` of `region`'s CPU mapping (a completion-queue entry
+/// the device writes). The borrow of `region` keeps the mapping alive; bounds and alignment are
+/// checked here.
+pub fn dma_read32(region: &dyn peermem::PeerMemory, offset: u64) -> Result<u32, String> {
+    let span = region.cpu_mapping().ok_or("the region has no CPU mapping")?;
+    let off = check32(span.len().min(region.len()), offset)?;
+    let p = (span.addr().raw() as usize + off) as *const u32;
     std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-    // SAFETY: callers pass the start/length of a live mapping they hold (a HostRegion kept alive
-    // by an Arc in the queue); bounds and alignment are checked above; the device may write the
-    // bytes concurrently, which is why the load is volatile.
+    // SAFETY: p..p+4 lies inside the region's live CPU mapping (bounds checked above, the borrow
+    // keeps it mapped) and is 4-byte aligned (mappings are page aligned, offset checked). The
+    // device may write the bytes concurrently, which is why the load is volatile and no Rust
+    // reference is made over them.
     let v = unsafe { std::ptr::read_volatile(p) };
     std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
     Ok(v)
@@ -125,153 +133,232 @@ pub fn dma_read32(map_start: u64, map_len: u64, offset: u64) -> Result<u32, Stri
 
 /// Locks `len` bytes at `va` in memory (no swap, no migration: physical addresses stay valid
 /// for a device in no-IOMMU mode).
-pub fn mlock(va: u64, len: u64) -> io::Result<()> {
-    // SAFETY: mlock only changes page residency; an unmapped range returns ENOMEM.
-    if unsafe { libc::mlock(va as usize as *const libc::c_void, len as usize) } != 0 {
-        return Err(io::Error::last_os_error());
+///
+/// # Safety
+/// `va..va+len` must be a mapping the caller owns and keeps mapped for as long as a device may
+/// use the physical addresses of its pages: a device is about to be given those addresses, and
+/// unmapping the range frees the pages under it (the lock ends with the mapping).
+unsafe fn mlock(va: VirtAddr, len: u64) -> io::Result<()> {
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: mlock only changes the residency of pages; an unmapped range is ENOMEM. What the
+    // pages are used for afterwards is the caller's contract above.
+    unsafe { rustix::mm::mlock(va.raw() as usize as *mut c_void, len) }.map_err(io::Error::from)
+}
+
+/// The pages of a region made reachable by a device: mapped into a VFIO container's IOMMU domain
+/// at an IOVA (type1), or locked in memory so their physical addresses stay valid (no-IOMMU).
+/// The pin holds the region, so its pages stay mapped for as long as the device may use them;
+/// dropping the pin unmaps the IOVA range first, then lets the region go. Drop a pin only when
+/// the device is known to be done with it (no command in flight, or the controller disabled).
+pub struct DmaPin {
+    start: VirtAddr,
+    len: u64,
+    iommu: Option<(std::sync::Arc<File>, Iova)>,
+    region: std::sync::Arc<dyn peermem::PeerMemory>,
+}
+
+impl std::fmt::Debug for DmaPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let iova = self.iommu.as_ref().map(|(_, i)| *i);
+        f.debug_struct("DmaPin").field("start", &self.start).field("len", &self.len).field("iova", &iova).finish()
     }
-    Ok(())
 }
 
-// ---- VFIO (include/uapi/linux/vfio.h) -----------------------------------------------------------
-
-const VFIO_TYPE: u64 = b';' as u64;
-const fn vfio_io(nr: u64) -> u64 {
-    (VFIO_TYPE << 8) | (100 + nr)
-}
-const VFIO_GET_API_VERSION: u64 = vfio_io(0);
-const VFIO_CHECK_EXTENSION: u64 = vfio_io(1);
-const VFIO_SET_IOMMU: u64 = vfio_io(2);
-const VFIO_GROUP_GET_STATUS: u64 = vfio_io(3);
-const VFIO_GROUP_SET_CONTAINER: u64 = vfio_io(4);
-const VFIO_GROUP_GET_DEVICE_FD: u64 = vfio_io(6);
-const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
-const VFIO_DEVICE_RESET: u64 = vfio_io(11);
-const VFIO_IOMMU_MAP_DMA: u64 = vfio_io(13);
-const VFIO_IOMMU_UNMAP_DMA: u64 = vfio_io(14);
-
-pub const VFIO_API_VERSION: i32 = 0;
-pub const VFIO_TYPE1V2_IOMMU: u32 = 3;
-pub const VFIO_NOIOMMU_IOMMU: u32 = 8;
-pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
-pub const VFIO_REGION_INFO_FLAG_MMAP: u32 = 4;
-pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct GroupStatus {
-    argsz: u32,
-    flags: u32,
-}
-
-/// `struct vfio_region_info`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RegionInfo {
-    pub argsz: u32,
-    pub flags: u32,
-    pub index: u32,
-    pub cap_offset: u32,
-    pub size: u64,
-    pub offset: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct DmaMap {
-    argsz: u32,
-    flags: u32,
-    vaddr: u64,
-    iova: u64,
-    size: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct DmaUnmap {
-    argsz: u32,
-    flags: u32,
-    iova: u64,
-    size: u64,
-}
-
-fn ret(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
+impl DmaPin {
+    /// Pins all pages of `region`'s CPU mapping: at `iova` of `container`'s IOMMU domain, or
+    /// (no container) locked in memory. Returns the pin and the page-rounded range it covers.
+    pub fn new(
+        region: std::sync::Arc<dyn peermem::PeerMemory>,
+        iommu: Option<(std::sync::Arc<File>, Iova)>,
+    ) -> io::Result<DmaPin> {
+        let r = region.cpu_range().ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        let page = peermem::sys::page_size();
+        let start = VirtAddr::new(r.start().raw() / page * page);
+        let end = r.end_exclusive().div_ceil(page as u128) * page as u128;
+        let len = u64::try_from(end - start.raw() as u128).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        match &iommu {
+            // SAFETY: start..start+len covers exactly the pages of the region's CPU mapping,
+            // which the pin holds (an Arc of the region) until it unmaps the IOVA range in Drop.
+            Some((c, iova)) => unsafe { vfio_map_dma(c, start, *iova, len) }?,
+            // SAFETY: as above: the locked pages belong to the region the pin holds.
+            None => unsafe { mlock(start, len) }?,
+        }
+        Ok(DmaPin { start, len, iommu, region })
     }
+    /// Where the range starts in the IOMMU domain (type1 only).
+    pub fn iova(&self) -> Option<Iova> {
+        self.iommu.as_ref().map(|(_, i)| *i)
+    }
+    /// True when nothing but this pin holds the region any more (its owner dropped it).
+    pub fn only_holder(&self) -> bool {
+        std::sync::Arc::strong_count(&self.region) == 1
+    }
+}
+
+impl Drop for DmaPin {
+    fn drop(&mut self) {
+        if let Some((c, iova)) = &self.iommu {
+            if let Err(e) = vfio_unmap_dma(c, *iova, self.len) {
+                tracing::warn!(%iova, len = self.len, "VFIO_IOMMU_UNMAP_DMA: {e}");
+            }
+        }
+    }
+}
+
+// ---- VFIO (uapi structs and numbers from vfio-bindings, calls through rustix) ------------------
+
+use vfio_bindings::bindings::vfio as uapi;
+
+pub use uapi::{
+    VFIO_TYPE1v2_IOMMU, VFIO_API_VERSION, VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU, VFIO_REGION_INFO_FLAG_MMAP,
+};
+pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = uapi::VFIO_PCI_CONFIG_REGION_INDEX;
+
+/// Every VFIO ioctl is `_IO(VFIO_TYPE, VFIO_BASE + n)`: the argument's size is not encoded.
+const fn vfio_op(n: u32) -> Opcode {
+    opcode::none(uapi::VFIO_TYPE, (uapi::VFIO_BASE + n) as u8)
+}
+const VFIO_GET_API_VERSION: Opcode = vfio_op(0);
+const VFIO_CHECK_EXTENSION: Opcode = vfio_op(1);
+const VFIO_SET_IOMMU: Opcode = vfio_op(2);
+const VFIO_GROUP_GET_STATUS: Opcode = vfio_op(3);
+const VFIO_GROUP_SET_CONTAINER: Opcode = vfio_op(4);
+const VFIO_GROUP_GET_DEVICE_FD: Opcode = vfio_op(6);
+const VFIO_DEVICE_GET_REGION_INFO: Opcode = vfio_op(8);
+const VFIO_DEVICE_RESET: Opcode = vfio_op(11);
+const VFIO_IOMMU_MAP_DMA: Opcode = vfio_op(13);
+const VFIO_IOMMU_UNMAP_DMA: Opcode = vfio_op(14);
+
+/// One VFIO ioctl whose argument is a pointer or an integer and whose result is the ioctl's
+/// return value (an API version, a boolean, a new fd), which rustix's fixed patterns drop.
+struct VfioCall {
+    op: Opcode,
+    arg: *mut c_void,
+}
+
+// SAFETY: `arg` is what the kernel documents for `op` (`vfio_call`'s contract), and the output
+// is the raw return value, read from nothing but the call's result.
+unsafe impl Ioctl for VfioCall {
+    type Output = IoctlOutput;
+    const IS_MUTATING: bool = true;
+    fn opcode(&self) -> Opcode {
+        self.op
+    }
+    fn as_ptr(&mut self) -> *mut c_void {
+        self.arg
+    }
+    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut c_void) -> rustix::io::Result<IoctlOutput> {
+        Ok(out)
+    }
+}
+
+/// Issues `op` on `fd` with `arg`.
+///
+/// # Safety
+/// `arg` must be what the kernel expects for `op`: an integer passed by value, or a pointer to a
+/// live, correctly sized (argsz set) struct the kernel may read and write during the call.
+unsafe fn vfio_call(fd: &File, op: Opcode, arg: *mut c_void) -> io::Result<IoctlOutput> {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { rustix::ioctl::ioctl(fd, VfioCall { op, arg }) }.map_err(io::Error::from)
+}
+
+fn argsz<T>() -> u32 {
+    std::mem::size_of::<T>() as u32
 }
 
 /// VFIO_GET_API_VERSION on a container.
-pub fn vfio_api_version(container: &File) -> io::Result<i32> {
+pub fn vfio_api_version(container: &File) -> io::Result<u32> {
     // SAFETY: an argument-less ioctl on a valid fd.
-    ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_GET_API_VERSION as _) })
+    unsafe { vfio_call(container, VFIO_GET_API_VERSION, std::ptr::null_mut()) }.map(|v| v as u32)
 }
 
 /// VFIO_CHECK_EXTENSION: is IOMMU type `ext` available?
 pub fn vfio_check_extension(container: &File, ext: u32) -> io::Result<bool> {
-    // SAFETY: the argument is passed by value (an integer), no memory is shared.
-    Ok(ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_CHECK_EXTENSION as _, ext as libc::c_ulong) })? > 0)
+    // SAFETY: the argument is an integer passed by value; no memory is shared.
+    Ok(unsafe { vfio_call(container, VFIO_CHECK_EXTENSION, ext as usize as *mut c_void) }? > 0)
 }
 
 /// VFIO_SET_IOMMU.
 pub fn vfio_set_iommu(container: &File, typ: u32) -> io::Result<()> {
-    // SAFETY: the argument is passed by value.
-    ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_SET_IOMMU as _, typ as libc::c_ulong) }).map(drop)
+    // SAFETY: the argument is an integer passed by value.
+    unsafe { vfio_call(container, VFIO_SET_IOMMU, typ as usize as *mut c_void) }.map(drop)
 }
 
 /// VFIO_GROUP_GET_STATUS: the group's flags.
 pub fn vfio_group_flags(group: &File) -> io::Result<u32> {
-    let mut s = GroupStatus { argsz: std::mem::size_of::<GroupStatus>() as u32, flags: 0 };
+    let mut s = uapi::vfio_group_status { argsz: argsz::<uapi::vfio_group_status>(), flags: 0 };
     // SAFETY: s is a live, correctly sized vfio_group_status the kernel fills in.
-    ret(unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_STATUS as _, &mut s as *mut GroupStatus) })?;
+    unsafe { vfio_call(group, VFIO_GROUP_GET_STATUS, (&mut s as *mut uapi::vfio_group_status).cast()) }?;
     Ok(s.flags)
 }
 
 /// VFIO_GROUP_SET_CONTAINER.
 pub fn vfio_group_set_container(group: &File, container: &File) -> io::Result<()> {
-    let fd: libc::c_int = container.as_raw_fd();
+    let mut fd: libc::c_int = container.as_raw_fd();
     // SAFETY: the kernel reads one int through the pointer, which is live for the call.
-    ret(unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_SET_CONTAINER as _, &fd as *const libc::c_int) }).map(drop)
+    unsafe { vfio_call(group, VFIO_GROUP_SET_CONTAINER, (&mut fd as *mut libc::c_int).cast()) }.map(drop)
 }
 
 /// VFIO_GROUP_GET_DEVICE_FD for the device named `name` (its BDF).
 pub fn vfio_group_device(group: &File, name: &str) -> io::Result<File> {
     let c = std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: c is a NUL-terminated string live for the call; the kernel only reads it.
-    let fd = ret(unsafe { libc::ioctl(group.as_raw_fd(), VFIO_GROUP_GET_DEVICE_FD as _, c.as_ptr()) })?;
-    // SAFETY: fd is a new descriptor returned by the kernel, owned by nobody else.
+    let fd = unsafe { vfio_call(group, VFIO_GROUP_GET_DEVICE_FD, c.as_ptr() as *mut c_void) }?;
+    // SAFETY: a successful call returns a new descriptor owned by nobody else.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
+/// `struct vfio_region_info` as the kernel returned it.
+pub type RegionInfo = uapi::vfio_region_info;
+
 /// VFIO_DEVICE_GET_REGION_INFO for region `index`.
 pub fn vfio_region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
-    let mut r = RegionInfo { argsz: std::mem::size_of::<RegionInfo>() as u32, index, ..Default::default() };
+    let mut r = RegionInfo { argsz: argsz::<RegionInfo>(), index, ..Default::default() };
     // SAFETY: r is a live, correctly sized vfio_region_info; argsz tells the kernel its size.
-    ret(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_GET_REGION_INFO as _, &mut r as *mut RegionInfo) })?;
+    unsafe { vfio_call(device, VFIO_DEVICE_GET_REGION_INFO, (&mut r as *mut RegionInfo).cast()) }?;
     Ok(r)
 }
 
 /// VFIO_DEVICE_RESET (function-level or bus reset, as the kernel can).
 pub fn vfio_device_reset(device: &File) -> io::Result<()> {
     // SAFETY: an argument-less ioctl on a valid fd.
-    ret(unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_RESET as _) }).map(drop)
+    unsafe { vfio_call(device, VFIO_DEVICE_RESET, std::ptr::null_mut()) }.map(drop)
 }
 
-/// VFIO_IOMMU_MAP_DMA: maps `size` bytes at process address `vaddr` to `iova`, read-write.
-pub fn vfio_map_dma(container: &File, vaddr: u64, iova: u64, size: u64) -> io::Result<()> {
-    let m = DmaMap { argsz: std::mem::size_of::<DmaMap>() as u32, flags: 3, vaddr, iova, size };
-    // SAFETY: m is a live, correctly sized vfio_iommu_type1_dma_map; the kernel pins (or, for a
-    // PFNMAP such as a BAR mapping, looks up) the pages itself and fails on a bad vaddr.
-    ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_IOMMU_MAP_DMA as _, &m as *const DmaMap) }).map(drop)
+/// VFIO_IOMMU_MAP_DMA: maps `size` bytes at process address `va` to `iova`, read-write.
+///
+/// # Safety
+/// `va..va+size` must be memory the caller owns and keeps (the kernel pins its pages, or for a
+/// PFNMAP such as a BAR mapping looks them up) until `vfio_unmap_dma` of the same IOVA range,
+/// and that unmap must come only after the device is known to be done with it: from this call
+/// on, the device may write those pages at any time.
+unsafe fn vfio_map_dma(container: &File, va: VirtAddr, iova: Iova, size: u64) -> io::Result<()> {
+    let mut m = uapi::vfio_iommu_type1_dma_map {
+        argsz: argsz::<uapi::vfio_iommu_type1_dma_map>(),
+        flags: uapi::VFIO_DMA_MAP_FLAG_READ | uapi::VFIO_DMA_MAP_FLAG_WRITE,
+        vaddr: va.raw(),
+        iova: iova.raw(),
+        size,
+    };
+    // SAFETY: m is a live, correctly sized vfio_iommu_type1_dma_map; a bad vaddr fails in the
+    // kernel. What the device may reach afterwards is the caller's contract above.
+    unsafe { vfio_call(container, VFIO_IOMMU_MAP_DMA, (&mut m as *mut uapi::vfio_iommu_type1_dma_map).cast()) }
+        .map(drop)
 }
 
-/// VFIO_IOMMU_UNMAP_DMA.
-pub fn vfio_unmap_dma(container: &File, iova: u64, size: u64) -> io::Result<()> {
-    let mut m = DmaUnmap { argsz: std::mem::size_of::<DmaUnmap>() as u32, flags: 0, iova, size };
-    // SAFETY: m is a live, correctly sized vfio_iommu_type1_dma_unmap the kernel updates.
-    ret(unsafe { libc::ioctl(container.as_raw_fd(), VFIO_IOMMU_UNMAP_DMA as _, &mut m as *mut DmaUnmap) }).map(drop)
+/// VFIO_IOMMU_UNMAP_DMA of `size` bytes at `iova` (the device faults on them afterwards).
+pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<()> {
+    let mut m = uapi::vfio_iommu_type1_dma_unmap {
+        argsz: argsz::<uapi::vfio_iommu_type1_dma_unmap>(),
+        flags: 0,
+        iova: iova.raw(),
+        size,
+        data: Default::default(),
+    };
+    // SAFETY: m is a live vfio_iommu_type1_dma_unmap whose argsz excludes the empty trailing
+    // array; the kernel reads it and writes back the unmapped size.
+    unsafe { vfio_call(container, VFIO_IOMMU_UNMAP_DMA, (&mut m as *mut uapi::vfio_iommu_type1_dma_unmap).cast()) }
+        .map(drop)
 }
 
 // ---- O_DIRECT targets -------------------------------------------------------------------------
@@ -294,16 +381,42 @@ pub fn pread_into(file: &File, file_off: u64, span: peermem::sys::MappedSpan<'_>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use peermem::PeerMemory;
 
+    /// The numbers `_IO(';', 100 + n)` of include/uapi/linux/vfio.h, written out by hand.
     #[test]
     fn vfio_ioctl_numbers_match_the_uapi_header() {
-        assert_eq!(VFIO_GET_API_VERSION, 0x3b64);
-        assert_eq!(VFIO_GROUP_GET_DEVICE_FD, 0x3b6a);
-        assert_eq!(VFIO_DEVICE_GET_REGION_INFO, 0x3b6c);
-        assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
-        assert_eq!(VFIO_IOMMU_MAP_DMA, 0x3b71);
+        let pinned = [
+            (VFIO_GET_API_VERSION, 0x3b64),
+            (VFIO_CHECK_EXTENSION, 0x3b65),
+            (VFIO_SET_IOMMU, 0x3b66),
+            (VFIO_GROUP_GET_STATUS, 0x3b67),
+            (VFIO_GROUP_SET_CONTAINER, 0x3b68),
+            (VFIO_GROUP_GET_DEVICE_FD, 0x3b6a),
+            (VFIO_DEVICE_GET_REGION_INFO, 0x3b6c),
+            (VFIO_DEVICE_RESET, 0x3b6f),
+            (VFIO_IOMMU_MAP_DMA, 0x3b71),
+            (VFIO_IOMMU_UNMAP_DMA, 0x3b72),
+        ];
+        for (op, want) in pinned {
+            assert_eq!(op as u64, want, "opcode {op:#x}");
+        }
         assert_eq!(std::mem::size_of::<RegionInfo>(), 32);
-        assert_eq!(std::mem::size_of::<DmaMap>(), 32);
+        assert_eq!(std::mem::size_of::<uapi::vfio_iommu_type1_dma_map>(), 32);
+        assert_eq!(std::mem::size_of::<uapi::vfio_iommu_type1_dma_unmap>(), 24);
+        assert_eq!(std::mem::size_of::<uapi::vfio_group_status>(), 8);
+        assert_eq!((VFIO_API_VERSION, VFIO_TYPE1v2_IOMMU, VFIO_NOIOMMU_IOMMU), (0, 3, 8));
+        assert_eq!((VFIO_GROUP_FLAGS_VIABLE, VFIO_REGION_INFO_FLAG_MMAP, VFIO_PCI_CONFIG_REGION_INDEX), (1, 4, 7));
+    }
+
+    #[test]
+    fn dma_reads_are_bounds_checked_on_the_region() {
+        let r = peermem::HostRegion::new(4096).unwrap();
+        r.write_at(8, &0x1234_5678u32.to_le_bytes()).unwrap();
+        assert_eq!(dma_read32(&r, 8).unwrap(), 0x1234_5678);
+        assert!(dma_read32(&r, 6).is_err());
+        assert!(dma_read32(&r, 4096).is_err());
+        assert!(dma_read32(&r, u64::MAX - 3).is_err());
     }
 
     #[test]

@@ -13,10 +13,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peermem::sys::Mapping;
-use peermem::{Bdf, Iova, RegionId, VirtAddr};
+use peermem::{Address, BarMapping, Bdf, DmaAddr, Iova, PeerMemory, RegionId, VirtAddr};
 
 use crate::sys::{self, FileMmio, MappedMmio, Mmio};
 
@@ -29,13 +29,15 @@ pub enum VfioError {
     #[error("{bdf}: {why}")]
     Bind { bdf: Bdf, why: String },
     #[error("VFIO API version {0}, expected 0")]
-    ApiVersion(i32),
+    ApiVersion(u32),
     #[error("{bdf}: IOMMU group {group} is not viable (another device in it is bound to a kernel driver)")]
     NotViable { bdf: Bdf, group: String },
     #[error("no DMA address for {va}: {why}")]
     NoDmaAddress { va: VirtAddr, why: String },
     #[error("IOVA space exhausted mapping {len:#x} bytes")]
     IovaExhausted { len: u64 },
+    #[error("{what}: {source}")]
+    Addr { what: &'static str, source: peermem::addr::AddrError },
 }
 
 fn write_attr(path: &Path, value: &str) -> Result<(), VfioError> {
@@ -77,6 +79,10 @@ pub struct Binding {
 impl Binding {
     /// Binds the live function `bdf` to vfio-pci (enabling no-IOMMU mode when it has no IOMMU
     /// group), remembering its current driver.
+    ///
+    /// The first binding starts a SIGINT/SIGTERM watcher: on a signal, waits on the device fail
+    /// with an interrupt error so the owners unwind (quiescing the device, restoring the
+    /// driver), then the process ends with the signal's default action.
     pub fn to_vfio(bdf: Bdf) -> Result<Binding, VfioError> {
         let dir = PathBuf::from("/sys/bus/pci/devices").join(bdf.to_string());
         if !dir.exists() {
@@ -87,6 +93,7 @@ impl Binding {
         if noiommu {
             write_attr(Path::new("/sys/module/vfio/parameters/enable_unsafe_noiommu_mode"), "1")?;
         }
+        crate::signals::register(bdf, dir.clone());
         let mut b = Binding { bdf, dir, previous: previous.clone(), noiommu, restored: false };
         if previous.as_deref() == Some("vfio-pci") {
             return Ok(b);
@@ -143,6 +150,7 @@ impl Binding {
             }
         }
         self.restored = true;
+        crate::signals::unregister(self.bdf);
         errs
     }
 
@@ -177,32 +185,43 @@ pub enum IommuMode {
     NoIommu,
 }
 
+/// One range of this process's memory the device may reach. The pin holds the region and undoes
+/// the IOMMU mapping when dropped.
 #[derive(Debug)]
 struct DmaMapping {
-    va: u64,
+    va: VirtAddr,
     len: u64,
-    iova: u64,
+    /// Where the range starts in the IOMMU domain (type1); None in no-IOMMU mode (locked pages).
+    iova: Option<Iova>,
     /// The registered region the mapping was made for (None: the driver's own pool, peer BARs).
     owner: Option<RegionId>,
+    pin: sys::DmaPin,
+}
+
+impl DmaMapping {
+    fn end(&self) -> u64 {
+        self.va.raw() + self.len
+    }
+    fn contains(&self, va: VirtAddr, len: u64) -> bool {
+        va >= self.va && va.raw().checked_add(len).is_some_and(|e| e <= self.end())
+    }
 }
 
 /// IOVAs handed out start here (clear of the low 4 GiB and its MSI window).
-const IOVA_BASE: u64 = 1 << 32;
+const IOVA_BASE: Iova = Iova::new(1 << 32);
 /// And stay below 2^39 (the narrowest address width of QEMU's intel-iommu).
-const IOVA_LIMIT: u64 = 1 << 39;
+const IOVA_LIMIT: Iova = Iova::new(1 << 39);
 
 /// An open VFIO device with its group and container.
 #[derive(Debug)]
 pub struct Vfio {
     bdf: Bdf,
     mode: IommuMode,
-    container: File,
+    container: std::sync::Arc<File>,
     _group: File,
     device: File,
     maps: Vec<DmaMapping>,
-    next_iova: u64,
-    /// Mappings of peer BARs this process made to hand them to the IOMMU.
-    peer_maps: Vec<Mapping>,
+    next_iova: Iova,
 }
 
 impl Vfio {
@@ -221,7 +240,7 @@ impl Vfio {
             return Err(VfioError::ApiVersion(v));
         }
         let typ = match mode {
-            IommuMode::Type1 => sys::VFIO_TYPE1V2_IOMMU,
+            IommuMode::Type1 => sys::VFIO_TYPE1v2_IOMMU,
             IommuMode::NoIommu => sys::VFIO_NOIOMMU_IOMMU,
         };
         if !sys::vfio_check_extension(&container, typ)
@@ -254,12 +273,11 @@ impl Vfio {
         Ok(Vfio {
             bdf,
             mode,
-            container,
+            container: std::sync::Arc::new(container),
             _group: group_f,
             device,
             maps: Vec::new(),
             next_iova: IOVA_BASE,
-            peer_maps: Vec::new(),
         })
     }
 
@@ -278,7 +296,7 @@ impl Vfio {
             return Err(VfioError::Bind { bdf: self.bdf, why: format!("BAR{index} is empty") });
         }
         if info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0 {
-            match Mapping::shared_at(self.device.as_fd(), info.size, info.offset) {
+            match peermem::sys::Mapping::shared_at(self.device.as_fd(), info.size, info.offset) {
                 Ok(m) => return Ok(Box::new(MappedMmio::new(m))),
                 Err(e) => {
                     tracing::debug!(bdf = %self.bdf, index, "mmap of the VFIO region failed ({e}); using pread/pwrite")
@@ -292,13 +310,23 @@ impl Vfio {
     /// Sets memory-space and bus-master enable in the command register (vfio-pci leaves bus
     /// mastering off).
     pub fn enable_bus_master(&self) -> Result<(), VfioError> {
+        self.update_command(|v| v | 0x6)
+    }
+
+    /// Clears bus-master enable: from the moment the write lands the function issues no memory
+    /// request, so no DMA of any command still in flight can reach memory.
+    pub fn disable_bus_master(&self) -> Result<(), VfioError> {
+        self.update_command(|v| v & !0x4)
+    }
+
+    fn update_command(&self, f: impl FnOnce(u16) -> u16) -> Result<(), VfioError> {
         use std::os::unix::fs::FileExt;
         let info = sys::vfio_region_info(&self.device, sys::VFIO_PCI_CONFIG_REGION_INDEX)
             .map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_GET_REGION_INFO(config)", source })?;
         let io = |source| VfioError::Ioctl { what: "config space command register", source };
         let mut cmd = [0u8; 2];
         self.device.read_exact_at(&mut cmd, info.offset + 4).map_err(io)?;
-        let v = u16::from_le_bytes(cmd) | 0x6;
+        let v = f(u16::from_le_bytes(cmd));
         self.device.write_all_at(&v.to_le_bytes(), info.offset + 4).map_err(io)
     }
 
@@ -307,79 +335,96 @@ impl Vfio {
         sys::vfio_device_reset(&self.device).map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_RESET", source })
     }
 
-    /// Makes `len` bytes at `va` (page-aligned, a live mapping the caller keeps) reachable by the
-    /// device: an IOMMU mapping in type1 mode, locked pages in no-IOMMU mode. Idempotent.
-    pub fn map(&mut self, va: VirtAddr, len: u64) -> Result<(), VfioError> {
-        self.map_owned(None, va, len)
+    /// Makes all of `region`'s CPU-mapped pages reachable by the device: an IOMMU mapping in
+    /// type1 mode, locked pages in no-IOMMU mode. The mapping holds the region (its pages stay
+    /// mapped while the device may use them) until it is released: `release_unused` once nothing
+    /// else holds the region, a remapping of the same addresses for another region, or drop.
+    /// Idempotent. Call it only while no command is in flight (a replaced mapping is unmapped).
+    pub fn map(&mut self, region: Arc<dyn PeerMemory>) -> Result<(), VfioError> {
+        self.map_owned(None, region)
     }
 
-    /// Like `map`, for the pages of registered region `owner`. A mapping made for another
-    /// region at the same addresses (a region since freed whose addresses were reused) is stale:
-    /// it is dropped (IOMMU unmap) and the new pages mapped, so DMA never reaches freed pages.
-    pub fn map_owned(&mut self, owner: Option<RegionId>, va: VirtAddr, len: u64) -> Result<(), VfioError> {
-        if self.maps.iter().any(|m| va.raw() >= m.va && va.raw() + len <= m.va + m.len && m.owner == owner) {
+    /// Like `map`, for the pages of registered region `owner`. A mapping made for another region
+    /// at the same addresses (two registrations aliasing the same pages) is replaced: unmapped,
+    /// then the new one mapped.
+    pub fn map_owned(&mut self, owner: Option<RegionId>, region: Arc<dyn PeerMemory>) -> Result<(), VfioError> {
+        let r = region
+            .cpu_range()
+            .ok_or(VfioError::NoDmaAddress { va: VirtAddr::new(0), why: "the region has no CPU mapping".into() })?;
+        let (va, len) = (r.start(), r.len());
+        if self.maps.iter().any(|m| m.contains(va, len) && m.owner == owner) {
             return Ok(());
         }
         let page = peermem::sys::page_size();
-        let (start, end) = (va.raw() / page * page, (va.raw() + len).div_ceil(page) * page);
-        let len = end - start;
+        let addr = |source| VfioError::Addr { what: "DMA mapping range", source };
+        let end = va.checked_add(len).map_err(addr)?.raw().div_ceil(page) * page;
+        let start = VirtAddr::new(va.raw() / page * page);
+        let len = end - start.raw();
         let (stale, keep): (Vec<DmaMapping>, Vec<DmaMapping>) =
-            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va < end && start < m.va + m.len);
+            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va.raw() < end && start.raw() < m.end());
         self.maps = keep;
         for m in stale {
-            tracing::debug!(bdf = %self.bdf, va = m.va, len = m.len, "dropping a stale DMA mapping");
-            if self.mode == IommuMode::Type1 {
-                sys::vfio_unmap_dma(&self.container, m.iova, m.len)
-                    .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_UNMAP_DMA", source })?;
-            }
+            tracing::debug!(bdf = %self.bdf, va = %m.va, len = m.len, "replacing a DMA mapping of the same pages");
+            drop(m);
         }
-        let iova = match self.mode {
+        let iommu = match self.mode {
             IommuMode::Type1 => {
                 let iova = self.next_iova;
-                if iova.checked_add(len).is_none_or(|e| e > IOVA_LIMIT) {
+                let next = iova.checked_add(len).and_then(|e| e.checked_add(page)).map_err(addr)?;
+                if next > IOVA_LIMIT {
                     return Err(VfioError::IovaExhausted { len });
                 }
-                sys::vfio_map_dma(&self.container, start, iova, len)
-                    .map_err(|source| VfioError::Ioctl { what: "VFIO_IOMMU_MAP_DMA", source })?;
                 // Leave a guard page between mappings.
-                self.next_iova = iova + len + page;
-                iova
+                self.next_iova = next;
+                Some((self.container.clone(), iova))
             }
-            IommuMode::NoIommu => {
-                sys::mlock(start, len).map_err(|source| VfioError::Ioctl { what: "mlock", source })?;
-                0
-            }
+            IommuMode::NoIommu => None,
         };
-        tracing::debug!(bdf = %self.bdf, va = start, len, iova, "DMA mapped");
-        self.maps.push(DmaMapping { va: start, len, iova, owner });
+        let what = if iommu.is_some() { "VFIO_IOMMU_MAP_DMA" } else { "mlock" };
+        let pin = sys::DmaPin::new(region, iommu).map_err(|source| VfioError::Ioctl { what, source })?;
+        let iova = pin.iova();
+        tracing::debug!(bdf = %self.bdf, va = %start, len, ?iova, "DMA mapped");
+        self.maps.push(DmaMapping { va: start, len, iova, owner, pin });
         Ok(())
     }
 
-    /// Maps a peer's BAR range (already mapped into this process as `map`) into the device's
-    /// IOMMU domain; returns its IOVA. Only meaningful in type1 mode.
-    pub fn map_peer(&mut self, map: Mapping) -> Result<Iova, VfioError> {
-        let (va, len) = (map.addr(), map.len() as u64);
-        self.peer_maps.push(map);
-        self.map(va, len)?;
-        self.iova_of(va).map(Iova::new)
+    /// Unmaps the ranges whose region nothing but the mapping holds any more (their owner let
+    /// them go). Call it only while no command is in flight.
+    pub fn release_unused(&mut self) {
+        self.maps.retain(|m| !m.pin.only_holder());
     }
 
-    fn iova_of(&self, va: VirtAddr) -> Result<u64, VfioError> {
+    /// Maps a peer's BAR range (mapped into this process by `Topology::map_bar`) into the
+    /// device's IOMMU domain; returns its IOVA. Only meaningful in type1 mode. The IOMMU entry
+    /// holds the BAR mapping, so it never outlives the pages behind it.
+    pub fn map_peer(&mut self, map: BarMapping) -> Result<Iova, VfioError> {
+        let region: Arc<dyn PeerMemory> = Arc::new(map);
+        let va = region.cpu_range().map(|r| r.start()).unwrap_or_default();
+        self.map(region)?;
+        match self.dma_address(va)? {
+            DmaAddr::Iova(iova) => Ok(iova),
+            other => Err(VfioError::NoDmaAddress { va, why: format!("{other} is not an IOVA (no-IOMMU mode)") }),
+        }
+    }
+
+    fn mapping_of(&self, va: VirtAddr) -> Result<&DmaMapping, VfioError> {
         self.maps
             .iter()
-            .find(|m| va.raw() >= m.va && va.raw() < m.va + m.len)
-            .map(|m| m.iova + (va.raw() - m.va))
+            .find(|m| m.contains(va, 1))
             .ok_or(VfioError::NoDmaAddress { va, why: "not mapped for this device".into() })
     }
 
     /// The address the device programs to reach process address `va` (mapped with `map`):
     /// its IOVA (type1) or its CPU physical address (no-IOMMU). Valid up to the end of va's page.
-    pub fn dma_address(&self, va: VirtAddr) -> Result<u64, VfioError> {
-        let iova = self.iova_of(va)?;
-        match self.mode {
-            IommuMode::Type1 => Ok(iova),
-            IommuMode::NoIommu => peermem::sys::virt_to_phys(va)
-                .map(|p| p.raw())
+    pub fn dma_address(&self, va: VirtAddr) -> Result<DmaAddr, VfioError> {
+        let m = self.mapping_of(va)?;
+        match m.iova {
+            Some(iova) => {
+                let off = va.checked_offset_from(m.va).expect("va lies in the mapping");
+                iova.checked_add(off).map(DmaAddr::Iova).map_err(|source| VfioError::Addr { what: "IOVA", source })
+            }
+            None => peermem::sys::virt_to_phys(va)
+                .map(DmaAddr::Phys)
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }
     }
@@ -387,12 +432,7 @@ impl Vfio {
 
 impl Drop for Vfio {
     fn drop(&mut self) {
-        if self.mode == IommuMode::Type1 {
-            for m in &self.maps {
-                if let Err(e) = sys::vfio_unmap_dma(&self.container, m.iova, m.len) {
-                    tracing::warn!(bdf = %self.bdf, iova = m.iova, "VFIO_IOMMU_UNMAP_DMA: {e}");
-                }
-            }
-        }
+        // Each mapping's pin unmaps its IOVA range, then lets its region go.
+        self.maps.clear();
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, RouteKind};
 use peermem_nvme::cmb::open_bar0_sysfs;
 use peermem_nvme::regs::CmbState;
-use peermem_nvme::{Binding, BlockDevice, CmbRegion, Controller, Dir, IommuMode, NvmeError, P2pmemRegion};
+use peermem_nvme::{Binding, BlockDevice, CmbRegion, Controller, Dir, Io, IommuMode, NvmeError, P2pmemRegion};
 
 mod common;
 use common::*;
@@ -528,4 +528,308 @@ fn a_controller_that_stops_answering_fails_bounded_and_recovers_after_reset() {
     drop(ctrl);
     binding.restore().unwrap();
     wait_for_nvme_driver(x);
+}
+/// A small xorshift for test layouts (deterministic per seed).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// 64 ranges of 4 KiB..1 MiB (some needing PRP lists, some starting mid-page) gathered from
+/// random places of a `src_len`-byte source area into one region, with gaps between them.
+/// Returns (region offset, source offset, len) per range and the region length needed.
+fn mixed_layout(bs: u64, src_len: u64, seed: u64) -> (Vec<(u64, u64, u64)>, u64) {
+    let mut x = seed | 1;
+    let mut at = 0u64;
+    let mut out = Vec::new();
+    for i in 0..64u64 {
+        let len = (4096u64 << (i % 9)) + (i % 3) * bs;
+        // Start mid-page for a third of them (PRP1 with an offset, then page-aligned entries).
+        at += if i % 3 == 1 { bs } else { 0 };
+        let src = xorshift(&mut x) % ((src_len - len) / bs) * bs;
+        out.push((at, src, len));
+        at = (at + len + 4096).div_ceil(4096) * 4096;
+    }
+    (out, at)
+}
+
+/// Many commands of mixed sizes in flight at once: 64 reads of 4 KiB..1 MiB (PRP1 only, PRP1 +
+/// PRP2, PRP lists; some starting mid-page) gather known data from random places of the
+/// namespace into one region in one batch, the queue full (depth - 1 commands in flight), and
+/// every byte is checked, the gaps between ranges included (no command wrote outside its
+/// range). Then the same layout goes back to the namespace as one batch of writes and the
+/// kernel reads it back. Every completion matches a command in flight by its id.
+#[test]
+fn vfio_many_mixed_commands_in_flight_every_byte_checked() {
+    const SRC: u64 = 128 << 20;
+    const SRC_LEN: u64 = 32 << 20;
+    const DST: u64 = 192 << 20;
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    let known = write_known(&topo, x, SRC, SRC_LEN, 21);
+    let reg = Registry::new(topo.clone());
+    let binding = Binding::to_vfio(x).unwrap();
+    let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let bs = ctrl.namespace().block_size;
+    let (layout, region_len) = mixed_layout(bs, SRC_LEN, 0x5eed);
+    let mem = Arc::new(HostRegion::new(region_len).unwrap());
+    mem.write_at(0, &vec![0xee; region_len as usize]).unwrap();
+    let g = reg.register(mem.clone() as Arc<dyn PeerMemory>).unwrap();
+    let ios: Vec<Io> = layout.iter().map(|&(off, src, len)| Io { offset: off, lba: (SRC + src) / bs, len }).collect();
+    let (issued, completed) = (ctrl.commands_issued(), ctrl.commands_completed());
+    ctrl.transfer_batch(&reg, Dir::Read, &g, &ios).unwrap();
+    let n = ctrl.commands_issued() - issued;
+    println!(
+        "{x}: {} ranges ({} KiB) as {n} commands, at most {} in flight, {:?}",
+        ios.len(),
+        ios.iter().map(|i| i.len).sum::<u64>() >> 10,
+        ctrl.peak_in_flight(),
+        ctrl.mode()
+    );
+    assert!(ctrl.peak_in_flight() >= 32, "only {} commands were in flight at once", ctrl.peak_in_flight());
+    assert_eq!(ctrl.commands_completed() - completed, n, "every command's own completion was seen");
+    assert_eq!(ctrl.stray_completions(), 0);
+    let mut got = vec![0u8; region_len as usize];
+    mem.read_at(0, &mut got).unwrap();
+    let mut end = 0;
+    for (i, &(off, src, len)) in layout.iter().enumerate() {
+        let (off, src, len) = (off as usize, src as usize, len as usize);
+        assert!(got[end..off].iter().all(|&b| b == 0xee), "range {i}: the gap before it was written");
+        if got[off..off + len] != known[src..src + len] {
+            let j = (0..len).find(|&j| got[off + j] != known[src + j]).unwrap();
+            panic!("range {i} ({len} bytes at region offset {off:#x}): byte {j:#x} differs");
+        }
+        end = off + len;
+    }
+    assert!(got[end..].iter().all(|&b| b == 0xee), "the tail past the last range was written");
+
+    // The same ranges written back out, contiguous on the namespace from DST, as one batch.
+    let mut lba = DST / bs;
+    let writes: Vec<Io> = layout
+        .iter()
+        .map(|&(off, _, len)| {
+            let io = Io { offset: off, lba, len };
+            lba += len / bs;
+            io
+        })
+        .collect();
+    ctrl.transfer_batch(&reg, Dir::Write, &g, &writes).unwrap();
+    assert_eq!(ctrl.stray_completions(), 0);
+    drop(ctrl);
+    binding.restore().unwrap();
+    let topo = wait_for_nvme_driver(x);
+    let total: u64 = layout.iter().map(|l| l.2).sum();
+    let mut back = HostRegion::new(total).unwrap();
+    BlockDevice::open_namespace(&topo, x).unwrap().read_at(DST, back.as_mut_slice()).unwrap();
+    let mut at = 0;
+    for (i, &(_, src, len)) in layout.iter().enumerate() {
+        let (src, len) = (src as usize, len as usize);
+        assert!(back.as_mut_slice()[at..at + len] == known[src..src + len], "write {i}: the kernel reads other bytes");
+        at += len;
+    }
+}
+
+/// A timeout mid-stream: with a bound far below what a command takes, a batch of reads fails
+/// with `Timeout` while commands are in flight. The driver must have stopped the controller
+/// before returning: the buffer it was reading into is then filled with a marker and released,
+/// and no byte of it changes afterwards (no late DMA). A new transfer (normal timeout) into a
+/// new buffer re-creates the queues, sees no stale completion (every completion matches one of
+/// its own commands by id) and delivers the right data.
+#[test]
+fn vfio_timeout_mid_stream_quiesces_before_release_and_a_new_transfer_sees_no_stale_completion() {
+    const AT: u64 = 64 << 20;
+    const AT2: u64 = 112 << 20;
+    const LEN: u64 = 8 << 20;
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    write_known(&topo, x, AT, LEN, 31);
+    let expect2 = write_known(&topo, x, AT2, LEN, 32);
+    let reg = Registry::new(topo.clone());
+    let binding = Binding::to_vfio(x).unwrap();
+    let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let bs = ctrl.namespace().block_size;
+    let normal = Duration::from_secs(10);
+    let chunk = 128 << 10;
+    let ios: Vec<Io> =
+        (0..LEN / chunk).map(|i| Io { offset: i * chunk, lba: (AT + i * chunk) / bs, len: chunk }).collect();
+
+    let old = Arc::new(HostRegion::new(LEN).unwrap());
+    let old_reg = reg.register(old.clone() as Arc<dyn PeerMemory>).unwrap();
+    ctrl.set_timeout(Duration::from_micros(1));
+    // Under TCG a full queue's completions are often all posted by the time the last command is
+    // submitted, so lower queue depths are tried too (the reap right after a submission).
+    let attempt = || [63, 16, 4, 2].into_iter().flat_map(|qd| std::iter::repeat_n(qd, 5));
+    let mut tried = 0;
+    let (qd, err) = attempt()
+        .find_map(|qd| {
+            tried += 1;
+            ctrl.random_reads(&reg, &old_reg, 128 << 10, 64, tried, qd).err().map(|e| (qd, e))
+        })
+        .expect("every batch finished within 1 us per completion: no timeout to test");
+    println!("{x}: batch {tried} (queue depth {qd}): {err}");
+    assert!(matches!(err, NvmeError::Timeout { .. }), "{err:?}");
+    assert!(ctrl.needs_reinit(), "a timeout with commands in flight must disable the controller");
+
+    // Release: the marker, then the registration and the driver's hold on the pages are gone.
+    old.write_at(0, &vec![0x5a; LEN as usize]).unwrap();
+    drop(old_reg);
+
+    ctrl.set_timeout(normal);
+    let fresh = Arc::new(HostRegion::new(LEN).unwrap());
+    let g = reg.register(fresh.clone() as Arc<dyn PeerMemory>).unwrap();
+    let ios2: Vec<Io> = ios.iter().map(|io| Io { lba: (AT2 + io.offset) / bs, ..*io }).collect();
+    let (issued, completed, strays) = (ctrl.commands_issued(), ctrl.commands_completed(), ctrl.stray_completions());
+    ctrl.transfer_batch(&reg, Dir::Read, &g, &ios2).unwrap();
+    assert!(!ctrl.needs_reinit());
+    assert_eq!(ctrl.stray_completions(), strays, "a stale completion reached the new transfer");
+    assert_eq!(ctrl.commands_issued() - issued, ctrl.commands_completed() - completed, "unmatched completions");
+    let mut got = vec![0u8; LEN as usize];
+    fresh.read_at(0, &mut got).unwrap();
+    assert!(got == expect2, "the new transfer's data differs");
+    old.read_at(0, &mut got).unwrap();
+    let late = got.iter().filter(|&&b| b != 0x5a).count();
+    assert_eq!(late, 0, "{late} bytes of the released buffer changed after the timeout returned");
+    println!("{x}: re-initialised, new transfer verified, released buffer untouched");
+    drop(ctrl);
+    binding.restore().unwrap();
+    wait_for_nvme_driver(x);
+}
+
+/// Runs this test binary's test `name` again as a child with PEERMEM_VFIO_SIGTERM_CHILD set,
+/// sends it SIGTERM once it printed `LOADING`, and returns how it ended (bounded: 120 s), its
+/// output and how long it took to end.
+fn sigterm_child(name: &str) -> (std::process::ExitStatus, Vec<String>, Duration) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(SIGTERM_CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        out.push(line.clone());
+        // libtest prints the test's name without a newline: the marker ends the line.
+        if line.ends_with("LOADING") {
+            break;
+        }
+    }
+    assert!(out.last().is_some_and(|l| l.ends_with("LOADING")), "the child never loaded: {out:?}");
+    let kill = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            child.kill().unwrap();
+            panic!("the child did not end within 120 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let waited = t0.elapsed();
+    out.extend(reader.join().unwrap());
+    (status, out, waited)
+}
+
+const SIGTERM_CHILD: &str = "PEERMEM_VFIO_SIGTERM_CHILD";
+
+/// The function is back on `nvme` (bounded wait: 30 s) with an empty `driver_override`.
+fn assert_back_on_nvme(x: Bdf) {
+    let dir = format!("/sys/bus/pci/devices/{x}");
+    let t0 = std::time::Instant::now();
+    loop {
+        let driver = std::fs::read_link(format!("{dir}/driver")).ok();
+        if driver.as_ref().is_some_and(|d| d.ends_with("nvme")) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{x}: bound to {driver:?}, not nvme");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let over = std::fs::read_to_string(format!("{dir}/driver_override")).unwrap();
+    assert!(over.trim().is_empty() || over.trim() == "(null)", "driver_override left as {over:?}");
+    wait_for_nvme_driver(x);
+}
+
+/// SIGTERM while the owner of a bound controller is not in the driver (it sleeps, holding the
+/// controller and the binding): nothing unwinds, so after its grace period the signal watcher
+/// clears bus mastering and driver_override, leaves a helper to rebind, and the process dies of
+/// the signal; once it is gone the helper gives the function back to `nvme`.
+#[test]
+fn vfio_sigterm_while_the_owner_is_idle_still_gives_the_controller_back() {
+    const NAME: &str = "vfio_sigterm_while_the_owner_is_idle_still_gives_the_controller_back";
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    if std::env::var_os(SIGTERM_CHILD).is_some() {
+        let reg = Registry::new(topo.clone());
+        let binding = Binding::to_vfio(x).unwrap();
+        let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+        let bs = ctrl.namespace().block_size;
+        let mem = Arc::new(HostRegion::new(1 << 20).unwrap());
+        let g = reg.register(mem as Arc<dyn PeerMemory>).unwrap();
+        ctrl.transfer(&reg, Dir::Read, &g, 0, 0, (1 << 20) / bs * bs).unwrap();
+        println!("LOADING");
+        std::thread::sleep(Duration::from_secs(120));
+        panic!("still alive 120 s after SIGTERM");
+    }
+    let (status, out, waited) = sigterm_child(NAME);
+    println!("{x}: idle child {status:?} after {waited:?}:\n  {}", out.join("\n  "));
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(15), "not ended by SIGTERM");
+    assert_back_on_nvme(x);
+}
+
+/// `kill -TERM` during a long load through the VFIO driver: this test runs itself again as a
+/// child process (PEERMEM_VFIO_SIGTERM_CHILD set) that binds the controller and reads in a loop;
+/// the parent sends SIGTERM once the load runs. The child's driver sees the interrupt in its
+/// bounded wait and fails the transfer, its owners unwind (controller disabled, vfio-pci
+/// unbound), and the child dies of the signal. The function is then back on `nvme` with an empty
+/// `driver_override`, and the kernel reads the namespace.
+#[test]
+fn vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme() {
+    const NAME: &str = "vfio_sigterm_during_a_long_load_gives_the_controller_back_to_nvme";
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    if std::env::var_os(SIGTERM_CHILD).is_some() {
+        let reg = Registry::new(topo.clone());
+        let binding = Binding::to_vfio(x).unwrap();
+        let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+        let bs = ctrl.namespace().block_size;
+        let mem = Arc::new(HostRegion::new(8 << 20).unwrap());
+        let g = reg.register(mem as Arc<dyn PeerMemory>).unwrap();
+        let t0 = std::time::Instant::now();
+        for n in 0u64.. {
+            match ctrl.transfer(&reg, Dir::Read, &g, 0, (n % 16) * (8 << 20) / bs, 8 << 20) {
+                Ok(()) if n == 0 => println!("LOADING"),
+                Ok(()) => {}
+                Err(e) => {
+                    println!("STOPPED after {n} transfers: {e}");
+                    break;
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(300), "no signal came");
+        }
+        drop(ctrl);
+        binding.restore().unwrap();
+        println!("RESTORED");
+        // The signal's default action ends the process now that nothing is bound.
+        std::thread::sleep(Duration::from_secs(60));
+        panic!("still alive 60 s after SIGTERM");
+    }
+
+    let (status, out, waited) = sigterm_child(NAME);
+    println!("{x}: child {status:?}, after {waited:?}:\n  {}", out.join("\n  "));
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(15), "not ended by SIGTERM");
+    assert!(out.iter().any(|l| l.starts_with("STOPPED") && l.contains("interrupted")), "no interrupt seen");
+    assert!(out.iter().any(|l| l == "RESTORED"));
+    assert_back_on_nvme(x);
 }
