@@ -11,8 +11,9 @@
 //! device-free. A probe that cannot run is reported, never assumed to have passed.
 
 use std::collections::HashMap;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crate::region::{Backing, HostRegion, Provider, RegionError};
@@ -357,11 +358,79 @@ impl CopyStats {
 
 /// Host staging buffers for bounce copies: `depth` page-aligned buffers of `chunk` bytes.
 /// Fill (source -> staging) runs on the calling thread while drain (staging -> destination) runs
-/// on a second one, so up to `depth` chunks are in flight.
+/// on a second one, so up to `depth` chunks are in flight. With one buffer, or a copy of one
+/// chunk, nothing can overlap: the calling thread fills and drains in turn and no thread starts.
 #[derive(Debug)]
 pub struct Pipeline {
     chunk: u64,
     staging: Vec<Arc<HostRegion>>,
+}
+
+/// How long a side spins on the other's progress before it parks (a chunk hand-off between two
+/// running threads takes well under a microsecond; parking and waking costs tens). After the
+/// first microsecond the spin yields, so a peer sharing this core gets to run.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
+const PURE_SPIN: Duration = Duration::from_micros(1);
+/// Longest single park: a parked side re-checks progress and the stop flag at least this often.
+const PARK_SLICE: Duration = Duration::from_millis(1);
+
+/// One side's progress (chunks completed), as the other side waits on it.
+struct Progress {
+    done: AtomicU64,
+    /// Set by the waiting side just before it parks, so the advancing side knows to unpark it.
+    parked: AtomicBool,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress { done: AtomicU64::new(0), parked: AtomicBool::new(false) }
+    }
+
+    fn get(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Publishes `n` completed chunks and wakes `waiter` if it parked on this progress.
+    fn advance(&self, n: u64, waiter: &Thread) {
+        self.done.store(n, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            waiter.unpark();
+        }
+    }
+
+    /// Waits until at least `n` chunks are done (true) or `stop` is set (false): spins briefly,
+    /// then parks in bounded slices. The store of `parked` and the re-check of `done` are SeqCst,
+    /// pairing with `advance`, so a wake-up is never lost (and a lost one costs one slice).
+    fn wait_for(&self, n: u64, stop: &AtomicBool) -> bool {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            if self.get() >= n {
+                return true;
+            }
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            spins += 1;
+            if !spins.is_multiple_of(64) {
+                std::hint::spin_loop();
+                continue;
+            }
+            let waited = start.elapsed();
+            if waited < PURE_SPIN {
+                continue;
+            }
+            if waited < SPIN_BEFORE_PARK {
+                std::thread::yield_now();
+                continue;
+            }
+            self.parked.store(true, Ordering::SeqCst);
+            if self.done.load(Ordering::SeqCst) < n && !stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(PARK_SLICE);
+            }
+            self.parked.store(false, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Pipeline {
@@ -383,7 +452,16 @@ impl Pipeline {
 
     /// Copies `len` bytes: `fill(slot, offset, n)` puts bytes `offset..offset+n` of the source
     /// into staging buffer `slot`; `drain(slot, offset, n)` moves them on to the destination.
-    /// Stops at the first error of either side and returns it (the other side then stops too).
+    /// Chunk `k` covers bytes `k * chunk..` and uses slot `k % depth`; drains run one at a time,
+    /// in offset order. Stops at the first error of either side and returns it (the other side
+    /// then stops too, once its current call returns).
+    ///
+    /// Hand-off: two counters (chunks filled, chunks drained) that each side spins on briefly
+    /// and then parks on, so a chunk costs two atomic stores, not a channel message and a
+    /// thread wake-up. When every buffer is full and the drain thread is not draining (it has
+    /// not been scheduled yet, say), the calling thread drains the oldest chunk itself instead
+    /// of waiting for it, so a busy machine degrades the copy to one thread, never to a
+    /// scheduler round trip per chunk.
     pub fn run<F, D, E>(&self, len: u64, mut fill: F, mut drain: D) -> Result<CopyStats, MoveError>
     where
         F: FnMut(usize, u64, u64) -> Result<(), E>,
@@ -391,50 +469,106 @@ impl Pipeline {
         E: std::fmt::Display,
     {
         let start = Instant::now();
-        let depth = self.staging.len();
-        let (full_tx, full_rx) = mpsc::sync_channel::<(usize, u64, u64)>(depth);
-        let (free_tx, free_rx) = mpsc::sync_channel::<usize>(depth);
-        for s in 0..depth {
-            free_tx.send(s).expect("receiver alive");
+        let depth = self.staging.len() as u64;
+        let chunk = self.chunk;
+        let total = len.div_ceil(chunk);
+        let piece = |k: u64| (k * chunk, chunk.min(len - k * chunk));
+        if depth == 1 || total <= 1 {
+            for k in 0..total {
+                let (off, n) = piece(k);
+                fill(0, off, n).map_err(|e| MoveError::Copy { offset: off, stage: "fill", why: e.to_string() })?;
+                drain(0, off, n).map_err(|e| MoveError::Copy { offset: off, stage: "drain", why: e.to_string() })?;
+            }
+            return Ok(CopyStats { bytes: len, chunks: total, elapsed: start.elapsed() });
         }
-        let mut chunks = 0u64;
+        let filled = Progress::new();
+        let drained = Progress::new();
+        let stop = AtomicBool::new(false);
+        // The drain closure and the first drain error, taken by whichever thread drains.
+        let drainer_state = Mutex::new((drain, None::<MoveError>));
+        let filler = std::thread::current();
+        let (filled, drained, stop, state) = (&filled, &drained, &stop, &drainer_state);
+        // Drains the oldest filled chunk, if any (the caller holds the state's lock); false when
+        // there was none or it failed (then `stop` is set and the error kept).
+        let drain_one = move |st: &mut (D, Option<MoveError>), wake: &Thread| -> bool {
+            let k = drained.get();
+            if k >= total || k >= filled.get() || stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let (off, n) = piece(k);
+            if let Err(e) = (st.0)((k % depth) as usize, off, n) {
+                st.1 = Some(MoveError::Copy { offset: off, stage: "drain", why: e.to_string() });
+                stop.store(true, Ordering::SeqCst);
+                wake.unpark();
+                return false;
+            }
+            drained.advance(k + 1, wake);
+            true
+        };
         let result = std::thread::scope(|scope| {
-            let drainer = scope.spawn(move || -> Result<(), MoveError> {
-                while let Ok((slot, off, n)) = full_rx.recv() {
-                    drain(slot, off, n).map_err(|e| MoveError::Copy {
-                        offset: off,
-                        stage: "drain",
-                        why: e.to_string(),
-                    })?;
-                    if free_tx.send(slot).is_err() {
-                        break;
+            let drainer = scope.spawn(move || loop {
+                let k = drained.get();
+                if k >= total || stop.load(Ordering::SeqCst) || !filled.wait_for(k + 1, stop) {
+                    return;
+                }
+                let Ok(mut st) = state.lock() else { return };
+                drain_one(&mut st, &filler);
+            });
+            let drain_thread = drainer.thread().clone();
+            // Waits until chunk `k - depth` is drained (its slot is free), draining it here when
+            // the drain thread is not at it; false once either side has stopped.
+            let slot_free = |k: u64| -> bool {
+                while k >= depth && drained.get() < k + 1 - depth {
+                    match state.try_lock() {
+                        Ok(mut st) => {
+                            drain_one(&mut st, &drain_thread);
+                        }
+                        Err(std::sync::TryLockError::WouldBlock) => {
+                            drained.wait_for(k + 1 - depth, stop);
+                        }
+                        Err(std::sync::TryLockError::Poisoned(_)) => stop.store(true, Ordering::SeqCst),
+                    }
+                    if stop.load(Ordering::SeqCst) {
+                        return false;
                     }
                 }
-                Ok(())
-            });
+                !stop.load(Ordering::SeqCst)
+            };
             let mut fill_result = Ok(());
-            let mut off = 0;
-            while off < len {
-                let Ok(slot) = free_rx.recv() else { break };
-                let n = self.chunk.min(len - off);
-                if let Err(e) = fill(slot, off, n) {
+            for k in 0..total {
+                if !slot_free(k) {
+                    break;
+                }
+                let (off, n) = piece(k);
+                if let Err(e) = fill((k % depth) as usize, off, n) {
                     fill_result = Err(MoveError::Copy { offset: off, stage: "fill", why: e.to_string() });
+                    stop.store(true, Ordering::SeqCst);
+                    drain_thread.unpark();
                     break;
                 }
-                if full_tx.send((slot, off, n)).is_err() {
-                    break;
-                }
-                chunks += 1;
-                off += n;
+                filled.advance(k + 1, &drain_thread);
             }
-            drop(full_tx);
-            let drain_result = drainer.join().unwrap_or_else(|_| {
-                Err(MoveError::Copy { offset: off, stage: "drain", why: "the drain thread panicked".into() })
-            });
-            fill_result.and(drain_result)
+            if fill_result.is_ok() {
+                // Help drain the tail too (chunk `total - 1 + depth` does not exist: this waits
+                // for every chunk).
+                slot_free(total - 1 + depth);
+            }
+            let joined = drainer.join();
+            let drain_error = match state.lock() {
+                Ok(mut st) => st.1.take(),
+                Err(p) => p.into_inner().1.take(),
+            };
+            fill_result?;
+            if let Some(e) = drain_error {
+                return Err(e);
+            }
+            if joined.is_err() {
+                return Err(MoveError::Copy { offset: 0, stage: "drain", why: "the drain thread panicked".into() });
+            }
+            Ok(())
         });
         result?;
-        Ok(CopyStats { bytes: len, chunks, elapsed: start.elapsed() })
+        Ok(CopyStats { bytes: len, chunks: total, elapsed: start.elapsed() })
     }
 }
 
@@ -674,6 +808,59 @@ mod tests {
         assert_eq!(stats.bytes, src.len() as u64);
         assert_eq!(stats.chunks, 16);
         assert!(*dst.lock().unwrap() == src);
+    }
+
+    #[test]
+    fn pipeline_drains_every_chunk_once_in_order_from_its_round_robin_slot() {
+        for (chunk, depth, len) in [(4096u64, 2usize, 1u64 << 20), (4096, 5, 4096 * 7 + 1), (1 << 16, 4, 3)] {
+            let p = Pipeline::new(chunk, depth).unwrap();
+            let fills = Mutex::new(Vec::new());
+            let drains = Mutex::new(Vec::new());
+            let stats = p
+                .run(
+                    len,
+                    |slot, off, n| {
+                        fills.lock().unwrap().push((slot, off, n));
+                        Ok::<_, String>(())
+                    },
+                    |slot, off, n| {
+                        drains.lock().unwrap().push((slot, off, n));
+                        Ok(())
+                    },
+                )
+                .unwrap();
+            let want: Vec<(usize, u64, u64)> = (0..len.div_ceil(chunk))
+                .map(|k| ((k % depth as u64) as usize, k * chunk, chunk.min(len - k * chunk)))
+                .collect();
+            assert_eq!(stats.chunks, want.len() as u64);
+            assert_eq!(*fills.lock().unwrap(), want);
+            assert_eq!(*drains.lock().unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_single_buffer_pipeline_fills_and_drains_on_the_calling_thread() {
+        let p = Pipeline::new(4096, 1).unwrap();
+        let me = std::thread::current().id();
+        let order = Mutex::new(Vec::new());
+        p.run(
+            3 * 4096,
+            |_, off, _| {
+                assert_eq!(std::thread::current().id(), me);
+                order.lock().unwrap().push(("fill", off));
+                Ok::<_, String>(())
+            },
+            |_, off, _| {
+                assert_eq!(std::thread::current().id(), me);
+                order.lock().unwrap().push(("drain", off));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            [("fill", 0), ("drain", 0), ("fill", 4096), ("drain", 4096), ("fill", 8192), ("drain", 8192)]
+        );
     }
 
     #[test]

@@ -155,3 +155,115 @@ fn attached_resources_drop_before_the_region_is_unregistered() {
     assert!(seen.load(Ordering::SeqCst), "the resource was dropped while the region was still registered");
     assert!(reg.snapshot().lookup_va(va).is_none());
 }
+
+fn qemu_switch() -> Arc<Topology> {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/qemu-switch");
+    Arc::new(Topology::discover(root).expect("qemu-switch fixture"))
+}
+
+#[test]
+fn unaligned_and_sub_page_regions_are_found_at_every_byte_edge() {
+    let reg = Registry::new(host_fixture());
+    let pool = Arc::new(HostRegion::new(8 << 20).unwrap());
+    let base = pool.cpu_range().unwrap().start().raw();
+    // (offset, len): byte-sized neighbours in one page, a region across a 2 MiB boundary at an
+    // odd address, one exactly 2 MiB-aligned, and one covering several 2 MiB slots unaligned.
+    let shapes =
+        [(0x11, 1), (0x12, 0x7), (0x19, 0xfe7), (0x1f_fff3, 0x31), (0x20_0024, 0x1000), (0x40_0000, 0x20_0000)];
+    let shapes = [shapes.as_slice(), &[(0x60_0001, 0x1f_fffe)]].concat();
+    let guards: Vec<_> = shapes
+        .iter()
+        .map(|&(o, l)| reg.register(Arc::new(HostSlice::new(pool.clone(), o, l).unwrap())).unwrap())
+        .collect();
+    let snap = reg.snapshot();
+    for (g, &(o, l)) in guards.iter().zip(&shapes) {
+        for (probe, want) in [(o, Some(0)), (o + l - 1, Some(l - 1)), (o + l / 2, Some(l / 2))] {
+            let hit = snap.lookup_va(VirtAddr::new(base + probe)).expect("inside a region");
+            assert_eq!((hit.entry.id(), Some(hit.offset)), (g.id(), want), "offset {probe:#x}");
+        }
+        for outside in [o.wrapping_sub(1), o + l] {
+            if let Some(hit) = snap.lookup_va(VirtAddr::new(base.wrapping_add(outside))) {
+                assert_ne!(hit.entry.id(), g.id(), "offset {outside:#x} is outside {o:#x}+{l:#x}");
+            }
+        }
+    }
+    assert!(snap.lookup_va(VirtAddr::new(base + 0x10)).is_none());
+    assert!(snap.lookup_va(VirtAddr::new(base + 0x20_0024 + 0x1000)).is_none());
+}
+
+#[test]
+fn bus_lookups_are_per_host_bridge_hierarchy() {
+    let topo = qemu_switch();
+    let reg = Registry::new(topo.clone());
+    // nvme 03:00.0 sits below pci0000:00 (CMB at bus 0xe4000000), 81:00.0 below pci0000:80
+    // (CMB at 0xe8000000): each bus address exists only in its own hierarchy.
+    let bar = |bdf: &str, offset, len| -> Arc<dyn PeerMemory> {
+        Arc::new(peermem::BarRegion { bdf: bdf.parse().unwrap(), bar: 2, offset, len })
+    };
+    let a = reg.register(bar("0000:03:00.0", 0x123, 0x1001)).unwrap();
+    let b = reg.register(bar("0000:81:00.0", 0x123, 0x1001)).unwrap();
+    let h = |bdf: &str| reg.hierarchy_of(topo.idx(bdf.parse().unwrap()).unwrap());
+    let (h0, h80) = (h("0000:03:00.0"), h("0000:81:00.0"));
+    assert_ne!(h0, h80);
+    let snap = reg.snapshot();
+    let at = |hier, bus| snap.lookup_bus(hier, peermem::BusAddr::new(bus)).map(|hit| (hit.entry.id(), hit.offset));
+    assert_eq!(at(h0, 0xe400_0123), Some((a.id(), 0)));
+    assert_eq!(at(h0, 0xe400_1123), Some((a.id(), 0x1000)));
+    assert_eq!(at(h0, 0xe400_1124), None);
+    assert_eq!(at(h0, 0xe400_0122), None);
+    assert_eq!(at(h0, 0xe800_0123), None, "81:00.0's window is not on hierarchy pci0000:00");
+    assert_eq!(at(h80, 0xe800_0200), Some((b.id(), 0xdd)));
+    assert_eq!(at(h80, 0xe400_0200), None);
+    assert_eq!(at(usize::MAX, 0xe400_0200), None, "an unknown hierarchy finds nothing");
+    drop(a);
+    let snap = reg.snapshot();
+    assert!(snap.lookup_bus(h0, peermem::BusAddr::new(0xe400_0123)).is_none());
+    assert!(snap.lookup_bus(h80, peermem::BusAddr::new(0xe800_0123)).is_some());
+}
+
+#[test]
+fn no_lookup_finds_a_region_after_its_unregister_returned() {
+    use std::sync::atomic::AtomicU64;
+    const SLOTS: u64 = 1024;
+    let reg = Registry::new(host_fixture());
+    let pool = Arc::new(HostRegion::new(SLOTS * 4096).unwrap());
+    let base = pool.cpu_range().unwrap().start().raw();
+    // Slot i is registered and unregistered once, in order; `gone` counts the unregisters that
+    // have returned. A reader that has seen `gone == g` must miss every slot below g.
+    let gone = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (reg, gone, stop) = (reg.clone(), gone.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reader = reg.reader();
+                let (mut x, mut checks, mut hits) = (t + 1, 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let g = gone.load(Ordering::Acquire);
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    // Either a slot already gone (must miss) or the one being churned now.
+                    let i = if g > 0 && x >> 63 == 0 { (x >> 20) % g } else { g };
+                    let hit = reader.lookup_va(VirtAddr::new(base + i * 4096 + 99)).map(|h| h.entry.clone());
+                    if i < g {
+                        assert!(hit.is_none(), "slot {i} found after its unregister returned ({g} gone)");
+                        checks += 1;
+                    } else if let Some(e) = hit {
+                        assert_eq!(e.cpu_range().unwrap().start().raw(), base + i * 4096);
+                        hits += 1;
+                    }
+                }
+                (checks, hits)
+            })
+        })
+        .collect();
+    for i in 0..SLOTS {
+        let g = reg.register(Arc::new(HostSlice::new(pool.clone(), i * 4096, 4096).unwrap())).unwrap();
+        std::thread::yield_now();
+        drop(g);
+        gone.store(i + 1, Ordering::Release);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let checks: u64 = readers.into_iter().map(|r| r.join().unwrap().0).sum();
+    assert!(checks > 0);
+    assert_eq!(reg.len(), 0);
+}
