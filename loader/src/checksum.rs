@@ -65,6 +65,25 @@ impl Checksum {
     }
 }
 
+/// Reads `len` bytes of `w` at `off` through its CPU mapping in 1 MiB pieces (copied out: no
+/// reference is made over memory a device may write) and hands each piece to `f`.
+pub(crate) fn read_pieces(
+    w: &dyn peermem::PeerMemory,
+    off: u64,
+    len: u64,
+    mut f: impl FnMut(&[u8]),
+) -> Result<(), crate::LoadError> {
+    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+    let mut o = 0;
+    while o < len {
+        let n = (buf.len() as u64).min(len - o) as usize;
+        w.read_at(off + o, &mut buf[..n])?;
+        f(&buf[..n]);
+        o += n as u64;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1234,14 +1234,7 @@ fn known_probe<'a>(
 /// memory).
 pub(crate) fn hash_region(w: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, LoadError> {
     let mut h = Xxh3::new();
-    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-    let mut o = 0;
-    while o < len {
-        let n = (buf.len() as u64).min(len - o) as usize;
-        w.read_at(off + o, &mut buf[..n])?;
-        h.update(&buf[..n]);
-        o += n as u64;
-    }
+    crate::checksum::read_pieces(w, off, len, |piece| h.update(piece))?;
     Ok(h.digest())
 }
 

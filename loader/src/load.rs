@@ -305,14 +305,7 @@ fn read_via_host(source: &mut Source<'_>, at: u64, n: u64, reg: &Registry) -> Re
 
 fn checksum_region(window: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, LoadError> {
     let mut c = Checksum::new();
-    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-    let mut o = 0;
-    while o < len {
-        let n = (buf.len() as u64).min(len - o) as usize;
-        window.read_at(off + o, &mut buf[..n])?;
-        c.update(&buf[..n]);
-        o += n as u64;
-    }
+    crate::checksum::read_pieces(window, off, len, |piece| c.update(piece))?;
     Ok(c.finish())
 }
 

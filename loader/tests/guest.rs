@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use peermem::{BarRegion, HostRegion, MapType, PeerMemory, Registry};
+use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, Topology};
 use peermem_loader::{load, Checksum, KernelSource, LoadOptions, Method, Source};
 use peermem_nvme::{Binding, Controller, P2pmemRegion};
 
@@ -14,7 +14,36 @@ use peermem_nvme::{Binding, Controller, P2pmemRegion};
 mod common;
 use common::*;
 
-/// Item 6 through the kernel's NVMe driver: a namespace range (and a file range) loaded into every
+/// Every destination kind the testbed offers a namespace of `x`: host memory, p2pmem of its
+/// switch peer `y`, p2pmem across the host bridge (when some pool is refused for `x`), and `len`
+/// bytes at `shm_at` of the ivshmem "GPU" BAR (when present).
+fn every_destination(
+    topo: &Topology,
+    nvmes: &[Bdf],
+    x: Bdf,
+    y: Bdf,
+    shm_at: u64,
+    len: u64,
+) -> Vec<(&'static str, Arc<dyn PeerMemory>)> {
+    let far = nvmes.iter().copied().find(|&z| {
+        z != x
+            && topo.by_bdf(z).unwrap().p2pmem.is_some()
+            && topo.verdict(topo.idx(z).unwrap(), topo.idx(x).unwrap()).map_type == MapType::NotSupported
+    });
+    let mut dests: Vec<(&'static str, Arc<dyn PeerMemory>)> = vec![
+        ("host", Arc::new(HostRegion::new(len).unwrap())),
+        ("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(topo, y, len).unwrap())),
+    ];
+    if let Some(z) = far {
+        dests.push(("p2pmem across the host bridge", Arc::new(P2pmemRegion::allocate(topo, z, len).unwrap())));
+    }
+    if let Some(shm) = ivshmem(topo) {
+        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: shm_at, len })));
+    }
+    dests
+}
+
+/// Through the kernel's NVMe driver: a namespace range (and a file range) loaded into every
 /// destination kind: host memory and a switch peer's p2pmem go direct (O_DIRECT into the pages;
 /// under the translated vIOMMU the probe catches the corruption and the load bounces), a p2pmem
 /// pool across the host bridge and the ivshmem BAR bounce. Every load's checksum matches the
@@ -28,24 +57,10 @@ fn loader_moves_a_namespace_range_into_every_destination_kind() {
     let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
     let nvmes = nvme_controllers(&topo);
     let (x, y) = switch_pair(&topo, &nvmes).expect("a switch-local NVMe pair");
-    let far = nvmes.iter().copied().find(|&z| {
-        z != x
-            && topo.by_bdf(z).unwrap().p2pmem.is_some()
-            && topo.verdict(topo.idx(z).unwrap(), topo.idx(x).unwrap()).map_type == MapType::NotSupported
-    });
     let expect = write_known(&topo, x, AT, LEN, 6);
 
     let reg = Registry::new(topo.clone());
-    let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![
-        ("host", Arc::new(HostRegion::new(LEN).unwrap())),
-        ("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(&topo, y, LEN).unwrap())),
-    ];
-    if let Some(z) = far {
-        dests.push(("p2pmem across the host bridge", Arc::new(P2pmemRegion::allocate(&topo, z, LEN).unwrap())));
-    }
-    if let Some(shm) = ivshmem(&topo) {
-        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: SHM_AT, len: LEN })));
-    }
+    let dests = every_destination(&topo, &nvmes, x, y, SHM_AT, LEN);
     let want = Checksum::of(&expect);
     for (name, region) in dests {
         let g = reg.register(region.clone()).unwrap();
@@ -88,7 +103,7 @@ fn loader_moves_a_namespace_range_into_every_destination_kind() {
     std::fs::remove_file(path).unwrap();
 }
 
-/// Item 6 through the userspace VFIO driver: into the ivshmem BAR direct when the registry routes
+/// Through the userspace VFIO driver: into the ivshmem BAR direct when the registry routes
 /// it (bus_addr under the switch in `switch-gpu`, an IOVA under the vIOMMU), else bounced (and no
 /// command aimed at the BAR); into host memory direct. Verified by checksum, by the bytes, and in
 /// the host's ivshmem file; the controller goes back to the kernel driver afterwards.
@@ -142,7 +157,7 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
     wait_for_nvme_driver(x);
 }
 
-/// Item 6 with the GPU as the destination: a host-visible Vulkan buffer (lavapipe in the guest,
+/// With the GPU as the destination: a host-visible Vulkan buffer (lavapipe in the guest,
 /// reached through the host root) filled from a namespace range by the loader. lavapipe memory is
 /// system RAM without a PCI function, so the route is through its CPU mapping; the data is checked
 /// by the loader's checksum and by a GPU copy (vkCmdCopyBuffer) into a second buffer read back.
@@ -191,23 +206,9 @@ fn async_loader_batches_namespace_ranges_into_every_destination_kind() {
     let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
     let nvmes = nvme_controllers(&topo);
     let (x, y) = switch_pair(&topo, &nvmes).expect("a switch-local NVMe pair");
-    let far = nvmes.iter().copied().find(|&z| {
-        z != x
-            && topo.by_bdf(z).unwrap().p2pmem.is_some()
-            && topo.verdict(topo.idx(z).unwrap(), topo.idx(x).unwrap()).map_type == MapType::NotSupported
-    });
     let expect = write_known(&topo, x, AT, LEN, 13);
     let reg = Registry::new(topo.clone());
-    let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![
-        ("host", Arc::new(HostRegion::new(LEN).unwrap())),
-        ("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(&topo, y, LEN).unwrap())),
-    ];
-    if let Some(z) = far {
-        dests.push(("p2pmem across the host bridge", Arc::new(P2pmemRegion::allocate(&topo, z, LEN).unwrap())));
-    }
-    if let Some(shm) = ivshmem(&topo) {
-        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: SHM_AT, len: LEN })));
-    }
+    let dests = every_destination(&topo, &nvmes, x, y, SHM_AT, LEN);
     let ns = KernelSource::namespace(&topo, x).unwrap().path().to_path_buf();
     for engine in [Engine::Uring, Engine::Pool] {
         let loader = Loader::new(
