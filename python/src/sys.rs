@@ -1,0 +1,243 @@
+//! The module's only `unsafe`: the buffer protocol's raw `Py_buffer`, DLPack capsules (raw
+//! tensors handed to a consumer with a C deleter), and spans over memory a Python object lends.
+//!
+//! Owns: every raw pointer the module touches. Must not: hand out a pointer whose memory is not
+//! kept alive by an owner the pointer's holder also keeps (a `Py_buffer` keeps its exporter; a
+//! DLPack tensor keeps an `Arc` of the region; a lent span keeps the Python buffer export).
+
+use std::ffi::{c_int, c_void, CStr};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use peermem::sys::MappedSpan;
+use peermem::{Backing, PeerMemory, Provider};
+
+use crate::errors::peermem_err;
+use crate::memory::{HostBuffer, Owned, VulkanBuffer};
+
+/// DLPack's `(kDLCPU, 0)`.
+pub const DLPACK_CPU: (i32, i32) = (1, 0);
+
+/// Fills `view` with the owned memory's CPU mapping (1-D, unsigned bytes, writable).
+///
+/// # Safety
+/// `view` must be the `Py_buffer` CPython passed to `bf_getbuffer` for `obj`.
+unsafe fn fill_view(obj: &Bound<'_, PyAny>, mem: &Owned, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("null Py_buffer"));
+    }
+    let span = mem
+        .region
+        .cpu_mapping()
+        .ok_or_else(|| PyBufferError::new_err("the buffer has no CPU mapping (device-only memory)"))?;
+    let len = isize::try_from(mem.nbytes).map_err(|_| PyBufferError::new_err("buffer too large"))?;
+    // SAFETY: `view` is CPython's Py_buffer for this request (the caller's contract). The
+    // pointer is the region's CPU mapping of at least `nbytes` bytes, mapped read/write; the
+    // view keeps a reference to `obj` (FillInfo increments it), and `obj` keeps the region, so
+    // the mapping outlives every consumer of the view.
+    let rc = unsafe { ffi::PyBuffer_FillInfo(view, obj.as_ptr(), span.addr().raw() as *mut c_void, len, 0, flags) };
+    if rc != 0 {
+        return Err(PyErr::fetch(obj.py()));
+    }
+    Ok(())
+}
+
+#[pymethods]
+impl HostBuffer {
+    /// The buffer protocol: the bytes as a writable 1-D unsigned-byte buffer.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
+        unsafe { fill_view(slf.as_any(), &slf.get().mem, view, flags) }
+    }
+}
+
+#[pymethods]
+impl VulkanBuffer {
+    /// The buffer protocol over host-visible memory.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
+        unsafe { fill_view(slf.as_any(), &slf.get().mem, view, flags) }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+/// What a DLPack tensor owns: the tensor first (its address is the tensor's), its shape, and
+/// the region that keeps the memory mapped.
+#[repr(C)]
+struct Managed {
+    tensor: DLManagedTensor,
+    shape: [i64; 1],
+    _keep: Arc<dyn PeerMemory>,
+}
+
+const DLTENSOR: &CStr = c"dltensor";
+
+/// The deleter DLPack consumers call when done with the tensor.
+unsafe extern "C" fn managed_deleter(t: *mut DLManagedTensor) {
+    if !t.is_null() {
+        // SAFETY: every tensor this module hands out is the first field of a `Box<Managed>`
+        // leaked by `dlpack`, and DLPack calls the deleter once.
+        drop(unsafe { Box::from_raw(t.cast::<Managed>()) });
+    }
+}
+
+/// The capsule destructor: frees the tensor unless a consumer took it (renamed the capsule to
+/// `used_dltensor` and took over calling the deleter).
+unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
+    // SAFETY: CPython calls this with the capsule being destroyed; checking the name first
+    // leaves a consumed capsule alone.
+    unsafe {
+        if ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
+            let t = ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()).cast::<DLManagedTensor>();
+            managed_deleter(t);
+        } else {
+            ffi::PyErr_Clear();
+        }
+    }
+}
+
+/// A DLPack capsule over the first `nbytes` bytes of `region` (1-D uint8, CPU, zero copy).
+pub fn dlpack<'py>(
+    py: Python<'py>,
+    region: Arc<dyn PeerMemory>,
+    nbytes: u64,
+    dl_device: Option<(i32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if dl_device.is_some_and(|d| d != DLPACK_CPU) {
+        return Err(PyValueError::new_err(format!("dl_device {dl_device:?}: only the CPU (1, 0) is offered")));
+    }
+    if copy == Some(true) {
+        return Err(PyValueError::new_err("copy=True: the buffer is exported without copies only"));
+    }
+    let span = region
+        .cpu_mapping()
+        .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
+    let n = i64::try_from(nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
+    let data = span.addr().raw() as *mut c_void;
+    let mut m = Box::new(Managed {
+        tensor: DLManagedTensor {
+            dl_tensor: DLTensor {
+                data,
+                device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
+                ndim: 1,
+                dtype: DLDataType { code: 1, bits: 8, lanes: 1 },
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                byte_offset: 0,
+            },
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(managed_deleter),
+        },
+        shape: [n],
+        _keep: region.clone(),
+    });
+    m.tensor.dl_tensor.shape = m.shape.as_mut_ptr();
+    let raw = Box::into_raw(m);
+    // SAFETY: `raw` is a live `Box<Managed>`; the tensor is its first field, so the pointer is
+    // both. On failure the box is reclaimed here; on success the capsule (or its consumer,
+    // through the deleter) owns it.
+    unsafe {
+        (*raw).tensor.manager_ctx = raw.cast();
+        let cap = ffi::PyCapsule_New(raw.cast(), DLTENSOR.as_ptr(), Some(capsule_destructor));
+        if cap.is_null() {
+            drop(Box::from_raw(raw));
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Bound::from_owned_ptr(py, cap))
+    }
+}
+
+/// The bytes of a writable, C-contiguous Python buffer (numpy array, bytearray, memoryview...),
+/// as a host region. The buffer export is held for the region's life, so the object cannot be
+/// resized or freed under a load.
+pub struct PyBufferRegion {
+    buf: PyUntypedBuffer,
+    ptr: NonNull<u8>,
+    len: u64,
+}
+
+impl PyBufferRegion {
+    pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<PyBufferRegion> {
+        let tname = || obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
+        let buf = PyUntypedBuffer::get(obj).map_err(|e| {
+            pyo3::exceptions::PyTypeError::new_err(format!(
+                "out: a HostBuffer, a VulkanBuffer or a writable buffer, not {} ({e})",
+                tname()
+            ))
+        })?;
+        if buf.readonly() {
+            return Err(PyValueError::new_err(format!("out: the {} buffer is read-only", tname())));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("out: the {} buffer is not C-contiguous", tname())));
+        }
+        let len = buf.len_bytes() as u64;
+        let ptr = NonNull::new(buf.buf_ptr().cast::<u8>())
+            .filter(|_| len > 0)
+            .ok_or_else(|| PyValueError::new_err(format!("out: the {} buffer is empty", tname())))?;
+        Ok(PyBufferRegion { buf, ptr, len })
+    }
+}
+
+impl PeerMemory for PyBufferRegion {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn provider(&self) -> Provider {
+        Provider::Host { numa: None }
+    }
+    fn backing(&self) -> Backing<'_> {
+        Backing::HostPages
+    }
+    fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
+        let _held = &self.buf;
+        // SAFETY: `ptr..ptr+len` is the writable, contiguous memory of a buffer export that
+        // `self.buf` holds until `self` drops, so it stays mapped for the span's borrow of
+        // `self`; Rust code never forms a reference over it (only the span's copies).
+        Some(unsafe { MappedSpan::from_raw(self.ptr, self.len as usize) })
+    }
+}
+
+// SAFETY: the region only lends the exported bytes through spans (copies); the export itself
+// (`PyUntypedBuffer`) is Send and Sync and is released with the GIL attached.
+unsafe impl Send for PyBufferRegion {}
+// SAFETY: as for Send.
+unsafe impl Sync for PyBufferRegion {}
