@@ -15,10 +15,12 @@ use pyo3::exceptions::{PyFileNotFoundError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
 use peermem::mover::RouteHealth;
-use peermem_loader::{load, KernelSource, LoadError, LoadOptions, LoadReport, Method, Source};
+use peermem::{Entry, HostRegion, PeerMemory, RegistryError, VirtAddr};
+use peermem_loader::{load, KernelSource, LoadError, LoadOptions, LoadReport, Method, Source, ALIGN};
 
 use crate::errors::{load_err, not_direct, peermem_err};
 use crate::memory::{registry, Dest};
+use crate::sys::PyBufferRegion;
 
 /// What one load did.
 #[pyclass(module = "peermem", frozen, get_all)]
@@ -145,10 +147,41 @@ impl Job {
                 self.out_offset
             )));
         }
-        let (entry, _registration) = self.dest.register().map_err(JobError::Other)?;
-        let opts = LoadOptions { dest_offset: self.out_offset, ..self.opts };
         let reg = registry().map_err(JobError::Other)?;
-        let report = load(&mut Source::Kernel(ks), self.offset..end, &entry, reg, &opts).map_err(JobError::Load)?;
+        let mut source = Source::Kernel(ks);
+        let range = self.offset..end;
+        let load_at = |entry: &Entry, dest_offset: u64, src: &mut Source<'_>| {
+            let opts = LoadOptions { dest_offset, ..self.opts.clone() };
+            load(src, range.clone(), entry, reg, &opts).map_err(JobError::Load)
+        };
+        let report = match &self.dest {
+            Dest::Registered { entry, .. } => load_at(entry, self.out_offset, &mut source)?,
+            Dest::Foreign(region) => {
+                let addr = region.addr() + self.out_offset;
+                // Memory of a registered buffer (a numpy view of a HostBuffer): load into it.
+                let covering = {
+                    let snap = reg.snapshot();
+                    snap.lookup_va(VirtAddr::new(addr))
+                        .filter(|h| h.entry.is_live() && h.offset + size <= h.entry.len())
+                        .map(|h| (h.entry.clone(), h.offset))
+                };
+                if let Some((entry, off)) = covering {
+                    load_at(&entry, off, &mut source)?
+                } else if !addr.is_multiple_of(ALIGN) {
+                    let why = format!("the destination address {addr:#x} is not {ALIGN}-byte aligned");
+                    staged(&mut source, range.clone(), region, self.out_offset, reg, &self.opts, why)?
+                } else {
+                    match reg.register(region.clone() as Arc<dyn PeerMemory>) {
+                        Ok(g) => load_at(g.entry(), self.out_offset, &mut source)?,
+                        // Another load is filling a buffer that overlaps this one.
+                        Err(e @ RegistryError::Overlap { .. }) => {
+                            staged(&mut source, range.clone(), region, self.out_offset, reg, &self.opts, e.to_string())?
+                        }
+                        Err(e) => return Err(JobError::Other(peermem_err(e))),
+                    }
+                }
+            }
+        };
         if self.strict {
             if let Method::Bounce { .. } = report.method {
                 return Err(JobError::NotDirect { method: report.method.to_string(), reasons: report.reasons });
@@ -156,6 +189,31 @@ impl Job {
         }
         Ok(report)
     }
+}
+
+/// Loads `range` into a fresh page-aligned host buffer, then copies it into `region` at
+/// `offset`: for destinations that cannot be registered or read into directly. The report says
+/// so (a bounce, with `why` among the reasons).
+fn staged(
+    source: &mut Source<'_>,
+    range: std::ops::Range<u64>,
+    region: &PyBufferRegion,
+    offset: u64,
+    reg: &peermem::Registry,
+    opts: &LoadOptions,
+    why: String,
+) -> Result<LoadReport, JobError> {
+    let n = range.end - range.start;
+    let tmp: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(n).map_err(|e| JobError::Load(LoadError::Region(e)))?);
+    let g = reg.register(tmp.clone()).map_err(|e| JobError::Load(LoadError::Registry(e)))?;
+    let opts = LoadOptions { dest_offset: 0, ..opts.clone() };
+    let mut report = load(source, range, &g, reg, &opts).map_err(JobError::Load)?;
+    let start = std::time::Instant::now();
+    tmp.copy_to(0, region, offset, n).map_err(|e| JobError::Load(LoadError::Access(e)))?;
+    report.seconds += start.elapsed().as_secs_f64();
+    report.reasons.push(format!("staged through a page-aligned host buffer: {why}"));
+    report.method = Method::Bounce { why: format!("{why}; loaded by {} then copied", report.method) };
+    Ok(report)
 }
 
 type Outcome = Result<LoadReport, JobError>;
@@ -238,8 +296,9 @@ impl Future {
 
 type Task = (Job, Arc<Slot>);
 
-/// Worker threads that run queued loads; dropping the pool closes the queue and joins them
-/// (each finishes the load it is running: a destination is never released mid-transfer).
+/// Worker threads that run queued loads. Dropping the pool closes the queue; the workers finish
+/// the loads already queued (each job owns its destination, so no destination is released
+/// mid-transfer) and exit. `join` also waits for them.
 struct Pool {
     tx: Option<mpsc::Sender<Task>>,
     workers: Vec<JoinHandle<()>>,
@@ -268,8 +327,10 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
+impl Pool {
+    /// Closes the queue and waits for the workers (never with the GIL held: a finishing job
+    /// attaches to release its Python buffer).
+    fn join(mut self) {
         drop(self.tx.take());
         for w in self.workers.drain(..) {
             let _ = w.join();
@@ -391,7 +452,7 @@ impl Loader {
     /// is garbage-collected). Later `pread` calls start new workers.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let pool = self.pool.lock().map_err(peermem_err)?.take();
-        py.detach(move || drop(pool));
+        py.detach(move || pool.map(Pool::join));
         Ok(())
     }
 
@@ -424,8 +485,10 @@ pub fn rust_job(
     let opts =
         LoadOptions { chunk: chunk.unwrap_or(d.chunk), depth: load_depth.unwrap_or(d.depth), verify: false, ..d };
     let depth = depth.clamp(1, 1024);
+    let Dest::Registered { entry, .. } = dest else {
+        return Err(PyValueError::new_err("out: a HostBuffer or a VulkanBuffer"));
+    };
     let r = py.detach(move || -> Result<f64, JobError> {
-        let (entry, _g) = dest.register().map_err(JobError::Other)?;
         let reg = registry().map_err(JobError::Other)?;
         let start = std::time::Instant::now();
         std::thread::scope(|s| {

@@ -103,12 +103,13 @@ impl HostBuffer {
         &self,
         py: Python<'py>,
         stream: Option<Bound<'py, PyAny>>,
-        max_version: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let _ = (stream, max_version);
-        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, dl_device, copy)
+        // CPU memory: there is no stream to synchronize with.
+        let _ = stream;
+        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, max_version, dl_device, copy)
     }
 
     /// `(1, 0)`: DLPack's CPU device.
@@ -180,12 +181,13 @@ impl VulkanBuffer {
         &self,
         py: Python<'py>,
         stream: Option<Bound<'py, PyAny>>,
-        max_version: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let _ = (stream, max_version);
-        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, dl_device, copy)
+        // CPU memory: there is no stream to synchronize with.
+        let _ = stream;
+        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, max_version, dl_device, copy)
     }
 
     fn __dlpack_device__(&self) -> (i32, i32) {
@@ -225,18 +227,6 @@ impl Dest {
         match self {
             Dest::Registered { nbytes, .. } => *nbytes,
             Dest::Foreign(r) => r.len(),
-        }
-    }
-
-    /// The registered entry to load into, and the registration to drop after the load (for
-    /// foreign buffers). Runs without the GIL.
-    pub fn register(&self) -> PyResult<(Arc<Entry>, Option<Registration>)> {
-        match self {
-            Dest::Registered { entry, .. } => Ok((entry.clone(), None)),
-            Dest::Foreign(r) => {
-                let g = registry()?.register(r.clone() as Arc<dyn PeerMemory>).map_err(peermem_err)?;
-                Ok((g.entry().clone(), Some(g)))
-            }
         }
     }
 }

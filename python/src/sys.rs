@@ -98,46 +98,92 @@ struct DLManagedTensor {
     deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DLPackVersion {
+    major: u32,
+    minor: u32,
+}
+
+/// DLPack >= 1.0: versioned, with flags (no flag set: writable, not a copy).
+#[repr(C)]
+struct DLManagedTensorVersioned {
+    version: DLPackVersion,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensorVersioned)>,
+    flags: u64,
+    dl_tensor: DLTensor,
+}
+
 /// What a DLPack tensor owns: the tensor first (its address is the tensor's), its shape, and
 /// the region that keeps the memory mapped.
 #[repr(C)]
-struct Managed {
-    tensor: DLManagedTensor,
+struct Managed<T> {
+    tensor: T,
     shape: [i64; 1],
     _keep: Arc<dyn PeerMemory>,
 }
 
 const DLTENSOR: &CStr = c"dltensor";
+const DLTENSOR_VERSIONED: &CStr = c"dltensor_versioned";
 
-/// The deleter DLPack consumers call when done with the tensor.
-unsafe extern "C" fn managed_deleter(t: *mut DLManagedTensor) {
+/// The deleter DLPack consumers call when done with a legacy tensor.
+unsafe extern "C" fn legacy_deleter(t: *mut DLManagedTensor) {
     if !t.is_null() {
-        // SAFETY: every tensor this module hands out is the first field of a `Box<Managed>`
-        // leaked by `dlpack`, and DLPack calls the deleter once.
-        drop(unsafe { Box::from_raw(t.cast::<Managed>()) });
+        // SAFETY: every legacy tensor this module hands out is the first field of a
+        // `Box<Managed<DLManagedTensor>>` leaked by `dlpack`; DLPack calls the deleter once.
+        drop(unsafe { Box::from_raw(t.cast::<Managed<DLManagedTensor>>()) });
+    }
+}
+
+/// The deleter of a versioned tensor.
+unsafe extern "C" fn versioned_deleter(t: *mut DLManagedTensorVersioned) {
+    if !t.is_null() {
+        // SAFETY: as for `legacy_deleter`, with `Managed<DLManagedTensorVersioned>`.
+        drop(unsafe { Box::from_raw(t.cast::<Managed<DLManagedTensorVersioned>>()) });
     }
 }
 
 /// The capsule destructor: frees the tensor unless a consumer took it (renamed the capsule to
-/// `used_dltensor` and took over calling the deleter).
+/// `used_dltensor[_versioned]` and took over calling the deleter).
 unsafe extern "C" fn capsule_destructor(capsule: *mut ffi::PyObject) {
-    // SAFETY: CPython calls this with the capsule being destroyed; checking the name first
-    // leaves a consumed capsule alone.
+    // SAFETY: CPython calls this with the capsule being destroyed; the name tells which tensor
+    // type the pointer is, and a consumed capsule (renamed) is left alone.
     unsafe {
         if ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
-            let t = ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()).cast::<DLManagedTensor>();
-            managed_deleter(t);
+            legacy_deleter(ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr()).cast());
+        } else if ffi::PyCapsule_IsValid(capsule, DLTENSOR_VERSIONED.as_ptr()) == 1 {
+            versioned_deleter(ffi::PyCapsule_GetPointer(capsule, DLTENSOR_VERSIONED.as_ptr()).cast());
         } else {
             ffi::PyErr_Clear();
         }
     }
 }
 
-/// A DLPack capsule over the first `nbytes` bytes of `region` (1-D uint8, CPU, zero copy).
+/// Wraps a leaked `Managed` box in a capsule named `name`; reclaims it on failure.
+///
+/// # Safety
+/// `raw` must come from `Box::into_raw` of a `Managed<T>` that `capsule_destructor` frees by
+/// `name`, and must not be used by the caller afterwards.
+unsafe fn capsule<'py, T>(py: Python<'py>, raw: *mut Managed<T>, name: &'static CStr) -> PyResult<Bound<'py, PyAny>> {
+    // SAFETY: the caller's contract; on success the capsule (or its consumer) owns the box.
+    unsafe {
+        let cap = ffi::PyCapsule_New(raw.cast(), name.as_ptr(), Some(capsule_destructor));
+        if cap.is_null() {
+            drop(Box::from_raw(raw));
+            return Err(PyErr::fetch(py));
+        }
+        Ok(Bound::from_owned_ptr(py, cap))
+    }
+}
+
+/// A DLPack capsule over the first `nbytes` bytes of `region` (1-D uint8, CPU, zero copy):
+/// versioned (writable) when the consumer takes DLPack >= 1.0, legacy otherwise.
 pub fn dlpack<'py>(
     py: Python<'py>,
     region: Arc<dyn PeerMemory>,
     nbytes: u64,
+    max_version: Option<(u32, u32)>,
     dl_device: Option<(i32, i32)>,
     copy: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -151,37 +197,50 @@ pub fn dlpack<'py>(
         .cpu_mapping()
         .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
     let n = i64::try_from(nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
-    let data = span.addr().raw() as *mut c_void;
-    let mut m = Box::new(Managed {
-        tensor: DLManagedTensor {
-            dl_tensor: DLTensor {
-                data,
-                device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
-                ndim: 1,
-                dtype: DLDataType { code: 1, bits: 8, lanes: 1 },
-                shape: std::ptr::null_mut(),
-                strides: std::ptr::null_mut(),
-                byte_offset: 0,
+    let tensor = DLTensor {
+        data: span.addr().raw() as *mut c_void,
+        device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
+        ndim: 1,
+        dtype: DLDataType { code: 1, bits: 8, lanes: 1 },
+        shape: std::ptr::null_mut(),
+        strides: std::ptr::null_mut(),
+        byte_offset: 0,
+    };
+    if max_version.is_some_and(|(major, _)| major >= 1) {
+        let raw = Box::into_raw(Box::new(Managed {
+            tensor: DLManagedTensorVersioned {
+                version: DLPackVersion { major: 1, minor: 0 },
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(versioned_deleter),
+                flags: 0,
+                dl_tensor: tensor,
             },
-            manager_ctx: std::ptr::null_mut(),
-            deleter: Some(managed_deleter),
-        },
-        shape: [n],
-        _keep: region.clone(),
-    });
-    m.tensor.dl_tensor.shape = m.shape.as_mut_ptr();
-    let raw = Box::into_raw(m);
-    // SAFETY: `raw` is a live `Box<Managed>`; the tensor is its first field, so the pointer is
-    // both. On failure the box is reclaimed here; on success the capsule (or its consumer,
-    // through the deleter) owns it.
-    unsafe {
-        (*raw).tensor.manager_ctx = raw.cast();
-        let cap = ffi::PyCapsule_New(raw.cast(), DLTENSOR.as_ptr(), Some(capsule_destructor));
-        if cap.is_null() {
-            drop(Box::from_raw(raw));
-            return Err(PyErr::fetch(py));
+            shape: [n],
+            _keep: region.clone(),
+        }));
+        // SAFETY: `raw` is a live, unaliased box; the shape array lives in it, so the tensor's
+        // shape pointer is valid for the tensor's life. Ownership passes to the capsule.
+        unsafe {
+            (*raw).tensor.dl_tensor.shape = (*raw).shape.as_mut_ptr();
+            (*raw).tensor.manager_ctx = raw.cast();
+            capsule(py, raw, DLTENSOR_VERSIONED)
         }
-        Ok(Bound::from_owned_ptr(py, cap))
+    } else {
+        let raw = Box::into_raw(Box::new(Managed {
+            tensor: DLManagedTensor {
+                dl_tensor: tensor,
+                manager_ctx: std::ptr::null_mut(),
+                deleter: Some(legacy_deleter),
+            },
+            shape: [n],
+            _keep: region.clone(),
+        }));
+        // SAFETY: as above.
+        unsafe {
+            (*raw).tensor.dl_tensor.shape = (*raw).shape.as_mut_ptr();
+            (*raw).tensor.manager_ctx = raw.cast();
+            capsule(py, raw, DLTENSOR)
+        }
     }
 }
 
@@ -214,6 +273,13 @@ impl PyBufferRegion {
             .filter(|_| len > 0)
             .ok_or_else(|| PyValueError::new_err(format!("out: the {} buffer is empty", tname())))?;
         Ok(PyBufferRegion { buf, ptr, len })
+    }
+}
+
+impl PyBufferRegion {
+    /// The CPU address of the first byte.
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
     }
 }
 
