@@ -207,3 +207,24 @@ def test_ten_thousand_loads_leave_no_fd_or_registration_behind(dataset):
     assert peermem.registered_buffers() == regs
     assert open_fds() == fds
     ld.close()
+
+
+def test_dropping_a_loader_with_loads_in_flight_keeps_them(dataset):
+    ld = peermem.Loader(workers=2)
+    jobs = []
+    for i, (off, size) in enumerate(dataset.records * 3):
+        out = bytearray(size)
+        jobs.append((i % len(dataset.records), out, ld.pread(dataset.path, out, off, size)))
+    del ld  # the workers finish the queue (each job owns its destination), then exit
+    for i, out, f in jobs:
+        assert f.result(timeout=60).bytes == len(out)
+        assert bytes(out) == dataset.expect(i).tobytes()
+
+
+def test_a_loader_is_a_context_manager_that_waits_for_its_loads(dataset):
+    off, size = dataset.records[7]
+    out = np.zeros(size, dtype=np.uint8)
+    with peermem.Loader() as ld:
+        f = ld.pread(dataset.path, out, off, size)
+    assert f.done()
+    assert np.array_equal(out, dataset.expect(7))
