@@ -211,8 +211,8 @@ fn staged(
     let start = std::time::Instant::now();
     tmp.copy_to(0, region, offset, n).map_err(|e| JobError::Load(LoadError::Access(e)))?;
     report.seconds += start.elapsed().as_secs_f64();
-    report.reasons.push(format!("staged through a page-aligned host buffer: {why}"));
-    report.method = Method::Bounce { why: format!("{why}; loaded by {} then copied", report.method) };
+    report.reasons.push(format!("staged through a page-aligned host buffer ({}), then copied: {why}", report.method));
+    report.method = Method::Bounce { why: format!("{why}: staged through a page-aligned host buffer, then copied") };
     Ok(report)
 }
 
