@@ -208,3 +208,66 @@ def registered_buffers() -> int:
 
 def vulkan_available() -> bool:
     """True when a Vulkan device can be opened (lavapipe counts)."""
+
+class Batch:
+    """One batch of a `ShardReader`: a `(rows, record_size)` uint8 array through the buffer
+    protocol (`numpy.asarray(batch)`) and DLPack (`numpy.from_dlpack`, `torch.from_dlpack`),
+    zero copy. Its buffer returns to the reader's ring when the batch and its views are gone."""
+
+    @property
+    def indices(self) -> List[int]:
+        """The global record indices of the rows, in order."""
+    @property
+    def shape(self) -> Tuple[int, int]: ...
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
+class ShardIter:
+    """The batches of one epoch, read `prefetch` batches ahead by a background thread."""
+
+    def __iter__(self) -> "ShardIter": ...
+    def __next__(self) -> Batch:
+        """The next batch; raises the load's error (`FileNotFoundError`, `PeerMemError`)."""
+
+class ShardReader:
+    """Batches of fixed-size records from `files` (in order, concatenated) for data-parallel
+    training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`), and
+    rank `rank` of `world_size` reads every `world_size`-th of them (DistributedSampler's
+    striding, without padding: over all ranks, every record exactly once per epoch). The last
+    batch may be short. `index` (variable-size records) is not supported yet (`ValueError`).
+
+    As a PyTorch `IterableDataset` source: build the reader in `__iter__` with the worker's
+    `rank`/`world_size`, call `set_epoch` each epoch, and yield `torch.from_dlpack(batch)`.
+    """
+
+    epoch: int
+    def __init__(
+        self,
+        files: List[_Path],
+        record_size: Optional[int] = None,
+        index: Any = None,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        epoch: int = 0,
+    ) -> None: ...
+    @property
+    def num_records(self) -> int:
+        """Records in all files."""
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (changes the shuffle)."""
+    def __len__(self) -> int:
+        """Records this rank reads per epoch."""
+    def __iter__(self) -> ShardIter: ...

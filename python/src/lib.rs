@@ -6,6 +6,8 @@
 //!   length of one load; the package's registry over the live system.
 //! - [`loader`]: `Loader.read` (GIL released while bytes move) and `Loader.pread` futures over a
 //!   thread pool the module owns.
+//! - [`shard`]: `ShardReader`: batches of fixed-size records, partitioned across ranks,
+//!   shuffled per epoch, prefetched into a ring of host buffers.
 //! - [`sys`]: the only `unsafe`: raw pointers for the buffer protocol, DLPack capsules, and
 //!   spans over memory a Python object lends.
 
@@ -14,6 +16,7 @@ use pyo3::prelude::*;
 mod errors;
 mod loader;
 mod memory;
+mod shard;
 #[allow(unsafe_code)]
 mod sys;
 mod topology;
@@ -37,6 +40,9 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<loader::Loader>()?;
     m.add_class::<loader::Report>()?;
     m.add_class::<loader::Future>()?;
+    m.add_class::<shard::ShardReader>()?;
+    m.add_class::<shard::ShardIter>()?;
+    m.add_class::<shard::Batch>()?;
     m.add_function(wrap_pyfunction!(memory::registered_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memory::vulkan_available, m)?)?;
     m.add_function(wrap_pyfunction!(loader::rust_job, m)?)?;

@@ -18,7 +18,8 @@ use peermem::sys::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
 
 use crate::errors::peermem_err;
-use crate::memory::{HostBuffer, Owned, VulkanBuffer};
+use crate::memory::{HostBuffer, VulkanBuffer};
+use crate::shard::Batch;
 
 /// DLPack's `(kDLCPU, 0)`.
 pub const DLPACK_CPU: (i32, i32) = (1, 0);
@@ -27,15 +28,20 @@ pub const DLPACK_CPU: (i32, i32) = (1, 0);
 ///
 /// # Safety
 /// `view` must be the `Py_buffer` CPython passed to `bf_getbuffer` for `obj`.
-unsafe fn fill_view(obj: &Bound<'_, PyAny>, mem: &Owned, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+unsafe fn fill_view(
+    obj: &Bound<'_, PyAny>,
+    region: &dyn PeerMemory,
+    nbytes: u64,
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+) -> PyResult<()> {
     if view.is_null() {
         return Err(PyBufferError::new_err("null Py_buffer"));
     }
-    let span = mem
-        .region
+    let span = region
         .cpu_mapping()
         .ok_or_else(|| PyBufferError::new_err("the buffer has no CPU mapping (device-only memory)"))?;
-    let len = isize::try_from(mem.nbytes).map_err(|_| PyBufferError::new_err("buffer too large"))?;
+    let len = isize::try_from(nbytes).map_err(|_| PyBufferError::new_err("buffer too large"))?;
     // SAFETY: `view` is CPython's Py_buffer for this request (the caller's contract). The
     // pointer is the region's CPU mapping of at least `nbytes` bytes, mapped read/write; the
     // view keeps a reference to `obj` (FillInfo increments it), and `obj` keeps the region, so
@@ -52,7 +58,7 @@ impl HostBuffer {
     /// The buffer protocol: the bytes as a writable 1-D unsigned-byte buffer.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-        unsafe { fill_view(slf.as_any(), &slf.get().mem, view, flags) }
+        unsafe { fill_view(slf.as_any(), &*slf.get().mem.region, slf.get().mem.nbytes, view, flags) }
     }
 }
 
@@ -61,7 +67,29 @@ impl VulkanBuffer {
     /// The buffer protocol over host-visible memory.
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-        unsafe { fill_view(slf.as_any(), &slf.get().mem, view, flags) }
+        unsafe { fill_view(slf.as_any(), &*slf.get().mem.region, slf.get().mem.nbytes, view, flags) }
+    }
+}
+
+#[pymethods]
+impl Batch {
+    /// The buffer protocol: a writable `(rows, record_size)` array of unsigned bytes.
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        let b = slf.get();
+        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
+        unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags)? };
+        // SAFETY: `view` was filled above; `shape` and `strides` live in the batch, which the
+        // view keeps alive (FillInfo took a reference), and CPython only reads them.
+        unsafe {
+            if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                (*view).ndim = 2;
+                (*view).shape = b.shape.as_ptr().cast_mut();
+            }
+            if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                (*view).strides = b.strides.as_ptr().cast_mut();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -120,7 +148,7 @@ struct DLManagedTensorVersioned {
 #[repr(C)]
 struct Managed<T> {
     tensor: T,
-    shape: [i64; 1],
+    shape: [i64; 2],
     _keep: Arc<dyn PeerMemory>,
 }
 
@@ -187,6 +215,20 @@ pub fn dlpack<'py>(
     dl_device: Option<(i32, i32)>,
     copy: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let n = i64::try_from(nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
+    dlpack_nd(py, region, nbytes, &[n], max_version, dl_device, copy)
+}
+
+/// As `dlpack`, shaped `dims` (one or two dimensions, C order, whose product is `nbytes`).
+pub fn dlpack_nd<'py>(
+    py: Python<'py>,
+    region: Arc<dyn PeerMemory>,
+    nbytes: u64,
+    dims: &[i64],
+    max_version: Option<(u32, u32)>,
+    dl_device: Option<(i32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Bound<'py, PyAny>> {
     if dl_device.is_some_and(|d| d != DLPACK_CPU) {
         return Err(PyValueError::new_err(format!("dl_device {dl_device:?}: only the CPU (1, 0) is offered")));
     }
@@ -196,11 +238,16 @@ pub fn dlpack<'py>(
     let span = region
         .cpu_mapping()
         .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
-    let n = i64::try_from(nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
+    let ndim = dims.len();
+    if !(1..=2).contains(&ndim) || dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)) != i64::try_from(nbytes).ok() {
+        return Err(PyValueError::new_err(format!("shape {dims:?} does not cover {nbytes} bytes")));
+    }
+    let mut shape = [0i64; 2];
+    shape[..ndim].copy_from_slice(dims);
     let tensor = DLTensor {
         data: span.addr().raw() as *mut c_void,
         device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
-        ndim: 1,
+        ndim: ndim as i32,
         dtype: DLDataType { code: 1, bits: 8, lanes: 1 },
         shape: std::ptr::null_mut(),
         strides: std::ptr::null_mut(),
@@ -215,7 +262,7 @@ pub fn dlpack<'py>(
                 flags: 0,
                 dl_tensor: tensor,
             },
-            shape: [n],
+            shape,
             _keep: region.clone(),
         }));
         // SAFETY: `raw` is a live, unaliased box; the shape array lives in it, so the tensor's
@@ -232,7 +279,7 @@ pub fn dlpack<'py>(
                 manager_ctx: std::ptr::null_mut(),
                 deleter: Some(legacy_deleter),
             },
-            shape: [n],
+            shape,
             _keep: region.clone(),
         }));
         // SAFETY: as above.
