@@ -310,6 +310,9 @@ impl ShardReader {
     }
 }
 
+/// Records of one batch read at once (requests in flight).
+const READERS: usize = 32;
+
 /// Reads the records `rows` (global indices) into a ring buffer.
 fn fill(
     files: &[File],
@@ -331,16 +334,33 @@ fn fill(
     let len = rows.len() as u64 * rs;
     let entry = slot._reg.entry().clone();
     let buf = Arc::new(RingBuf { slot: Some(slot), free: free.clone(), len });
-    for (i, &g) in rows.iter().enumerate() {
-        let (mut g, mut f) = (g, 0);
-        while g >= files[f].records {
-            g -= files[f].records;
-            f += 1;
-        }
-        let mut src = Source::Kernel(KernelSource::open(&files[f].path)?);
-        let o = LoadOptions { dest_offset: i as u64 * rs, ..opts.clone() };
-        load(&mut src, g * rs..(g + 1) * rs, &entry, reg, &o)?;
-    }
+    // Up to `READERS` records in flight, each reader taking every READERS-th row.
+    let k = rows.len().min(READERS);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..k)
+            .map(|w| {
+                let entry = &entry;
+                s.spawn(move || -> Result<(), LoadError> {
+                    for (i, &g) in rows.iter().enumerate().skip(w).step_by(k) {
+                        let (mut g, mut f) = (g, 0);
+                        while g >= files[f].records {
+                            g -= files[f].records;
+                            f += 1;
+                        }
+                        let mut src = Source::Kernel(KernelSource::open(&files[f].path)?);
+                        let o = LoadOptions { dest_offset: i as u64 * rs, ..opts.clone() };
+                        load(&mut src, g * rs..(g + 1) * rs, entry, reg, &o)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        hs.into_iter().try_for_each(|h| {
+            h.join().unwrap_or_else(|_| {
+                Err(LoadError::Copy { what: "shard read", offset: 0, why: "a reader panicked".into() })
+            })
+        })
+    })?;
     let n = rows.len() as isize;
     Ok(Batch { buf, shape: [n, rs as isize], strides: [rs as isize, 1], indices: rows.to_vec() })
 }
