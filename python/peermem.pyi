@@ -1,0 +1,273 @@
+"""peermem: PCIe peer-to-peer memory from Python.
+
+Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
+`VulkanBuffer`: buffer protocol and DLPack), and a loader that reads files straight into them
+(`Loader.read`, `Loader.pread`). A thin layer over the Rust crates.
+"""
+
+import os
+from typing import Any, List, Optional, Tuple, Union
+
+from typing_extensions import Buffer
+
+__version__: str
+
+_Path = Union[str, "os.PathLike[str]"]
+
+class PeerMemError(Exception):
+    """A failure of the Rust library; the message is the Rust error's."""
+
+class NotDirectError(PeerMemError):
+    """A strict load could not move the bytes directly."""
+
+    reasons: List[str]
+    """Every reason: the route's, then the loader's plan."""
+
+class Device:
+    """One PCI function."""
+
+    bdf: str
+    """`dddd:bb:dd.f`."""
+    vendor: int
+    device: int
+    class_code: int
+    """The 24-bit class code (class, subclass, programming interface)."""
+    vendor_name: Optional[str]
+    """Vendor name (None: the core reads no PCI ID database yet)."""
+    device_name: Optional[str]
+    """Device name (None: the core reads no PCI ID database yet)."""
+    label: Optional[str]
+    """A label such as `nvme0` (None: the core has no label yet)."""
+    numa_node: Optional[int]
+    upstream: Optional[str]
+    """The BDF of the bridge above; None on a root bus."""
+    host_bridge: str
+    """`pci<domain>:<bus>`."""
+
+class Why:
+    """The kernel's P2PDMA verdict for a (provider, client) pair."""
+
+    provider: str
+    client: str
+    map_type: str
+    """`bus_addr`, `host_bridge` or `not_supported`."""
+    distance: int
+    path: str
+    """`PIX`, `PXB`, `PHB` or `SYS`."""
+    acs_redirect: List[str]
+    """Devices with ACS redirect on the path."""
+    reasons: List[str]
+    fix: Optional[str]
+    """The kernel parameter that removes the ACS redirects (`pci=disable_acs_redir=...`)."""
+
+class RouteInfo:
+    """What a client programs to reach a byte of a provider's BAR."""
+
+    route: str
+    """`bus_addr`, `host_bridge`, `iommu`, `kernel_import`, `cpu_mapped` or `bounce`."""
+    dma_address: Optional[int]
+    """The address the client programs; None when the route has none."""
+    reasons: List[str]
+
+class Topology:
+    """The PCI topology of a sysroot: the live system (`root=None`) or a captured directory.
+
+    Raises `PeerMemError` when `root` is not a sysroot.
+    """
+
+    def __init__(self, root: Optional[_Path] = None) -> None: ...
+    @property
+    def devices(self) -> List[Device]:
+        """Every PCI function, in BDF order."""
+    def why(self, provider: str, client: str) -> Why:
+        """The verdict for `provider` -> `client`. `ValueError` names a bad or unknown BDF."""
+    def route(self, provider: str, bar: int, offset: int, client: str) -> RouteInfo:
+        """The route `client` takes to byte `offset` of memory BAR `bar` of `provider`.
+
+        `ValueError` for a bad BDF, a missing or I/O BAR, or an offset past the BAR's end.
+        """
+
+class HostBuffer:
+    """Page-aligned, zero-filled host memory registered in the package's registry.
+
+    `memoryview(buf)`, `numpy.asarray(buf)` and `numpy.from_dlpack(buf)` share its bytes (zero
+    copy). `ValueError` for `nbytes == 0`.
+    """
+
+    def __init__(self, nbytes: int) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def data_ptr(self) -> Optional[int]:
+        """The CPU address of the first byte."""
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any:
+        """A DLPack capsule (1-D uint8 on the CPU; versioned and writable for DLPack >= 1.0)."""
+    def __dlpack_device__(self) -> Tuple[int, int]:
+        """`(1, 0)`: the CPU."""
+
+class VulkanBuffer:
+    """A Vulkan buffer registered in the package's registry (needs a Vulkan device: see
+    `vulkan_available()`). Host-visible memory (`device_local=False`) supports the buffer
+    protocol and DLPack as CPU memory, zero copy."""
+
+    def __init__(self, nbytes: int, device_local: bool = False) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def host_visible(self) -> bool: ...
+    @property
+    def data_ptr(self) -> Optional[int]: ...
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
+class Report:
+    """What one load did."""
+
+    bytes: int
+    seconds: float
+    """Wall time of the copy (verification excluded)."""
+    mb_per_s: float
+    route: str
+    """The registry's route kind for (destination, the device reading the source)."""
+    method: str
+    """How the bytes moved, in words."""
+    direct: bool
+    """True when the bytes went straight into the destination (no bounce buffer)."""
+    reasons: List[str]
+    source: str
+    """The source as opened: path, O_DIRECT or buffered, PCI device."""
+    checksum: int
+    source_checksum: Optional[int]
+    """The source range's checksum, re-read through host memory (`verify=True`)."""
+
+class Future:
+    """A pending `Loader.pread`."""
+
+    def done(self) -> bool:
+        """True when the load finished (successfully or not)."""
+    def result(self, timeout: Optional[float] = None) -> Report:
+        """The load's report, or its exception. `TimeoutError` after `timeout` seconds. The GIL
+        is released while waiting."""
+
+_Out = Union[HostBuffer, VulkanBuffer, Buffer]
+
+class Loader:
+    """Loads byte ranges of files and block devices into buffers: directly (O_DIRECT into the
+    destination's pages) when the route allows, else through host staging buffers.
+
+    `strict`: raise `NotDirectError` when a load was not direct. `verify`: re-read the source and
+    compare checksums. `chunk`: bytes per request (a multiple of 4096). `depth`: requests in
+    flight per load. `workers`: threads that run `pread` loads (default 16).
+    """
+
+    def __init__(
+        self,
+        strict: bool = False,
+        verify: bool = False,
+        chunk: Optional[int] = None,
+        depth: Optional[int] = None,
+        workers: Optional[int] = None,
+    ) -> None: ...
+    def read(self, path: _Path, out: _Out, offset: int = 0, size: Optional[int] = None, out_offset: int = 0) -> Report:
+        """Loads `size` bytes (default: to the end) at `offset` of `path` into `out` at
+        `out_offset`, with the GIL released while bytes move. `out`: a `HostBuffer`, a
+        `VulkanBuffer`, or any writable C-contiguous buffer (numpy array, bytearray).
+
+        Raises `FileNotFoundError` (missing file), `ValueError` (range past the end, `out` too
+        small or read-only, not a regular file or block device), `TypeError` (`out` is not a
+        buffer), `NotDirectError` (strict), `PeerMemError` (anything else).
+        """
+    def pread(self, path: _Path, out: _Out, offset: int = 0, size: Optional[int] = None, out_offset: int = 0) -> Future:
+        """As `read`, queued on the loader's workers; errors surface at `Future.result()`
+        (argument errors about `out` at once)."""
+    def close(self) -> None:
+        """Waits for queued loads, then stops the workers."""
+    def __enter__(self) -> "Loader": ...
+    def __exit__(self, *args: Any) -> bool: ...
+
+def registered_buffers() -> int:
+    """Regions in the package's registry: live buffers and destinations of loads in flight."""
+
+def vulkan_available() -> bool:
+    """True when a Vulkan device can be opened (lavapipe counts)."""
+
+class Batch:
+    """One batch of a `ShardReader`: a `(rows, record_size)` uint8 array through the buffer
+    protocol (`numpy.asarray(batch)`) and DLPack (`numpy.from_dlpack`, `torch.from_dlpack`),
+    zero copy. Its buffer returns to the reader's ring when the batch and its views are gone."""
+
+    @property
+    def indices(self) -> List[int]:
+        """The global record indices of the rows, in order."""
+    @property
+    def shape(self) -> Tuple[int, int]: ...
+    def __len__(self) -> int: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
+class ShardIter:
+    """The batches of one epoch, read `prefetch` batches ahead by a background thread."""
+
+    def __iter__(self) -> "ShardIter": ...
+    def __next__(self) -> Batch:
+        """The next batch; raises the load's error (`FileNotFoundError`, `PeerMemError`)."""
+
+class ShardReader:
+    """Batches of fixed-size records from `files` (in order, concatenated) for data-parallel
+    training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`), and
+    rank `rank` of `world_size` reads every `world_size`-th of them (DistributedSampler's
+    striding, without padding: over all ranks, every record exactly once per epoch). The last
+    batch may be short. `index` (variable-size records) is not supported yet (`ValueError`).
+
+    As a PyTorch `IterableDataset` source: build the reader in `__iter__` with the worker's
+    `rank`/`world_size`, call `set_epoch` each epoch, and yield `torch.from_dlpack(batch)`.
+    """
+
+    epoch: int
+    def __init__(
+        self,
+        files: List[_Path],
+        record_size: Optional[int] = None,
+        index: Any = None,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        epoch: int = 0,
+    ) -> None: ...
+    @property
+    def num_records(self) -> int:
+        """Records in all files."""
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (changes the shuffle)."""
+    def __len__(self) -> int:
+        """Records this rank reads per epoch."""
+    def __iter__(self) -> ShardIter: ...

@@ -1,0 +1,46 @@
+//! The package's exceptions and the one mapping from Rust errors to them.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
+use pyo3::prelude::*;
+
+use peermem_loader::LoadError;
+
+create_exception!(
+    peermem,
+    PeerMemError,
+    PyException,
+    "A failure of the Rust library; the message is the Rust error's."
+);
+create_exception!(
+    peermem,
+    NotDirectError,
+    PeerMemError,
+    "A strict load could not move the bytes directly; `reasons` says why."
+);
+
+/// Any Rust error as `PeerMemError` with its message.
+pub fn peermem_err(e: impl std::fmt::Display) -> PyErr {
+    PeerMemError::new_err(e.to_string())
+}
+
+/// A loader error: a missing file is `FileNotFoundError`, a range past the end or a destination
+/// too small `ValueError`, everything else `PeerMemError`.
+pub fn load_err(e: LoadError) -> PyErr {
+    match &e {
+        LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(e.to_string())
+        }
+        LoadError::BadRange { .. } | LoadError::TooSmall { .. } => PyValueError::new_err(e.to_string()),
+        _ => peermem_err(e),
+    }
+}
+
+/// `NotDirectError` carrying the reasons as a list attribute.
+pub fn not_direct(py: Python<'_>, method: &str, reasons: Vec<String>) -> PyErr {
+    let err = NotDirectError::new_err(format!("not direct: {method}"));
+    // Setting an attribute on a fresh exception instance cannot fail short of memory exhaustion;
+    // the exception is raised either way.
+    let _ = err.value(py).setattr("reasons", reasons);
+    err
+}

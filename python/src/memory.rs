@@ -1,0 +1,232 @@
+//! Memory a load can fill: `HostBuffer` (page-aligned host pages), `VulkanBuffer` (a Vulkan
+//! allocation), and any writable contiguous Python buffer registered for the length of one load.
+//! The package's registry over the live system holds every registration.
+//!
+//! Owns: the package registry and the Python-facing buffer classes. Must not: touch raw
+//! pointers (the `sys` module does) or decide routes (the registry does).
+
+use std::sync::{Arc, OnceLock};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use peermem::{Entry, HostRegion, PeerMemory, Registration, Registry};
+use peermem_vulkan::{Device, Placement, Select};
+
+use crate::errors::peermem_err;
+use crate::sys::PyBufferRegion;
+
+/// The registry of the live system every buffer of the package is registered in.
+pub fn registry() -> PyResult<&'static Registry> {
+    static REG: OnceLock<Result<Registry, String>> = OnceLock::new();
+    REG.get_or_init(|| {
+        peermem::Topology::discover("/")
+            .map(|t| Registry::new(Arc::new(t)))
+            .map_err(|e| format!("reading the live PCI topology for the buffer registry: {e}"))
+    })
+    .as_ref()
+    .map_err(peermem_err)
+}
+
+/// The number of regions registered in the package's registry (buffers alive, and the
+/// destinations of loads in flight).
+#[pyfunction]
+pub fn registered_buffers() -> PyResult<usize> {
+    Ok(registry()?.len())
+}
+
+/// Registered memory the Python object owns: the region and its registration.
+pub struct Owned {
+    pub region: Arc<dyn PeerMemory>,
+    /// Bytes the caller asked for (the region may be rounded up to whole pages).
+    pub nbytes: u64,
+    pub reg: Registration,
+}
+
+impl Owned {
+    fn new(region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Owned> {
+        let reg = registry()?.register(region.clone()).map_err(peermem_err)?;
+        Ok(Owned { region, nbytes, reg })
+    }
+    pub fn entry(&self) -> Arc<Entry> {
+        self.reg.entry().clone()
+    }
+    fn data_ptr(&self) -> Option<u64> {
+        self.region.cpu_mapping().map(|s| s.addr().raw())
+    }
+}
+
+fn check_nbytes(nbytes: u64) -> PyResult<()> {
+    if nbytes == 0 {
+        return Err(PyValueError::new_err("nbytes must be > 0"));
+    }
+    Ok(())
+}
+
+/// Page-aligned, zero-filled host memory registered in the package's registry. Supports the
+/// buffer protocol (`memoryview(buf)`, `numpy.asarray(buf)`) and DLPack (`numpy.from_dlpack`,
+/// `torch.from_dlpack`), both zero copy.
+#[pyclass(module = "peermem", frozen)]
+pub struct HostBuffer {
+    pub mem: Owned,
+}
+
+#[pymethods]
+impl HostBuffer {
+    #[new]
+    fn new(py: Python<'_>, nbytes: u64) -> PyResult<HostBuffer> {
+        check_nbytes(nbytes)?;
+        let region = py.detach(|| HostRegion::new(nbytes)).map_err(peermem_err)?;
+        Ok(HostBuffer { mem: Owned::new(Arc::new(region), nbytes)? })
+    }
+
+    /// Bytes usable through the buffer protocol and DLPack.
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.mem.nbytes
+    }
+
+    /// The CPU address of the first byte.
+    #[getter]
+    fn data_ptr(&self) -> Option<u64> {
+        self.mem.data_ptr()
+    }
+
+    fn __len__(&self) -> usize {
+        self.mem.nbytes as usize
+    }
+
+    /// A DLPack capsule over the bytes (1-D uint8 on the CPU); the memory stays alive while the
+    /// consumer holds it.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        // CPU memory: there is no stream to synchronize with.
+        let _ = stream;
+        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, max_version, dl_device, copy)
+    }
+
+    /// `(1, 0)`: DLPack's CPU device.
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        crate::sys::DLPACK_CPU
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<peermem.HostBuffer {} bytes at {:#x}>", self.mem.nbytes, self.mem.data_ptr().unwrap_or(0))
+    }
+}
+
+/// The Vulkan device buffers are allocated on (opened once, on first use).
+fn vulkan() -> PyResult<&'static Device> {
+    static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
+    DEV.get_or_init(|| Device::open(Select::Best).map_err(|e| format!("no Vulkan device: {e}")))
+        .as_ref()
+        .map_err(peermem_err)
+}
+
+/// True when a Vulkan device can be opened (lavapipe counts).
+#[pyfunction]
+pub fn vulkan_available(py: Python<'_>) -> bool {
+    py.detach(|| vulkan().is_ok())
+}
+
+/// A Vulkan buffer registered in the package's registry. Host-visible memory (the default,
+/// `device_local=False`) supports the buffer protocol and DLPack (as CPU memory, zero copy).
+#[pyclass(module = "peermem", frozen)]
+pub struct VulkanBuffer {
+    pub mem: Owned,
+}
+
+#[pymethods]
+impl VulkanBuffer {
+    #[new]
+    #[pyo3(signature = (nbytes, device_local=false))]
+    fn new(py: Python<'_>, nbytes: u64, device_local: bool) -> PyResult<VulkanBuffer> {
+        check_nbytes(nbytes)?;
+        let placement = if device_local { Placement::DeviceLocal } else { Placement::Mappable };
+        let region = py.detach(|| vulkan()?.allocate(nbytes, placement).map_err(peermem_err))?;
+        Ok(VulkanBuffer { mem: Owned::new(Arc::new(region), nbytes)? })
+    }
+
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.mem.nbytes
+    }
+
+    /// True when the CPU can reach the bytes (buffer protocol and DLPack work).
+    #[getter]
+    fn host_visible(&self) -> bool {
+        self.mem.region.cpu_mapping().is_some()
+    }
+
+    /// The CPU address of the first byte, None without a CPU mapping.
+    #[getter]
+    fn data_ptr(&self) -> Option<u64> {
+        self.mem.data_ptr()
+    }
+
+    fn __len__(&self) -> usize {
+        self.mem.nbytes as usize
+    }
+
+    /// A DLPack capsule over host-visible memory (as CPU memory); `PeerMemError` otherwise.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        // CPU memory: there is no stream to synchronize with.
+        let _ = stream;
+        crate::sys::dlpack(py, self.mem.region.clone(), self.mem.nbytes, max_version, dl_device, copy)
+    }
+
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        crate::sys::DLPACK_CPU
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<peermem.VulkanBuffer {} bytes, {}>",
+            self.mem.nbytes,
+            if self.host_visible() { "host-visible" } else { "device-only" }
+        )
+    }
+}
+
+/// Where a load writes: a buffer of the package (already registered) or any other writable
+/// contiguous Python buffer (registered for the length of the load).
+pub enum Dest {
+    Registered { entry: Arc<Entry>, nbytes: u64 },
+    Foreign(Arc<PyBufferRegion>),
+}
+
+impl Dest {
+    pub fn from_py(out: &Bound<'_, PyAny>) -> PyResult<Dest> {
+        if let Ok(b) = out.cast::<HostBuffer>() {
+            let m = &b.get().mem;
+            return Ok(Dest::Registered { entry: m.entry(), nbytes: m.nbytes });
+        }
+        if let Ok(b) = out.cast::<VulkanBuffer>() {
+            let m = &b.get().mem;
+            return Ok(Dest::Registered { entry: m.entry(), nbytes: m.nbytes });
+        }
+        Ok(Dest::Foreign(Arc::new(PyBufferRegion::new(out)?)))
+    }
+
+    pub fn nbytes(&self) -> u64 {
+        match self {
+            Dest::Registered { nbytes, .. } => *nbytes,
+            Dest::Foreign(r) => r.len(),
+        }
+    }
+}
