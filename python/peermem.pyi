@@ -33,11 +33,12 @@ class Device:
     class_code: int
     """The 24-bit class code (class, subclass, programming interface)."""
     vendor_name: Optional[str]
-    """Vendor name (None: the core reads no PCI ID database yet)."""
+    """Vendor name from the system's pci.ids (`PEERMEM_PCI_IDS` overrides); None when unknown."""
     device_name: Optional[str]
-    """Device name (None: the core reads no PCI ID database yet)."""
+    """Device name from the system's pci.ids; None when unknown."""
     label: Optional[str]
-    """A label such as `nvme0` (None: the core has no label yet)."""
+    """The label `peermem topo` prints: `GPU0`, `NIC0`, `NVME0`, `STOR0`, `ACC0` in PCI bus
+    order (`PCIn` for other functions)."""
     numa_node: Optional[int]
     upstream: Optional[str]
     """The BDF of the bridge above; None on a root bus."""
@@ -70,7 +71,8 @@ class RouteInfo:
     reasons: List[str]
 
 class Topology:
-    """The PCI topology of a sysroot: the live system (`root=None`) or a captured directory.
+    """The PCI topology of a sysroot: the live system (`root=None`), a captured directory, or a
+    capture archive (`.tar`, `.tar.gz`, `.tar.bz2`, `.tar.xz`).
 
     Raises `PeerMemError` when `root` is not a sysroot.
     """

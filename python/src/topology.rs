@@ -15,6 +15,11 @@ use crate::errors::peermem_err;
 #[pyclass(module = "peermem", frozen)]
 pub struct Topology {
     reg: Registry,
+    /// Names from the system's pci.ids (empty without one), and the CLI's labels.
+    names: peermem::pciids::PciIds,
+    labels: peermem::pci::select::Labels,
+    /// A capture archive unpacked for this topology (removed with it).
+    _unpacked: Option<tempfile::TempDir>,
 }
 
 impl Topology {
@@ -44,7 +49,8 @@ pub struct Device {
     vendor_name: Option<String>,
     /// Device name from a PCI ID database (None: the core reads no such database yet).
     device_name: Option<String>,
-    /// A human label such as `nvme0` or `mlx5_0` (None: the core has no label yet).
+    /// The label `peermem topo` prints: `GPU0`, `NIC0`, `NVME0`, `STOR0`, `ACC0` in PCI bus order
+    /// (`PCIn` for other functions).
     label: Option<String>,
     numa_node: Option<i32>,
     /// The BDF of the bridge above, None on a root bus.
@@ -114,15 +120,31 @@ fn bdf_str(b: Bdf) -> String {
 
 #[pymethods]
 impl Topology {
-    /// Reads the PCI topology of `root` (a sysroot directory; None reads `/`).
+    /// Reads the PCI topology of `root`: a sysroot directory, or a capture archive (`.tar`,
+    /// `.tar.gz`, `.tar.bz2`, `.tar.xz`, as `peermem capture --archive` writes); None reads `/`.
     #[new]
     #[pyo3(signature = (root=None))]
     fn new(py: Python<'_>, root: Option<PathBuf>) -> PyResult<Topology> {
         let root = root.unwrap_or_else(|| PathBuf::from("/"));
+        let (dir, unpacked) = if root.is_file() {
+            let tmp = tempfile::Builder::new()
+                .prefix("peermem-root-")
+                .tempdir()
+                .map_err(|e| peermem_err(format!("temporary directory: {e}")))?;
+            let dir = py
+                .detach(|| peermem::archive::unpack(&root, tmp.path()))
+                .map_err(|e| peermem_err(format!("{}: {e}", root.display())))?;
+            (dir, Some(tmp))
+        } else {
+            (root.clone(), None)
+        };
         let topo = py
-            .detach(|| peermem::Topology::discover(&root))
+            .detach(|| peermem::Topology::discover(&dir))
             .map_err(|e: TopologyError| peermem_err(format!("{}: {e}", root.display())))?;
-        Ok(Topology { reg: Registry::new(Arc::new(topo)) })
+        let wanted: Vec<(u16, u16)> = topo.devices().iter().map(|d| (d.vendor, d.device)).collect();
+        let names = peermem::pciids::PciIds::load(&wanted).map_err(|e| peermem_err(e.to_string()))?;
+        let labels = peermem::pci::select::Labels::new(&topo);
+        Ok(Topology { reg: Registry::new(Arc::new(topo)), names, labels, _unpacked: unpacked })
     }
 
     /// Every PCI function, in BDF order.
@@ -131,14 +153,15 @@ impl Topology {
         let t = self.topo();
         t.devices()
             .iter()
-            .map(|d| Device {
+            .enumerate()
+            .map(|(i, d)| Device {
                 bdf: bdf_str(d.bdf),
                 vendor: d.vendor,
                 device: d.device,
                 class_code: d.class,
-                vendor_name: None,
-                device_name: None,
-                label: None,
+                vendor_name: self.names.vendor(d.vendor).map(str::to_string),
+                device_name: self.names.device(d.vendor, d.device).map(str::to_string),
+                label: Some(self.labels.label(peermem::DevIdx::new(i)).to_string()),
                 numa_node: d.numa_node,
                 upstream: t.idx(d.bdf).ok().and_then(|i| t.upstream(i)).map(|u| bdf_str(t.device(u).bdf)),
                 host_bridge: d.host_bridge.clone(),

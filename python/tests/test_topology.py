@@ -23,7 +23,32 @@ def test_devices_carry_every_contract_field(topo):
     assert devs["0000:00:00.0"].upstream is None
     for dev in devs.values():
         for field in ("vendor_name", "device_name", "label", "numa_node"):
-            getattr(dev, field)  # present (None where the capture or the core has no value)
+            getattr(dev, field)  # present (None where the capture or pci.ids has no value)
+    # The CLI's labels: NVMe controllers numbered in PCI bus order.
+    nvme = sorted(b for b, x in devs.items() if x.class_code >> 8 == 0x0108)
+    assert [devs[b].label for b in nvme] == [f"NVME{i}" for i in range(len(nvme))]
+
+
+def test_names_come_from_the_pci_ids_file_peermem_pci_ids_names(fixtures_dir, tmp_path, monkeypatch):
+    ids = tmp_path / "pci.ids"
+    ids.write_text("1b36  Red Hat, Inc.\n\t0010  QEMU NVM Express Controller\n")
+    monkeypatch.setenv("PEERMEM_PCI_IDS", str(ids))
+    devs = {d.bdf: d for d in peermem.Topology(str(fixtures_dir / "qemu-switch")).devices}
+    assert devs[SWITCH_A].vendor_name == "Red Hat, Inc."
+    assert devs[SWITCH_A].device_name == "QEMU NVM Express Controller"
+    assert devs["0000:00:00.0"].device_name is None
+
+
+def test_a_capture_archive_reads_like_its_directory(fixtures_dir, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "capture.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(fixtures_dir / "qemu-switch", arcname="qemu-switch")
+    from_dir = peermem.Topology(str(fixtures_dir / "qemu-switch"))
+    from_tar = peermem.Topology(str(archive))
+    assert [d.bdf for d in from_tar.devices] == [d.bdf for d in from_dir.devices]
+    assert from_tar.why(SWITCH_A, SWITCH_B).map_type == "bus_addr"
 
 
 def test_live_topology_reads_root():
