@@ -72,8 +72,17 @@ pub fn load(
     let window = cpu_window(reg, dest)?;
     let align = source.align();
     // The part a direct method moves: from an aligned start, whole aligned blocks; the tail
-    // shorter than one block goes through a small bounce.
-    let body = if range.start.is_multiple_of(align) && doff.is_multiple_of(ALIGN) { len / align * align } else { 0 };
+    // shorter than one block goes through a small bounce. O_DIRECT also needs the destination's
+    // memory aligned (a region lent by a caller, e.g. a numpy array, may not be page aligned).
+    let memory_aligned = match source {
+        Source::Kernel(_) => dest.cpu_range().is_none_or(|r| (r.start().raw() + doff).is_multiple_of(ALIGN)),
+        Source::Vfio(_) => true,
+    };
+    let body = if range.start.is_multiple_of(align) && doff.is_multiple_of(ALIGN) && memory_aligned {
+        len / align * align
+    } else {
+        0
+    };
 
     let (reach, direct_method) = match source {
         Source::Kernel(_) => (Reach::KernelPages, Method::KernelDirect),
@@ -81,9 +90,10 @@ pub fn load(
     };
     // What the source side rules out before the planner is asked.
     let precondition = match source {
-        _ if body == 0 => {
-            Err(format!("range start {:#x} / destination offset {doff:#x} not {align}-byte aligned", range.start))
-        }
+        _ if body == 0 => Err(format!(
+            "range start {:#x} / destination address + offset {doff:#x} not {align}-byte aligned",
+            range.start
+        )),
         Source::Kernel(k) if !k.direct => Err("the filesystem refused O_DIRECT".to_string()),
         _ => Ok(()),
     };
@@ -355,6 +365,28 @@ mod tests {
             host.read_at(doff, &mut back).unwrap();
             assert!(back == data[range.start as usize..range.end as usize], "{range:?}: {}", r.method);
             assert!(r.reasons.iter().any(|s| s.starts_with("plan:")), "{:?}", r.reasons);
+        }
+    }
+
+    /// A destination whose memory is not page aligned (a slice of a pool at an odd offset, as a
+    /// caller's buffer can be) is not handed to O_DIRECT (EINVAL): it is bounced, correctly.
+    #[test]
+    fn a_destination_not_page_aligned_in_memory_is_bounced_not_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("src.bin");
+        let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let reg = fixture_registry();
+        let pool = Arc::new(HostRegion::new(2 << 20).unwrap());
+        let slice = Arc::new(peermem::HostSlice::new(pool.clone(), 100, 1 << 20).unwrap());
+        let g = reg.register(slice.clone() as Arc<dyn PeerMemory>).unwrap();
+        let mut src = Source::Kernel(KernelSource::open(&p).unwrap());
+        let r = load(&mut src, 0..1 << 20, &g, &reg, &LoadOptions::default()).unwrap();
+        let mut back = vec![0u8; 1 << 20];
+        slice.read_at(0, &mut back).unwrap();
+        assert!(back == data);
+        if KernelSource::open(&p).unwrap().is_direct() {
+            assert!(matches!(r.method, Method::Bounce { .. }), "{}", r.method);
         }
     }
 
