@@ -173,12 +173,15 @@ fn pair(name: &str, rounds: usize, mut a: impl FnMut() -> Run, mut b: impl FnMut
 fn vs_fio(dir: PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     let rounds: usize = std::env::var("PEERMEM_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    let size = 512 * MIB;
+    // PEERMEM_BENCH_MIB / PEERMEM_BENCH_SHARDS shrink the job for small disks (the testbed's
+    // 256 MiB namespaces): defaults 512 MiB and 1000 shard files of 512 KiB.
+    let env_u64 = |k: &str, d: u64| std::env::var(k).ok().and_then(|s| s.parse().ok()).unwrap_or(d);
+    let size = env_u64("PEERMEM_BENCH_MIB", 512) * MIB;
     let seq = dir.join("seq.bin");
     ensure_file(&seq, size);
     let shard_dir = dir.join("shards");
     std::fs::create_dir_all(&shard_dir).unwrap();
-    let (nfiles, fsize) = (1000u64, 512 << 10);
+    let (nfiles, fsize) = (env_u64("PEERMEM_BENCH_SHARDS", 1000), 512 << 10);
     for i in 0..nfiles {
         ensure_file(&shard_dir.join(format!("shard.{i}")), fsize);
     }
@@ -211,7 +214,7 @@ fn vs_fio(dir: PathBuf) {
     let seq_l = Loader::new(&reg, Options { chunk: MIB, depth: 16, ..Options::default() }).unwrap();
     let sf = seq_l.open(&seq).unwrap();
     pair(
-        "sequential 1 MiB QD16, 512 MiB, host memory",
+        &format!("sequential 1 MiB QD16, {} MiB, host memory", size / MIB),
         rounds,
         || {
             fio(&[
@@ -233,7 +236,7 @@ fn vs_fio(dir: PathBuf) {
     );
     // fio with its buffers and file registered too (what the loader does by default).
     pair(
-        "sequential 1 MiB QD16, 512 MiB, host memory; fio --fixedbufs --registerfiles",
+        &format!("sequential 1 MiB QD16, {} MiB, host memory; fio --fixedbufs --registerfiles", size / MIB),
         rounds,
         || {
             fio(&[
@@ -259,7 +262,7 @@ fn vs_fio(dir: PathBuf) {
     let rf = rand_l.open(&seq).unwrap();
     let mut seed = 0;
     pair(
-        "random 128 KiB QD32, 512 MiB read, host memory",
+        &format!("random 128 KiB QD32, {} MiB read, host memory", size / MIB),
         rounds,
         || {
             fio(&[
@@ -292,9 +295,9 @@ fn vs_fio(dir: PathBuf) {
     let shard_files: Vec<FileHandle> =
         (0..nfiles).map(|i| rand_l.open(shard_dir.join(format!("shard.{i}"))).unwrap()).collect();
     let sd = shard_dir.display().to_string();
-    let shard_bytes = 256 * MIB;
+    let shard_bytes = size.min(256 * MIB);
     pair(
-        "shards: 1000 files x 512 KiB, random 128 KiB QD32, 256 MiB read",
+        &format!("shards: {nfiles} files x 512 KiB, random 128 KiB QD32, {} MiB read", shard_bytes / MIB),
         rounds,
         || {
             fio(&[
@@ -340,7 +343,7 @@ fn vs_fio(dir: PathBuf) {
         b
     };
     pair(
-        "sequential 1 MiB QD16 512 MiB: host-visible Vulkan buffer vs host memory",
+        &format!("sequential 1 MiB QD16 {} MiB: host-visible Vulkan buffer vs host memory", size / MIB),
         rounds,
         || timed(&seq_l, whole(&hdest)),
         || timed(&seq_l, whole(&vdest)),
@@ -348,7 +351,10 @@ fn vs_fio(dir: PathBuf) {
         "vulkan",
     );
     pair(
-        "sequential 1 MiB QD16 512 MiB: device-local Vulkan buffer (staged, GPU copies) vs host memory",
+        &format!(
+            "sequential 1 MiB QD16 {} MiB: device-local Vulkan buffer (staged, GPU copies) vs host memory",
+            size / MIB
+        ),
         rounds,
         || timed(&seq_l, whole(&hdest)),
         || timed(&seq_l, whole(&ldest)),
