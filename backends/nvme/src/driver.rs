@@ -794,8 +794,6 @@ impl Controller {
                 });
             }
         }
-        // No command is in flight between transfers: mappings of regions nobody holds any more go.
-        self.vfio.release_unused();
         let target = self.target(reg, entry)?;
         let chunk = self.info().mdts.unwrap_or(MAX_XFER).min(MAX_XFER);
         let mut cmds = Vec::new();

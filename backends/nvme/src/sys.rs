@@ -154,7 +154,8 @@ pub struct DmaPin {
     start: VirtAddr,
     len: u64,
     iommu: Option<(std::sync::Arc<File>, Iova)>,
-    region: std::sync::Arc<dyn peermem::PeerMemory>,
+    /// Held, never read: keeps the pages mapped until the IOVA range is unmapped.
+    _region: std::sync::Arc<dyn peermem::PeerMemory>,
 }
 
 impl std::fmt::Debug for DmaPin {
@@ -183,15 +184,11 @@ impl DmaPin {
             // SAFETY: as above: the locked pages belong to the region the pin holds.
             None => unsafe { mlock(start, len) }?,
         }
-        Ok(DmaPin { start, len, iommu, region })
+        Ok(DmaPin { start, len, iommu, _region: region })
     }
     /// Where the range starts in the IOMMU domain (type1 only).
     pub fn iova(&self) -> Option<Iova> {
         self.iommu.as_ref().map(|(_, i)| *i)
-    }
-    /// True when nothing but this pin holds the region any more (its owner dropped it).
-    pub fn only_holder(&self) -> bool {
-        std::sync::Arc::strong_count(&self.region) == 1
     }
 }
 

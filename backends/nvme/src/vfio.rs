@@ -195,7 +195,8 @@ struct DmaMapping {
     iova: Option<Iova>,
     /// The registered region the mapping was made for (None: the driver's own pool, peer BARs).
     owner: Option<RegionId>,
-    pin: sys::DmaPin,
+    /// Held, never read: dropping it undoes the mapping.
+    _pin: sys::DmaPin,
 }
 
 impl DmaMapping {
@@ -213,14 +214,18 @@ const IOVA_BASE: Iova = Iova::new(1 << 32);
 const IOVA_LIMIT: Iova = Iova::new(1 << 39);
 
 /// An open VFIO device with its group and container.
+///
+/// Fields drop in this order: the device fd first (vfio-pci disables the function when it is
+/// closed), then the group, then the DMA mappings (each pin unmaps its IOVA range, then lets its
+/// region go), then the container (kept open by the pins until the last one is gone).
 #[derive(Debug)]
 pub struct Vfio {
+    device: File,
+    _group: File,
+    maps: Vec<DmaMapping>,
+    container: std::sync::Arc<File>,
     bdf: Bdf,
     mode: IommuMode,
-    container: std::sync::Arc<File>,
-    _group: File,
-    device: File,
-    maps: Vec<DmaMapping>,
     next_iova: Iova,
 }
 
@@ -337,8 +342,9 @@ impl Vfio {
 
     /// Makes all of `region`'s CPU-mapped pages reachable by the device: an IOMMU mapping in
     /// type1 mode, locked pages in no-IOMMU mode. The mapping holds the region (its pages stay
-    /// mapped while the device may use them) until it is released: `release_unused` once nothing
-    /// else holds the region, a remapping of the same addresses for another region, or drop.
+    /// mapped while the device may use them) until this `Vfio` is dropped (after the device fd
+    /// is closed, so vfio-pci has disabled the function) or the same addresses are mapped for
+    /// another region.
     /// Idempotent. Call it only while no command is in flight (a replaced mapping is unmapped).
     pub fn map(&mut self, region: Arc<dyn PeerMemory>) -> Result<(), VfioError> {
         self.map_owned(None, region)
@@ -384,14 +390,8 @@ impl Vfio {
         let pin = sys::DmaPin::new(region, iommu).map_err(|source| VfioError::Ioctl { what, source })?;
         let iova = pin.iova();
         tracing::debug!(bdf = %self.bdf, va = %start, len, ?iova, "DMA mapped");
-        self.maps.push(DmaMapping { va: start, len, iova, owner, pin });
+        self.maps.push(DmaMapping { va: start, len, iova, owner, _pin: pin });
         Ok(())
-    }
-
-    /// Unmaps the ranges whose region nothing but the mapping holds any more (their owner let
-    /// them go). Call it only while no command is in flight.
-    pub fn release_unused(&mut self) {
-        self.maps.retain(|m| !m.pin.only_holder());
     }
 
     /// Maps a peer's BAR range (mapped into this process by `Topology::map_bar`) into the
@@ -427,12 +427,5 @@ impl Vfio {
                 .map(DmaAddr::Phys)
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }
-    }
-}
-
-impl Drop for Vfio {
-    fn drop(&mut self) {
-        // Each mapping's pin unmaps its IOVA range, then lets its region go.
-        self.maps.clear();
     }
 }
