@@ -1006,29 +1006,24 @@ impl Worker {
                 };
                 let h = hash_region(&*w, r.dest_offset, r.len)?;
                 checksums.push(h);
+                let mismatch = |expected| LoadError::HashMismatch {
+                    path: r.file.path().to_path_buf(),
+                    offset: r.offset,
+                    len: r.len,
+                    dest: h,
+                    expected,
+                };
                 if let Some(x) = r.expect {
                     any = true;
                     if x != h {
-                        return Err(LoadError::HashMismatch {
-                            path: r.file.path().to_path_buf(),
-                            offset: r.offset,
-                            len: r.len,
-                            dest: h,
-                            expected: x,
-                        });
+                        return Err(mismatch(x));
                     }
                 }
                 if opts.verify == Verify::Reread {
                     any = true;
                     let s = hash_source(&r.file.0, r.offset, r.len)?;
                     if s != h {
-                        return Err(LoadError::HashMismatch {
-                            path: r.file.path().to_path_buf(),
-                            offset: r.offset,
-                            len: r.len,
-                            dest: h,
-                            expected: s,
-                        });
+                        return Err(mismatch(s));
                     }
                 }
             }
