@@ -1,6 +1,9 @@
-//! The data path: one reliable-connected queue pair per connection, set up by exchanging QP
-//! attributes over a TCP stream (the out-of-band channel stays open for small messages such as
-//! a `RemoteBuf`), RDMA WRITE / READ / SEND-RECV, and completion polling with bounded waits.
+//! The data path: one reliable-connected queue pair per connection, set up either by rdma_cm
+//! (see `cm`: the standard connection manager, address and route resolution, disconnect events)
+//! or by exchanging QP attributes over a TCP stream (kept for a peer without an IP address on
+//! the RDMA device: rxe on a link with only a link-local IPv6 GID, where rdma_cm needs a scope;
+//! the stream stays open for small messages such as a `RemoteBuf`), RDMA WRITE / READ /
+//! SEND-RECV, and completion polling with bounded waits.
 //!
 //! Owns: `Connection`, `ConnectOpts`, `Endpoint`. Must not: wait without a deadline, or leave a
 //! QP behind (the QP is destroyed before its CQs when the connection drops).
@@ -110,12 +113,22 @@ impl<'a> Local<'a> {
     }
 }
 
-/// One RC connection. Dropping it destroys the QP, then the CQs.
+/// How a connection was set up, and what carries its control traffic.
+pub(crate) enum Ctrl {
+    /// QP attributes exchanged over TCP; the stream stays open for out-of-band messages.
+    Tcp(TcpStream),
+    /// Connected by rdma_cm: `id` reports the peer's disconnect; `offer` is the private data
+    /// the passive side sent with its accept.
+    Cm { id: sys::CmId, offer: Vec<u8>, disconnected: bool },
+}
+
+/// One RC connection. Dropping it destroys the QP, then the CQs (and, for an rdma_cm
+/// connection, the id, which tells the peer).
 pub struct Connection {
     qp: sys::Qp,
     scq: Arc<sys::Cq>,
     rcq: Arc<sys::Cq>,
-    stream: TcpStream,
+    ctrl: Ctrl,
     peer: String,
     dev: String,
     opts: ConnectOpts,
@@ -232,7 +245,7 @@ impl Connection {
             qp,
             scq,
             rcq,
-            stream,
+            ctrl: Ctrl::Tcp(stream),
             peer: peer.clone(),
             dev: nic.name().to_string(),
             opts,
@@ -259,38 +272,131 @@ impl Connection {
         matches!(self.qp.state(), Ok(s) if s == sys::qp_state::RTS)
     }
 
-    /// Sends a small message on the out-of-band channel.
+    pub(crate) fn from_parts(
+        nic: &Nic,
+        (qp, scq, rcq): (sys::Qp, Arc<sys::Cq>, Arc<sys::Cq>),
+        ctrl: Ctrl,
+        peer: String,
+        opts: ConnectOpts,
+        remote: Endpoint,
+    ) -> Connection {
+        Connection {
+            qp,
+            scq,
+            rcq,
+            ctrl,
+            peer,
+            dev: nic.name().to_string(),
+            opts,
+            next_wr: 1,
+            pending: HashMap::new(),
+            remote,
+        }
+    }
+
+    /// The peer: its TCP address, or the address given to rdma_cm.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// True when rdma_cm set the connection up.
+    pub fn is_cm(&self) -> bool {
+        matches!(self.ctrl, Ctrl::Cm { .. })
+    }
+
+    fn stream(&mut self) -> Result<&mut TcpStream, RdmaError> {
+        match &mut self.ctrl {
+            Ctrl::Tcp(s) => Ok(s),
+            Ctrl::Cm { .. } => Err(RdmaError::Invalid(format!(
+                "the rdma_cm connection to {} has no out-of-band stream: use SEND/RECV on the queue pair",
+                self.peer
+            ))),
+        }
+    }
+
+    /// Sends a small message on the out-of-band channel (TCP-connected only).
     pub fn send_oob(&mut self, data: &[u8]) -> Result<(), RdmaError> {
         let len = u32::try_from(data.len()).map_err(|_| RdmaError::Invalid("out-of-band message too long".into()))?;
         let peer = self.peer.clone();
         let ex = |source| RdmaError::Exchange { peer: peer.clone(), source };
-        self.stream.write_all(&len.to_le_bytes()).map_err(ex)?;
-        self.stream.write_all(data).map_err(ex)
+        let stream = self.stream()?;
+        stream.write_all(&len.to_le_bytes()).map_err(ex)?;
+        stream.write_all(data).map_err(ex)
     }
 
-    /// Receives one out-of-band message into `buf` (its length must match exactly).
+    /// Receives one out-of-band message into `buf` (its length must match exactly; TCP-connected
+    /// only).
     pub fn recv_oob(&mut self, buf: &mut [u8]) -> Result<(), RdmaError> {
         let peer = self.peer.clone();
         let ex = |source| RdmaError::Exchange { peer: peer.clone(), source };
+        let stream = self.stream()?;
         let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).map_err(ex)?;
+        stream.read_exact(&mut len).map_err(ex)?;
         let len = u32::from_le_bytes(len) as usize;
         if len != buf.len() {
             return Err(RdmaError::Invalid(format!("out-of-band message of {len} bytes, expected {}", buf.len())));
         }
-        self.stream.read_exact(buf).map_err(ex)
+        stream.read_exact(buf).map_err(ex)
     }
 
-    /// Tells the peer where it may RDMA READ/WRITE.
+    /// Tells the peer where it may RDMA READ/WRITE (TCP-connected only: an rdma_cm server
+    /// offers its buffer with the accept, see `CmListener::accept`).
     pub fn advertise(&mut self, buf: RemoteBuf) -> Result<(), RdmaError> {
         self.send_oob(&buf.to_bytes())
     }
 
-    /// Waits for the peer's `advertise`.
+    /// The peer's buffer: its `advertise` (TCP), or the offer that came with the accept
+    /// (rdma_cm).
     pub fn expect_remote(&mut self) -> Result<RemoteBuf, RdmaError> {
+        if let Ctrl::Cm { offer, .. } = &self.ctrl {
+            return crate::cm::parse_offer(offer).ok_or_else(|| {
+                RdmaError::Invalid(format!(
+                    "{} accepted without offering a buffer ({} bytes of private data)",
+                    self.peer,
+                    offer.len()
+                ))
+            });
+        }
         let mut b = [0u8; 20];
         self.recv_oob(&mut b)?;
         Ok(RemoteBuf::from_bytes(b))
+    }
+
+    /// Reads pending rdma_cm events without blocking: the peer's disconnect becomes
+    /// `PeerDisconnected` (now and on every later call). A TCP-connected peer has no such events.
+    pub fn check_peer(&mut self) -> Result<(), RdmaError> {
+        let Ctrl::Cm { id, disconnected, .. } = &mut self.ctrl else { return Ok(()) };
+        while !*disconnected {
+            let ev = id.channel().next_event(Duration::ZERO).map_err(|source| RdmaError::Cm {
+                peer: self.peer.clone(),
+                what: "rdma_get_cm_event",
+                source,
+            })?;
+            let Some(ev) = ev else { break };
+            tracing::debug!(peer = %self.peer, event = %ev.name, status = ev.status, "rdma_cm event");
+            if ev.kind == sys::cm_event::DISCONNECTED || ev.kind == sys::cm_event::DEVICE_REMOVAL {
+                *disconnected = true;
+            }
+        }
+        if *disconnected {
+            return Err(RdmaError::PeerDisconnected { peer: self.peer.clone() });
+        }
+        Ok(())
+    }
+
+    /// Ends an rdma_cm connection: the peer sees `PeerDisconnected`. (Dropping the connection
+    /// does the same.) Nothing to do for a TCP-connected one.
+    pub fn disconnect(&mut self) -> Result<(), RdmaError> {
+        if let Ctrl::Cm { id, disconnected, .. } = &mut self.ctrl {
+            if !*disconnected {
+                id.disconnect().map_err(|source| RdmaError::Cm {
+                    peer: self.peer.clone(),
+                    what: "rdma_disconnect",
+                    source,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     fn post(&mut self, op: SendOp, name: &'static str, local: Local<'_>) -> Result<u64, RdmaError> {
@@ -382,6 +488,26 @@ impl Connection {
             }
             spins += 1;
             if spins > 64 {
+                // Idle: a peer that disconnected will complete nothing more (its completions,
+                // if any, were queued before its disconnect and are polled again first).
+                if spins.is_multiple_of(64) && self.check_peer().is_err() {
+                    let before = got.len();
+                    let cq = if recv { &self.rcq } else { &self.scq };
+                    cq.poll(&mut got, n - before).map_err(|source| RdmaError::Verbs {
+                        dev: self.dev.clone(),
+                        what: "ibv_poll_cq",
+                        source,
+                    })?;
+                    if got.len() == before {
+                        return Err(RdmaError::PeerDisconnected { peer: self.peer.clone() });
+                    }
+                    let fresh: Vec<sys::Wc> = got.drain(before..).collect();
+                    for w in fresh {
+                        let w = self.decode(w)?;
+                        got.push(w);
+                    }
+                    continue;
+                }
                 std::thread::sleep(Duration::from_micros(50));
             } else {
                 std::hint::spin_loop();
@@ -446,6 +572,9 @@ impl Connection {
                     what: "ibv_poll_cq",
                     source,
                 })?;
+                if got.is_empty() {
+                    self.check_peer()?;
+                }
                 if got.is_empty() && Instant::now() >= deadline {
                     return Err(RdmaError::Timeout {
                         what: "RDMA WRITE completions".into(),

@@ -127,6 +127,17 @@ pub enum RdmaError {
     Completion(WcError),
     #[error("timed out after {ms} ms waiting for {what}")]
     Timeout { what: String, ms: u128 },
+    #[error("rdma_cm {what} ({peer}): {source}")]
+    Cm { peer: String, what: &'static str, source: io::Error },
+    /// Address or route resolution failed, or the peer's CM never answered.
+    #[error("{peer} is unreachable over RDMA: {event} (status {status})")]
+    Unreachable { peer: String, event: String, status: i32 },
+    /// The peer's connection manager refused the connection (`status` is the CM reject reason).
+    #[error("{peer} rejected the connection: {}", reject_reason(*.status))]
+    Rejected { peer: String, status: i32 },
+    /// The peer disconnected (or its process ended) while the connection was in use.
+    #[error("{peer} disconnected")]
+    PeerDisconnected { peer: String },
     #[error("out-of-band exchange with {peer}: {source}")]
     Exchange { peer: String, source: io::Error },
     #[error("sysfs {path}: {source}")]
@@ -139,11 +150,22 @@ pub enum RdmaError {
     Region(#[from] RegionError),
 }
 
+/// What an InfiniBand CM reject reason (RoCE uses the same CM) means.
+pub fn reject_reason(status: i32) -> String {
+    let what = match status {
+        8 => "nothing listens on that port (invalid service ID)",
+        28 => "the peer's application refused it",
+        1..=3 => "the peer has no resources for it",
+        _ => "reject",
+    };
+    format!("{what} (CM reason {status})")
+}
+
 impl RdmaError {
     /// The errno behind a verbs failure, if any.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            RdmaError::Verbs { source, .. } => source.raw_os_error(),
+            RdmaError::Verbs { source, .. } | RdmaError::Cm { source, .. } => source.raw_os_error(),
             _ => None,
         }
     }

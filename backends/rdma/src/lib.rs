@@ -7,10 +7,13 @@
 //!   the registry's route says (dma-buf MR, `ibv_reg_mr` on the CPU mapping, or a bounce
 //!   buffer), falling back on typed refusals; the MR ends with the region's registration.
 //! - [`dm`]: on-NIC device memory (`ibv_alloc_dm`) as a region.
-//! - [`conn`]: RC queue pairs connected over a TCP exchange, RDMA WRITE/READ/SEND-RECV,
-//!   bounded completion waits, decoded completion errors.
+//! - [`cm`]: connection management with rdma_cm: resolve, listen/accept with an offered
+//!   buffer, connect, reject, disconnect events as typed errors.
+//! - [`conn`]: RC queue pairs (connected by rdma_cm, or over a TCP exchange), RDMA
+//!   WRITE/READ/SEND-RECV, bounded completion waits, decoded completion errors.
 //! - `sys`: the only module with raw verbs (`rdma-mummy-sys`, which dlopens libibverbs).
 
+pub mod cm;
 pub mod conn;
 pub mod device;
 pub mod dm;
@@ -20,6 +23,7 @@ pub mod mr;
 pub mod sys;
 pub mod udmabuf;
 
+pub use cm::CmListener;
 pub use conn::{ConnectOpts, Connection, Endpoint, Local};
 pub use device::{devices, Nic, NicPlace, RdmaDevice};
 pub use dm::DeviceMemory;

@@ -1,11 +1,12 @@
-//! Raw verbs, and the few other system calls this backend needs (memfd seals, udmabuf).
+//! Raw verbs and rdma_cm, and the few other system calls this backend needs (memfd seals, udmabuf).
 //!
 //! Owns: every `unsafe` block of the crate. Each verbs object here owns its handle and releases
 //! it on `Drop` (MR before PD, QP before its CQs, everything before the device context: each
 //! holds an `Arc` of what it was created from). Errors come back as `io::Error` carrying the
 //! errno the library set. Must not: choose routes, retry, log at more than debug level, or panic.
 //!
-//! libibverbs is reached through `rdma-mummy-sys`, which `dlopen`s `libibverbs.so.1` when the
+//! libibverbs and librdmacm are reached through `rdma-mummy-sys`, which `dlopen`s
+//! `libibverbs.so.1` and `librdmacm.so.1` when the
 //! process starts: without the library every call fails with an errno instead of the binary not
 //! starting, and `library_present` tells the two cases apart.
 
@@ -674,6 +675,348 @@ impl Drop for Qp {
     }
 }
 
+/// An rdma_cm event channel: the fd on which connection-manager events arrive (non-blocking;
+/// `next_event` polls it with a deadline).
+#[derive(Debug)]
+pub struct CmChannel {
+    ch: *mut ffi::rdma_event_channel,
+}
+
+// SAFETY: librdmacm channels are thread-safe (the library locks internally); freed only in Drop,
+// after every id on the channel (each holds an Arc of it).
+unsafe impl Send for CmChannel {}
+// SAFETY: as above.
+unsafe impl Sync for CmChannel {}
+
+/// One rdma_cm event, copied out of the library's and acknowledged.
+#[derive(Debug)]
+pub struct CmEvent {
+    /// `rdma_cm_event_type` value (see [`cm_event`]).
+    pub kind: u32,
+    /// The library's name for it (`RDMA_CM_EVENT_ESTABLISHED`, ...).
+    pub name: String,
+    /// The event's status: an errno for address/route errors, the CM reject reason for
+    /// `REJECTED`.
+    pub status: i32,
+    /// The peer's private data (connect request, accept, reject), as delivered.
+    pub private_data: Vec<u8>,
+    /// A connect request's new id (on the listener's channel).
+    pub new_id: Option<CmId>,
+}
+
+impl CmChannel {
+    pub fn create() -> io::Result<Arc<CmChannel>> {
+        // SAFETY: no arguments; a non-null result is destroyed in Drop.
+        let ch = unsafe { ffi::rdma_create_event_channel() };
+        if ch.is_null() {
+            return Err(errno());
+        }
+        let c = CmChannel { ch };
+        // SAFETY: `fd` is the channel's own open fd; only its O_NONBLOCK flag changes.
+        let fd = unsafe { (*ch).fd };
+        let r = unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
+        if r < 0 {
+            return Err(errno());
+        }
+        Ok(Arc::new(c))
+    }
+
+    /// The next event, waiting at most `timeout`; `None` when none came.
+    pub fn next_event(self: &Arc<Self>, timeout: std::time::Duration) -> io::Result<Option<CmEvent>> {
+        // SAFETY: the channel is live; we only poll its fd.
+        let fd = unsafe { (*self.ch).fd };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = errno();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(None) } else { Err(e) };
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let mut ev: *mut ffi::rdma_cm_event = ptr::null_mut();
+        // SAFETY: the channel is live and non-blocking; `ev` is a valid out-pointer.
+        if unsafe { ffi::rdma_get_cm_event(self.ch, &mut ev) } != 0 {
+            let e = errno();
+            return if e.kind() == io::ErrorKind::WouldBlock { Ok(None) } else { Err(e) };
+        }
+        // SAFETY: `ev` is a valid event until acknowledged below; the private data pointer (when
+        // non-null) covers `private_data_len` bytes owned by the event; a connect request's
+        // `id` is a new id that becomes ours (destroyed by `CmId`'s Drop, after this ack).
+        unsafe {
+            let e = &*ev;
+            let kind = e.event;
+            let name = CStr::from_ptr(ffi::rdma_event_str(kind)).to_string_lossy().into_owned();
+            let conn = e.param.conn;
+            let private_data = if conn.private_data.is_null() || kind == cm_event::DISCONNECTED {
+                Vec::new()
+            } else {
+                std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize).to_vec()
+            };
+            let new_id = (kind == cm_event::CONNECT_REQUEST).then(|| CmId { id: e.id, ch: self.clone() });
+            let status = e.status;
+            ffi::rdma_ack_cm_event(ev);
+            Ok(Some(CmEvent { kind, name, status, private_data, new_id }))
+        }
+    }
+}
+
+impl Drop for CmChannel {
+    fn drop(&mut self) {
+        // SAFETY: every id on the channel holds an Arc of it, so none is alive now.
+        unsafe { ffi::rdma_destroy_event_channel(self.ch) }
+    }
+}
+
+/// The `sockaddr` form of a socket address, for librdmacm.
+fn sockaddr(a: &std::net::SocketAddr) -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage, and it is large enough and aligned for both
+    // sockaddr_in and sockaddr_in6.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match a {
+        std::net::SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: see above.
+            unsafe { ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
+        }
+        std::net::SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: see above.
+            unsafe { ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
+        }
+    }
+    ss
+}
+
+/// What `connect`/`accept` tell the peer's connection manager.
+#[derive(Debug, Clone, Copy)]
+pub struct CmConnParam<'a> {
+    pub qpn: u32,
+    pub private_data: &'a [u8],
+    /// RDMA READs this side serves / issues at once.
+    pub responder_resources: u8,
+    pub initiator_depth: u8,
+    pub retry_count: u8,
+    pub rnr_retry_count: u8,
+}
+
+/// An rdma_cm identifier (TCP port space: reliable connected); destroyed on drop.
+#[derive(Debug)]
+pub struct CmId {
+    id: *mut ffi::rdma_cm_id,
+    ch: Arc<CmChannel>,
+}
+
+// SAFETY: librdmacm ids are thread-safe; freed only in Drop.
+unsafe impl Send for CmId {}
+// SAFETY: as above.
+unsafe impl Sync for CmId {}
+
+impl CmId {
+    pub fn create(ch: &Arc<CmChannel>) -> io::Result<CmId> {
+        let mut id: *mut ffi::rdma_cm_id = ptr::null_mut();
+        // SAFETY: the channel is live; `id` is a valid out-pointer; a created id is destroyed
+        // in Drop.
+        let r = unsafe { ffi::rdma_create_id(ch.ch, &mut id, ptr::null_mut(), ffi::rdma_port_space::RDMA_PS_TCP) };
+        if r != 0 || id.is_null() {
+            return Err(errno());
+        }
+        Ok(CmId { id, ch: ch.clone() })
+    }
+
+    pub fn channel(&self) -> &Arc<CmChannel> {
+        &self.ch
+    }
+
+    /// Moves the id's events to `ch` (a connection gets its own channel, apart from its
+    /// listener's).
+    pub fn migrate(&mut self, ch: &Arc<CmChannel>) -> io::Result<()> {
+        // SAFETY: both the id and the channel are live.
+        rc(unsafe { ffi::rdma_migrate_id(self.id, ch.ch) })?;
+        self.ch = ch.clone();
+        Ok(())
+    }
+
+    pub fn bind(&self, addr: &std::net::SocketAddr) -> io::Result<()> {
+        let mut ss = sockaddr(addr);
+        // SAFETY: the id is live; `ss` holds a valid sockaddr of its family for the call.
+        rc(unsafe { ffi::rdma_bind_addr(self.id, (&mut ss as *mut libc::sockaddr_storage).cast()) })
+    }
+
+    pub fn listen(&self, backlog: i32) -> io::Result<()> {
+        // SAFETY: the id is live and bound.
+        rc(unsafe { ffi::rdma_listen(self.id, backlog) })
+    }
+
+    /// The port the id is bound to (host order; 0 before it is bound). Read from the id's
+    /// source address (the loader shim lacks `rdma_get_src_port`, which does the same).
+    pub fn src_port(&self) -> u16 {
+        // SAFETY: the id is live; its source address is a sockaddr of the family it names
+        // (sin_port and sin6_port sit at the same offset, as rdma_get_src_port relies on).
+        unsafe {
+            let a = &(*self.id).route.addr.src_addr_union;
+            match a.src_addr.sa_family as libc::c_int {
+                libc::AF_INET => u16::from_be(a.src_sin.sin_port),
+                libc::AF_INET6 => u16::from_be(a.src_sin6.sin6_port),
+                _ => 0,
+            }
+        }
+    }
+
+    pub fn resolve_addr(&self, dst: &std::net::SocketAddr, timeout_ms: i32) -> io::Result<()> {
+        let mut ss = sockaddr(dst);
+        // SAFETY: the id is live; `ss` is valid for the call; no source address.
+        rc(unsafe {
+            ffi::rdma_resolve_addr(
+                self.id,
+                ptr::null_mut(),
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                timeout_ms,
+            )
+        })
+    }
+
+    pub fn resolve_route(&self, timeout_ms: i32) -> io::Result<()> {
+        // SAFETY: the id is live.
+        rc(unsafe { ffi::rdma_resolve_route(self.id, timeout_ms) })
+    }
+
+    /// Name of the RDMA device the id is bound to (after address resolution or a connect
+    /// request).
+    pub fn device_name(&self) -> Option<String> {
+        // SAFETY: the id is live; `verbs` is null or a context owned by librdmacm for the id's
+        // life, whose device name is a NUL-terminated string.
+        unsafe {
+            let ctx = (*self.id).verbs;
+            if ctx.is_null() {
+                return None;
+            }
+            let p = ffi::ibv_get_device_name((*ctx).device);
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_string_lossy().into_owned())
+        }
+    }
+
+    /// The id's port on its device.
+    pub fn port_num(&self) -> u8 {
+        // SAFETY: the id is live.
+        unsafe { (*self.id).port_num }
+    }
+
+    fn param(p: &CmConnParam<'_>) -> io::Result<ffi::rdma_conn_param> {
+        let len = u8::try_from(p.private_data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        Ok(ffi::rdma_conn_param {
+            private_data: p.private_data.as_ptr().cast(),
+            private_data_len: len,
+            responder_resources: p.responder_resources,
+            initiator_depth: p.initiator_depth,
+            flow_control: 1,
+            retry_count: p.retry_count,
+            rnr_retry_count: p.rnr_retry_count,
+            srq: 0,
+            qp_num: p.qpn,
+        })
+    }
+
+    /// Sends a connect request for the QP `p.qpn` (created and moved to INIT by the caller).
+    pub fn connect(&self, p: &CmConnParam<'_>) -> io::Result<()> {
+        let mut param = Self::param(p)?;
+        // SAFETY: the id is live and route-resolved; `param` and its private data outlive the
+        // call (the library copies them).
+        rc(unsafe { ffi::rdma_connect(self.id, &mut param) })
+    }
+
+    /// Accepts a connect request for the QP `p.qpn` (moved to RTS by the caller).
+    pub fn accept(&self, p: &CmConnParam<'_>) -> io::Result<()> {
+        let mut param = Self::param(p)?;
+        // SAFETY: as for connect.
+        rc(unsafe { ffi::rdma_accept(self.id, &mut param) })
+    }
+
+    pub fn reject(&self, private_data: &[u8]) -> io::Result<()> {
+        let len = u8::try_from(private_data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: the id is live; the data outlives the call.
+        rc(unsafe { ffi::rdma_reject(self.id, private_data.as_ptr().cast(), len) })
+    }
+
+    /// Tells the passive side's CM that the active side is ready (after a connect response,
+    /// with the QP in RTS).
+    pub fn establish(&self) -> io::Result<()> {
+        // SAFETY: the id is live.
+        rc(unsafe { ffi::rdma_establish(self.id) })
+    }
+
+    pub fn disconnect(&self) -> io::Result<()> {
+        // SAFETY: the id is live.
+        rc(unsafe { ffi::rdma_disconnect(self.id) })
+    }
+}
+
+impl Drop for CmId {
+    fn drop(&mut self) {
+        // SAFETY: created once, destroyed once; every event of the id was acknowledged when it
+        // was read (`next_event`), so the call does not wait.
+        let r = unsafe { ffi::rdma_destroy_id(self.id) };
+        if r != 0 {
+            tracing::debug!("rdma_destroy_id failed: {}", errno());
+        }
+    }
+}
+
+impl Qp {
+    /// Moves the QP to `state` with the attributes the connection manager computed for `id`
+    /// (path, GIDs, PSNs, remote QPN); `access` is ORed into the INIT access flags, and
+    /// `ack_timeout` replaces the RTS local ACK timeout when given.
+    pub fn modify_by_cm(&self, id: &CmId, state: u32, access: u32, ack_timeout: Option<u8>) -> io::Result<()> {
+        // SAFETY: all-zero is a valid ibv_qp_attr.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = state;
+        let mut mask: libc::c_int = 0;
+        // SAFETY: the id is live and connected far enough for `state`; `a` and `mask` are valid
+        // out-pointers.
+        rc(unsafe { ffi::rdma_init_qp_attr(id.id, &mut a, &mut mask) })?;
+        if state == ffi::ibv_qp_state::IBV_QPS_INIT {
+            a.qp_access_flags |= access;
+        }
+        if let (Some(t), true) = (ack_timeout, state == ffi::ibv_qp_state::IBV_QPS_RTS) {
+            a.timeout = t;
+            mask |= ffi::ibv_qp_attr_mask::IBV_QP_TIMEOUT.0 as libc::c_int;
+        }
+        // SAFETY: the QP is live; `a` and `mask` come from the CM for this state.
+        rc(unsafe { ffi::ibv_modify_qp(self.qp, &mut a, mask) })
+    }
+}
+
+/// rdma_cm event kinds.
+pub mod cm_event {
+    use super::ffi::rdma_cm_event_type as E;
+    pub const ADDR_RESOLVED: u32 = E::RDMA_CM_EVENT_ADDR_RESOLVED;
+    pub const ADDR_ERROR: u32 = E::RDMA_CM_EVENT_ADDR_ERROR;
+    pub const ROUTE_RESOLVED: u32 = E::RDMA_CM_EVENT_ROUTE_RESOLVED;
+    pub const ROUTE_ERROR: u32 = E::RDMA_CM_EVENT_ROUTE_ERROR;
+    pub const CONNECT_REQUEST: u32 = E::RDMA_CM_EVENT_CONNECT_REQUEST;
+    pub const CONNECT_RESPONSE: u32 = E::RDMA_CM_EVENT_CONNECT_RESPONSE;
+    pub const CONNECT_ERROR: u32 = E::RDMA_CM_EVENT_CONNECT_ERROR;
+    pub const UNREACHABLE: u32 = E::RDMA_CM_EVENT_UNREACHABLE;
+    pub const REJECTED: u32 = E::RDMA_CM_EVENT_REJECTED;
+    pub const ESTABLISHED: u32 = E::RDMA_CM_EVENT_ESTABLISHED;
+    pub const DISCONNECTED: u32 = E::RDMA_CM_EVENT_DISCONNECTED;
+    pub const DEVICE_REMOVAL: u32 = E::RDMA_CM_EVENT_DEVICE_REMOVAL;
+    pub const TIMEWAIT_EXIT: u32 = E::RDMA_CM_EVENT_TIMEWAIT_EXIT;
+}
+
 /// Access flag bits, as libibverbs defines them.
 pub mod access {
     use super::ffi::ibv_access_flags as A;
@@ -686,6 +1029,8 @@ pub mod access {
 /// QP state values.
 pub mod qp_state {
     use super::ffi::ibv_qp_state as S;
+    pub const INIT: u32 = S::IBV_QPS_INIT;
+    pub const RTR: u32 = S::IBV_QPS_RTR;
     pub const RTS: u32 = S::IBV_QPS_RTS;
     pub const ERR: u32 = S::IBV_QPS_ERR;
 }

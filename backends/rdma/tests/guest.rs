@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use peermem::{HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology};
 use peermem_rdma::{
-    devices, Access, ConnectOpts, Connection, DeviceMemory, Local, Method, Nic, NicPlace, RdmaError, UdmabufRegion,
+    devices, Access, CmListener, ConnectOpts, Connection, DeviceMemory, Local, Method, Nic, NicPlace, RdmaError,
+    UdmabufRegion,
 };
 
 const DEV: &str = "rxe0";
@@ -73,6 +74,31 @@ fn pair(nic: &Nic, opts: ConnectOpts) -> (Connection, Connection) {
         let server = s.spawn(|| Connection::accept(nic, &l, opts));
         let client = Connection::connect(nic, addr, opts).expect("connect");
         (server.join().unwrap().expect("accept"), client)
+    })
+}
+
+/// The IPv4 address of eth0 that rdma_cm resolves to rxe0: the testbed's (two-host runs set
+/// PEERMEM_LOCAL_IP), else 10.77.0.1/24 added here (the isolated NIC has none).
+fn cm_ip() -> std::net::IpAddr {
+    if let Ok(ip) = std::env::var("PEERMEM_LOCAL_IP") {
+        return ip.parse().expect("PEERMEM_LOCAL_IP");
+    }
+    if !sh("ip -4 addr show dev eth0").contains("inet ") {
+        sh("ip addr add 10.77.0.1/24 dev eth0");
+    }
+    let out = sh("ip -4 -o addr show dev eth0");
+    let ip = out.split_whitespace().skip_while(|w| *w != "inet").nth(1).expect("eth0 has an IPv4 address");
+    ip.split('/').next().unwrap().parse().unwrap()
+}
+
+/// A pair on one NIC connected by rdma_cm; the server offers `offer`.
+fn cm_pair(nic: &Nic, opts: ConnectOpts, offer: Option<peermem_rdma::RemoteBuf>) -> (Connection, Connection) {
+    let l = CmListener::bind((cm_ip(), 0).into()).expect("rdma_cm listen");
+    let addr = l.local_addr();
+    std::thread::scope(|s| {
+        let server = s.spawn(|| l.accept(nic, opts, offer));
+        let client = Connection::connect_cm(nic, addr, opts).expect("rdma_cm connect");
+        (server.join().unwrap().expect("rdma_cm accept"), client)
     })
 }
 
@@ -406,5 +432,125 @@ fn example_rdma_to_gpu_runs_end_to_end() {
         assert!(sout.contains("registered with reg_mr"), "{sout}");
         assert!(sout.contains("lavapipe memory is host memory"), "{sout}");
         assert!(cout.contains("server: route ") && cout.contains("MiB/s"), "{cout}");
+    });
+}
+
+#[test]
+fn rdma_cm_connects_and_the_offered_buffer_takes_writes_and_reads() {
+    let nic = nic();
+    let reg = registry();
+    no_leaks(|| {
+        let target = host(1 << 16, 0);
+        let tmr = nic.register(&reg, target.clone(), Access::REMOTE_WRITE.with_remote_read()).unwrap();
+        let (mut server, mut client) = cm_pair(&nic, ConnectOpts::default(), Some(tmr.remote()));
+        assert!(server.is_cm() && client.is_cm());
+        let remote = client.expect_remote().unwrap();
+        assert_eq!(remote, tmr.remote(), "the accept's private data carries the offer");
+        let mut s = HostRegion::new(1 << 16).unwrap();
+        for (i, b) in s.as_mut_slice().iter_mut().enumerate() {
+            *b = pattern(i);
+        }
+        let smr = nic.register(&reg, Arc::new(s), Access::LOCAL_READ).unwrap();
+        client.write(Local::all(&smr).unwrap(), remote).unwrap();
+        let mut back = vec![0u8; 1 << 16];
+        target.read_at(0, &mut back).unwrap();
+        assert!(back.iter().enumerate().all(|(i, &b)| b == pattern(i)), "RDMA WRITE landed");
+        let sink = host(4096, 0xee);
+        let kmr = nic.register(&reg, sink.clone(), Access::LOCAL_WRITE).unwrap();
+        client.read(Local::all(&kmr).unwrap(), remote.slice(8, 4096).unwrap()).unwrap();
+        let mut got = vec![0u8; 4096];
+        sink.read_at(0, &mut got).unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == pattern(i + 8)), "RDMA READ landed");
+        // SEND/RECV on the queue pair replaces the TCP stream's messages.
+        let inbox = host(4096, 0);
+        let imr = nic.register(&reg, inbox.clone(), Access::LOCAL_WRITE).unwrap();
+        server.post_recv(Local::all(&imr).unwrap()).unwrap();
+        client.send(Local::new(&smr, 0, 100).unwrap()).unwrap();
+        assert_eq!(server.wait_recv().unwrap(), 100);
+        assert!(matches!(server.send_oob(b"x"), Err(RdmaError::Invalid(_))), "no TCP stream on an rdma_cm connection");
+    });
+}
+
+#[test]
+fn rdma_cm_peer_disconnect_is_a_typed_error_on_the_waiting_side() {
+    let nic = nic();
+    let reg = registry();
+    no_leaks(|| {
+        let opts = ConnectOpts { timeout: Duration::from_secs(30), ..Default::default() };
+        let (mut server, mut client) = cm_pair(&nic, opts, None);
+        let inbox = nic.register(&reg, host(4096, 0), Access::LOCAL_WRITE).unwrap();
+        server.post_recv(Local::all(&inbox).unwrap()).unwrap();
+        client.disconnect().unwrap();
+        let r = server.wait_recv();
+        println!("server after the client disconnected: {r:?}");
+        assert!(matches!(r, Err(RdmaError::PeerDisconnected { .. })), "{r:?}");
+        // And the same when the peer's connection is simply dropped (its process ended).
+        let (mut server, client) = cm_pair(&nic, opts, None);
+        server.post_recv(Local::all(&inbox).unwrap()).unwrap();
+        drop(client);
+        let r = server.wait_recv();
+        assert!(matches!(r, Err(RdmaError::PeerDisconnected { .. })), "{r:?}");
+    });
+}
+
+#[test]
+fn rdma_cm_refused_and_unlistened_connections_are_rejected() {
+    let nic = nic();
+    let opts = ConnectOpts { timeout: Duration::from_secs(20), ..Default::default() };
+    let l = CmListener::bind((cm_ip(), 0).into()).unwrap();
+    let addr = l.local_addr();
+    let r = std::thread::scope(|s| {
+        let server = s.spawn(|| l.reject_next(opts.timeout));
+        let r = Connection::connect_cm(&nic, addr, opts);
+        server.join().unwrap().expect("reject");
+        r
+    });
+    println!("refused: {r:?}");
+    assert!(matches!(r, Err(RdmaError::Rejected { .. })), "{r:?}");
+    drop(l);
+    let r = Connection::connect_cm(&nic, addr, opts);
+    println!("nobody listening: {r:?}");
+    assert!(matches!(r, Err(RdmaError::Rejected { .. })), "{r:?}");
+}
+
+#[test]
+fn rdma_cm_unknown_peer_address_is_unreachable_within_the_timeout() {
+    let nic = nic();
+    let ip = match cm_ip() {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            std::net::Ipv4Addr::new(o[0], o[1], o[2], 99)
+        }
+        std::net::IpAddr::V6(_) => panic!("IPv4 expected"),
+    };
+    let opts = ConnectOpts { timeout: Duration::from_secs(5), ..Default::default() };
+    let r = Connection::connect_cm(&nic, (ip, 4791).into(), opts);
+    println!("nobody at {ip}: {r:?}");
+    assert!(matches!(r, Err(RdmaError::Unreachable { .. }) | Err(RdmaError::Timeout { .. })), "{r:?}");
+}
+
+#[test]
+fn rdma_cm_rkey_stops_working_once_the_region_is_unregistered() {
+    let nic = nic();
+    let reg = registry();
+    no_leaks(|| {
+        let target = host(4096, 0);
+        let tmr = nic.register(&reg, target.clone(), Access::REMOTE_WRITE).unwrap();
+        let (_server, mut client) = cm_pair(&nic, ConnectOpts::default(), Some(tmr.remote()));
+        let remote = client.expect_remote().unwrap();
+        let smr = nic.register(&reg, host(4096, 0x5a), Access::LOCAL_READ).unwrap();
+        client.write(Local::all(&smr).unwrap(), remote).unwrap();
+        drop(tmr);
+        target.write_at(0, &[0u8; 4096]).unwrap();
+        match client.write(Local::all(&smr).unwrap(), remote) {
+            Err(RdmaError::Completion(wc)) => {
+                assert!(wc.is_remote_access(), "{wc}");
+                println!("remote side after unregister: {wc}");
+            }
+            other => panic!("expected a remote access error after unregister, got {other:?}"),
+        }
+        let mut back = vec![1u8; 4096];
+        target.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "nothing was written after the unregister");
     });
 }
