@@ -6,6 +6,7 @@
 //! direct (or `probe` found the route broken or refused), 2 bad input (one line on stderr). A
 //! closed output pipe (`peermem topo | head -1`) ends the command quietly.
 
+mod nics;
 mod out;
 mod pairs;
 mod probe;
@@ -222,13 +223,17 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
     match cli.cmd {
         Cmd::Load(args) => load::run(&root.path, args)?,
         Cmd::Topo { filter, json } => {
-            let t = root.discover()?;
+            let t = Arc::new(root.discover()?);
             let sel = filter.selection()?;
             let names = topo::Names::load(&t)?;
+            let nics = nics::affinity(&t, &names, &names.labels.select(&sel));
             if json {
-                o.line(&serde_json::to_string_pretty(&topo::topo_json(&t, &names, &sel))?);
+                let mut v = topo::topo_json(&t, &names, &sel);
+                v["nic_affinity"] = nics::affinity_json(&nics);
+                o.line(&serde_json::to_string_pretty(&v)?);
             } else {
                 topo::print_topo(&t, &names, &sel, o);
+                nics::print_affinity(&nics, o);
             }
         }
         Cmd::Why { provider, client, json } => {

@@ -161,3 +161,56 @@ fn capture_of_a_capture_reads_the_same() {
     // Refuses to write into a non-empty directory.
     one_line_error(&root, &["capture", out.to_str().unwrap()]);
 }
+
+/// `qemu-switch` plus two RDMA devices: a PCI one on 0000:04:00.0 (below the switch, next to the
+/// NVMe at 03:00.0) and rxe0 on eth0.
+fn switch_with_nics() -> tempfile::TempDir {
+    use std::os::unix::fs::symlink;
+    let t = tempfile::tempdir().unwrap();
+    let ok = Command::new("cp").arg("-a").arg(fixtures().join("qemu-switch/.")).arg(t.path()).status().unwrap();
+    assert!(ok.success());
+    let r = t.path();
+    let pci = r.join("sys/devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:01.0/0000:04:00.0");
+    assert!(pci.is_dir(), "fixture layout: {}", pci.display());
+    std::fs::create_dir_all(pci.join("infiniband/mlx5_0")).unwrap();
+    symlink("../../../0000:04:00.0", pci.join("infiniband/mlx5_0/device")).unwrap();
+    let virt = r.join("sys/devices/virtual/infiniband/rxe0");
+    std::fs::create_dir_all(&virt).unwrap();
+    std::fs::write(virt.join("parent"), "eth0\n").unwrap();
+    let class = r.join("sys/class/infiniband");
+    std::fs::create_dir_all(&class).unwrap();
+    symlink(
+        "../../devices/pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:01.0/0000:04:00.0/infiniband/mlx5_0",
+        class.join("mlx5_0"),
+    )
+    .unwrap();
+    symlink("../../devices/virtual/infiniband/rxe0", class.join("rxe0")).unwrap();
+    t
+}
+
+#[test]
+fn topo_ranks_rdma_nics_per_endpoint_bus_addr_first() {
+    let t = switch_with_nics();
+    let v = json_ok(t.path(), &["topo", "--json"]);
+    let rows = v["nic_affinity"].as_array().expect("nic_affinity");
+    let nvme = rows.iter().find(|r| r["bdf"] == "0000:03:00.0").expect("the NVMe below the switch");
+    let nics = nvme["nics"].as_array().unwrap();
+    assert_eq!(nics[0]["name"], "mlx5_0");
+    assert_eq!(nics[0]["tier"], "direct");
+    assert_eq!(nics[0]["route"], "bus_addr");
+    assert_eq!(nics[1]["name"], "rxe0");
+    assert_eq!(nics[1]["tier"], "software");
+    assert!(rows.iter().all(|r| r["bdf"] != "0000:04:00.0"), "the NIC itself is not ranked for");
+    let far = rows.iter().find(|r| r["bdf"] == "0000:81:00.0").unwrap();
+    assert_eq!(far["nics"][0]["tier"], "far");
+    let o = peermem(t.path(), &["topo"]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(text.contains("NIC affinity"), "{text}");
+    assert!(text.contains("mlx5_0 (direct, route bus_addr)"), "{text}");
+}
+
+#[test]
+fn topo_without_rdma_devices_has_no_nic_section() {
+    let v = json_ok(&fixtures().join("qemu-switch"), &["topo", "--json"]);
+    assert_eq!(v["nic_affinity"], Value::Array(vec![]));
+}
