@@ -369,69 +369,41 @@ fn wait_bounded(child: &mut std::process::Child, timeout: Duration, what: &str) 
     }
 }
 
-/// `examples/rdma_to_gpu` end to end, two processes: the server registers a Vulkan (lavapipe)
-/// buffer for rxe0, the client RDMA-writes a pattern into it, the server checks it through a
-/// Vulkan copy. The example is built on the host beforehand:
-/// `cargo build -p peermem-rdma --example rdma_to_gpu`.
+/// `examples/rdma_to_gpu` end to end with no arguments (both ends in one process, connected by
+/// rdma_cm): the server registers a Vulkan (lavapipe) buffer for the NIC its topology ranks
+/// first, the client RDMA-writes a pattern into it, the server checks it through a Vulkan copy.
+/// The example is built on the host beforehand:
+/// `cargo build -p peermem-examples --example rdma_to_gpu`.
 #[test]
 fn example_rdma_to_gpu_runs_end_to_end() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
     let _nic = nic();
+    let _ip = cm_ip();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or(root.join("target"));
     let bin = target.join("debug/examples/rdma_to_gpu");
     assert!(
         bin.exists(),
-        "{} is missing: build it on the host first with `cargo build -p peermem-rdma --example rdma_to_gpu`",
+        "{} is missing: build it on the host first with `cargo build -p peermem-examples --example rdma_to_gpu`",
         bin.display()
     );
-    let port = "19876";
     no_leaks(|| {
-        let mut server = Command::new(&bin)
-            .args(["server", "--port", port, "--size", &(4 << 20).to_string(), "--timeout", "60"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+        let mut child = Command::new(&bin)
+            .args(["--size", &(4 << 20).to_string(), "--iters", "2", "--timeout", "60"])
+            .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("spawn the server");
-        // Forward the server's lines; signal once it listens.
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let out = server.stdout.take().unwrap();
-        let reader = std::thread::spawn(move || {
-            let mut all = String::new();
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                println!("{line}");
-                if line.contains("listening on") {
-                    let _ = tx.send(line.clone());
-                }
-                all += &line;
-                all.push('\n');
-            }
-            all
-        });
-        if rx.recv_timeout(Duration::from_secs(90)).is_err() {
-            let _ = server.kill();
-            let _ = server.wait();
-            panic!("the server did not start listening within 90 s:\n{}", reader.join().unwrap());
-        }
-        let mut client = Command::new(&bin)
-            .args(["client", "--port", port, "--iters", "2", "--timeout", "60"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the client");
-        let cstatus = wait_bounded(&mut client, Duration::from_secs(120), "the client");
-        let mut cout = String::new();
-        std::io::Read::read_to_string(&mut client.stdout.take().unwrap(), &mut cout).unwrap();
-        print!("{cout}");
-        let sstatus = wait_bounded(&mut server, Duration::from_secs(120), "the server");
-        let sout = reader.join().unwrap();
-        assert!(cstatus.success(), "client failed: {cstatus}");
-        assert!(sstatus.success(), "server failed: {sstatus}");
-        assert!(sout.contains("data matched"), "{sout}");
-        assert!(sout.contains("registered with reg_mr"), "{sout}");
-        assert!(sout.contains("lavapipe memory is host memory"), "{sout}");
-        assert!(cout.contains("server: route ") && cout.contains("MiB/s"), "{cout}");
+            .expect("spawn the example");
+        let status = wait_bounded(&mut child, Duration::from_secs(180), "rdma_to_gpu");
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+        print!("{out}");
+        assert!(status.success(), "rdma_to_gpu failed: {status}");
+        assert!(out.contains("data matched"), "{out}");
+        assert!(out.contains("server: NIC rxe0 chosen by topology"), "{out}");
+        assert!(out.contains("client: NIC rxe0 chosen by topology"), "{out}");
+        assert!(out.contains("listening on") && out.contains("(rdma_cm, rxe0"), "{out}");
+        assert!(out.contains("registered with reg_mr"), "{out}");
+        assert!(out.contains("lavapipe memory is host memory"), "{out}");
+        assert!(out.contains("client: connected to") && out.contains("MiB/s"), "{out}");
     });
 }
 
