@@ -91,13 +91,14 @@ fn new_qp(nic: &Nic, opts: &ConnectOpts) -> Result<(sys::Qp, Arc<sys::Cq>, Arc<s
 /// The QP allows every remote operation: each MR's own access flags decide.
 const QP_ACCESS: u32 = sys::access::REMOTE_WRITE | sys::access::REMOTE_READ | sys::access::LOCAL_WRITE;
 
-fn to_state(qp: &sys::Qp, id: &CmId, nic: &Nic, state: u32, opts: &ConnectOpts) -> Result<(), RdmaError> {
+fn to_state(qp: &sys::Qp, id: &CmId, nic: &Nic, state: u32, opts: &ConnectOpts) -> Result<Endpoint, RdmaError> {
     let what = match state {
         qp_state::INIT => "ibv_modify_qp(INIT) by rdma_cm",
         qp_state::RTR => "ibv_modify_qp(RTR) by rdma_cm",
         _ => "ibv_modify_qp(RTS) by rdma_cm",
     };
-    qp.modify_by_cm(id, state, QP_ACCESS, Some(opts.ack_timeout)).map_err(nic.verbs_err(what))
+    let r = qp.modify_by_cm(id, state, QP_ACCESS, Some(opts.ack_timeout)).map_err(nic.verbs_err(what))?;
+    Ok(Endpoint { qpn: r.qpn, psn: r.psn, gid: r.gid, lid: r.lid, mtu: r.mtu })
 }
 
 fn param<'a>(qp: &sys::Qp, opts: &ConnectOpts, private_data: &'a [u8]) -> CmConnParam<'a> {
@@ -109,11 +110,6 @@ fn param<'a>(qp: &sys::Qp, opts: &ConnectOpts, private_data: &'a [u8]) -> CmConn
         retry_count: opts.retry_cnt.min(7),
         rnr_retry_count: 7,
     }
-}
-
-fn endpoint(qp: &sys::Qp, nic: &Nic) -> Endpoint {
-    let port = nic.port();
-    Endpoint { qpn: qp.qpn, psn: 0, gid: [0; 16], lid: port.lid, mtu: port.active_mtu }
 }
 
 impl Connection {
@@ -143,11 +139,10 @@ impl Connection {
         to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
         id.connect(&param(&qp, &opts, &[])).map_err(cm("rdma_connect"))?;
         let ev = expect(next(&ch, &peer, deadline, "the server's answer")?, cm_event::CONNECT_RESPONSE, &peer)?;
-        to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
+        let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
         to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
         id.establish().map_err(cm("rdma_establish"))?;
         tracing::debug!(dev = nic.name(), qpn = qp.qpn, %peer, "rdma_cm connection up (active side)");
-        let remote = endpoint(&qp, nic);
         Ok(Connection::from_parts(
             nic,
             (qp, scq, rcq),
@@ -203,7 +198,10 @@ impl CmListener {
     pub fn accept(&self, nic: &Nic, opts: ConnectOpts, offer: Option<RemoteBuf>) -> Result<Connection, RdmaError> {
         let deadline = Instant::now() + opts.timeout;
         let mut id = self.request(deadline)?;
-        let peer = format!("client of {}", self.addr);
+        let peer = match id.peer_addr() {
+            Some(a) => format!("{a} (client of {})", self.addr),
+            None => format!("client of {}", self.addr),
+        };
         let cm = |what| {
             let peer = peer.clone();
             move |source| RdmaError::Cm { peer, what, source }
@@ -217,13 +215,12 @@ impl CmListener {
         id.migrate(&ch).map_err(cm("rdma_migrate_id"))?;
         let (qp, scq, rcq) = new_qp(nic, &opts)?;
         to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
-        to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
+        let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
         to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
         let data = offer.map(offer_bytes);
         id.accept(&param(&qp, &opts, data.as_ref().map_or(&[][..], |d| &d[..]))).map_err(cm("rdma_accept"))?;
         expect(next(&ch, &peer, deadline, "the connection to be established")?, cm_event::ESTABLISHED, &peer)?;
         tracing::debug!(dev = nic.name(), qpn = qp.qpn, %peer, "rdma_cm connection up (passive side)");
-        let remote = endpoint(&qp, nic);
         Ok(Connection::from_parts(
             nic,
             (qp, scq, rcq),

@@ -876,6 +876,27 @@ impl CmId {
         }
     }
 
+    /// The peer's address (a connect request's source, a resolved destination).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        // SAFETY: the id is live; its destination address is a sockaddr of the family it names.
+        unsafe {
+            let a = &(*self.id).route.addr.dst_addr_union;
+            match a.dst_addr.sa_family as libc::c_int {
+                libc::AF_INET => {
+                    let sin = a.dst_sin;
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                    Some((ip, u16::from_be(sin.sin_port)).into())
+                }
+                libc::AF_INET6 => {
+                    let sin6 = a.dst_sin6;
+                    let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    Some(std::net::SocketAddrV6::new(ip, u16::from_be(sin6.sin6_port), 0, sin6.sin6_scope_id).into())
+                }
+                _ => None,
+            }
+        }
+    }
+
     pub fn resolve_addr(&self, dst: &std::net::SocketAddr, timeout_ms: i32) -> io::Result<()> {
         let mut ss = sockaddr(dst);
         // SAFETY: the id is live; `ss` is valid for the call; no source address.
@@ -978,8 +999,9 @@ impl Drop for CmId {
 impl Qp {
     /// Moves the QP to `state` with the attributes the connection manager computed for `id`
     /// (path, GIDs, PSNs, remote QPN); `access` is ORed into the INIT access flags, and
-    /// `ack_timeout` replaces the RTS local ACK timeout when given.
-    pub fn modify_by_cm(&self, id: &CmId, state: u32, access: u32, ack_timeout: Option<u8>) -> io::Result<()> {
+    /// `ack_timeout` replaces the RTS local ACK timeout when given. Returns the remote end as
+    /// the attributes name it (meaningful from RTR on).
+    pub fn modify_by_cm(&self, id: &CmId, state: u32, access: u32, ack_timeout: Option<u8>) -> io::Result<CmRemote> {
         // SAFETY: all-zero is a valid ibv_qp_attr.
         let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = state;
@@ -995,8 +1017,26 @@ impl Qp {
             mask |= ffi::ibv_qp_attr_mask::IBV_QP_TIMEOUT.0 as libc::c_int;
         }
         // SAFETY: the QP is live; `a` and `mask` come from the CM for this state.
-        rc(unsafe { ffi::ibv_modify_qp(self.qp, &mut a, mask) })
+        rc(unsafe { ffi::ibv_modify_qp(self.qp, &mut a, mask) })?;
+        Ok(CmRemote {
+            qpn: a.dest_qp_num,
+            psn: a.rq_psn,
+            // SAFETY: every bit pattern of the union is a valid `raw` array.
+            gid: unsafe { a.ah_attr.grh.dgid.raw },
+            lid: a.ah_attr.dlid,
+            mtu: a.path_mtu,
+        })
     }
+}
+
+/// The remote end of a QP connected by rdma_cm, as its RTR attributes name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmRemote {
+    pub qpn: u32,
+    pub psn: u32,
+    pub gid: [u8; 16],
+    pub lid: u16,
+    pub mtu: u32,
 }
 
 /// rdma_cm event kinds.

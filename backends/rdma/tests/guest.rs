@@ -416,6 +416,9 @@ fn rdma_cm_connects_and_the_offered_buffer_takes_writes_and_reads() {
         let tmr = nic.register(&reg, target.clone(), Access::REMOTE_WRITE.with_remote_read()).unwrap();
         let (mut server, mut client) = cm_pair(&nic, ConnectOpts::default(), Some(tmr.remote()));
         assert!(server.is_cm() && client.is_cm());
+        assert_eq!(client.remote_endpoint().qpn, server.qpn(), "the CM paired the two QPs");
+        assert_eq!(server.remote_endpoint().qpn, client.qpn());
+        assert!(server.peer().starts_with(&cm_ip().to_string()), "the server names the client: {}", server.peer());
         let remote = client.expect_remote().unwrap();
         assert_eq!(remote, tmr.remote(), "the accept's private data carries the offer");
         let mut s = HostRegion::new(1 << 16).unwrap();
