@@ -750,7 +750,12 @@ impl CmChannel {
             let kind = e.event;
             let name = CStr::from_ptr(ffi::rdma_event_str(kind)).to_string_lossy().into_owned();
             let conn = e.param.conn;
-            let private_data = if conn.private_data.is_null() || kind == cm_event::DISCONNECTED {
+            // Only connection events carry a peer's private data.
+            let carries = matches!(
+                kind,
+                cm_event::CONNECT_REQUEST | cm_event::CONNECT_RESPONSE | cm_event::ESTABLISHED | cm_event::REJECTED
+            );
+            let private_data = if conn.private_data.is_null() || !carries {
                 Vec::new()
             } else {
                 std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize).to_vec()
