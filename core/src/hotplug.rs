@@ -8,8 +8,9 @@
 //! socket is bound (a removal before that sent its event to nobody) and whenever the kernel
 //! reports that events were dropped (`ENOBUFS`).
 //!
-//! Must not: touch a device or its memory (after removal a BAR mapping faults with SIGBUS), or
-//! decide anything about routes. Every wait here is bounded by `POLL`.
+//! Must not: touch a device or its memory (after removal a p2pmem mapping is revoked, a touch is
+//! SIGBUS; a `resourceN` mapping reads whatever the fabric answers), or decide anything about
+//! routes. Every wait here is bounded by `POLL`.
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -128,3 +128,49 @@ fn an_unknown_device_provides_nothing_to_kill() {
     assert_eq!(reg.device_gone("0000:42:00.0".parse().unwrap()), 0);
     assert!(!reg.is_device_gone("0000:42:00.0".parse().unwrap()));
 }
+
+#[test]
+fn no_lookup_or_resolve_finds_a_region_after_device_gone_returned() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let topo = Arc::new(Topology::discover(SWITCH).unwrap());
+    let gone: peermem::Bdf = "0000:03:00.0".parse().unwrap();
+    let h0 = topo.host_bridges().iter().position(|h| h.name == "pci0000:00").unwrap();
+    for round in 0..20 {
+        let reg = Registry::new(topo.clone());
+        let r = reg.register(bar("0000:03:00.0", 0, 0x1000)).unwrap();
+        let peer = reg.peer("0000:04:00.0".parse().unwrap()).unwrap();
+        let bus = r.bus_addr().unwrap();
+        let returned = AtomicBool::new(false);
+        let (late, seen) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    let mut reader = reg.reader();
+                    loop {
+                        // `returned` is read first: a hit after it was set came after device_gone.
+                        let after = returned.load(Ordering::SeqCst);
+                        let hit = reader.snapshot().lookup_bus(h0, bus).map(|h| h.entry.clone());
+                        let resolved =
+                            hit.as_ref().is_some_and(|e| reg.resolve(e, peer).is_ok()) || reg.resolve(&r, peer).is_ok();
+                        if resolved || hit.is_some() {
+                            seen.fetch_add(1, Ordering::Relaxed);
+                            if after {
+                                late.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        if after {
+                            break;
+                        }
+                    }
+                });
+            }
+            // the readers are finding the region before it dies
+            while seen.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            reg.device_gone(gone);
+            returned.store(true, Ordering::SeqCst);
+        });
+        assert_eq!(late.load(Ordering::Relaxed), 0, "round {round}: a region was found after device_gone returned");
+    }
+}
