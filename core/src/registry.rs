@@ -24,13 +24,11 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::pci::PciDevice;
-
 use arc_swap::{ArcSwap, Cache, Guard};
 
 use crate::addr::{AddrError, AddrRange, BusAddr, CpuPhys, VirtAddr};
 use crate::pci::BarError;
-use crate::pci::{Bdf, DevIdx, Topology};
+use crate::pci::{Bdf, DevIdx, PciDevice, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
 use crate::spanmap::{Span, SpanMap};
@@ -232,7 +230,7 @@ struct Writer {
     latest: Arc<Snapshot>,
     va_ranges: BTreeMap<u64, (u64, RegionId)>,
     bus_ranges: BTreeMap<(usize, u64), (u64, RegionId)>,
-    /// Every registered, still live entry (what `device_gone` searches).
+    /// Every entry whose guard is alive, live or dead (what `device_gone` searches).
     entries: BTreeMap<RegionId, Arc<Entry>>,
 }
 
