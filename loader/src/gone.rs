@@ -27,21 +27,29 @@ fn gone(reg: &Registry, bdf: Bdf) -> bool {
 }
 
 /// Whether `e` is what a removal looks like from the inside (so waiting for one is worth it).
-fn removal_symptom(e: &LoadError) -> bool {
+/// A short read counts only when the source is a block device that now reads as empty
+/// (`source_emptied`): a regular file that shrank is not a removal.
+fn removal_symptom(e: &LoadError, source_emptied: bool) -> bool {
     let io = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EIO | libc::ENXIO | libc::ENODEV));
     match e {
         LoadError::Io { source, .. } => io(source),
         LoadError::Nvme(NvmeError::Timeout { .. } | NvmeError::Fatal) => true,
         LoadError::Nvme(NvmeError::Vfio(_)) => true,
         // a removed namespace reads as empty: the read comes back short
-        LoadError::Copy { .. } | LoadError::ShortRead { .. } => true,
+        LoadError::Copy { .. } | LoadError::ShortRead { .. } => source_emptied,
         _ => false,
     }
 }
 
 /// `e`, or `DeviceGone` naming the source's or destination's device when that device is gone
 /// (waiting up to `SETTLE` for the removal to show when `e` looks like one).
-pub(crate) fn explain(e: LoadError, source: Option<Bdf>, dest: &Entry, reg: &Registry) -> LoadError {
+pub(crate) fn explain(
+    e: LoadError,
+    source: Option<Bdf>,
+    source_emptied: bool,
+    dest: &Entry,
+    reg: &Registry,
+) -> LoadError {
     let dest_dev = match dest.provider() {
         Provider::Pci(b) => Some(b),
         Provider::Host { .. } => None,
@@ -67,7 +75,7 @@ pub(crate) fn explain(e: LoadError, source: Option<Bdf>, dest: &Entry, reg: &Reg
     if candidates.is_empty() {
         return e;
     }
-    let deadline = Instant::now() + if removal_symptom(&e) { SETTLE } else { Duration::ZERO };
+    let deadline = Instant::now() + if removal_symptom(&e, source_emptied) { SETTLE } else { Duration::ZERO };
     loop {
         if let Some(&(bdf, role)) = candidates.iter().find(|(b, _)| gone(reg, *b)) {
             return LoadError::DeviceGone { bdf, role, cause: Box::new(e) };

@@ -60,7 +60,22 @@ pub fn load(
     reg: &Registry,
     opts: &LoadOptions,
 ) -> Result<LoadReport, LoadError> {
-    load_inner(source, range, dest, reg, opts).map_err(|e| crate::gone::explain(e, source_device(source), dest, reg))
+    load_inner(source, range, dest, reg, opts)
+        .map_err(|e| crate::gone::explain(e, source_device(source), source_emptied(source), dest, reg))
+}
+
+/// Whether the source is a block device that now reads as empty (a removed namespace's
+/// capacity drops to 0).
+fn source_emptied(source: &Source<'_>) -> bool {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    match source {
+        Source::Kernel(k) => {
+            k.file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+                && (&k.file).seek(SeekFrom::End(0)).is_ok_and(|n| n == 0)
+        }
+        Source::Vfio(_) => false,
+    }
 }
 
 /// The PCI function that reads the source, when there is one.
