@@ -12,6 +12,7 @@
 pub mod addr;
 pub mod archive;
 pub mod capture;
+pub mod hotplug;
 pub mod mover;
 pub mod nccl;
 pub mod pci;

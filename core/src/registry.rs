@@ -10,6 +10,11 @@
 //! dead, so later lookups miss and later resolves fail; readers still holding the old snapshot
 //! keep the region alive through its `Arc`, so nothing resolves into freed memory.
 //!
+//! A PCI function that leaves the machine (surprise removal, learnt by `hotplug::Watcher`) is
+//! marked gone with `device_gone`: its regions leave the snapshot at once, their resolves fail
+//! with `DeviceGone`, resolves towards it as a peer fail the same way, and nothing new registers
+//! on it until `device_back` has checked that it came back at the same addresses.
+//!
 //! Must not: compute a verdict itself (that is `path`), or hand out an address it did not derive
 //! from the topology through `addr`.
 
@@ -23,7 +28,7 @@ use arc_swap::{ArcSwap, Cache, Guard};
 
 use crate::addr::{AddrError, AddrRange, BusAddr, CpuPhys, VirtAddr};
 use crate::pci::BarError;
-use crate::pci::{Bdf, DevIdx, Topology};
+use crate::pci::{Bdf, DevIdx, PciDevice, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
 use crate::spanmap::{Span, SpanMap};
@@ -60,6 +65,10 @@ pub enum RegistryError {
     Overlap { space: &'static str, start: u64, last: u64, existing: RegionId },
     #[error(transparent)]
     Addr(#[from] AddrError),
+    #[error("PCI device {0} was removed from the machine")]
+    DeviceGone(Bdf),
+    #[error("PCI device {bdf} came back with other BARs than the registry's topology ({why}): use a new registry")]
+    DeviceMoved { bdf: Bdf, why: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +77,10 @@ pub enum ResolveError {
     Unregistered(RegionId),
     #[error("{0} has no CPU mapping, so the CPU cannot reach it")]
     NoCpuMapping(RegionId),
+    #[error("PCI device {bdf} was removed from the machine ({id} is dead)")]
+    DeviceGone { bdf: Bdf, id: RegionId },
+    #[error("PCI device {0} (the peer) was removed from the machine")]
+    PeerGone(Bdf),
 }
 
 /// Where a BAR-backed region sits.
@@ -93,6 +106,8 @@ pub struct Entry {
     id: RegionId,
     region: Arc<dyn PeerMemory>,
     live: AtomicBool,
+    /// Set (before `live` is cleared) when the region died because its device was removed.
+    gone: AtomicBool,
     len: u64,
     provider: Provider,
     va: Option<AddrRange<VirtAddr>>,
@@ -146,6 +161,10 @@ impl Entry {
     }
     pub fn is_live(&self) -> bool {
         self.live.load(Ordering::Acquire)
+    }
+    /// True when the region died because its device left the machine (not a plain unregister).
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
     }
 }
 
@@ -211,6 +230,8 @@ struct Writer {
     latest: Arc<Snapshot>,
     va_ranges: BTreeMap<u64, (u64, RegionId)>,
     bus_ranges: BTreeMap<(usize, u64), (u64, RegionId)>,
+    /// Every entry whose guard is alive, live or dead (what `device_gone` searches).
+    entries: BTreeMap<RegionId, Arc<Entry>>,
 }
 
 struct Shared {
@@ -219,6 +240,8 @@ struct Shared {
     writer: Mutex<Writer>,
     verdicts: VerdictCache,
     next_id: AtomicU64,
+    /// Per device of the topology: removed from the machine (set by `device_gone`).
+    gone: Box<[AtomicBool]>,
 }
 
 /// The registry. Cheap to clone (shared state).
@@ -318,7 +341,19 @@ impl Shared {
 
     fn unregister(&self, e: &Arc<Entry>) {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.entries.remove(&e.id);
+        if !e.is_live() {
+            // Already withdrawn by `device_gone`.
+            return;
+        }
         let mut snap = (*w.latest).clone();
+        Self::withdraw(&mut w, &mut snap, e);
+        self.publish(&mut w, snap);
+        e.live.store(false, Ordering::Release);
+    }
+
+    /// Takes `e` out of `snap` and of the writer's range maps.
+    fn withdraw(w: &mut Writer, snap: &mut Snapshot, e: &Entry) {
         if let Some(va) = e.va {
             snap.va.remove(va.start(), va.last(), e.id.0);
             w.va_ranges.remove(&va.start().raw());
@@ -329,8 +364,10 @@ impl Shared {
             w.bus_ranges.remove(&(hierarchy, bus.raw()));
         }
         snap.regions -= 1;
-        self.publish(&mut w, snap);
-        e.live.store(false, Ordering::Release);
+    }
+
+    fn is_gone(&self, dev: DevIdx) -> bool {
+        self.gone.get(dev.get()).is_some_and(|g| g.load(Ordering::Acquire))
     }
 }
 
@@ -343,9 +380,15 @@ impl Registry {
         Registry {
             shared: Arc::new(Shared {
                 current: Arc::new(ArcSwap::new(snap.clone())),
-                writer: Mutex::new(Writer { latest: snap, va_ranges: BTreeMap::new(), bus_ranges: BTreeMap::new() }),
+                writer: Mutex::new(Writer {
+                    latest: snap,
+                    va_ranges: BTreeMap::new(),
+                    bus_ranges: BTreeMap::new(),
+                    entries: BTreeMap::new(),
+                }),
                 verdicts: VerdictCache::new(n),
                 next_id: AtomicU64::new(1),
+                gone: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 topo,
             }),
         }
@@ -411,6 +454,11 @@ impl Registry {
         };
 
         let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Provider::Pci(bdf) = region.provider() {
+            if self.shared.topo.idx(bdf).is_ok_and(|d| self.shared.is_gone(d)) {
+                return Err(RegistryError::DeviceGone(bdf));
+            }
+        }
         let id = RegionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         if let Some(r) = va {
             overlap_check(&w.va_ranges, 0, r.last().raw(), r.start().raw(), "virtual", r.last().raw())?;
@@ -430,8 +478,17 @@ impl Registry {
             }
             _ => None,
         };
-        let entry =
-            Arc::new(Entry { id, provider: region.provider(), region, live: AtomicBool::new(true), len, va, kind });
+        let entry = Arc::new(Entry {
+            id,
+            provider: region.provider(),
+            region,
+            live: AtomicBool::new(true),
+            gone: AtomicBool::new(false),
+            len,
+            va,
+            kind,
+        });
+        w.entries.insert(id, entry.clone());
         let mut snap = (*w.latest).clone();
         if let Some(r) = va {
             snap.va.insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
@@ -459,6 +516,55 @@ impl Registry {
         self.resolve_with(entry, peer, |p, c| VerdictRef::Fresh(Box::new(self.shared.topo.verdict(p, c))))
     }
 
+    /// Marks PCI function `bdf` as removed from the machine: every region it provides leaves the
+    /// lookup maps (one published snapshot) and resolves of them fail with
+    /// `ResolveError::DeviceGone`; resolves with it as the peer fail with `PeerGone`; registering
+    /// a region on it fails with `RegistryError::DeviceGone`. Returns the number of regions that
+    /// died. A device the topology does not know provides nothing here: 0. Idempotent.
+    pub fn device_gone(&self, bdf: Bdf) -> usize {
+        let Ok(dev) = self.shared.topo.idx(bdf) else {
+            return 0;
+        };
+        let mut w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.gone[dev.get()].store(true, Ordering::Release);
+        let dead: Vec<Arc<Entry>> =
+            w.entries.values().filter(|e| e.provider == Provider::Pci(bdf) && e.is_live()).cloned().collect();
+        if dead.is_empty() {
+            return 0;
+        }
+        let mut snap = (*w.latest).clone();
+        for e in &dead {
+            Shared::withdraw(&mut w, &mut snap, e);
+        }
+        self.shared.publish(&mut w, snap);
+        for e in &dead {
+            e.gone.store(true, Ordering::Release);
+            e.live.store(false, Ordering::Release);
+        }
+        tracing::info!(%bdf, regions = dead.len(), "device removed: its regions are dead");
+        dead.len()
+    }
+
+    /// Whether `bdf` is marked removed.
+    pub fn is_device_gone(&self, bdf: Bdf) -> bool {
+        self.shared.topo.idx(bdf).is_ok_and(|d| self.shared.is_gone(d))
+    }
+
+    /// Clears the removed mark of `bdf` once it is back, as `now` (a fresh read of the machine)
+    /// shows it: only if it has the same identity and memory BARs at the same CPU and bus
+    /// addresses as in this registry's topology (else everything derived from the topology would
+    /// be wrong: `DeviceMoved`). Its old regions stay dead; new ones can be registered.
+    pub fn device_back(&self, bdf: Bdf, now: &Topology) -> Result<(), RegistryError> {
+        let dev = self.shared.topo.idx(bdf).map_err(|_| RegistryError::UnknownDevice(bdf))?;
+        let fresh = now.idx(bdf).map_err(|_| RegistryError::DeviceGone(bdf))?;
+        same_device(self.shared.topo.device(dev), now.device(fresh))
+            .map_err(|why| RegistryError::DeviceMoved { bdf, why })?;
+        let _w = self.shared.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.shared.gone[dev.get()].store(false, Ordering::Release);
+        tracing::info!(%bdf, "device back: it can be registered again");
+        Ok(())
+    }
+
     #[inline]
     fn resolve_with<'r>(
         &self,
@@ -467,7 +573,15 @@ impl Registry {
         verdict: impl FnOnce(DevIdx, DevIdx) -> VerdictRef<'r>,
     ) -> Result<Route<'r>, ResolveError> {
         if !entry.is_live() {
-            return Err(ResolveError::Unregistered(entry.id));
+            return Err(match entry.provider {
+                Provider::Pci(bdf) if entry.is_gone() => ResolveError::DeviceGone { bdf, id: entry.id },
+                _ => ResolveError::Unregistered(entry.id),
+            });
+        }
+        if let Peer::Pci(c) = peer {
+            if self.shared.is_gone(c) {
+                return Err(ResolveError::PeerGone(self.shared.topo.device(c).bdf));
+            }
         }
         let mut route = Route {
             kind: RouteKind::Bounce(BounceWhy::OpaqueToPeer),
@@ -516,4 +630,18 @@ impl Registry {
         };
         Ok(route)
     }
+}
+
+/// `Ok` when `now` is `was` back at the same place: identity and every BAR's addresses.
+fn same_device(was: &PciDevice, now: &PciDevice) -> Result<(), String> {
+    if (was.vendor, was.device, was.class) != (now.vendor, now.device, now.class) {
+        return Err(format!(
+            "was {:04x}:{:04x} class {:06x}, now {:04x}:{:04x} class {:06x}",
+            was.vendor, was.device, was.class, now.vendor, now.device, now.class
+        ));
+    }
+    if was.bars != now.bars {
+        return Err(format!("BARs were {:?}, now {:?}", was.bars, now.bars));
+    }
+    Ok(())
 }

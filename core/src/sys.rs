@@ -1,5 +1,5 @@
 //! The core's only system layer: memfd (sealed to its size), mmap/munmap, page size, pagemap,
-//! and `MappedSpan`, a borrowed view of mapped bytes through which every CPU copy of the project
+//! the kernel's uevent socket (`UeventSocket`), and `MappedSpan`, a borrowed view of mapped bytes through which every CPU copy of the project
 //! goes. Backends reuse `Mapping` for every shared mapping they make (sysfs `p2pmem/allocate`,
 //! `resourceN` through `Topology::map_bar`, VFIO regions) instead of calling mmap themselves.
 //!
@@ -271,5 +271,52 @@ mod tests {
         let fd = sealed_memfd("t", 8192).unwrap();
         assert!(Mapping::shared_at(fd.as_fd(), 4096, 100).is_err());
         assert!(Mapping::shared(fd.as_fd(), 0).is_err());
+    }
+}
+
+/// The kernel's device events (netlink `NETLINK_KOBJECT_UEVENT`, multicast group 1: what
+/// `udevadm monitor --kernel` reads; no privilege needed). Close-on-exec; each receive waits at
+/// most the timeout given to `open`.
+#[derive(Debug)]
+pub struct UeventSocket {
+    fd: OwnedFd,
+}
+
+/// One uevent datagram is at most the kernel's `UEVENT_BUFFER_SIZE` (2048 bytes) plus header.
+pub const UEVENT_MAX: usize = 8192;
+
+impl UeventSocket {
+    pub fn open(recv_timeout: std::time::Duration) -> io::Result<UeventSocket> {
+        use rustix::net::netlink::{self, SocketAddrNetlink};
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        let fd = rustix::net::socket_with(
+            AddressFamily::NETLINK,
+            SocketType::DGRAM,
+            SocketFlags::CLOEXEC,
+            Some(netlink::KOBJECT_UEVENT),
+        )?;
+        rustix::net::bind(&fd, &SocketAddrNetlink::new(0, 1))?;
+        rustix::net::sockopt::set_socket_timeout(&fd, rustix::net::sockopt::Timeout::Recv, Some(recv_timeout))?;
+        // Room for a burst (a removed switch sends one event per function and class device);
+        // an overflow still shows up as ENOBUFS, which the caller answers with a full check.
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 1 << 20);
+        Ok(UeventSocket { fd })
+    }
+
+    /// The next datagram sent by the kernel into `buf` (its length), `Ok(None)` when the timeout
+    /// passed without one. Datagrams from user space (a process's port id is never 0) are
+    /// dropped. `ENOBUFS` (events were lost) comes back as an error of that kind.
+    pub fn recv(&self, buf: &mut [u8; UEVENT_MAX]) -> io::Result<Option<usize>> {
+        use rustix::net::netlink::SocketAddrNetlink;
+        use rustix::net::RecvFlags;
+        match rustix::net::recvfrom(&self.fd, &mut buf[..], RecvFlags::empty()) {
+            Ok((n, _, Some(from))) => match SocketAddrNetlink::try_from(from) {
+                Ok(a) if a.pid() == 0 => Ok(Some(n.min(UEVENT_MAX))),
+                _ => Ok(Some(0)),
+            },
+            Ok((_, _, None)) => Ok(Some(0)),
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }

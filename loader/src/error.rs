@@ -56,6 +56,8 @@ pub enum LoadError {
     RingFull { slots: usize },
     #[error("shard layout: {0}")]
     Layout(String),
+    #[error("PCI device {bdf} (the {role}) was removed from the machine: {cause}")]
+    DeviceGone { bdf: peermem::Bdf, role: &'static str, cause: Box<LoadError> },
 }
 
 impl From<peermem_vulkan::VkError> for LoadError {

@@ -13,6 +13,7 @@
 pub mod checksum;
 mod engine;
 pub mod error;
+mod gone;
 mod io;
 mod load;
 pub mod options;

@@ -49,7 +49,44 @@ fn reader_peer(source: &Source<'_>, reg: &Registry) -> Peer {
 /// registry resolves `dest` for; the mover's planner decides direct or bounce from that route,
 /// how the reader reaches memory (the kernel pins pages for O_DIRECT; the VFIO driver programs
 /// addresses), and for device memory a read-only probe of the source's own bytes.
+///
+/// A load whose source or destination device leaves the machine (surprise removal, as the
+/// registry's `hotplug::Watcher` or the device's vanished sysfs directory shows) ends with
+/// `LoadError::DeviceGone`, naming the device and the error the removal caused.
 pub fn load(
+    source: &mut Source<'_>,
+    range: Range<u64>,
+    dest: &Entry,
+    reg: &Registry,
+    opts: &LoadOptions,
+) -> Result<LoadReport, LoadError> {
+    load_inner(source, range, dest, reg, opts)
+        .map_err(|e| crate::gone::explain(e, source_device(source), source_emptied(source), dest, reg))
+}
+
+/// Whether the source is a block device that now reads as empty (a removed namespace's
+/// capacity drops to 0).
+fn source_emptied(source: &Source<'_>) -> bool {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    match source {
+        Source::Kernel(k) => {
+            k.file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+                && (&k.file).seek(SeekFrom::End(0)).is_ok_and(|n| n == 0)
+        }
+        Source::Vfio(_) => false,
+    }
+}
+
+/// The PCI function that reads the source, when there is one.
+fn source_device(source: &Source<'_>) -> Option<peermem::Bdf> {
+    match source {
+        Source::Kernel(k) => k.device,
+        Source::Vfio(c) => Some(c.bdf()),
+    }
+}
+
+fn load_inner(
     source: &mut Source<'_>,
     range: Range<u64>,
     dest: &Entry,

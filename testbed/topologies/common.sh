@@ -8,6 +8,8 @@
 #   TOPO_DISKS     NAME:SIZE sparse raw images testbed/run creates as $SCRATCH/NAME.img
 #   TOPO_SHM       NAME:SIZE host files testbed/run creates as $SCRATCH/NAME.bin (shared memory)
 #   TOPO_ARGS      QEMU arguments (devices, drives, memory backends)
+#   TOPO_QMP       1: open QEMU's QMP socket ($SCRATCH/qmp.sock) and run testbed/qmp-relay, so
+#                  the guest can device_del / device_add (testbed/guest/hotplug)
 # The two 9p shares the guest init needs (tags hostroot, results) are appended by testbed/run
 # itself, on pcie.0 at addresses 0x10 and 0x11: keep those slots free.
 
@@ -18,3 +20,4 @@ TOPO_APPEND=""
 TOPO_DISKS=()
 TOPO_SHM=()
 TOPO_ARGS=()
+TOPO_QMP=0

@@ -113,6 +113,8 @@ pub enum NvmeError {
     BadTransfer { len: u64, offset: u64, region_len: u64, why: String },
     #[error("controller: {0}")]
     Unsupported(String),
+    #[error("{bdf} is being removed from the machine: {what} ended (the controller was quiesced)")]
+    DeviceGone { bdf: peermem::Bdf, what: String },
 }
 
 /// What Identify Controller said.
@@ -604,6 +606,9 @@ impl Controller {
                 if crate::signals::interrupted() {
                     return Err(NvmeError::Interrupted { what: what.to_string() });
                 }
+                if self.vfio.removal_requested() {
+                    return Err(NvmeError::DeviceGone { bdf: self.vfio.bdf(), what: what.to_string() });
+                }
                 if start.elapsed() > self.timeout {
                     if self.bar0.csts().map(|c| c.cfs).unwrap_or(true) {
                         return Err(NvmeError::Fatal);
@@ -644,8 +649,22 @@ impl Controller {
         Ok(None)
     }
 
+    /// `DeviceGone` once the kernel asked for the device back (it is being removed), after
+    /// quiescing it; nothing new is submitted to a device on its way out.
+    fn refuse_if_removed(&mut self, what: &str) -> Result<(), NvmeError> {
+        if !self.vfio.removal_requested() {
+            return Ok(());
+        }
+        let e = NvmeError::DeviceGone { bdf: self.vfio.bdf(), what: what.to_string() };
+        if !self.needs_init {
+            self.quiesce(&e);
+        }
+        Err(e)
+    }
+
     /// Runs one admin command to completion (bounded); a failure to complete quiesces.
     fn admin_cmd(&mut self, what: &str, sqe: Sqe) -> Result<(), NvmeError> {
+        self.refuse_if_removed(what)?;
         self.transfers += 1;
         let transfer = self.transfers;
         let cid = self.admin.alloc().ok_or_else(|| NvmeError::Unsupported("admin queue full".into()))?;
@@ -849,6 +868,7 @@ impl Controller {
         cmds: &[Io],
         qd: usize,
     ) -> Result<(), NvmeError> {
+        self.refuse_if_removed("a transfer")?;
         self.ensure_init()?;
         let ns = self.namespace();
         self.transfers += 1;

@@ -222,6 +222,7 @@ const VFIO_GROUP_GET_STATUS: Opcode = vfio_op(3);
 const VFIO_GROUP_SET_CONTAINER: Opcode = vfio_op(4);
 const VFIO_GROUP_GET_DEVICE_FD: Opcode = vfio_op(6);
 const VFIO_DEVICE_GET_REGION_INFO: Opcode = vfio_op(8);
+const VFIO_DEVICE_SET_IRQS: Opcode = vfio_op(10);
 const VFIO_DEVICE_RESET: Opcode = vfio_op(11);
 const VFIO_IOMMU_MAP_DMA: Opcode = vfio_op(13);
 const VFIO_IOMMU_UNMAP_DMA: Opcode = vfio_op(14);
@@ -316,6 +317,47 @@ pub fn vfio_region_info(device: &File, index: u32) -> io::Result<RegionInfo> {
     Ok(r)
 }
 
+/// `struct vfio_irq_set` with one eventfd as its flexible `data`.
+#[repr(C)]
+struct IrqSetOneFd {
+    head: uapi::vfio_irq_set,
+    fd: libc::c_int,
+}
+
+/// VFIO_DEVICE_SET_IRQS on the PCI request IRQ: the kernel signals `eventfd` when it wants the
+/// device back (it is being removed: vfio-pci's remove waits for the user to close the device).
+pub fn vfio_set_req_eventfd(device: &File, eventfd: &OwnedFd) -> io::Result<()> {
+    let mut s = IrqSetOneFd {
+        head: uapi::vfio_irq_set {
+            argsz: argsz::<IrqSetOneFd>(),
+            flags: uapi::VFIO_IRQ_SET_DATA_EVENTFD | uapi::VFIO_IRQ_SET_ACTION_TRIGGER,
+            index: uapi::VFIO_PCI_REQ_IRQ_INDEX,
+            start: 0,
+            count: 1,
+            data: uapi::__IncompleteArrayField::new(),
+        },
+        fd: eventfd.as_raw_fd(),
+    };
+    // SAFETY: s is a live vfio_irq_set followed by exactly `count` (1) eventfd, argsz covers both;
+    // the kernel only reads it and takes its own reference to the eventfd.
+    unsafe { vfio_call(device, VFIO_DEVICE_SET_IRQS, (&mut s as *mut IrqSetOneFd).cast()) }.map(drop)
+}
+
+/// A new non-blocking, close-on-exec eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    Ok(rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)?)
+}
+
+/// Whether `fd` (an eventfd) was signalled since the last call; consumes the count.
+pub fn eventfd_fired(fd: &OwnedFd) -> io::Result<bool> {
+    let mut buf = [0u8; 8];
+    match rustix::io::read(fd, &mut buf) {
+        Ok(n) => Ok(n == 8 && u64::from_ne_bytes(buf) > 0),
+        Err(rustix::io::Errno::AGAIN) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// VFIO_DEVICE_RESET (function-level or bus reset, as the kernel can).
 pub fn vfio_device_reset(device: &File) -> io::Result<()> {
     // SAFETY: an argument-less ioctl on a valid fd.
@@ -391,6 +433,7 @@ mod tests {
             (VFIO_GROUP_SET_CONTAINER, 0x3b68),
             (VFIO_GROUP_GET_DEVICE_FD, 0x3b6a),
             (VFIO_DEVICE_GET_REGION_INFO, 0x3b6c),
+            (VFIO_DEVICE_SET_IRQS, 0x3b6e),
             (VFIO_DEVICE_RESET, 0x3b6f),
             (VFIO_IOMMU_MAP_DMA, 0x3b71),
             (VFIO_IOMMU_UNMAP_DMA, 0x3b72),
@@ -402,6 +445,11 @@ mod tests {
         assert_eq!(std::mem::size_of::<uapi::vfio_iommu_type1_dma_map>(), 32);
         assert_eq!(std::mem::size_of::<uapi::vfio_iommu_type1_dma_unmap>(), 24);
         assert_eq!(std::mem::size_of::<uapi::vfio_group_status>(), 8);
+        assert_eq!((std::mem::size_of::<IrqSetOneFd>(), std::mem::offset_of!(IrqSetOneFd, fd)), (24, 20));
+        assert_eq!(
+            (uapi::VFIO_PCI_REQ_IRQ_INDEX, uapi::VFIO_IRQ_SET_DATA_EVENTFD, uapi::VFIO_IRQ_SET_ACTION_TRIGGER),
+            (4, 4, 32)
+        );
         assert_eq!((VFIO_API_VERSION, VFIO_TYPE1v2_IOMMU, VFIO_NOIOMMU_IOMMU), (0, 3, 8));
         assert_eq!((VFIO_GROUP_FLAGS_VIABLE, VFIO_REGION_INFO_FLAG_MMAP, VFIO_PCI_CONFIG_REGION_INDEX), (1, 4, 7));
     }

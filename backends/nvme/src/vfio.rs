@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -227,6 +227,11 @@ pub struct Vfio {
     bdf: Bdf,
     mode: IommuMode,
     next_iova: Iova,
+    /// Signalled by the kernel when the device is being removed (`None`: the kernel refused the
+    /// request IRQ; removal then shows only as commands that fail or time out).
+    req: Option<OwnedFd>,
+    /// The kernel asked for the device back (sticky).
+    removal: std::sync::atomic::AtomicBool,
 }
 
 impl Vfio {
@@ -275,7 +280,16 @@ impl Vfio {
         let device = sys::vfio_group_device(&group_f, &bdf.to_string())
             .map_err(|source| VfioError::Ioctl { what: "VFIO_GROUP_GET_DEVICE_FD", source })?;
         tracing::debug!(%bdf, ?mode, group, "VFIO device open");
+        let req = match sys::eventfd().and_then(|fd| sys::vfio_set_req_eventfd(&device, &fd).map(|()| fd)) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                tracing::warn!(%bdf, "no removal notice (VFIO request IRQ): {e}");
+                None
+            }
+        };
         Ok(Vfio {
+            req,
+            removal: std::sync::atomic::AtomicBool::new(false),
             bdf,
             mode,
             container: std::sync::Arc::new(container),
@@ -289,6 +303,25 @@ impl Vfio {
     pub fn bdf(&self) -> Bdf {
         self.bdf
     }
+
+    /// Whether the kernel has asked for the device back because it is being removed (hot
+    /// unplug): the owner must quiesce it and close it, or the removal waits. Sticky; one
+    /// non-blocking read of the request eventfd.
+    pub fn removal_requested(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.removal.load(Ordering::Relaxed) {
+            return true;
+        }
+        if let Some(fd) = &self.req {
+            if sys::eventfd_fired(fd).unwrap_or(false) {
+                tracing::warn!(bdf = %self.bdf, "the kernel asks for the device back: it is being removed");
+                self.removal.store(true, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn mode(&self) -> IommuMode {
         self.mode
     }

@@ -1,0 +1,88 @@
+//! Telling a surprise removal apart from any other failure of a load.
+//!
+//! A device leaving the machine shows up first as the failure it causes (the block device's
+//! reads fail with EIO or ENXIO or come back short as its capacity drops to 0, the VFIO driver ends its commands with `DeviceGone`), and only
+//! then, once the kernel has finished removing it, as a uevent (the registry's watcher) and a
+//! missing sysfs directory. So a failed load asks, for a bounded time, whether its source or
+//! destination device is going away, and if so says that, with the failure as the cause.
+//!
+//! Must not: retry anything, or wait on a load that succeeded.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use peermem::{Bdf, Entry, Provider, Registry, ResolveError};
+use peermem_nvme::NvmeError;
+
+use crate::error::LoadError;
+
+/// How long a failed load waits for a removal to show (the kernel removes the function after
+/// the driver has let go of it; under an emulated machine this takes seconds).
+pub(crate) const SETTLE: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Whether `bdf` has left the machine: the registry marked it, or its sysfs directory is gone.
+fn gone(reg: &Registry, bdf: Bdf) -> bool {
+    reg.is_device_gone(bdf) || !Path::new("/sys/bus/pci/devices").join(bdf.to_string()).exists()
+}
+
+/// Whether `e` is what a removal looks like from the inside (so waiting for one is worth it).
+/// A short read counts only when the source is a block device that now reads as empty
+/// (`source_emptied`): a regular file that shrank is not a removal.
+fn removal_symptom(e: &LoadError, source_emptied: bool) -> bool {
+    let io = |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EIO | libc::ENXIO | libc::ENODEV));
+    match e {
+        LoadError::Io { source, .. } => io(source),
+        LoadError::Nvme(NvmeError::Timeout { .. } | NvmeError::Fatal) => true,
+        LoadError::Nvme(NvmeError::Vfio(_)) => true,
+        // a removed namespace reads as empty: the read comes back short
+        LoadError::Copy { .. } | LoadError::ShortRead { .. } => source_emptied,
+        _ => false,
+    }
+}
+
+/// `e`, or `DeviceGone` naming the source's or destination's device when that device is gone
+/// (waiting up to `SETTLE` for the removal to show when `e` looks like one).
+pub(crate) fn explain(
+    e: LoadError,
+    source: Option<Bdf>,
+    source_emptied: bool,
+    dest: &Entry,
+    reg: &Registry,
+) -> LoadError {
+    let dest_dev = match dest.provider() {
+        Provider::Pci(b) => Some(b),
+        Provider::Host { .. } => None,
+    };
+    // The registry already knows: the resolve said so.
+    match &e {
+        LoadError::Resolve(ResolveError::DeviceGone { bdf, .. }) => {
+            return LoadError::DeviceGone { bdf: *bdf, role: "destination", cause: Box::new(e) };
+        }
+        LoadError::Resolve(ResolveError::PeerGone(bdf)) => {
+            return LoadError::DeviceGone { bdf: *bdf, role: "source", cause: Box::new(e) };
+        }
+        // The VFIO driver heard it from the kernel (the request to give the device back): the
+        // removal waits for the controller to be closed, so there is nothing to wait for here.
+        LoadError::Nvme(NvmeError::DeviceGone { bdf, .. }) => {
+            return LoadError::DeviceGone { bdf: *bdf, role: "source", cause: Box::new(e) };
+        }
+        LoadError::DeviceGone { .. } => return e,
+        _ => {}
+    }
+    let candidates: Vec<(Bdf, &'static str)> =
+        [(source, "source"), (dest_dev, "destination")].into_iter().filter_map(|(b, r)| Some((b?, r))).collect();
+    if candidates.is_empty() {
+        return e;
+    }
+    let deadline = Instant::now() + if removal_symptom(&e, source_emptied) { SETTLE } else { Duration::ZERO };
+    loop {
+        if let Some(&(bdf, role)) = candidates.iter().find(|(b, _)| gone(reg, *b)) {
+            return LoadError::DeviceGone { bdf, role, cause: Box::new(e) };
+        }
+        if Instant::now() >= deadline {
+            return e;
+        }
+        std::thread::sleep(POLL);
+    }
+}
