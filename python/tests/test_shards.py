@@ -97,3 +97,30 @@ def test_bad_shard_arguments_raise(shards, tmp_path):
                {"record_size": RS, "batch_size": 0}, {"record_size": RS, "index": [1]}):
         with pytest.raises(ValueError):
             peermem.ShardReader(files, **kw)
+
+
+def test_batches_are_strided_views_of_aligned_rows(shards):
+    files, data = shards
+    b = next(iter(peermem.ShardReader(files, record_size=RS, batch_size=4)))
+    assert b.stride == 8192 and b.stride % 4096 == 0
+    a = np.asarray(b)
+    assert a.strides == (b.stride, 1)
+    assert np.array_equal(memoryview(b).tobytes(), data[b.indices].tobytes())
+    with pytest.raises((BufferError, TypeError)):
+        memoryview(b).cast("B")  # a flat view of a strided batch does not exist
+
+
+def test_holding_more_batches_than_the_ring_raises_until_one_is_dropped(shards):
+    files, data = shards
+    r = peermem.ShardReader(files, record_size=RS, batch_size=4, prefetch=1, ring=2)
+    it = iter(r)
+    held = [next(it), next(it)]
+    with pytest.raises(peermem.PeerMemError, match="ring"):
+        next(it)
+    del held[0]
+    b = next(it)
+    assert np.array_equal(np.asarray(b), data[b.indices])
+    # A bigger ring lets the caller keep every batch of the epoch.
+    r = peermem.ShardReader(files, record_size=RS, batch_size=16, ring=9)
+    kept = list(r)
+    assert sorted(i for b in kept for i in b.indices) == list(range(len(data)))
