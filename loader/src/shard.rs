@@ -310,11 +310,6 @@ impl ShardReader {
         self.records.len()
     }
 
-    /// Records this rank reads in the current epoch.
-    pub fn records_per_epoch(&self) -> usize {
-        self.order.len()
-    }
-
     /// Batches this rank reads per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.order.len().div_ceil(self.opts.batch_size)

@@ -4,10 +4,12 @@
 Jobs (O_DIRECT where the filesystem takes it, 32 requests in flight, 1 MiB requests):
   seq-1MiB     the whole file, read in 1 MiB requests
   rand-128KiB  every 128 KiB record of the file once, in random order, 4 KiB-aligned
-Ways (each job's ways run interleaved, round after round; the best round of each is kept):
+Ways (each job's ways run interleaved, round after round, each round starting with the next
+way; the best run of each way is kept):
   rust         the job entirely in Rust, GIL released: one batch of a peermem_loader::Loader
                (peermem._rust_read_batch), or one epoch of a peermem_loader::ShardReader
-               (peermem._rust_shards); the loader is started before the clock
+               (peermem._rust_shards); the loader is started (and has read 4 KiB into the
+               destination, as the Python loader has) before the clock
   read         seq: Loader.read(path, out); rand: Loader.read_batch of the records' tuples
                (building the list of tuples is timed too)
   shards       (rand) ShardReader over the file in 128 KiB records, shuffled, batch 32
@@ -111,8 +113,11 @@ def main():
     }
     best = {}
     for job, (records, ways) in jobs.items():
-        for _ in range(a.repeat):
-            for way, fn in ways.items():
+        for rnd in range(a.repeat):
+            # Each round starts with a different way, so none always runs first.
+            order = list(ways.items())
+            order = order[rnd % len(order) :] + order[: rnd % len(order)]
+            for way, fn in order:
                 view[:] = 0
                 drop_cache(path)
                 secs = fn()
