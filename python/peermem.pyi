@@ -275,7 +275,8 @@ class ShardReader:
     striding, without padding: over all ranks, every record exactly once per epoch). The last
     batch may be short. `index` (variable-size records) is not supported yet (`ValueError`).
     The Rust `peermem_loader::ShardReader` does the work: `prefetch` batches in flight, a ring of
-    `ring` host buffers (default `prefetch + 2`), `depth` read requests in flight.
+    `ring` host buffers (default `prefetch + 2`; asking for a batch while holding all `ring`
+    raises `PeerMemError`), `depth` read requests in flight.
 
     As a PyTorch `IterableDataset` source: build the reader in `__iter__` with the worker's
     `rank`/`world_size`, call `set_epoch` each epoch, and yield `torch.from_dlpack(batch)`.

@@ -111,7 +111,7 @@ def main():
             "plain": lambda: plain(rand),
         }),
     }
-    best = {}
+    best, runs = {}, {}
     for job, (records, ways) in jobs.items():
         for rnd in range(a.repeat):
             # Each round starts with a different way, so none always runs first.
@@ -126,20 +126,32 @@ def main():
                         assert np.array_equal(view[oo : oo + n], data[off : off + n]), (job, way, off)
                 mbs = size / secs / 1e6
                 best[(job, way)] = max(best.get((job, way), 0.0), mbs)
+                runs.setdefault((job, way), []).append(secs)
     how = loader.read(path, out, size=1 << 20)
     loader.close()
     os.unlink(path)
     print(f"file {a.mib} MiB, {how.source}; {'direct' if how.direct else 'bounce'}; depth {DEPTH}; best of {a.repeat} rounds")
     print()
+    print("Ratios: best against best, then (in parentheses) the median over rounds of the two ways'")
+    print("ratio within a round, which a slow outlier run moves less.")
+    print()
     print("| job | Rust loader MB/s | Python Loader MB/s | Python / Rust | Rust ShardReader MB/s | Python ShardReader MB/s | Python / Rust | pread per record MB/s | plain Python MB/s | Loader / plain |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def paired(job, py, rust):
+        r = sorted(a / b for a, b in zip(runs[(job, rust)], runs[(job, py)]))
+        return r[len(r) // 2]
+
     for job in jobs:
         g = lambda w: best.get((job, w))
         rust, rd, plain_ = g("rust"), g("read"), g("plain")
         rs, sh, pr = g("rust-shards"), g("shards"), g("pread")
-        sh_s = f"{rs:.0f} | {sh:.0f} | {sh / rs:.2f}" if sh else "- | - | -"
+        sh_s = f"{rs:.0f} | {sh:.0f} | {sh / rs:.2f} ({paired(job, 'shards', 'rust-shards'):.2f})" if sh else "- | - | -"
         pr_s = f"{pr:.0f}" if pr else "-"
-        print(f"| {job} | {rust:.0f} | {rd:.0f} | {rd / rust:.2f} | {sh_s} | {pr_s} | {plain_:.0f} | {rd / plain_:.2f} |")
+        print(
+            f"| {job} | {rust:.0f} | {rd:.0f} | {rd / rust:.2f} ({paired(job, 'read', 'rust'):.2f}) | {sh_s} | {pr_s} "
+            f"| {plain_:.0f} | {rd / plain_:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -193,7 +193,8 @@ impl ShardReader {
     /// `files`: paths; `record_size`: bytes per record (every file a whole number of records);
     /// `index`: variable-size records (not supported yet: `ValueError`). `prefetch`: batches in
     /// flight; `ring`: batch buffers (default `prefetch + 2`: the caller may hold two batches
-    /// while the next ones load; holding more raises `PeerMemError` until one is dropped).
+    /// while the next ones load; holding more takes buffers from the read-ahead, and asking for
+    /// a batch while holding all `ring` raises `PeerMemError` until one is dropped).
     /// `depth`: read requests in flight.
     #[new]
     #[pyo3(signature = (files, record_size=None, index=None, batch_size=32, shuffle=false, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None))]

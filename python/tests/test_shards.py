@@ -110,7 +110,7 @@ def test_batches_are_strided_views_of_aligned_rows(shards):
         memoryview(b).cast("B")  # a flat view of a strided batch does not exist
 
 
-def test_holding_more_batches_than_the_ring_raises_until_one_is_dropped(shards):
+def test_asking_for_a_batch_while_holding_the_whole_ring_raises_until_one_is_dropped(shards):
     files, data = shards
     r = peermem.ShardReader(files, record_size=RS, batch_size=4, prefetch=1, ring=2)
     it = iter(r)
