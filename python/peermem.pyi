@@ -238,7 +238,14 @@ class Batch:
     def indices(self) -> List[int]:
         """The global record indices of the rows, in order."""
     @property
-    def shape(self) -> Tuple[int, int]: ...
+    def shape(self) -> Tuple[int, ...]:
+        """`(rows, record_size)`, or `(nbytes,)` for variable-size records."""
+    @property
+    def offsets(self) -> List[int]:
+        """Where each record starts in the batch's bytes."""
+    @property
+    def lengths(self) -> List[int]:
+        """Each record's length in bytes."""
     @property
     def stride(self) -> int:
         """Bytes from one row to the next."""
@@ -273,7 +280,9 @@ class ShardReader:
     training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`), and
     rank `rank` of `world_size` reads every `world_size`-th of them (DistributedSampler's
     striding, without padding: over all ranks, every record exactly once per epoch). The last
-    batch may be short. `index` (variable-size records) is not supported yet (`ValueError`).
+    batch may be short. Variable-size records: `index` (instead of `record_size`) lists them as
+    `(file number, offset, length)`; each batch is then a 1-D uint8 array with record `i` at
+    `batch.offsets[i]`, `batch.lengths[i]` bytes long.
     The Rust `peermem_loader::ShardReader` does the work: `prefetch` batches in flight, a ring of
     `ring` host buffers (default `prefetch + 2`; asking for a batch while holding all `ring`
     raises `PeerMemError`), `depth` read requests in flight.
@@ -287,7 +296,7 @@ class ShardReader:
         self,
         files: List[_Path],
         record_size: Optional[int] = None,
-        index: Any = None,
+        index: Optional[List[Tuple[int, int, int]]] = None,
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int = 0,

@@ -24,14 +24,16 @@ pub fn peermem_err(e: impl std::fmt::Display) -> PyErr {
     PeerMemError::new_err(e.to_string())
 }
 
-/// A loader error: a missing file is `FileNotFoundError`, a range past the end or a destination
-/// too small `ValueError`, a strict refusal `NotDirectError`, everything else `PeerMemError`.
+/// A loader error: a missing file is `FileNotFoundError`, a range past the end, a destination
+/// too small or a bad record layout `ValueError`, a strict refusal `NotDirectError`, everything else `PeerMemError`.
 pub fn load_err(e: LoadError) -> PyErr {
     match &e {
         LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(e.to_string())
         }
-        LoadError::BadRange { .. } | LoadError::TooSmall { .. } => PyValueError::new_err(e.to_string()),
+        LoadError::BadRange { .. } | LoadError::TooSmall { .. } | LoadError::Layout(_) => {
+            PyValueError::new_err(e.to_string())
+        }
         LoadError::NotDirect { what, why, reasons } => {
             let mut all = reasons.clone();
             all.push(format!("{what}: {why}"));

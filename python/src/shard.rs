@@ -1,5 +1,5 @@
-//! `ShardReader`: the Python face of `peermem_loader::ShardReader`. Fixed-size records of a
-//! list of files in batches, partitioned across ranks (every record exactly once per epoch over
+//! `ShardReader`: the Python face of `peermem_loader::ShardReader`. Records of a list of files
+//! (fixed-size, or variable-size from an index) in batches, partitioned across ranks (every record exactly once per epoch over
 //! all ranks, no padding), optionally shuffled by (seed, epoch), read `prefetch` batches ahead
 //! into the Rust reader's ring of registered host buffers.
 //!
@@ -42,26 +42,35 @@ impl PeerMemory for BatchMem {
     }
 }
 
-/// One batch: `rows` records of `record_size` bytes, a `(rows, record_size)` uint8 array
-/// through the buffer protocol and DLPack (zero copy; rows start 4096-byte aligned, so they are
-/// `stride` bytes apart). Its buffer returns to the reader's ring when the batch and every view
-/// of it are gone.
+/// One batch. Fixed-size records: `rows` records of `record_size` bytes, a `(rows,
+/// record_size)` uint8 array through the buffer protocol and DLPack (zero copy; rows start
+/// 4096-byte aligned, so they are `stride` bytes apart). Variable-size records (`flat`): a 1-D
+/// uint8 array holding record `i` at `offsets[i]`, `lengths[i]` bytes long. Its buffer returns
+/// to the reader's ring when the batch and every view of it are gone.
 #[pyclass(module = "peermem", frozen)]
 pub struct Batch {
     pub buf: Arc<BatchMem>,
-    /// `[rows, record_size]` and `[stride, 1]`, pointed to by buffer-protocol views.
+    /// One dimension (variable-size records) or two.
+    pub flat: bool,
+    /// `[rows, record_size]` and `[stride, 1]`, pointed to by buffer-protocol views (2-D only).
     pub shape: [isize; 2],
     pub strides: [isize; 2],
 }
 
 impl Batch {
-    fn new(batch: ShardBatch, record: u64) -> Batch {
-        let rows = batch.len() as u64;
+    /// `record`: the fixed record size, None for variable-size records.
+    fn new(batch: ShardBatch, record: Option<u64>) -> Batch {
+        let rows = batch.len();
         let stride = batch.stride();
-        let len = (rows.saturating_sub(1)) * stride + record;
+        let len = match rows.checked_sub(1) {
+            Some(last) => batch.record(last).0 + batch.record(last).1,
+            None => 0,
+        };
+        let width = record.unwrap_or(len);
         Batch {
             buf: Arc::new(BatchMem { batch, len }),
-            shape: [rows as isize, record as isize],
+            flat: record.is_none(),
+            shape: [rows as isize, width as isize],
             strides: [stride as isize, 1],
         }
     }
@@ -75,10 +84,26 @@ impl Batch {
         self.buf.batch.indices.iter().map(|&i| i as u64).collect()
     }
 
-    /// `(rows, record_size)`.
+    /// `(rows, record_size)`, or `(nbytes,)` for variable-size records.
     #[getter]
-    fn shape(&self) -> (usize, usize) {
-        (self.shape[0] as usize, self.shape[1] as usize)
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+        if self.flat {
+            pyo3::types::PyTuple::new(py, [self.buf.len as usize])
+        } else {
+            pyo3::types::PyTuple::new(py, [self.shape[0] as usize, self.shape[1] as usize])
+        }
+    }
+
+    /// Where each record starts in the batch's bytes.
+    #[getter]
+    fn offsets(&self) -> Vec<u64> {
+        (0..self.buf.batch.len()).map(|i| self.buf.batch.record(i).0).collect()
+    }
+
+    /// Each record's length in bytes.
+    #[getter]
+    fn lengths(&self) -> Vec<u64> {
+        (0..self.buf.batch.len()).map(|i| self.buf.batch.record(i).1).collect()
     }
 
     /// Bytes from one row to the next in the buffer.
@@ -103,7 +128,8 @@ impl Batch {
         self.shape[0] as usize
     }
 
-    /// A DLPack capsule: a `(rows, record_size)` uint8 tensor on the CPU (row stride `stride`).
+    /// A DLPack capsule: a `(rows, record_size)` uint8 tensor on the CPU (row stride `stride`),
+    /// or the 1-D bytes of variable-size records.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__<'py>(
         &self,
@@ -114,6 +140,10 @@ impl Batch {
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = stream;
+        if self.flat {
+            let n = self.buf.len as i64;
+            return crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &[n], None, max_version, dl_device, copy);
+        }
         let dims = [self.shape[0] as i64, self.shape[1] as i64];
         let stride = (self.strides[0] != self.shape[1]).then_some(self.strides[0] as i64);
         crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &dims, stride, max_version, dl_device, copy)
@@ -124,6 +154,9 @@ impl Batch {
     }
 
     fn __repr__(&self) -> String {
+        if self.flat {
+            return format!("<peermem.Batch {} records, {} bytes>", self.shape[0], self.buf.len);
+        }
         format!("<peermem.Batch {} x {} bytes>", self.shape[0], self.shape[1])
     }
 }
@@ -146,7 +179,8 @@ pub struct ShardIter {
     /// None only while being dropped.
     shared: Option<Arc<Mutex<Shared>>>,
     generation: u64,
-    record: u64,
+    /// The fixed record size; None for variable-size records.
+    record: Option<u64>,
 }
 
 #[pymethods]
@@ -174,13 +208,14 @@ impl ShardIter {
     }
 }
 
-/// Batches of fixed-size records from a list of files, for data-parallel training: each rank
-/// reads every `world_size`-th record of the (optionally shuffled) epoch order.
+/// Batches of records from a list of files, for data-parallel training: each rank reads every
+/// `world_size`-th record of the (optionally shuffled) epoch order.
 #[pyclass(module = "peermem")]
 pub struct ShardReader {
     /// None only while being dropped.
     shared: Option<Arc<Mutex<Shared>>>,
-    record: u64,
+    /// The fixed record size; None for variable-size records.
+    record: Option<u64>,
     records: u64,
     opts: ShardOptions,
     /// The epoch the next `iter()` reads; `set_epoch` changes it.
@@ -191,7 +226,7 @@ pub struct ShardReader {
 #[pymethods]
 impl ShardReader {
     /// `files`: paths; `record_size`: bytes per record (every file a whole number of records);
-    /// `index`: variable-size records (not supported yet: `ValueError`). `prefetch`: batches in
+    /// or `index`: variable-size records as `(file number, offset, length)`. `prefetch`: batches in
     /// flight; `ring`: batch buffers (default `prefetch + 2`: the caller may hold two batches
     /// while the next ones load; holding more takes buffers from the read-ahead, and asking for
     /// a batch while holding all `ring` raises `PeerMemError` until one is dropped).
@@ -214,10 +249,18 @@ impl ShardReader {
         ring: Option<usize>,
         depth: Option<usize>,
     ) -> PyResult<ShardReader> {
-        if index.is_some() {
-            return Err(PyValueError::new_err("index: variable-size records are not supported yet; give record_size"));
-        }
-        let record = record_size.ok_or_else(|| PyValueError::new_err("record_size is required"))?;
+        let index: Option<Vec<(usize, u64, u64)>> = match (record_size, index) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("record_size or index, not both")),
+            (None, None) => return Err(PyValueError::new_err("record_size or index is required")),
+            (_, Some(ix)) => Some(ix.extract().map_err(|e| {
+                PyValueError::new_err(format!("index: a list of (file number, offset, length) tuples ({e})"))
+            })?),
+            (Some(_), None) => None,
+        };
+        let record = match &index {
+            None => record_size.unwrap_or(0),
+            Some(ix) => ix.iter().map(|r| r.2).max().unwrap_or(0),
+        };
         let ring = ring.unwrap_or(prefetch.saturating_add(2));
         if record == 0 || batch_size == 0 || world_size == 0 || rank >= world_size || prefetch == 0 || ring < prefetch {
             return Err(PyValueError::new_err(format!(
@@ -241,7 +284,7 @@ impl ShardReader {
             if !m.is_file() {
                 return Err(PyValueError::new_err(format!("{}: not a regular file", path.display())));
             }
-            if m.len() % record != 0 {
+            if index.is_none() && m.len() % record != 0 {
                 return Err(PyValueError::new_err(format!(
                     "{}: {} bytes is not a whole number of {record}-byte records",
                     path.display(),
@@ -249,6 +292,9 @@ impl ShardReader {
                 )));
             }
             records += m.len() / record;
+        }
+        if let Some(ix) = &index {
+            records = ix.len() as u64;
         }
         (batch_size as u64)
             .checked_mul(record.div_ceil(4096) * 4096)
@@ -269,16 +315,21 @@ impl ShardReader {
         let lopts = Options { depth: depth.unwrap_or(d.depth), ..d };
         let reg = registry()?;
         let o = opts.clone();
+        let fixed = index.is_none();
+        let layout = match index {
+            None => Layout::Fixed { record },
+            Some(ix) => Layout::Index(ix),
+        };
         let reader = py
             .detach(move || {
                 let loader = Arc::new(peermem_loader::Loader::new(reg, lopts)?);
                 let handles = files.iter().map(|p| loader.open(p)).collect::<Result<Vec<_>, _>>()?;
-                peermem_loader::ShardReader::new(loader, handles, Layout::Fixed { record }, o, RingBuffer::host)
+                peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host)
             })
             .map_err(load_err)?;
         Ok(ShardReader {
             shared: Some(Arc::new(Mutex::new(Shared { reader, generation: 0 }))),
-            record,
+            record: fixed.then_some(record),
             records,
             opts,
             epoch,

@@ -78,6 +78,10 @@ impl Batch {
     /// a consumer must take strides, as numpy and memoryview do).
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let b = slf.get();
+        if b.flat {
+            // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
+            return unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags) };
+        }
         let packed = b.strides[0] == b.shape[1];
         let strided = flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES;
         let contiguous_asked = flags
