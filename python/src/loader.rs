@@ -193,13 +193,22 @@ struct Pending {
     held: Held,
 }
 
+/// Where a future's batch stands.
+enum State {
+    Pending(Pending),
+    /// The outcome is known; the first thread holding the GIL turns it into the cached result.
+    Reaped(Result<BatchReport, LoadError>, Held),
+    /// The cached result holds the outcome (or the submit failed).
+    Settled,
+}
+
 /// A pending `Loader.pread`: `result()` waits for the report (or raises the load's error).
 #[pyclass(module = "peermem", frozen)]
 pub struct Future {
-    /// Locked only with the GIL released (a waiter holds it across the wait).
-    pending: Mutex<Option<Pending>>,
-    /// Set once the outcome is known; locked only briefly, with the GIL held.
-    outcome: Mutex<Option<Result<Py<Report>, PyErr>>>,
+    /// Locked with the GIL released (a waiter holds it across its wait), or with `try_lock`.
+    state: Mutex<State>,
+    /// The result once settled; locked only briefly, with the GIL held.
+    outcome: Mutex<Option<PyResult<Py<Report>>>>,
 }
 
 impl Future {
@@ -208,18 +217,55 @@ impl Future {
         Ok(o.as_ref().map(|r| r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py))))
     }
 
-    /// Records a reaped outcome (and lets go of what the batch held, with the GIL attached).
-    fn settle(
-        &self,
-        py: Python<'_>,
-        outcome: Result<BatchReport, LoadError>,
-        held: Held,
-    ) -> PyResult<PyResult<Py<Report>>> {
-        let r = outcome.map_err(load_err).and_then(|rep| Py::new(py, Report::new(rep, &held.file)));
+    /// With the GIL held: the result, settling a reaped outcome first (and letting go of what
+    /// the batch held). None while the batch is pending, or while another thread holds the
+    /// state (`try_lock`: a waiter holds it without the GIL, so this never blocks on it).
+    fn collect(&self, py: Python<'_>) -> PyResult<Option<PyResult<Py<Report>>>> {
+        if let Some(r) = self.cached(py)? {
+            return Ok(Some(r));
+        }
+        let guard = match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let reaped = guard.and_then(|mut st| match std::mem::replace(&mut *st, State::Settled) {
+            State::Reaped(out, held) => Some((out, held)),
+            other => {
+                *st = other;
+                None
+            }
+        });
+        let Some((out, held)) = reaped else { return Ok(None) };
+        let r = out.map_err(load_err).and_then(|rep| Py::new(py, Report::new(rep, &held.file)));
         drop(held);
         let mut o = self.outcome.lock().map_err(peermem_err)?;
-        let first = o.get_or_insert(r);
-        Ok(first.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py)))
+        let r = o.get_or_insert(r);
+        Ok(Some(r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py))))
+    }
+
+    /// Waits for the batch with the GIL released: at most `limit`, or the loader's own bound
+    /// on a batch when None. True when the outcome is known.
+    fn wait(&self, py: Python<'_>, limit: Option<Duration>) -> bool {
+        py.detach(|| {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Pending { mut ticket, held } = match std::mem::replace(&mut *st, State::Settled) {
+                State::Pending(p) => p,
+                other => {
+                    *st = other;
+                    return true;
+                }
+            };
+            let (next, known) = match limit {
+                None => (State::Reaped(ticket.wait(), held), true),
+                Some(l) => match ticket.wait_timeout(l) {
+                    Some(out) => (State::Reaped(out, held), true),
+                    None => (State::Pending(Pending { ticket, held }), false),
+                },
+            };
+            *st = next;
+            known
+        })
     }
 }
 
@@ -227,24 +273,28 @@ impl Future {
 impl Future {
     /// True when the load finished (successfully or not).
     fn done(&self, py: Python<'_>) -> PyResult<bool> {
-        if self.cached(py)?.is_some() {
+        if self.collect(py)?.is_some() {
             return Ok(true);
         }
-        let reaped = py.detach(|| {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let out = p.as_mut()?.ticket.try_wait()?;
-            p.take().map(|p| (out, p.held))
+        py.detach(|| {
+            // Another thread waiting holds the state: not known to be done yet.
+            if let Ok(mut st) = self.state.try_lock() {
+                if let State::Pending(p) = &mut *st {
+                    if let Some(out) = p.ticket.try_wait() {
+                        if let State::Pending(p) = std::mem::replace(&mut *st, State::Settled) {
+                            *st = State::Reaped(out, p.held);
+                        }
+                    }
+                }
+            }
         });
-        match reaped {
-            Some((out, held)) => self.settle(py, out, held).map(|_| true),
-            // Not done, or another thread reaped it and is settling it now.
-            None => Ok(self.cached(py)?.is_some()),
-        }
+        Ok(self.collect(py)?.is_some())
     }
 
     /// The load's `Report`; raises its error. Waits at most `timeout` seconds, then raises
     /// `TimeoutError` (the load goes on); `None` waits as long as the loader's own bound on a
-    /// batch (then `PeerMemError`). The GIL is released while waiting.
+    /// batch (then `PeerMemError`). The GIL is released while waiting; a second thread asking
+    /// at the same time waits for the first one's wait.
     #[pyo3(signature = (timeout=None))]
     fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<Report>> {
         let limit = match timeout {
@@ -254,28 +304,21 @@ impl Future {
             Some(t) => Some(Duration::from_secs_f64(t.min(1e9))),
             None => None,
         };
-        if let Some(r) = self.cached(py)? {
+        if let Some(r) = self.collect(py)? {
             return r;
         }
-        let reaped = py.detach(|| {
-            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let out = match limit {
-                Some(l) => p.as_mut()?.ticket.wait_timeout(l)?,
-                None => {
-                    let Pending { ticket, held } = p.take()?;
-                    return Some((ticket.wait(), held));
-                }
-            };
-            p.take().map(|p| (out, p.held))
-        });
-        match reaped {
-            Some((out, held)) => self.settle(py, out, held)?,
-            None => match self.cached(py)? {
-                Some(r) => r,
-                None => {
-                    Err(PyTimeoutError::new_err(format!("the load did not finish within {} s", timeout.unwrap_or(0.0))))
-                }
-            },
+        if !self.wait(py, limit) {
+            return Err(PyTimeoutError::new_err(format!(
+                "the load did not finish within {} s",
+                timeout.unwrap_or(0.0)
+            )));
+        }
+        // Known: settled here, or by a thread that holds the state only briefly now.
+        loop {
+            if let Some(r) = self.collect(py)? {
+                return r;
+            }
+            py.detach(|| drop(self.state.lock()));
         }
     }
 
@@ -349,12 +392,12 @@ impl Loader {
 
     fn start(&self, py: Python<'_>, reqs: Vec<Req>) -> PyResult<Future> {
         let engine = self.engine()?;
-        let f = Future { pending: Mutex::new(None), outcome: Mutex::new(None) };
-        match py.detach(move || submit(&engine, reqs)) {
-            Ok((ticket, held)) => *f.pending.lock().map_err(peermem_err)? = Some(Pending { ticket, held }),
-            Err(e) => *f.outcome.lock().map_err(peermem_err)? = Some(Err(e.into_py())),
-        }
-        Ok(f)
+        Ok(match py.detach(move || submit(&engine, reqs)) {
+            Ok((ticket, held)) => {
+                Future { state: Mutex::new(State::Pending(Pending { ticket, held })), outcome: Mutex::new(None) }
+            }
+            Err(e) => Future { state: Mutex::new(State::Settled), outcome: Mutex::new(Some(Err(e.into_py()))) },
+        })
     }
 }
 

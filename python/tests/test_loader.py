@@ -288,3 +288,29 @@ def test_a_numpy_view_of_a_host_buffer_loads_through_its_registration(dataset):
     assert np.array_equal(view[3 : 3 + size], dataset.expect(1))
     assert r.bytes == size
     assert peermem.registered_buffers() == regs
+
+
+def test_threads_waiting_on_one_future_all_get_its_report(dataset):
+    ld = peermem.Loader()
+    off, size = dataset.records[7]  # the 3 MiB record
+    out = np.zeros(size, dtype=np.uint8)
+    for _ in range(5):
+        out[:] = 0
+        f = ld.pread(dataset.path, out, off, size)
+        got, errors = [], []
+
+        def wait(timeout):
+            try:
+                got.append(f.result(timeout=timeout))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=wait, args=(t,)) for t in (None, 60, 60, None)]
+        for t in ts:
+            t.start()
+        f.done()  # never blocks on the waiters
+        for t in ts:
+            t.join()
+        assert errors == [] and len(got) == 4
+        assert all(r is got[0] for r in got)
+        assert np.array_equal(out, dataset.expect(7))
