@@ -109,6 +109,7 @@ fn run(a: Args) -> Result<()> {
         rank: a.rank,
         world_size: a.world,
         drop_last: false,
+        uneven: false,
     };
     let placement = a.placement;
     let mut reader =

@@ -6,7 +6,7 @@ Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuff
 """
 
 import os
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, Iterable, List, Optional, Tuple, Union
 
 from typing_extensions import Buffer
 
@@ -141,7 +141,7 @@ class VulkanBuffer:
     def __dlpack_device__(self) -> Tuple[int, int]: ...
 
 class Report:
-    """What one load did."""
+    """What one load (or one batch of reads) did."""
 
     bytes: int
     seconds: float
@@ -152,32 +152,43 @@ class Report:
     method: str
     """How the bytes moved, in words."""
     direct: bool
-    """True when the bytes went straight into the destination (no bounce buffer)."""
+    """True when every destination's route went direct (the reading device wrote its pages):
+    only pieces O_DIRECT cannot take (unaligned edges, a short tail) went through staging."""
+    bytes_direct: int
+    """Bytes the reading device wrote straight into the destinations."""
+    bytes_staged: int
+    """Bytes that went through staging buffers."""
     reasons: List[str]
+    """The route's and the planner's reasons, then every fallback the loader took."""
     source: str
-    """The source as opened: path, O_DIRECT or buffered, PCI device."""
-    checksum: int
+    """The source as opened: path, O_DIRECT or buffered."""
+    checksum: Optional[int]
+    """xxh3-64 of the destination bytes (`verify=True`; None otherwise)."""
     source_checksum: Optional[int]
-    """The source range's checksum, re-read through host memory (`verify=True`)."""
+    """The source range's xxh3-64, re-read through the page cache (`verify=True`)."""
 
 class Future:
-    """A pending `Loader.pread`."""
+    """A pending `Loader.pread` or `Loader.pread_batch`: holds the Rust loader's ticket."""
 
     def done(self) -> bool:
         """True when the load finished (successfully or not)."""
     def result(self, timeout: Optional[float] = None) -> Report:
-        """The load's report, or its exception. `TimeoutError` after `timeout` seconds. The GIL
-        is released while waiting."""
+        """The load's report, or its exception. `TimeoutError` after `timeout` seconds (the load
+        goes on); `None` waits as long as the loader's own bound on a batch (then
+        `PeerMemError`). The GIL is released while waiting."""
 
 _Out = Union[HostBuffer, VulkanBuffer, Buffer]
 
 class Loader:
     """Loads byte ranges of files and block devices into buffers: directly (O_DIRECT into the
-    destination's pages) when the route allows, else through host staging buffers.
+    destination's pages) when the route allows, else through the loader's staging buffers
+    (unaligned destinations included). One asynchronous Rust loader per `Loader`: loads are
+    queued and run in order, each with `depth` requests in flight.
 
-    `strict`: raise `NotDirectError` when a load was not direct. `verify`: re-read the source and
-    compare checksums. `chunk`: bytes per request (a multiple of 4096). `depth`: requests in
-    flight per load. `workers`: threads that run `pread` loads (default 16).
+    `strict`: raise `NotDirectError` (with `reasons`) instead of bouncing, before any byte is
+    written. `verify`: hash the destination and re-read the source to compare. `chunk`: bytes per
+    request (a multiple of 4096). `depth`: requests in flight. `workers`: accepted for
+    compatibility (1 to 1024), unused: the loader's one I/O engine serves every load.
     """
 
     def __init__(
@@ -198,10 +209,15 @@ class Loader:
         buffer), `NotDirectError` (strict), `PeerMemError` (anything else).
         """
     def pread(self, path: _Path, out: _Out, offset: int = 0, size: Optional[int] = None, out_offset: int = 0) -> Future:
-        """As `read`, queued on the loader's workers; errors surface at `Future.result()`
-        (argument errors about `out` at once)."""
+        """As `read`, submitted to the loader's queue; file and range errors surface at
+        `Future.result()` (argument errors about `out` at once)."""
+    def read_batch(self, reads: Iterable[Tuple[Any, ...]]) -> Report:
+        """Many reads as one batch, all in flight together (`depth` requests deep): `reads` are
+        `(path, out, offset=0, size=None, out_offset=0)` tuples. One report for the batch."""
+    def pread_batch(self, reads: Iterable[Tuple[Any, ...]]) -> Future:
+        """As `read_batch`, returning a `Future` at once."""
     def close(self) -> None:
-        """Waits for queued loads, then stops the workers."""
+        """Waits for queued loads (each bounded), then stops the loader's thread."""
     def __enter__(self) -> "Loader": ...
     def __exit__(self, *args: Any) -> bool: ...
 
@@ -214,13 +230,30 @@ def vulkan_available() -> bool:
 class Batch:
     """One batch of a `ShardReader`: a `(rows, record_size)` uint8 array through the buffer
     protocol (`numpy.asarray(batch)`) and DLPack (`numpy.from_dlpack`, `torch.from_dlpack`),
-    zero copy. Its buffer returns to the reader's ring when the batch and its views are gone."""
+    zero copy. Rows start 4096-byte aligned, `stride` bytes apart (a strided view when the record
+    is not a multiple of 4096). Its buffer returns to the reader's ring when the batch and its
+    views are gone."""
 
     @property
     def indices(self) -> List[int]:
         """The global record indices of the rows, in order."""
     @property
-    def shape(self) -> Tuple[int, int]: ...
+    def shape(self) -> Tuple[int, ...]:
+        """`(rows, record_size)`, or `(nbytes,)` for variable-size records."""
+    @property
+    def offsets(self) -> List[int]:
+        """Where each record starts in the batch's bytes."""
+    @property
+    def lengths(self) -> List[int]:
+        """Each record's length in bytes."""
+    @property
+    def stride(self) -> int:
+        """Bytes from one row to the next."""
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def direct(self) -> bool:
+        """True when every byte went straight into the batch's buffer."""
     def __len__(self) -> int: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __dlpack__(
@@ -234,18 +267,25 @@ class Batch:
     def __dlpack_device__(self) -> Tuple[int, int]: ...
 
 class ShardIter:
-    """The batches of one epoch, read `prefetch` batches ahead by a background thread."""
+    """The batches of one epoch, `prefetch` batches in flight. A later `iter()` of the same
+    reader restarts the epoch and ends this iterator."""
 
     def __iter__(self) -> "ShardIter": ...
     def __next__(self) -> Batch:
-        """The next batch; raises the load's error (`FileNotFoundError`, `PeerMemError`)."""
+        """The next batch; raises the load's error (`PeerMemError`; also when every ring buffer
+        is held by a batch the caller keeps)."""
 
 class ShardReader:
     """Batches of fixed-size records from `files` (in order, concatenated) for data-parallel
     training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`), and
     rank `rank` of `world_size` reads every `world_size`-th of them (DistributedSampler's
     striding, without padding: over all ranks, every record exactly once per epoch). The last
-    batch may be short. `index` (variable-size records) is not supported yet (`ValueError`).
+    batch may be short. Variable-size records: `index` (instead of `record_size`) lists them as
+    `(file number, offset, length)`; each batch is then a 1-D uint8 array with record `i` at
+    `batch.offsets[i]`, `batch.lengths[i]` bytes long.
+    The Rust `peermem_loader::ShardReader` does the work: `prefetch` batches in flight, a ring of
+    `ring` host buffers (default `prefetch + 2`; asking for a batch while holding all `ring`
+    raises `PeerMemError`), `depth` read requests in flight.
 
     As a PyTorch `IterableDataset` source: build the reader in `__iter__` with the worker's
     `rank`/`world_size`, call `set_epoch` each epoch, and yield `torch.from_dlpack(batch)`.
@@ -256,7 +296,7 @@ class ShardReader:
         self,
         files: List[_Path],
         record_size: Optional[int] = None,
-        index: Any = None,
+        index: Optional[List[Tuple[int, int, int]]] = None,
         batch_size: int = 32,
         shuffle: bool = False,
         seed: int = 0,
@@ -264,6 +304,8 @@ class ShardReader:
         world_size: int = 1,
         prefetch: int = 2,
         epoch: int = 0,
+        ring: Optional[int] = None,
+        depth: Optional[int] = None,
     ) -> None: ...
     @property
     def num_records(self) -> int:

@@ -691,6 +691,7 @@ impl Worker {
                                 r.offset + body,
                                 r.dest_offset + body
                             ),
+                            reasons: d.reasons.clone(),
                         });
                     }
                 }
@@ -1078,7 +1079,7 @@ impl Worker {
                 (Plan::Bounce(_), _) => decision.plan.to_string(),
                 _ => "device-local memory is filled through staging buffers and GPU copies".into(),
             };
-            return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why });
+            return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why, reasons });
         }
         let window = match via {
             Via::Bounce | Via::Direct => Some(cpu_window(&self.registry, &entry)?),

@@ -36,8 +36,10 @@ pub enum LoadError {
     NotAFile { path: PathBuf, kind: &'static str },
     #[error("{var}={value:?}: {why}")]
     BadSetting { var: &'static str, value: String, why: String },
+    /// `reasons`: the route's and the planner's reasons for the destination (the `why` of the
+    /// refusal is the last word; these say what the plan was based on).
     #[error("strict: {what} cannot go direct: {why}")]
-    NotDirect { what: String, why: String },
+    NotDirect { what: String, why: String, reasons: Vec<String> },
     #[error("destination region {region} was unregistered while reads into it were in flight")]
     Unregistered { region: peermem::RegionId },
     #[error("{what}: no progress within {ms} ms")]

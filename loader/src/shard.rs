@@ -39,6 +39,10 @@ pub struct ShardOptions {
     pub world_size: usize,
     /// As `DistributedSampler(drop_last=True)`: drop the tail instead of padding it by wrapping.
     pub drop_last: bool,
+    /// Neither pad nor drop: rank `r` reads records `r, r + world_size, ...` of the epoch order,
+    /// so every record is read exactly once per epoch over all ranks and the first
+    /// `n % world_size` ranks read one record more. Overrides `drop_last`.
+    pub uneven: bool,
 }
 
 impl Default for ShardOptions {
@@ -52,6 +56,7 @@ impl Default for ShardOptions {
             rank: 0,
             world_size: 1,
             drop_last: false,
+            uneven: false,
         }
     }
 }
@@ -59,7 +64,8 @@ impl Default for ShardOptions {
 /// The record indices `rank` reads in `epoch`, in order: PyTorch's `DistributedSampler`
 /// (shuffle with `seed + epoch`, the same permutation on every rank; pad to a multiple of
 /// `world_size` by wrapping around, or drop the tail; then rank takes `rank::world_size`).
-/// With `n` divisible by `world_size`, every record appears exactly once across ranks.
+/// With `n` divisible by `world_size`, every record appears exactly once across ranks; with
+/// `uneven`, always (no padding, no drop).
 pub fn partition(n: usize, epoch: u64, o: &ShardOptions) -> Vec<usize> {
     let ws = o.world_size.max(1);
     let mut idx: Vec<usize> = (0..n).collect();
@@ -77,6 +83,9 @@ pub fn partition(n: usize, epoch: u64, o: &ShardOptions) -> Vec<usize> {
             let j = (next() % (i as u64 + 1)) as usize;
             idx.swap(i, j);
         }
+    }
+    if o.uneven {
+        return idx.into_iter().skip(o.rank).step_by(ws).collect();
     }
     let (num_samples, total) = if o.drop_last && !n.is_multiple_of(ws) {
         let s = (n - ws.min(n)).div_ceil(ws);
@@ -155,6 +164,11 @@ impl ShardBatch {
     /// The ring buffer holding the batch.
     pub fn buffer(&self) -> &RingBuffer {
         &self.ring[self.slot]
+    }
+    /// Bytes from the start of one record to the next in the buffer (the largest record rounded
+    /// up to 4096, so every record starts aligned).
+    pub fn stride(&self) -> u64 {
+        self.stride
     }
     /// Where record `i` of the batch lies in the buffer: (offset, length).
     pub fn record(&self, i: usize) -> (u64, u64) {
@@ -415,6 +429,22 @@ mod tests {
         for (n, ws) in [(12, 4), (1000, 8), (7, 1), (64, 2)] {
             for epoch in 0..3 {
                 let mut all: Vec<usize> = (0..ws).flat_map(|r| partition(n, epoch, &o(ws, r, true, false))).collect();
+                all.sort_unstable();
+                assert_eq!(all, (0..n).collect::<Vec<_>>(), "n {n} world {ws} epoch {epoch}");
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_ranks_read_every_record_exactly_once_without_padding() {
+        let uneven = |ws: usize, r: usize| ShardOptions { uneven: true, drop_last: true, ..o(ws, r, false, false) };
+        let got: Vec<Vec<usize>> = (0..4).map(|r| partition(10, 0, &uneven(4, r))).collect();
+        assert_eq!(got, vec![vec![0, 4, 8], vec![1, 5, 9], vec![2, 6], vec![3, 7]]);
+        for (n, ws) in [(102, 4), (2, 5), (7, 3)] {
+            for epoch in 0..2 {
+                let mut all: Vec<usize> = (0..ws)
+                    .flat_map(|r| partition(n, epoch, &ShardOptions { uneven: true, ..o(ws, r, true, false) }))
+                    .collect();
                 all.sort_unstable();
                 assert_eq!(all, (0..n).collect::<Vec<_>>(), "n {n} world {ws} epoch {epoch}");
             }

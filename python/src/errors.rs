@@ -24,21 +24,29 @@ pub fn peermem_err(e: impl std::fmt::Display) -> PyErr {
     PeerMemError::new_err(e.to_string())
 }
 
-/// A loader error: a missing file is `FileNotFoundError`, a range past the end or a destination
-/// too small `ValueError`, everything else `PeerMemError`.
+/// A loader error: a missing file is `FileNotFoundError`, a range past the end, a destination
+/// too small or a bad record layout `ValueError`, a strict refusal `NotDirectError`, everything else `PeerMemError`.
 pub fn load_err(e: LoadError) -> PyErr {
     match &e {
         LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(e.to_string())
         }
-        LoadError::BadRange { .. } | LoadError::TooSmall { .. } => PyValueError::new_err(e.to_string()),
+        LoadError::BadRange { .. } | LoadError::TooSmall { .. } | LoadError::Layout(_) => {
+            PyValueError::new_err(e.to_string())
+        }
+        LoadError::NotDirect { what, why, reasons } => {
+            let mut all = reasons.clone();
+            all.push(format!("{what}: {why}"));
+            Python::attach(|py| not_direct(py, &e.to_string(), all))
+        }
         _ => peermem_err(e),
     }
 }
 
-/// `NotDirectError` carrying the reasons as a list attribute.
-pub fn not_direct(py: Python<'_>, method: &str, reasons: Vec<String>) -> PyErr {
-    let err = NotDirectError::new_err(format!("not direct: {method}"));
+/// `NotDirectError` carrying the reasons (the route's, the planner's, then the refusal) as a list
+/// attribute.
+fn not_direct(py: Python<'_>, msg: &str, reasons: Vec<String>) -> PyErr {
+    let err = NotDirectError::new_err(msg.to_string());
     // Setting an attribute on a fresh exception instance cannot fail short of memory exhaustion;
     // the exception is raised either way.
     let _ = err.value(py).setattr("reasons", reasons);

@@ -4,15 +4,17 @@
 //! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
 //! - [`memory`]: `HostBuffer`, `VulkanBuffer`, and any writable Python buffer registered for the
 //!   length of one load; the package's registry over the live system.
-//! - [`loader`]: `Loader.read` (GIL released while bytes move) and `Loader.pread` futures over a
-//!   thread pool the module owns.
-//! - [`shard`]: `ShardReader`: batches of fixed-size records, partitioned across ranks,
-//!   shuffled per epoch, prefetched into a ring of host buffers.
+//! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures holding
+//!   the asynchronous Rust loader's tickets, and batches of reads.
+//! - [`shard`]: `ShardReader` over the Rust `ShardReader`: batches of fixed-size records,
+//!   partitioned across ranks, shuffled per epoch, prefetched into a ring of host buffers.
+//! - [`bench`]: the same jobs run entirely in Rust, the benchmark's baseline.
 //! - [`sys`]: the only `unsafe`: raw pointers for the buffer protocol, DLPack capsules, and
 //!   spans over memory a Python object lends.
 
 use pyo3::prelude::*;
 
+mod bench;
 mod errors;
 mod loader;
 mod memory;
@@ -45,6 +47,7 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shard::Batch>()?;
     m.add_function(wrap_pyfunction!(memory::registered_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memory::vulkan_available, m)?)?;
-    m.add_function(wrap_pyfunction!(loader::rust_job, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::rust_read_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::rust_shards, m)?)?;
     Ok(())
 }

@@ -1,28 +1,27 @@
-//! `Loader`: `read` runs `peermem_loader::load` with the GIL released; `pread` queues the same
-//! call on a pool of worker threads the loader owns and returns a `Future`.
+//! `Loader`: a Python face of the asynchronous `peermem_loader::Loader`. `read` submits one
+//! batch and waits for its ticket with the GIL released; `pread` submits and returns a `Future`
+//! holding the ticket (`result(timeout)` is the ticket's `wait_timeout`); `read_batch` and
+//! `pread_batch` submit many reads as one batch (all in flight together, `depth` requests deep).
 //!
 //! Owns: argument checks a Python caller needs before any I/O (path kind, range, destination
-//! size), the worker pool, futures. Must not: decide direct or bounce (the loader does).
+//! size) and keeping each destination's buffer export alive until its load is reaped. Must not:
+//! decide direct or bounce, stage bytes, or check strictness (the loader does all three, and a
+//! strict loader refuses before any byte moves).
 
 use std::os::unix::fs::FileTypeExt;
-use std::path::PathBuf;
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::{PyFileNotFoundError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
-use peermem::mover::RouteHealth;
-use peermem::{Entry, HostRegion, PeerMemory, RegistryError, VirtAddr};
-use peermem_loader::{load, KernelSource, LoadError, LoadOptions, LoadReport, Method, Source, ALIGN};
+use peermem_loader::{Batch, BatchReport, Dest, FileHandle, LoadError, Options, Ticket, Verify, Via};
 
-use crate::errors::{load_err, not_direct, peermem_err};
-use crate::memory::{registry, Dest};
-use crate::sys::PyBufferRegion;
+use crate::errors::{load_err, peermem_err};
+use crate::memory::{registry, Target};
 
-/// What one load did.
+/// What one load (or one batch of reads) did.
 #[pyclass(module = "peermem", frozen, get_all)]
 pub struct Report {
     /// Bytes moved.
@@ -34,31 +33,49 @@ pub struct Report {
     route: String,
     /// How the bytes moved, in words.
     method: String,
-    /// True when the bytes went straight into the destination (no bounce buffer).
+    /// True when every destination's route went direct (the device wrote its pages): bytes
+    /// moved straight into it, and only pieces O_DIRECT cannot take (unaligned edges, a tail
+    /// shorter than 4096 bytes) went through staging, as `bytes_staged` says.
     direct: bool,
-    /// Every reason: the route's, then the loader's.
+    /// Bytes the reading device wrote straight into the destinations.
+    bytes_direct: u64,
+    /// Bytes that went through staging buffers.
+    bytes_staged: u64,
+    /// Every reason: the route's, the planner's, then every fallback the loader took.
     reasons: Vec<String>,
-    /// The source as opened (path, O_DIRECT or buffered, PCI device).
+    /// The source as opened (path, O_DIRECT or buffered).
     source: String,
-    /// Checksum of the destination bytes after the load.
-    checksum: u64,
-    /// Checksum of the source range re-read through host memory (`verify=True`).
+    /// xxh3-64 of the destination bytes after the load (`verify=True`; None otherwise).
+    checksum: Option<u64>,
+    /// The source range's xxh3-64, re-read through the page cache (`verify=True`).
     source_checksum: Option<u64>,
 }
 
-impl From<LoadReport> for Report {
-    fn from(r: LoadReport) -> Report {
+impl Report {
+    fn new(r: BatchReport, file: &FileHandle) -> Report {
+        let first = r.dests.first();
+        let mut reasons: Vec<String> = first.map(|d| d.reasons.clone()).unwrap_or_default();
+        reasons.extend(r.fallbacks.iter().cloned());
+        let checksum = r.checksums.first().copied();
+        let bytes_direct = r.dests.iter().map(|d| d.bytes_direct).sum();
+        let bytes_staged = r.dests.iter().map(|d| d.bytes_staged).sum();
         Report {
             bytes: r.bytes,
             seconds: r.seconds,
             mb_per_s: r.mb_per_s(),
-            route: r.route.to_string(),
-            direct: !matches!(r.method, Method::Bounce { .. }),
-            method: r.method.to_string(),
-            reasons: r.reasons,
-            source: r.source,
-            checksum: r.checksum,
-            source_checksum: r.source_checksum,
+            route: r.route().to_string(),
+            method: first.map_or_else(|| r.via().to_string(), |d| format!("{}: {}", d.via.name(), d.method)),
+            direct: bytes_direct > 0 && r.dests.iter().all(|d| d.via == Via::Direct),
+            bytes_direct,
+            bytes_staged,
+            reasons,
+            source: format!(
+                "{} ({})",
+                file.path().display(),
+                if file.is_direct() { "O_DIRECT" } else { "buffered: the filesystem refused O_DIRECT" }
+            ),
+            checksum,
+            source_checksum: if r.verified == Some(true) { checksum } else { None },
         }
     }
 }
@@ -77,176 +94,209 @@ impl Report {
     }
 }
 
-/// A load as a worker runs it: everything owned, nothing borrowed from Python.
-struct Job {
-    path: PathBuf,
-    dest: Dest,
-    offset: u64,
-    size: Option<u64>,
-    out_offset: u64,
-    opts: LoadOptions,
-    strict: bool,
-}
-
-/// How a job failed, turned into a Python exception with the GIL attached.
+/// How a load failed, turned into a Python exception with the GIL attached.
 enum JobError {
     Load(LoadError),
     Value(String),
     NotFound(String),
-    NotDirect { method: String, reasons: Vec<String> },
-    Other(PyErr),
 }
 
 impl JobError {
-    fn into_py(self, py: Python<'_>) -> PyErr {
+    fn into_py(self) -> PyErr {
         match self {
             JobError::Load(e) => load_err(e),
             JobError::Value(s) => PyValueError::new_err(s),
             JobError::NotFound(s) => PyFileNotFoundError::new_err(s),
-            JobError::NotDirect { method, reasons } => not_direct(py, &method, reasons),
-            JobError::Other(e) => e,
         }
     }
 }
 
-impl Job {
-    /// Runs the load (no GIL needed).
-    fn run(self) -> Result<LoadReport, JobError> {
-        // A FIFO would block the open, a character device has no length: refuse both up front.
-        match std::fs::metadata(&self.path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(JobError::NotFound(format!("{}: {e}", self.path.display())))
-            }
-            Err(e) => return Err(JobError::Load(LoadError::Io { path: self.path.clone(), source: e })),
-            Ok(m) if !(m.is_file() || m.file_type().is_block_device()) => {
-                return Err(JobError::Value(format!("{}: not a regular file or block device", self.path.display())))
-            }
-            Ok(_) => {}
+/// One read as Python asked for it; the destination is already resolved (with the GIL).
+struct Req {
+    path: PathBuf,
+    target: Target,
+    offset: u64,
+    size: Option<u64>,
+    out_offset: u64,
+}
+
+/// What a submitted batch holds until it is reaped: the destinations' registrations and buffer
+/// exports (the loader keeps the regions themselves alive), and the first source for the report.
+struct Held {
+    _targets: Vec<Target>,
+    file: FileHandle,
+}
+
+/// Opens `path` through the loader after refusing what cannot be read in bounded time (a FIFO
+/// would block the open, a character device has no length).
+fn open(engine: &peermem_loader::Loader, path: &Path) -> Result<FileHandle, JobError> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(JobError::NotFound(format!("{}: {e}", path.display())))
         }
-        let ks = KernelSource::open(&self.path).map_err(JobError::Load)?;
-        let len = ks.len();
-        if self.offset > len {
+        Err(e) => return Err(JobError::Load(LoadError::Io { path: path.to_path_buf(), source: e })),
+        Ok(m) if !(m.is_file() || m.file_type().is_block_device()) => {
+            return Err(JobError::Value(format!("{}: not a regular file or block device", path.display())))
+        }
+        Ok(_) => {}
+    }
+    engine.open(path).map_err(JobError::Load)
+}
+
+/// Checks every read's range and room, opens the files (one handle per distinct path) and
+/// submits them as one batch. No GIL needed.
+fn submit(engine: &peermem_loader::Loader, reqs: Vec<Req>) -> Result<(Ticket, Held), JobError> {
+    let mut batch = Batch::new();
+    let mut files: Vec<FileHandle> = Vec::new();
+    for r in &reqs {
+        let fh = match files.iter().find(|f| f.path() == r.path) {
+            Some(f) => f.clone(),
+            None => {
+                let f = open(engine, &r.path)?;
+                files.push(f.clone());
+                f
+            }
+        };
+        let len = fh.len();
+        if r.offset > len {
             return Err(JobError::Value(format!(
                 "offset {} is past the end of {} ({len} bytes)",
-                self.offset,
-                self.path.display()
+                r.offset,
+                r.path.display()
             )));
         }
-        let size = self.size.unwrap_or(len - self.offset);
-        let end = self.offset.checked_add(size).filter(|&e| e <= len && size > 0).ok_or_else(|| {
+        let size = r.size.unwrap_or(len - r.offset);
+        r.offset.checked_add(size).filter(|&e| e <= len && size > 0).ok_or_else(|| {
             JobError::Value(format!(
                 "range {}+{size} is empty or runs past the end of {} ({len} bytes)",
-                self.offset,
-                self.path.display()
+                r.offset,
+                r.path.display()
             ))
         })?;
-        let room = self.dest.nbytes();
-        if self.out_offset.checked_add(size).is_none_or(|e| e > room) {
+        let room = r.target.nbytes;
+        if r.out_offset.checked_add(size).is_none_or(|e| e > room) {
             return Err(JobError::Value(format!(
                 "{size} bytes at out_offset {} do not fit the {room}-byte destination",
-                self.out_offset
+                r.out_offset
             )));
         }
-        let reg = registry().map_err(JobError::Other)?;
-        let mut source = Source::Kernel(ks);
-        let range = self.offset..end;
-        let load_at = |entry: &Entry, dest_offset: u64, src: &mut Source<'_>| {
-            let opts = LoadOptions { dest_offset, ..self.opts.clone() };
-            load(src, range.clone(), entry, reg, &opts).map_err(JobError::Load)
-        };
-        let report = match &self.dest {
-            Dest::Registered { entry, .. } => load_at(entry, self.out_offset, &mut source)?,
-            Dest::Foreign(region) => {
-                let addr = region.addr() + self.out_offset;
-                // Memory of a registered buffer (a numpy view of a HostBuffer): load into it.
-                let covering = {
-                    let snap = reg.snapshot();
-                    snap.lookup_va(VirtAddr::new(addr))
-                        .filter(|h| h.entry.is_live() && h.offset + size <= h.entry.len())
-                        .map(|h| (h.entry.clone(), h.offset))
-                };
-                if let Some((entry, off)) = covering {
-                    load_at(&entry, off, &mut source)?
-                } else if !addr.is_multiple_of(ALIGN) {
-                    let why = format!("the destination address {addr:#x} is not {ALIGN}-byte aligned");
-                    staged(&mut source, range.clone(), region, self.out_offset, reg, &self.opts, why)?
-                } else {
-                    match reg.register(region.clone() as Arc<dyn PeerMemory>) {
-                        Ok(g) => load_at(g.entry(), self.out_offset, &mut source)?,
-                        // Another load is filling a buffer that overlaps this one.
-                        Err(e @ RegistryError::Overlap { .. }) => {
-                            staged(&mut source, range.clone(), region, self.out_offset, reg, &self.opts, e.to_string())?
-                        }
-                        Err(e) => return Err(JobError::Other(peermem_err(e))),
-                    }
-                }
-            }
-        };
-        if self.strict {
-            if let Method::Bounce { .. } = report.method {
-                return Err(JobError::NotDirect { method: report.method.to_string(), reasons: report.reasons });
-            }
-        }
-        Ok(report)
+        batch.read(&fh, r.offset, size, Dest::region(&r.target.owned.reg), r.target.at + r.out_offset);
     }
+    let ticket = engine.submit(batch).map_err(JobError::Load)?;
+    let file = files.swap_remove(0);
+    Ok((ticket, Held { _targets: reqs.into_iter().map(|r| r.target).collect(), file }))
 }
 
-/// Loads `range` into a fresh page-aligned host buffer, then copies it into `region` at
-/// `offset`: for destinations that cannot be registered or read into directly. The report says
-/// so (a bounce, with `why` among the reasons).
-fn staged(
-    source: &mut Source<'_>,
-    range: std::ops::Range<u64>,
-    region: &PyBufferRegion,
-    offset: u64,
-    reg: &peermem::Registry,
-    opts: &LoadOptions,
-    why: String,
-) -> Result<LoadReport, JobError> {
-    let n = range.end - range.start;
-    let tmp: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(n).map_err(|e| JobError::Load(LoadError::Region(e)))?);
-    let g = reg.register(tmp.clone()).map_err(|e| JobError::Load(LoadError::Registry(e)))?;
-    let opts = LoadOptions { dest_offset: 0, ..opts.clone() };
-    let mut report = load(source, range, &g, reg, &opts).map_err(JobError::Load)?;
-    let start = std::time::Instant::now();
-    tmp.copy_to(0, region, offset, n).map_err(|e| JobError::Load(LoadError::Access(e)))?;
-    report.seconds += start.elapsed().as_secs_f64();
-    report.reasons.push(format!("staged through a page-aligned host buffer ({}), then copied: {why}", report.method));
-    report.method = Method::Bounce { why: format!("{why}: staged through a page-aligned host buffer, then copied") };
-    Ok(report)
+/// A ticket not yet reaped and what its batch holds.
+struct Pending {
+    ticket: Ticket,
+    held: Held,
 }
 
-type Outcome = Result<LoadReport, JobError>;
-
-/// The shared state of one pending load.
-#[derive(Default)]
-struct Slot {
-    outcome: Mutex<Option<Outcome>>,
-    ready: Condvar,
+/// Where a future's batch stands.
+enum State {
+    Pending(Pending),
+    /// The outcome is known; the first thread holding the GIL turns it into the cached result.
+    Reaped(Result<BatchReport, LoadError>, Held),
+    /// The cached result holds the outcome (or the submit failed).
+    Settled,
 }
 
 /// A pending `Loader.pread`: `result()` waits for the report (or raises the load's error).
 #[pyclass(module = "peermem", frozen)]
 pub struct Future {
-    slot: Arc<Slot>,
-    /// Taken by the first `result()` that sees the outcome; later calls see it again.
-    taken: Mutex<Option<Result<Py<Report>, PyErr>>>,
+    /// Locked with the GIL released (a waiter holds it across its wait), or with `try_lock`.
+    state: Mutex<State>,
+    /// The result once settled; locked only briefly, with the GIL held.
+    outcome: Mutex<Option<PyResult<Py<Report>>>>,
+}
+
+impl Future {
+    fn cached(&self, py: Python<'_>) -> PyResult<Option<PyResult<Py<Report>>>> {
+        let o = self.outcome.lock().map_err(peermem_err)?;
+        Ok(o.as_ref().map(|r| r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py))))
+    }
+
+    /// With the GIL held: the result, settling a reaped outcome first (and letting go of what
+    /// the batch held). None while the batch is pending, or while another thread holds the
+    /// state (`try_lock`: a waiter holds it without the GIL, so this never blocks on it).
+    fn collect(&self, py: Python<'_>) -> PyResult<Option<PyResult<Py<Report>>>> {
+        if let Some(r) = self.cached(py)? {
+            return Ok(Some(r));
+        }
+        let guard = match self.state.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let reaped = guard.and_then(|mut st| match std::mem::replace(&mut *st, State::Settled) {
+            State::Reaped(out, held) => Some((out, held)),
+            other => {
+                *st = other;
+                None
+            }
+        });
+        let Some((out, held)) = reaped else { return Ok(None) };
+        let r = out.map_err(load_err).and_then(|rep| Py::new(py, Report::new(rep, &held.file)));
+        drop(held);
+        let mut o = self.outcome.lock().map_err(peermem_err)?;
+        let r = o.get_or_insert(r);
+        Ok(Some(r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py))))
+    }
+
+    /// Waits for the batch with the GIL released: at most `limit`, or the loader's own bound
+    /// on a batch when None. True when the outcome is known.
+    fn wait(&self, py: Python<'_>, limit: Option<Duration>) -> bool {
+        py.detach(|| {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let Pending { mut ticket, held } = match std::mem::replace(&mut *st, State::Settled) {
+                State::Pending(p) => p,
+                other => {
+                    *st = other;
+                    return true;
+                }
+            };
+            let (next, known) = match limit {
+                None => (State::Reaped(ticket.wait(), held), true),
+                Some(l) => match ticket.wait_timeout(l) {
+                    Some(out) => (State::Reaped(out, held), true),
+                    None => (State::Pending(Pending { ticket, held }), false),
+                },
+            };
+            *st = next;
+            known
+        })
+    }
 }
 
 #[pymethods]
 impl Future {
     /// True when the load finished (successfully or not).
-    fn done(&self) -> bool {
-        self.taken.lock().is_ok_and(|t| t.is_some()) || self.slot.outcome.lock().is_ok_and(|o| o.is_some())
+    fn done(&self, py: Python<'_>) -> PyResult<bool> {
+        if self.collect(py)?.is_some() {
+            return Ok(true);
+        }
+        py.detach(|| {
+            // Another thread waiting holds the state: not known to be done yet.
+            if let Ok(mut st) = self.state.try_lock() {
+                if let State::Pending(p) = &mut *st {
+                    if let Some(out) = p.ticket.try_wait() {
+                        if let State::Pending(p) = std::mem::replace(&mut *st, State::Settled) {
+                            *st = State::Reaped(out, p.held);
+                        }
+                    }
+                }
+            }
+        });
+        Ok(self.collect(py)?.is_some())
     }
 
-    /// The load's `Report`; raises its error. Waits at most `timeout` seconds (forever when
-    /// None), then raises `TimeoutError`. The GIL is released while waiting.
+    /// The load's `Report`; raises its error. Waits at most `timeout` seconds, then raises
+    /// `TimeoutError` (the load goes on); `None` waits as long as the loader's own bound on a
+    /// batch (then `PeerMemError`). The GIL is released while waiting; a second thread asking
+    /// at the same time waits for the first one's wait.
     #[pyo3(signature = (timeout=None))]
     fn result(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<Report>> {
-        if let Some(r) = self.taken.lock().map_err(peermem_err)?.as_ref() {
-            return r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py));
-        }
         let limit = match timeout {
             Some(t) if !(t >= 0.0 && t.is_finite()) => {
                 return Err(PyValueError::new_err(format!("timeout {t}: must be >= 0 and finite")))
@@ -254,130 +304,109 @@ impl Future {
             Some(t) => Some(Duration::from_secs_f64(t.min(1e9))),
             None => None,
         };
-        let slot = self.slot.clone();
-        let outcome = py.detach(move || -> Option<Outcome> {
-            let mut g = slot.outcome.lock().unwrap_or_else(|e| e.into_inner());
-            let deadline = limit.map(|l| std::time::Instant::now() + l);
-            loop {
-                if let Some(o) = g.take() {
-                    return Some(o);
-                }
-                g = match deadline {
-                    None => slot.ready.wait(g).unwrap_or_else(|e| e.into_inner()),
-                    Some(d) => {
-                        let now = std::time::Instant::now();
-                        if now >= d {
-                            return None;
-                        }
-                        slot.ready.wait_timeout(g, d - now).unwrap_or_else(|e| e.into_inner()).0
-                    }
-                };
-            }
-        });
-        let Some(outcome) = outcome else {
+        if let Some(r) = self.collect(py)? {
+            return r;
+        }
+        if !self.wait(py, limit) {
             return Err(PyTimeoutError::new_err(format!(
                 "the load did not finish within {} s",
                 timeout.unwrap_or(0.0)
             )));
-        };
-        let r = match outcome {
-            Ok(rep) => Py::new(py, Report::from(rep)),
-            Err(e) => Err(e.into_py(py)),
-        };
-        let mut t = self.taken.lock().map_err(peermem_err)?;
-        *t = Some(r.as_ref().map(|r| r.clone_ref(py)).map_err(|e| e.clone_ref(py)));
-        r
-    }
-
-    fn __repr__(&self) -> String {
-        format!("<peermem.Future {}>", if self.done() { "done" } else { "pending" })
-    }
-}
-
-type Task = (Job, Arc<Slot>);
-
-/// Worker threads that run queued loads. Dropping the pool closes the queue; the workers finish
-/// the loads already queued (each job owns its destination, so no destination is released
-/// mid-transfer) and exit. `join` also waits for them.
-struct Pool {
-    tx: Option<mpsc::Sender<Task>>,
-    workers: Vec<JoinHandle<()>>,
-}
-
-impl Pool {
-    fn new(n: usize) -> std::io::Result<Pool> {
-        let (tx, rx) = mpsc::channel::<Task>();
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..n)
-            .map(|i| {
-                let rx = rx.clone();
-                std::thread::Builder::new().name(format!("peermem-pread-{i}")).spawn(move || loop {
-                    let task = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((job, slot)) = task else { return };
-                    let outcome = job.run();
-                    *slot.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
-                    slot.ready.notify_all();
-                })
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Pool { tx: Some(tx), workers })
-    }
-}
-
-impl Pool {
-    /// Closes the queue and waits for the workers (never with the GIL held: a finishing job
-    /// attaches to release its Python buffer).
-    fn join(mut self) {
-        drop(self.tx.take());
-        for w in self.workers.drain(..) {
-            let _ = w.join();
         }
+        // Known: settled here, or by a thread that holds the state only briefly now.
+        loop {
+            if let Some(r) = self.collect(py)? {
+                return r;
+            }
+            py.detach(|| drop(self.state.lock()));
+        }
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("<peermem.Future {}>", if self.done(py)? { "done" } else { "pending" }))
     }
 }
 
 /// Loads byte ranges of files and block devices into buffers, directly when the route allows
-/// (O_DIRECT into the destination's pages), else through host staging buffers.
+/// (O_DIRECT into the destination's pages), else through the loader's staging buffers.
 #[pyclass(module = "peermem", frozen)]
 pub struct Loader {
-    strict: bool,
-    opts: LoadOptions,
-    workers: usize,
-    pool: Mutex<Option<Pool>>,
+    opts: Options,
+    /// Started on first use; `close` waits for its batches and stops it.
+    engine: Mutex<Option<Arc<peermem_loader::Loader>>>,
 }
 
 impl Loader {
-    #[allow(clippy::too_many_arguments)]
-    fn job(
-        &self,
-        path: PathBuf,
-        out: &Bound<'_, PyAny>,
-        offset: u64,
-        size: Option<u64>,
-        out_offset: u64,
-    ) -> PyResult<Job> {
+    fn engine(&self) -> PyResult<Arc<peermem_loader::Loader>> {
+        let mut e = self.engine.lock().map_err(peermem_err)?;
+        if let Some(l) = e.as_ref() {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(peermem_loader::Loader::new(registry()?, self.opts.clone()).map_err(load_err)?);
+        *e = Some(l.clone());
+        Ok(l)
+    }
+
+    fn req(path: PathBuf, out: &Bound<'_, PyAny>, offset: u64, size: Option<u64>, out_offset: u64) -> PyResult<Req> {
         if size == Some(0) {
             return Err(PyValueError::new_err("size 0: nothing to load"));
         }
-        Ok(Job {
-            path,
-            dest: Dest::from_py(out)?,
-            offset,
-            size,
-            out_offset,
-            opts: self.opts.clone(),
-            strict: self.strict,
+        Ok(Req { path, target: Target::from_py(out)?, offset, size, out_offset })
+    }
+
+    /// Reads given as `(path, out, offset, size, out_offset)` tuples (trailing items optional).
+    fn reqs(reads: &Bound<'_, PyAny>) -> PyResult<Vec<Req>> {
+        let mut v = Vec::new();
+        for item in reads.try_iter()? {
+            let item = item?;
+            let t = item
+                .cast::<pyo3::types::PyTuple>()
+                .map_err(|_| PyValueError::new_err("reads: tuples of (path, out[, offset[, size[, out_offset]]])"))?;
+            if !(2..=5).contains(&t.len()) {
+                return Err(PyValueError::new_err(format!(
+                    "reads: a tuple of {} items; (path, out[, offset[, size[, out_offset]]])",
+                    t.len()
+                )));
+            }
+            let get = |i: usize| t.get_item(i).ok().filter(|x| !x.is_none());
+            let path: PathBuf = t.get_item(0)?.extract()?;
+            let offset = get(2).map(|x| x.extract()).transpose()?.unwrap_or(0);
+            let size = get(3).map(|x| x.extract()).transpose()?;
+            let out_offset = get(4).map(|x| x.extract()).transpose()?.unwrap_or(0);
+            v.push(Loader::req(path, &t.get_item(1)?, offset, size, out_offset)?);
+        }
+        if v.is_empty() {
+            return Err(PyValueError::new_err("reads: at least one"));
+        }
+        Ok(v)
+    }
+
+    fn run(&self, py: Python<'_>, reqs: Vec<Req>) -> PyResult<Report> {
+        let engine = self.engine()?;
+        let r = py.detach(move || {
+            let (ticket, held) = submit(&engine, reqs)?;
+            ticket.wait().map(|rep| Report::new(rep, &held.file)).map_err(JobError::Load)
+        });
+        r.map_err(JobError::into_py)
+    }
+
+    fn start(&self, py: Python<'_>, reqs: Vec<Req>) -> PyResult<Future> {
+        let engine = self.engine()?;
+        Ok(match py.detach(move || submit(&engine, reqs)) {
+            Ok((ticket, held)) => {
+                Future { state: Mutex::new(State::Pending(Pending { ticket, held })), outcome: Mutex::new(None) }
+            }
+            Err(e) => Future { state: Mutex::new(State::Settled), outcome: Mutex::new(Some(Err(e.into_py()))) },
         })
     }
 }
 
 #[pymethods]
 impl Loader {
-    /// `strict`: raise `NotDirectError` when a load bounces. `verify`: re-read the source and
-    /// compare checksums. `chunk`: bytes per request (a multiple of 4096). `depth`: requests in
-    /// flight per load. `workers`: threads running `pread` loads (default 16).
+    /// `strict`: raise `NotDirectError` instead of bouncing, before any byte moves. `verify`:
+    /// hash the destination and re-read the source to compare. `chunk`: bytes per request (a
+    /// multiple of 4096). `depth`: requests in flight. `workers`: accepted for compatibility
+    /// (1 to 1024); the loader's one I/O engine keeps `depth` requests in flight for all loads.
     #[new]
     #[pyo3(signature = (strict=false, verify=false, chunk=None, depth=None, workers=None))]
     fn new(
@@ -387,25 +416,25 @@ impl Loader {
         depth: Option<usize>,
         workers: Option<usize>,
     ) -> PyResult<Loader> {
-        let d = LoadOptions::default();
+        let d = Options::default();
         if chunk.is_some_and(|c| c == 0 || c % 4096 != 0 || c > 1 << 30) {
             return Err(PyValueError::new_err(format!("chunk {chunk:?}: a multiple of 4096 up to 1 GiB")));
         }
         if depth.is_some_and(|x| x == 0 || x > 1024) {
             return Err(PyValueError::new_err(format!("depth {depth:?}: 1 to 1024")));
         }
-        let workers = workers.unwrap_or(16);
-        if workers == 0 || workers > 1024 {
-            return Err(PyValueError::new_err(format!("workers {workers}: 1 to 1024")));
+        if workers.is_some_and(|w| w == 0 || w > 1024) {
+            return Err(PyValueError::new_err(format!("workers {workers:?}: 1 to 1024")));
         }
-        let opts = LoadOptions {
+        let opts = Options {
+            strict,
+            verify: if verify { Verify::Reread } else { Verify::Off },
             chunk: chunk.unwrap_or(d.chunk),
             depth: depth.unwrap_or(d.depth),
-            dest_offset: 0,
-            verify,
-            health: RouteHealth::new(),
+            ..d
         };
-        Ok(Loader { strict, opts, workers, pool: Mutex::new(None) })
+        opts.check().map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(Loader { opts, engine: Mutex::new(None) })
     }
 
     /// Loads `size` bytes (default: to the end) at `offset` of the file or block device `path`
@@ -420,39 +449,47 @@ impl Loader {
         size: Option<u64>,
         out_offset: u64,
     ) -> PyResult<Report> {
-        let job = self.job(path, out, offset, size, out_offset)?;
-        match py.detach(move || job.run()) {
-            Ok(r) => Ok(Report::from(r)),
-            Err(e) => Err(e.into_py(py)),
-        }
+        let req = Loader::req(path, out, offset, size, out_offset)?;
+        self.run(py, vec![req])
     }
 
-    /// As `read`, queued on the loader's worker threads: returns a `Future` at once.
+    /// As `read`, submitted to the loader's queue: returns a `Future` at once. File and range
+    /// errors are raised by `result()`.
     #[pyo3(signature = (path, out, offset=0, size=None, out_offset=0))]
     fn pread(
         &self,
+        py: Python<'_>,
         path: PathBuf,
         out: &Bound<'_, PyAny>,
         offset: u64,
         size: Option<u64>,
         out_offset: u64,
     ) -> PyResult<Future> {
-        let job = self.job(path, out, offset, size, out_offset)?;
-        let slot = Arc::new(Slot::default());
-        let mut pool = self.pool.lock().map_err(peermem_err)?;
-        if pool.is_none() {
-            *pool = Some(Pool::new(self.workers).map_err(peermem_err)?);
-        }
-        let tx = pool.as_ref().and_then(|p| p.tx.as_ref()).ok_or_else(|| peermem_err("the loader is closed"))?;
-        tx.send((job, slot.clone())).map_err(|_| peermem_err("the loader's workers are gone"))?;
-        Ok(Future { slot, taken: Mutex::new(None) })
+        let req = Loader::req(path, out, offset, size, out_offset)?;
+        self.start(py, vec![req])
     }
 
-    /// Waits for queued loads to finish and stops the worker threads (also done when the loader
-    /// is garbage-collected). Later `pread` calls start new workers.
+    /// Many reads as one batch, all in flight together (`depth` requests deep): `reads` is an
+    /// iterable of `(path, out, offset=0, size=None, out_offset=0)` tuples. One `Report` for the
+    /// batch (route and method of the first destination; `direct` for all).
+    fn read_batch(&self, py: Python<'_>, reads: &Bound<'_, PyAny>) -> PyResult<Report> {
+        let reqs = Loader::reqs(reads)?;
+        self.run(py, reqs)
+    }
+
+    /// As `read_batch`, returning a `Future` at once.
+    fn pread_batch(&self, py: Python<'_>, reads: &Bound<'_, PyAny>) -> PyResult<Future> {
+        let reqs = Loader::reqs(reads)?;
+        self.start(py, reqs)
+    }
+
+    /// Waits for queued loads to finish (each bounded) and stops the loader's thread (also done
+    /// when the loader is garbage-collected). A later load starts a new one.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let pool = self.pool.lock().map_err(peermem_err)?.take();
-        py.detach(move || pool.map(Pool::join));
+        let e = self.engine.lock().map_err(peermem_err)?.take();
+        // The last holder joins the loader's thread; a finishing load may need the GIL to
+        // release a buffer export, so never join with it held.
+        py.detach(move || drop(e));
         Ok(())
     }
 
@@ -467,49 +504,13 @@ impl Loader {
     }
 }
 
-/// Benchmark baseline: the same records loaded entirely in Rust (`depth` threads, each calling
-/// `peermem_loader::load` for every depth-th record), no Python per record. Returns seconds.
-#[pyfunction]
-#[pyo3(name = "_rust_job", signature = (path, out, records, depth, chunk=None, load_depth=None))]
-pub fn rust_job(
-    py: Python<'_>,
-    path: PathBuf,
-    out: &Bound<'_, PyAny>,
-    records: Vec<(u64, u64, u64)>,
-    depth: usize,
-    chunk: Option<u64>,
-    load_depth: Option<usize>,
-) -> PyResult<f64> {
-    let dest = Dest::from_py(out)?;
-    let d = LoadOptions::default();
-    let opts =
-        LoadOptions { chunk: chunk.unwrap_or(d.chunk), depth: load_depth.unwrap_or(d.depth), verify: false, ..d };
-    let depth = depth.clamp(1, 1024);
-    let Dest::Registered { entry, .. } = dest else {
-        return Err(PyValueError::new_err("out: a HostBuffer or a VulkanBuffer"));
-    };
-    let r = py.detach(move || -> Result<f64, JobError> {
-        let reg = registry().map_err(JobError::Other)?;
-        let start = std::time::Instant::now();
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..depth)
-                .map(|w| {
-                    let (records, entry, opts, path) = (&records, &entry, &opts, &path);
-                    s.spawn(move || -> Result<(), LoadError> {
-                        for &(off, size, out_off) in records.iter().skip(w).step_by(depth) {
-                            let ks = KernelSource::open(path)?;
-                            let o = LoadOptions { dest_offset: out_off, ..opts.clone() };
-                            load(&mut Source::Kernel(ks), off..off + size, entry, reg, &o)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in hs {
-                h.join().map_err(|_| JobError::Value("a benchmark thread panicked".into()))?.map_err(JobError::Load)?;
-            }
-            Ok(start.elapsed().as_secs_f64())
-        })
-    });
-    r.map_err(|e| e.into_py(py))
+impl Drop for Loader {
+    fn drop(&mut self) {
+        let e = self.engine.get_mut().map(Option::take).unwrap_or_else(|p| p.into_inner().take());
+        if e.is_some() {
+            // Dropped by the garbage collector with the GIL held: join the loader's thread with
+            // it released (see `close`).
+            Python::attach(|py| py.detach(move || drop(e)));
+        }
+    }
 }

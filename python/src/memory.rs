@@ -5,12 +5,13 @@
 //! Owns: the package registry and the Python-facing buffer classes. Must not: touch raw
 //! pointers (the `sys` module does) or decide routes (the registry does).
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use peermem::{Entry, HostRegion, PeerMemory, Registration, Registry};
+use peermem::{HostRegion, PeerMemory, RegionId, Registration, Registry, VirtAddr};
 use peermem_vulkan::{Device, Placement, Select};
 
 use crate::errors::peermem_err;
@@ -35,7 +36,8 @@ pub fn registered_buffers() -> PyResult<usize> {
     Ok(registry()?.len())
 }
 
-/// Registered memory the Python object owns: the region and its registration.
+/// Registered memory: the region and its registration. Held by the Python object that owns it
+/// and by every load into it until the load is reaped.
 pub struct Owned {
     pub region: Arc<dyn PeerMemory>,
     /// Bytes the caller asked for (the region may be rounded up to whole pages).
@@ -43,13 +45,35 @@ pub struct Owned {
     pub reg: Registration,
 }
 
-impl Owned {
-    fn new(region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Owned> {
-        let reg = registry()?.register(region.clone()).map_err(peermem_err)?;
-        Ok(Owned { region, nbytes, reg })
+/// The live table and the size at which it is next pruned.
+type Live = (HashMap<RegionId, Weak<Owned>>, usize);
+
+/// Every live `Owned` by region id, so a load into memory that is already registered (a numpy
+/// view of a `HostBuffer`, one array filled by several loads at once) shares that registration.
+/// Dead entries are pruned as the table grows; nothing is ever dropped while it is locked
+/// except `Weak`s.
+fn live() -> &'static Mutex<Live> {
+    static LIVE: OnceLock<Mutex<Live>> = OnceLock::new();
+    LIVE.get_or_init(|| Mutex::new((HashMap::new(), 64)))
+}
+
+/// Registers `region` and records it in the live table (the table's lock held by the caller).
+fn register_locked(table: &mut Live, region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Arc<Owned>> {
+    let reg = registry()?.register(region.clone()).map_err(peermem_err)?;
+    let owned = Arc::new(Owned { region, nbytes, reg });
+    let (map, prune_at) = table;
+    map.insert(owned.reg.entry().id(), Arc::downgrade(&owned));
+    if map.len() >= *prune_at {
+        map.retain(|_, w| w.strong_count() > 0);
+        *prune_at = (map.len() * 2).max(64);
     }
-    pub fn entry(&self) -> Arc<Entry> {
-        self.reg.entry().clone()
+    Ok(owned)
+}
+
+impl Owned {
+    fn new(region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Arc<Owned>> {
+        let mut t = live().lock().map_err(peermem_err)?;
+        register_locked(&mut t, region, nbytes)
     }
     fn data_ptr(&self) -> Option<u64> {
         self.region.cpu_mapping().map(|s| s.addr().raw())
@@ -68,7 +92,7 @@ fn check_nbytes(nbytes: u64) -> PyResult<()> {
 /// `torch.from_dlpack`), both zero copy.
 #[pyclass(module = "peermem", frozen)]
 pub struct HostBuffer {
-    pub mem: Owned,
+    pub mem: Arc<Owned>,
 }
 
 #[pymethods]
@@ -140,7 +164,7 @@ pub fn vulkan_available(py: Python<'_>) -> bool {
 /// `device_local=False`) supports the buffer protocol and DLPack (as CPU memory, zero copy).
 #[pyclass(module = "peermem", frozen)]
 pub struct VulkanBuffer {
-    pub mem: Owned,
+    pub mem: Arc<Owned>,
 }
 
 #[pymethods]
@@ -203,30 +227,45 @@ impl VulkanBuffer {
     }
 }
 
-/// Where a load writes: a buffer of the package (already registered) or any other writable
-/// contiguous Python buffer (registered for the length of the load).
-pub enum Dest {
-    Registered { entry: Arc<Entry>, nbytes: u64 },
-    Foreign(Arc<PyBufferRegion>),
+/// Where a load writes: registered memory (a buffer of the package, or any other writable
+/// contiguous Python buffer, registered for as long as a load holds it) and the byte offset of
+/// the caller's buffer in it.
+pub struct Target {
+    pub owned: Arc<Owned>,
+    /// Where the caller's buffer starts in the registered region.
+    pub at: u64,
+    /// Bytes of the caller's buffer.
+    pub nbytes: u64,
+    /// The caller's buffer export, held until the load is reaped (None for package buffers).
+    _export: Option<Arc<PyBufferRegion>>,
 }
 
-impl Dest {
-    pub fn from_py(out: &Bound<'_, PyAny>) -> PyResult<Dest> {
+impl Target {
+    pub fn from_py(out: &Bound<'_, PyAny>) -> PyResult<Target> {
         if let Ok(b) = out.cast::<HostBuffer>() {
             let m = &b.get().mem;
-            return Ok(Dest::Registered { entry: m.entry(), nbytes: m.nbytes });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
         }
         if let Ok(b) = out.cast::<VulkanBuffer>() {
             let m = &b.get().mem;
-            return Ok(Dest::Registered { entry: m.entry(), nbytes: m.nbytes });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
         }
-        Ok(Dest::Foreign(Arc::new(PyBufferRegion::new(out)?)))
-    }
-
-    pub fn nbytes(&self) -> u64 {
-        match self {
-            Dest::Registered { nbytes, .. } => *nbytes,
-            Dest::Foreign(r) => r.len(),
+        let export = Arc::new(PyBufferRegion::new(out)?);
+        let (addr, len) = (export.addr(), export.len());
+        let mut t = live().lock().map_err(peermem_err)?;
+        // Memory inside a live registration of this package: load through that registration.
+        let covering = {
+            let snap = registry()?.snapshot();
+            snap.lookup_va(VirtAddr::new(addr))
+                .filter(|h| h.entry.is_live() && h.offset.checked_add(len).is_some_and(|e| e <= h.entry.len()))
+                .map(|h| (h.entry.id(), h.offset))
+        };
+        if let Some((id, at)) = covering {
+            if let Some(owned) = t.0.get(&id).and_then(Weak::upgrade) {
+                return Ok(Target { owned, at, nbytes: len, _export: Some(export) });
+            }
         }
+        let owned = register_locked(&mut t, export.clone(), len)?;
+        Ok(Target { owned, at: 0, nbytes: len, _export: Some(export) })
     }
 }

@@ -1,78 +1,33 @@
-//! `ShardReader`: fixed-size records of a list of files, partitioned across ranks the way
-//! PyTorch's `DistributedSampler` strides them (without padding: every record exactly once per
-//! epoch over all ranks), optionally shuffled by (seed, epoch), read in batches by a background
-//! thread `prefetch` batches ahead into a ring of page-aligned, registered host buffers.
+//! `ShardReader`: the Python face of `peermem_loader::ShardReader`. Records of a list of files
+//! (fixed-size, or variable-size from an index) in batches, partitioned across ranks (every record exactly once per epoch over
+//! all ranks, no padding), optionally shuffled by (seed, epoch), read `prefetch` batches ahead
+//! into the Rust reader's ring of registered host buffers.
 //!
-//! Built on `peermem_loader::load` (one call per record, direct into the batch buffer when the
-//! route allows). Owns: the record order, the ring, the prefetch thread. Must not: decide how
-//! bytes move (the loader does).
+//! Owns: argument checks, the Python iterator over the Rust reader, and `Batch` (a ring buffer
+//! lent to Python through the buffer protocol and DLPack). Must not: order records, move bytes
+//! or manage the ring (the Rust reader does all three).
 
 use std::path::PathBuf;
-use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 
 use peermem::sys::MappedSpan;
-use peermem::{Backing, HostRegion, PeerMemory, Provider, Registration};
-use peermem_loader::{load, KernelSource, LoadError, LoadOptions, Source};
+use peermem::{Backing, PeerMemory, Provider};
+use peermem_loader::{partition, Layout, Options, RingBuffer, ShardBatch, ShardOptions};
 
 use crate::errors::{load_err, peermem_err};
 use crate::memory::registry;
 
-/// SplitMix64: a small, well-mixed generator for a reproducible shuffle.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
-
-/// The global record indices rank `rank` of `world` reads in `epoch`.
-fn rank_order(n: u64, shuffle: bool, seed: u64, epoch: u64, rank: u64, world: u64) -> Vec<u64> {
-    let mut all: Vec<u64> = (0..n).collect();
-    if shuffle {
-        let mut g = SplitMix(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
-        for i in (1..all.len()).rev() {
-            let j = (g.next() % (i as u64 + 1)) as usize;
-            all.swap(i, j);
-        }
-    }
-    all.into_iter().skip(rank as usize).step_by(world as usize).collect()
-}
-
-/// A region of the ring with its registration.
-struct Slot {
-    region: Arc<HostRegion>,
-    _reg: Registration,
-}
-
-type FreeList = Arc<Mutex<Vec<Slot>>>;
-
-/// One batch buffer: back on the free list when the last holder (the batch, a DLPack tensor, a
-/// memoryview) lets go.
-pub struct RingBuf {
-    slot: Option<Slot>,
-    free: FreeList,
+/// The bytes of one batch in its ring buffer: the rows and the gaps between them. Holding it
+/// holds the batch, so its buffer goes back to the ring only when the last view lets go.
+pub struct BatchMem {
+    batch: ShardBatch,
     len: u64,
 }
 
-impl Drop for RingBuf {
-    fn drop(&mut self) {
-        if let (Some(s), Ok(mut f)) = (self.slot.take(), self.free.lock()) {
-            f.push(s);
-        }
-    }
-}
-
-impl PeerMemory for RingBuf {
+impl PeerMemory for BatchMem {
     fn len(&self) -> u64 {
         self.len
     }
@@ -83,20 +38,42 @@ impl PeerMemory for RingBuf {
         Backing::HostPages
     }
     fn cpu_mapping(&self) -> Option<MappedSpan<'_>> {
-        self.slot.as_ref()?.region.cpu_mapping()?.sub(0, self.len).ok()
+        self.batch.buffer().region.cpu_mapping()?.sub(0, self.len).ok()
     }
 }
 
-/// One batch: `records` rows of `record_size` bytes, a `(rows, record_size)` uint8 array
-/// through the buffer protocol and DLPack (zero copy). Its buffer returns to the reader's ring
-/// when the batch and every view of it are gone.
+/// One batch. Fixed-size records: `rows` records of `record_size` bytes, a `(rows,
+/// record_size)` uint8 array through the buffer protocol and DLPack (zero copy; rows start
+/// 4096-byte aligned, so they are `stride` bytes apart). Variable-size records (`flat`): a 1-D
+/// uint8 array holding record `i` at `offsets[i]`, `lengths[i]` bytes long. Its buffer returns
+/// to the reader's ring when the batch and every view of it are gone.
 #[pyclass(module = "peermem", frozen)]
 pub struct Batch {
-    pub buf: Arc<RingBuf>,
-    /// `[rows, record_size]` and `[record_size, 1]`, pointed to by buffer-protocol views.
+    pub buf: Arc<BatchMem>,
+    /// One dimension (variable-size records) or two.
+    pub flat: bool,
+    /// `[rows, record_size]` and `[stride, 1]`, pointed to by buffer-protocol views (2-D only).
     pub shape: [isize; 2],
     pub strides: [isize; 2],
-    indices: Vec<u64>,
+}
+
+impl Batch {
+    /// `record`: the fixed record size, None for variable-size records.
+    fn new(batch: ShardBatch, record: Option<u64>) -> Batch {
+        let rows = batch.len();
+        let stride = batch.stride();
+        let len = match rows.checked_sub(1) {
+            Some(last) => batch.record(last).0 + batch.record(last).1,
+            None => 0,
+        };
+        let width = record.unwrap_or(len);
+        Batch {
+            buf: Arc::new(BatchMem { batch, len }),
+            flat: record.is_none(),
+            shape: [rows as isize, width as isize],
+            strides: [stride as isize, 1],
+        }
+    }
 }
 
 #[pymethods]
@@ -104,20 +81,55 @@ impl Batch {
     /// The global record indices of the rows, in order.
     #[getter]
     fn indices(&self) -> Vec<u64> {
-        self.indices.clone()
+        self.buf.batch.indices.iter().map(|&i| i as u64).collect()
     }
 
-    /// `(rows, record_size)`.
+    /// `(rows, record_size)`, or `(nbytes,)` for variable-size records.
     #[getter]
-    fn shape(&self) -> (usize, usize) {
-        (self.shape[0] as usize, self.shape[1] as usize)
+    fn shape<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+        if self.flat {
+            pyo3::types::PyTuple::new(py, [self.buf.len as usize])
+        } else {
+            pyo3::types::PyTuple::new(py, [self.shape[0] as usize, self.shape[1] as usize])
+        }
+    }
+
+    /// Where each record starts in the batch's bytes.
+    #[getter]
+    fn offsets(&self) -> Vec<u64> {
+        (0..self.buf.batch.len()).map(|i| self.buf.batch.record(i).0).collect()
+    }
+
+    /// Each record's length in bytes.
+    #[getter]
+    fn lengths(&self) -> Vec<u64> {
+        (0..self.buf.batch.len()).map(|i| self.buf.batch.record(i).1).collect()
+    }
+
+    /// Bytes from one row to the next in the buffer.
+    #[getter]
+    fn stride(&self) -> usize {
+        self.strides[0] as usize
+    }
+
+    /// The epoch the batch belongs to.
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.buf.batch.epoch
+    }
+
+    /// True when every byte of the batch went straight into its buffer (no bounce).
+    #[getter]
+    fn direct(&self) -> bool {
+        self.buf.batch.report.all_direct()
     }
 
     fn __len__(&self) -> usize {
         self.shape[0] as usize
     }
 
-    /// A DLPack capsule: a `(rows, record_size)` uint8 tensor on the CPU.
+    /// A DLPack capsule: a `(rows, record_size)` uint8 tensor on the CPU (row stride `stride`),
+    /// or the 1-D bytes of variable-size records.
     #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
     fn __dlpack__<'py>(
         &self,
@@ -128,8 +140,13 @@ impl Batch {
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = stream;
+        if self.flat {
+            let n = self.buf.len as i64;
+            return crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &[n], None, max_version, dl_device, copy);
+        }
         let dims = [self.shape[0] as i64, self.shape[1] as i64];
-        crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &dims, max_version, dl_device, copy)
+        let stride = (self.strides[0] != self.shape[1]).then_some(self.strides[0] as i64);
+        crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &dims, stride, max_version, dl_device, copy)
     }
 
     fn __dlpack_device__(&self) -> (i32, i32) {
@@ -137,26 +154,33 @@ impl Batch {
     }
 
     fn __repr__(&self) -> String {
+        if self.flat {
+            return format!("<peermem.Batch {} records, {} bytes>", self.shape[0], self.buf.len);
+        }
         format!("<peermem.Batch {} x {} bytes>", self.shape[0], self.shape[1])
     }
 }
 
-/// One file's share of the records.
-#[derive(Clone)]
-struct File {
-    path: PathBuf,
-    records: u64,
+/// The Rust reader and which Python iteration owns it (a new `iter()` restarts the epoch; the
+/// iterators before it end).
+struct Shared {
+    reader: peermem_loader::ShardReader,
+    generation: u64,
 }
 
-type Produced = Result<Batch, LoadError>;
+/// Locks the shared reader. Called only with the GIL released: a holder waits for reads.
+fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
 
-/// Iterates batches of one epoch; a background thread keeps `prefetch` batches ready.
+/// Iterates the batches of one epoch; the Rust reader keeps `prefetch` batches in flight.
 #[pyclass(module = "peermem", frozen)]
 pub struct ShardIter {
-    /// None once the epoch ended (or failed). Closing the channel stops the producer at its
-    /// next batch; it owns what it fills, so nothing is released under a read.
-    rx: Mutex<Option<Receiver<Produced>>>,
-    _worker: JoinHandle<()>,
+    /// None only while being dropped.
+    shared: Option<Arc<Mutex<Shared>>>,
+    generation: u64,
+    /// The fixed record size; None for variable-size records.
+    record: Option<u64>,
 }
 
 #[pymethods]
@@ -166,114 +190,156 @@ impl ShardIter {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Batch> {
-        let Some(rx) = self.rx.lock().map_err(peermem_err)?.take() else {
+        let Some(shared) = self.shared.as_ref() else {
             return Err(PyStopIteration::new_err(()));
         };
-        let (next, rx) = py.detach(move || (rx.recv(), rx));
-        match next {
-            Ok(Ok(b)) => {
-                *self.rx.lock().map_err(peermem_err)? = Some(rx);
-                Ok(b)
+        let next = py.detach(|| {
+            let mut s = lock(shared);
+            if s.generation != self.generation {
+                return None;
             }
-            Ok(Err(e)) => Err(load_err(e)),
-            Err(_) => Err(PyStopIteration::new_err(())),
+            s.reader.next_batch()
+        });
+        match next {
+            Some(Ok(b)) => Ok(Batch::new(b, self.record)),
+            Some(Err(e)) => Err(load_err(e)),
+            None => Err(PyStopIteration::new_err(())),
         }
     }
 }
 
-/// Batches of fixed-size records from a list of files, for data-parallel training: each rank
-/// reads every `world_size`-th record of the (optionally shuffled) epoch order.
+/// Batches of records from a list of files, for data-parallel training: each rank reads every
+/// `world_size`-th record of the (optionally shuffled) epoch order.
 #[pyclass(module = "peermem")]
 pub struct ShardReader {
-    files: Vec<File>,
-    record_size: u64,
-    batch_size: u64,
-    shuffle: bool,
-    seed: u64,
-    rank: u64,
-    world_size: u64,
-    prefetch: usize,
+    /// None only while being dropped.
+    shared: Option<Arc<Mutex<Shared>>>,
+    /// The fixed record size; None for variable-size records.
+    record: Option<u64>,
+    records: u64,
+    opts: ShardOptions,
     /// The epoch the next `iter()` reads; `set_epoch` changes it.
     #[pyo3(get)]
     epoch: u64,
-    free: FreeList,
 }
 
 #[pymethods]
 impl ShardReader {
     /// `files`: paths; `record_size`: bytes per record (every file a whole number of records);
-    /// `index`: variable-size records (not supported yet: `ValueError`).
+    /// or `index`: variable-size records as `(file number, offset, length)`. `prefetch`: batches in
+    /// flight; `ring`: batch buffers (default `prefetch + 2`: the caller may hold two batches
+    /// while the next ones load; holding more takes buffers from the read-ahead, and asking for
+    /// a batch while holding all `ring` raises `PeerMemError` until one is dropped).
+    /// `depth`: read requests in flight.
     #[new]
-    #[pyo3(signature = (files, record_size=None, index=None, batch_size=32, shuffle=false, seed=0, rank=0, world_size=1, prefetch=2, epoch=0))]
+    #[pyo3(signature = (files, record_size=None, index=None, batch_size=32, shuffle=false, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         files: Vec<PathBuf>,
         record_size: Option<u64>,
         index: Option<Bound<'_, PyAny>>,
-        batch_size: u64,
+        batch_size: usize,
         shuffle: bool,
         seed: u64,
-        rank: u64,
-        world_size: u64,
+        rank: usize,
+        world_size: usize,
         prefetch: usize,
         epoch: u64,
+        ring: Option<usize>,
+        depth: Option<usize>,
     ) -> PyResult<ShardReader> {
-        if index.is_some() {
-            return Err(PyValueError::new_err("index: variable-size records are not supported yet; give record_size"));
-        }
-        let record_size = record_size.ok_or_else(|| PyValueError::new_err("record_size is required"))?;
-        if record_size == 0 || batch_size == 0 || world_size == 0 || rank >= world_size || prefetch == 0 {
+        let index: Option<Vec<(usize, u64, u64)>> = match (record_size, index) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("record_size or index, not both")),
+            (None, None) => return Err(PyValueError::new_err("record_size or index is required")),
+            (_, Some(ix)) => Some(ix.extract().map_err(|e| {
+                PyValueError::new_err(format!("index: a list of (file number, offset, length) tuples ({e})"))
+            })?),
+            (Some(_), None) => None,
+        };
+        let record = match &index {
+            None => record_size.unwrap_or(0),
+            Some(ix) => ix.iter().map(|r| r.2).max().unwrap_or(0),
+        };
+        let ring = ring.unwrap_or(prefetch.saturating_add(2));
+        if record == 0 || batch_size == 0 || world_size == 0 || rank >= world_size || prefetch == 0 || ring < prefetch {
             return Err(PyValueError::new_err(format!(
-                "record_size {record_size}, batch_size {batch_size}: > 0; rank {rank} < world_size {world_size}; prefetch {prefetch} > 0"
+                "record_size {record}, batch_size {batch_size}: > 0; rank {rank} < world_size {world_size}; 0 < prefetch {prefetch} <= ring {ring}"
             )));
+        }
+        if ring > 1024 || depth.is_some_and(|d| d == 0 || d > 1024) {
+            return Err(PyValueError::new_err(format!("ring {ring}, depth {depth:?}: 1 to 1024")));
         }
         if files.is_empty() {
             return Err(PyValueError::new_err("files: at least one"));
         }
-        let files = files
-            .into_iter()
-            .map(|path| {
-                let m = std::fs::metadata(&path).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => {
-                        pyo3::exceptions::PyFileNotFoundError::new_err(format!("{}: {e}", path.display()))
-                    }
-                    _ => peermem_err(format!("{}: {e}", path.display())),
-                })?;
-                if !m.is_file() {
-                    return Err(PyValueError::new_err(format!("{}: not a regular file", path.display())));
+        let mut records = 0u64;
+        for path in &files {
+            let m = std::fs::metadata(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    pyo3::exceptions::PyFileNotFoundError::new_err(format!("{}: {e}", path.display()))
                 }
-                if m.len() % record_size != 0 {
-                    return Err(PyValueError::new_err(format!(
-                        "{}: {} bytes is not a whole number of {record_size}-byte records",
-                        path.display(),
-                        m.len()
-                    )));
-                }
-                Ok(File { records: m.len() / record_size, path })
-            })
-            .collect::<PyResult<Vec<_>>>()?;
-        batch_size
-            .checked_mul(record_size)
+                _ => peermem_err(format!("{}: {e}", path.display())),
+            })?;
+            if !m.is_file() {
+                return Err(PyValueError::new_err(format!("{}: not a regular file", path.display())));
+            }
+            if index.is_none() && m.len() % record != 0 {
+                return Err(PyValueError::new_err(format!(
+                    "{}: {} bytes is not a whole number of {record}-byte records",
+                    path.display(),
+                    m.len()
+                )));
+            }
+            records += m.len() / record;
+        }
+        if let Some(ix) = &index {
+            records = ix.len() as u64;
+        }
+        (batch_size as u64)
+            .checked_mul(record.div_ceil(4096) * 4096)
             .filter(|&b| b <= 1 << 40)
             .ok_or_else(|| PyValueError::new_err("batch_size * record_size is too large"))?;
-        Ok(ShardReader {
-            files,
-            record_size,
+        let opts = ShardOptions {
             batch_size,
+            prefetch,
+            ring,
             shuffle,
             seed,
             rank,
             world_size,
-            prefetch,
+            drop_last: false,
+            uneven: true,
+        };
+        let d = Options::default();
+        let lopts = Options { depth: depth.unwrap_or(d.depth), ..d };
+        let reg = registry()?;
+        let o = opts.clone();
+        let fixed = index.is_none();
+        let layout = match index {
+            None => Layout::Fixed { record },
+            Some(ix) => Layout::Index(ix),
+        };
+        let reader = py
+            .detach(move || {
+                let loader = Arc::new(peermem_loader::Loader::new(reg, lopts)?);
+                let handles = files.iter().map(|p| loader.open(p)).collect::<Result<Vec<_>, _>>()?;
+                peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host)
+            })
+            .map_err(load_err)?;
+        Ok(ShardReader {
+            shared: Some(Arc::new(Mutex::new(Shared { reader, generation: 0 }))),
+            record: fixed.then_some(record),
+            records,
+            opts,
             epoch,
-            free: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     /// Records in all files.
     #[getter]
     fn num_records(&self) -> u64 {
-        self.files.iter().map(|f| f.records).sum()
+        self.records
     }
 
     /// Sets the epoch the next iteration reads (changes the shuffle).
@@ -283,84 +349,40 @@ impl ShardReader {
 
     /// Records this rank reads per epoch.
     fn __len__(&self) -> usize {
-        let n = self.num_records();
-        (n / self.world_size + u64::from(self.rank < n % self.world_size)) as usize
+        partition(self.records as usize, self.epoch, &self.opts).len()
     }
 
-    /// Starts reading the current epoch in the background; yields `Batch`es.
-    fn __iter__(&self) -> PyResult<ShardIter> {
-        let reg = registry()?;
-        let order = rank_order(self.num_records(), self.shuffle, self.seed, self.epoch, self.rank, self.world_size);
-        let (tx, rx) = sync_channel::<Produced>(self.prefetch);
-        let (files, rs, bs, free) = (self.files.clone(), self.record_size, self.batch_size, self.free.clone());
-        let worker = std::thread::Builder::new()
-            .name("peermem-shards".into())
-            .spawn(move || {
-                let opts = LoadOptions { depth: 1, verify: false, ..LoadOptions::default() };
-                for rows in order.chunks(bs as usize) {
-                    let r = fill(&files, rs, bs, rows, &free, reg, &opts);
-                    let failed = r.is_err();
-                    if tx.send(r).is_err() || failed {
-                        return;
-                    }
-                }
+    /// Starts reading the current epoch (batches read ahead for an earlier iteration are waited
+    /// for and dropped; that iterator ends); yields `Batch`es.
+    fn __iter__(&self, py: Python<'_>) -> PyResult<ShardIter> {
+        let epoch = self.epoch;
+        let shared = self.shared.clone().ok_or_else(|| peermem_err("the reader is closed"))?;
+        let generation = py
+            .detach(|| {
+                let mut s = lock(&shared);
+                s.generation += 1;
+                s.reader.set_epoch(epoch).map(|_| s.generation)
             })
-            .map_err(peermem_err)?;
-        Ok(ShardIter { rx: Mutex::new(Some(rx)), _worker: worker })
+            .map_err(load_err)?;
+        Ok(ShardIter { shared: Some(shared), generation, record: self.record })
     }
 }
 
-/// Records of one batch read at once (requests in flight).
-const READERS: usize = 32;
-
-/// Reads the records `rows` (global indices) into a ring buffer.
-fn fill(
-    files: &[File],
-    rs: u64,
-    bs: u64,
-    rows: &[u64],
-    free: &FreeList,
-    reg: &peermem::Registry,
-    opts: &LoadOptions,
-) -> Produced {
-    let slot = match free.lock().ok().and_then(|mut f| f.pop()) {
-        Some(s) => s,
-        None => {
-            let region = Arc::new(HostRegion::new(bs * rs)?);
-            let g = reg.register(region.clone() as Arc<dyn PeerMemory>)?;
-            Slot { region, _reg: g }
+impl Drop for ShardReader {
+    fn drop(&mut self) {
+        // The last holder of the Rust reader waits for its batches in flight and joins its
+        // loader's thread: not with the GIL held (garbage collection holds it). An iterator
+        // still alive keeps the reader and drops it the same way.
+        if let Some(shared) = self.shared.take() {
+            Python::attach(|py| py.detach(move || drop(shared)));
         }
-    };
-    let len = rows.len() as u64 * rs;
-    let entry = slot._reg.entry().clone();
-    let buf = Arc::new(RingBuf { slot: Some(slot), free: free.clone(), len });
-    // Up to `READERS` records in flight, each reader taking every READERS-th row.
-    let k = rows.len().min(READERS);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = (0..k)
-            .map(|w| {
-                let entry = &entry;
-                s.spawn(move || -> Result<(), LoadError> {
-                    for (i, &g) in rows.iter().enumerate().skip(w).step_by(k) {
-                        let (mut g, mut f) = (g, 0);
-                        while g >= files[f].records {
-                            g -= files[f].records;
-                            f += 1;
-                        }
-                        let mut src = Source::Kernel(KernelSource::open(&files[f].path)?);
-                        let o = LoadOptions { dest_offset: i as u64 * rs, ..opts.clone() };
-                        load(&mut src, g * rs..(g + 1) * rs, entry, reg, &o)?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        hs.into_iter().try_for_each(|h| {
-            h.join().unwrap_or_else(|_| {
-                Err(LoadError::Copy { what: "shard read", offset: 0, why: "a reader panicked".into() })
-            })
-        })
-    })?;
-    let n = rows.len() as isize;
-    Ok(Batch { buf, shape: [n, rs as isize], strides: [rs as isize, 1], indices: rows.to_vec() })
+    }
+}
+
+impl Drop for ShardIter {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            Python::attach(|py| py.detach(move || drop(shared)));
+        }
+    }
 }

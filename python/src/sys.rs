@@ -73,19 +73,39 @@ impl VulkanBuffer {
 
 #[pymethods]
 impl Batch {
-    /// The buffer protocol: a writable `(rows, record_size)` array of unsigned bytes.
+    /// The buffer protocol: a writable `(rows, record_size)` array of unsigned bytes whose rows
+    /// are `stride` bytes apart (contiguous only when the record is a multiple of 4096 bytes, so
+    /// a consumer must take strides, as numpy and memoryview do).
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         let b = slf.get();
+        if b.flat {
+            // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
+            return unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags) };
+        }
+        let packed = b.strides[0] == b.shape[1];
+        let strided = flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES;
+        let contiguous_asked = flags
+            & (ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_F_CONTIGUOUS | ffi::PyBUF_ANY_CONTIGUOUS)
+            & !ffi::PyBUF_STRIDES
+            != 0;
+        if !packed && (!strided || contiguous_asked) {
+            return Err(PyBufferError::new_err(format!(
+                "the batch's rows are {} bytes apart for {}-byte records: only a strided view is possible",
+                b.strides[0], b.shape[1]
+            )));
+        }
         // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
         unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags)? };
         // SAFETY: `view` was filled above; `shape` and `strides` live in the batch, which the
-        // view keeps alive (FillInfo took a reference), and CPython only reads them.
+        // view keeps alive (FillInfo took a reference), and CPython only reads them. `len` is
+        // the bytes the shape covers (the span also holds the gaps between rows).
         unsafe {
+            (*view).len = b.shape[0] * b.shape[1];
             if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
                 (*view).ndim = 2;
                 (*view).shape = b.shape.as_ptr().cast_mut();
             }
-            if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+            if strided {
                 (*view).strides = b.strides.as_ptr().cast_mut();
             }
         }
@@ -149,6 +169,7 @@ struct DLManagedTensorVersioned {
 struct Managed<T> {
     tensor: T,
     shape: [i64; 2],
+    strides: [i64; 2],
     _keep: Arc<dyn PeerMemory>,
 }
 
@@ -216,15 +237,18 @@ pub fn dlpack<'py>(
     copy: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let n = i64::try_from(nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
-    dlpack_nd(py, region, nbytes, &[n], max_version, dl_device, copy)
+    dlpack_nd(py, region, nbytes, &[n], None, max_version, dl_device, copy)
 }
 
-/// As `dlpack`, shaped `dims` (one or two dimensions, C order, whose product is `nbytes`).
+/// As `dlpack`, shaped `dims` (one or two dimensions): C order, whose product is `nbytes`, or
+/// with rows `row_stride` bytes apart (two dimensions, all rows within `nbytes`).
+#[allow(clippy::too_many_arguments)]
 pub fn dlpack_nd<'py>(
     py: Python<'py>,
     region: Arc<dyn PeerMemory>,
     nbytes: u64,
     dims: &[i64],
+    row_stride: Option<i64>,
     max_version: Option<(u32, u32)>,
     dl_device: Option<(i32, i32)>,
     copy: Option<bool>,
@@ -239,11 +263,21 @@ pub fn dlpack_nd<'py>(
         .cpu_mapping()
         .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
     let ndim = dims.len();
-    if !(1..=2).contains(&ndim) || dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)) != i64::try_from(nbytes).ok() {
-        return Err(PyValueError::new_err(format!("shape {dims:?} does not cover {nbytes} bytes")));
+    let covered = match (dims, row_stride) {
+        (&[rows, cols], Some(st)) if rows > 0 && cols > 0 && st >= cols => {
+            (rows - 1).checked_mul(st).and_then(|x| x.checked_add(cols)).is_some_and(|e| e <= nbytes as i64)
+        }
+        (_, Some(_)) => false,
+        _ => dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d)) == i64::try_from(nbytes).ok(),
+    };
+    if !(1..=2).contains(&ndim) || !covered {
+        return Err(PyValueError::new_err(format!(
+            "shape {dims:?} (row stride {row_stride:?}) does not fit {nbytes} bytes"
+        )));
     }
     let mut shape = [0i64; 2];
     shape[..ndim].copy_from_slice(dims);
+    let strides = [row_stride.unwrap_or(0), 1];
     let tensor = DLTensor {
         data: span.addr().raw() as *mut c_void,
         device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
@@ -263,12 +297,17 @@ pub fn dlpack_nd<'py>(
                 dl_tensor: tensor,
             },
             shape,
+            strides,
             _keep: region.clone(),
         }));
-        // SAFETY: `raw` is a live, unaliased box; the shape array lives in it, so the tensor's
-        // shape pointer is valid for the tensor's life. Ownership passes to the capsule.
+        // SAFETY: `raw` is a live, unaliased box; the shape and stride arrays live in it, so the
+        // tensor's pointers to them are valid for the tensor's life. Ownership passes to the
+        // capsule.
         unsafe {
             (*raw).tensor.dl_tensor.shape = (*raw).shape.as_mut_ptr();
+            if row_stride.is_some() {
+                (*raw).tensor.dl_tensor.strides = (*raw).strides.as_mut_ptr();
+            }
             (*raw).tensor.manager_ctx = raw.cast();
             capsule(py, raw, DLTENSOR_VERSIONED)
         }
@@ -280,11 +319,15 @@ pub fn dlpack_nd<'py>(
                 deleter: Some(legacy_deleter),
             },
             shape,
+            strides,
             _keep: region.clone(),
         }));
         // SAFETY: as above.
         unsafe {
             (*raw).tensor.dl_tensor.shape = (*raw).shape.as_mut_ptr();
+            if row_stride.is_some() {
+                (*raw).tensor.dl_tensor.strides = (*raw).strides.as_mut_ptr();
+            }
             (*raw).tensor.manager_ctx = raw.cast();
             capsule(py, raw, DLTENSOR)
         }

@@ -230,3 +230,87 @@ def test_a_loader_is_a_context_manager_that_waits_for_its_loads(dataset):
         f = ld.pread(dataset.path, out, off, size)
     assert f.done()
     assert np.array_equal(out, dataset.expect(7))
+
+
+@pytest.mark.parametrize("kind", ["HostBuffer", "numpy", "bytearray"])
+@pytest.mark.parametrize("how", ["read", "pread", "read_batch"])
+def test_strict_refuses_before_any_byte_is_written(dataset, kind, how):
+    # An unaligned source offset cannot go direct: the strict loader must refuse it while
+    # planning, so the destination keeps its pattern byte for byte.
+    ld = peermem.Loader(strict=True)
+    out = destinations(1 << 20)[kind]()
+    view = readback(out, 0, 1 << 20)
+    view[:] = 0xA5
+    before = view.copy()
+    with pytest.raises(peermem.NotDirectError) as e:
+        if how == "read":
+            ld.read(dataset.path, out, offset=1, size=300_000)
+        elif how == "pread":
+            ld.pread(dataset.path, out, 1, 300_000).result(timeout=60)
+        else:
+            ld.read_batch([(dataset.path, out, 0, 4096), (dataset.path, out, 1, 300_000, 8192)])
+    assert np.array_equal(readback(out, 0, 1 << 20), before)
+    assert any("aligned" in x for x in e.value.reasons), e.value.reasons
+    # The same loader moves aligned ranges directly.
+    if kind == "HostBuffer":
+        r = ld.read(dataset.path, out, offset=0, size=1 << 20)
+        assert r.direct or "O_DIRECT" not in r.source
+
+
+def test_a_batch_of_reads_lands_every_record(dataset):
+    ld = peermem.Loader()
+    outs = [np.zeros(size + 4096, dtype=np.uint8) for _, size in dataset.records]
+    host = peermem.HostBuffer(sum(s for _, s in dataset.records) + 4096 * len(dataset.records))
+    reads, at = [], 0
+    for i, (off, size) in enumerate(dataset.records):
+        reads.append((dataset.path, outs[i], off, size, i % 2))
+        reads.append((str(dataset.path), host, off, size, at))
+        at += (size + 4095) // 4096 * 4096
+    r = ld.pread_batch(reads).result(timeout=60)
+    assert r.bytes == 2 * sum(s for _, s in dataset.records)
+    at = 0
+    for i, (off, size) in enumerate(dataset.records):
+        assert np.array_equal(outs[i][i % 2 : i % 2 + size], dataset.expect(i))
+        assert np.array_equal(np.asarray(host)[at : at + size], dataset.expect(i))
+        at += (size + 4095) // 4096 * 4096
+    with pytest.raises(ValueError):
+        ld.read_batch([])
+    with pytest.raises(ValueError):
+        ld.read_batch([(dataset.path,)])
+
+
+def test_a_numpy_view_of_a_host_buffer_loads_through_its_registration(dataset):
+    host = peermem.HostBuffer(1 << 20)
+    view = np.asarray(host)[4096:]
+    regs = peermem.registered_buffers()
+    off, size = dataset.records[1]
+    r = peermem.Loader().read(dataset.path, view, off, size, 3)
+    assert np.array_equal(view[3 : 3 + size], dataset.expect(1))
+    assert r.bytes == size
+    assert peermem.registered_buffers() == regs
+
+
+def test_threads_waiting_on_one_future_all_get_its_report(dataset):
+    ld = peermem.Loader()
+    off, size = dataset.records[7]  # the 3 MiB record
+    out = np.zeros(size, dtype=np.uint8)
+    for _ in range(5):
+        out[:] = 0
+        f = ld.pread(dataset.path, out, off, size)
+        got, errors = [], []
+
+        def wait(timeout):
+            try:
+                got.append(f.result(timeout=timeout))
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        ts = [threading.Thread(target=wait, args=(t,)) for t in (None, 60, 60, None)]
+        for t in ts:
+            t.start()
+        f.done()  # never blocks on the waiters
+        for t in ts:
+            t.join()
+        assert errors == [] and len(got) == 4
+        assert all(r is got[0] for r in got)
+        assert np.array_equal(out, dataset.expect(7))

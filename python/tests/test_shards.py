@@ -97,3 +97,67 @@ def test_bad_shard_arguments_raise(shards, tmp_path):
                {"record_size": RS, "batch_size": 0}, {"record_size": RS, "index": [1]}):
         with pytest.raises(ValueError):
             peermem.ShardReader(files, **kw)
+
+
+def test_batches_are_strided_views_of_aligned_rows(shards):
+    files, data = shards
+    b = next(iter(peermem.ShardReader(files, record_size=RS, batch_size=4)))
+    assert b.stride == 8192 and b.stride % 4096 == 0
+    a = np.asarray(b)
+    assert a.strides == (b.stride, 1)
+    assert np.array_equal(memoryview(b).tobytes(), data[b.indices].tobytes())
+    with pytest.raises((BufferError, TypeError)):
+        memoryview(b).cast("B")  # a flat view of a strided batch does not exist
+
+
+def test_asking_for_a_batch_while_holding_the_whole_ring_raises_until_one_is_dropped(shards):
+    files, data = shards
+    r = peermem.ShardReader(files, record_size=RS, batch_size=4, prefetch=1, ring=2)
+    it = iter(r)
+    held = [next(it), next(it)]
+    with pytest.raises(peermem.PeerMemError, match="ring"):
+        next(it)
+    del held[0]
+    b = next(it)
+    assert np.array_equal(np.asarray(b), data[b.indices])
+    # A bigger ring lets the caller keep every batch of the epoch.
+    r = peermem.ShardReader(files, record_size=RS, batch_size=16, ring=9)
+    kept = list(r)
+    assert sorted(i for b in kept for i in b.indices) == list(range(len(data)))
+
+
+def test_variable_size_records_from_an_index_arrive_intact_as_flat_batches(shards):
+    files, data = shards
+    flat = [np.fromfile(f, dtype=np.uint8) for f in files]
+    rng = np.random.default_rng(11)
+    index = []
+    for k in range(60):
+        f = int(rng.integers(0, len(files)))
+        n = int(rng.integers(1, min(3 * 4096, len(flat[f]))))
+        off = int(rng.integers(0, len(flat[f]) - n + 1))
+        index.append((f, off, n))
+    for world in (1, 3):
+        got = []
+        for rank in range(world):
+            r = peermem.ShardReader(files, index=index, batch_size=7, shuffle=True, seed=2, rank=rank, world_size=world)
+            assert len(r) == len(range(rank, len(index), world))
+            for b in r:
+                a = np.asarray(b)
+                assert a.ndim == 1 and b.shape == a.shape
+                d = np.from_dlpack(b)
+                assert d.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+                for i, off, n in zip(b.indices, b.offsets, b.lengths):
+                    f, foff, fn = index[i]
+                    assert n == fn and off % 4096 == 0
+                    assert np.array_equal(a[off : off + n], flat[f][foff : foff + n]), (i, f, foff)
+                got += b.indices
+        assert sorted(got) == list(range(len(index)))
+
+
+def test_bad_indexes_raise_value_error(shards):
+    files, _ = shards
+    for index in ([(3, 0, 10)], [(0, 0, 0)], [(0, 0, 10**9)], [], [("a", 0, 1)]):
+        with pytest.raises(ValueError):
+            peermem.ShardReader(files, index=index)
+    with pytest.raises(ValueError, match="not both"):
+        peermem.ShardReader(files, record_size=RS, index=[(0, 0, 1)])
