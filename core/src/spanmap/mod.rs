@@ -47,13 +47,10 @@ impl<V> SpanSet<V> {
         if a >= HIGH {
             return in_rec(self.set.high(t)?.find(a)?, a);
         }
-        // The common shapes, unrolled: the root's node, a 1 GiB slot pointing at a node whose
+        // The common shapes, unrolled: a root slot's node, a 1 GiB slot pointing at a node whose
         // 2 MiB slot (or, one level down, 4 KiB slot) is wholly covered by one span. Everything
         // else (a span's ragged edge, sub-page spans, empty slots) finishes in `walk`.
-        let View::Node(root) = self.set.root(t)? else { return None };
-        let View::Node(top) = root.slot(slot_index(a, ROOT_SHIFT)) else {
-            return walk(root.slot(slot_index(a, ROOT_SHIFT)), a, ROOT_SHIFT);
-        };
+        let View::Node(top) = self.set.top(t, a >> ROOT_SHIFT)? else { return None };
         let shift = ROOT_SHIFT - FANOUT_BITS;
         let View::Node(mid) = top.slot(slot_index(a, shift)) else {
             return walk(top.slot(slot_index(a, shift)), a, shift);
@@ -119,21 +116,28 @@ impl<V> SpanWriter<V> {
         self.dirty = true;
         let rec = heap.new_rec(start, last, val);
         if last >= HIGH {
-            if table.high.is_empty() {
-                table.high = heap.new_many(Vec::new());
+            let high = table.high_mut();
+            if high.is_empty() {
+                *high = heap.new_many(Vec::new());
             }
             let span = heap.span_slot(&rec, false);
-            if let Some(items) = heap.many_mut(&mut table.high) {
+            if let Some(items) = heap.many_mut(high) {
                 let p = items.partition_point(|s| s.start() < start);
                 items.insert(p, span);
             }
         }
         if start < HIGH {
-            if table.root.is_empty() {
-                table.root = heap.new_node();
-            }
-            if let Some(root) = heap.node_mut(&mut table.root) {
-                insert_in(heap, root, 0, ROOT_SHIFT, start, last.min(HIGH - 1), &rec);
+            let hi = last.min(HIGH - 1);
+            for key in (start >> ROOT_SHIFT)..=(hi >> ROOT_SHIFT) {
+                let base = key << ROOT_SHIFT;
+                let root = table.root_mut(key as usize);
+                if root.is_empty() {
+                    *root = heap.new_node();
+                }
+                if let Some(top) = heap.node_mut(root) {
+                    let (lo, hi) = (start.max(base), hi.min(base | ((1 << ROOT_SHIFT) - 1)));
+                    insert_in(heap, top, base, ROOT_SHIFT - FANOUT_BITS, lo, hi, &rec);
+                }
             }
         }
         heap.drop_rec(rec);
@@ -145,23 +149,32 @@ impl<V> SpanWriter<V> {
         let table = &mut self.tables[t];
         self.dirty = true;
         if last >= HIGH {
-            if let Some(items) = heap.many_mut(&mut table.high) {
+            let high = table.high_mut();
+            if let Some(items) = heap.many_mut(high) {
                 if let Some(i) = items.iter().position(|s| s.start() == start) {
                     let gone = items.remove(i);
                     let now_empty = items.is_empty();
                     heap.release(gone);
                     if now_empty {
-                        let high = std::mem::replace(&mut table.high, Slot::empty());
-                        heap.release(high);
+                        let list = std::mem::replace(high, Slot::empty());
+                        heap.release(list);
                     }
                 }
             }
         }
         if start < HIGH {
-            if let Some(root) = heap.node_mut(&mut table.root) {
-                if remove_in(heap, root, 0, ROOT_SHIFT, start, last.min(HIGH - 1), start) {
-                    let root = std::mem::replace(&mut table.root, Slot::empty());
-                    heap.release(root);
+            let hi = last.min(HIGH - 1);
+            for key in (start >> ROOT_SHIFT)..=(hi >> ROOT_SHIFT) {
+                let base = key << ROOT_SHIFT;
+                let root = table.root_mut(key as usize);
+                let (lo, hi) = (start.max(base), hi.min(base | ((1 << ROOT_SHIFT) - 1)));
+                let emptied = match heap.node_mut(root) {
+                    Some(top) => remove_in(heap, top, base, ROOT_SHIFT - FANOUT_BITS, lo, hi, start),
+                    None => false,
+                };
+                if emptied {
+                    let top = std::mem::replace(root, Slot::empty());
+                    heap.release(top);
                 }
             }
         }
@@ -170,7 +183,7 @@ impl<V> SpanWriter<V> {
     /// Publishes every edit since the last publication as a new set.
     pub fn publish(&mut self) -> SpanSet<V> {
         self.dirty = false;
-        SpanSet { set: self.heap.publish(&self.tables) }
+        SpanSet { set: self.heap.publish(&mut self.tables) }
     }
 }
 
@@ -251,6 +264,7 @@ fn remove_in<V>(
     start: u64,
 ) -> bool {
     let (first, end) = (slot_index(lo, shift), slot_index(hi, shift) + 1);
+    let mut emptied = false;
     for (idx, slot) in slots.iter_mut().enumerate().take(end).skip(first) {
         let sbase = base | ((idx as u64) << shift);
         let slast = sbase | ((1u64 << shift) - 1);
@@ -260,18 +274,20 @@ fn remove_in<V>(
                 if slot.start() == start {
                     let gone = std::mem::replace(slot, Slot::empty());
                     heap.release(gone);
+                    emptied = true;
                 }
             }
             Kind::Node => {
-                let emptied = match heap.node_mut(slot) {
+                let child_emptied = match heap.node_mut(slot) {
                     Some(child) => {
                         remove_in(heap, child, sbase, shift - FANOUT_BITS, lo.max(sbase), hi.min(slast), start)
                     }
                     None => false,
                 };
-                if emptied {
+                if child_emptied {
                     let child = std::mem::replace(slot, Slot::empty());
                     heap.release(child);
+                    emptied = true;
                 }
             }
             Kind::Many => {
@@ -285,14 +301,16 @@ fn remove_in<V>(
                     // One span or none left: the slot holds it directly.
                     let list = std::mem::replace(slot, left.unwrap_or_else(Slot::empty));
                     heap.release(list);
+                    emptied |= slot.is_empty();
                 }
             }
         }
     }
-    slots.iter().all(Slot::is_empty)
+    // Only a slot emptied here can have left the node empty.
+    emptied && slots.iter().all(Slot::is_empty)
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -450,5 +468,55 @@ mod tests {
         drop(sets);
         drop(w);
         assert_eq!(drops.load(Ordering::SeqCst), made);
+    }
+}
+
+/// Model checks of publication and reclamation, run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p peermem --lib spanmap::loom_tests --release`.
+/// The registry publishes through `arc_swap`; here a mutex stands in for it (a reader sees a
+/// publication or not, and its clone of the set pins that set's era), and the model explores
+/// every interleaving of one reader with a writer that removes a span and edits again.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::atomic::{AtomicBool, Ordering};
+    use loom::sync::{Arc, Mutex};
+
+    #[test]
+    fn readers_never_reach_retired_nodes_and_miss_after_remove_returned() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let mut w = SpanWriter::new(1);
+            w.insert(0, 0x1000, 0x1fff, 1u64);
+            w.insert(0, 0x40_0000, 0x5f_ffff, 2u64);
+            let current = Arc::new(Mutex::new(w.publish()));
+            let gone = Arc::new(AtomicBool::new(false));
+            let reader = {
+                let (current, gone) = (current.clone(), gone.clone());
+                loom::thread::spawn(move || {
+                    let removed = gone.load(Ordering::Acquire);
+                    let set = current.lock().unwrap().clone();
+                    let hit = set.get(0, 0x1800).map(|(_, v)| *v);
+                    if removed {
+                        assert_eq!(hit, None, "found after its removal was published");
+                    } else {
+                        assert!(matches!(hit, None | Some(1)));
+                    }
+                    // Every node on the path, reached again after the writer moved on.
+                    assert_eq!(set.get(0, 0x40_0000).map(|(_, v)| *v), Some(2));
+                })
+            };
+            w.remove(0, 0x1000, 0x1fff);
+            let next = w.publish();
+            drop(std::mem::replace(&mut *current.lock().unwrap(), next));
+            gone.store(true, Ordering::Release);
+            // A second edit retires the nodes the first one made; the writer then goes away.
+            w.insert(0, 0x2000, 0x2fff, 3);
+            let next = w.publish();
+            drop(std::mem::replace(&mut *current.lock().unwrap(), next));
+            drop(w);
+            reader.join().unwrap();
+        });
     }
 }

@@ -153,10 +153,11 @@ enum Retired<V> {
 }
 
 impl<V> Retired<V> {
-    fn free(self) {
+    fn free(self, pool: &Pool<V>) {
         #[cfg(loom)]
         {
             // Marked dead and leaked: a model test then sees a read after retirement.
+            let _ = pool;
             // SAFETY: as below; the allocation is never freed, only marked.
             let dead = unsafe {
                 match self {
@@ -169,15 +170,57 @@ impl<V> Retired<V> {
         }
         #[cfg(not(loom))]
         match self {
-            // SAFETY: each pointer was made by `Box::into_raw` of that type in this module, is
-            // retired exactly once (the slot token that owned it was consumed, or the record's
-            // count reached zero), and its era is dropped only when no set that could reach it
-            // remains, so nothing reads it any more.
-            Retired::Node(p) => drop(unsafe { Box::from_raw(p) }),
-            // SAFETY: as above.
+            // SAFETY (all arms): each pointer was made by `Box::into_raw` of that type in this
+            // module, is retired exactly once (the slot token that owned it was consumed, or the
+            // record's count reached zero), and its era is dropped only when no set that could
+            // reach it remains, so nothing reads it any more: it is ours to free or recycle.
+            Retired::Node(p) => pool.put(p),
             Retired::Many(p) => drop(unsafe { Box::from_raw(p) }),
-            // SAFETY: as above.
             Retired::Rec(p) => drop(unsafe { Box::from_raw(p) }),
+        }
+    }
+}
+
+/// Nodes no set can reach any more, kept for reuse: a node is 8 KiB, and allocating and freeing
+/// two or three per edit costs more than copying them.
+struct Pool<V> {
+    free: std::sync::Mutex<Vec<*mut Node<V>>>,
+}
+
+const POOL_CAP: usize = 64;
+
+// SAFETY: the pool exclusively owns the unreachable nodes it holds (plain data, no `V` inside
+// a retired node is ever read or dropped through it).
+unsafe impl<V> Send for Pool<V> {}
+// SAFETY: as for Send; the list is behind a mutex.
+unsafe impl<V> Sync for Pool<V> {}
+
+impl<V> Pool<V> {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<*mut Node<V>>> {
+        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Takes an unreachable node (its old contents are stale words, to be overwritten).
+    #[cfg(not(loom))]
+    fn put(&self, p: *mut Node<V>) {
+        let mut free = self.list();
+        if free.len() < POOL_CAP {
+            free.push(p);
+        } else {
+            drop(free);
+            // SAFETY: made by `Box::into_raw`, unreachable (see `Retired::free`).
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+    fn take(&self) -> Option<*mut Node<V>> {
+        self.list().pop()
+    }
+}
+
+impl<V> Drop for Pool<V> {
+    fn drop(&mut self) {
+        for p in self.list().drain(..) {
+            // SAFETY: made by `Box::into_raw`, unreachable, owned by the pool alone.
+            drop(unsafe { Box::from_raw(p) });
         }
     }
 }
@@ -190,11 +233,12 @@ struct EraState<V> {
 /// One publication's share of the reclamation chain (see the module comment).
 pub(super) struct Era<V> {
     state: Mutex<EraState<V>>,
+    pool: std::sync::Arc<Pool<V>>,
 }
 
 impl<V> Era<V> {
-    fn new() -> Era<V> {
-        Era { state: Mutex::new(EraState { retired: Vec::new(), next: None }) }
+    fn new(pool: std::sync::Arc<Pool<V>>) -> Era<V> {
+        Era { state: Mutex::new(EraState { retired: Vec::new(), next: None }), pool }
     }
     fn state(&self) -> impl std::ops::DerefMut<Target = EraState<V>> + '_ {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -207,7 +251,7 @@ impl<V> Drop for Era<V> {
             let mut s = self.state();
             (std::mem::take(&mut s.retired), s.next.take())
         };
-        retired.into_iter().for_each(Retired::free);
+        retired.into_iter().for_each(|r| r.free(&self.pool));
         // Unlink the chain iteratively: letting go of a very old set must not recurse once per
         // publication.
         while let Some(era) = next {
@@ -217,7 +261,7 @@ impl<V> Drop for Era<V> {
                         let mut s = e.state();
                         (std::mem::take(&mut s.retired), s.next.take())
                     };
-                    retired.into_iter().for_each(Retired::free);
+                    retired.into_iter().for_each(|r| r.free(&e.pool));
                     next = n;
                 }
                 Err(_) => break,
@@ -226,15 +270,26 @@ impl<V> Drop for Era<V> {
     }
 }
 
-/// A published table: its radix root (a node slot or empty) and its list of spans above the
-/// radix (a list slot or empty). Raw copies of the writer's slots, only ever read.
-#[derive(Clone, Copy)]
+/// A published table, raw copies of the writer's slots, only ever read: the node of one 512 GiB
+/// root slot inline (`key`, `top`: the common case, every user address below 128 TiB or one bus
+/// window, costs no root load), a root node for the other keys when more than one is in use
+/// (`root`, made at publication), and the list of spans above the radix (`high`).
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct Table {
+    key: u64,
+    top: Raw,
     root: Raw,
     high: Raw,
 }
 
-const EMPTY_TABLE: Table = Table { root: EMPTY, high: EMPTY };
+impl PartialEq for Raw {
+    fn eq(&self, o: &Raw) -> bool {
+        self.start == o.start && self.p == o.p
+    }
+}
+impl Eq for Raw {}
+
+const EMPTY_TABLE: Table = Table { key: u64::MAX, top: EMPTY, root: EMPTY, high: EMPTY };
 
 /// An immutable view of several tables, cheap to clone. Table 0 is inline (the hot one).
 pub(super) struct Set<V> {
@@ -352,10 +407,17 @@ impl<V> Set<V> {
             self.rest.get(t - 1)
         }
     }
-    /// The radix root of table `t`: a node, or empty.
+    /// Root slot `key` (`addr >> 39`) of table `t`: the node of 1 GiB slots under it, or empty.
     #[inline(always)]
-    pub fn root(&self, t: usize) -> Option<View<'_, V>> {
-        Some(view(self.table(t)?.root))
+    pub fn top(&self, t: usize, key: u64) -> Option<View<'_, V>> {
+        let table = self.table(t)?;
+        if table.key == key {
+            return Some(view(table.top));
+        }
+        match view(table.root) {
+            View::Node(root) => Some(root.slot(key as usize)),
+            _ => None,
+        }
     }
     /// The spans of table `t` above the radix.
     #[inline]
@@ -375,6 +437,7 @@ pub(super) struct Heap<V> {
     stamp: u64,
     retired: Vec<Retired<V>>,
     latest: Set<V>,
+    pool: std::sync::Arc<Pool<V>>,
 }
 
 // SAFETY: the heap owns its fresh allocations and the slot tokens' targets like a `Box` owns
@@ -382,16 +445,41 @@ pub(super) struct Heap<V> {
 // published are shared only as `Set`s (`V: Sync`).
 unsafe impl<V: Send + Sync> Send for Heap<V> {}
 
-/// One table of the writer: the radix root (a node slot or empty) and the list of spans above
-/// the radix (a list slot or empty).
+/// One table of the writer: its 512 root slots (each a node of 1 GiB slots, or empty) and the
+/// list of spans above the radix (a list slot or empty).
 pub(super) struct TableMut<V> {
-    pub root: Slot<V>,
-    pub high: Slot<V>,
+    roots: Box<[Slot<V>; FANOUT]>,
+    /// Root keys that may be in use (pruned at publication).
+    keys: std::collections::BTreeSet<usize>,
+    high: Slot<V>,
+    dirty: bool,
+    /// What the last publication made of this table.
+    published: Table,
 }
 
 impl<V> Default for TableMut<V> {
     fn default() -> Self {
-        TableMut { root: Slot::empty(), high: Slot::empty() }
+        TableMut {
+            roots: Box::new(std::array::from_fn(|_| Slot::empty())),
+            keys: Default::default(),
+            high: Slot::empty(),
+            dirty: false,
+            published: EMPTY_TABLE,
+        }
+    }
+}
+
+impl<V> TableMut<V> {
+    /// Root slot `key` (`< FANOUT`), for editing.
+    pub fn root_mut(&mut self, key: usize) -> &mut Slot<V> {
+        self.dirty = true;
+        self.keys.insert(key);
+        &mut self.roots[key]
+    }
+    /// The list of spans above the radix, for editing.
+    pub fn high_mut(&mut self) -> &mut Slot<V> {
+        self.dirty = true;
+        &mut self.high
     }
 }
 
@@ -399,10 +487,12 @@ impl<V> Heap<V> {
     /// A heap whose first set has `n >= 1` empty tables.
     pub fn new(n: usize) -> Heap<V> {
         let rest = vec![EMPTY_TABLE; n.max(1) - 1].into();
+        let pool = std::sync::Arc::new(Pool { free: std::sync::Mutex::new(Vec::new()) });
         Heap {
             stamp: STAMPS.fetch_add(1, Ordering::Relaxed),
             retired: Vec::new(),
-            latest: Set { head: EMPTY_TABLE, rest, era: EraArc::new(Era::new()) },
+            latest: Set { head: EMPTY_TABLE, rest, era: EraArc::new(Era::new(pool.clone())) },
+            pool,
         }
     }
 
@@ -413,13 +503,32 @@ impl<V> Heap<V> {
 
     /// A new empty node (editable until the next publication).
     pub fn new_node(&mut self) -> Slot<V> {
-        let node: Box<Node<V>> = Box::new(Node {
-            slots: std::array::from_fn(|_| Slot::empty()),
-            stamp: self.stamp,
+        let p = self.alloc_node(None);
+        Slot::from_raw(Raw { start: 0, p: p as usize | TAG_NODE })
+    }
+
+    /// A node of this edit window: a recycled or new allocation, filled with `from`'s slots
+    /// (which pass to it) or with empty ones.
+    fn alloc_node(&mut self, from: Option<*const Node<V>>) -> *mut Node<V> {
+        let p = self.pool.take().unwrap_or_else(|| Box::into_raw(Box::<Node<V>>::new_uninit()).cast::<Node<V>>());
+        // SAFETY: `p` is an allocation for a `Node` that nothing else reaches (fresh, or taken
+        // from the pool of unreachable nodes). A node is plain data (slot words, a stamp, under
+        // loom a flag written next), so writing every field initialises it; `from` is a live
+        // node (its owner's token was handed to the caller) and a distinct allocation.
+        unsafe {
+            match from {
+                Some(src) => std::ptr::copy_nonoverlapping(
+                    std::ptr::addr_of!((*src).slots),
+                    std::ptr::addr_of_mut!((*p).slots),
+                    1,
+                ),
+                None => std::ptr::write(std::ptr::addr_of_mut!((*p).slots), [EMPTY; FANOUT].map(Slot::from_raw)),
+            }
+            std::ptr::write(std::ptr::addr_of_mut!((*p).stamp), self.stamp);
             #[cfg(loom)]
-            dead: loom::sync::atomic::AtomicBool::new(false),
-        });
-        Slot::from_raw(Raw { start: 0, p: Box::into_raw(node) as usize | TAG_NODE })
+            std::ptr::write(std::ptr::addr_of_mut!((*p).dead), loom::sync::atomic::AtomicBool::new(false));
+        }
+        p
     }
 
     /// A new list of the span slots `items` (sorted by start).
@@ -486,22 +595,9 @@ impl<V> Heap<V> {
         // SAFETY: `s` owns the node (slots are never duplicated outside this module), so it is
         // alive, and this `&mut` to the slot is the only way to it from the writer.
         if unsafe { (*p).stamp } != self.stamp {
-            let mut copy = Box::<Node<V>>::new_uninit();
-            // SAFETY: the published node is alive (above) and plain data (`Raw` words, a stamp,
-            // under loom a flag that is reset next): a byte copy straight into the new
-            // allocation initialises it completely. The copy takes over the original's slot
-            // tokens; the original is only retired (never released), so no token is used twice.
-            let copy = unsafe {
-                std::ptr::copy_nonoverlapping(p as *const Node<V>, copy.as_mut_ptr(), 1);
-                copy.assume_init()
-            };
-            let copy = Box::into_raw(copy);
-            // SAFETY: just made, owned here.
-            unsafe {
-                (*copy).stamp = self.stamp;
-                #[cfg(loom)]
-                std::ptr::write(std::ptr::addr_of_mut!((*copy).dead), loom::sync::atomic::AtomicBool::new(false));
-            }
+            // The copy takes over the original's slot tokens; the original is only retired
+            // (never released), so no token is used twice.
+            let copy = self.alloc_node(Some(p as *const Node<V>));
             self.retired.push(Retired::Node(p));
             p = copy;
             s.raw.p = p as usize | TAG_NODE;
@@ -560,14 +656,41 @@ impl<V> Heap<V> {
 
     /// Publishes `tables` (the writer's, all of them) as a new set; what the edits since the
     /// last publication retired goes to the era of the set they replace.
-    pub fn publish(&mut self, tables: &[TableMut<V>]) -> Set<V> {
-        let table = |t: &TableMut<V>| Table { root: t.root.raw, high: t.high.raw };
-        let head = tables.first().map_or(EMPTY_TABLE, table);
-        let rest: Vec<Table> = tables.iter().skip(1).map(table).collect();
-        let same_rest = rest.len() == self.latest.rest.len()
-            && rest.iter().zip(self.latest.rest.iter()).all(|(a, b)| a.root.p == b.root.p && a.high.p == b.high.p);
-        let rest = if same_rest { self.latest.rest.clone() } else { rest.into() };
-        let era = EraArc::new(Era::new());
+    pub fn publish(&mut self, tables: &mut [TableMut<V>]) -> Set<V> {
+        for t in tables.iter_mut().filter(|t| t.dirty) {
+            t.dirty = false;
+            let roots = &t.roots;
+            t.keys.retain(|&k| !roots[k].is_empty());
+            if let View::<V>::Node(_) = view(t.published.root) {
+                // The last publication's root node: only the set being replaced reaches it.
+                self.retired.push(Retired::Node((t.published.root.p & PTR_MASK) as *mut Node<V>));
+            }
+            let mut table = Table { key: u64::MAX, top: EMPTY, root: EMPTY, high: t.high.raw };
+            if let Some(&k) = t.keys.iter().next() {
+                table.key = k as u64;
+                table.top = t.roots[k].raw;
+            }
+            if t.keys.len() > 1 {
+                // A read-only copy of the root slots (the writer keeps the tokens).
+                let root = self.alloc_node(None);
+                // SAFETY: `root` was just made here and nothing else reaches it yet.
+                let slots = unsafe { &mut (*root).slots };
+                for &k in t.keys.iter() {
+                    slots[k].raw = t.roots[k].raw;
+                }
+                table.root = Raw { start: 0, p: root as usize | TAG_NODE };
+            }
+            t.published = table;
+        }
+        let head = tables.first().map_or(EMPTY_TABLE, |t| t.published);
+        let rest = if tables.len() == 1 + self.latest.rest.len()
+            && tables.iter().skip(1).zip(self.latest.rest.iter()).all(|(a, b)| a.published == *b)
+        {
+            self.latest.rest.clone()
+        } else {
+            tables.iter().skip(1).map(|t| t.published).collect()
+        };
+        let era = EraArc::new(Era::new(self.pool.clone()));
         {
             let mut old = self.latest.era.state();
             old.retired.append(&mut self.retired);
@@ -581,10 +704,16 @@ impl<V> Heap<V> {
     /// Releases every table and hands all of it to the last era: freed with the last set.
     pub fn close(&mut self, tables: &mut [TableMut<V>]) {
         for t in tables.iter_mut() {
-            let root = std::mem::replace(&mut t.root, Slot::empty());
-            self.release(root);
+            for k in std::mem::take(&mut t.keys) {
+                let top = std::mem::replace(&mut t.roots[k], Slot::empty());
+                self.release(top);
+            }
             let high = std::mem::replace(&mut t.high, Slot::empty());
             self.release(high);
+            if let View::<V>::Node(_) = view(t.published.root) {
+                self.retired.push(Retired::Node((t.published.root.p & PTR_MASK) as *mut Node<V>));
+            }
+            t.published = EMPTY_TABLE;
         }
         self.latest.era.state().retired.append(&mut self.retired);
     }
