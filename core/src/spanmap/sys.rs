@@ -187,6 +187,7 @@ struct Pool<V> {
     free: std::sync::Mutex<Vec<*mut Node<V>>>,
 }
 
+#[cfg(not(loom))]
 const POOL_CAP: usize = 64;
 
 // SAFETY: the pool exclusively owns the unreachable nodes it holds (plain data, no `V` inside
