@@ -117,3 +117,24 @@ if mem:
                 continue
             chunks = total // (int(chunk[:-3]) << 10)
             print(f"| {chunk} | {depth[1:]} | {gbs(p):.2f} | {mem / p:.2f} | {e / chunks / 1e3:.2f} us |")
+
+print("\nDiscovery and verdicts (`--bench topology`)\n")
+# Criterion flattens a `bench_function` id's slashes into one directory name; a group keeps its own.
+found = []
+for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+    if d.startswith("discover_") and d.split("_")[1].isdigit():
+        found.append((d, median(d), int(d.split("_")[1])))
+if os.path.isdir(os.path.join(root, "discover")):
+    for d in sorted(os.listdir(os.path.join(root, "discover"))):
+        if d.split("_")[0].isdigit():
+            found.append(("discover/" + d, median("discover", d), int(d.split("_")[0])))
+for name, v, n in found:
+    if v is not None:
+        print(f"- {name}: {v / 1e6:.2f} ms, {v / n / 1e3:.1f} us per function")
+v = median("verdict_uncached_pair")
+if v:
+    print(f"- one uncached verdict: {v / 1e3:.2f} us")
+for name in ("kernel_calc", "verdict"):
+    v = median("all_pairs", name)
+    if v:
+        print(f"- all ordered pairs of 1024 endpoints, {name}: {v / 1e6:.1f} ms ({v / 1024 / 1024:.0f} ns per pair)")

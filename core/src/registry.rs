@@ -1,14 +1,16 @@
 //! The registry: registered peer-memory regions, looked up by address without locks, and
 //! resolved per (region, peer) into the route the peer must take.
 //!
-//! Read side: an immutable `Snapshot` (radix span maps by virtual and by bus address) published
-//! through `arc_swap`; a `Reader` keeps a per-thread cached `Arc` so a lookup costs one atomic
-//! load plus the radix walk, and never touches a lock or a shared reference count. Verdicts are
+//! Read side: an immutable `Snapshot` (direct-indexed span tables by virtual address and, per
+//! host-bridge hierarchy, by bus address: see `spanmap`) published through `arc_swap`; a
+//! `Reader` keeps a per-thread cached `Arc` so a lookup costs one atomic load plus two or three
+//! dependent slot loads, and never touches a lock or a shared reference count. Verdicts are
 //! cached per (provider, client) in write-once cells, like the kernel's `map_types` xarray.
-//! Write side: one mutex serialises writers; each edit clones the current snapshot (path copy)
-//! and publishes it. Unregistering publishes a snapshot without the region and marks its entry
-//! dead, so later lookups miss and later resolves fail; readers still holding the old snapshot
-//! keep the region alive through its `Arc`, so nothing resolves into freed memory.
+//! Write side: one mutex serialises writers; each edit copies only the table nodes on its path
+//! and publishes a new snapshot. Unregistering publishes a snapshot without the region and marks
+//! its entry dead, so later lookups miss and later resolves fail; readers still holding an older
+//! snapshot keep the region alive (the snapshot's era holds it), so nothing resolves into freed
+//! memory.
 //!
 //! A PCI function that leaves the machine (surprise removal, learnt by `hotplug::Watcher`) is
 //! marked gone with `device_gone`: its regions leave the snapshot at once, their resolves fail
@@ -31,7 +33,7 @@ use crate::pci::BarError;
 use crate::pci::{Bdf, DevIdx, PciDevice, Topology};
 use crate::region::{Backing, PeerMemory, Provider};
 use crate::route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
-use crate::spanmap::{Span, SpanMap};
+use crate::spanmap::{SpanSet, SpanWriter};
 use crate::verdict::{MapType, Verdict};
 
 /// Identity of one registration (never reused within a registry).
@@ -175,27 +177,30 @@ pub struct Hit<'a> {
     pub offset: u64,
 }
 
+/// Table of the span set holding virtual addresses; bus tables follow, one per hierarchy.
+const VA_TABLE: usize = 0;
+
 /// One immutable view of the registry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
-    va: SpanMap<VirtAddr, Arc<Entry>>,
-    /// Per host-bridge hierarchy (index into `Topology::host_bridges()`).
-    bus: Vec<SpanMap<BusAddr, Arc<Entry>>>,
+    /// Table `VA_TABLE`: virtual addresses; table `1 + h`: bus addresses on host-bridge
+    /// hierarchy `h` (index into `Topology::host_bridges()`).
+    spans: SpanSet<Arc<Entry>>,
     regions: usize,
 }
 
 impl Snapshot {
     /// The region whose CPU mapping contains `va`.
-    #[inline]
+    #[inline(always)]
     pub fn lookup_va(&self, va: VirtAddr) -> Option<Hit<'_>> {
-        let (start, s) = self.va.get(va)?;
-        Some(Hit { entry: &s.val, offset: va.raw() - start.raw() })
+        let (start, entry) = self.spans.get(VA_TABLE, va.raw())?;
+        Some(Hit { entry, offset: va.raw() - start })
     }
     /// The BAR-backed region at bus address `bus` on host-bridge hierarchy `hierarchy`.
     #[inline]
     pub fn lookup_bus(&self, hierarchy: usize, bus: BusAddr) -> Option<Hit<'_>> {
-        let (start, s) = self.bus.get(hierarchy)?.get(bus)?;
-        Some(Hit { entry: &s.val, offset: bus.raw() - start.raw() })
+        let (start, entry) = self.spans.get(hierarchy.checked_add(1)?, bus.raw())?;
+        Some(Hit { entry, offset: bus.raw() - start })
     }
     /// Number of registered regions.
     pub fn len(&self) -> usize {
@@ -227,7 +232,8 @@ impl VerdictCache {
 }
 
 struct Writer {
-    latest: Arc<Snapshot>,
+    spans: SpanWriter<Arc<Entry>>,
+    regions: usize,
     va_ranges: BTreeMap<u64, (u64, RegionId)>,
     bus_ranges: BTreeMap<(usize, u64), (u64, RegionId)>,
     /// Every entry whose guard is alive, live or dead (what `device_gone` searches).
@@ -310,7 +316,7 @@ impl Reader {
     pub fn snapshot(&mut self) -> &Snapshot {
         self.cache.load()
     }
-    #[inline]
+    #[inline(always)]
     pub fn lookup_va(&mut self, va: VirtAddr) -> Option<Hit<'_>> {
         self.cache.load().lookup_va(va)
     }
@@ -333,10 +339,9 @@ fn overlap_check<K: Ord + Copy>(
 }
 
 impl Shared {
-    fn publish(&self, w: &mut Writer, snap: Snapshot) {
-        let s = Arc::new(snap);
-        self.current.store(s.clone());
-        w.latest = s;
+    fn publish(&self, w: &mut Writer) {
+        let spans = w.spans.publish();
+        self.current.store(Arc::new(Snapshot { spans, regions: w.regions }));
     }
 
     fn unregister(&self, e: &Arc<Entry>) {
@@ -346,24 +351,22 @@ impl Shared {
             // Already withdrawn by `device_gone`.
             return;
         }
-        let mut snap = (*w.latest).clone();
-        Self::withdraw(&mut w, &mut snap, e);
-        self.publish(&mut w, snap);
+        Self::withdraw(&mut w, e);
+        self.publish(&mut w);
         e.live.store(false, Ordering::Release);
     }
 
-    /// Takes `e` out of `snap` and of the writer's range maps.
-    fn withdraw(w: &mut Writer, snap: &mut Snapshot, e: &Entry) {
+    /// Takes `e` out of the span tables and of the writer's range maps (published by the caller).
+    fn withdraw(w: &mut Writer, e: &Entry) {
         if let Some(va) = e.va {
-            snap.va.remove(va.start(), va.last(), e.id.0);
+            w.spans.remove(VA_TABLE, va.start().raw(), va.last().raw());
             w.va_ranges.remove(&va.start().raw());
         }
         if let Some(BarPlace { hierarchy, bus: Some(bus), .. }) = e.bar() {
-            let last = BusAddr::new(bus.raw() + (e.len - 1));
-            snap.bus[hierarchy].remove(bus, last, e.id.0);
+            w.spans.remove(1 + hierarchy, bus.raw(), bus.raw() + (e.len - 1));
             w.bus_ranges.remove(&(hierarchy, bus.raw()));
         }
-        snap.regions -= 1;
+        w.regions -= 1;
     }
 
     fn is_gone(&self, dev: DevIdx) -> bool {
@@ -374,14 +377,15 @@ impl Shared {
 impl Registry {
     /// A registry resolving against `topo`.
     pub fn new(topo: Arc<Topology>) -> Registry {
-        let hierarchies = topo.host_bridges().len();
-        let snap = Arc::new(Snapshot { bus: vec![SpanMap::default(); hierarchies], ..Default::default() });
+        let spans = SpanWriter::new(1 + topo.host_bridges().len());
+        let snap = Arc::new(Snapshot { spans: spans.latest(), regions: 0 });
         let n = topo.len();
         Registry {
             shared: Arc::new(Shared {
-                current: Arc::new(ArcSwap::new(snap.clone())),
+                current: Arc::new(ArcSwap::new(snap)),
                 writer: Mutex::new(Writer {
-                    latest: snap,
+                    spans,
+                    regions: 0,
                     va_ranges: BTreeMap::new(),
                     bus_ranges: BTreeMap::new(),
                     entries: BTreeMap::new(),
@@ -489,17 +493,16 @@ impl Registry {
             kind,
         });
         w.entries.insert(id, entry.clone());
-        let mut snap = (*w.latest).clone();
         if let Some(r) = va {
-            snap.va.insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
+            w.spans.insert(VA_TABLE, r.start().raw(), r.last().raw(), entry.clone());
             w.va_ranges.insert(r.start().raw(), (r.last().raw(), id));
         }
         if let Some((h, r)) = bus_range {
-            snap.bus[h].insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
+            w.spans.insert(1 + h, r.start().raw(), r.last().raw(), entry.clone());
             w.bus_ranges.insert((h, r.start().raw()), (r.last().raw(), id));
         }
-        snap.regions += 1;
-        self.shared.publish(&mut w, snap);
+        w.regions += 1;
+        self.shared.publish(&mut w);
         drop(w);
         tracing::debug!(%id, len, "registered region");
         Ok(Registration { shared: self.shared.clone(), entry, attached: Vec::new() })
@@ -532,11 +535,10 @@ impl Registry {
         if dead.is_empty() {
             return 0;
         }
-        let mut snap = (*w.latest).clone();
         for e in &dead {
-            Shared::withdraw(&mut w, &mut snap, e);
+            Shared::withdraw(&mut w, e);
         }
-        self.shared.publish(&mut w, snap);
+        self.shared.publish(&mut w);
         for e in &dead {
             e.gone.store(true, Ordering::Release);
             e.live.store(false, Ordering::Release);
