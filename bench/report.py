@@ -134,7 +134,7 @@ for name, v, n in found:
 v = median("verdict_uncached_pair")
 if v:
     print(f"- one uncached verdict: {v / 1e3:.2f} us")
-for name in ("kernel_calc", "verdict"):
+for name in ("kernel_calc", "matrix", "verdict"):
     v = median("all_pairs", name)
     if v:
         print(f"- all ordered pairs of 1024 endpoints, {name}: {v / 1e6:.1f} ms ({v / 1024 / 1024:.0f} ns per pair)")

@@ -4,7 +4,9 @@
 //! - one uncached verdict (`verdict/uncached_pair`);
 //! - every ordered pair of the synthetic machine's 1024 endpoints (about a million pairs): the
 //!   kernel's map type and distance alone (`all_pairs/kernel_calc`), and the full verdict with
-//!   labels, bandwidth and reasons (`all_pairs/verdict`).
+//!   labels, bandwidth and reasons (`all_pairs/verdict`), and every pair's facts (map type,
+//!   distance, labels, ACS counts, bottleneck) from a `PairMatrix` built inside the timed loop
+//!   (`all_pairs/matrix`).
 //!
 //! The synthetic machine is built from the `qemu-wide` capture's own function directories (root
 //! port, switch upstream and downstream ports, NVMe endpoint): 8 root ports, each with a switch
@@ -109,6 +111,19 @@ fn discovery(c: &mut Criterion) {
             for &p in &eps {
                 for &q in &eps {
                     acc += peermem::verdict::calc_map_type_and_dist(&t, p, q).distance as u64;
+                }
+            }
+            black_box(acc)
+        })
+    });
+    g.bench_function("matrix", |b| {
+        b.iter(|| {
+            let m = peermem::PairMatrix::new(&t, eps.iter().copied());
+            let mut acc = 0u64;
+            for p in 0..eps.len() {
+                for q in 0..eps.len() {
+                    let f = m.facts(p, q);
+                    acc += f.distance as u64 + f.path as u64 + f.bandwidth_gbs.map_or(0, f64::to_bits);
                 }
             }
             black_box(acc)

@@ -33,4 +33,4 @@ pub use pci::{BarError, BarMapping, Bdf, DevIdx, MapBarError, Topology, Topology
 pub use region::{AccessError, Backing, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError, Side};
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};
-pub use verdict::{MapType, PathLabel, Verdict};
+pub use verdict::{MapType, PairFacts, PairMatrix, PathLabel, Verdict};

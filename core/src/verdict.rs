@@ -689,6 +689,171 @@ impl Topology {
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// Many pairs at once: the per-device part computed once, each pair in O(depth), no allocation.
+// ------------------------------------------------------------------------------------------
+
+/// The facts of one device that every pair it is part of reuses: its chain of upstream bridges
+/// (nearest first), and running totals along that chain.
+#[derive(Debug, Clone)]
+struct ChainFacts {
+    chain: Vec<DevIdx>,
+    /// `acs[k]`: devices with ACS redirect among `chain[..k]`.
+    acs: Vec<u32>,
+    /// `unknown[k]`: devices with unknown ACS state among `chain[..k]`.
+    unknown: Vec<u32>,
+    /// `narrowest[k]`: the first narrowest link among `chain[..k]` (the order `verdict` scans in).
+    narrowest: Vec<Option<(f64, Bdf)>>,
+    /// Index of the device's host bridge in `PairMatrix::host_bridges`.
+    host_bridge: usize,
+    numa_node: Option<i32>,
+}
+
+/// The summary of one pair's verdict: every field of [`Verdict`] that is not text, computed
+/// without building the reasons. Equal to the same fields of [`Topology::verdict`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairFacts {
+    pub map_type: MapType,
+    pub distance: u32,
+    pub common_upstream: Option<DevIdx>,
+    /// How many devices on the path have ACS redirect (`Verdict::acs_redirect.len()`).
+    pub acs_redirects: u32,
+    /// How many devices on the path have unknown ACS state (`Verdict::acs_unknown.len()`).
+    pub acs_unknowns: u32,
+    pub path: PathLabel,
+    pub switch_path: Option<PathLabel>,
+    pub bandwidth_gbs: Option<f64>,
+    pub bottleneck: Option<Bdf>,
+}
+
+/// Verdicts for every pair of a set of devices (e.g. a topology's endpoints): chains, ACS and
+/// link totals are computed once per device and the host-bridge rule once per pair of host
+/// bridges, so one pair's [`PairFacts`] costs a walk of the two chains' common part and no
+/// allocation. The full explained [`Verdict`] is built on demand with [`PairMatrix::verdict`].
+#[derive(Debug, Clone)]
+pub struct PairMatrix<'t> {
+    t: &'t Topology,
+    devices: Vec<DevIdx>,
+    facts: Vec<ChainFacts>,
+    /// How many distinct host bridges the devices are on.
+    host_bridges: usize,
+    /// Host-bridge rule outcome, `[provider_hb * host_bridges + client_hb]`.
+    host_bridge_map: Vec<MapType>,
+}
+
+impl<'t> PairMatrix<'t> {
+    /// The matrix over `devices` (in the order given; row and column `i` are `devices[i]`).
+    pub fn new(t: &'t Topology, devices: impl IntoIterator<Item = DevIdx>) -> PairMatrix<'t> {
+        let devices: Vec<DevIdx> = devices.into_iter().collect();
+        let mut hb_names: Vec<&str> = Vec::new();
+        let mut hb_rep: Vec<DevIdx> = Vec::new();
+        let facts: Vec<ChainFacts> = devices
+            .iter()
+            .map(|&i| {
+                let d = t.device(i);
+                let host_bridge = match hb_names.iter().position(|&n| n == d.host_bridge) {
+                    Some(h) => h,
+                    None => {
+                        hb_names.push(&d.host_bridge);
+                        hb_rep.push(i);
+                        hb_names.len() - 1
+                    }
+                };
+                let chain = t.chain(i);
+                let (mut acs, mut unknown, mut narrowest) = (vec![0], vec![0], vec![None]);
+                for &c in &chain {
+                    let dev = t.device(c);
+                    let state = dev.acs().redirects();
+                    acs.push(acs.last().copied().unwrap_or(0) + u32::from(state == Some(true)));
+                    unknown.push(unknown.last().copied().unwrap_or(0) + u32::from(state.is_none()));
+                    let best: Option<(f64, Bdf)> = narrowest.last().copied().flatten();
+                    narrowest.push(match dev.link.bandwidth_gbs() {
+                        Some(bw) if best.is_none_or(|(x, _)| bw < x) => Some((bw, dev.bdf)),
+                        _ => best,
+                    });
+                }
+                ChainFacts { chain, acs, unknown, narrowest, host_bridge, numa_node: d.numa_node }
+            })
+            .collect();
+        // The host-bridge rule reads only the two host bridges (and the platform), so any
+        // device of each stands for all of them.
+        let n = hb_rep.len();
+        let mut host_bridge_map = Vec::with_capacity(n * n);
+        for &p in &hb_rep {
+            for &c in &hb_rep {
+                host_bridge_map.push(host_bridge_map_type(&host_bridge_whitelist(t, p, c)));
+            }
+        }
+        PairMatrix { t, devices, facts, host_bridges: n, host_bridge_map }
+    }
+
+    /// The devices of the rows and columns.
+    pub fn devices(&self) -> &[DevIdx] {
+        &self.devices
+    }
+
+    /// The facts for `devices()[p]` as provider and `devices()[c]` as client.
+    ///
+    /// # Panics
+    /// If `p` or `c` is not below `devices().len()`.
+    pub fn facts(&self, p: usize, c: usize) -> PairFacts {
+        let (a, b) = (&self.facts[p], &self.facts[c]);
+        // The kernel's nested walk stops at the first provider-side device on the client's
+        // chain; chains are paths to a root, so that is where their common tail begins.
+        let (mut ia, mut ib) = (a.chain.len(), b.chain.len());
+        while ia > 0 && ib > 0 && a.chain[ia - 1] == b.chain[ib - 1] {
+            ia -= 1;
+            ib -= 1;
+        }
+        let common = (ia < a.chain.len()).then(|| a.chain[ia]);
+        let distance = (ia + ib) as u32;
+        let hb_map = self.host_bridge_map[a.host_bridge * self.host_bridges + b.host_bridge];
+        let (map_type, acs_redirects, acs_unknowns) = match common {
+            None => (hb_map, 0, 0),
+            Some(_) => {
+                // Provider side up to and including the common device, client side below it.
+                let acs = a.acs[ia + 1] + b.acs[ib];
+                let unknown = a.unknown[ia + 1] + b.unknown[ib];
+                (if acs == 0 { MapType::BusAddr } else { hb_map }, acs, unknown)
+            }
+        };
+        let tree = match common {
+            Some(_) if distance <= 4 => PathLabel::PIX,
+            Some(_) => PathLabel::PXB,
+            None if a.host_bridge == b.host_bridge => PathLabel::PHB,
+            None => match (a.numa_node, b.numa_node) {
+                (Some(x), Some(y)) if x == y => PathLabel::NODE,
+                _ => PathLabel::SYS,
+            },
+        };
+        let (path, switch_path) = match common {
+            Some(_) if map_type != MapType::BusAddr => (PathLabel::PHB, Some(tree)),
+            _ => (tree, None),
+        };
+        let narrowest = match (a.narrowest[ia], b.narrowest[ib]) {
+            (Some(x), Some(y)) if y.0 < x.0 => Some(y),
+            (Some(x), _) => Some(x),
+            (None, y) => y,
+        };
+        PairFacts {
+            map_type,
+            distance,
+            common_upstream: common,
+            acs_redirects,
+            acs_unknowns,
+            path,
+            switch_path,
+            bandwidth_gbs: narrowest.map(|n| n.0),
+            bottleneck: narrowest.map(|n| n.1),
+        }
+    }
+
+    /// The full explained verdict for `devices()[p]` -> `devices()[c]` (as [`Topology::verdict`]).
+    pub fn verdict(&self, p: usize, c: usize) -> Verdict {
+        self.t.verdict(self.devices[p], self.devices[c])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -280,3 +280,50 @@ fn a_partial_capture_still_gives_the_kernel_verdict() {
     assert!(t.platform.dmi_product_name.as_deref().unwrap().contains('\u{fffd}'));
     assert_eq!(t.by_bdf(bdf("0000:02:01.0")).unwrap().link.max_gts, None, "Unknown speed");
 }
+
+/// Every pair of every device (bridges included) of every fixture: the matrix's facts equal the
+/// per-pair verdict's, field by field, and its on-demand verdict is the per-pair one.
+#[test]
+fn pair_matrix_matches_per_pair_verdicts_on_every_fixture() {
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures"));
+    let (mut fixtures, mut pairs, mut kinds) = (0, 0, std::collections::BTreeSet::new());
+    for e in fs::read_dir(&dir).unwrap().flatten() {
+        if !e.path().join("sys").is_dir() {
+            continue;
+        }
+        let t = Topology::discover(e.path()).unwrap();
+        let all: Vec<_> = (0..t.len()).map(peermem::DevIdx::new).collect();
+        let m = peermem::PairMatrix::new(&t, all.iter().copied());
+        assert_eq!(m.devices(), &all[..]);
+        for (i, &p) in all.iter().enumerate() {
+            for (j, &c) in all.iter().enumerate() {
+                let v = t.verdict(p, c);
+                let f = m.facts(i, j);
+                let at = format!("{}: {} -> {}", e.path().display(), v.provider, v.client);
+                assert_eq!(f.map_type, v.map_type, "{at}");
+                assert_eq!(f.distance, v.distance, "{at}");
+                assert_eq!(f.common_upstream.map(|x| t.device(x).bdf), v.common_upstream, "{at}");
+                assert_eq!(f.acs_redirects as usize, v.acs_redirect.len(), "{at}");
+                assert_eq!(f.acs_unknowns as usize, v.acs_unknown.len(), "{at}");
+                assert_eq!((f.path, f.switch_path), (v.path, v.switch_path), "{at}");
+                assert_eq!(f.bandwidth_gbs.map(f64::to_bits), v.bandwidth_gbs.map(f64::to_bits), "{at}");
+                assert_eq!(f.bottleneck, v.bottleneck, "{at}");
+                kinds.insert((f.map_type.as_str(), f.path.as_str(), f.acs_redirects > 0, f.acs_unknowns > 0));
+                pairs += 1;
+            }
+        }
+        let (p, c) = (all.len() / 3, all.len() - 1);
+        assert_eq!(m.verdict(p, c), t.verdict(all[p], all[c]));
+        fixtures += 1;
+    }
+    assert!(fixtures >= 10, "{fixtures} fixtures");
+    // The fixtures exercise every map type, every label and both ACS findings, so each branch
+    // of the fast path was compared.
+    for mt in ["bus_addr", "thru_host_bridge", "not_supported"] {
+        assert!(kinds.iter().any(|k| k.0 == mt), "no {mt} pair among {pairs}");
+    }
+    for l in ["PIX", "PXB", "PHB", "NODE", "SYS"] {
+        assert!(kinds.iter().any(|k| k.1 == l), "no {l} pair among {pairs}");
+    }
+    assert!(kinds.iter().any(|k| k.2) && kinds.iter().any(|k| k.3), "{kinds:?}");
+}
