@@ -6,7 +6,7 @@ use anyhow::{anyhow, Result};
 use peermem::pci::topology::{BarKind, PciDevice};
 use peermem::pci::{Labels, Selection};
 use peermem::pciids::PciIds;
-use peermem::{DevIdx, MapType, Topology, Verdict};
+use peermem::{DevIdx, MapType, PairFacts, PairMatrix, Topology, Verdict};
 use serde_json::{json, Value};
 
 use crate::out::Out;
@@ -155,9 +155,9 @@ impl Paint {
         Paint(!no_color && std::io::stdout().is_terminal())
     }
 
-    fn cell(&self, text: &str, width: usize, v: Option<&Verdict>) -> String {
+    fn cell(&self, text: &str, width: usize, map_type: Option<MapType>) -> String {
         let padded = format!("{text:>width$}");
-        let code = match v.map(|v| v.map_type) {
+        let code = match map_type {
             _ if !self.0 => return padded,
             None => return padded,
             Some(MapType::BusAddr) => "32",
@@ -169,7 +169,7 @@ impl Paint {
 }
 
 /// The matrix cell: the path label, `A>B` when ACS detours a switch pair, `*` when refused.
-pub fn cell_text(v: &Verdict) -> String {
+pub fn cell_text(v: &PairFacts) -> String {
     let mark = if v.map_type == MapType::NotSupported { "*" } else { "" };
     match v.switch_path {
         Some(s) => format!("{s}>{}{mark}", v.path),
@@ -242,8 +242,9 @@ pub fn print_topo(t: &Topology, names: &Names, sel: &Selection, o: &mut Out) {
 }
 
 fn print_matrix(t: &Topology, names: &Names, eps: &[DevIdx], paint: &Paint, o: &mut Out) {
-    let verdicts: Vec<Vec<Option<Verdict>>> =
-        eps.iter().map(|&a| eps.iter().map(|&b| (a != b).then(|| t.verdict(a, b))).collect()).collect();
+    let m = PairMatrix::new(t, eps.iter().copied());
+    let verdicts: Vec<Vec<Option<PairFacts>>> =
+        (0..eps.len()).map(|a| (0..eps.len()).map(|b| (a != b).then(|| m.facts(a, b))).collect()).collect();
     let labels: Vec<&str> = eps.iter().map(|&i| names.labels.label(i)).collect();
     let cells: Vec<Vec<String>> =
         verdicts.iter().map(|row| row.iter().map(|v| v.as_ref().map_or("X".into(), cell_text)).collect()).collect();
@@ -261,7 +262,7 @@ fn print_matrix(t: &Topology, names: &Names, eps: &[DevIdx], paint: &Paint, o: &
     for (ri, &a) in eps.iter().enumerate() {
         let mut row = format!("{:lw$}", labels[ri]);
         for (ci, c) in cells[ri].iter().enumerate() {
-            row.push_str(&paint.cell(c, w, verdicts[ri][ci].as_ref()));
+            row.push_str(&paint.cell(c, w, verdicts[ri][ci].map(|v| v.map_type)));
         }
         let numa = t.device(a).numa_node.map_or("N/A".into(), |n| n.to_string());
         row.push_str(&format!("  {:<aw$}  {numa}", affinity[ri]));
