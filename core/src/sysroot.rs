@@ -125,25 +125,21 @@ impl Sysroot {
 
     /// Reads a binary file of at most `max` bytes. `Ok(None)` if it does not exist.
     pub fn read_bytes_opt_max(&self, rel: impl AsRef<Path>, max: usize) -> Result<Option<Vec<u8>>, SysrootError> {
-        use std::io::Read;
         let rel = rel.as_ref();
         let fd = match self.open_in_root(rel, OFlags::empty()) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io_err(rel, e)),
         };
-        let mut f = fs::File::from(fd);
-        let m = f.metadata().map_err(|e| self.io_err(rel, e))?;
-        if !m.is_file() {
-            return Err(SysrootError::NotRegular { path: rel.to_path_buf(), kind: kind_name(&m) });
-        }
-        // No size query: sysfs attributes report 4096 whatever they hold.
-        let mut buf = Vec::with_capacity(4096.min(max + 1));
-        (&mut f).take(max as u64 + 1).read_to_end(&mut buf).map_err(|e| self.io_err(rel, e))?;
-        if buf.len() > max {
-            return Err(SysrootError::TooLarge { path: rel.to_path_buf(), max });
-        }
-        Ok(Some(buf))
+        read_open(fd, max, &|| rel.to_path_buf()).map(Some)
+    }
+
+    /// Opens the directory `rel` once, so that the files in it are read without walking the
+    /// path from the root again (see [`SubDir`]).
+    pub fn subdir(&self, rel: impl Into<PathBuf>) -> SubDir<'_> {
+        let rel = rel.into();
+        let fd = self.open_in_root(&rel, OFlags::DIRECTORY).ok();
+        SubDir { sys: self, rel, fd }
     }
 
     /// Reads a binary file (at most [`MAX_ATTR`] bytes). `Ok(None)` if it does not exist.
@@ -236,14 +232,112 @@ impl Sysroot {
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::InvalidInput) => return Ok(None),
             Err(e) => return Err(self.io_err(rel, e)),
         };
-        let base = rel.parent().unwrap_or(Path::new(""));
-        let joined = if target.is_absolute() { target.clone() } else { base.join(&target) };
-        normalize(&joined).map(Some).ok_or(SysrootError::Escapes { path: rel.to_path_buf(), target })
+        resolve_target(rel, target).map(Some)
     }
 
     /// The last path component of a symlink's target (e.g. a driver name), if the link exists.
     pub fn link_name(&self, rel: impl AsRef<Path>) -> Result<Option<String>, SysrootError> {
         Ok(self.resolve_link(rel)?.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
+    }
+}
+
+/// Reads an opened file of at most `max` bytes; `rel` names it in errors. Only a regular file is
+/// read (a FIFO or device node is refused).
+fn read_open(fd: OwnedFd, max: usize, rel: &dyn Fn() -> PathBuf) -> Result<Vec<u8>, SysrootError> {
+    use std::io::Read;
+    let err = |e: io::Error| SysrootError::Io { path: rel(), source: e };
+    let mut f = fs::File::from(fd);
+    let m = f.metadata().map_err(err)?;
+    if !m.is_file() {
+        return Err(SysrootError::NotRegular { path: rel(), kind: kind_name(&m) });
+    }
+    // sysfs attributes report 4096 whatever they hold, so the size only bounds the first read:
+    // a first read that returns exactly the reported (non-zero) size within `max` has the whole
+    // file, and the read that would confirm the end is skipped.
+    let size = usize::try_from(m.len()).unwrap_or(usize::MAX);
+    let mut buf = Vec::with_capacity(4096.min(max + 1));
+    if size > 0 && size <= max {
+        buf.resize(size, 0);
+        let n = f.read(&mut buf).map_err(err)?;
+        buf.truncate(n);
+        if n == size {
+            return Ok(buf);
+        }
+    }
+    let done = buf.len() as u64;
+    (&mut f).take(max as u64 + 1 - done).read_to_end(&mut buf).map_err(err)?;
+    if buf.len() > max {
+        return Err(SysrootError::TooLarge { path: rel(), max });
+    }
+    Ok(buf)
+}
+
+/// The root-relative path a symlink at `rel` with `target` leads to, resolved lexically.
+fn resolve_target(rel: &Path, target: PathBuf) -> Result<PathBuf, SysrootError> {
+    let base = rel.parent().unwrap_or(Path::new(""));
+    let joined = if target.is_absolute() { target.clone() } else { base.join(&target) };
+    normalize(&joined).ok_or(SysrootError::Escapes { path: rel.to_path_buf(), target })
+}
+
+/// A directory of a [`Sysroot`] opened once (a device's sysfs directory): a file in it, or in a
+/// plain subdirectory of it, is opened relative to it instead of from the root, with the same
+/// results as the root's own methods: a name whose path holds a symlink (or that cannot be
+/// opened so) is read through the root, where symlinks resolve inside it.
+#[derive(Debug)]
+pub struct SubDir<'s> {
+    sys: &'s Sysroot,
+    rel: PathBuf,
+    /// `None` when the directory could not be opened: every read goes through the root.
+    fd: Option<OwnedFd>,
+}
+
+impl SubDir<'_> {
+    /// The directory, relative to the root.
+    pub fn rel(&self) -> &Path {
+        &self.rel
+    }
+
+    /// `rel()/name`, the path errors and notes name.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.rel.join(name)
+    }
+
+    /// As [`Sysroot::read_bytes_opt_max`] for `rel()/name`.
+    pub fn read_bytes_opt_max(&self, name: &str, max: usize) -> Result<Option<Vec<u8>>, SysrootError> {
+        let Some(dir) = &self.fd else { return self.sys.read_bytes_opt_max(self.join(name), max) };
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH;
+        match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
+            Ok(fd) => read_open(fd, max, &|| self.join(name)).map(Some),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            // A symlink on the way (ELOOP), a kernel without openat2, anything else: the
+            // root's own walk decides.
+            Err(_) => self.sys.read_bytes_opt_max(self.join(name), max),
+        }
+    }
+
+    /// As [`Sysroot::read_opt`] for `rel()/name`.
+    pub fn read_opt(&self, name: &str) -> Result<Option<String>, SysrootError> {
+        self.read_bytes_opt_max(name, MAX_ATTR)?.map(|b| Sysroot::text(&self.join(name), b)).transpose()
+    }
+
+    /// As [`Sysroot::resolve_link`] for `rel()/name`.
+    pub fn resolve_link(&self, name: &str) -> Result<Option<PathBuf>, SysrootError> {
+        let Some(dir) = &self.fd else { return self.sys.resolve_link(self.join(name)) };
+        match rustix::fs::readlinkat(dir, name, Vec::new()) {
+            Ok(t) => {
+                let target =
+                    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(t.into_bytes()));
+                resolve_target(&self.join(name), target).map(Some)
+            }
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::INVAL) => Ok(None),
+            Err(_) => self.sys.resolve_link(self.join(name)),
+        }
+    }
+
+    /// As [`Sysroot::link_name`] for `rel()/name`.
+    pub fn link_name(&self, name: &str) -> Result<Option<String>, SysrootError> {
+        Ok(self.resolve_link(name)?.and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())))
     }
 }
 
@@ -388,6 +482,68 @@ mod tests {
             r.read_bytes_opt("x").unwrap_err(),
             SysrootError::NotRegular { .. } | SysrootError::Io { .. }
         ));
+    }
+
+    #[test]
+    fn a_subdir_reads_what_the_root_reads_hostile_files_included() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("sys/dev");
+        fs::create_dir_all(dev.join("real")).unwrap();
+        fs::create_dir_all(d.path().join("sys/other")).unwrap();
+        fs::write(dev.join("vendor"), "0x8086\n").unwrap();
+        fs::write(dev.join("real/size"), "4096\n").unwrap();
+        fs::write(d.path().join("sys/other/size"), "7\n").unwrap();
+        fs::write(dev.join("config"), vec![0xabu8; 4096]).unwrap();
+        fs::write(dev.join("large"), vec![b'x'; 5000]).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(dev.join("fifo")).status().unwrap().success());
+        fs::File::create(dev.join("big")).unwrap().set_len(1 << 40).unwrap();
+        let links = [
+            ("loop", "loop"),
+            ("zero", "/dev/zero"),
+            ("out", "../../../../../../../../../../etc/hostname"),
+            ("linked", "../other"),
+            ("abs", "/sys/other/size"),
+            ("driver", "../../bus/pci/drivers/nvme"),
+        ];
+        for (name, target) in links {
+            std::os::unix::fs::symlink(target, dev.join(name)).unwrap();
+        }
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("sys/dev");
+        let names = [
+            "vendor",
+            "real/size",
+            "config",
+            "large",
+            "fifo",
+            "big",
+            "loop",
+            "zero",
+            "out",
+            "linked/size",
+            "abs",
+            "absent",
+            "real",
+            "driver",
+        ];
+        for name in names {
+            let rel = Path::new("sys/dev").join(name);
+            for max in [4, 4096, MAX_ATTR] {
+                let (a, b) = (sub.read_bytes_opt_max(name, max), r.read_bytes_opt_max(&rel, max));
+                assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name} (max {max})");
+            }
+            assert_eq!(format!("{:?}", sub.resolve_link(name)), format!("{:?}", r.resolve_link(&rel)), "{name}");
+        }
+        assert_eq!(sub.read_opt("linked/size").unwrap().unwrap(), "7");
+        assert_eq!(sub.read_opt("abs").unwrap().unwrap(), "7");
+        assert_eq!(sub.link_name("driver").unwrap().unwrap(), "nvme");
+        assert_eq!(sub.read_bytes_opt_max("config", 4096).unwrap().unwrap().len(), 4096);
+        assert!(matches!(sub.read_bytes_opt_max("large", 4096), Err(SysrootError::TooLarge { .. })));
+        let e = sub.read_bytes_opt_max("fifo", MAX_ATTR).unwrap_err();
+        assert!(matches!(e, SysrootError::NotRegular { .. }) && e.to_string().contains("sys/dev/fifo"), "{e}");
+        // A directory that does not exist: every read goes through the root and finds nothing.
+        let none = r.subdir("sys/none");
+        assert!(none.read_opt("vendor").unwrap().is_none() && none.resolve_link("driver").unwrap().is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::addr::{AddrRange, BarWindow, BusAddr, CpuPhys};
 use crate::pci::bdf::Bdf;
 use crate::pci::config::{Acs, BarReg, ConfigError, ConfigInfo, Pcie, PortType};
 use crate::platform::Platform;
-use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Sysroot, SysrootError};
+use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, SubDir, Sysroot, SysrootError};
 
 /// IOMMU group, p2pmem pool and SR-IOV physical function of one device.
 type Extras = (Option<IommuGroup>, Option<P2pmem>, Option<DevIdx>);
@@ -425,15 +425,15 @@ fn walk_tree(
 /// Reads an attribute whose absence or unreadability makes one fact unknown (noted with the
 /// reason); malformed or hostile content is still an error naming the file.
 fn attr(
-    sys: &Sysroot,
-    rel: &Path,
+    dir: &SubDir,
+    name: &str,
     fact: &'static str,
     unknown: &mut Vec<Unknown>,
 ) -> Result<Option<String>, TopologyError> {
-    match sys.read_opt(rel) {
+    match dir.read_opt(name) {
         Ok(Some(s)) => Ok(Some(s)),
         Ok(None) => {
-            unknown.push(Unknown { fact, why: format!("{} is missing", rel.display()) });
+            unknown.push(Unknown { fact, why: format!("{} is missing", dir.join(name).display()) });
             Ok(None)
         }
         Err(e) if e.is_unreadable() => {
@@ -446,17 +446,15 @@ fn attr(
 
 /// One of vendor/device/class: the sysfs file, else the config bytes (offset `off`, `len` bytes).
 fn id_attr(
-    sys: &Sysroot,
-    d: &Path,
+    d: &SubDir,
     name: &'static str,
     bits: u32,
     cfg: Option<&[u8]>,
     off: usize,
     unknown: &mut Vec<Unknown>,
 ) -> Result<u64, TopologyError> {
-    let rel = d.join(name);
-    if let Some(s) = attr(sys, &rel, name, unknown)? {
-        return Ok(parse_hex_bits(&rel, &s, bits)?);
+    if let Some(s) = attr(d, name, name, unknown)? {
+        return Ok(parse_hex_bits(&d.join(name), &s, bits)?);
     }
     let len = bits.div_ceil(8) as usize;
     match cfg.and_then(|c| c.get(off..off + len)) {
@@ -649,13 +647,9 @@ impl Topology {
     }
 
     /// The config space, or an unknown one (with the reason) when the file is absent or unreadable.
-    fn read_config(
-        sys: &Sysroot,
-        d: &Path,
-        unknown: &mut Vec<Unknown>,
-    ) -> Result<(Option<Vec<u8>>, ConfigInfo), TopologyError> {
+    fn read_config(d: &SubDir, unknown: &mut Vec<Unknown>) -> Result<(Option<Vec<u8>>, ConfigInfo), TopologyError> {
         let rel = d.join("config");
-        let bytes = match sys.read_bytes_opt_max(&rel, 4096) {
+        let bytes = match d.read_bytes_opt_max("config", 4096) {
             Ok(Some(b)) => b,
             Ok(None) => {
                 unknown.push(Unknown {
@@ -686,34 +680,34 @@ impl Topology {
         parent: Option<DevIdx>,
         index: &HashMap<Bdf, DevIdx>,
     ) -> Result<PciDevice, TopologyError> {
-        let d = &r.dir;
+        let dir = sys.subdir(&r.dir);
+        let d = &dir;
         let mut unknown = Vec::new();
         let opt_hex = |name: &str, bits: u32| -> Result<Option<u64>, TopologyError> {
-            let rel = d.join(name);
-            Ok(match sys.read_opt(&rel)? {
-                Some(s) => Some(parse_hex_bits(&rel, &s, bits)?),
+            Ok(match d.read_opt(name)? {
+                Some(s) => Some(parse_hex_bits(&d.join(name), &s, bits)?),
                 None => None,
             })
         };
-        let (cfg, mut config) = Self::read_config(sys, d, &mut unknown)?;
-        let vendor = id_attr(sys, d, "vendor", 16, cfg.as_deref(), 0, &mut unknown)? as u16;
-        let device = id_attr(sys, d, "device", 16, cfg.as_deref(), 2, &mut unknown)? as u16;
-        let class = id_attr(sys, d, "class", 24, cfg.as_deref(), 9, &mut unknown)? as u32;
+        let (cfg, mut config) = Self::read_config(d, &mut unknown)?;
+        let vendor = id_attr(d, "vendor", 16, cfg.as_deref(), 0, &mut unknown)? as u16;
+        let device = id_attr(d, "device", 16, cfg.as_deref(), 2, &mut unknown)? as u16;
+        let class = id_attr(d, "class", 24, cfg.as_deref(), 9, &mut unknown)? as u32;
         if cfg.is_none() && (class >> 8 == 0x0604 || class >> 8 == 0x0609) {
             config.header_type = 1;
         }
         let res_rel = d.join("resource");
-        let bars = match attr(sys, &res_rel, "resource", &mut unknown)? {
+        let bars = match attr(d, "resource", "resource", &mut unknown)? {
             Some(text) => parse_bars(&res_rel, &parse_resource(&res_rel, &text)?, &config)?,
             None => Vec::new(),
         };
-        let link = Self::read_link(sys, d, &config, &mut unknown)?;
-        let numa_node = match attr(sys, &d.join("numa_node"), "numa_node", &mut unknown)? {
+        let link = Self::read_link(d, &config, &mut unknown)?;
+        let numa_node = match attr(d, "numa_node", "numa_node", &mut unknown)? {
             Some(s) => Some(parse_dec::<i32>(&d.join("numa_node"), &s)?).filter(|n| *n >= 0),
             None => None,
         };
-        let local_cpulist = sys.read_opt(d.join("local_cpulist"))?;
-        let driver = sys.link_name(d.join("driver"))?;
+        let local_cpulist = d.read_opt("local_cpulist")?;
+        let driver = d.link_name("driver")?;
         let (iommu_group, p2pmem, physfn) = Self::read_extras(sys, d, index)?;
         Ok(PciDevice {
             bdf: r.bdf,
@@ -742,8 +736,8 @@ impl Topology {
     }
 
     /// IOMMU group (and its domain type), p2pmem pool and SR-IOV physical function.
-    fn read_extras(sys: &Sysroot, d: &Path, index: &HashMap<Bdf, DevIdx>) -> Result<Extras, TopologyError> {
-        let iommu_group = match sys.link_name(d.join("iommu_group"))? {
+    fn read_extras(sys: &Sysroot, d: &SubDir, index: &HashMap<Bdf, DevIdx>) -> Result<Extras, TopologyError> {
+        let iommu_group = match d.link_name("iommu_group")? {
             Some(g) => {
                 let rel = d.join("iommu_group");
                 let id = parse_dec::<u32>(&rel, &g)?;
@@ -752,15 +746,15 @@ impl Topology {
             }
             None => None,
         };
-        let p2pmem = match sys.read_opt(d.join("p2pmem/size"))? {
+        let p2pmem = match d.read_opt("p2pmem/size")? {
             Some(size) => Some(P2pmem {
                 size: parse_dec(&d.join("p2pmem/size"), &size)?,
-                available: Self::opt_attr(sys, d, "p2pmem/available", parse_dec::<u64>)?.unwrap_or(0),
-                published: Self::opt_attr(sys, d, "p2pmem/published", parse_bool)?.unwrap_or(false),
+                available: Self::opt_attr(d, "p2pmem/available", parse_dec::<u64>)?.unwrap_or(0),
+                published: Self::opt_attr(d, "p2pmem/published", parse_bool)?.unwrap_or(false),
             }),
             None => None,
         };
-        let physfn = match sys.resolve_link(d.join("physfn"))? {
+        let physfn = match d.resolve_link("physfn")? {
             Some(p) => p
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -773,36 +767,32 @@ impl Topology {
 
     /// The link attributes; their absence is noted only for a PCI Express function (or one whose
     /// capability list is unknown): conventional PCI has no link.
-    fn read_link(
-        sys: &Sysroot,
-        d: &Path,
-        config: &ConfigInfo,
-        unknown: &mut Vec<Unknown>,
-    ) -> Result<Link, TopologyError> {
+    fn read_link(d: &SubDir, config: &ConfigInfo, unknown: &mut Vec<Unknown>) -> Result<Link, TopologyError> {
         let link = Link {
-            cur_gts: Self::opt_attr(sys, d, "current_link_speed", parse_link_speed)?.flatten(),
-            cur_width: Self::opt_attr(sys, d, "current_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
-            max_gts: Self::opt_attr(sys, d, "max_link_speed", parse_link_speed)?.flatten(),
-            max_width: Self::opt_attr(sys, d, "max_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
+            cur_gts: Self::opt_attr(d, "current_link_speed", parse_link_speed)?.flatten(),
+            cur_width: Self::opt_attr(d, "current_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
+            max_gts: Self::opt_attr(d, "max_link_speed", parse_link_speed)?.flatten(),
+            max_width: Self::opt_attr(d, "max_link_width", parse_dec::<u32>)?.filter(|w| *w > 0),
         };
         if config.pcie != Pcie::No && (link.cur_gts.is_none() || link.cur_width.is_none()) {
             unknown.push(Unknown {
                 fact: "link",
-                why: format!("{}/current_link_speed or current_link_width is missing or reads Unknown", d.display()),
+                why: format!(
+                    "{}/current_link_speed or current_link_width is missing or reads Unknown",
+                    d.rel().display()
+                ),
             });
         }
         Ok(link)
     }
 
     fn opt_attr<T>(
-        sys: &Sysroot,
-        dir: &Path,
+        dir: &SubDir,
         name: &str,
         parse: impl Fn(&Path, &str) -> Result<T, SysrootError>,
     ) -> Result<Option<T>, TopologyError> {
-        let rel = dir.join(name);
-        Ok(match sys.read_opt(&rel)? {
-            Some(s) => Some(parse(&rel, &s)?),
+        Ok(match dir.read_opt(name)? {
+            Some(s) => Some(parse(&dir.join(name), &s)?),
             None => None,
         })
     }
