@@ -774,6 +774,19 @@ impl Controller {
     /// (nothing is submitted if one is bad), then all of them run with up to the queue's depth
     /// of commands in flight, in whatever order the controller completes them.
     pub fn transfer_batch(&mut self, reg: &Registry, dir: Dir, entry: &Entry, ios: &[Io]) -> Result<(), NvmeError> {
+        self.transfer_batch_depth(reg, dir, entry, ios, IO_DEPTH as usize - 1)
+    }
+
+    /// Like `transfer_batch`, with at most `qd` commands in flight (clamped to 1 ..= the queue's
+    /// depth - 1).
+    pub fn transfer_batch_depth(
+        &mut self,
+        reg: &Registry,
+        dir: Dir,
+        entry: &Entry,
+        ios: &[Io],
+        qd: usize,
+    ) -> Result<(), NvmeError> {
         let ns = self.namespace();
         for io in ios {
             let bad =
@@ -805,7 +818,7 @@ impl Controller {
                 done += n;
             }
         }
-        self.run_io(dir, &target, entry.region(), &cmds, IO_DEPTH as usize - 1)
+        self.run_io(dir, &target, entry.region(), &cmds, qd.clamp(1, IO_DEPTH as usize - 1))
     }
 
     /// Submits `count` random 4 KiB-block reads at queue depth `qd` into `entry` (for benches):
