@@ -423,6 +423,7 @@ impl Loader {
             decisions: HashMap::new(),
             health: RouteHealth::new(),
             next_tag: 1,
+            nvme_stage: None,
         };
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let q = queued.clone();
@@ -595,6 +596,10 @@ struct Worker {
     decisions: HashMap<(RegionId, Peer), Planned>,
     health: RouteHealth,
     next_tag: u64,
+    /// The registered host buffer namespace reads are staged in (bounces, probes, re-reads),
+    /// kept for the loader's life: the VFIO driver keeps every buffer it was given mapped until
+    /// the controller is closed, so a fresh one per batch would pile up.
+    nvme_stage: Option<vfio::Stage>,
 }
 
 fn reader_peer(reg: &Registry, f: &KernelSource) -> Peer {

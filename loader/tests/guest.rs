@@ -302,7 +302,9 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
     if let Some(y) = y {
         dests.push(("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(&topo, y, LEN).unwrap())));
     }
-    let opts = Options { verify: Verify::Reread, chunk: 128 << 10, depth: 32, ..Default::default() };
+    // TCG on a loaded host: a generous bound on each wait.
+    let timeout = std::time::Duration::from_secs(600);
+    let opts = Options { verify: Verify::Reread, chunk: 128 << 10, depth: 32, timeout, ..Default::default() };
     let loader = Loader::new(&reg, opts).unwrap();
     let ns = loader.open_nvme(ctrl).unwrap();
     let guards: Vec<_> = dests.iter().map(|(_, r)| reg.register(r.clone()).unwrap()).collect();
@@ -312,11 +314,14 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
         b.read_nvme_expect(&ns, AT, LEN / 2, Dest::region(g), 0, xxhash_rust::xxh3::xxh3_64(&expect[..half]));
         b.read_nvme(&ns, AT + LEN / 2 + 5, LEN / 2 - 5, Dest::region(g), LEN / 2 + 5);
     }
+    let t0 = std::time::Instant::now();
     let r = loader.run(b).unwrap();
     println!(
-        "{topology}: {x} (VFIO, async) -> {} destinations, peak {} commands in flight:\n{r}",
+        "{topology}: {x} (VFIO, async) -> {} destinations, peak {} commands in flight, {:.1} s with probes and \
+         verification:\n{r}",
         dests.len(),
-        ns.peak_in_flight()
+        ns.peak_in_flight(),
+        t0.elapsed().as_secs_f64()
     );
     assert_eq!(r.verified, Some(true), "{r}");
     assert_eq!(r.checksums.len(), 2 * dests.len());
@@ -344,6 +349,19 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
         }
     }
     assert!(r.fallbacks.iter().any(|f| f.contains("not block aligned")), "{:?}", r.fallbacks);
+
+    // Bad input: typed errors before any command is built.
+    let bad = |offset: u64, len: u64, doff: u64| {
+        let mut b = Batch::new();
+        b.read_nvme(&ns, offset, len, Dest::region(&guards[0]), doff);
+        loader.run(b).unwrap_err()
+    };
+    let issued = ns.peak_in_flight();
+    assert!(matches!(bad(ns.len() - 4096, 8192, 0), LoadError::BadRange { .. }));
+    assert!(matches!(bad(AT, 0, 0), LoadError::BadRange { .. }));
+    assert!(matches!(bad(AT, 4096, LEN - 100), LoadError::TooSmall { .. }));
+    assert!(matches!(bad(u64::MAX - 10, 4096, 0), LoadError::BadRange { .. }));
+    assert_eq!(ns.peak_in_flight(), issued);
 
     let strict = Loader::new(&reg, Options { strict: true, ..Default::default() }).unwrap();
     let mut b = Batch::new();

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use peermem::mover::{BounceReason, Decision, Plan, Probe, Reach};
-use peermem::{Bdf, Entry, HostRegion, Peer, PeerMemory, Provider, Registry};
+use peermem::{Bdf, Entry, HostRegion, Peer, PeerMemory, Provider, Registration, Registry};
 use peermem_nvme::driver::Namespace;
 use peermem_nvme::{Controller, Dir, Io};
 
@@ -120,18 +120,40 @@ struct Piece {
     doff: u64,
 }
 
-/// Reads `n` bytes (whole blocks) at byte `at` of the namespace through a registered host buffer.
-fn read_host(ctrl: &mut Controller, reg: &Registry, at: u64, n: u64) -> Result<Vec<u8>, LoadError> {
+/// A registered host buffer namespace bytes are staged in.
+pub(super) struct Stage {
+    host: Arc<HostRegion>,
+    reg: Registration,
+}
+
+impl Stage {
+    fn len(&self) -> u64 {
+        self.host.len()
+    }
+}
+
+/// Reads `n` bytes (whole blocks, at most the stage's length) at byte `at` of the namespace
+/// through the stage.
+fn read_host(ctrl: &mut Controller, reg: &Registry, stage: &Stage, at: u64, n: u64) -> Result<Vec<u8>, LoadError> {
     let bs = ctrl.namespace().block_size;
-    let host = Arc::new(HostRegion::new(n)?);
-    let g = reg.register(host.clone() as Arc<dyn PeerMemory>)?;
-    ctrl.transfer(reg, Dir::Read, &g, 0, at / bs, n)?;
+    ctrl.transfer(reg, Dir::Read, &stage.reg, 0, at / bs, n)?;
     let mut v = vec![0u8; n as usize];
-    host.read_at(0, &mut v)?;
+    stage.host.read_at(0, &mut v)?;
     Ok(v)
 }
 
 impl Worker {
+    /// The stage, made on first use: `depth` chunks, and at least a probe's length.
+    fn nvme_stage(&mut self) -> Result<&Stage, LoadError> {
+        if self.nvme_stage.is_none() {
+            let len = (self.opts.block_chunk() * self.opts.depth.clamp(1, 64) as u64).max(PROBE_LEN);
+            let host = Arc::new(HostRegion::new(len)?);
+            let reg = self.registry.register(host.clone() as Arc<dyn PeerMemory>)?;
+            self.nvme_stage = Some(Stage { host, reg });
+        }
+        Ok(self.nvme_stage.as_ref().expect("just made"))
+    }
+
     /// Every namespace read checked before any read of the batch starts.
     pub(super) fn check_nvme(&self, reads: &[NvmeRead]) -> Result<(), LoadError> {
         for r in reads {
@@ -158,17 +180,20 @@ impl Worker {
         if let Some(p) = self.decisions.get(&key) {
             return p.decision.clone();
         }
-        let route = match self.registry.resolve(entry, peer) {
+        let reg = self.registry.clone();
+        let route = match reg.resolve(entry, peer) {
             Ok(r) => r,
             Err(e) => {
                 let plan = Plan::Bounce(BounceReason::NotDirect { route: "none", why: e.to_string() });
                 return Decision { reasons: vec![format!("plan: {plan}")], plan, route: "unresolved" };
             }
         };
-        let reg = self.registry.clone();
         let window = cpu_window(&reg, entry);
         let expected = match (entry.provider(), probe_at, &window) {
-            (Provider::Pci(_), Some((at, _, n)), Ok(_)) => read_host(&mut ns.ctrl(), &reg, at, n).ok(),
+            (Provider::Pci(_), Some((at, _, n)), Ok(_)) => match self.nvme_stage() {
+                Ok(stage) => read_host(&mut ns.ctrl(), &reg, stage, at, n).ok(),
+                Err(_) => None,
+            },
             _ => None,
         };
         let probe = match (expected, probe_at, window) {
@@ -322,7 +347,6 @@ impl Worker {
         // 3. The transfers. Each driver call returns with no command in flight (after a failure
         // it has disabled the controller first), so staging buffers may go when it returns.
         let t0 = Instant::now();
-        let mut staging: Option<(Arc<HostRegion>, peermem::Registration)> = None;
         for (h, di, ios, pieces) in &work {
             let mut c = h.ctrl();
             let bs = c.namespace().block_size;
@@ -339,12 +363,8 @@ impl Worker {
             match gpu {
                 None => {
                     let depth = opts.depth.clamp(1, 64);
-                    if staging.is_none() {
-                        let host = Arc::new(HostRegion::new(chunk * depth as u64)?);
-                        let g = reg.register(host.clone() as Arc<dyn PeerMemory>)?;
-                        staging = Some((host, g));
-                    }
-                    let (host, g) = staging.as_ref().expect("just made");
+                    let stage = self.nvme_stage()?;
+                    let (host, g) = (&stage.host, &stage.reg);
                     let w = d.window.clone().ok_or_else(|| LoadError::Unreachable("no CPU window".into()))?;
                     for round in pieces.chunks(depth) {
                         let ios: Vec<Io> = round
@@ -379,7 +399,6 @@ impl Worker {
             }
         }
         let seconds = t0.elapsed().as_secs_f64();
-        drop(staging);
         if let Some(d) = dests.iter().find(|d| !d.entry.is_live()) {
             return Err(LoadError::Unregistered { region: d.entry.id() });
         }
@@ -462,14 +481,16 @@ impl Worker {
     }
 
     /// xxh3-64 of a read's namespace range, read again through host memory.
-    fn hash_namespace(&self, r: &NvmeRead, chunk: u64) -> Result<u64, LoadError> {
+    fn hash_namespace(&mut self, r: &NvmeRead, chunk: u64) -> Result<u64, LoadError> {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let bs = r.ns.block_size();
         let (mut p, end) = (r.offset / bs * bs, r.offset + r.len);
+        let reg = self.registry.clone();
+        let stage = self.nvme_stage()?;
         let mut c = r.ns.ctrl();
         while p < end {
-            let n = chunk.max(bs).min(end.div_ceil(bs) * bs - p);
-            let v = read_host(&mut c, &self.registry, p, n)?;
+            let n = chunk.max(bs).min(stage.len()).min(end.div_ceil(bs) * bs - p);
+            let v = read_host(&mut c, &reg, stage, p, n)?;
             let lo = r.offset.saturating_sub(p) as usize;
             let hi = ((end - p).min(n)) as usize;
             h.update(&v[lo..hi]);
