@@ -266,7 +266,7 @@ impl Worker {
                     Plan::Bounce(_) => decision.plan.to_string(),
                     Plan::Direct => "device-local memory is filled through staging buffers and GPU copies".into(),
                 };
-                return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why });
+                return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why, reasons });
             }
             let window = match via {
                 Via::GpuStaged => None,
@@ -315,6 +315,7 @@ impl Worker {
                                 r.offset + body,
                                 r.dest_offset + body
                             ),
+                            reasons: d.reasons.clone(),
                         });
                     }
                 }
