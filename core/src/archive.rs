@@ -100,8 +100,14 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
     if !m.is_file() {
         return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: "not a regular file".into() });
     }
-    let mut r = io::BufReader::new(f);
-    let head = io::BufRead::fill_buf(&mut r).map_err(io)?.to_vec();
+    decompress_from(archive, io::BufReader::new(f))
+}
+
+/// Decompresses the archive read from `r` (`archive` names it in errors), capped like
+/// [`decompress`].
+pub(crate) fn decompress_from(archive: &Path, mut r: impl io::BufRead) -> Result<Vec<u8>, ArchiveError> {
+    let io = |source| ArchiveError::Io { path: archive.to_path_buf(), source };
+    let head = r.fill_buf().map_err(io)?.to_vec();
     let limit = MAX_UNPACKED + MAX_UNPACKED / 8;
     let mut out = Vec::new();
     let too_large = || ArchiveError::TooLarge { archive: archive.to_path_buf(), limit: MAX_UNPACKED, what: "bytes" };
@@ -146,7 +152,7 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
 }
 
 /// One member, checked.
-enum Member {
+pub(crate) enum Member {
     Dir(PathBuf),
     File(PathBuf, u64),
     Link(PathBuf, PathBuf),
@@ -167,7 +173,7 @@ fn clean_member(raw: &Path) -> Result<PathBuf, &'static str> {
 }
 
 /// Checks every member of the tar in `bytes`; returns them and the single top directory.
-fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
+pub(crate) fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
     let unsafe_ = |member: &Path, why| ArchiveError::Unsafe {
         archive: archive.to_path_buf(),
         member: member.display().to_string(),

@@ -60,6 +60,9 @@ pub enum RegistryError {
     Overlap { space: &'static str, start: u64, last: u64, existing: RegionId },
     #[error(transparent)]
     Addr(#[from] AddrError),
+    /// A `DevIdx` handed out by another topology than this registry's.
+    #[error("device index {index} belongs to topology #{topology}, not to this registry's topology")]
+    ForeignHandle { index: usize, topology: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +71,12 @@ pub enum ResolveError {
     Unregistered(RegionId),
     #[error("{0} has no CPU mapping, so the CPU cannot reach it")]
     NoCpuMapping(RegionId),
+    /// The entry was registered with another registry.
+    #[error("{0} belongs to another registry")]
+    ForeignEntry(RegionId),
+    /// The peer is a device of another topology than this registry's.
+    #[error("peer device index {index} belongs to topology #{topology}, not to this registry's topology")]
+    ForeignPeer { index: usize, topology: u32 },
 }
 
 /// Where a BAR-backed region sits.
@@ -91,6 +100,8 @@ enum Kind {
 /// registration (its PCI place and addresses), so resolving needs no I/O and no allocation.
 pub struct Entry {
     id: RegionId,
+    /// The registry that holds it (`Shared::id`).
+    registry: u64,
     region: Arc<dyn PeerMemory>,
     live: AtomicBool,
     len: u64,
@@ -214,6 +225,8 @@ struct Writer {
 }
 
 struct Shared {
+    /// Unique within the process: entries carry it, so another registry refuses them.
+    id: u64,
     topo: Arc<Topology>,
     current: Arc<ArcSwap<Snapshot>>,
     writer: Mutex<Writer>,
@@ -334,6 +347,9 @@ impl Shared {
     }
 }
 
+/// Ids of registries (never reused within a process).
+static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(1);
+
 impl Registry {
     /// A registry resolving against `topo`.
     pub fn new(topo: Arc<Topology>) -> Registry {
@@ -342,6 +358,7 @@ impl Registry {
         let n = topo.len();
         Registry {
             shared: Arc::new(Shared {
+                id: NEXT_REGISTRY.fetch_add(1, Ordering::Relaxed),
                 current: Arc::new(ArcSwap::new(snap.clone())),
                 writer: Mutex::new(Writer { latest: snap, va_ranges: BTreeMap::new(), bus_ranges: BTreeMap::new() }),
                 verdicts: VerdictCache::new(n),
@@ -377,10 +394,15 @@ impl Registry {
         self.shared.topo.idx(bdf).map(Peer::Pci).map_err(|_| RegistryError::UnknownDevice(bdf))
     }
 
-    /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`).
-    pub fn hierarchy_of(&self, dev: DevIdx) -> usize {
-        let hb = &self.shared.topo.device(dev).host_bridge;
-        self.shared.topo.host_bridges().iter().position(|h| &h.name == hb).expect("every device has its host bridge")
+    /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`); a `DevIdx` of another
+    /// topology is refused.
+    pub fn hierarchy_of(&self, dev: DevIdx) -> Result<usize, RegistryError> {
+        let topo = &self.shared.topo;
+        if !topo.owns(dev) {
+            return Err(RegistryError::ForeignHandle { index: dev.get(), topology: dev.topology_id() });
+        }
+        let hb = &topo.device(dev).host_bridge;
+        Ok(topo.host_bridges().iter().position(|h| &h.name == hb).expect("every device has its host bridge"))
     }
 
     /// Registers a region. It stays registered until the returned guard is dropped.
@@ -398,7 +420,7 @@ impl Registry {
                     Some(w) => Some(w.to_bus(cpu)?),
                     None => None,
                 };
-                Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev), cpu, bus })
+                Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev)?, cpu, bus })
             }
             Backing::HostPages => Kind::HostPages,
             Backing::DmaBuf(_) => Kind::DmaBuf,
@@ -430,8 +452,16 @@ impl Registry {
             }
             _ => None,
         };
-        let entry =
-            Arc::new(Entry { id, provider: region.provider(), region, live: AtomicBool::new(true), len, va, kind });
+        let entry = Arc::new(Entry {
+            id,
+            registry: self.shared.id,
+            provider: region.provider(),
+            region,
+            live: AtomicBool::new(true),
+            len,
+            va,
+            kind,
+        });
         let mut snap = (*w.latest).clone();
         if let Some(r) = va {
             snap.va.insert(Arc::new(Span { start: r.start(), last: r.last(), id: id.0, val: entry.clone() }));
@@ -466,6 +496,14 @@ impl Registry {
         peer: Peer,
         verdict: impl FnOnce(DevIdx, DevIdx) -> VerdictRef<'r>,
     ) -> Result<Route<'r>, ResolveError> {
+        if entry.registry != self.shared.id {
+            return Err(ResolveError::ForeignEntry(entry.id));
+        }
+        if let Peer::Pci(c) = peer {
+            if !self.shared.topo.owns(c) {
+                return Err(ResolveError::ForeignPeer { index: c.get(), topology: c.topology_id() });
+            }
+        }
         if !entry.is_live() {
             return Err(ResolveError::Unregistered(entry.id));
         }
