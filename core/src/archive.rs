@@ -131,7 +131,16 @@ pub(crate) fn decompress_from(archive: &Path, mut r: impl io::BufRead) -> Result
         }
         Compression::Xz => {
             let mut w = Capped { out: &mut out, limit };
-            match lzma_rs::xz_decompress(&mut r, &mut w) {
+            // lzma-rs 0.3 overflows an u32 on a footer whose backward size is 0xffffffff (a
+            // panic where overflow checks are on, found by the archive fuzz target): a panic of
+            // the decoder is a malformed archive, not the end of the process.
+            let decoded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lzma_rs::xz_decompress(&mut r, &mut w)))
+                    .map_err(|_| ArchiveError::Format {
+                        archive: archive.to_path_buf(),
+                        why: "xz: malformed stream (the decoder gave up)".into(),
+                    })?;
+            match decoded {
                 Ok(()) => {}
                 Err(lzma_rs::error::Error::IoError(e)) if e.to_string().contains("size cap") => return Err(too_large()),
                 Err(e) => return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: format!("xz: {e}") }),
@@ -416,5 +425,16 @@ mod tests {
         assert!(e.contains("x.tar.gz") && e.contains("gzip"), "{e}");
         fs::write(&a, b"hello").unwrap();
         assert!(unpack(&a, d.path()).is_err());
+    }
+
+    #[test]
+    fn an_xz_stream_that_trips_the_decoder_is_a_format_error() {
+        // Found by the archive fuzz target: the decoder overflows on this footer.
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("x.tar.xz");
+        fs::write(&a, include_bytes!("../../fuzz/corpus/archive/crash-xz-backward-size-overflow")).unwrap();
+        let e = unpack(&a, d.path()).unwrap_err();
+        assert!(matches!(e, ArchiveError::Format { .. }) && e.to_string().contains("xz"), "{e}");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "nothing was written");
     }
 }
