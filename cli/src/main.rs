@@ -200,7 +200,7 @@ impl Root {
 /// Built with the `afl` feature, the binary is the AFL++ driver of the argument parser.
 #[cfg(feature = "afl")]
 fn main() {
-    afl::fuzz!(|data: &[u8]| fuzz_args(data));
+    afl::fuzz_nohook!(|data: &[u8]| fuzz_args(data));
 }
 
 #[cfg(not(feature = "afl"))]
