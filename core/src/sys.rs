@@ -17,9 +17,15 @@ use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::addr::{CpuPhys, VirtAddr};
 
-/// The system page size.
+/// The system page size. From `sysconf`, not rustix's auxv reader: that one dereferences the
+/// vDSO's ELF header, which valgrind does not map (memcheck then stops on a SIGSEGV).
 pub fn page_size() -> u64 {
-    rustix::param::page_size() as u64
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf takes no pointer and reads a constant of the process.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).ok().filter(|&n| n > 0).expect("sysconf(_SC_PAGESIZE) is positive on Linux")
+    })
 }
 
 /// A new anonymous memory file of `len` bytes (close-on-exec), sealed so that it can neither

@@ -121,7 +121,7 @@ fn kernel_load_p2pmem_and_bar_regions_die_with_their_device_and_come_back() {
     let host = reg.register(Arc::new(HostRegion::new(LOAD_LEN).unwrap())).unwrap();
     let (peer_a, peer_b) = (reg.peer(a).unwrap(), reg.peer(b).unwrap());
     let va_a = pa.cpu_range().expect("p2pmem is mapped").start();
-    let h = reg.hierarchy_of(topo.idx(shm).unwrap());
+    let h = reg.hierarchy_of(topo.idx(shm).unwrap()).unwrap();
     let bar_bus = bar.bus_addr().expect("the BAR's bus address");
     assert!(reg.snapshot().lookup_va(va_a).is_some());
     assert!(reg.resolve(&bar, peer_a).is_ok());
