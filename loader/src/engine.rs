@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use peermem::mover::{BounceReason, Decision, Plan, Probe, Reach, RouteHealth};
-use peermem::{Backing, Entry, HostRegion, Peer, PeerMemory, Provider, RegionId, Registration, Registry, Side};
+use peermem::{Backing, Bdf, Entry, HostRegion, Peer, PeerMemory, Provider, RegionId, Registration, Registry, Side};
 use peermem_vulkan::{Device, VulkanRegion};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -622,7 +622,12 @@ fn cpu_window(reg: &Registry, dest: &Entry) -> Result<Arc<dyn PeerMemory>, LoadE
 impl Worker {
     fn serve(&mut self, rx: Receiver<Job>, queued: &std::sync::atomic::AtomicUsize) {
         while let Ok(Job::Batch(b, slot)) = rx.recv() {
-            let r = self.run_batch(b);
+            // What the batch touches, to name a device that left if the batch fails.
+            let mut sources: Vec<Bdf> = b.reads.iter().filter_map(|r| r.file.0.device()).collect();
+            sources.extend(b.nvme.iter().map(|r| r.ns.bdf()));
+            let dests: Vec<Arc<Entry>> =
+                b.reads.iter().map(|r| &r.dest.entry).chain(b.nvme.iter().map(|r| &r.dest.entry)).cloned().collect();
+            let r = self.run_batch(b).map_err(|e| crate::gone::explain_batch(e, &sources, &dests, &self.registry));
             if let Err(e) = &r {
                 tracing::debug!(%e, "batch failed");
             }
