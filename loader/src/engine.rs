@@ -627,7 +627,11 @@ impl Worker {
             sources.extend(b.nvme.iter().map(|r| r.ns.bdf()));
             let dests: Vec<Arc<Entry>> =
                 b.reads.iter().map(|r| &r.dest.entry).chain(b.nvme.iter().map(|r| &r.dest.entry)).cloned().collect();
-            let r = self.run_batch(b).map_err(|e| crate::gone::explain_batch(e, &sources, &dests, &self.registry));
+            let files: Vec<Arc<KernelSource>> = b.reads.iter().map(|r| r.file.0.clone()).collect();
+            let r = self.run_batch(b).map_err(|e| {
+                let emptied = files.iter().any(|f| f.emptied_block_device());
+                crate::gone::explain_batch(e, &sources, emptied, &dests, &self.registry)
+            });
             if let Err(e) = &r {
                 tracing::debug!(%e, "batch failed");
             }

@@ -62,12 +62,19 @@ pub(crate) fn explain(
 
 /// Like `explain`, for a batch of the asynchronous loader: any of its sources (the devices that
 /// read the files, the VFIO-owned controllers) or destinations may be the one that left.
-pub(crate) fn explain_batch(e: LoadError, sources: &[Bdf], dests: &[Arc<Entry>], reg: &Registry) -> LoadError {
+/// `source_emptied`: one of its kernel sources is a block device that now reads as empty.
+pub(crate) fn explain_batch(
+    e: LoadError,
+    sources: &[Bdf],
+    source_emptied: bool,
+    dests: &[Arc<Entry>],
+    reg: &Registry,
+) -> LoadError {
     let mut candidates: Vec<(Bdf, &'static str)> = sources.iter().map(|b| (*b, "source")).collect();
     candidates.extend(dests.iter().filter_map(|d| Some((pci_of(d)?, "destination"))));
     candidates.sort();
     candidates.dedup();
-    explain_among(e, &candidates, false, reg)
+    explain_among(e, &candidates, source_emptied, reg)
 }
 
 fn pci_of(dest: &Entry) -> Option<Bdf> {
@@ -129,7 +136,7 @@ mod tests {
         let reg = registry();
         let bdf: Bdf = "0000:03:00.0".parse().unwrap();
         reg.device_gone(bdf);
-        match explain_batch(eio(), &[bdf], &[], &reg) {
+        match explain_batch(eio(), &[bdf], false, &[], &reg) {
             LoadError::DeviceGone { bdf: b, role: "source", cause } => {
                 assert_eq!(b, bdf);
                 assert!(matches!(*cause, LoadError::Io { .. }));
@@ -145,6 +152,6 @@ mod tests {
         let reg = registry();
         let bdf: Bdf = "0000:03:00.0".parse().unwrap();
         let e = LoadError::BadRange { start: 0, end: 1, len: 0 };
-        assert!(matches!(explain_batch(e, &[bdf], &[], &reg), LoadError::BadRange { .. }));
+        assert!(matches!(explain_batch(e, &[bdf], false, &[], &reg), LoadError::BadRange { .. }));
     }
 }
