@@ -9,6 +9,13 @@
 //! host memory, each pair interleaved round by round (other work on the machine hits both sides
 //! alike) and compared as a ratio of medians; CPU seconds per GiB for each side. With
 //! `PEERMEM_LOADER_SWEEP=1` it first sweeps chunk size and depth (how the defaults were chosen).
+//!
+//! `PEERMEM_LOADER_VS_FIO_VFIO=BDF` (root, in the testbed guest: `bench/loader-vs-fio-guest.sh`):
+//! the loader reading NVMe controller BDF's raw namespace through the userspace VFIO driver
+//! against fio on the same namespace's block device through the kernel driver. Each round gives
+//! the controller to the kernel driver for fio, then to vfio-pci for the loader (the rebinding is
+//! not timed), so both sides of a pair see the same load. With an ivshmem BAR on the machine, the
+//! loader into it (peer to peer) is compared with the loader into host memory too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,8 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
+use peermem::Bdf;
 use peermem::{HostRegion, PeerMemory, Registration, Registry, Topology};
-use peermem_loader::{Batch, Dest, FileHandle, Loader, Options};
+use peermem_loader::{Batch, Dest, FileHandle, Loader, NvmeHandle, Options};
+use peermem_nvme::{Binding, BlockDevice, Controller};
 use peermem_vulkan::{Device, Placement, Select};
 
 const MIB: u64 = 1 << 20;
@@ -363,7 +372,143 @@ fn vs_fio(dir: PathBuf) {
     );
 }
 
+/// `n` random `bs`-aligned reads over the first `span` bytes of a namespace into a `ring`-byte
+/// destination.
+fn random_nvme_batch(ns: &NvmeHandle, span: u64, n: usize, bs: u64, dest: &Dest, ring: u64, seed: u64) -> Batch {
+    let mut r = rng(seed);
+    let mut b = Batch::new();
+    for i in 0..n as u64 {
+        b.read_nvme(ns, (r() % (span / bs)) * bs, bs, dest, (i * bs) % ring);
+    }
+    b
+}
+
+/// The namespace block device of `bdf` once the kernel driver has it back (bounded wait).
+fn kernel_namespace(bdf: Bdf) -> PathBuf {
+    for _ in 0..1000 {
+        if let Ok(t) = Topology::discover("/") {
+            if let Ok(b) = BlockDevice::open_namespace(&t, bdf) {
+                return b.path().to_path_buf();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{bdf}: the nvme driver did not come back");
+}
+
+/// Runs `f` on a loader holding controller `bdf` through vfio-pci, then gives the controller
+/// back to the kernel driver.
+fn with_vfio<T>(reg: &Registry, bdf: Bdf, opts: &Options, f: impl FnOnce(&Loader, &NvmeHandle) -> T) -> T {
+    let binding = Binding::to_vfio(bdf).unwrap();
+    let l = Loader::new(reg, opts.clone()).unwrap();
+    let ns = l.open_nvme(Controller::open(&binding, reg, 1).unwrap()).unwrap();
+    let out = f(&l, &ns);
+    drop(l);
+    drop(ns.into_controller().unwrap());
+    binding.restore().unwrap();
+    kernel_namespace(bdf);
+    out
+}
+
+fn vs_fio_vfio(bdf: Bdf) {
+    let rounds: usize = std::env::var("PEERMEM_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let size = std::env::var("PEERMEM_BENCH_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(128) * MIB;
+    let topo = Arc::new(Topology::discover("/").unwrap());
+    let reg = Registry::new(topo.clone());
+    let (_host, hg) = host(&reg, size);
+    let hdest = Dest::region(&hg);
+    let dev = kernel_namespace(bdf);
+    println!("{bdf}: fio on {} (kernel driver) vs the loader through the VFIO driver", dev.display());
+    println!("| workload | fio / host side | loader / other side | ratio |");
+    println!("|---|---|---|---|");
+    let seq = Options { chunk: MIB, depth: 16, ..Options::default() };
+    pair(
+        &format!("raw namespace, sequential 1 MiB QD16, {} MiB, host memory", size / MIB),
+        rounds,
+        || {
+            let d = kernel_namespace(bdf).display().to_string();
+            fio(&[
+                "--name=seq".into(),
+                format!("--filename={d}"),
+                "--rw=read".into(),
+                "--bs=1M".into(),
+                "--iodepth=16".into(),
+                format!("--size={size}"),
+            ])
+        },
+        || {
+            with_vfio(&reg, bdf, &seq, |l, ns| {
+                let mut b = Batch::new();
+                b.read_nvme(ns, 0, size, &hdest, 0);
+                timed(l, b)
+            })
+        },
+        "fio",
+        "loader (VFIO)",
+    );
+    let rand = Options { chunk: 128 << 10, depth: 32, ..Options::default() };
+    let mut seed = 0;
+    pair(
+        &format!("raw namespace, random 128 KiB QD32, {} MiB read, host memory", size / MIB),
+        rounds,
+        || {
+            let d = kernel_namespace(bdf).display().to_string();
+            fio(&[
+                "--name=rand".into(),
+                format!("--filename={d}"),
+                "--rw=randread".into(),
+                "--bs=128k".into(),
+                "--iodepth=32".into(),
+                format!("--size={size}"),
+                format!("--io_size={size}"),
+            ])
+        },
+        || {
+            seed += 1;
+            with_vfio(&reg, bdf, &rand, |l, ns| {
+                let n = (size / (128 << 10)) as usize;
+                timed(l, random_nvme_batch(ns, size, n, 128 << 10, &hdest, size, seed))
+            })
+        },
+        "fio",
+        "loader (VFIO)",
+    );
+    // Peer to peer: into the ivshmem "GPU" BAR, against host memory, in one VFIO session.
+    let Some(shm) = topo.devices().iter().find(|d| d.vendor == 0x1af4 && d.device == 0x1110).map(|d| d.bdf) else {
+        println!("(no ivshmem BAR: the peer-to-peer row is skipped)");
+        return;
+    };
+    let len = size.min(128 * MIB);
+    let bar = reg.register(Arc::new(peermem::BarRegion { bdf: shm, bar: 2, offset: 0, len }) as Arc<dyn PeerMemory>);
+    let bar = bar.unwrap();
+    let bdest = Dest::region(&bar);
+    with_vfio(&reg, bdf, &seq, |l, ns| {
+        let whole = |d: &Dest| {
+            let mut b = Batch::new();
+            b.read_nvme(ns, 0, len, d, 0);
+            b
+        };
+        let r = l.run(whole(&bdest)).unwrap();
+        println!("(ivshmem BAR: route {}, {}: {})", r.route(), r.via(), r.dests[0].method);
+        pair(
+            &format!(
+                "raw namespace, sequential 1 MiB QD16, {} MiB: ivshmem BAR (peer to peer) vs host memory",
+                len / MIB
+            ),
+            rounds,
+            || timed(l, whole(&hdest)),
+            || timed(l, whole(&bdest)),
+            "host",
+            "ivshmem BAR",
+        );
+    });
+}
+
 fn main() {
+    if let Ok(bdf) = std::env::var("PEERMEM_LOADER_VS_FIO_VFIO") {
+        vs_fio_vfio(bdf.parse().expect("PEERMEM_LOADER_VS_FIO_VFIO: a PCI address like 0000:03:00.0"));
+        return;
+    }
     if let Ok(dir) = std::env::var("PEERMEM_LOADER_VS_FIO") {
         vs_fio(PathBuf::from(dir));
         return;

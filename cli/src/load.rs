@@ -124,6 +124,12 @@ fn parse_dest(s: &str) -> Result<DestKind> {
     })
 }
 
+/// The `--dest` parser on parsed arguments (for the argument fuzzer): a value or a typed error.
+#[cfg(any(test, feature = "afl"))]
+pub(crate) fn fuzz_dest(args: &LoadArgs) {
+    let _ = parse_dest(&args.dest);
+}
+
 /// Seconds of CPU time this process used (user + system), from /proc/self/stat (USER_HZ = 100).
 fn cpu_seconds() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/stat").ok()?;

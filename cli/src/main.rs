@@ -6,6 +6,9 @@
 //! direct (or `probe` found the route broken or refused), 2 bad input (one line on stderr). A
 //! closed output pipe (`peermem topo | head -1`) ends the command quietly.
 
+// The AFL++ driver (feature `afl`) replaces `main`: the command's code is then unused.
+#![cfg_attr(feature = "afl", allow(dead_code, unused_imports))]
+
 mod nics;
 mod out;
 mod pairs;
@@ -142,6 +145,29 @@ fn parse_offset(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("{s:?} is not a decimal or 0x-hex number"))
 }
 
+/// Fuzz harness for the argument parser: `data` is the arguments, NUL-separated. Every input is
+/// parsed (or refused with a clap error) without a panic; parsed `--class` and `load --dest`
+/// values go through their own parsers too. Run by the AFL++ driver (`main` with the `afl` feature) and replayed
+/// from `fuzz/corpus/cli_args` by this crate's tests.
+#[cfg(any(test, feature = "afl"))]
+pub(crate) fn fuzz_args(data: &[u8]) {
+    let args = std::iter::once(std::ffi::OsString::from("peermem")).chain(
+        data.split(|&b| b == 0)
+            .map(|a| <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a).to_os_string()),
+    );
+    let Ok(cli) = Cli::try_parse_from(args) else { return };
+    match cli.cmd {
+        Cmd::Topo { filter, .. } | Cmd::Check { filter, .. } | Cmd::Fix { filter, .. } => {
+            let _ = filter.selection();
+        }
+        Cmd::Route { offset, .. } => {
+            let _ = parse_offset(&format!("{offset:#x}"));
+        }
+        Cmd::Load(args) => load::fuzz_dest(&args),
+        _ => {}
+    }
+}
+
 fn hex(v: u64) -> String {
     format!("{v:#x}")
 }
@@ -172,6 +198,13 @@ impl Root {
     }
 }
 
+/// Built with the `afl` feature, the binary is the AFL++ driver of the argument parser.
+#[cfg(feature = "afl")]
+fn main() {
+    afl::fuzz_nohook!(|data: &[u8]| fuzz_args(data));
+}
+
+#[cfg(not(feature = "afl"))]
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("PEERMEM_LOG"))
@@ -400,5 +433,23 @@ fn print_route(v: &Value, o: &mut Out) {
     ));
     for r in v["reasons"].as_array().into_iter().flatten() {
         o.line(&format!("- {}", r.as_str().unwrap_or_default()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fuzz_corpus_replays_through_the_argument_parser() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/cli_args");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            let data = std::fs::read(&p).unwrap();
+            if std::panic::catch_unwind(|| super::fuzz_args(&data)).is_err() {
+                panic!("input {} panicked", p.display());
+            }
+            n += 1;
+        }
+        assert!(n > 0, "{}: empty corpus", dir.display());
     }
 }

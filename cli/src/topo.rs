@@ -139,7 +139,7 @@ pub fn topo_json(t: &Topology, names: &Names, sel: &Selection) -> Value {
             "name": h.name,
             "device": h.dev.device().map(|i| t.device(i).bdf),
         })).collect::<Vec<_>>(),
-        "devices": (0..t.len()).map(|i| device_json(t, names, DevIdx::new(i))).collect::<Vec<_>>(),
+        "devices": t.indices().map(|i| device_json(t, names, i)).collect::<Vec<_>>(),
         "endpoints": eps.iter().map(|&i| names.labels.label(i)).collect::<Vec<_>>(),
         "pairs": pairs,
         "warnings": t.warnings,

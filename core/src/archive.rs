@@ -100,8 +100,14 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
     if !m.is_file() {
         return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: "not a regular file".into() });
     }
-    let mut r = io::BufReader::new(f);
-    let head = io::BufRead::fill_buf(&mut r).map_err(io)?.to_vec();
+    decompress_from(archive, io::BufReader::new(f))
+}
+
+/// Decompresses the archive read from `r` (`archive` names it in errors), capped like
+/// [`decompress`].
+pub(crate) fn decompress_from(archive: &Path, mut r: impl io::BufRead) -> Result<Vec<u8>, ArchiveError> {
+    let io = |source| ArchiveError::Io { path: archive.to_path_buf(), source };
+    let head = r.fill_buf().map_err(io)?.to_vec();
     let limit = MAX_UNPACKED + MAX_UNPACKED / 8;
     let mut out = Vec::new();
     let too_large = || ArchiveError::TooLarge { archive: archive.to_path_buf(), limit: MAX_UNPACKED, what: "bytes" };
@@ -125,7 +131,16 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
         }
         Compression::Xz => {
             let mut w = Capped { out: &mut out, limit };
-            match lzma_rs::xz_decompress(&mut r, &mut w) {
+            // lzma-rs 0.3 overflows an u32 on a footer whose backward size is 0xffffffff (a
+            // panic where overflow checks are on, found by the archive fuzz target): a panic of
+            // the decoder is a malformed archive, not the end of the process.
+            let decoded =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lzma_rs::xz_decompress(&mut r, &mut w)))
+                    .map_err(|_| ArchiveError::Format {
+                        archive: archive.to_path_buf(),
+                        why: "xz: malformed stream (the decoder gave up)".into(),
+                    })?;
+            match decoded {
                 Ok(()) => {}
                 Err(lzma_rs::error::Error::IoError(e)) if e.to_string().contains("size cap") => return Err(too_large()),
                 Err(e) => return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: format!("xz: {e}") }),
@@ -146,7 +161,7 @@ fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
 }
 
 /// One member, checked.
-enum Member {
+pub(crate) enum Member {
     Dir(PathBuf),
     File(PathBuf, u64),
     Link(PathBuf, PathBuf),
@@ -167,7 +182,7 @@ fn clean_member(raw: &Path) -> Result<PathBuf, &'static str> {
 }
 
 /// Checks every member of the tar in `bytes`; returns them and the single top directory.
-fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
+pub(crate) fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
     let unsafe_ = |member: &Path, why| ArchiveError::Unsafe {
         archive: archive.to_path_buf(),
         member: member.display().to_string(),
@@ -410,5 +425,16 @@ mod tests {
         assert!(e.contains("x.tar.gz") && e.contains("gzip"), "{e}");
         fs::write(&a, b"hello").unwrap();
         assert!(unpack(&a, d.path()).is_err());
+    }
+
+    #[test]
+    fn an_xz_stream_that_trips_the_decoder_is_a_format_error() {
+        // Found by the archive fuzz target: the decoder overflows on this footer.
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("x.tar.xz");
+        fs::write(&a, include_bytes!("../../fuzz/corpus/archive/crash-xz-backward-size-overflow")).unwrap();
+        let e = unpack(&a, d.path()).unwrap_err();
+        assert!(matches!(e, ArchiveError::Format { .. }) && e.to_string().contains("xz"), "{e}");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1, "nothing was written");
     }
 }

@@ -12,6 +12,8 @@
 pub mod addr;
 pub mod archive;
 pub mod capture;
+#[doc(hidden)]
+pub mod harness;
 pub mod hotplug;
 pub mod mover;
 pub mod nccl;

@@ -68,9 +68,9 @@ struct Node {
 pub fn topology_xml(t: &Topology, name: &str) -> String {
     let mut nodes: BTreeMap<DevIdx, Node> = BTreeMap::new();
     let mut tops: BTreeMap<i32, Vec<DevIdx>> = BTreeMap::new();
-    let want = t.devices().iter().enumerate().filter_map(|(i, d)| {
-        let k = EndpointKind::of(d)?;
-        matches!(k, EndpointKind::Gpu | EndpointKind::Nic).then_some((DevIdx(i as u32), k == EndpointKind::Nic))
+    let want = t.indices().filter_map(|i| {
+        let k = EndpointKind::of(t.device(i))?;
+        matches!(k, EndpointKind::Gpu | EndpointKind::Nic).then_some((i, k == EndpointKind::Nic))
     });
     for (leaf, nic) in want {
         nodes.entry(leaf).or_insert(Node { dev: leaf, children: Vec::new(), nic: false }).nic = nic;

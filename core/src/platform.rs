@@ -277,6 +277,11 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
     let Some(text) = root.read_text_opt_max(rel, crate::sysroot::MAX_TEXT)? else {
         return Ok(Cpu::default());
     };
+    parse_cpuinfo(rel, &text)
+}
+
+/// The boot CPU's facts from the text of `proc/cpuinfo` (`rel` names the file in errors).
+pub(crate) fn parse_cpuinfo(rel: &Path, text: &str) -> Result<Cpu, SysrootError> {
     let mut cpu = Cpu::default();
     // The boot CPU is the first stanza.
     for line in text.lines() {
@@ -304,14 +309,14 @@ fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {
     Ok(cpu)
 }
 
-fn be_u32s(rel: &Path, b: &[u8]) -> Result<Vec<u32>, SysrootError> {
+pub(crate) fn be_u32s(rel: &Path, b: &[u8]) -> Result<Vec<u32>, SysrootError> {
     if !b.len().is_multiple_of(4) {
         return Err(malformed_err(rel, format!("{} bytes, not a multiple of 4 (big-endian cells)", b.len()), ""));
     }
     Ok(b.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
-fn dt_strings(b: &[u8]) -> Vec<String> {
+pub(crate) fn dt_strings(b: &[u8]) -> Vec<String> {
     b.split(|&c| c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 

@@ -71,6 +71,9 @@ pub enum RegistryError {
     DeviceGone(Bdf),
     #[error("PCI device {bdf} came back with other BARs than the registry's topology ({why}): use a new registry")]
     DeviceMoved { bdf: Bdf, why: String },
+    /// A `DevIdx` handed out by another topology than this registry's.
+    #[error("device index {index} belongs to topology #{topology}, not to this registry's topology")]
+    ForeignHandle { index: usize, topology: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,6 +86,12 @@ pub enum ResolveError {
     DeviceGone { bdf: Bdf, id: RegionId },
     #[error("PCI device {0} (the peer) was removed from the machine")]
     PeerGone(Bdf),
+    /// The entry was registered with another registry.
+    #[error("{0} belongs to another registry")]
+    ForeignEntry(RegionId),
+    /// The peer is a device of another topology than this registry's.
+    #[error("peer device index {index} belongs to topology #{topology}, not to this registry's topology")]
+    ForeignPeer { index: usize, topology: u32 },
 }
 
 /// Where a BAR-backed region sits.
@@ -106,6 +115,8 @@ enum Kind {
 /// registration (its PCI place and addresses), so resolving needs no I/O and no allocation.
 pub struct Entry {
     id: RegionId,
+    /// The registry that holds it (`Shared::id`).
+    registry: u64,
     region: Arc<dyn PeerMemory>,
     live: AtomicBool,
     /// Set (before `live` is cleared) when the region died because its device was removed.
@@ -241,6 +252,8 @@ struct Writer {
 }
 
 struct Shared {
+    /// Unique within the process: entries carry it, so another registry refuses them.
+    id: u64,
     topo: Arc<Topology>,
     current: Arc<ArcSwap<Snapshot>>,
     writer: Mutex<Writer>,
@@ -374,6 +387,9 @@ impl Shared {
     }
 }
 
+/// Ids of registries (never reused within a process).
+static NEXT_REGISTRY: AtomicU64 = AtomicU64::new(1);
+
 impl Registry {
     /// A registry resolving against `topo`.
     pub fn new(topo: Arc<Topology>) -> Registry {
@@ -382,6 +398,7 @@ impl Registry {
         let n = topo.len();
         Registry {
             shared: Arc::new(Shared {
+                id: NEXT_REGISTRY.fetch_add(1, Ordering::Relaxed),
                 current: Arc::new(ArcSwap::new(snap)),
                 writer: Mutex::new(Writer {
                     spans,
@@ -424,10 +441,15 @@ impl Registry {
         self.shared.topo.idx(bdf).map(Peer::Pci).map_err(|_| RegistryError::UnknownDevice(bdf))
     }
 
-    /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`).
-    pub fn hierarchy_of(&self, dev: DevIdx) -> usize {
-        let hb = &self.shared.topo.device(dev).host_bridge;
-        self.shared.topo.host_bridges().iter().position(|h| &h.name == hb).expect("every device has its host bridge")
+    /// Host-bridge hierarchy index of a device (for `Snapshot::lookup_bus`); a `DevIdx` of another
+    /// topology is refused.
+    pub fn hierarchy_of(&self, dev: DevIdx) -> Result<usize, RegistryError> {
+        let topo = &self.shared.topo;
+        if !topo.owns(dev) {
+            return Err(RegistryError::ForeignHandle { index: dev.get(), topology: dev.topology_id() });
+        }
+        let hb = &topo.device(dev).host_bridge;
+        Ok(topo.host_bridges().iter().position(|h| &h.name == hb).expect("every device has its host bridge"))
     }
 
     /// Registers a region. It stays registered until the returned guard is dropped.
@@ -445,7 +467,7 @@ impl Registry {
                     Some(w) => Some(w.to_bus(cpu)?),
                     None => None,
                 };
-                Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev), cpu, bus })
+                Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev)?, cpu, bus })
             }
             Backing::HostPages => Kind::HostPages,
             Backing::DmaBuf(_) => Kind::DmaBuf,
@@ -484,6 +506,7 @@ impl Registry {
         };
         let entry = Arc::new(Entry {
             id,
+            registry: self.shared.id,
             provider: region.provider(),
             region,
             live: AtomicBool::new(true),
@@ -574,6 +597,14 @@ impl Registry {
         peer: Peer,
         verdict: impl FnOnce(DevIdx, DevIdx) -> VerdictRef<'r>,
     ) -> Result<Route<'r>, ResolveError> {
+        if entry.registry != self.shared.id {
+            return Err(ResolveError::ForeignEntry(entry.id));
+        }
+        if let Peer::Pci(c) = peer {
+            if !self.shared.topo.owns(c) {
+                return Err(ResolveError::ForeignPeer { index: c.get(), topology: c.topology_id() });
+            }
+        }
         if !entry.is_live() {
             return Err(match entry.provider {
                 Provider::Pci(bdf) if entry.is_gone() => ResolveError::DeviceGone { bdf, id: entry.id },

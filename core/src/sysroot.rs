@@ -119,8 +119,61 @@ impl Sysroot {
                 // nothing to escape from.
                 Ok(rustix::fs::openat(&*self.dir, &rel, flags, Mode::empty())?)
             }
+            // No openat2 (a kernel before 5.6, a seccomp filter, valgrind): the same confinement,
+            // one component at a time.
+            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) => self.open_walk(&rel, flags),
             r => Ok(r?),
         }
+    }
+
+    /// Opens `rel` the way `openat2(RESOLVE_IN_ROOT)` does, by hand: each component is opened
+    /// with `O_PATH | O_NOFOLLOW` below the previous one; a symlink's target is spliced into the
+    /// path (an absolute one restarts at the root), `..` never climbs above the root, and more
+    /// than 40 links is `ELOOP`. Only the last component is opened with `flags` (and
+    /// `O_NOFOLLOW`).
+    fn open_walk(&self, rel: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        use std::os::unix::ffi::OsStrExt;
+        const MAX_LINKS: usize = 40;
+        let push = |pending: &mut Vec<std::ffi::OsString>, p: &Path| {
+            for c in p.components().rev() {
+                match c {
+                    Component::Normal(n) => pending.push(n.to_os_string()),
+                    Component::ParentDir => pending.push("..".into()),
+                    Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+                }
+            }
+        };
+        let mut pending = Vec::new();
+        push(&mut pending, rel);
+        // The directories walked so far below the root (empty: at the root).
+        let mut dirs: Vec<OwnedFd> = Vec::new();
+        let mut links = 0;
+        while let Some(name) = pending.pop() {
+            if name == ".." {
+                dirs.pop();
+                continue;
+            }
+            let at = dirs.last().unwrap_or(&*self.dir);
+            let fd = rustix::fs::openat(at, &name, OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+            if rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) == rustix::fs::FileType::Symlink {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(rustix::io::Errno::LOOP.into());
+                }
+                let target = rustix::fs::readlinkat(at, &name, Vec::new())?;
+                let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
+                if target.is_absolute() {
+                    dirs.clear();
+                }
+                push(&mut pending, target);
+                continue;
+            }
+            if pending.is_empty() {
+                return Ok(rustix::fs::openat(at, &name, flags | OFlags::NOFOLLOW, Mode::empty())?);
+            }
+            dirs.push(fd);
+        }
+        Ok(rustix::fs::openat(dirs.last().unwrap_or(&*self.dir), ".", flags, Mode::empty())?)
     }
 
     /// Reads a binary file of at most `max` bytes. `Ok(None)` if it does not exist.
@@ -147,7 +200,7 @@ impl Sysroot {
         self.read_bytes_opt_max(rel, MAX_ATTR)
     }
 
-    fn text(rel: &Path, b: Vec<u8>) -> Result<String, SysrootError> {
+    pub(crate) fn text(rel: &Path, b: Vec<u8>) -> Result<String, SysrootError> {
         match String::from_utf8(b) {
             Ok(s) => Ok(s.trim_end_matches(['\n', '\0']).trim().to_string()),
             Err(e) => Err(SysrootError::Malformed {
@@ -544,6 +597,43 @@ mod tests {
         // A directory that does not exist: every read goes through the root and finds nothing.
         let none = r.subdir("sys/none");
         assert!(none.read_opt("vendor").unwrap().is_none() && none.resolve_link("driver").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_walk_without_openat2_confines_like_openat2() {
+        let d = tempfile::tempdir().unwrap();
+        let x = d.path().join("x");
+        fs::create_dir_all(x.join("sub")).unwrap();
+        fs::write(x.join("sub/file"), b"in").unwrap();
+        fs::write(d.path().join("top"), b"top").unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(x.join("fifo")).status().unwrap().success());
+        let link = |target: &str, name: &str| std::os::unix::fs::symlink(target, x.join(name)).unwrap();
+        link("sub/file", "rel");
+        link("/top", "abs");
+        link("../../../../../../../top", "climb");
+        link("loop", "loop");
+        link("/dev/zero", "zero");
+        link("sub", "dirlink");
+        let r = Sysroot::open(d.path()).unwrap();
+        let read = |rel: &str| -> io::Result<Vec<u8>> {
+            use std::io::Read;
+            let fd = r.open_walk(Path::new(rel), OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC)?;
+            let mut v = Vec::new();
+            fs::File::from(fd).read_to_end(&mut v)?;
+            Ok(v)
+        };
+        assert_eq!(read("x/sub/file").unwrap(), b"in");
+        assert_eq!(read("x/rel").unwrap(), b"in");
+        assert_eq!(read("x/abs").unwrap(), b"top");
+        assert_eq!(read("x/climb").unwrap(), b"top", "'..' stops at the root");
+        assert_eq!(read("x/dirlink/../sub/file").unwrap(), b"in");
+        assert_eq!(read("x/loop").unwrap_err().raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(read("x/zero").unwrap_err().kind(), io::ErrorKind::NotFound, "the root's dev/zero, absent");
+        assert_eq!(read("x/sub/file/more").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        // A FIFO opens at once (O_NONBLOCK) and reads empty: the type check above the walk refuses it.
+        assert!(r.open_walk(Path::new("x/fifo"), OFlags::RDONLY | OFlags::NONBLOCK).is_ok());
+        assert!(r.open_walk(Path::new("x/dirlink"), OFlags::RDONLY | OFlags::DIRECTORY).is_ok());
+        assert!(r.open_walk(Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY).is_ok());
     }
 
     #[test]

@@ -31,7 +31,7 @@ fn a_removed_device_s_regions_die_and_the_others_keep_working() {
     let b = reg.register(bar("0000:04:00.0", 0, 0x1000)).unwrap();
     let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
     let gone: peermem::Bdf = "0000:03:00.0".parse().unwrap();
-    let h0 = reg.hierarchy_of(topo.idx(gone).unwrap());
+    let h0 = reg.hierarchy_of(topo.idx(gone).unwrap()).unwrap();
     let peer_b = reg.peer("0000:04:00.0".parse().unwrap()).unwrap();
     let peer_gone = reg.peer(gone).unwrap();
     assert!(reg.resolve(&a1, peer_b).is_ok());

@@ -202,7 +202,7 @@ fn bus_lookups_are_per_host_bridge_hierarchy() {
     };
     let a = reg.register(bar("0000:03:00.0", 0x123, 0x1001)).unwrap();
     let b = reg.register(bar("0000:81:00.0", 0x123, 0x1001)).unwrap();
-    let h = |bdf: &str| reg.hierarchy_of(topo.idx(bdf.parse().unwrap()).unwrap());
+    let h = |bdf: &str| reg.hierarchy_of(topo.idx(bdf.parse().unwrap()).unwrap()).unwrap();
     let (h0, h80) = (h("0000:03:00.0"), h("0000:81:00.0"));
     assert_ne!(h0, h80);
     let snap = reg.snapshot();
@@ -266,4 +266,31 @@ fn no_lookup_finds_a_region_after_its_unregister_returned() {
     let checks: u64 = readers.into_iter().map(|r| r.join().unwrap().0).sum();
     assert!(checks > 0);
     assert_eq!(reg.len(), 0);
+}
+
+#[test]
+fn handles_of_another_registry_or_topology_are_typed_errors() {
+    let (ta, tb) = (host_fixture(), host_fixture());
+    let (a, b) = (Registry::new(ta.clone()), Registry::new(tb.clone()));
+    let nic = "0000:00:03.0".parse().unwrap();
+    let g = a.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+    // An entry of registry a, resolved by registry b: refused, for every kind of peer.
+    assert_eq!(b.resolve(&g, Peer::Cpu).unwrap_err(), ResolveError::ForeignEntry(g.id()));
+    assert_eq!(b.resolve_uncached(&g, b.peer(nic).unwrap()).unwrap_err(), ResolveError::ForeignEntry(g.id()));
+    // A peer of topology b (same sysroot, another discovery), used with registry a: refused,
+    // not resolved against whatever device has that index in a.
+    let foreign = b.peer(nic).unwrap();
+    let e = a.resolve(&g, foreign).unwrap_err();
+    assert!(matches!(e, ResolveError::ForeignPeer { topology, .. } if topology == tb.id()), "{e}");
+    assert_eq!(a.resolve(&g, a.peer(nic).unwrap()).unwrap().len, 4096);
+    // A device index of topology b given to registry a.
+    let e = a.hierarchy_of(tb.idx(nic).unwrap()).unwrap_err();
+    assert!(matches!(e, RegistryError::ForeignHandle { topology, .. } if topology == tb.id()), "{e}");
+    assert!(a.hierarchy_of(ta.idx(nic).unwrap()).is_ok());
+    // Two registries over one topology share its device indices, but not their entries.
+    let a2 = Registry::new(ta.clone());
+    assert!(a2.resolve(&g, a.peer(nic).unwrap()).is_err());
+    let g2 = a2.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+    assert!(a2.resolve(&g2, a.peer(nic).unwrap()).is_ok());
+    assert_eq!(a.resolve(&g2, Peer::Cpu).unwrap_err(), ResolveError::ForeignEntry(g2.id()));
 }

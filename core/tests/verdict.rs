@@ -292,7 +292,7 @@ fn pair_matrix_matches_per_pair_verdicts_on_every_fixture() {
             continue;
         }
         let t = Topology::discover(e.path()).unwrap();
-        let all: Vec<_> = (0..t.len()).map(peermem::DevIdx::new).collect();
+        let all: Vec<_> = t.indices().collect();
         let m = peermem::PairMatrix::new(&t, all.iter().copied());
         assert_eq!(m.devices(), &all[..]);
         for (i, &p) in all.iter().enumerate() {

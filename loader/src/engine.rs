@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use peermem::mover::{BounceReason, Decision, Plan, Probe, Reach, RouteHealth};
-use peermem::{Backing, Entry, HostRegion, Peer, PeerMemory, Provider, RegionId, Registration, Registry, Side};
+use peermem::{Backing, Bdf, Entry, HostRegion, Peer, PeerMemory, Provider, RegionId, Registration, Registry, Side};
 use peermem_vulkan::{Device, VulkanRegion};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -26,6 +26,10 @@ use crate::error::LoadError;
 use crate::io::{Done, Io, IoReq};
 use crate::options::{Engine, Options, Verify};
 use crate::source::{KernelSource, ALIGN};
+
+mod vfio;
+pub use vfio::NvmeHandle;
+use vfio::NvmeRead;
 
 /// Bytes a route probe into device memory moves (the source's own bytes, read-only).
 const PROBE_LEN: u64 = 64 << 10;
@@ -126,6 +130,8 @@ struct Read {
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
     reads: Vec<Read>,
+    /// Reads of namespaces owned by the VFIO driver.
+    nvme: Vec<NvmeRead>,
 }
 
 impl Batch {
@@ -159,15 +165,43 @@ impl Batch {
         self.reads.last_mut().expect("just pushed").expect = Some(xxh3);
         self
     }
+    /// Adds a read of `len` bytes at byte `offset` of the namespace behind `ns` (through the
+    /// userspace VFIO driver) into `dest` at `dest_offset`.
+    pub fn read_nvme(
+        &mut self,
+        ns: &NvmeHandle,
+        offset: u64,
+        len: u64,
+        dest: impl Into<Dest>,
+        dest_offset: u64,
+    ) -> &mut Self {
+        self.nvme.push(NvmeRead { ns: ns.clone(), offset, len, dest: dest.into(), dest_offset, expect: None });
+        self
+    }
+    /// As `read_nvme`, with the xxh3-64 the bytes must have (checked when verification is on).
+    pub fn read_nvme_expect(
+        &mut self,
+        ns: &NvmeHandle,
+        offset: u64,
+        len: u64,
+        dest: impl Into<Dest>,
+        dest_offset: u64,
+        xxh3: u64,
+    ) -> &mut Self {
+        self.read_nvme(ns, offset, len, dest, dest_offset);
+        self.nvme.last_mut().expect("just pushed").expect = Some(xxh3);
+        self
+    }
+    /// Reads in the batch (file and namespace reads).
     pub fn len(&self) -> usize {
-        self.reads.len()
+        self.reads.len() + self.nvme.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.reads.is_empty()
+        self.reads.is_empty() && self.nvme.is_empty()
     }
     /// Total bytes the batch moves.
     pub fn bytes(&self) -> u64 {
-        self.reads.iter().map(|r| r.len).sum()
+        self.reads.iter().map(|r| r.len).chain(self.nvme.iter().map(|r| r.len)).sum()
     }
 }
 
@@ -219,7 +253,8 @@ pub struct BatchReport {
     pub dests: Vec<DestReport>,
     /// Every fallback taken (engine, fixed buffers, misaligned pieces bounced, buffered files).
     pub fallbacks: Vec<String>,
-    /// xxh3-64 of each read's destination bytes, in batch order (verification on).
+    /// xxh3-64 of each read's destination bytes (verification on): the file reads in batch
+    /// order, then the namespace reads (`Batch::read_nvme`) in batch order.
     pub checksums: Vec<u64>,
     /// `Some(true)` when every check asked for passed (a failed one is an error instead);
     /// `None` when verification was off or nothing could be checked.
@@ -227,6 +262,22 @@ pub struct BatchReport {
 }
 
 impl BatchReport {
+    /// One report for two parts of a batch run one after the other.
+    fn merge(mut self, o: BatchReport) -> BatchReport {
+        self.bytes += o.bytes;
+        self.seconds += o.seconds;
+        if o.engine != self.engine {
+            self.engine = format!("{}; {}", self.engine, o.engine);
+        }
+        self.dests.extend(o.dests);
+        self.fallbacks.extend(o.fallbacks);
+        self.checksums.extend(o.checksums);
+        self.verified = match (self.verified, o.verified) {
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        };
+        self
+    }
     pub fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / self.seconds.max(1e-9) / 1e6
     }
@@ -372,6 +423,7 @@ impl Loader {
             decisions: HashMap::new(),
             health: RouteHealth::new(),
             next_tag: 1,
+            nvme_stage: None,
         };
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let q = queued.clone();
@@ -396,6 +448,13 @@ impl Loader {
     /// Opens a source: a regular file or block device, O_DIRECT when the filesystem allows.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<FileHandle, LoadError> {
         Ok(FileHandle(Arc::new(KernelSource::open(path)?)))
+    }
+
+    /// Takes a controller owned by the userspace VFIO driver as a source: its namespace is read
+    /// with `Batch::read_nvme`, many commands in flight, each aimed at the address the registry
+    /// routes for this controller. `NvmeHandle::into_controller` gives it back.
+    pub fn open_nvme(&self, ctrl: peermem_nvme::Controller) -> Result<NvmeHandle, LoadError> {
+        NvmeHandle::new(ctrl, &self.registry)
     }
 
     /// A destination in device-local GPU memory: reads are staged through `depth` pinned host
@@ -537,6 +596,10 @@ struct Worker {
     decisions: HashMap<(RegionId, Peer), Planned>,
     health: RouteHealth,
     next_tag: u64,
+    /// The registered host buffer namespace reads are staged in (bounces, probes, re-reads),
+    /// kept for the loader's life: the VFIO driver keeps every buffer it was given mapped until
+    /// the controller is closed, so a fresh one per batch would pile up.
+    nvme_stage: Option<vfio::Stage>,
 }
 
 fn reader_peer(reg: &Registry, f: &KernelSource) -> Peer {
@@ -559,7 +622,16 @@ fn cpu_window(reg: &Registry, dest: &Entry) -> Result<Arc<dyn PeerMemory>, LoadE
 impl Worker {
     fn serve(&mut self, rx: Receiver<Job>, queued: &std::sync::atomic::AtomicUsize) {
         while let Ok(Job::Batch(b, slot)) = rx.recv() {
-            let r = self.run_batch(b);
+            // What the batch touches, to name a device that left if the batch fails.
+            let mut sources: Vec<Bdf> = b.reads.iter().filter_map(|r| r.file.0.device()).collect();
+            sources.extend(b.nvme.iter().map(|r| r.ns.bdf()));
+            let dests: Vec<Arc<Entry>> =
+                b.reads.iter().map(|r| &r.dest.entry).chain(b.nvme.iter().map(|r| &r.dest.entry)).cloned().collect();
+            let files: Vec<Arc<KernelSource>> = b.reads.iter().map(|r| r.file.0.clone()).collect();
+            let r = self.run_batch(b).map_err(|e| {
+                let emptied = files.iter().any(|f| f.emptied_block_device());
+                crate::gone::explain_batch(e, &sources, emptied, &dests, &self.registry)
+            });
             if let Err(e) = &r {
                 tracing::debug!(%e, "batch failed");
             }
@@ -607,7 +679,19 @@ impl Worker {
         decision
     }
 
-    fn run_batch(&mut self, batch: Batch) -> Outcome {
+    fn run_batch(&mut self, mut batch: Batch) -> Outcome {
+        if !batch.nvme.is_empty() {
+            // Namespace reads are checked before any read of the batch starts, then run after its
+            // file reads; one report for both.
+            let nvme = std::mem::take(&mut batch.nvme);
+            self.check_nvme(&nvme)?;
+            let files = if batch.reads.is_empty() { None } else { Some(self.run_batch(batch)?) };
+            let ns = self.run_nvme(nvme)?;
+            return Ok(match files {
+                Some(f) => f.merge(ns),
+                None => ns,
+            });
+        }
         self.decisions.retain(|_, p| p.entry.upgrade().is_some_and(|e| e.is_live()));
         let opts = self.opts.clone();
         let chunk = opts.block_chunk();

@@ -8,7 +8,7 @@
 //!
 //! Must not: retry anything, or wait on a load that succeeded.
 
-use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peermem::{Bdf, Entry, Provider, Registry, ResolveError};
@@ -21,9 +21,14 @@ use crate::error::LoadError;
 pub(crate) const SETTLE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
 
-/// Whether `bdf` has left the machine: the registry marked it, or its sysfs directory is gone.
+/// Whether `bdf` has left the machine: the registry marked it, or its sysfs directory under the
+/// registry's own root (not necessarily `/`: a registry may read a captured sysroot) is gone.
 fn gone(reg: &Registry, bdf: Bdf) -> bool {
-    reg.is_device_gone(bdf) || !Path::new("/sys/bus/pci/devices").join(bdf.to_string()).exists()
+    if reg.is_device_gone(bdf) {
+        return true;
+    }
+    let topo = reg.topology();
+    topo.idx(bdf).is_ok_and(|d| !topo.root().join(&topo.device(d).sysfs_dir).is_dir())
 }
 
 /// Whether `e` is what a removal looks like from the inside (so waiting for one is worth it).
@@ -50,10 +55,36 @@ pub(crate) fn explain(
     dest: &Entry,
     reg: &Registry,
 ) -> LoadError {
-    let dest_dev = match dest.provider() {
+    let candidates: Vec<(Bdf, &'static str)> =
+        [(source, "source"), (pci_of(dest), "destination")].into_iter().filter_map(|(b, r)| Some((b?, r))).collect();
+    explain_among(e, &candidates, source_emptied, reg)
+}
+
+/// Like `explain`, for a batch of the asynchronous loader: any of its sources (the devices that
+/// read the files, the VFIO-owned controllers) or destinations may be the one that left.
+/// `source_emptied`: one of its kernel sources is a block device that now reads as empty.
+pub(crate) fn explain_batch(
+    e: LoadError,
+    sources: &[Bdf],
+    source_emptied: bool,
+    dests: &[Arc<Entry>],
+    reg: &Registry,
+) -> LoadError {
+    let mut candidates: Vec<(Bdf, &'static str)> = sources.iter().map(|b| (*b, "source")).collect();
+    candidates.extend(dests.iter().filter_map(|d| Some((pci_of(d)?, "destination"))));
+    candidates.sort();
+    candidates.dedup();
+    explain_among(e, &candidates, source_emptied, reg)
+}
+
+fn pci_of(dest: &Entry) -> Option<Bdf> {
+    match dest.provider() {
         Provider::Pci(b) => Some(b),
         Provider::Host { .. } => None,
-    };
+    }
+}
+
+fn explain_among(e: LoadError, candidates: &[(Bdf, &'static str)], source_emptied: bool, reg: &Registry) -> LoadError {
     // The registry already knows: the resolve said so.
     match &e {
         LoadError::Resolve(ResolveError::DeviceGone { bdf, .. }) => {
@@ -70,8 +101,6 @@ pub(crate) fn explain(
         LoadError::DeviceGone { .. } => return e,
         _ => {}
     }
-    let candidates: Vec<(Bdf, &'static str)> =
-        [(source, "source"), (dest_dev, "destination")].into_iter().filter_map(|(b, r)| Some((b?, r))).collect();
     if candidates.is_empty() {
         return e;
     }
@@ -84,5 +113,45 @@ pub(crate) fn explain(
             return e;
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peermem::Topology;
+    use std::path::Path;
+
+    fn registry() -> Registry {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+        Registry::new(Arc::new(Topology::discover(root).unwrap()))
+    }
+
+    fn eio() -> LoadError {
+        LoadError::Io { path: "/dev/nvme0n1".into(), source: std::io::Error::from_raw_os_error(libc::EIO) }
+    }
+
+    #[test]
+    fn a_batch_error_names_the_device_the_registry_marked_gone() {
+        let reg = registry();
+        let bdf: Bdf = "0000:03:00.0".parse().unwrap();
+        reg.device_gone(bdf);
+        match explain_batch(eio(), &[bdf], false, &[], &reg) {
+            LoadError::DeviceGone { bdf: b, role: "source", cause } => {
+                assert_eq!(b, bdf);
+                assert!(matches!(*cause, LoadError::Io { .. }));
+            }
+            e => panic!("expected DeviceGone, got {e:?}"),
+        }
+    }
+
+    #[test]
+    fn presence_is_judged_under_the_registry_root_not_the_host_sysfs() {
+        // The fixture's devices are not on this machine, but they are in the registry's root:
+        // a failure that is no removal symptom stays what it was, at once.
+        let reg = registry();
+        let bdf: Bdf = "0000:03:00.0".parse().unwrap();
+        let e = LoadError::BadRange { start: 0, end: 1, len: 0 };
+        assert!(matches!(explain_batch(e, &[bdf], false, &[], &reg), LoadError::BadRange { .. }));
     }
 }

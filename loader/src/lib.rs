@@ -24,7 +24,7 @@ pub mod source;
 mod sys;
 
 pub use checksum::Checksum;
-pub use engine::{Batch, BatchReport, Dest, DestReport, FileHandle, Loader, Ticket, Via};
+pub use engine::{Batch, BatchReport, Dest, DestReport, FileHandle, Loader, NvmeHandle, Ticket, Via};
 pub use error::LoadError;
 pub use load::load;
 pub use options::{Engine, Options, Verify};

@@ -67,13 +67,8 @@ pub fn load(
 /// Whether the source is a block device that now reads as empty (a removed namespace's
 /// capacity drops to 0).
 fn source_emptied(source: &Source<'_>) -> bool {
-    use std::io::{Seek, SeekFrom};
-    use std::os::unix::fs::FileTypeExt;
     match source {
-        Source::Kernel(k) => {
-            k.file.metadata().is_ok_and(|m| m.file_type().is_block_device())
-                && (&k.file).seek(SeekFrom::End(0)).is_ok_and(|n| n == 0)
-        }
+        Source::Kernel(k) => k.emptied_block_device(),
         Source::Vfio(_) => false,
     }
 }

@@ -94,6 +94,14 @@ impl KernelSource {
     pub fn is_direct(&self) -> bool {
         self.direct
     }
+
+    /// Whether this is a block device that now reads as empty (what a namespace whose
+    /// controller was removed looks like from the inside).
+    pub(crate) fn emptied_block_device(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.file.metadata().is_ok_and(|m| m.file_type().is_block_device())
+            && (&self.file).seek(SeekFrom::End(0)).is_ok_and(|n| n == 0)
+    }
 }
 
 /// The last PCI function on the sysfs path of block device MAJ:MIN (a partition's controller too).

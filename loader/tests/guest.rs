@@ -272,3 +272,165 @@ fn shard_reader_reads_namespace_records_into_a_host_ring() {
     seen.sort_unstable();
     assert_eq!(seen, (0..N as usize).collect::<Vec<_>>());
 }
+
+/// The asynchronous `Loader` reading a namespace through the userspace VFIO driver: one batch of
+/// ranges, block aligned and not, into host memory, the ivshmem "GPU" BAR and a switch peer's
+/// p2pmem (when the controller has one). Direct parts are read commands aimed at the routed
+/// address with many in flight; unaligned parts (and destinations the route bounces) are staged.
+/// Every byte is compared, the expected xxh3 and a second read of the namespace are checked, and
+/// a strict loader refuses the unaligned read by name.
+#[test]
+fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
+    use peermem::RouteKind as K;
+    use peermem_loader::{Batch, Dest, LoadError, Loader, Options, Verify, Via};
+    const LEN: u64 = 4 << 20;
+    const AT: u64 = 144 << 20;
+    const SHM_AT: u64 = 208 << 20;
+    let topo = live();
+    let topology = std::env::var("PEERMEM_TOPOLOGY").unwrap_or_default();
+    let nvmes = nvme_controllers(&topo);
+    let (x, y) = vfio_candidate(&topo, &nvmes);
+    let expect = write_known(&topo, x, AT, LEN, 19);
+    let reg = Registry::new(topo.clone());
+    let binding = Binding::to_vfio(x).unwrap();
+    let ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let peer = reg.peer(x).unwrap();
+    let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![("host", Arc::new(HostRegion::new(LEN).unwrap()))];
+    if let Some(shm) = ivshmem(&topo) {
+        dests.push(("ivshmem BAR2", Arc::new(BarRegion { bdf: shm, bar: 2, offset: SHM_AT, len: LEN })));
+    }
+    if let Some(y) = y {
+        dests.push(("p2pmem switch peer", Arc::new(P2pmemRegion::allocate(&topo, y, LEN).unwrap())));
+    }
+    // TCG on a loaded host: a generous bound on each wait.
+    let timeout = std::time::Duration::from_secs(600);
+    let opts = Options { verify: Verify::Reread, chunk: 128 << 10, depth: 32, timeout, ..Default::default() };
+    let loader = Loader::new(&reg, opts).unwrap();
+    let ns = loader.open_nvme(ctrl).unwrap();
+    let guards: Vec<_> = dests.iter().map(|(_, r)| reg.register(r.clone()).unwrap()).collect();
+    let half = LEN as usize / 2;
+    let mut b = Batch::new();
+    for g in &guards {
+        b.read_nvme_expect(&ns, AT, LEN / 2, Dest::region(g), 0, xxhash_rust::xxh3::xxh3_64(&expect[..half]));
+        b.read_nvme(&ns, AT + LEN / 2 + 5, LEN / 2 - 5, Dest::region(g), LEN / 2 + 5);
+    }
+    let t0 = std::time::Instant::now();
+    let r = loader.run(b).unwrap();
+    println!(
+        "{topology}: {x} (VFIO, async) -> {} destinations, peak {} commands in flight, {:.1} s with probes and \
+         verification:\n{r}",
+        dests.len(),
+        ns.peak_in_flight(),
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(r.verified, Some(true), "{r}");
+    assert_eq!(r.checksums.len(), 2 * dests.len());
+    assert!(r.engine.contains("VFIO"), "{}", r.engine);
+    assert!(ns.peak_in_flight() > 1, "a batch must keep several commands in flight");
+    for ((name, region), d) in dests.iter().zip(&r.dests) {
+        let mut want = expect.clone();
+        let got = read_dest(&topo, region, 0, LEN);
+        want[half..half + 5].copy_from_slice(&got[half..half + 5]);
+        assert!(got == want, "{name}: bytes differ");
+        let kind = reg.resolve(&guards[dests.iter().position(|(n, _)| n == name).unwrap()], peer).unwrap().kind;
+        match kind {
+            K::Bounce(_) => assert_eq!(d.via, Via::Bounce, "{name}: {d:?}"),
+            K::BusAddr(_) | K::CpuMapped(_) => {
+                assert_eq!(d.via, Via::Direct, "{name}: {d:?}");
+                assert!(d.bytes_direct >= LEN / 2, "{name}: {d:?}");
+            }
+            _ => {}
+        }
+        assert!(d.reasons.iter().any(|s| s.starts_with("plan:")), "{name}: {:?}", d.reasons);
+        if *name == "ivshmem BAR2" {
+            if let Some(back) = ivshmem_file(SHM_AT, LEN) {
+                assert!(back[..half] == expect[..half], "the host's ivshmem file does not hold the loaded range");
+            }
+        }
+    }
+    assert!(r.fallbacks.iter().any(|f| f.contains("not block aligned")), "{:?}", r.fallbacks);
+
+    // Bad input: typed errors before any command is built.
+    let bad = |offset: u64, len: u64, doff: u64| {
+        let mut b = Batch::new();
+        b.read_nvme(&ns, offset, len, Dest::region(&guards[0]), doff);
+        loader.run(b).unwrap_err()
+    };
+    let issued = ns.peak_in_flight();
+    assert!(matches!(bad(ns.len() - 4096, 8192, 0), LoadError::BadRange { .. }));
+    assert!(matches!(bad(AT, 0, 0), LoadError::BadRange { .. }));
+    assert!(matches!(bad(AT, 4096, LEN - 100), LoadError::TooSmall { .. }));
+    assert!(matches!(bad(u64::MAX - 10, 4096, 0), LoadError::BadRange { .. }));
+    assert_eq!(ns.peak_in_flight(), issued);
+
+    let strict = Loader::new(&reg, Options { strict: true, ..Default::default() }).unwrap();
+    let mut b = Batch::new();
+    b.read_nvme(&ns, AT + 5, 4096, Dest::region(&guards[0]), 0);
+    let e = strict.run(b).unwrap_err();
+    assert!(matches!(e, LoadError::NotDirect { .. }), "{e:?}");
+    drop((strict, loader, guards));
+    drop(ns.into_controller().expect("no batch holds the namespace any more"));
+    binding.restore().unwrap();
+    wait_for_nvme_driver(x);
+}
+
+/// A batch whose commands outlive the loader's timeout (1 us) ends with the driver's typed
+/// timeout after the controller was disabled (no buffer is released while it may still write);
+/// the namespace handle then serves a loader with a sane timeout, whose batch re-creates the
+/// queues and delivers the right bytes.
+#[test]
+fn vfio_timeout_ends_an_async_batch_with_a_typed_error_after_a_quiesce() {
+    use peermem_loader::{Batch, Dest, LoadError, Loader, Options};
+    use peermem_nvme::NvmeError;
+    use std::time::Duration;
+    const LEN: u64 = 8 << 20;
+    const AT: u64 = 176 << 20;
+    const REC: u64 = 128 << 10;
+    let topo = live();
+    let nvmes = nvme_controllers(&topo);
+    let (x, _) = vfio_candidate(&topo, &nvmes);
+    let expect = write_known(&topo, x, AT, LEN, 23);
+    let reg = Registry::new(topo.clone());
+    let binding = Binding::to_vfio(x).unwrap();
+    let ns =
+        Loader::new(&reg, Options::default()).unwrap().open_nvme(Controller::open(&binding, &reg, 1).unwrap()).unwrap();
+    let host = Arc::new(HostRegion::new(LEN).unwrap());
+    let g = reg.register(host.clone() as Arc<dyn PeerMemory>).unwrap();
+    let batch = |ns: &peermem_loader::NvmeHandle| {
+        let mut b = Batch::new();
+        // Records in reverse order: one command each.
+        for i in (0..LEN / REC).rev() {
+            b.read_nvme(ns, AT + i * REC, REC, Dest::region(&g), i * REC);
+        }
+        b
+    };
+    // Under TCG a full queue's completions are often all posted before the first reap: lower
+    // depths are tried too.
+    let mut err = None;
+    for depth in [63, 16, 4, 2].into_iter().flat_map(|d| std::iter::repeat_n(d, 5)) {
+        let fast =
+            Loader::new(&reg, Options { timeout: Duration::from_micros(1), depth, ..Default::default() }).unwrap();
+        let mut t = fast.submit(batch(&ns)).unwrap();
+        let r = t.wait_timeout(Duration::from_secs(300)).expect("the batch ends within the test's bound");
+        drop(fast);
+        if let Err(e) = r {
+            println!("{x}: depth {depth}: {e}");
+            err = Some(e);
+            break;
+        }
+    }
+    let e = err.expect("every batch finished within 1 us per completion: no timeout to test");
+    assert!(matches!(e, LoadError::Nvme(NvmeError::Timeout { .. } | NvmeError::Fatal)), "{e:?}");
+    assert!(ns.needs_reinit(), "a timeout with commands in flight must disable the controller");
+
+    host.write_at(0, &vec![0x5a; LEN as usize]).unwrap();
+    let loader = Loader::new(&reg, Options::default()).unwrap();
+    let r = loader.run(batch(&ns)).unwrap();
+    println!("{x}: after the quiesce:\n{r}");
+    assert!(!ns.needs_reinit());
+    assert!(read_dest(&topo, &(host.clone() as Arc<dyn PeerMemory>), 0, LEN) == expect, "bytes after the re-init");
+    drop((loader, g));
+    drop(ns.into_controller().expect("no loader holds the namespace any more"));
+    binding.restore().unwrap();
+    wait_for_nvme_driver(x);
+}

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use peermem::hotplug::Watcher;
 use peermem::{BarRegion, Bdf, HostRegion, Peer, Registry, RegistryError, ResolveError};
-use peermem_loader::{load, Checksum, KernelSource, LoadError, LoadOptions, Source};
+use peermem_loader::{load, Batch, Checksum, Dest, KernelSource, LoadError, LoadOptions, Loader, Options, Source};
 use peermem_nvme::{Binding, Controller, P2pmemRegion};
 
 #[path = "../../backends/nvme/tests/common/mod.rs"]
@@ -121,7 +121,7 @@ fn kernel_load_p2pmem_and_bar_regions_die_with_their_device_and_come_back() {
     let host = reg.register(Arc::new(HostRegion::new(LOAD_LEN).unwrap())).unwrap();
     let (peer_a, peer_b) = (reg.peer(a).unwrap(), reg.peer(b).unwrap());
     let va_a = pa.cpu_range().expect("p2pmem is mapped").start();
-    let h = reg.hierarchy_of(topo.idx(shm).unwrap());
+    let h = reg.hierarchy_of(topo.idx(shm).unwrap()).unwrap();
     let bar_bus = bar.bus_addr().expect("the BAR's bus address");
     assert!(reg.snapshot().lookup_va(va_a).is_some());
     assert!(reg.resolve(&bar, peer_a).is_ok());
@@ -207,4 +207,71 @@ fn vfio_load_from_a_removed_nvme_ends_with_device_gone() {
     qemu(&["add", NVME_A]);
     wait_for_nvme_driver(a);
     wait_for("A is back in the registry", || !reg.is_device_gone(a));
+}
+
+/// The asynchronous `Loader` (io_uring or its thread pool, through the kernel's NVMe driver):
+/// batches from the NVMe QEMU unplugs end with `DeviceGone` naming it as the source, within the
+/// bounded wait; a loader reading the other NVMe keeps working; plugged back, A loads again.
+#[test]
+fn async_loader_batch_from_a_removed_nvme_ends_with_device_gone() {
+    let a = hot_a();
+    let topo = live();
+    let reg = Registry::new(topo.clone());
+    let _watch = Watcher::spawn(reg.clone(), "/").unwrap();
+    let b = by_serial("KEEP-B").expect("the NVMe KEEP-B");
+    let expect_b = write_known(&topo, b, 0, 4 << 20, 5);
+    let path_a = KernelSource::namespace(&topo, a).unwrap().path().to_path_buf();
+    let host = reg.register(Arc::new(HostRegion::new(LOAD_LEN).unwrap())).unwrap();
+    let opts = Options { chunk: 256 << 10, depth: 4, timeout: LIMIT, ..Options::default() };
+
+    let (tx, rx) = mpsc::channel();
+    let (r2, o2, dest) = (reg.clone(), opts.clone(), Dest::region(&host));
+    std::thread::spawn(move || {
+        let loader = Loader::new(&r2, o2).unwrap();
+        let file = loader.open(&path_a).unwrap();
+        let start = Instant::now();
+        let mut n = 0usize;
+        let r = loop {
+            if start.elapsed() > LIMIT {
+                break Ok(n);
+            }
+            let mut batch = Batch::new();
+            for i in 0..8u64 {
+                let part = LOAD_LEN / 8;
+                batch.read(&file, i * part, part, &dest, i * part);
+            }
+            match loader.submit(batch).and_then(|t| t.wait()) {
+                Ok(_) => n += 1,
+                Err(e) => break Err(e),
+            }
+        };
+        drop((file, loader));
+        let _ = tx.send((r, Instant::now()));
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = Instant::now();
+    unplug("nvA");
+    let (r, ended) = rx.recv_timeout(LIMIT * 2).expect("the asynchronous loader's batch did not end");
+    let e = r.expect_err("batches from a removed NVMe must fail");
+    println!("async batch from {a}: {e} ({:.1} s after device_del)", ended.duration_since(asked).as_secs_f64());
+    assert!(matches!(&e, LoadError::DeviceGone { bdf, role: "source", .. } if *bdf == a), "{e:?}");
+
+    // The other NVMe, through another asynchronous loader of the same registry: intact bytes.
+    let pb = reg.register(Arc::new(P2pmemRegion::allocate(&topo, b, 4 << 20).unwrap())).unwrap();
+    let loader = Loader::new(&reg, opts.clone()).unwrap();
+    let fb = loader.open(KernelSource::namespace(&topo, b).unwrap().path()).unwrap();
+    loader.read(&fb, 0, 4 << 20, &pb, 0).unwrap();
+    let mut got = vec![0u8; 4 << 20];
+    pb.region().read_at(0, &mut got).unwrap();
+    assert_eq!(Checksum::of(&got), Checksum::of(&expect_b), "the other NVMe keeps working");
+
+    qemu(&["add", NVME_A]);
+    let now = wait_for_nvme_driver(a);
+    wait_for("A is back in the registry", || !reg.is_device_gone(a));
+    let expect_a = write_known(&now, a, 0, 4 << 20, 11);
+    let fa = loader.open(KernelSource::namespace(&now, a).unwrap().path()).unwrap();
+    loader.read(&fa, 0, 4 << 20, &host, 0).unwrap();
+    let mut got = vec![0u8; 4 << 20];
+    host.region().read_at(0, &mut got).unwrap();
+    assert_eq!(Checksum::of(&got), Checksum::of(&expect_a), "A loads again through the loader after the re-plug");
 }

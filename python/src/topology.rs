@@ -151,9 +151,8 @@ impl Topology {
     #[getter]
     fn devices(&self) -> Vec<Device> {
         let t = self.topo();
-        t.devices()
-            .iter()
-            .enumerate()
+        t.indices()
+            .map(|i| (i, t.device(i)))
             .map(|(i, d)| Device {
                 bdf: bdf_str(d.bdf),
                 vendor: d.vendor,
@@ -161,7 +160,7 @@ impl Topology {
                 class_code: d.class,
                 vendor_name: self.names.vendor(d.vendor).map(str::to_string),
                 device_name: self.names.device(d.vendor, d.device).map(str::to_string),
-                label: Some(self.labels.label(peermem::DevIdx::new(i)).to_string()),
+                label: Some(self.labels.label(i).to_string()),
                 numa_node: d.numa_node,
                 upstream: t.idx(d.bdf).ok().and_then(|i| t.upstream(i)).map(|u| bdf_str(t.device(u).bdf)),
                 host_bridge: d.host_bridge.clone(),

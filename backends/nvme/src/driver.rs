@@ -30,6 +30,12 @@ const ADMIN_DEPTH: u16 = 32;
 pub const IO_DEPTH: u16 = 64;
 /// Largest transfer per command this driver builds (one PRP list page: 512 entries).
 const MAX_XFER: u64 = 512 * PAGE;
+/// How long a wait for a completion spins before it naps between looks: a controller on real
+/// hardware answers within it. Past it (a long transfer, or an emulated controller whose model
+/// runs on the same host cores as the polling vCPU) a nap gives the CPU back to whatever is
+/// producing the completion.
+const SPIN: Duration = Duration::from_micros(100);
+const NAP: Duration = Duration::from_micros(20);
 
 /// A completion status that is not success: status code type and status code, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -615,7 +621,11 @@ impl Controller {
                     }
                     return Err(NvmeError::Timeout { what: what.to_string(), waited: self.timeout });
                 }
-                std::thread::yield_now();
+                if start.elapsed() > SPIN {
+                    std::thread::sleep(NAP);
+                } else {
+                    std::thread::yield_now();
+                }
             } else {
                 std::hint::spin_loop();
             }
@@ -751,21 +761,24 @@ impl Controller {
         if len <= first_chunk {
             return Ok((first, None));
         }
-        let mut entries = Vec::new();
-        let mut o = first_chunk;
-        while o < len {
-            let a = self.dma_at(t, off + o)?;
-            if a.device_bits() % PAGE != 0 {
-                return Err(bad(off + o, format!("page address {a} is not page aligned")));
+        let offsets: Vec<u64> = (first_chunk..len).step_by(PAGE as usize).map(|o| off + o).collect();
+        if offsets.len() > (PAGE / 8) as usize {
+            return Err(bad(off, format!("{} PRP entries do not fit one list page", offsets.len())));
+        }
+        let entries = match t {
+            // Host pages: every page's address in one lookup (no-IOMMU: one pagemap read).
+            Target::Host(va) => {
+                let addr = |source| NvmeError::Vfio(VfioError::Addr { what: "transfer", source });
+                let vas = offsets.iter().map(|&o| va.checked_add(o).map_err(addr)).collect::<Result<Vec<_>, _>>()?;
+                self.vfio.dma_addresses(&vas)?
             }
-            entries.push(a);
-            o += PAGE;
+            Target::Linear(_) => offsets.iter().map(|&o| self.dma_at(t, o)).collect::<Result<Vec<_>, _>>()?,
+        };
+        if let Some((o, a)) = offsets.iter().zip(&entries).find(|(_, a)| a.device_bits() % PAGE != 0) {
+            return Err(bad(*o, format!("page address {a} is not page aligned")));
         }
         if entries.len() == 1 {
             return Ok((first, Some(entries[0])));
-        }
-        if entries.len() > (PAGE / 8) as usize {
-            return Err(bad(off, format!("{} PRP entries do not fit one list page", entries.len())));
         }
         let list_off = POOL_PRP + cid as u64 * PAGE;
         let bytes: Vec<u8> = entries.iter().flat_map(|&e| prp_entry(Some(e))).collect();
@@ -793,6 +806,19 @@ impl Controller {
     /// (nothing is submitted if one is bad), then all of them run with up to the queue's depth
     /// of commands in flight, in whatever order the controller completes them.
     pub fn transfer_batch(&mut self, reg: &Registry, dir: Dir, entry: &Entry, ios: &[Io]) -> Result<(), NvmeError> {
+        self.transfer_batch_depth(reg, dir, entry, ios, IO_DEPTH as usize - 1)
+    }
+
+    /// Like `transfer_batch`, with at most `qd` commands in flight (clamped to 1 ..= the queue's
+    /// depth - 1).
+    pub fn transfer_batch_depth(
+        &mut self,
+        reg: &Registry,
+        dir: Dir,
+        entry: &Entry,
+        ios: &[Io],
+        qd: usize,
+    ) -> Result<(), NvmeError> {
         let ns = self.namespace();
         for io in ios {
             let bad =
@@ -824,7 +850,7 @@ impl Controller {
                 done += n;
             }
         }
-        self.run_io(dir, &target, entry.region(), &cmds, IO_DEPTH as usize - 1)
+        self.run_io(dir, &target, entry.region(), &cmds, qd.clamp(1, IO_DEPTH as usize - 1))
     }
 
     /// Submits `count` random 4 KiB-block reads at queue depth `qd` into `entry` (for benches):

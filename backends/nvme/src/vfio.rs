@@ -461,4 +461,20 @@ impl Vfio {
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }
     }
+
+    /// `dma_address` of each of `vas` (all inside one mapping), with one pagemap read in
+    /// no-IOMMU mode (at most `peermem::sys::PAGEMAP_SPAN` pages apart).
+    pub fn dma_addresses(&self, vas: &[VirtAddr]) -> Result<Vec<DmaAddr>, VfioError> {
+        let Some(&first) = vas.first() else { return Ok(Vec::new()) };
+        let m = self.mapping_of(first)?;
+        if let Some(&va) = vas.iter().find(|&&v| !m.contains(v, 1)) {
+            return Err(VfioError::NoDmaAddress { va, why: "not in the mapping of the transfer's first page".into() });
+        }
+        match m.iova {
+            Some(_) => vas.iter().map(|&va| self.dma_address(va)).collect(),
+            None => peermem::sys::virt_to_phys_many(vas)
+                .map(|p| p.into_iter().map(DmaAddr::Phys).collect())
+                .map_err(|e| VfioError::NoDmaAddress { va: first, why: e.to_string() }),
+        }
+    }
 }

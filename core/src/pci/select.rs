@@ -124,6 +124,7 @@ impl Selection {
 /// The label of every function of one topology.
 #[derive(Debug, Clone)]
 pub struct Labels {
+    topo: u32,
     labels: Vec<String>,
     kinds: Vec<Option<EndpointKind>>,
 }
@@ -142,7 +143,7 @@ impl Labels {
             *n += 1;
             kinds.push(kind);
         }
-        Labels { labels, kinds }
+        Labels { topo: t.id(), labels, kinds }
     }
 
     pub fn label(&self, i: DevIdx) -> &str {
@@ -155,11 +156,11 @@ impl Labels {
 
     /// The device with this label (case-insensitive).
     pub fn find(&self, label: &str) -> Option<DevIdx> {
-        self.labels.iter().position(|l| l.eq_ignore_ascii_case(label)).map(|i| DevIdx(i as u32))
+        self.labels.iter().position(|l| l.eq_ignore_ascii_case(label)).map(|i| DevIdx::of(self.topo, i))
     }
 
     /// The functions `sel` admits, in PCI bus order.
     pub fn select(&self, sel: &Selection) -> Vec<DevIdx> {
-        (0..self.labels.len()).filter(|&i| sel.admits(self.kinds[i])).map(|i| DevIdx(i as u32)).collect()
+        (0..self.labels.len()).filter(|&i| sel.admits(self.kinds[i])).map(|i| DevIdx::of(self.topo, i)).collect()
     }
 }

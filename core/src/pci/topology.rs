@@ -18,19 +18,30 @@ use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_
 /// IOMMU group, p2pmem pool and SR-IOV physical function of one device.
 type Extras = (Option<IommuGroup>, Option<P2pmem>, Option<DevIdx>);
 
-/// Dense index of a device in one `Topology`.
+/// Dense index of a device in one `Topology`, tagged with that topology: a registry refuses an
+/// index that another topology handed out (get one from `Topology::idx` or `Topology::indices`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct DevIdx(pub(crate) u32);
+pub struct DevIdx {
+    topo: u32,
+    i: u32,
+}
 
 impl DevIdx {
-    /// The index of the `i`-th device of a topology (in `devices()` order).
-    pub fn new(i: usize) -> DevIdx {
-        DevIdx(i as u32)
+    pub(crate) fn of(topo: u32, i: usize) -> DevIdx {
+        DevIdx { topo, i: i as u32 }
     }
+    /// The position of the device in its topology's `devices()`.
     pub fn get(self) -> usize {
-        self.0 as usize
+        self.i as usize
+    }
+    /// The id of the topology this index belongs to (see `Topology::id`).
+    pub fn topology_id(self) -> u32 {
+        self.topo
     }
 }
+
+/// Ids of topologies (never reused within a process).
+static NEXT_TOPOLOGY: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -222,6 +233,7 @@ pub struct HostBridge {
 /// The PCI topology of one sysroot.
 #[derive(Debug)]
 pub struct Topology {
+    id: u32,
     root: PathBuf,
     pub platform: Platform,
     devices: Vec<PciDevice>,
@@ -241,7 +253,7 @@ const RES_UNSET: u64 = 0x2000_0000;
 /// The class directories whose devices are attached to PCI functions.
 pub const CLASSES: &[&str] = &["nvme", "infiniband", "net", "drm"];
 
-fn parse_link_speed(rel: &Path, s: &str) -> Result<Option<f64>, SysrootError> {
+pub(crate) fn parse_link_speed(rel: &Path, s: &str) -> Result<Option<f64>, SysrootError> {
     // Kernels before 5.2 write "Unknown speed"; later ones "Unknown".
     if s == "Unknown" || s == "Unknown speed" || s.is_empty() {
         return Ok(None);
@@ -254,7 +266,7 @@ fn parse_link_speed(rel: &Path, s: &str) -> Result<Option<f64>, SysrootError> {
     }
 }
 
-fn parse_resource(rel: &Path, text: &str) -> Result<Vec<(u64, u64, u64)>, SysrootError> {
+pub(crate) fn parse_resource(rel: &Path, text: &str) -> Result<Vec<(u64, u64, u64)>, SysrootError> {
     let mut out = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -269,7 +281,7 @@ fn parse_resource(rel: &Path, text: &str) -> Result<Vec<(u64, u64, u64)>, Sysroo
     Ok(out)
 }
 
-fn is_host_bridge_dir(name: &str) -> bool {
+pub(crate) fn is_host_bridge_dir(name: &str) -> bool {
     // pci<domain>:<bus>, e.g. pci0000:00 or pci10000:e0
     name.strip_prefix("pci").and_then(|r| r.split_once(':')).is_some_and(|(d, b)| {
         (4..=8).contains(&d.len())
@@ -466,7 +478,11 @@ fn id_attr(
     }
 }
 
-fn parse_bars(res_rel: &Path, res: &[(u64, u64, u64)], config: &ConfigInfo) -> Result<Vec<Bar>, TopologyError> {
+pub(crate) fn parse_bars(
+    res_rel: &Path,
+    res: &[(u64, u64, u64)],
+    config: &ConfigInfo,
+) -> Result<Vec<Bar>, TopologyError> {
     let mut bars = Vec::new();
     for (i, &(start, end, flags)) in res.iter().take(6).enumerate() {
         if start == 0 && end == 0 {
@@ -510,16 +526,18 @@ impl Topology {
         let sys = Sysroot::open(root.as_ref())?;
         let mut platform = Platform::read(&sys)?;
         let Enumeration { raws, mut warnings } = enumerate(&sys)?;
-        let index: HashMap<Bdf, DevIdx> = raws.iter().enumerate().map(|(i, r)| (r.bdf, DevIdx(i as u32))).collect();
+        let id = NEXT_TOPOLOGY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let index: HashMap<Bdf, DevIdx> = raws.iter().enumerate().map(|(i, r)| (r.bdf, DevIdx::of(id, i))).collect();
         let mut devices = Self::read_devices(&sys, &raws, &index)?;
+        Self::check_upstream_walks(&devices)?;
         Self::attach_class_devices(&sys, &mut devices, &index)?;
-        let host_bridges = Self::host_bridges_of(&raws, &devices);
+        let host_bridges = Self::host_bridges_of(id, &raws, &devices);
         platform.add_pci_virt_signals(devices.iter().map(|d| d.vendor));
         warnings.extend(platform.unknown_notes());
         if let Some(dt) = &platform.device_tree {
             warnings.extend(crate::platform::check_dt_ranges(dt, &devices));
         }
-        Ok(Topology { root: sys.root().to_path_buf(), platform, devices, index, host_bridges, warnings })
+        Ok(Topology { id, root: sys.root().to_path_buf(), platform, devices, index, host_bridges, warnings })
     }
 
     /// Reads every device's attributes. Reading is syscall-bound, so large trees are read by a
@@ -554,6 +572,26 @@ impl Topology {
         Ok(devices)
     }
 
+    /// Refuses a tree whose upstream walk (`upstream`: the parent, or the parent of the SR-IOV
+    /// `physfn`) would not end: a `physfn` link to the device itself, to one of its descendants,
+    /// or to a function whose own walk leads back. The error names the first `physfn` link met.
+    fn check_upstream_walks(devices: &[PciDevice]) -> Result<(), TopologyError> {
+        let next = |c: &PciDevice| c.physfn.map_or(c, |p| &devices[p.get()]).parent.map(|p| &devices[p.get()]);
+        for d in devices {
+            // A walk that ends visits each device at most once.
+            let walk = std::iter::successors(Some(d), |c| next(c)).take(devices.len() + 1);
+            if walk.clone().count() > devices.len() {
+                let culprit = walk.clone().find(|c| c.physfn.is_some()).unwrap_or(d);
+                let pf = culprit.physfn.map(|p| devices[p.get()].bdf.to_string()).unwrap_or_default();
+                return Err(TopologyError::Layout {
+                    path: culprit.sysfs_dir.join("physfn"),
+                    why: format!("points to {pf}, whose upstream walk leads back to {}: refusing a cycle", culprit.bdf),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Class devices (nvme0, eth0, ...) onto their PCI function.
     fn attach_class_devices(
         sys: &Sysroot,
@@ -580,7 +618,7 @@ impl Topology {
     }
 
     /// Host bridges, their root buses and the device `pci_host_bridge_dev()` would return.
-    fn host_bridges_of(raws: &[RawDev], devices: &[PciDevice]) -> Vec<HostBridge> {
+    fn host_bridges_of(id: u32, raws: &[RawDev], devices: &[PciDevice]) -> Vec<HostBridge> {
         let mut host_bridges: Vec<HostBridge> = Vec::new();
         for (i, r) in raws.iter().enumerate() {
             if !host_bridges.iter().any(|h| h.name == r.host_bridge) {
@@ -593,7 +631,7 @@ impl Topology {
             }
             if r.parent_bdf.is_none() {
                 let hb = host_bridges.iter_mut().find(|h| h.name == r.host_bridge).expect("inserted above");
-                hb.root_bus.push(DevIdx(i as u32));
+                hb.root_bus.push(DevIdx::of(id, i));
             }
         }
         for hb in &mut host_bridges {
@@ -797,6 +835,18 @@ impl Topology {
         })
     }
 
+    /// This topology's id (unique within the process): every `DevIdx` it hands out carries it.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+    /// Whether `i` is an index of this topology.
+    pub fn owns(&self, i: DevIdx) -> bool {
+        i.topo == self.id && i.get() < self.devices.len()
+    }
+    /// The index of every device, in `devices()` order.
+    pub fn indices(&self) -> impl Iterator<Item = DevIdx> + '_ {
+        (0..self.devices.len()).map(|i| DevIdx::of(self.id, i))
+    }
     /// The sysroot this topology was read from.
     pub fn root(&self) -> &Path {
         &self.root
@@ -850,7 +900,7 @@ impl Topology {
             .iter()
             .enumerate()
             .filter(|(_, d)| !d.is_bridge() && d.class >> 16 != 0x06)
-            .map(|(i, _)| DevIdx(i as u32))
+            .map(|(i, _)| DevIdx::of(self.id, i))
     }
 }
 
