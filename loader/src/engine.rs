@@ -1091,26 +1091,8 @@ impl Worker {
                 };
                 let h = hash_region(&*w, r.dest_offset, r.len)?;
                 checksums.push(h);
-                let mismatch = |expected| LoadError::HashMismatch {
-                    path: r.file.path().to_path_buf(),
-                    offset: r.offset,
-                    len: r.len,
-                    dest: h,
-                    expected,
-                };
-                if let Some(x) = r.expect {
-                    any = true;
-                    if x != h {
-                        return Err(mismatch(x));
-                    }
-                }
-                if opts.verify == Verify::Reread {
-                    any = true;
-                    let s = hash_source(&r.file.0, r.offset, r.len)?;
-                    if s != h {
-                        return Err(mismatch(s));
-                    }
-                }
+                let reread = (opts.verify == Verify::Reread).then_some(|| hash_source(&r.file.0, r.offset, r.len));
+                any |= check_read(h, r.expect, reread, || r.file.path().to_path_buf(), r.offset, r.len)?;
             }
             verified = (any && all).then_some(true);
             if !all {
@@ -1308,6 +1290,32 @@ fn known_probe<'a>(
         }),
         read_back: Box::new(move |b: &mut [u8]| w3.read_at(doff, b).map_err(LoadError::from)),
     })
+}
+
+/// Checks one read's destination hash `h` against its expected hash and, when `reread` is
+/// given, against a second read of its source; the first that differs is a `HashMismatch`
+/// naming the source (`path`), its range and both hashes. Returns whether anything was checked.
+pub(crate) fn check_read(
+    h: u64,
+    expect: Option<u64>,
+    reread: Option<impl FnOnce() -> Result<u64, LoadError>>,
+    path: impl Fn() -> std::path::PathBuf,
+    offset: u64,
+    len: u64,
+) -> Result<bool, LoadError> {
+    let mismatch = |expected| LoadError::HashMismatch { path: path(), offset, len, dest: h, expected };
+    if let Some(x) = expect.filter(|&x| x != h) {
+        return Err(mismatch(x));
+    }
+    let mut checked = expect.is_some();
+    if let Some(reread) = reread {
+        checked = true;
+        let s = reread()?;
+        if s != h {
+            return Err(mismatch(s));
+        }
+    }
+    Ok(checked)
 }
 
 /// xxh3-64 of `len` bytes of `w` at `off` (copied out in 1 MiB pieces: no reference over shared

@@ -19,7 +19,9 @@ use peermem::{Bdf, Entry, HostRegion, Peer, PeerMemory, Provider, Registration, 
 use peermem_nvme::driver::Namespace;
 use peermem_nvme::{Controller, Dir, Io};
 
-use super::{cpu_window, hash_region, BatchReport, Dest, DestReport, Outcome, Planned, Via, Worker, PROBE_LEN};
+use super::{
+    check_read, cpu_window, hash_region, BatchReport, Dest, DestReport, Outcome, Planned, Via, Worker, PROBE_LEN,
+};
 use crate::error::LoadError;
 use crate::options::Verify;
 
@@ -416,26 +418,8 @@ impl Worker {
                 };
                 let h = hash_region(&*w, r.dest_offset, r.len)?;
                 checksums.push(h);
-                let mismatch = |expected| LoadError::HashMismatch {
-                    path: r.ns.describe().into(),
-                    offset: r.offset,
-                    len: r.len,
-                    dest: h,
-                    expected,
-                };
-                if let Some(x) = r.expect {
-                    any = true;
-                    if x != h {
-                        return Err(mismatch(x));
-                    }
-                }
-                if opts.verify == Verify::Reread {
-                    any = true;
-                    let s = self.hash_namespace(r, chunk)?;
-                    if s != h {
-                        return Err(mismatch(s));
-                    }
-                }
+                let reread = (opts.verify == Verify::Reread).then_some(|| self.hash_namespace(r, chunk));
+                any |= check_read(h, r.expect, reread, || r.ns.describe().into(), r.offset, r.len)?;
             }
             verified = (any && all).then_some(true);
             if !all {
