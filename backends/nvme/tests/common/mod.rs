@@ -122,3 +122,54 @@ pub fn read_dest(topo: &Topology, region: &Arc<dyn PeerMemory>, off: u64, len: u
     }
     v
 }
+
+/// A rate limit QEMU puts on one NVMe's drive (`$PEERMEM_HOTPLUG throttle`, in the `switch-gpu`
+/// topology), lifted when dropped. At `iops` requests a second QEMU holds the rest of a queue's
+/// commands, so a command really takes longer than a short driver timeout: a timeout test does
+/// not depend on how fast TCG happens to complete a read.
+pub struct Throttle {
+    id: String,
+}
+
+impl Throttle {
+    /// Limits the drive of NVMe `bdf`, which must still be bound to the kernel's nvme driver (its
+    /// serial is the QEMU device's id).
+    pub fn new(bdf: Bdf, iops: u32) -> Throttle {
+        let dir = format!("/sys/bus/pci/devices/{bdf}/nvme");
+        let ctrl = std::fs::read_dir(&dir).unwrap().flatten().next().unwrap_or_else(|| panic!("{dir}: empty"));
+        let id = std::fs::read_to_string(ctrl.path().join("serial")).unwrap().trim().to_string();
+        let t = Throttle { id };
+        t.set(iops).unwrap_or_else(|e| panic!("{e}"));
+        println!("{bdf} ({}): QEMU limits its drive to {iops} requests/s", t.id);
+        t
+    }
+
+    fn set(&self, iops: u32) -> Result<(), String> {
+        let tool = std::env::var("PEERMEM_HOTPLUG").map_err(|_| {
+            "PEERMEM_HOTPLUG is not set: run this in the `switch-gpu` topology (TOPO_QMP=1)".to_string()
+        })?;
+        let out = std::process::Command::new(tool)
+            .args(["throttle", &self.id, &iops.to_string()])
+            .output()
+            .map_err(|e| format!("hotplug throttle: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "hotplug throttle {} {iops}: {} {}",
+                self.id,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        match self.set(0) {
+            Ok(()) => println!("{}: QEMU's limit lifted", self.id),
+            Err(e) if std::thread::panicking() => eprintln!("{e}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
