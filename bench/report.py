@@ -99,6 +99,13 @@ if os.path.exists(path):
         f"({d['two_readers'] / d['one_reader']:.2f}x); writer {d['churn_one']:.0f} / {d['churn_two']:.0f} "
         "register+unregister/s"
     )
+    if "two_readers_alone" in d:
+        print(
+            f"The same without the writer (the machine's own two-thread scaling): 1 reader "
+            f"{d['one_reader_alone'] / 1e6:.1f} M/s, 2 readers {d['two_readers_alone'] / 1e6:.1f} M/s "
+            f"({d['two_readers_alone'] / d['one_reader_alone']:.2f}x); 2 readers with the writer reach "
+            f"{d['two_readers'] / d['two_readers_alone']:.2f} of 2 readers without it"
+        )
 
 print("\nBounce pipeline, 64 MiB host -> staging -> host (GB/s; x memcpy)\n")
 mem = median("pipeline", "memcpy")

@@ -44,6 +44,9 @@ impl<V> SpanSet<V> {
     /// The span of table `t` containing `a`: its start and value.
     #[inline(always)]
     pub fn get(&self, t: usize, a: u64) -> Option<(u64, &V)> {
+        if let Some(hit) = self.set.covered(t, a) {
+            return Some(hit);
+        }
         if a >= HIGH {
             return in_rec(self.set.high(t)?.find(a)?, a);
         }
@@ -368,6 +371,35 @@ mod tests {
     }
 
     #[test]
+    fn root_slots_inside_and_outside_the_inline_window() {
+        // Root keys (512 GiB each) k, k+1, k+3 sit in the window of inline root slots that
+        // starts at the first key in use; k+4 and 511 lie past it (a root node is published).
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut w = SpanWriter::new(1);
+        let at = |key: u64| key << ROOT_SHIFT;
+        let mut live = Vec::new();
+        for (id, key) in [(1, 7), (2, 8), (3, 10), (4, 11), (5, 511)] {
+            let s = at(key) + 0x20_0000;
+            w.insert(0, s, s + 0x3f_ffff, Counted(id, drops.clone()));
+            live.push((s, s + 0x3f_ffff, id));
+            let set = w.publish();
+            for key in [0, 6, 7, 8, 9, 10, 11, 12, 510, 511] {
+                for a in [at(key), at(key) + 0x20_0000, at(key) + 0x3f_ffff, at(key) + 0x60_0000] {
+                    assert_eq!(get(&set, a), brute(&live, a), "address {a:#x} with {} spans", live.len());
+                }
+            }
+        }
+        // The window moves up when its first key empties.
+        w.remove(0, live[0].0, live[0].1);
+        live.remove(0);
+        let set = w.publish();
+        for &(s, l, id) in &live {
+            assert_eq!((get(&set, s), get(&set, l), get(&set, s - 1)), (Some(id), Some(id), None));
+        }
+        assert_eq!(get(&set, at(7) + 0x20_0000), None);
+    }
+
+    #[test]
     fn old_sets_keep_seeing_removed_spans_until_dropped() {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut w = SpanWriter::new(2);
@@ -428,7 +460,14 @@ mod tests {
                 let (s, l, _) = live.swap_remove(i);
                 w.remove(0, s, l);
             } else {
-                let c = next() % 2048 + if next() % 8 == 0 { 1 << 26 } else { 0 };
+                // Mostly within one root slot; some in any of the 512 (inside and outside the
+                // published window of inline root slots); some above the radix.
+                let c = next() % 2048
+                    + match next() % 8 {
+                        0 => 1 << 26,
+                        1 => (next() % 512) << 17,
+                        _ => 0,
+                    };
                 if live.iter().any(|s| s.0 / cell == c) {
                     continue;
                 }
@@ -443,6 +482,7 @@ mod tests {
                 let c = match live.len() {
                     0 => next() % 2048,
                     n if next() % 2 == 0 => live[(next() % n as u64) as usize].0 / cell,
+                    _ if next() % 4 == 0 => ((next() % 512) << 17) | (next() % 2048),
                     _ => next() % 2048,
                 };
                 let a = c * cell + next() % cell;

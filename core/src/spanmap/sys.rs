@@ -181,47 +181,126 @@ impl<V> Retired<V> {
     }
 }
 
-/// Nodes no set can reach any more, kept for reuse: a node is 8 KiB, and allocating and freeing
-/// two or three per edit costs more than copying them.
+/// Node memory. A node is 8 KiB and a lookup's cost is mostly its node loads missing the cache
+/// and the TLB, so nodes are carved from 2 MiB chunks of anonymous memory that the kernel is
+/// asked to back with transparent huge pages (one TLB entry per chunk instead of 512); nodes
+/// no set can reach any more go to a free list and are reused (allocating and freeing two or
+/// three per edit would cost more than copying them). The chunks stay until the pool goes (with
+/// the writer and the last set): a registry keeps the node memory of its peak.
+/// Under loom, nodes are boxes (the model leaks retired ones).
 struct Pool<V> {
-    free: std::sync::Mutex<Vec<*mut Node<V>>>,
+    inner: std::sync::Mutex<PoolInner<V>>,
+}
+
+#[cfg_attr(loom, allow(dead_code))]
+struct PoolInner<V> {
+    free: Vec<*mut Node<V>>,
+    /// Every chunk mapped: its address (2 MiB aligned) and length.
+    chunks: Vec<(usize, usize)>,
+    /// The unused rest of the newest chunk.
+    carve: usize,
+    left: usize,
 }
 
 #[cfg(not(loom))]
-const POOL_CAP: usize = 64;
+const CHUNK: usize = 2 << 20;
+/// A node pointer no reader can follow (non-canonical on every 64-bit target), tagged node.
+#[cfg(all(not(loom), debug_assertions))]
+const POISON: usize = 0xdead_beef_0000_0000 | TAG_NODE;
 
-// SAFETY: the pool exclusively owns the unreachable nodes it holds (plain data, no `V` inside
-// a retired node is ever read or dropped through it).
+// SAFETY: the pool exclusively owns the unreachable nodes it holds and its chunks (plain data,
+// no `V` inside a node is ever read or dropped through it).
 unsafe impl<V> Send for Pool<V> {}
-// SAFETY: as for Send; the list is behind a mutex.
+// SAFETY: as for Send; everything is behind a mutex.
 unsafe impl<V> Sync for Pool<V> {}
 
 impl<V> Pool<V> {
-    fn list(&self) -> std::sync::MutexGuard<'_, Vec<*mut Node<V>>> {
-        self.free.lock().unwrap_or_else(|p| p.into_inner())
+    fn new() -> Pool<V> {
+        Pool { inner: std::sync::Mutex::new(PoolInner { free: Vec::new(), chunks: Vec::new(), carve: 0, left: 0 }) }
     }
-    /// Takes an unreachable node (its old contents are stale words, to be overwritten).
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolInner<V>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// Takes back an unreachable node (see `Retired::free`) for reuse. Debug builds first fill
+    /// it with node pointers to a non-canonical address, so that a reader reaching a retired
+    /// node crashes (and memcheck names the read) instead of reading stale slots unnoticed: the
+    /// stress tests' evidence, now that nodes are not given back to the allocator.
     #[cfg(not(loom))]
     fn put(&self, p: *mut Node<V>) {
-        let mut free = self.list();
-        if free.len() < POOL_CAP {
-            free.push(p);
-        } else {
-            drop(free);
-            // SAFETY: made by `Box::into_raw`, unreachable (see `Retired::free`).
-            drop(unsafe { Box::from_raw(p) });
+        #[cfg(debug_assertions)]
+        // SAFETY: `p` is a node no set reaches any more, now the pool's alone (see
+        // `Retired::free`); its slots are plain words.
+        unsafe {
+            let slots = std::ptr::addr_of_mut!((*p).slots).cast::<Slot<V>>();
+            for i in 0..FANOUT {
+                std::ptr::write(slots.add(i), Slot::from_raw(Raw { start: 0, p: POISON }));
+            }
         }
+        self.lock().free.push(p);
     }
-    fn take(&self) -> Option<*mut Node<V>> {
-        self.list().pop()
+    /// Memory for one node, uninitialised (a reused node's old contents are stale words).
+    #[cfg(not(loom))]
+    fn take(&self) -> *mut Node<V> {
+        let mut inner = self.lock();
+        if let Some(p) = inner.free.pop() {
+            return p;
+        }
+        let size = std::mem::size_of::<Node<V>>();
+        if inner.left < size {
+            let (addr, len) = map_chunk();
+            inner.chunks.push((addr, len));
+            (inner.carve, inner.left) = (addr, len);
+        }
+        let p = inner.carve as *mut Node<V>;
+        inner.carve += size;
+        inner.left -= size;
+        p
     }
+    #[cfg(loom)]
+    fn take(&self) -> *mut Node<V> {
+        Box::into_raw(Box::<Node<V>>::new_uninit()).cast::<Node<V>>()
+    }
+}
+
+/// A 2 MiB-aligned chunk of `CHUNK` bytes of zeroed anonymous memory, advised for huge pages
+/// (advice the kernel may ignore: transparent huge pages off, or none free). Allocation failure
+/// is the allocator's: `handle_alloc_error`.
+#[cfg(not(loom))]
+fn map_chunk() -> (usize, usize) {
+    use rustix::mm::{madvise, mmap_anonymous, munmap, Advice, MapFlags, ProtFlags};
+    let layout = std::alloc::Layout::from_size_align(CHUNK, CHUNK).expect("chunk layout");
+    // Twice the size, then the unaligned ends unmapped: an aligned chunk whatever the kernel
+    // placed.
+    // SAFETY: a new private anonymous mapping; nothing else refers to its range.
+    let p = unsafe {
+        mmap_anonymous(std::ptr::null_mut(), 2 * CHUNK, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE)
+    }
+    .unwrap_or_else(|_| std::alloc::handle_alloc_error(layout));
+    let start = p as usize;
+    let aligned = start.next_multiple_of(CHUNK);
+    let (head, tail) = (aligned - start, start + 2 * CHUNK - (aligned + CHUNK));
+    // SAFETY: both ranges lie in the mapping just made and outside the chunk kept; unmapping a
+    // part of one's own fresh mapping cannot fail but for a bad range, so errors are ignored
+    // (at worst a few pages stay mapped).
+    unsafe {
+        if head > 0 {
+            let _ = munmap(p, head);
+        }
+        if tail > 0 {
+            let _ = munmap((aligned + CHUNK) as *mut std::ffi::c_void, tail);
+        }
+        let _ = madvise(aligned as *mut std::ffi::c_void, CHUNK, Advice::LinuxHugepage);
+    }
+    (aligned, CHUNK)
 }
 
 impl<V> Drop for Pool<V> {
     fn drop(&mut self) {
-        for p in self.list().drain(..) {
-            // SAFETY: made by `Box::into_raw`, unreachable, owned by the pool alone.
-            drop(unsafe { Box::from_raw(p) });
+        let inner = self.lock();
+        for &(addr, len) in &inner.chunks {
+            // SAFETY: a chunk this pool mapped; every node carved from it is unreachable (the
+            // pool goes with the writer and the last era, after every set).
+            let _ = unsafe { rustix::mm::munmap(addr as *mut std::ffi::c_void, len) };
         }
     }
 }
@@ -271,17 +350,22 @@ impl<V> Drop for Era<V> {
     }
 }
 
-/// A published table, raw copies of the writer's slots, only ever read: the node of one 512 GiB
-/// root slot inline (`key`, `top`: the common case, every user address below 128 TiB or one bus
-/// window, costs no root load), a root node for the other keys when more than one is in use
-/// (`root`, made at publication), and the list of spans above the radix (`high`).
+/// A published table, raw copies of the writer's slots, only ever read: a window of `TOPS`
+/// consecutive 512 GiB root slots inline (`key0`, `tops`: a process's mappings and a host
+/// bridge's windows lie within 2 TiB, so a lookup costs no root load and no branch on which
+/// root slot it is), a root node for keys outside the window (`root`, made at publication only
+/// when one is in use), and the list of spans above the radix (`high`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Table {
-    key: u64,
-    top: Raw,
+    key0: u64,
+    /// Root slots `key0..key0 + TOPS`: each the address of its node, or 0 when empty.
+    tops: [usize; TOPS],
     root: Raw,
     high: Raw,
 }
+
+/// Root slots held inline by a published table.
+const TOPS: usize = 4;
 
 impl PartialEq for Raw {
     fn eq(&self, o: &Raw) -> bool {
@@ -290,7 +374,7 @@ impl PartialEq for Raw {
 }
 impl Eq for Raw {}
 
-const EMPTY_TABLE: Table = Table { key: u64::MAX, top: EMPTY, root: EMPTY, high: EMPTY };
+const EMPTY_TABLE: Table = Table { key0: 0, tops: [0; TOPS], root: EMPTY, high: EMPTY };
 
 /// An immutable view of several tables, cheap to clone. Table 0 is inline (the hot one).
 pub(super) struct Set<V> {
@@ -408,12 +492,49 @@ impl<V> Set<V> {
             self.rest.get(t - 1)
         }
     }
+    /// The lookup's common case, with the fewest instructions (a lookup of independent addresses
+    /// is bound by them, and a cache-missing one by how many lookups fit in flight): `a` in a
+    /// root slot of the inline window (never true above the radix), whose 2 MiB slot, or 4 KiB
+    /// slot one level down, one span covers whole. The span's start and value; `None` when the
+    /// path is anything else (the caller then walks the table).
+    #[inline(always)]
+    pub fn covered(&self, t: usize, a: u64) -> Option<(u64, &V)> {
+        const FULL_SPAN: usize = FULL | TAG_SPAN;
+        let table = self.table(t)?;
+        let top = *table.tops.get(((a >> super::ROOT_SHIFT).wrapping_sub(table.key0)) as usize)?;
+        let index = |shift: u32| ((a >> shift) as usize) & (FANOUT - 1);
+        if top == 0 {
+            return None;
+        }
+        // SAFETY (each dereference below): the pointer was read from a node tag of a slot of
+        // this set, or of a node reached from it (an inline root slot is one such, untagged);
+        // see `view` for why the node is alive and immutable while `self` is borrowed.
+        let mid = live(unsafe { &*(top as *const Node<V>) }).slots[index(super::ROOT_SHIFT - FANOUT_BITS)].raw;
+        if mid.p & TAG_MASK != TAG_NODE {
+            return None;
+        }
+        let mut s = live(unsafe { &*((mid.p & PTR_MASK) as *const Node<V>) }).slots
+            [index(super::ROOT_SHIFT - 2 * FANOUT_BITS)]
+        .raw;
+        if s.p & (TAG_MASK | FULL) != FULL_SPAN {
+            if s.p & TAG_MASK != TAG_NODE {
+                return None;
+            }
+            s = live(unsafe { &*((s.p & PTR_MASK) as *const Node<V>) }).slots[index(super::PAGE_SHIFT)].raw;
+            if s.p & (TAG_MASK | FULL) != FULL_SPAN {
+                return None;
+            }
+        }
+        // SAFETY: a span slot's pointer is its record, alive like the nodes (see `view`).
+        let rec = live(unsafe { &*((s.p & PTR_MASK) as *const Rec<V>) });
+        Some((s.start, &rec.val))
+    }
     /// Root slot `key` (`addr >> 39`) of table `t`: the node of 1 GiB slots under it, or empty.
     #[inline(always)]
     pub fn top(&self, t: usize, key: u64) -> Option<View<'_, V>> {
         let table = self.table(t)?;
-        if table.key == key {
-            return Some(view(table.top));
+        if let Some(&top) = table.tops.get(key.wrapping_sub(table.key0) as usize) {
+            return Some(view(Raw { start: 0, p: if top == 0 { 0 } else { top | TAG_NODE } }));
         }
         match view(table.root) {
             View::Node(root) => Some(root.slot(key as usize)),
@@ -488,7 +609,7 @@ impl<V> Heap<V> {
     /// A heap whose first set has `n >= 1` empty tables.
     pub fn new(n: usize) -> Heap<V> {
         let rest = vec![EMPTY_TABLE; n.max(1) - 1].into();
-        let pool = std::sync::Arc::new(Pool { free: std::sync::Mutex::new(Vec::new()) });
+        let pool = std::sync::Arc::new(Pool::new());
         Heap {
             stamp: STAMPS.fetch_add(1, Ordering::Relaxed),
             retired: Vec::new(),
@@ -511,7 +632,7 @@ impl<V> Heap<V> {
     /// A node of this edit window: a recycled or new allocation, filled with `from`'s slots
     /// (which pass to it) or with empty ones.
     fn alloc_node(&mut self, from: Option<*const Node<V>>) -> *mut Node<V> {
-        let p = self.pool.take().unwrap_or_else(|| Box::into_raw(Box::<Node<V>>::new_uninit()).cast::<Node<V>>());
+        let p = self.pool.take();
         // SAFETY: `p` is an allocation for a `Node` that nothing else reaches (fresh, or taken
         // from the pool of unreachable nodes). A node is plain data (slot words, a stamp, under
         // loom a flag written next), so writing every field initialises it; `from` is a live
@@ -523,7 +644,14 @@ impl<V> Heap<V> {
                     std::ptr::addr_of_mut!((*p).slots),
                     1,
                 ),
-                None => std::ptr::write(std::ptr::addr_of_mut!((*p).slots), [EMPTY; FANOUT].map(Slot::from_raw)),
+                None => {
+                    // Slot by slot (a memset): an 8 KiB array built on the stack would overflow
+                    // a small one (loom's threads).
+                    let slots = std::ptr::addr_of_mut!((*p).slots).cast::<Slot<V>>();
+                    for i in 0..FANOUT {
+                        std::ptr::write(slots.add(i), Slot::empty());
+                    }
+                }
             }
             std::ptr::write(std::ptr::addr_of_mut!((*p).stamp), self.stamp);
             #[cfg(loom)]
@@ -666,12 +794,18 @@ impl<V> Heap<V> {
                 // The last publication's root node: only the set being replaced reaches it.
                 self.retired.push(Retired::Node((t.published.root.p & PTR_MASK) as *mut Node<V>));
             }
-            let mut table = Table { key: u64::MAX, top: EMPTY, root: EMPTY, high: t.high.raw };
-            if let Some(&k) = t.keys.iter().next() {
-                table.key = k as u64;
-                table.top = t.roots[k].raw;
+            let mut table = Table { key0: 0, tops: [0; TOPS], root: EMPTY, high: t.high.raw };
+            let (first, last) = (t.keys.first().copied().unwrap_or(0), t.keys.last().copied().unwrap_or(0));
+            // The window ends at the last root slot at most, so an address above the radix
+            // (key >= FANOUT) never falls in it.
+            let key0 = first.min(FANOUT - TOPS);
+            table.key0 = key0 as u64;
+            for (i, top) in table.tops.iter_mut().enumerate() {
+                let raw = t.roots[key0 + i].raw;
+                // Root slots hold nodes or nothing (`view` of the slot says so).
+                *top = if let View::<V>::Node(_) = view(raw) { raw.p & PTR_MASK } else { 0 };
             }
-            if t.keys.len() > 1 {
+            if first < key0 || last >= key0 + TOPS {
                 // A read-only copy of the root slots (the writer keeps the tokens).
                 let root = self.alloc_node(None);
                 // SAFETY: `root` was just made here and nothing else reaches it yet.
