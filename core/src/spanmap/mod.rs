@@ -2,14 +2,17 @@
 //! published as immutable snapshots whose memory is reclaimed only after every snapshot that
 //! could reach it is gone.
 //!
-//! Shape (after SPDK's `spdk_mem_map`, a page table with huge pages): per table, a root node of
-//! 512 slots of 512 GiB, then nodes of 512 slots of 1 GiB, 2 MiB and 4 KiB. A slot is empty,
-//! holds one span (its start inline, and a flag when the span covers the whole slot), points at
-//! a child node (only where spans are denser than the slot), or, at 4 KiB, at a sorted list of
-//! the spans sharing that page. A lookup of a span of 2 MiB or more is three dependent slot
-//! loads and the record's value: no search, no lock, no reference count; the span's record
-//! (its bounds) is read only at its ragged edges. Addresses at or above 2^48 (rare bus windows)
-//! go to a sorted list searched by bisection.
+//! Shape (after SPDK's `spdk_mem_map`, a page table with huge pages): per table, 512 root slots
+//! of 512 GiB, then nodes of 512 slots of 1 GiB, 2 MiB and 4 KiB. A slot is empty, holds one
+//! span (its start inline, and a flag when the span covers the whole slot), points at a child
+//! node (only where spans are denser than the slot), or, at 4 KiB, at a sorted list of the spans
+//! sharing that page. A published table holds a window of 4 root slots inline (2 TiB: a
+//! process's mappings, a host bridge's windows), so a lookup of an address in a span of 2 MiB or
+//! more is two dependent node loads (the 1 GiB slot, the 2 MiB slot), like a flat two-level
+//! table: no search, no lock, no reference count, no read of the span's record (its bounds are
+//! read only at its ragged edges). Nodes sit in huge-page-backed chunks (see `sys`), so those
+//! loads rarely miss the TLB. Addresses at or above 2^48 (rare bus windows) go to a sorted list
+//! searched by bisection.
 //!
 //! Writes: one writer (the caller serialises them) edits copies: every node on an edited path
 //! is copied once per publication (8 KiB) and untouched nodes are shared by address, so a copy
