@@ -117,13 +117,30 @@ if mem:
     print("| chunk | depth | pipeline GB/s | x memcpy | per-chunk overhead (empty run) |")
     print("|---|---|---|---|---|")
     for chunk in ("64KiB", "256KiB", "1024KiB"):
-        for depth in ("d2", "d4"):
+        for depth in ("d2", "d4", "d16"):
             p = median("pipeline", "pipeline", f"{chunk}_{depth}")
             e = median("pipeline", "pipeline_empty", f"{chunk}_{depth}")
             if p is None:
                 continue
             chunks = total // (int(chunk[:-3]) << 10)
             print(f"| {chunk} | {depth[1:]} | {gbs(p):.2f} | {mem / p:.2f} | {e / chunks / 1e3:.2f} us |")
+
+path = os.path.join(root, "pipeline", "interleaved.json")
+if os.path.exists(path):
+    with open(path) as f:
+        d = json.load(f)
+    total = 64 << 20
+    mem = d["memcpy"]
+    print(
+        f"\nInterleaved rounds, fastest of each (every variant once per round): memcpy {total / mem:.2f} GB/s, "
+        f"copy_2threads {total / d['copy_2threads']:.2f} GB/s ({mem / d['copy_2threads']:.2f}x memcpy)\n"
+    )
+    print("| chunk | depth | pipeline GB/s | x memcpy |")
+    print("|---|---|---|---|")
+    for k, ns in d.items():
+        if "_d" in k:
+            chunk, depth = k.split("_d")
+            print(f"| {chunk} | {depth} | {total / ns:.2f} | {mem / ns:.2f} |")
 
 print("\nDiscovery and verdicts (`--bench topology`)\n")
 # Criterion flattens a `bench_function` id's slashes into one directory name; a group keeps its own.
