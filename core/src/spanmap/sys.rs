@@ -170,8 +170,8 @@ impl<V> Retired<V> {
         }
         #[cfg(not(loom))]
         match self {
-            // SAFETY (all arms): each pointer was made by `Box::into_raw` of that type in this
-            // module, is retired exactly once (the slot token that owned it was consumed, or the
+            // SAFETY (all arms): each pointer was made in this module (a node carved by the
+            // pool, a list or a record by `Box::into_raw` of that type), is retired exactly once (the slot token that owned it was consumed, or the
             // record's count reached zero), and its era is dropped only when no set that could
             // reach it remains, so nothing reads it any more: it is ours to free or recycle.
             Retired::Node(p) => pool.put(p),
@@ -186,7 +186,8 @@ impl<V> Retired<V> {
 /// asked to back with transparent huge pages (one TLB entry per chunk instead of 512); nodes
 /// no set can reach any more go to a free list and are reused (allocating and freeing two or
 /// three per edit would cost more than copying them). The chunks stay until the pool goes (with
-/// the writer and the last set): a registry keeps the node memory of its peak.
+/// the writer and the last set): a registry keeps the node memory of its peak, and its first
+/// node maps a whole chunk (2 MiB of address space, touched page by page or as one huge page).
 /// Under loom, nodes are boxes (the model leaks retired ones).
 struct Pool<V> {
     inner: std::sync::Mutex<PoolInner<V>>,
