@@ -6,13 +6,15 @@
 //! escapes the root; attribute parsing with errors that name the file and what was wrong.
 //! Must not: interpret what the attributes mean (that is `pci::topology` and `platform`).
 
+use std::cell::OnceCell;
 use std::fs;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 
 /// The most an attribute file may hold (sysfs attributes are at most a page; `config` 4096).
 pub const MAX_ATTR: usize = 1 << 20;
@@ -20,6 +22,9 @@ pub const MAX_ATTR: usize = 1 << 20;
 pub const MAX_TEXT: usize = 64 << 20;
 /// The most entries one directory may list.
 pub const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// The most entries a [`SubDir`] keeps in memory to answer lookups without a system call; a
+/// bigger directory is read the way the root reads it, name by name.
+pub const MAX_LISTED: usize = 4096;
 
 /// An error reading the sysroot. Each names the file (relative to the root) and the cause.
 #[derive(Debug, thiserror::Error)]
@@ -60,22 +65,21 @@ pub struct DirEntry {
     pub is_dir: bool,
 }
 
-fn kind_name(m: &fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
+/// How a refusal names what a path holds instead of a regular file.
+fn kind_name(t: FileType) -> &'static str {
+    match t {
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a FIFO",
+        FileType::CharacterDevice => "a character device",
+        FileType::BlockDevice => "a block device",
+        FileType::Socket => "a socket",
+        _ => "not a file",
     }
+}
+
+fn file_type(m: &fs::Metadata) -> FileType {
+    use std::os::unix::fs::MetadataExt;
+    FileType::from_raw_mode(m.mode())
 }
 
 impl Sysroot {
@@ -192,7 +196,7 @@ impl Sysroot {
     pub fn subdir(&self, rel: impl Into<PathBuf>) -> SubDir<'_> {
         let rel = rel.into();
         let fd = self.open_in_root(&rel, OFlags::DIRECTORY).ok();
-        SubDir { sys: self, rel, fd }
+        SubDir { sys: self, rel, fd, listing: OnceCell::new(), short_is_end: OnceCell::new() }
     }
 
     /// Reads a binary file (at most [`MAX_ATTR`] bytes). `Ok(None)` if it does not exist.
@@ -302,7 +306,7 @@ fn read_open(fd: OwnedFd, max: usize, rel: &dyn Fn() -> PathBuf) -> Result<Vec<u
     let mut f = fs::File::from(fd);
     let m = f.metadata().map_err(err)?;
     if !m.is_file() {
-        return Err(SysrootError::NotRegular { path: rel(), kind: kind_name(&m) });
+        return Err(SysrootError::NotRegular { path: rel(), kind: kind_name(file_type(&m)) });
     }
     // sysfs attributes report 4096 whatever they hold, so the size only bounds the first read:
     // a first read that returns exactly the reported (non-zero) size within `max` has the whole
@@ -332,16 +336,145 @@ fn resolve_target(rel: &Path, target: PathBuf) -> Result<PathBuf, SysrootError> 
     normalize(&joined).ok_or(SysrootError::Escapes { path: rel.to_path_buf(), target })
 }
 
+/// Reads a file that its directory's listing shows as a regular file, without asking its type
+/// again: `short_is_end` says that a first read shorter than asked for (and than a page) is the
+/// whole file, so the read that would confirm the end is skipped (see [`SubDir`]).
+///
+/// The listing may be stale: another process can put something else under the name after it.
+/// The open never follows a symlink, never crosses a mount and never blocks (`O_NONBLOCK`), and
+/// at most `max + 1` bytes are read, so every case ends in bounded time: a FIFO without a writer
+/// reads empty, and an empty read is type-checked (`NotRegular`, as the root reports it); a FIFO
+/// whose writer has written nothing fails with `EAGAIN`; a directory fails with `EISDIR`; a FIFO
+/// or device that yields bytes is read like a file, within the cap (`TooLarge` beyond it). What
+/// can therefore happen is that bytes a racing writer put in a FIFO are taken as the content;
+/// what cannot is a hang, an unbounded read or a read outside the directory.
+fn read_listed(
+    fd: OwnedFd,
+    max: usize,
+    short_is_end: bool,
+    rel: &dyn Fn() -> PathBuf,
+) -> Result<Vec<u8>, SysrootError> {
+    use std::io::Read;
+    const PAGE: usize = 4096;
+    let err = |e: io::Error| SysrootError::Io { path: rel(), source: e };
+    let mut f = fs::File::from(fd);
+    let first = max.saturating_add(1).min(PAGE + 1);
+    let mut buf = vec![0u8; first];
+    let n = f.read(&mut buf).map_err(err)?;
+    buf.truncate(n);
+    if n == 0 {
+        let m = f.metadata().map_err(err)?;
+        if !m.is_file() {
+            return Err(SysrootError::NotRegular { path: rel(), kind: kind_name(file_type(&m)) });
+        }
+        return Ok(buf);
+    }
+    // A partial read of a page-cache file stops on a page boundary, so a read shorter than a
+    // page at offset 0 is the end; a sysfs attribute returns all it holds in its first read.
+    if short_is_end && n < first && n < PAGE {
+        return Ok(buf);
+    }
+    (&mut f).take((max + 1 - n) as u64).read_to_end(&mut buf).map_err(err)?;
+    if buf.len() > max {
+        return Err(SysrootError::TooLarge { path: rel(), max });
+    }
+    Ok(buf)
+}
+
+/// Filesystems whose regular files (sysfs: attributes) end where a first read shorter than
+/// asked for, and than a page, ends: sysfs, tmpfs, ext2/3/4, XFS, Btrfs. procfs is not one (a
+/// seq file may return a record at a time), nor are network and FUSE filesystems.
+fn short_read_is_end(fs_type: u32) -> bool {
+    const SYSFS: u32 = 0x6265_6572;
+    const TMPFS: u32 = 0x0102_1994;
+    const EXT: u32 = 0xef53;
+    const XFS: u32 = 0x5846_5342;
+    const BTRFS: u32 = 0x9123_683e;
+    matches!(fs_type, SYSFS | TMPFS | EXT | XFS | BTRFS)
+}
+
+/// What a directory's one listing says a name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    File,
+    Link,
+    /// A directory, FIFO, device or socket: never read.
+    Other(FileType),
+    /// The filesystem does not say (`DT_UNKNOWN`): asked the usual way.
+    Unknown,
+}
+
+/// The names in one directory with their kinds, sorted, all names in one string.
+#[derive(Debug, Default)]
+struct Listing {
+    names: String,
+    /// (start, end) of the name in `names`, and its kind.
+    entries: Vec<(u32, u32, Kind)>,
+}
+
+impl Listing {
+    /// Lists `dir` with getdents64. `None` when it cannot be listed or holds more than `limit`
+    /// entries (then the caller asks name by name, as without a listing).
+    fn read(dir: &OwnedFd, limit: usize) -> Option<Listing> {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 8192];
+        let mut raw = rustix::fs::RawDir::new(dir, &mut buf);
+        let mut l = Listing::default();
+        while let Some(ent) = raw.next() {
+            let ent = ent.ok()?;
+            let name = ent.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            // A name that is not UTF-8 is never asked for (names are `&str`).
+            let Ok(name) = std::str::from_utf8(name) else { continue };
+            if l.entries.len() >= limit {
+                return None;
+            }
+            let kind = match ent.file_type() {
+                FileType::RegularFile => Kind::File,
+                FileType::Symlink => Kind::Link,
+                FileType::Unknown => Kind::Unknown,
+                t => Kind::Other(t),
+            };
+            let start = l.names.len() as u32;
+            l.names.push_str(name);
+            l.entries.push((start, l.names.len() as u32, kind));
+        }
+        let names = &l.names;
+        l.entries.sort_unstable_by(|a, b| names[a.0 as usize..a.1 as usize].cmp(&names[b.0 as usize..b.1 as usize]));
+        Some(l)
+    }
+
+    /// The kind of `name`, `None` when the directory does not hold it.
+    fn get(&self, name: &str) -> Option<Kind> {
+        let at = |e: &(u32, u32, Kind)| &self.names[e.0 as usize..e.1 as usize];
+        self.entries.binary_search_by(|e| at(e).cmp(name)).ok().map(|i| self.entries[i].2)
+    }
+}
+
 /// A directory of a [`Sysroot`] opened once (a device's sysfs directory): a file in it, or in a
 /// plain subdirectory of it, is opened relative to it instead of from the root, with the same
 /// results as the root's own methods: a name whose path holds a symlink (or that cannot be
 /// opened so) is read through the root, where symlinks resolve inside it.
+///
+/// On first use the directory is listed once (getdents64, keeping each entry's type), and a
+/// name in it is then answered from the listing where it can be: a name it lacks (or a path
+/// whose first component it lacks) is absent without a system call; a regular file is opened
+/// and read without asking its type again, and on sysfs and local disk filesystems without the
+/// read that confirms the end; a directory, FIFO, device or socket is refused without opening
+/// it; a symlink is read through the root. A name of unknown type, a directory that could not
+/// be listed or holds more than [`MAX_LISTED`] entries: each name is asked for as without a
+/// listing.
 #[derive(Debug)]
 pub struct SubDir<'s> {
     sys: &'s Sysroot,
     rel: PathBuf,
     /// `None` when the directory could not be opened: every read goes through the root.
     fd: Option<OwnedFd>,
+    /// The listing, read on first use; `None` inside when it could not be had.
+    listing: OnceCell<Option<Listing>>,
+    /// Whether the directory's filesystem ends a file where a short first read ends.
+    short_is_end: OnceCell<bool>,
 }
 
 impl SubDir<'_> {
@@ -355,10 +488,47 @@ impl SubDir<'_> {
         self.rel.join(name)
     }
 
+    /// What the listing says `name` is: `Some(None)` for a name (or a first component) that
+    /// the directory does not hold, `None` when the listing cannot say (no listing, a path
+    /// that starts with `.` or `..`, or a name with more components whose first is present).
+    fn listed(&self, dir: &OwnedFd, name: &str) -> Option<Option<Kind>> {
+        let listing = self.listing.get_or_init(|| Listing::read(dir, MAX_LISTED)).as_ref()?;
+        match name.split_once('/') {
+            None if !name.is_empty() && name != "." && name != ".." => Some(listing.get(name)),
+            Some((first, _)) if !first.is_empty() && first != "." && first != ".." => {
+                listing.get(first).is_none().then_some(None)
+            }
+            _ => None,
+        }
+    }
+
     /// As [`Sysroot::read_bytes_opt_max`] for `rel()/name`.
     pub fn read_bytes_opt_max(&self, name: &str, max: usize) -> Result<Option<Vec<u8>>, SysrootError> {
         let Some(dir) = &self.fd else { return self.sys.read_bytes_opt_max(self.join(name), max) };
         let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NONBLOCK | OFlags::NOCTTY;
+        match self.listed(dir, name) {
+            Some(None) => return Ok(None),
+            Some(Some(Kind::Other(t))) => {
+                return Err(SysrootError::NotRegular { path: self.join(name), kind: kind_name(t) })
+            }
+            Some(Some(Kind::Link)) => return self.sys.read_bytes_opt_max(self.join(name), max),
+            Some(Some(Kind::File)) => {
+                // No symlink, no mount crossing: the file is the listed one's kind of file
+                // on the directory's own filesystem, or the root decides.
+                let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_XDEV;
+                return match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
+                    Ok(fd) => {
+                        let short_is_end = *self
+                            .short_is_end
+                            .get_or_init(|| rustix::fs::fstatfs(dir).is_ok_and(|s| short_read_is_end(s.f_type as u32)));
+                        read_listed(fd, max, short_is_end, &|| self.join(name)).map(Some)
+                    }
+                    Err(rustix::io::Errno::NOENT) => Ok(None),
+                    Err(_) => self.sys.read_bytes_opt_max(self.join(name), max),
+                };
+            }
+            Some(Some(Kind::Unknown)) | None => {}
+        }
         let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH;
         match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
             Ok(fd) => read_open(fd, max, &|| self.join(name)).map(Some),
@@ -377,6 +547,11 @@ impl SubDir<'_> {
     /// As [`Sysroot::resolve_link`] for `rel()/name`.
     pub fn resolve_link(&self, name: &str) -> Result<Option<PathBuf>, SysrootError> {
         let Some(dir) = &self.fd else { return self.sys.resolve_link(self.join(name)) };
+        match self.listed(dir, name) {
+            // Absent, or present and not a symlink.
+            Some(None) | Some(Some(Kind::File | Kind::Other(_))) => return Ok(None),
+            Some(Some(Kind::Link | Kind::Unknown)) | None => {}
+        }
         match rustix::fs::readlinkat(dir, name, Vec::new()) {
             Ok(t) => {
                 let target =
@@ -634,6 +809,136 @@ mod tests {
         assert!(r.open_walk(Path::new("x/fifo"), OFlags::RDONLY | OFlags::NONBLOCK).is_ok());
         assert!(r.open_walk(Path::new("x/dirlink"), OFlags::RDONLY | OFlags::DIRECTORY).is_ok());
         assert!(r.open_walk(Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY).is_ok());
+    }
+
+    fn mkfifo(p: &Path) {
+        assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success());
+    }
+
+    #[test]
+    fn a_subdir_answers_absent_names_and_non_files_from_its_listing() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("sys/dev");
+        fs::create_dir_all(dev.join("real")).unwrap();
+        fs::write(dev.join("vendor"), "0x8086\n").unwrap();
+        fs::write(dev.join("real/size"), "4096\n").unwrap();
+        fs::write(dev.join("large"), vec![b'x'; 5000]).unwrap();
+        mkfifo(&dev.join("fifo"));
+        std::os::unix::fs::symlink("vendor", dev.join("link")).unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("sys/dev");
+        assert_eq!(sub.read_opt("vendor").unwrap().unwrap(), "0x8086");
+        // Created after the listing: the listing is what the directory held.
+        fs::write(dev.join("late"), "1\n").unwrap();
+        fs::create_dir_all(dev.join("later")).unwrap();
+        fs::write(dev.join("later/size"), "1\n").unwrap();
+        assert!(sub.read_opt("late").unwrap().is_none(), "an absent name costs no open");
+        assert!(sub.read_opt("later/size").unwrap().is_none(), "nor does a path below an absent name");
+        assert!(sub.resolve_link("late").unwrap().is_none());
+        assert_eq!(sub.read_opt("real/size").unwrap().unwrap(), "4096", "a name with '/' below a listed one");
+        let kind = |name: &str| match sub.read_bytes_opt_max(name, MAX_ATTR) {
+            Err(SysrootError::NotRegular { path, kind }) => {
+                assert_eq!(path, Path::new("sys/dev").join(name));
+                kind
+            }
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(kind("fifo"), "a FIFO");
+        assert_eq!(kind("real"), "a directory");
+        assert_eq!(sub.read_opt("link").unwrap().unwrap(), "0x8086", "a symlink reads through the root");
+        assert_eq!(sub.resolve_link("link").unwrap().unwrap(), Path::new("sys/dev/vendor"));
+        assert!(sub.resolve_link("vendor").unwrap().is_none(), "a regular file is not a link");
+        assert!(matches!(sub.read_bytes_opt_max("large", 4999), Err(SysrootError::TooLarge { max: 4999, .. })));
+        assert_eq!(sub.read_bytes_opt_max("large", 5000).unwrap().unwrap().len(), 5000);
+        assert!(matches!(sub.read_bytes_opt_max("vendor", 6), Err(SysrootError::TooLarge { max: 6, .. })));
+        assert_eq!(sub.read_bytes_opt_max("vendor", 7).unwrap().unwrap(), b"0x8086\n");
+    }
+
+    #[test]
+    fn names_of_unknown_type_are_asked_for_as_without_a_listing() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("sys/dev");
+        fs::create_dir_all(dev.join("real")).unwrap();
+        fs::write(dev.join("vendor"), "0x8086\n").unwrap();
+        mkfifo(&dev.join("fifo"));
+        std::os::unix::fs::symlink("vendor", dev.join("link")).unwrap();
+        std::os::unix::fs::symlink("loop", dev.join("loop")).unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("sys/dev");
+        // What a filesystem without d_type lists: every name, no kind.
+        let mut listing = Listing::read(sub.fd.as_ref().unwrap(), MAX_LISTED).unwrap();
+        listing.entries.iter_mut().for_each(|e| e.2 = Kind::Unknown);
+        sub.listing.set(Some(listing)).unwrap();
+        for name in ["vendor", "fifo", "real", "link", "loop", "absent"] {
+            let rel = Path::new("sys/dev").join(name);
+            let (a, b) = (sub.read_bytes_opt_max(name, MAX_ATTR), r.read_bytes_opt_max(&rel, MAX_ATTR));
+            assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name}");
+            assert_eq!(format!("{:?}", sub.resolve_link(name)), format!("{:?}", r.resolve_link(&rel)), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_directory_too_big_to_list_is_read_name_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            fs::write(d.path().join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("");
+        assert!(Listing::read(sub.fd.as_ref().unwrap(), 4).is_none(), "5 entries, limit 4");
+        // A listing reads the directory from its start: a second one needs a fresh open.
+        let l = Listing::read(r.subdir("").fd.as_ref().unwrap(), 5).unwrap();
+        assert_eq!(l.get("f4"), Some(Kind::File));
+        assert_eq!(l.get("f5"), None);
+        sub.listing.set(None).unwrap();
+        fs::write(d.path().join("late"), "x\n").unwrap();
+        assert_eq!(sub.read_opt("late").unwrap().unwrap(), "x", "without a listing every name is opened");
+    }
+
+    #[test]
+    fn a_file_swapped_after_the_listing_ends_in_bounded_time() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("dev");
+        fs::create_dir_all(&dev).unwrap();
+        for name in ["a", "b", "c", "e"] {
+            fs::write(dev.join(name), "1\n").unwrap();
+        }
+        fs::write(d.path().join("target"), "outside\n").unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("dev");
+        assert_eq!(sub.read_opt("e").unwrap().unwrap(), "1");
+        // Listed as regular files, each now something else.
+        fs::remove_file(dev.join("a")).unwrap();
+        mkfifo(&dev.join("a"));
+        fs::remove_file(dev.join("b")).unwrap();
+        fs::create_dir(dev.join("b")).unwrap();
+        fs::remove_file(dev.join("c")).unwrap();
+        std::os::unix::fs::symlink("/target", dev.join("c")).unwrap();
+        fs::remove_file(dev.join("e")).unwrap();
+        let e = sub.read_bytes_opt_max("a", MAX_ATTR).unwrap_err();
+        assert!(matches!(e, SysrootError::NotRegular { kind: "a FIFO", .. }), "{e}");
+        assert!(matches!(sub.read_bytes_opt_max("b", MAX_ATTR), Err(SysrootError::Io { .. })));
+        assert_eq!(sub.read_opt("c").unwrap().unwrap(), "outside", "a symlink resolves inside the root");
+        assert!(sub.read_opt("e").unwrap().is_none(), "a file gone since the listing is absent");
+    }
+
+    #[test]
+    fn a_short_read_ends_the_file_only_where_the_filesystem_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("f"), vec![b'y'; 9000]).unwrap();
+        fs::write(d.path().join("s"), "short\n").unwrap();
+        fs::write(d.path().join("empty"), "").unwrap();
+        let open = |n: &str| OwnedFd::from(fs::File::open(d.path().join(n)).unwrap());
+        let name = || PathBuf::from("f");
+        for short_is_end in [false, true] {
+            assert_eq!(read_listed(open("f"), 9000, short_is_end, &name).unwrap().len(), 9000);
+            assert!(matches!(read_listed(open("f"), 8999, short_is_end, &name), Err(SysrootError::TooLarge { .. })));
+            assert_eq!(read_listed(open("s"), 4096, short_is_end, &name).unwrap(), b"short\n");
+            assert!(read_listed(open("empty"), 4096, short_is_end, &name).unwrap().is_empty());
+        }
+        assert!(short_read_is_end(0x6265_6572), "sysfs");
+        assert!(!short_read_is_end(rustix::fs::PROC_SUPER_MAGIC as u32), "procfs seq files return records");
+        assert!(!short_read_is_end(rustix::fs::NFS_SUPER_MAGIC as u32));
     }
 
     #[test]
