@@ -6,6 +6,7 @@
 //! escapes the root; attribute parsing with errors that name the file and what was wrong.
 //! Must not: interpret what the attributes mean (that is `pci::topology` and `platform`).
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::fs;
 use std::io;
@@ -25,6 +26,9 @@ pub const MAX_DIR_ENTRIES: usize = 1 << 20;
 /// The most entries a [`SubDir`] keeps in memory to answer lookups without a system call; a
 /// bigger directory is read the way the root reads it, name by name.
 pub const MAX_LISTED: usize = 4096;
+/// The most entries a listing is kept for after its [`SubDir`] is gone (a PCI function's
+/// directory holds a few dozen), so that what is kept grows with the number of directories only.
+pub const MAX_KEPT: usize = 256;
 
 /// An error reading the sysroot. Each names the file (relative to the root) and the cause.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +203,16 @@ impl Sysroot {
         SubDir { sys: self, rel, fd, listing: OnceCell::new(), short_is_end: OnceCell::new() }
     }
 
+    /// As [`Sysroot::subdir`], answering from `listing` (what [`SubDir::into_listing`] kept of
+    /// the same directory) instead of listing it again.
+    pub fn subdir_listed<'s>(&'s self, rel: impl Into<PathBuf>, listing: Option<&'s Listing>) -> SubDir<'s> {
+        let sub = self.subdir(rel);
+        if let Some(l) = listing {
+            let _ = sub.listing.set(Some(Cow::Borrowed(l)));
+        }
+        sub
+    }
+
     /// Reads a binary file (at most [`MAX_ATTR`] bytes). `Ok(None)` if it does not exist.
     pub fn read_bytes_opt(&self, rel: impl AsRef<Path>) -> Result<Option<Vec<u8>>, SysrootError> {
         self.read_bytes_opt_max(rel, MAX_ATTR)
@@ -357,11 +371,18 @@ fn read_listed(
     use std::io::Read;
     const PAGE: usize = 4096;
     let err = |e: io::Error| SysrootError::Io { path: rel(), source: e };
-    let mut f = fs::File::from(fd);
+    // The first read lands on the stack: the result is allocated at its size.
+    let mut first_buf = [MaybeUninit::<u8>::uninit(); PAGE + 1];
     let first = max.saturating_add(1).min(PAGE + 1);
-    let mut buf = vec![0u8; first];
-    let n = f.read(&mut buf).map_err(err)?;
-    buf.truncate(n);
+    let mut buf = loop {
+        match rustix::io::read(&fd, &mut first_buf[..first]) {
+            Ok((got, _)) => break got.to_vec(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(err(e.into())),
+        }
+    };
+    let n = buf.len();
+    let mut f = fs::File::from(fd);
     if n == 0 {
         let m = f.metadata().map_err(err)?;
         if !m.is_file() {
@@ -374,7 +395,7 @@ fn read_listed(
     if short_is_end && n < first && n < PAGE {
         return Ok(buf);
     }
-    (&mut f).take((max + 1 - n) as u64).read_to_end(&mut buf).map_err(err)?;
+    (&mut f).take((max as u64).saturating_add(1) - n as u64).read_to_end(&mut buf).map_err(err)?;
     if buf.len() > max {
         return Err(SysrootError::TooLarge { path: rel(), max });
     }
@@ -404,12 +425,15 @@ enum Kind {
     Unknown,
 }
 
-/// The names in one directory with their kinds, sorted, all names in one string.
-#[derive(Debug, Default)]
-struct Listing {
+/// The names in one directory with their kinds, sorted, all names in one string (kept from a
+/// [`SubDir`] by [`SubDir::into_listing`]).
+#[derive(Debug, Default, Clone)]
+pub struct Listing {
     names: String,
     /// (start, end) of the name in `names`, and its kind.
     entries: Vec<(u32, u32, Kind)>,
+    /// Names that are not UTF-8 were left out.
+    lossy: bool,
 }
 
 impl Listing {
@@ -426,7 +450,10 @@ impl Listing {
                 continue;
             }
             // A name that is not UTF-8 is never asked for (names are `&str`).
-            let Ok(name) = std::str::from_utf8(name) else { continue };
+            let Ok(name) = std::str::from_utf8(name) else {
+                l.lossy = true;
+                continue;
+            };
             if l.entries.len() >= limit {
                 return None;
             }
@@ -445,10 +472,26 @@ impl Listing {
         Some(l)
     }
 
+    fn name(&self, e: &(u32, u32, Kind)) -> &str {
+        &self.names[e.0 as usize..e.1 as usize]
+    }
+
     /// The kind of `name`, `None` when the directory does not hold it.
     fn get(&self, name: &str) -> Option<Kind> {
-        let at = |e: &(u32, u32, Kind)| &self.names[e.0 as usize..e.1 as usize];
-        self.entries.binary_search_by(|e| at(e).cmp(name)).ok().map(|i| self.entries[i].2)
+        self.entries.binary_search_by(|e| self.name(e).cmp(name)).ok().map(|i| self.entries[i].2)
+    }
+
+    /// The entries as [`Sysroot::entries`] gives them, `None` when a kind is unknown or a name
+    /// was left out.
+    fn dir_entries(&self) -> Option<Vec<DirEntry>> {
+        if self.lossy {
+            return None;
+        }
+        let entry = |e: &(u32, u32, Kind)| match e.2 {
+            Kind::Unknown => None,
+            k => Some(DirEntry { name: self.name(e).to_string(), is_dir: k == Kind::Other(FileType::Directory) }),
+        };
+        self.entries.iter().map(entry).collect()
     }
 }
 
@@ -471,13 +514,34 @@ pub struct SubDir<'s> {
     rel: PathBuf,
     /// `None` when the directory could not be opened: every read goes through the root.
     fd: Option<OwnedFd>,
-    /// The listing, read on first use; `None` inside when it could not be had.
-    listing: OnceCell<Option<Listing>>,
+    /// The listing, read on first use (or handed over); `None` inside when it could not be had.
+    listing: OnceCell<Option<Cow<'s, Listing>>>,
     /// Whether the directory's filesystem ends a file where a short first read ends.
     short_is_end: OnceCell<bool>,
 }
 
-impl SubDir<'_> {
+impl<'s> SubDir<'s> {
+    /// The listing, read on first use.
+    fn listing(&self, dir: &OwnedFd) -> Option<&Listing> {
+        self.listing.get_or_init(|| Listing::read(dir, MAX_LISTED).map(Cow::Owned)).as_deref()
+    }
+
+    /// As [`Sysroot::entries`] for `rel()`, from the listing where it has every entry's kind.
+    pub fn entries(&self) -> Result<Option<Vec<DirEntry>>, SysrootError> {
+        match self.fd.as_ref().and_then(|dir| self.listing(dir)?.dir_entries()) {
+            Some(v) => Ok(Some(v)),
+            None => self.sys.entries(&self.rel),
+        }
+    }
+
+    /// Closes the directory and keeps its listing (when it was read and holds at most
+    /// [`MAX_KEPT`] entries), for a later [`Sysroot::subdir_listed`] of the same directory:
+    /// that one answers from what the directory held now.
+    pub fn into_listing(self) -> Option<Listing> {
+        let l = self.listing.into_inner().flatten()?;
+        (l.entries.len() <= MAX_KEPT).then(|| l.into_owned())
+    }
+
     /// The directory, relative to the root.
     pub fn rel(&self) -> &Path {
         &self.rel
@@ -492,7 +556,7 @@ impl SubDir<'_> {
     /// the directory does not hold, `None` when the listing cannot say (no listing, a path
     /// that starts with `.` or `..`, or a name with more components whose first is present).
     fn listed(&self, dir: &OwnedFd, name: &str) -> Option<Option<Kind>> {
-        let listing = self.listing.get_or_init(|| Listing::read(dir, MAX_LISTED)).as_ref()?;
+        let listing = self.listing(dir)?;
         match name.split_once('/') {
             None if !name.is_empty() && name != "." && name != ".." => Some(listing.get(name)),
             Some((first, _)) if !first.is_empty() && first != "." && first != ".." => {
@@ -864,17 +928,45 @@ mod tests {
         std::os::unix::fs::symlink("vendor", dev.join("link")).unwrap();
         std::os::unix::fs::symlink("loop", dev.join("loop")).unwrap();
         let r = Sysroot::open(d.path()).unwrap();
-        let sub = r.subdir("sys/dev");
         // What a filesystem without d_type lists: every name, no kind.
-        let mut listing = Listing::read(sub.fd.as_ref().unwrap(), MAX_LISTED).unwrap();
+        let mut listing = Listing::read(r.subdir("sys/dev").fd.as_ref().unwrap(), MAX_LISTED).unwrap();
         listing.entries.iter_mut().for_each(|e| e.2 = Kind::Unknown);
-        sub.listing.set(Some(listing)).unwrap();
+        let sub = r.subdir_listed("sys/dev", Some(&listing));
+        assert_eq!(sub.entries().unwrap(), r.entries("sys/dev").unwrap(), "entries of unknown kind are asked for");
         for name in ["vendor", "fifo", "real", "link", "loop", "absent"] {
             let rel = Path::new("sys/dev").join(name);
             let (a, b) = (sub.read_bytes_opt_max(name, MAX_ATTR), r.read_bytes_opt_max(&rel, MAX_ATTR));
             assert_eq!(format!("{a:?}"), format!("{b:?}"), "{name}");
             assert_eq!(format!("{:?}", sub.resolve_link(name)), format!("{:?}", r.resolve_link(&rel)), "{name}");
         }
+    }
+
+    #[test]
+    fn a_kept_listing_answers_as_the_directory_did() {
+        let d = tempfile::tempdir().unwrap();
+        let dev = d.path().join("dev");
+        fs::create_dir_all(dev.join("sub")).unwrap();
+        fs::write(dev.join("vendor"), "0x8086\n").unwrap();
+        mkfifo(&dev.join("fifo"));
+        std::os::unix::fs::symlink("vendor", dev.join("link")).unwrap();
+        let r = Sysroot::open(d.path()).unwrap();
+        let sub = r.subdir("dev");
+        assert_eq!(sub.entries().unwrap(), r.entries("dev").unwrap());
+        let kept = sub.into_listing().expect("a small directory's listing is kept");
+        fs::write(dev.join("late"), "1\n").unwrap();
+        let again = r.subdir_listed("dev", Some(&kept));
+        assert_eq!(again.read_opt("vendor").unwrap().unwrap(), "0x8086");
+        assert!(again.read_opt("late").unwrap().is_none(), "the kept listing is what the directory held");
+        assert!(matches!(again.read_opt("fifo"), Err(SysrootError::NotRegular { kind: "a FIFO", .. })));
+        assert_eq!(again.link_name("link").unwrap().unwrap(), "vendor");
+        assert!(r.subdir_listed("dev", None).read_opt("late").unwrap().is_some());
+        assert!(r.subdir("none").entries().unwrap().is_none(), "an absent directory has no entries");
+        for i in 0..=MAX_KEPT {
+            fs::write(dev.join(format!("f{i}")), "").unwrap();
+        }
+        let big = r.subdir("dev");
+        assert_eq!(big.entries().unwrap(), r.entries("dev").unwrap());
+        assert!(big.into_listing().is_none(), "more than MAX_KEPT entries are not kept");
     }
 
     #[test]
