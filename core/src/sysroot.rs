@@ -219,10 +219,21 @@ impl Sysroot {
     }
 
     pub(crate) fn text(rel: &Path, b: Vec<u8>) -> Result<String, SysrootError> {
+        Self::text_of(b, || rel.to_path_buf())
+    }
+
+    /// `b` as text, trimmed in place; `rel` names the file when it is not UTF-8.
+    fn text_of(b: Vec<u8>, rel: impl FnOnce() -> PathBuf) -> Result<String, SysrootError> {
         match String::from_utf8(b) {
-            Ok(s) => Ok(s.trim_end_matches(['\n', '\0']).trim().to_string()),
+            Ok(mut s) => {
+                let t = s.trim_end_matches(['\n', '\0']).trim();
+                let (start, len) = (t.as_ptr() as usize - s.as_ptr() as usize, t.len());
+                s.truncate(start + len);
+                s.drain(..start);
+                Ok(s)
+            }
             Err(e) => Err(SysrootError::Malformed {
-                path: rel.to_path_buf(),
+                path: rel(),
                 why: "not UTF-8 text".into(),
                 content: String::from_utf8_lossy(e.as_bytes()).chars().take(40).collect(),
             }),
@@ -442,7 +453,7 @@ impl Listing {
     fn read(dir: &OwnedFd, limit: usize) -> Option<Listing> {
         let mut buf = [MaybeUninit::<u8>::uninit(); 8192];
         let mut raw = rustix::fs::RawDir::new(dir, &mut buf);
-        let mut l = Listing::default();
+        let mut l = Listing { names: String::with_capacity(512), entries: Vec::with_capacity(32), lossy: false };
         while let Some(ent) = raw.next() {
             let ent = ent.ok()?;
             let name = ent.file_name().to_bytes();
@@ -480,19 +491,6 @@ impl Listing {
     fn get(&self, name: &str) -> Option<Kind> {
         self.entries.binary_search_by(|e| self.name(e).cmp(name)).ok().map(|i| self.entries[i].2)
     }
-
-    /// The entries as [`Sysroot::entries`] gives them, `None` when a kind is unknown or a name
-    /// was left out.
-    fn dir_entries(&self) -> Option<Vec<DirEntry>> {
-        if self.lossy {
-            return None;
-        }
-        let entry = |e: &(u32, u32, Kind)| match e.2 {
-            Kind::Unknown => None,
-            k => Some(DirEntry { name: self.name(e).to_string(), is_dir: k == Kind::Other(FileType::Directory) }),
-        };
-        self.entries.iter().map(entry).collect()
-    }
 }
 
 /// A directory of a [`Sysroot`] opened once (a device's sysfs directory): a file in it, or in a
@@ -526,12 +524,15 @@ impl<'s> SubDir<'s> {
         self.listing.get_or_init(|| Listing::read(dir, MAX_LISTED).map(Cow::Owned)).as_deref()
     }
 
-    /// As [`Sysroot::entries`] for `rel()`, from the listing where it has every entry's kind.
-    pub fn entries(&self) -> Result<Option<Vec<DirEntry>>, SysrootError> {
-        match self.fd.as_ref().and_then(|dir| self.listing(dir)?.dir_entries()) {
-            Some(v) => Ok(Some(v)),
-            None => self.sys.entries(&self.rel),
+    /// The names of the subdirectories (symlinks not followed), sorted: the directories among
+    /// [`Sysroot::entries`] of `rel()`, from the listing where it has every entry's kind.
+    pub fn subdirs(&self) -> Result<Option<Vec<String>>, SysrootError> {
+        let listed = self.fd.as_ref().and_then(|dir| self.listing(dir)).filter(|l| !l.lossy);
+        if let Some(l) = listed.filter(|l| l.entries.iter().all(|e| e.2 != Kind::Unknown)) {
+            let dirs = l.entries.iter().filter(|e| e.2 == Kind::Other(FileType::Directory));
+            return Ok(Some(dirs.map(|e| l.name(e).to_string()).collect()));
         }
+        Ok(self.sys.entries(&self.rel)?.map(|v| v.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect()))
     }
 
     /// Closes the directory and keeps its listing (when it was read and holds at most
@@ -605,7 +606,7 @@ impl<'s> SubDir<'s> {
 
     /// As [`Sysroot::read_opt`] for `rel()/name`.
     pub fn read_opt(&self, name: &str) -> Result<Option<String>, SysrootError> {
-        self.read_bytes_opt_max(name, MAX_ATTR)?.map(|b| Sysroot::text(&self.join(name), b)).transpose()
+        self.read_bytes_opt_max(name, MAX_ATTR)?.map(|b| Sysroot::text_of(b, || self.join(name))).transpose()
     }
 
     /// As [`Sysroot::resolve_link`] for `rel()/name`.
@@ -932,7 +933,12 @@ mod tests {
         let mut listing = Listing::read(r.subdir("sys/dev").fd.as_ref().unwrap(), MAX_LISTED).unwrap();
         listing.entries.iter_mut().for_each(|e| e.2 = Kind::Unknown);
         let sub = r.subdir_listed("sys/dev", Some(&listing));
-        assert_eq!(sub.entries().unwrap(), r.entries("sys/dev").unwrap(), "entries of unknown kind are asked for");
+        let dirs = |v: Option<Vec<DirEntry>>| v.map(|v| v.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect());
+        assert_eq!(
+            sub.subdirs().unwrap(),
+            dirs(r.entries("sys/dev").unwrap()),
+            "entries of unknown kind are asked for"
+        );
         for name in ["vendor", "fifo", "real", "link", "loop", "absent"] {
             let rel = Path::new("sys/dev").join(name);
             let (a, b) = (sub.read_bytes_opt_max(name, MAX_ATTR), r.read_bytes_opt_max(&rel, MAX_ATTR));
@@ -950,8 +956,10 @@ mod tests {
         mkfifo(&dev.join("fifo"));
         std::os::unix::fs::symlink("vendor", dev.join("link")).unwrap();
         let r = Sysroot::open(d.path()).unwrap();
+        let dirs = |v: Option<Vec<DirEntry>>| v.map(|v| v.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect());
         let sub = r.subdir("dev");
-        assert_eq!(sub.entries().unwrap(), r.entries("dev").unwrap());
+        assert_eq!(sub.subdirs().unwrap(), Some(vec!["sub".to_string()]));
+        assert_eq!(sub.subdirs().unwrap(), dirs(r.entries("dev").unwrap()));
         let kept = sub.into_listing().expect("a small directory's listing is kept");
         fs::write(dev.join("late"), "1\n").unwrap();
         let again = r.subdir_listed("dev", Some(&kept));
@@ -960,12 +968,12 @@ mod tests {
         assert!(matches!(again.read_opt("fifo"), Err(SysrootError::NotRegular { kind: "a FIFO", .. })));
         assert_eq!(again.link_name("link").unwrap().unwrap(), "vendor");
         assert!(r.subdir_listed("dev", None).read_opt("late").unwrap().is_some());
-        assert!(r.subdir("none").entries().unwrap().is_none(), "an absent directory has no entries");
+        assert!(r.subdir("none").subdirs().unwrap().is_none(), "an absent directory has no entries");
         for i in 0..=MAX_KEPT {
             fs::write(dev.join(format!("f{i}")), "").unwrap();
         }
         let big = r.subdir("dev");
-        assert_eq!(big.entries().unwrap(), r.entries("dev").unwrap());
+        assert_eq!(big.subdirs().unwrap(), dirs(r.entries("dev").unwrap()));
         assert!(big.into_listing().is_none(), "more than MAX_KEPT entries are not kept");
     }
 
@@ -1040,5 +1048,9 @@ mod tests {
         let r = Sysroot::open(d.path()).unwrap();
         assert!(r.read_opt("vendor").is_err());
         assert_eq!(r.read_lossy_opt("vendor").unwrap().unwrap(), "Gigabyte \u{fffd}\u{fffd} Inc");
+        let text = |b: &[u8]| Sysroot::text(Path::new("x"), b.to_vec()).unwrap();
+        assert_eq!(text(b"  a b \n\0"), "a b");
+        assert_eq!(text(b"\n\0"), "");
+        assert_eq!(text(b"\t\xc3\xa9\n"), "\u{e9}");
     }
 }

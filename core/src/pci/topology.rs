@@ -405,14 +405,11 @@ fn walk_tree(
     }
     // The directory is closed before the walk goes deeper: open directories do not pile up.
     let sub = sys.subdir(dir);
-    let entries = sub.entries()?.unwrap_or_default();
+    let subdirs = sub.subdirs()?.unwrap_or_default();
     let listing = sub.into_listing();
-    for e in entries {
-        let Ok(bdf) = e.name.parse::<Bdf>() else { continue };
-        if !e.is_dir {
-            continue;
-        }
-        let p = dir.join(&e.name);
+    for name in subdirs {
+        let Ok(bdf) = name.parse::<Bdf>() else { continue };
+        let p = dir.join(&name);
         match raws.get_mut(&bdf) {
             Some(r) if r.dir == p => r.in_tree = true,
             Some(r) => {
