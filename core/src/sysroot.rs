@@ -578,8 +578,8 @@ impl<'s> SubDir<'s> {
             }
             Some(Some(Kind::Link)) => return self.sys.read_bytes_opt_max(self.join(name), max),
             Some(Some(Kind::File)) => {
-                // No symlink, no mount crossing: the file is the listed one's kind of file
-                // on the directory's own filesystem, or the root decides.
+                // No symlink and no mount crossing: what opens lies on the directory's own
+                // filesystem, whose `short_is_end` holds for it; anything else the root decides.
                 let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH | ResolveFlags::NO_XDEV;
                 return match rustix::fs::openat2(dir, name, flags, Mode::empty(), resolve) {
                     Ok(fd) => {
