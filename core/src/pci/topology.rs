@@ -13,7 +13,9 @@ use crate::addr::{AddrRange, BarWindow, BusAddr, CpuPhys};
 use crate::pci::bdf::Bdf;
 use crate::pci::config::{Acs, BarReg, ConfigError, ConfigInfo, Pcie, PortType};
 use crate::platform::Platform;
-use crate::sysroot::{malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, SubDir, Sysroot, SysrootError};
+use crate::sysroot::{
+    malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Listing, SubDir, Sysroot, SysrootError,
+};
 
 /// IOMMU group, p2pmem pool and SR-IOV physical function of one device.
 type Extras = (Option<IommuGroup>, Option<P2pmem>, Option<DevIdx>);
@@ -301,6 +303,8 @@ struct RawDev {
     linked: bool,
     /// Its directory was found in the `sys/devices` tree.
     in_tree: bool,
+    /// Its directory's listing from the walk, so that reading it does not list it again.
+    listing: Option<Listing>,
 }
 
 /// How deep PCI bridges may nest below a host bridge (a bus number is 8 bits).
@@ -382,7 +386,8 @@ fn host_bridge_dirs(sys: &Sysroot) -> Result<Vec<PathBuf>, TopologyError> {
 }
 
 /// Walks one host bridge's directory tree: every subdirectory named like a PCI function is one,
-/// and its parent directory's function is its upstream bridge.
+/// and its parent directory's function is its upstream bridge. Returns `dir`'s listing, kept for
+/// reading the function's attributes.
 #[allow(clippy::too_many_arguments)]
 fn walk_tree(
     sys: &Sysroot,
@@ -393,17 +398,18 @@ fn walk_tree(
     depth: usize,
     raws: &mut BTreeMap<Bdf, RawDev>,
     warnings: &mut Vec<String>,
-) -> Result<(), TopologyError> {
+) -> Result<Option<Listing>, TopologyError> {
     if depth > MAX_PCI_DEPTH {
         warnings.push(format!("{}: PCI hierarchy deeper than {MAX_PCI_DEPTH} levels: not followed", dir.display()));
-        return Ok(());
+        return Ok(None);
     }
-    for e in sys.entries(dir)?.unwrap_or_default() {
-        let Ok(bdf) = e.name.parse::<Bdf>() else { continue };
-        if !e.is_dir {
-            continue;
-        }
-        let p = dir.join(&e.name);
+    // The directory is closed before the walk goes deeper: open directories do not pile up.
+    let sub = sys.subdir(dir);
+    let subdirs = sub.subdirs()?.unwrap_or_default();
+    let listing = sub.into_listing();
+    for name in subdirs {
+        let Ok(bdf) = name.parse::<Bdf>() else { continue };
+        let p = dir.join(&name);
         match raws.get_mut(&bdf) {
             Some(r) if r.dir == p => r.in_tree = true,
             Some(r) => {
@@ -425,13 +431,17 @@ fn walk_tree(
                         parent_bdf: parent,
                         linked: false,
                         in_tree: true,
+                        listing: None,
                     },
                 );
             }
         }
-        walk_tree(sys, host_dir, host_name, &p, Some(bdf), depth + 1, raws, warnings)?;
+        let listing = walk_tree(sys, host_dir, host_name, &p, Some(bdf), depth + 1, raws, warnings)?;
+        if let Some(r) = raws.get_mut(&bdf) {
+            r.listing = listing;
+        }
     }
-    Ok(())
+    Ok(listing)
 }
 
 /// Reads an attribute whose absence or unreadability makes one fact unknown (noted with the
@@ -681,7 +691,16 @@ impl Topology {
         }
         let parent_bdf = chain.len().checked_sub(2).map(|i| chain[i]);
         let host_dir: PathBuf = comps[..=hb].iter().collect();
-        Ok(RawDev { bdf, dir, host_bridge: comps[hb].clone(), host_dir, parent_bdf, linked: true, in_tree: false })
+        Ok(RawDev {
+            bdf,
+            dir,
+            host_bridge: comps[hb].clone(),
+            host_dir,
+            parent_bdf,
+            linked: true,
+            in_tree: false,
+            listing: None,
+        })
     }
 
     /// The config space, or an unknown one (with the reason) when the file is absent or unreadable.
@@ -718,7 +737,7 @@ impl Topology {
         parent: Option<DevIdx>,
         index: &HashMap<Bdf, DevIdx>,
     ) -> Result<PciDevice, TopologyError> {
-        let dir = sys.subdir(&r.dir);
+        let dir = sys.subdir_listed(&r.dir, r.listing.as_ref());
         let d = &dir;
         let mut unknown = Vec::new();
         let opt_hex = |name: &str, bits: u32| -> Result<Option<u64>, TopologyError> {
