@@ -376,9 +376,8 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
 
 /// A batch whose commands outlive the loader's timeout (5 ms; QEMU limits the drive to 20
 /// requests/s, ~50 ms a command) ends with the driver's typed timeout after the controller was
-/// disabled (no buffer is released while it may still write);
-/// the namespace handle then serves a loader with a sane timeout, whose batch re-creates the
-/// queues and delivers the right bytes.
+/// disabled (no buffer is released while it may still write); the namespace handle then serves a
+/// loader with a sane timeout, whose batch re-creates the queues and delivers the right bytes.
 #[test]
 fn vfio_timeout_ends_an_async_batch_with_a_typed_error_after_a_quiesce() {
     use peermem_loader::{Batch, Dest, LoadError, Loader, Options};

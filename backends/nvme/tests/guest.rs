@@ -633,9 +633,9 @@ fn vfio_many_mixed_commands_in_flight_every_byte_checked() {
 }
 
 /// A timeout mid-stream: QEMU limits the drive to 20 requests/s (a command waits ~50 ms) and the
-/// driver's bound is 5 ms, so a batch of reads fails with `Timeout` while commands are in flight. The driver must have stopped the controller
-/// before returning: the buffer it was reading into is then filled with a marker and released,
-/// and no byte of it changes afterwards (no late DMA). A new transfer (normal timeout) into a
+/// driver's bound is 5 ms, so a batch of reads fails with `Timeout` while commands are in flight.
+/// The driver must have stopped the controller before returning: the buffer it was reading into
+/// is then filled with a marker and released, and no byte of it changes afterwards (no late DMA). A new transfer (normal timeout) into a
 /// new buffer re-creates the queues, sees no stale completion (every completion matches one of
 /// its own commands by id) and delivers the right data.
 #[test]
