@@ -53,23 +53,9 @@ impl<V> SpanSet<V> {
         if a >= HIGH {
             return in_rec(self.set.high(t)?.find(a)?, a);
         }
-        // The common shapes, unrolled: a root slot's node, a 1 GiB slot pointing at a node whose
-        // 2 MiB slot (or, one level down, 4 KiB slot) is wholly covered by one span. Everything
-        // else (a span's ragged edge, sub-page spans, empty slots) finishes in `walk`.
-        let View::Node(top) = self.set.top(t, a >> ROOT_SHIFT)? else { return None };
-        let shift = ROOT_SHIFT - FANOUT_BITS;
-        let View::Node(mid) = top.slot(slot_index(a, shift)) else {
-            return walk(top.slot(slot_index(a, shift)), a, shift);
-        };
-        let shift = shift - FANOUT_BITS;
-        match mid.slot(slot_index(a, shift)) {
-            View::Span { start, full: true, rec } => Some((start, &rec.val)),
-            View::Node(page) => match page.slot(slot_index(a, PAGE_SHIFT)) {
-                View::Span { start, full: true, rec } => Some((start, &rec.val)),
-                s => walk(s, a, PAGE_SHIFT),
-            },
-            s => walk(s, a, shift),
-        }
+        // Everything `covered` leaves (a span's ragged edge, sub-page spans, empty slots, root
+        // slots outside the inline window) is walked from the root slot down.
+        walk(self.set.top(t, a >> ROOT_SHIFT)?, a, ROOT_SHIFT)
     }
 }
 
