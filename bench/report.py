@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Turns the criterion results of `cargo bench -p peermem-bench --bench registry --bench pipeline`
-into the README's tables: loop cost subtracted, ratios to the baselines, the machine named.
+"""Turns the criterion results of `cargo bench -p peermem-bench --bench registry --bench loader`
+into the tables of bench/RESULTS.md: loop cost subtracted, ratios to the baselines, the machine named.
 
 Usage: python3 bench/report.py [TARGET_DIR]   (default: target)
 Reads TARGET/criterion/<group>/<function>/<parameter>/new/estimates.json (median, ns).
@@ -107,40 +107,15 @@ if os.path.exists(path):
             f"{d['two_readers'] / d['two_readers_alone']:.2f} of 2 readers without it"
         )
 
-print("\nBounce pipeline, 64 MiB host -> staging -> host (GB/s; x memcpy)\n")
-mem = median("pipeline", "memcpy")
-two_t = median("pipeline", "copy_2threads")
-if mem:
-    total = 64 << 20
-    gbs = lambda ns: total / ns
-    print(f"memcpy {gbs(mem):.2f} GB/s; copy_2threads {gbs(two_t):.2f} GB/s ({mem / two_t:.2f}x memcpy)\n")
-    print("| chunk | depth | pipeline GB/s | x memcpy | per-chunk overhead (empty run) |")
-    print("|---|---|---|---|---|")
-    for chunk in ("64KiB", "256KiB", "1024KiB"):
-        for depth in ("d2", "d4", "d16"):
-            p = median("pipeline", "pipeline", f"{chunk}_{depth}")
-            e = median("pipeline", "pipeline_empty", f"{chunk}_{depth}")
-            if p is None:
-                continue
-            chunks = total // (int(chunk[:-3]) << 10)
-            print(f"| {chunk} | {depth[1:]} | {gbs(p):.2f} | {mem / p:.2f} | {e / chunks / 1e3:.2f} us |")
-
-path = os.path.join(root, "pipeline", "interleaved.json")
-if os.path.exists(path):
-    with open(path) as f:
-        d = json.load(f)
-    total = 64 << 20
-    mem = d["memcpy"]
-    print(
-        f"\nInterleaved rounds, fastest of each (every variant once per round): memcpy {total / mem:.2f} GB/s, "
-        f"copy_2threads {total / d['copy_2threads']:.2f} GB/s ({mem / d['copy_2threads']:.2f}x memcpy)\n"
-    )
-    print("| chunk | depth | pipeline GB/s | x memcpy |")
-    print("|---|---|---|---|")
-    for k, ns in d.items():
-        if "_d" in k:
-            chunk, depth = k.split("_d")
-            print(f"| {chunk} | {depth} | {total / ns:.2f} | {mem / ns:.2f} |")
+print("\nLoader into host memory, 256 MiB file (`--bench loader`; GB/s)\n")
+seq = median("loader_host", "sequential_1MiB_qd16_256MiB")
+staged = median("loader_host", "staged_1MiB_qd16_256MiB")
+mem = median("loader_host", "memcpy_256MiB")
+if seq and staged and mem:
+    total = 256 << 20
+    print("| direct (O_DIRECT into the pages) | staged (the one bounce) | memcpy of as many bytes |")
+    print("|---|---|---|")
+    print(f"| {total / seq:.2f} | {total / staged:.2f} ({seq / staged:.2f}x direct) | {total / mem:.2f} |")
 
 print("\nDiscovery and verdicts (`--bench topology`)\n")
 # Criterion flattens a `bench_function` id's slashes into one directory name; a group keeps its own.

@@ -11,16 +11,16 @@
 //!             [--dest host|vulkan|vulkan-device|ivshmem|bar:BDF:BAR|p2pmem:BDF]
 //!             [--chunk N] [--depth N] [--strict] [--verify]
 //! ```
-//! `--vfio` binds the controller to vfio-pci for the run and reads through the userspace driver
-//! (the synchronous `load()`); otherwise the kernel reads (the asynchronous `Loader`).
+//! `--vfio` binds the controller to vfio-pci for the run and reads through the userspace driver;
+//! otherwise the kernel reads. Either way one `Loader` batch moves the bytes.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use peermem::{BarRegion, Bdf, HostRegion, PeerMemory, Registry, Topology};
 use peermem_examples::size;
-use peermem_loader::{load, Dest, KernelSource, LoadOptions, Loader, Options, Source, Verify};
-use peermem_nvme::{Binding, Controller, P2pmemRegion};
+use peermem_loader::{Dest, Loader, Options, Verify};
+use peermem_nvme::{Binding, BlockDevice, Controller, P2pmemRegion};
 use peermem_vulkan::{Device, DeviceKind, Placement, Select};
 
 #[derive(Default)]
@@ -72,7 +72,7 @@ fn first_namespace(topo: &Topology) -> Option<Bdf> {
         .iter()
         .filter(|d| d.class == 0x01_08_02)
         .map(|d| d.bdf)
-        .find(|&b| KernelSource::namespace(topo, b).is_ok())
+        .find(|&b| BlockDevice::open_namespace(topo, b).is_ok())
 }
 
 /// The best destination this machine has, by name.
@@ -95,9 +95,9 @@ fn run(a: Args) -> Run {
     let vk = Device::open(Select::Best).ok();
     let (path, ns) = match (&a.file, a.namespace) {
         (Some(f), _) => (f.clone(), None),
-        (None, Some(b)) => (KernelSource::namespace(&topo, b)?.path().display().to_string(), Some(b)),
+        (None, Some(b)) => (BlockDevice::open_namespace(&topo, b)?.path().display().to_string(), Some(b)),
         (None, None) => match first_namespace(&topo) {
-            Some(b) => (KernelSource::namespace(&topo, b)?.path().display().to_string(), Some(b)),
+            Some(b) => (BlockDevice::open_namespace(&topo, b)?.path().display().to_string(), Some(b)),
             None => {
                 let me = std::env::current_exe()?.display().to_string();
                 println!("nvme_to_gpu: no NVMe namespace on this machine; reading {me} instead");
@@ -106,7 +106,15 @@ fn run(a: Args) -> Run {
         },
     };
     let dest_name = a.dest.clone().unwrap_or_else(|| best_dest(&topo, vk.as_ref()).to_string());
-    let src_len = KernelSource::open(&path)?.len();
+    let mut opts = Options::from_env()?;
+    opts.strict |= a.strict;
+    opts.chunk = a.chunk.unwrap_or(opts.chunk);
+    opts.depth = a.depth.unwrap_or(opts.depth);
+    if a.verify {
+        opts.verify = Verify::Reread;
+    }
+    let loader = Loader::new(&reg, opts)?;
+    let src_len = loader.open(&path)?.len();
     let len = a.len.unwrap_or(src_len.saturating_sub(a.offset).min(64 << 20));
     println!("nvme_to_gpu: {len} bytes at {:#x} of {path} -> {dest_name}", a.offset);
 
@@ -135,32 +143,22 @@ fn run(a: Args) -> Run {
         other => return Err(format!("unknown --dest '{other}'").into()),
     };
     let guard = reg.register(region)?;
-
-    if a.vfio {
-        // The userspace driver reads: the synchronous loader programs the routed address.
-        let b = ns.ok_or("--vfio needs --namespace")?;
-        let binding = Binding::to_vfio(b)?;
-        let mut ctrl = Controller::open(&binding, &reg, 1)?;
-        let opts = LoadOptions { verify: a.verify, ..Default::default() };
-        let r = load(&mut Source::Vfio(&mut ctrl), a.offset..a.offset + len, &guard, &reg, &opts)?;
-        println!("{r}");
-        return Ok(());
-    }
-    let mut opts = Options::from_env()?;
-    opts.strict |= a.strict;
-    opts.chunk = a.chunk.unwrap_or(opts.chunk);
-    opts.depth = a.depth.unwrap_or(opts.depth);
-    if a.verify {
-        opts.verify = Verify::Reread;
-    }
-    let loader = Loader::new(&reg, opts)?;
     let dest = match (&vk_region, dest_name.as_str()) {
         (Some(v), "vulkan-device") => loader.vulkan_device_dest(&guard, vk.as_ref().ok_or("no Vulkan")?, v.clone())?,
         _ => Dest::region(&guard),
     };
-    let f = loader.open(&path)?;
-    let r = loader.read(&f, a.offset, len, &dest, 0)?;
+    // The userspace driver reads (programming the routed address), or the kernel does.
+    let binding = if a.vfio { Some(Binding::to_vfio(ns.ok_or("--vfio needs --namespace")?)?) } else { None };
+    let src = match &binding {
+        Some(b) => loader.open_nvme(Controller::open(b, &reg, 1)?)?,
+        None => loader.open(&path)?,
+    };
+    let r = loader.read(&src, a.offset, len, &dest, 0)?;
     println!("{r}");
+    drop((src, loader));
+    if let Some(b) = binding {
+        b.restore()?;
+    }
     Ok(())
 }
 

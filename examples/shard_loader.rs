@@ -125,7 +125,7 @@ fn run(a: Args) -> Result<()> {
             let b = b?;
             if batches == 0 && epoch == 0 {
                 let d = &b.report.dests[0];
-                println!("route {}, {} ({})", d.route, d.via.name(), d.method);
+                println!("route {}, {} ({})", d.route_name(), d.via.name(), d.method);
                 for r in &d.reasons {
                     println!("  why: {r}");
                 }

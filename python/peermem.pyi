@@ -152,8 +152,9 @@ class Report:
     method: str
     """How the bytes moved, in words."""
     direct: bool
-    """True when every destination's route went direct (the reading device wrote its pages):
-    only pieces O_DIRECT cannot take (unaligned edges, a short tail) went through staging."""
+    """True when every destination was planned direct (the reading device wrote its pages);
+    pieces O_DIRECT cannot take (unaligned edges, a short tail) still went through staging, as
+    `bytes_staged` says."""
     bytes_direct: int
     """Bytes the reading device wrote straight into the destinations."""
     bytes_staged: int
@@ -161,11 +162,12 @@ class Report:
     reasons: List[str]
     """The route's and the planner's reasons, then every fallback the loader took."""
     source: str
-    """The source as opened: path, O_DIRECT or buffered."""
+    """The first destination's source as opened: path, O_DIRECT or buffered, and the PCI
+    device that reads it (or why the CPU does)."""
     checksum: Optional[int]
-    """xxh3-64 of the destination bytes (`verify=True`; None otherwise)."""
+    """xxh3-64 of the first read's destination bytes (`verify=True`; None otherwise)."""
     source_checksum: Optional[int]
-    """The source range's xxh3-64, re-read through the page cache (`verify=True`)."""
+    """xxh3-64 of the first read's source range, read a second time (`verify=True`)."""
 
 class Future:
     """A pending `Loader.pread` or `Loader.pread_batch`: holds the Rust loader's ticket."""

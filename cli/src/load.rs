@@ -5,13 +5,13 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use peermem::{BarRegion, Bdf, HostRegion, PeerMemory, Registration, Registry, Topology};
 use peermem_loader::options::parse_size;
-use peermem_loader::{Batch, BatchReport, Dest, FileHandle, LoadError, Loader, Options, Verify};
+use peermem_loader::{Batch, Dest, LoadError, Loader, Options, Report, Source, Verify};
 use peermem_vulkan::{Device, Placement, Select};
 use serde_json::json;
 
@@ -139,8 +139,8 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-fn load(root: &Path, a: LoadArgs) -> Result<()> {
-    let kind = parse_dest(&a.dest)?;
+/// The loader's options: `PEERMEM_*` first, then the command line.
+fn options(a: &LoadArgs) -> Result<Options> {
     let mut opts = Options::from_env()?;
     if let Some(c) = a.chunk {
         opts.chunk = c;
@@ -153,146 +153,132 @@ fn load(root: &Path, a: LoadArgs) -> Result<()> {
         opts.verify = Verify::Reread;
     }
     opts.check()?;
-    let topo = Arc::new(Topology::discover(root).map_err(|e| anyhow!("{e}"))?);
-    let reg = Registry::new(topo.clone());
-    let loader = Loader::new(&reg, opts.clone())?;
+    Ok(opts)
+}
 
-    // The ranges, each placed at a 4096-byte boundary of the destination.
-    let mut ranges: Vec<(FileHandle, u64, u64, u64)> = Vec::new();
+/// One range to read: (source, offset, length, destination offset).
+type Range = (Source, u64, u64, u64);
+
+/// The ranges to read, each placed at a 4096-byte boundary of the destination, and the bytes
+/// the destination needs.
+fn ranges(loader: &Loader, a: &LoadArgs) -> Result<(Vec<Range>, u64)> {
+    let mut ranges = Vec::new();
     let mut total = 0u64;
     for p in &a.files {
         let f = loader.open(p)?;
-        if a.offset >= f.len() {
-            bail!(LoadError::BadRange {
-                start: a.offset,
-                end: a.offset.saturating_add(a.len.unwrap_or(0)),
-                len: f.len()
-            });
-        }
-        let len = a.len.unwrap_or(f.len() - a.offset);
-        if len == 0 || a.offset.checked_add(len).is_none_or(|e| e > f.len()) {
+        let len = a.len.unwrap_or(f.len().saturating_sub(a.offset));
+        if a.offset >= f.len() || len == 0 || a.offset.checked_add(len).is_none_or(|e| e > f.len()) {
             bail!(LoadError::BadRange { start: a.offset, end: a.offset.saturating_add(len), len: f.len() });
         }
         let at = total.div_ceil(4096) * 4096;
         total = at + len;
         ranges.push((f, a.offset, len, at));
     }
+    Ok((ranges, total))
+}
 
-    // The destination, registered.
-    let vk;
-    let (region, guard, dest, dest_name): (Arc<dyn PeerMemory>, Registration, Dest, String) = match kind {
-        DestKind::Host => {
-            let r: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(total)?);
-            let g = reg.register(r.clone())?;
-            let d = Dest::region(&g);
-            (r, g, d, "host memory".into())
-        }
+/// A registered destination of `len` bytes and what holds it.
+struct Target {
+    region: Arc<dyn PeerMemory>,
+    guard: Registration,
+    dest: Dest,
+    name: String,
+    _vk: Option<Device>,
+}
+
+fn target(kind: DestKind, len: u64, reg: &Registry, loader: &Loader) -> Result<Target> {
+    let plain = |region: Arc<dyn PeerMemory>, name: String| -> Result<Target> {
+        let guard = reg.register(region.clone())?;
+        Ok(Target { region, dest: Dest::region(&guard), guard, name, _vk: None })
+    };
+    match kind {
+        DestKind::Host => plain(Arc::new(HostRegion::new(len)?), "host memory".into()),
         DestKind::Vulkan(p) => {
-            vk = Device::open(Select::Best).context("opening a Vulkan device")?;
-            let v = Arc::new(vk.allocate(total, p)?);
-            let r: Arc<dyn PeerMemory> = v.clone();
-            let g = reg.register(r.clone())?;
-            let (d, what) = match p {
-                Placement::Mappable => (Dest::region(&g), "host-visible"),
-                Placement::DeviceLocal => (loader.vulkan_device_dest(&g, &vk, v)?, "device-local"),
+            let vk = Device::open(Select::Best).context("opening a Vulkan device")?;
+            let v = Arc::new(vk.allocate(len, p)?);
+            let region: Arc<dyn PeerMemory> = v.clone();
+            let guard = reg.register(region.clone())?;
+            let (dest, what) = match p {
+                Placement::Mappable => (Dest::region(&guard), "host-visible"),
+                Placement::DeviceLocal => (loader.vulkan_device_dest(&guard, &vk, v)?, "device-local"),
             };
-            (r, g, d, format!("{what} Vulkan buffer on {}", vk.info().name))
+            let name = format!("{what} Vulkan buffer on {}", vk.info().name);
+            Ok(Target { region, guard, dest, name, _vk: Some(vk) })
         }
         DestKind::P2pmem(b) => {
-            let r: Arc<dyn PeerMemory> = Arc::new(peermem_nvme::P2pmemRegion::allocate(&topo, b, total)?);
-            let g = reg.register(r.clone())?;
-            let d = Dest::region(&g);
-            (r, g, d, format!("p2pmem of {b}"))
+            let r = peermem_nvme::P2pmemRegion::allocate(reg.topology(), b, len)?;
+            plain(Arc::new(r), format!("p2pmem of {b}"))
         }
-        DestKind::Bar(b, n) => {
-            let r: Arc<dyn PeerMemory> = Arc::new(BarRegion { bdf: b, bar: n, offset: 0, len: total });
-            let g = reg.register(r.clone())?;
-            let d = Dest::region(&g);
-            (r, g, d, format!("BAR{n} of {b}"))
-        }
-    };
+        DestKind::Bar(b, n) => plain(Arc::new(BarRegion { bdf: b, bar: n, offset: 0, len }), format!("BAR{n} of {b}")),
+    }
+}
 
-    // Batches of at least 64 MiB, two in flight, so a progress line can follow long loads.
-    let piece = opts.chunk.saturating_mul(opts.depth as u64).max(64 << 20);
-    let mut batches = Vec::new();
+fn load(root: &Path, a: LoadArgs) -> Result<()> {
+    let kind = parse_dest(&a.dest)?;
+    let opts = options(&a)?;
+    let topo = Arc::new(Topology::discover(root).map_err(|e| anyhow!("{e}"))?);
+    let reg = Registry::new(topo);
+    let loader = Loader::new(&reg, opts.clone())?;
+    let (ranges, total) = ranges(&loader, &a)?;
+    let t = target(kind, total, &reg, &loader)?;
+
+    // One batch; a progress line follows long loads.
+    let mut batch = Batch::new();
     for (f, off, len, at) in &ranges {
-        let mut o = 0;
-        while o < *len {
-            let n = piece.min(len - o);
-            let mut b = Batch::new();
-            b.read(f, off + o, n, &dest, at + o);
-            batches.push(b);
-            o += n;
-        }
+        batch.read(f, *off, *len, &t.dest, *at);
     }
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let tty = std::io::stderr().is_terminal() && !a.json;
-    let mut reports: Vec<BatchReport> = Vec::new();
-    let mut inflight = std::collections::VecDeque::new();
-    let mut done = 0u64;
-    let mut it = batches.into_iter();
+    let start = loader.moved();
     let mut shown = false;
-    loop {
-        while inflight.len() < 2 {
-            let Some(b) = it.next() else { break };
-            inflight.push_back(loader.submit(b)?);
-        }
-        let Some(t) = inflight.pop_front() else { break };
-        let r = t.wait()?;
-        done += r.bytes;
-        reports.push(r);
-        let el = t0.elapsed().as_secs_f64();
+    let report = loader.submit(batch)?.wait_reporting(Duration::from_millis(250), |moved| {
+        let (done, el) = (moved - start, t0.elapsed().as_secs_f64());
         if tty && el > 1.0 {
-            eprint!(
-                "\r{:>6.1}% {:>10} of {} bytes  {:.1} MB/s   ",
-                100.0 * done as f64 / total as f64,
-                done,
-                total,
-                done as f64 / el / 1e6
-            );
+            let pct = 100.0 * done as f64 / total as f64;
+            eprint!("\r{pct:>6.1}% {done:>10} of {total} bytes  {:.1} MB/s   ", done as f64 / el / 1e6);
             shown = true;
         }
-    }
+    })?;
     if shown {
         eprintln!();
     }
-    let seconds = t0.elapsed().as_secs_f64();
     let cpu = match (cpu0, cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    drop(guard);
-    drop(region);
-    let first = reports.first().ok_or_else(|| anyhow!("nothing was loaded"))?;
-    let bytes: u64 = reports.iter().map(|r| r.bytes).sum();
-    let d0 = &first.dests[0];
-    let direct = reports.iter().all(|r| r.all_direct());
-    let mut fallbacks: Vec<String> = reports.iter().flat_map(|r| r.fallbacks.clone()).collect();
-    fallbacks.dedup();
-    let verified = if reports.iter().all(|r| r.verified == Some(true)) {
-        Some(true)
-    } else if opts.verify == Verify::Reread {
-        Some(false)
-    } else {
-        None
-    };
-    let mb_per_s = bytes as f64 / seconds.max(1e-9) / 1e6;
-    let cpu_per_gib = cpu.map(|c| c / (bytes as f64 / (1u64 << 30) as f64));
+    let Target { region, guard, name, .. } = t;
+    drop((guard, region));
+    print(&a, &opts, &name, &report, cpu)
+}
+
+/// The report, as text or one JSON object; a closed pipe (`| head`) is the reader's choice.
+fn print(a: &LoadArgs, opts: &Options, dest_name: &str, report: &Report, cpu: Option<f64>) -> Result<()> {
+    let cpu_per_gib = cpu.map(|c| c / (report.bytes as f64 / (1u64 << 30) as f64));
     let out = json!({
         "files": a.files,
         "dest": dest_name,
-        "bytes": bytes,
-        "seconds": seconds,
-        "mb_per_s": mb_per_s,
-        "route": d0.route,
-        "method": d0.via.name(),
-        "how": d0.method,
-        "direct": direct,
-        "engine": first.engine,
-        "reasons": d0.reasons,
-        "fallbacks": fallbacks,
-        "verified": verified,
+        "bytes": report.bytes,
+        "seconds": report.seconds,
+        "mb_per_s": report.mb_per_s(),
+        "route": report.route(),
+        "method": report.via(),
+        "direct": report.direct(),
+        "engine": report.engine,
+        "reasons": report.reasons(),
+        "dests": report.dests.iter().map(|d| json!({
+            "region": d.region.to_string(),
+            "source": d.source,
+            "route": d.route_name(),
+            "method": d.via.name(),
+            "how": d.method,
+            "reasons": d.reasons,
+            "bytes_direct": d.bytes_direct,
+            "bytes_staged": d.bytes_staged,
+        })).collect::<Vec<_>>(),
+        "fallbacks": report.fallbacks,
+        "verified": report.verified,
+        "checksums": report.checksums,
         "cpu_seconds": cpu,
         "cpu_seconds_per_gib": cpu_per_gib,
         "chunk": opts.chunk,
@@ -303,30 +289,15 @@ fn load(root: &Path, a: LoadArgs) -> Result<()> {
         writeln!(o, "{}", serde_json::to_string_pretty(&out)?)
     } else {
         (|| {
-            writeln!(o, "dest:    {dest_name}")?;
-            writeln!(o, "route:   {}", d0.route)?;
-            writeln!(o, "method:  {} ({})", d0.via.name(), d0.method)?;
-            writeln!(o, "engine:  {}", first.engine)?;
-            for r in &d0.reasons {
-                writeln!(o, "why:     {r}")?;
-            }
-            for f in &fallbacks {
-                writeln!(o, "fallback: {f}")?;
-            }
-            let v = match verified {
-                Some(true) => "verified (xxh3 of a second read)",
-                Some(false) => "NOT verified",
-                None => "not verified",
-            };
-            writeln!(o, "moved:   {bytes} bytes in {seconds:.3} s = {mb_per_s:.1} MB/s, {v}")?;
+            writeln!(o, "dest:       {dest_name}")?;
+            writeln!(o, "{report}")?;
             if let Some(c) = cpu_per_gib {
-                writeln!(o, "cpu:     {c:.3} s per GiB")?;
+                writeln!(o, "cpu:        {c:.3} s per GiB")?;
             }
             Ok(())
         })()
     };
     match w {
-        // A closed pipe (`| head`) is the reader's choice, not an error.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         r => Ok(r?),
     }

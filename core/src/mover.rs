@@ -1,23 +1,20 @@
-//! Moving data when a route may lie: the route integrity probe, and bounce copies through host
-//! staging buffers (pipelined, several buffers in flight).
+//! The move planner: whether a transfer goes direct or through host memory, when a route may lie.
 //!
-//! Owns: the one move planner (`RouteHealth::decide` over `reachable`: route kind + the
-//! initiator's `Reach` + probe + health -> `Decision`, direct or bounce with every reason),
+//! Owns: `reachable` (the project's only "is this route direct for this initiator?"), the one
+//! planner (`RouteHealth::decide`: the registry's route + the initiator's `Reach` + the caller's
+//! precondition + a probe + what earlier probes proved -> `Decision`, with every reason), and
 //! `RouteHealth` (per (region, peer): routes a probe proved broken, never trusted again), the
-//! canary and its comparison, and `Pipeline`, a two-thread fill/drain copy over page-aligned
-//! `HostRegion` staging buffers.
-//! Must not: know any device or move bytes itself through a device: the caller supplies the
-//! transfers as closures (a backend's DMA, an O_DIRECT read, a CPU copy), so the core stays
-//! device-free. A probe that cannot run is reported, never assumed to have passed.
+//! canary and its comparison.
+//! Must not: know any device or move bytes itself: the caller supplies the probe's transfers as
+//! closures (a backend's DMA, an O_DIRECT read, a CPU copy), so the core stays device-free, and
+//! the caller moves the data as the decision says. A probe that cannot run is reported, never
+//! assumed to have passed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::Thread;
-use std::time::{Duration, Instant};
 
-use crate::region::{Backing, HostRegion, Provider, RegionError};
-use crate::registry::{Entry, RegionId};
+use crate::region::{Backing, Provider, RegionError};
+use crate::registry::{Entry, RegionId, ResolveError};
 use crate::route::{Peer, Route, RouteKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +23,10 @@ pub enum MoveError {
     ProbeTransfer { region: RegionId, peer: Peer, why: String },
     #[error("probe of {region} for {peer:?}: reading the canary back failed: {why}")]
     ProbeReadBack { region: RegionId, peer: Peer, why: String },
+    #[error("probe of {region} for {peer:?}: reading the known bytes through host memory failed: {why}")]
+    ProbeKnown { region: RegionId, peer: Peer, why: String },
     #[error("staging buffer: {0}")]
     Staging(#[from] RegionError),
-    #[error("copy at offset {offset:#x}: {stage} failed: {why}")]
-    Copy { offset: u64, stage: &'static str, why: String },
-    #[error("pipeline: chunk {chunk} and depth {depth} must be non-zero")]
-    BadPipeline { chunk: u64, depth: usize },
 }
 
 /// Why a route was found broken.
@@ -70,9 +65,11 @@ impl Plan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BounceReason {
-    /// The initiator cannot reach the region through the registry's route (its kind name, and
-    /// why not).
-    NotDirect { route: &'static str, why: String },
+    /// The registry has no route for the pair (why not).
+    Unresolved(String),
+    /// The initiator cannot reach the region through the registry's route, or the caller's
+    /// precondition for a direct transfer failed (the route, and why not).
+    NotDirect { route: RouteKind, why: String },
     /// A probe proved the direct route corrupts data.
     Broken(Broken),
     /// The probe itself could not run (the transfer or the read-back failed).
@@ -83,8 +80,11 @@ impl std::fmt::Display for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Plan::Direct => write!(f, "direct"),
+            Plan::Bounce(BounceReason::Unresolved(why)) => {
+                write!(f, "bounce through host memory: no route for the pair: {why}")
+            }
             Plan::Bounce(BounceReason::NotDirect { route, why }) => {
-                write!(f, "bounce through host memory: route {route}: {why}")
+                write!(f, "bounce through host memory: route {}: {why}", route.name())
             }
             Plan::Bounce(BounceReason::Broken(b)) => {
                 write!(f, "bounce through host memory: the direct route is broken ({b})")
@@ -97,7 +97,7 @@ impl std::fmt::Display for Plan {
 }
 
 /// How an initiator reaches memory, which decides which routes are direct for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reach {
     /// A device programmed with an address by a userspace driver (the VFIO NVMe driver): any
     /// route with a DMA address (`bus_addr`, `host_bridge`, `iommu`), or CPU-mapped host pages
@@ -112,12 +112,12 @@ pub enum Reach {
 }
 
 /// The one answer to "does this transfer go direct?": the plan, the route it rests on, and every
-/// reason (the route's, then the planner's).
+/// reason (the route's, then the planner's). Only `RouteHealth::decide` makes one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub plan: Plan,
-    /// The registry's route kind for the pair.
-    pub route: &'static str,
+    /// The registry's route for the pair; `None` when it could not resolve one.
+    pub route: Option<RouteKind>,
     pub reasons: Vec<String>,
 }
 
@@ -125,6 +125,21 @@ impl Decision {
     pub fn is_direct(&self) -> bool {
         self.plan.is_direct()
     }
+    /// The route's CLI/JSON name (`unresolved` when there is none).
+    pub fn route_name(&self) -> &'static str {
+        self.route.as_ref().map_or("unresolved", RouteKind::name)
+    }
+}
+
+/// What the planner is asked: may `peer`, reaching memory the way `reach` says, move data into
+/// `entry` directly? `precondition` is what the caller knows rules a direct transfer out before
+/// the route is looked at (a file the filesystem would not open for direct I/O, say).
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub entry: &'a Entry,
+    pub peer: Peer,
+    pub reach: Reach,
+    pub precondition: Result<(), &'a str>,
 }
 
 /// Whether `reach` can use a route of kind `route` to reach `entry` directly; `Err` says why not.
@@ -229,7 +244,12 @@ impl RouteHealth {
                 read_back(&mut back).map_err(read_back_err)?;
                 (c, back)
             }
-            Probe::Known { expected, poison, transfer: run, read_back } => {
+            Probe::Known { len, expected, poison, transfer: run, read_back } => {
+                let known = |why: String| MoveError::ProbeKnown { region, peer, why };
+                let expected = expected().map_err(|e| known(e.to_string()))?;
+                if expected.len() != len {
+                    return Err(known(format!("{} bytes arrived, {len} were asked for", expected.len())));
+                }
                 let complement: Vec<u8> = expected.iter().map(|b| !b).collect();
                 poison(&complement).map_err(transfer)?;
                 run().map_err(transfer)?;
@@ -246,41 +266,50 @@ impl RouteHealth {
         Ok(verdict)
     }
 
-    /// The one move planner: whether `peer`, reaching memory the way `reach` says, moves data
-    /// into `entry` directly, given the registry's `route` for the pair. Bounce when the route
-    /// is not direct for this initiator or was proven broken; otherwise, for device memory, probe
-    /// it once (when `probe` is given) before trusting it. A probe that cannot run bounces.
+    /// The one move planner: whether `ask.peer`, reaching memory the way `ask.reach` says, moves
+    /// data into `ask.entry` directly, given the registry's answer for the pair (`route`). Bounce
+    /// when there is no route, when the caller's precondition fails, when the route is not
+    /// direct for this initiator (`reachable`) or was proven broken; otherwise, for device
+    /// memory, probe it once (when `probe` is given) before trusting it. A probe that cannot
+    /// run bounces.
     pub fn decide<E: std::fmt::Display>(
         &self,
-        route: &Route<'_>,
-        entry: &Entry,
-        peer: Peer,
-        reach: Reach,
+        route: Result<&Route<'_>, &ResolveError>,
+        ask: Ask<'_>,
         probe: Option<Probe<'_, E>>,
     ) -> Decision {
+        let route = match route {
+            Ok(r) => r,
+            Err(e) => {
+                let plan = Plan::Bounce(BounceReason::Unresolved(e.to_string()));
+                return Decision { reasons: vec![format!("plan: {plan}")], plan, route: None };
+            }
+        };
         let mut reasons = route.reasons();
-        let plan = self.plan_inner(route, entry, peer, reach, probe, &mut reasons);
+        let plan = self.plan_inner(route, ask, probe, &mut reasons);
         reasons.push(format!("plan: {plan}"));
-        Decision { plan, route: route.kind.name(), reasons }
+        Decision { plan, route: Some(route.kind), reasons }
     }
 
     fn plan_inner<E: std::fmt::Display>(
         &self,
         route: &Route<'_>,
-        entry: &Entry,
-        peer: Peer,
-        reach: Reach,
+        ask: Ask<'_>,
         probe: Option<Probe<'_, E>>,
         reasons: &mut Vec<String>,
     ) -> Plan {
-        if let Err(why) = reachable(&route.kind, entry, reach) {
-            return Plan::Bounce(BounceReason::NotDirect { route: route.kind.name(), why });
+        let not_direct = |why: String| Plan::Bounce(BounceReason::NotDirect { route: route.kind, why });
+        if let Err(why) = ask.precondition {
+            return not_direct(why.to_string());
         }
-        let region = entry.id();
-        if let Some(b) = self.broken(region, peer) {
+        if let Err(why) = reachable(&route.kind, ask.entry, ask.reach) {
+            return not_direct(why);
+        }
+        let region = ask.entry.id();
+        if let Some(b) = self.broken(region, ask.peer) {
             return Plan::Bounce(BounceReason::Broken(b));
         }
-        if matches!(entry.provider(), Provider::Host { .. }) {
+        if matches!(ask.entry.provider(), Provider::Host { .. }) {
             return Plan::Direct;
         }
         match probe {
@@ -288,7 +317,7 @@ impl RouteHealth {
                 reasons.push("probe: not run by this caller; the route is trusted on the verdict alone".into());
                 Plan::Direct
             }
-            Some(p) => match (p.len(), self.probe(region, peer, p)) {
+            Some(p) => match (p.len(), self.probe(region, ask.peer, p)) {
                 (len, Ok(None)) => {
                     reasons.push(format!("probe: {len} bytes through the direct route arrived intact"));
                     Plan::Direct
@@ -309,7 +338,9 @@ pub enum Probe<'a, E> {
     /// read through host memory). The destination is first poisoned with their complement, so
     /// stale or untouched memory cannot pass; `transfer` then moves them through the route.
     Known {
-        expected: Vec<u8>,
+        len: usize,
+        /// Reads the `len` known bytes through host memory (run only when the probe runs).
+        expected: Box<dyn FnOnce() -> Result<Vec<u8>, E> + 'a>,
         poison: WriteFn<'a, E>,
         transfer: Box<dyn FnOnce() -> Result<(), E> + 'a>,
         read_back: ReadFn<'a, E>,
@@ -326,7 +357,7 @@ impl<E> Probe<'_, E> {
     pub fn len(&self) -> usize {
         match self {
             Probe::Canary { len, .. } => *len,
-            Probe::Known { expected, .. } => expected.len(),
+            Probe::Known { len, .. } => *len,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -341,243 +372,12 @@ fn region_hash(r: RegionId) -> u64 {
     h.finish()
 }
 
-/// What a copy did.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct CopyStats {
-    pub bytes: u64,
-    pub chunks: u64,
-    pub elapsed: Duration,
-}
-
-impl CopyStats {
-    /// Throughput in MB/s (10^6 bytes per second).
-    pub fn mb_per_s(&self) -> f64 {
-        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9) / 1e6
-    }
-}
-
-/// Host staging buffers for bounce copies: `depth` page-aligned buffers of `chunk` bytes.
-/// Fill (source -> staging) runs on the calling thread while drain (staging -> destination) runs
-/// on a second one, so up to `depth` chunks are in flight. With one buffer, or a copy of one
-/// chunk, nothing can overlap: the calling thread fills and drains in turn and no thread starts.
-#[derive(Debug)]
-pub struct Pipeline {
-    chunk: u64,
-    staging: Vec<Arc<HostRegion>>,
-}
-
-/// How long a side spins on the other's progress before it parks (a chunk hand-off between two
-/// running threads takes well under a microsecond; parking and waking costs tens). After the
-/// first microsecond the spin yields, so a peer sharing this core gets to run.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(20);
-const PURE_SPIN: Duration = Duration::from_micros(1);
-/// Longest single park: a parked side re-checks progress and the stop flag at least this often.
-const PARK_SLICE: Duration = Duration::from_millis(1);
-
-/// One side's progress (chunks completed), as the other side waits on it.
-struct Progress {
-    done: AtomicU64,
-    /// Set by the waiting side just before it parks, so the advancing side knows to unpark it.
-    parked: AtomicBool,
-}
-
-impl Progress {
-    fn new() -> Progress {
-        Progress { done: AtomicU64::new(0), parked: AtomicBool::new(false) }
-    }
-
-    fn get(&self) -> u64 {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// Publishes `n` completed chunks and wakes `waiter` if it parked on this progress.
-    fn advance(&self, n: u64, waiter: &Thread) {
-        self.done.store(n, Ordering::SeqCst);
-        if self.parked.load(Ordering::SeqCst) {
-            waiter.unpark();
-        }
-    }
-
-    /// Waits until at least `n` chunks are done (true) or `stop` is set (false): spins briefly,
-    /// then parks in bounded slices. The store of `parked` and the re-check of `done` are SeqCst,
-    /// pairing with `advance`, so a wake-up is never lost (and a lost one costs one slice).
-    fn wait_for(&self, n: u64, stop: &AtomicBool) -> bool {
-        let start = Instant::now();
-        let mut spins = 0u32;
-        loop {
-            if self.get() >= n {
-                return true;
-            }
-            if stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            spins += 1;
-            if !spins.is_multiple_of(64) {
-                std::hint::spin_loop();
-                continue;
-            }
-            let waited = start.elapsed();
-            if waited < PURE_SPIN {
-                continue;
-            }
-            if waited < SPIN_BEFORE_PARK {
-                std::thread::yield_now();
-                continue;
-            }
-            self.parked.store(true, Ordering::SeqCst);
-            if self.done.load(Ordering::SeqCst) < n && !stop.load(Ordering::SeqCst) {
-                std::thread::park_timeout(PARK_SLICE);
-            }
-            self.parked.store(false, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Pipeline {
-    pub fn new(chunk: u64, depth: usize) -> Result<Pipeline, MoveError> {
-        if chunk == 0 || depth == 0 {
-            return Err(MoveError::BadPipeline { chunk, depth });
-        }
-        let staging = (0..depth).map(|_| HostRegion::new(chunk).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Pipeline { chunk, staging })
-    }
-
-    /// The staging buffers (register them where a device must DMA into or out of them).
-    pub fn staging(&self) -> &[Arc<HostRegion>] {
-        &self.staging
-    }
-    pub fn chunk(&self) -> u64 {
-        self.chunk
-    }
-
-    /// Copies `len` bytes: `fill(slot, offset, n)` puts bytes `offset..offset+n` of the source
-    /// into staging buffer `slot`; `drain(slot, offset, n)` moves them on to the destination.
-    /// Chunk `k` covers bytes `k * chunk..` and uses slot `k % depth`; drains run one at a time,
-    /// in offset order. Stops at the first error of either side and returns it (the other side
-    /// then stops too, once its current call returns).
-    ///
-    /// Hand-off: two counters (chunks filled, chunks drained) that each side spins on briefly
-    /// and then parks on, so a chunk costs two atomic stores, not a channel message and a
-    /// thread wake-up. When every buffer is full and the drain thread is not draining (it has
-    /// not been scheduled yet, say), the calling thread drains the oldest chunk itself instead
-    /// of waiting for it, so a busy machine degrades the copy to one thread, never to a
-    /// scheduler round trip per chunk.
-    pub fn run<F, D, E>(&self, len: u64, mut fill: F, mut drain: D) -> Result<CopyStats, MoveError>
-    where
-        F: FnMut(usize, u64, u64) -> Result<(), E>,
-        D: FnMut(usize, u64, u64) -> Result<(), E> + Send,
-        E: std::fmt::Display,
-    {
-        let start = Instant::now();
-        let depth = self.staging.len() as u64;
-        let chunk = self.chunk;
-        let total = len.div_ceil(chunk);
-        let piece = |k: u64| (k * chunk, chunk.min(len - k * chunk));
-        if depth == 1 || total <= 1 {
-            for k in 0..total {
-                let (off, n) = piece(k);
-                fill(0, off, n).map_err(|e| MoveError::Copy { offset: off, stage: "fill", why: e.to_string() })?;
-                drain(0, off, n).map_err(|e| MoveError::Copy { offset: off, stage: "drain", why: e.to_string() })?;
-            }
-            return Ok(CopyStats { bytes: len, chunks: total, elapsed: start.elapsed() });
-        }
-        let filled = Progress::new();
-        let drained = Progress::new();
-        let stop = AtomicBool::new(false);
-        // The drain closure and the first drain error, taken by whichever thread drains.
-        let drainer_state = Mutex::new((drain, None::<MoveError>));
-        let filler = std::thread::current();
-        let (filled, drained, stop, state) = (&filled, &drained, &stop, &drainer_state);
-        // Drains the oldest filled chunk, if any (the caller holds the state's lock); false when
-        // there was none or it failed (then `stop` is set and the error kept).
-        let drain_one = move |st: &mut (D, Option<MoveError>), wake: &Thread| -> bool {
-            let k = drained.get();
-            if k >= total || k >= filled.get() || stop.load(Ordering::Relaxed) {
-                return false;
-            }
-            let (off, n) = piece(k);
-            if let Err(e) = (st.0)((k % depth) as usize, off, n) {
-                st.1 = Some(MoveError::Copy { offset: off, stage: "drain", why: e.to_string() });
-                stop.store(true, Ordering::SeqCst);
-                wake.unpark();
-                return false;
-            }
-            drained.advance(k + 1, wake);
-            true
-        };
-        let result = std::thread::scope(|scope| {
-            let drainer = scope.spawn(move || loop {
-                let k = drained.get();
-                if k >= total || stop.load(Ordering::SeqCst) || !filled.wait_for(k + 1, stop) {
-                    return;
-                }
-                let Ok(mut st) = state.lock() else { return };
-                drain_one(&mut st, &filler);
-            });
-            let drain_thread = drainer.thread().clone();
-            // Waits until chunk `k - depth` is drained (its slot is free), draining it here when
-            // the drain thread is not at it; false once either side has stopped.
-            let slot_free = |k: u64| -> bool {
-                while k >= depth && drained.get() < k + 1 - depth {
-                    match state.try_lock() {
-                        Ok(mut st) => {
-                            drain_one(&mut st, &drain_thread);
-                        }
-                        Err(std::sync::TryLockError::WouldBlock) => {
-                            drained.wait_for(k + 1 - depth, stop);
-                        }
-                        Err(std::sync::TryLockError::Poisoned(_)) => stop.store(true, Ordering::SeqCst),
-                    }
-                    if stop.load(Ordering::SeqCst) {
-                        return false;
-                    }
-                }
-                !stop.load(Ordering::SeqCst)
-            };
-            let mut fill_result = Ok(());
-            for k in 0..total {
-                if !slot_free(k) {
-                    break;
-                }
-                let (off, n) = piece(k);
-                if let Err(e) = fill((k % depth) as usize, off, n) {
-                    fill_result = Err(MoveError::Copy { offset: off, stage: "fill", why: e.to_string() });
-                    stop.store(true, Ordering::SeqCst);
-                    drain_thread.unpark();
-                    break;
-                }
-                filled.advance(k + 1, &drain_thread);
-            }
-            if fill_result.is_ok() {
-                // Help drain the tail too (chunk `total - 1 + depth` does not exist: this waits
-                // for every chunk).
-                slot_free(total - 1 + depth);
-            }
-            let joined = drainer.join();
-            let drain_error = match state.lock() {
-                Ok(mut st) => st.1.take(),
-                Err(p) => p.into_inner().1.take(),
-            };
-            fill_result?;
-            if let Some(e) = drain_error {
-                return Err(e);
-            }
-            if joined.is_err() {
-                return Err(MoveError::Copy { offset: 0, stage: "drain", why: "the drain thread panicked".into() });
-            }
-            Ok(())
-        });
-        result?;
-        Ok(CopyStats { bytes: len, chunks: total, elapsed: start.elapsed() })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::pci::Bdf;
     use crate::route::BounceWhy;
-    use crate::{BarRegion, PeerMemory, Registration, Registry};
+    use crate::{BarRegion, HostRegion, PeerMemory, Registration, Registry};
 
     fn registry() -> Registry {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
@@ -593,6 +393,10 @@ mod tests {
 
     fn route(kind: RouteKind) -> Route<'static> {
         Route { kind, len: 4096, cpu_address: None, bus_address: None, verdict: None }
+    }
+
+    fn ask(entry: &Entry, reach: Reach) -> Ask<'_> {
+        Ask { entry, peer: Peer::Cpu, reach, precondition: Ok(()) }
     }
 
     /// A CMB-sized BAR region of the switch NVMe (device memory: probed before trusted).
@@ -644,16 +448,15 @@ mod tests {
         let reg = registry();
         let g = bar(&reg);
         let h = RouteHealth::new();
-        let peer = Peer::Cpu;
         let dest = std::cell::RefCell::new(Vec::new());
         let r = route(RouteKind::BusAddr(crate::BusAddr::new(0x1000)));
         // A "direct path" that flips a bit, as the vIOMMU trap does.
-        let d = h.decide(&r, &g, peer, Reach::DeviceAddress, Some(flipping(&dest, 4096, Some(4000))));
+        let d = h.decide(Ok(&r), ask(&g, Reach::DeviceAddress), Some(flipping(&dest, 4096, Some(4000))));
         assert!(matches!(&d.plan, Plan::Bounce(BounceReason::Broken(b)) if b.first_mismatch == 4000), "{d:?}");
         assert!(d.reasons.last().unwrap().contains("broken"));
-        assert_eq!(d.route, "bus_addr");
+        assert_eq!(d.route, Some(r.kind));
         // Remembered: no second probe needed.
-        let again = h.decide::<String>(&r, &g, peer, Reach::DeviceAddress, None);
+        let again = h.decide::<String>(Ok(&r), ask(&g, Reach::DeviceAddress), None);
         assert_eq!(again.plan, d.plan);
     }
 
@@ -664,7 +467,7 @@ mod tests {
         let h = RouteHealth::new();
         let cell = std::cell::RefCell::new(Vec::new());
         let r = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
-        let d = h.decide(&r, &g, Peer::Cpu, Reach::DeviceAddress, Some(flipping(&cell, 512, None)));
+        let d = h.decide(Ok(&r), ask(&g, Reach::DeviceAddress), Some(flipping(&cell, 512, None)));
         assert_eq!(d.plan, Plan::Direct);
         assert!(d.reasons.iter().any(|s| s.contains("arrived intact")), "{:?}", d.reasons);
         let never: Fns = Probe::Canary {
@@ -673,13 +476,11 @@ mod tests {
             read_back: Box::new(|_: &mut [u8]| Ok(())),
         };
         let d = h.decide(
-            &route(RouteKind::Bounce(BounceWhy::NotSupported)),
-            &g,
-            Peer::Cpu,
-            Reach::DeviceAddress,
+            Ok(&route(RouteKind::Bounce(BounceWhy::NotSupported))),
+            ask(&g, Reach::DeviceAddress),
             Some(never),
         );
-        assert!(matches!(d.plan, Plan::Bounce(BounceReason::NotDirect { route: "bounce", .. })), "{d:?}");
+        assert!(matches!(d.plan, Plan::Bounce(BounceReason::NotDirect { route: RouteKind::Bounce(_), .. })), "{d:?}");
     }
 
     #[test]
@@ -724,7 +525,7 @@ mod tests {
         assert!(reachable(&bus.kind, &p2p, Reach::KernelPages).is_ok());
         assert!(reachable(&p2p_va.kind, &p2p, Reach::DeviceAddress).is_err());
         // Host memory needs no probe.
-        let d = RouteHealth::new().decide::<String>(&cpu, &host, Peer::Cpu, Reach::KernelPages, None);
+        let d = RouteHealth::new().decide::<String>(Ok(&cpu), ask(&host, Reach::KernelPages), None);
         assert_eq!(d.plan, Plan::Direct);
     }
 
@@ -738,7 +539,7 @@ mod tests {
             read_back: Box::new(|_: &mut [u8]| Ok(())),
         };
         let r = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
-        let d = RouteHealth::new().decide(&r, &g, Peer::Cpu, Reach::DeviceAddress, Some(fails));
+        let d = RouteHealth::new().decide(Ok(&r), ask(&g, Reach::DeviceAddress), Some(fails));
         assert!(matches!(&d.plan, Plan::Bounce(BounceReason::ProbeFailed(e)) if e.contains("EIO")), "{d:?}");
     }
 
@@ -761,7 +562,8 @@ mod tests {
         let dest = std::cell::RefCell::new(vec![0u8; 256]);
         let expected = canary(256, 9);
         let p: Fns = Probe::Known {
-            expected: expected.clone(),
+            len: 256,
+            expected: Box::new(|| Ok(expected.clone())),
             poison: Box::new(|c: &[u8]| {
                 dest.borrow_mut().copy_from_slice(c);
                 Ok(())
@@ -775,7 +577,8 @@ mod tests {
         let b = h.probe(rid(1), Peer::Cpu, p).unwrap().expect("nothing moved: every byte wrong");
         assert_eq!(b.mismatched, 256);
         let ok: Fns = Probe::Known {
-            expected: expected.clone(),
+            len: 256,
+            expected: Box::new(|| Ok(expected.clone())),
             poison: Box::new(|_: &[u8]| Ok(())),
             transfer: Box::new(|| {
                 dest.borrow_mut().copy_from_slice(&expected);
@@ -789,90 +592,20 @@ mod tests {
         assert_eq!(h.probe(rid(2), Peer::Cpu, ok).unwrap(), None);
     }
 
+    /// A precondition the caller states (a file not opened for direct I/O) bounces before the
+    /// route is looked at, with the route still named; no route at all bounces with the error.
     #[test]
-    fn pipelined_copy_moves_every_byte_in_order_of_offsets() {
-        let src: Vec<u8> = (0..1_000_003u32).map(|i| (i * 7) as u8).collect();
-        let p = Pipeline::new(64 * 1024, 3).unwrap();
-        let dst = Mutex::new(vec![0u8; src.len()]);
-        let st = p.staging().to_vec();
-        let stats = p
-            .run(
-                src.len() as u64,
-                |slot, off, n| st[slot].write_at(0, &src[off as usize..(off + n) as usize]).map_err(|e| e.to_string()),
-                |slot, off, n| {
-                    let mut d = dst.lock().unwrap();
-                    st[slot].read_at(0, &mut d[off as usize..(off + n) as usize]).map_err(|e| e.to_string())
-                },
-            )
-            .unwrap();
-        assert_eq!(stats.bytes, src.len() as u64);
-        assert_eq!(stats.chunks, 16);
-        assert!(*dst.lock().unwrap() == src);
-    }
-
-    #[test]
-    fn pipeline_drains_every_chunk_once_in_order_from_its_round_robin_slot() {
-        for (chunk, depth, len) in [(4096u64, 2usize, 1u64 << 20), (4096, 5, 4096 * 7 + 1), (1 << 16, 4, 3)] {
-            let p = Pipeline::new(chunk, depth).unwrap();
-            let fills = Mutex::new(Vec::new());
-            let drains = Mutex::new(Vec::new());
-            let stats = p
-                .run(
-                    len,
-                    |slot, off, n| {
-                        fills.lock().unwrap().push((slot, off, n));
-                        Ok::<_, String>(())
-                    },
-                    |slot, off, n| {
-                        drains.lock().unwrap().push((slot, off, n));
-                        Ok(())
-                    },
-                )
-                .unwrap();
-            let want: Vec<(usize, u64, u64)> = (0..len.div_ceil(chunk))
-                .map(|k| ((k % depth as u64) as usize, k * chunk, chunk.min(len - k * chunk)))
-                .collect();
-            assert_eq!(stats.chunks, want.len() as u64);
-            assert_eq!(*fills.lock().unwrap(), want);
-            assert_eq!(*drains.lock().unwrap(), want);
-        }
-    }
-
-    #[test]
-    fn a_single_buffer_pipeline_fills_and_drains_on_the_calling_thread() {
-        let p = Pipeline::new(4096, 1).unwrap();
-        let me = std::thread::current().id();
-        let order = Mutex::new(Vec::new());
-        p.run(
-            3 * 4096,
-            |_, off, _| {
-                assert_eq!(std::thread::current().id(), me);
-                order.lock().unwrap().push(("fill", off));
-                Ok::<_, String>(())
-            },
-            |_, off, _| {
-                assert_eq!(std::thread::current().id(), me);
-                order.lock().unwrap().push(("drain", off));
-                Ok(())
-            },
-        )
-        .unwrap();
-        assert_eq!(
-            *order.lock().unwrap(),
-            [("fill", 0), ("drain", 0), ("fill", 4096), ("drain", 4096), ("fill", 8192), ("drain", 8192)]
-        );
-    }
-
-    #[test]
-    fn pipeline_errors_stop_both_sides() {
-        let p = Pipeline::new(4096, 2).unwrap();
-        let e = p
-            .run(1 << 20, |_, off, _| if off >= 8192 { Err("disk gone") } else { Ok(()) }, |_, _, _| Ok(()))
-            .unwrap_err();
-        assert!(matches!(e, MoveError::Copy { stage: "fill", offset: 8192, .. }), "{e}");
-        let e =
-            p.run(1 << 20, |_, _, _| Ok(()), |_, off, _| if off > 0 { Err("gpu gone") } else { Ok(()) }).unwrap_err();
-        assert!(matches!(e, MoveError::Copy { stage: "drain", .. }), "{e}");
-        assert!(Pipeline::new(0, 1).is_err());
+    fn a_failed_precondition_or_a_missing_route_bounces_with_its_reason() {
+        let reg = registry();
+        let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+        let cpu = route(RouteKind::CpuMapped(host.cpu_range().unwrap().start()));
+        let a = Ask { precondition: Err("the filesystem refused O_DIRECT"), ..ask(&host, Reach::KernelPages) };
+        let d = RouteHealth::new().decide::<String>(Ok(&cpu), a, None);
+        assert!(matches!(&d.plan, Plan::Bounce(BounceReason::NotDirect { why, .. }) if why.contains("O_DIRECT")));
+        assert_eq!(d.route_name(), "cpu_mapped");
+        let gone = ResolveError::PeerGone("0000:03:00.0".parse().unwrap());
+        let d = RouteHealth::new().decide::<String>(Err(&gone), ask(&host, Reach::KernelPages), None);
+        assert!(matches!(d.plan, Plan::Bounce(BounceReason::Unresolved(_))), "{d:?}");
+        assert_eq!((d.route, d.route_name()), (None, "unresolved"));
     }
 }

@@ -23,15 +23,9 @@ pub enum LoadError {
     #[error("resolve: {0}")]
     Resolve(#[from] peermem::ResolveError),
     #[error(transparent)]
-    Move(#[from] peermem::mover::MoveError),
-    #[error(transparent)]
     Registry(#[from] peermem::RegistryError),
     #[error("staging: {0}")]
     Region(#[from] peermem::RegionError),
-    #[error("{what} at offset {offset:#x}: {why}")]
-    Copy { what: &'static str, offset: u64, why: String },
-    #[error("checksum mismatch: destination {dest:#018x}, source {source_sum:#018x}")]
-    Mismatch { dest: u64, source_sum: u64 },
     #[error("{path}: not a regular file or block device ({kind})")]
     NotAFile { path: PathBuf, kind: &'static str },
     #[error("{var}={value:?}: {why}")]
@@ -46,8 +40,9 @@ pub enum LoadError {
     Timeout { what: &'static str, ms: u128 },
     #[error("{path}: short read at offset {offset:#x}: {got} of {want} bytes (the file shrank?)")]
     ShortRead { path: PathBuf, offset: u64, got: u64, want: u64 },
-    #[error("{path}: xxh3 mismatch for {len} bytes at offset {offset:#x}: destination {dest:#018x}, expected {expected:#018x}")]
-    HashMismatch { path: PathBuf, offset: u64, len: u64, dest: u64, expected: u64 },
+    /// `what`: the source, as opened.
+    #[error("{what}: xxh3 mismatch for {len} bytes at offset {offset:#x}: destination {dest:#018x}, expected {expected:#018x}")]
+    HashMismatch { what: String, offset: u64, len: u64, dest: u64, expected: u64 },
     #[error("vulkan: {0}")]
     Vulkan(Box<peermem_vulkan::VkError>),
     #[error("the io engine: {0}")]

@@ -3,7 +3,7 @@
 //! A device leaving the machine shows up first as the failure it causes (the block device's
 //! reads fail with EIO or ENXIO or come back short as its capacity drops to 0, the VFIO driver ends its commands with `DeviceGone`), and only
 //! then, once the kernel has finished removing it, as a uevent (the registry's watcher) and a
-//! missing sysfs directory. So a failed load asks, for a bounded time, whether its source or
+//! missing sysfs directory. So a failed batch asks, for a bounded time, whether its source or
 //! destination device is going away, and if so says that, with the failure as the cause.
 //!
 //! Must not: retry anything, or wait on a load that succeeded.
@@ -41,28 +41,15 @@ fn removal_symptom(e: &LoadError, source_emptied: bool) -> bool {
         LoadError::Nvme(NvmeError::Timeout { .. } | NvmeError::Fatal) => true,
         LoadError::Nvme(NvmeError::Vfio(_)) => true,
         // a removed namespace reads as empty: the read comes back short
-        LoadError::Copy { .. } | LoadError::ShortRead { .. } => source_emptied,
+        LoadError::ShortRead { .. } => source_emptied,
         _ => false,
     }
 }
 
-/// `e`, or `DeviceGone` naming the source's or destination's device when that device is gone
-/// (waiting up to `SETTLE` for the removal to show when `e` looks like one).
-pub(crate) fn explain(
-    e: LoadError,
-    source: Option<Bdf>,
-    source_emptied: bool,
-    dest: &Entry,
-    reg: &Registry,
-) -> LoadError {
-    let candidates: Vec<(Bdf, &'static str)> =
-        [(source, "source"), (pci_of(dest), "destination")].into_iter().filter_map(|(b, r)| Some((b?, r))).collect();
-    explain_among(e, &candidates, source_emptied, reg)
-}
-
-/// Like `explain`, for a batch of the asynchronous loader: any of its sources (the devices that
-/// read the files, the VFIO-owned controllers) or destinations may be the one that left.
-/// `source_emptied`: one of its kernel sources is a block device that now reads as empty.
+/// `e`, or `DeviceGone` naming the device that left when one of the batch's sources (the
+/// devices that read its files, its VFIO-owned controllers) or destinations is gone, waiting up
+/// to `SETTLE` for the removal to show when `e` looks like one. `source_emptied`: one of its
+/// file sources is a block device that now reads as empty.
 pub(crate) fn explain_batch(
     e: LoadError,
     sources: &[Bdf],

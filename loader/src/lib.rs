@@ -1,33 +1,51 @@
-//! peermem-loader: a byte range of a file, block device or NVMe namespace into any registered
-//! peer-memory region (a GPU BAR, a p2pmem/CMB region, a Vulkan buffer, host memory).
+//! peermem-loader: byte ranges of files, block devices and NVMe namespaces into any registered
+//! peer-memory region (a GPU BAR, a p2pmem/CMB region, a Vulkan buffer, host memory), direct
+//! when the route allows, else through staging buffers.
 //!
-//! - [`source`]: files and block devices through the kernel (O_DIRECT when the filesystem
-//!   allows), and namespaces through the userspace VFIO driver of `peermem-nvme`.
-//! - [`load()`]: asks the mover's planner (`peermem::mover`) whether the reader reaches the
-//!   destination directly (the kernel pins pages for O_DIRECT; the VFIO driver programs the
-//!   routed address; device memory is probed with the source's own bytes first), then moves the
-//!   range directly or through a pipeline of host staging buffers.
-//! - [`report`]: options and the per-load report (route, method, every reason, MB/s, checksum).
-//! - [`checksum`]: the streaming checksum of moved bytes.
+//! [`Loader`] + [`Batch`] is the only way bytes move: `Loader::new(&registry, opts)`,
+//! `open(path)` or `open_nvme(controller)` for a [`Source`], reads added to a `Batch`,
+//! `submit(batch) -> Ticket`, `ticket.wait() -> Report`. Each batch runs through four stages,
+//! each a module: plan, I/O, verify, report.
+//!
+//! - [`options`]: `Options`, `Verify`, `Engine`, and the `PEERMEM_*` variables that set them.
+//! - [`error`]: `LoadError`, the crate's one error type.
+//! - [`source`]: `Source`: a file or block device through the kernel, or a namespace through
+//!   the VFIO driver, with its reading device, reach, alignment, known-bytes reads and hashing.
+//! - `dest`: `Dest`: a registered region, optionally with GPU staging (device-local memory).
+//! - `batch`: `Batch`: reads submitted together.
+//! - `plan`: stage 1: checks, one planner decision per destination and reading device, the
+//!   split into direct bodies and staged pieces.
+//! - `stage`: the staging buffers (the one bounce) and the copy out of them.
+//! - `io`: stage 2: the request loop over an engine (`io::files`: io_uring or a pread pool;
+//!   `io::nvme`: the VFIO driver).
+//! - `verify`: stage 3: xxh3 of destinations, expected hashes, re-reads of sources.
+//! - [`report`]: stage 4: `Report`, one `DestReport` per destination.
+//! - `loader`: `Loader` and `Ticket`: the worker running batches through the stages.
+//! - `gone`: a failed batch whose device left the machine becomes `LoadError::DeviceGone`.
+//! - [`shard`]: `ShardReader`: shuffled, sharded record batches into a ring of buffers.
+//! - `sys`: the FFI edge: `pread` into mapped memory and the io_uring ring.
 
-pub mod checksum;
-mod engine;
+mod batch;
+mod dest;
 pub mod error;
 mod gone;
 mod io;
-mod load;
+mod loader;
 pub mod options;
+mod plan;
 pub mod report;
 pub mod shard;
 pub mod source;
+mod stage;
 #[allow(unsafe_code)]
 mod sys;
+mod verify;
 
-pub use checksum::Checksum;
-pub use engine::{Batch, BatchReport, Dest, DestReport, FileHandle, Loader, NvmeHandle, Ticket, Via};
+pub use batch::Batch;
+pub use dest::Dest;
 pub use error::LoadError;
-pub use load::load;
+pub use loader::{Loader, Ticket};
 pub use options::{Engine, Options, Verify};
-pub use report::{LoadOptions, LoadReport, Method};
+pub use report::{DestReport, Report, Via};
 pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
-pub use source::{KernelSource, Source, ALIGN};
+pub use source::{Source, ALIGN};

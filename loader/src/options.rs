@@ -8,15 +8,14 @@ use std::time::Duration;
 
 use crate::error::LoadError;
 
-/// Bytes per read request. Measured on ext4 over virtio-blk (`PEERMEM_LOADER_SWEEP=1
-/// bench/loader-vs-fio.sh`): at depth 16-32, 256 KiB, 1 MiB and 4 MiB requests all reach the
-/// disk's sequential rate (1.1-1.4 GB/s, within the noise of a shared machine); 1 MiB keeps
-/// staging buffers small and the number of requests per GiB low.
+/// Bytes per read request: large enough that a request's own cost vanishes beside its transfer,
+/// small enough that staging buffers stay small (`bench/loader-vs-fio.sh` sweeps it; the figures
+/// are in bench/RESULTS.md).
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
-/// Requests in flight. Measured as above: depth 4 is the slowest at every chunk size; random
-/// 128 KiB reads gain little past 32 (1027 / 1062 / 1124 / 1137 MB/s at 8 / 16 / 32 / 64).
+/// Requests in flight: deep enough for a fast NVMe drive's parallelism (swept as above).
 pub const DEFAULT_DEPTH: usize = 32;
-/// Bound of any wait for progress (one completion, a GPU copy, a ticket's `wait`).
+/// Bound of any wait for progress (one completion, a GPU copy, a ticket's `wait` without a byte
+/// landing).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How (and whether) a load checks the bytes it moved.

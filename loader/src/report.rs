@@ -1,86 +1,130 @@
-//! What a load was asked to do and what it did.
+//! The report stage: what a batch did, built once per batch from its plan and what its reads
+//! moved, with one `DestReport` per destination (and reading device). The CLI prints it and
+//! the Python package returns it; nobody merges reports.
+//!
+//! Owns: `Report`, `DestReport`, `Via`, and the words for them. Must not: decide or move anything.
 
-use peermem::mover::RouteHealth;
+use peermem::{RegionId, RouteKind};
 
-/// How the bytes moved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Method {
-    /// `pread` straight into the destination's CPU mapping: with O_DIRECT the device DMAs into
-    /// those pages (host pages, or p2pmem pages through the kernel's P2PDMA path).
-    KernelDirect,
-    /// The userspace VFIO driver DMAs straight into the destination at the routed address.
-    VfioDirect,
-    /// Staged through `depth` host buffers in flight, then copied by the CPU.
-    Bounce { why: String },
+/// How the bytes of one destination moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The reading device wrote the destination itself (O_DIRECT into its pages, or NVMe
+    /// commands aimed at its routed address).
+    Direct,
+    /// Read into host staging buffers, copied on by the CPU.
+    Bounce,
+    /// Read into pinned host staging buffers, copied on by the GPU (device-local memory).
+    GpuStaged,
 }
 
-impl std::fmt::Display for Method {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Via {
+    pub fn name(self) -> &'static str {
         match self {
-            Method::KernelDirect => write!(f, "direct: pread straight into the destination's pages"),
-            Method::VfioDirect => write!(f, "direct: the VFIO driver DMAs into the destination"),
-            Method::Bounce { why } => write!(f, "bounce through host staging buffers: {why}"),
+            Via::Direct => "direct",
+            Via::Bounce => "bounce",
+            Via::GpuStaged => "staged-gpu-copy",
         }
     }
 }
 
-/// Knobs of a load.
+/// What happened for one destination of a batch, as read by one device.
 #[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Bytes per request / per staging buffer (a multiple of 4096).
-    pub chunk: u64,
-    /// Requests (direct) or staging buffers (bounce) in flight.
-    pub depth: usize,
-    /// Byte offset in the destination.
-    pub dest_offset: u64,
-    /// Re-read the source through host memory and compare checksums (not timed).
-    pub verify: bool,
-    /// Routes probed broken stay broken across loads that share this.
-    pub health: RouteHealth,
+pub struct DestReport {
+    pub region: RegionId,
+    /// The source that named the reading device, as opened.
+    pub source: String,
+    /// The registry's route for (destination, reading device); `None` when it had none.
+    pub route: Option<RouteKind>,
+    pub via: Via,
+    /// How, in words (engine, fixed buffers, staging).
+    pub method: String,
+    /// The route's reasons, then the planner's and the loader's.
+    pub reasons: Vec<String>,
+    /// Bytes that went direct, and through staging.
+    pub bytes_direct: u64,
+    pub bytes_staged: u64,
 }
 
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { chunk: 1 << 20, depth: 4, dest_offset: 0, verify: true, health: RouteHealth::new() }
+impl DestReport {
+    /// The route's CLI/JSON name (`unresolved` when there is none).
+    pub fn route_name(&self) -> &'static str {
+        self.route.as_ref().map_or("unresolved", RouteKind::name)
     }
 }
 
-/// What a load did.
+/// What a batch did.
 #[derive(Debug, Clone)]
-pub struct LoadReport {
-    pub source: String,
-    /// The registry's route kind for (destination, the device reading the source).
-    pub route: &'static str,
-    pub method: Method,
-    /// Why: the route's reasons, then the loader's.
-    pub reasons: Vec<String>,
+pub struct Report {
     pub bytes: u64,
-    /// Wall time of the copy (verification excluded).
+    /// Wall time from the start of the batch's I/O to its last completion (verification excluded).
     pub seconds: f64,
-    /// Checksum of the destination bytes after the load.
-    pub checksum: u64,
-    /// Checksum of the source range read again through host memory (when verified).
-    pub source_checksum: Option<u64>,
+    /// The I/O engines that ran, and why when one is a fallback.
+    pub engine: String,
+    pub dests: Vec<DestReport>,
+    /// Every fallback taken (engine, fixed buffers, misaligned pieces staged, buffered files).
+    pub fallbacks: Vec<String>,
+    /// xxh3-64 of each read's destination bytes, in batch order (verification on).
+    pub checksums: Vec<u64>,
+    /// xxh3-64 of each read's source range read a second time, in batch order (`Verify::Reread`).
+    pub source_checksums: Vec<u64>,
+    /// `Some(true)` when every check asked for passed (a failed one is an error instead);
+    /// `None` when verification was off or something could not be checked.
+    pub verified: Option<bool>,
 }
 
-impl LoadReport {
+impl Report {
     pub fn mb_per_s(&self) -> f64 {
         self.bytes as f64 / self.seconds.max(1e-9) / 1e6
     }
+    /// The route of the first destination (`none` for an empty batch).
+    pub fn route(&self) -> &'static str {
+        self.dests.first().map_or("none", DestReport::route_name)
+    }
+    /// How the first destination was filled (`none` for an empty batch).
+    pub fn via(&self) -> &'static str {
+        self.dests.first().map_or("none", |d| d.via.name())
+    }
+    /// Whether every destination was planned direct: the reading device wrote it itself (only
+    /// pieces its alignment rules out were staged, as `bytes_staged` says).
+    pub fn direct(&self) -> bool {
+        !self.dests.is_empty() && self.dests.iter().all(|d| d.via == Via::Direct)
+    }
+    pub fn bytes_direct(&self) -> u64 {
+        self.dests.iter().map(|d| d.bytes_direct).sum()
+    }
+    pub fn bytes_staged(&self) -> u64 {
+        self.dests.iter().map(|d| d.bytes_staged).sum()
+    }
+    /// The first destination's reasons, then every fallback.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut r = self.dests.first().map(|d| d.reasons.clone()).unwrap_or_default();
+        r.extend(self.fallbacks.iter().cloned());
+        r
+    }
 }
 
-impl std::fmt::Display for LoadReport {
+impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "source:     {}", self.source)?;
-        writeln!(f, "route:      {}", self.route)?;
-        writeln!(f, "method:     {}", self.method)?;
-        for r in &self.reasons {
-            writeln!(f, "  why:      {r}")?;
+        writeln!(f, "engine:     {}", self.engine)?;
+        for d in &self.dests {
+            writeln!(f, "{}:", d.region)?;
+            writeln!(f, "  source:   {}", d.source)?;
+            writeln!(f, "  route:    {}", d.route_name())?;
+            writeln!(f, "  method:   {} ({})", d.via.name(), d.method)?;
+            writeln!(f, "  moved:    {} bytes direct, {} staged", d.bytes_direct, d.bytes_staged)?;
+            for r in &d.reasons {
+                writeln!(f, "  why:      {r}")?;
+            }
         }
-        writeln!(f, "moved:      {} bytes in {:.3} s = {:.1} MB/s", self.bytes, self.seconds, self.mb_per_s())?;
-        match self.source_checksum {
-            Some(s) => write!(f, "checksum:   {:#018x} (source {s:#018x}: verified)", self.checksum),
-            None => write!(f, "checksum:   {:#018x} (not verified)", self.checksum),
+        for fb in &self.fallbacks {
+            writeln!(f, "fallback:   {fb}")?;
         }
+        let v = match self.verified {
+            Some(true) => "verified (xxh3)",
+            Some(false) => "NOT verified",
+            None => "not verified",
+        };
+        write!(f, "moved:      {} bytes in {:.3} s = {:.1} MB/s, {v}", self.bytes, self.seconds, self.mb_per_s())
     }
 }

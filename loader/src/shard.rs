@@ -12,8 +12,12 @@ use std::sync::{Arc, Mutex};
 use peermem::{HostRegion, PeerMemory, Registration};
 use peermem_vulkan::{Device, Placement};
 
-use crate::engine::{Batch, BatchReport, Dest, FileHandle, Loader, Ticket};
+use crate::batch::Batch;
+use crate::dest::Dest;
 use crate::error::LoadError;
+use crate::loader::{Loader, Ticket};
+use crate::report::Report;
+use crate::source::Source;
 use crate::source::ALIGN;
 
 /// Where records are in the files.
@@ -145,7 +149,7 @@ pub struct ShardBatch {
     pub indices: Vec<usize>,
     lens: Vec<u64>,
     pub epoch: u64,
-    pub report: BatchReport,
+    pub report: Report,
 }
 
 impl std::fmt::Debug for ShardBatch {
@@ -198,7 +202,7 @@ struct Pending {
 /// Reads records of a list of files, batch by batch, into a ring of registered buffers.
 pub struct ShardReader {
     loader: Arc<Loader>,
-    files: Vec<FileHandle>,
+    files: Vec<Source>,
     records: Vec<(usize, u64, u64)>,
     opts: ShardOptions,
     stride: u64,
@@ -225,7 +229,7 @@ impl ShardReader {
     /// `RingBuffer::host`, or `RingBuffer::vulkan` with a device). Starts at epoch 0.
     pub fn new(
         loader: Arc<Loader>,
-        files: Vec<FileHandle>,
+        files: Vec<Source>,
         layout: Layout,
         opts: ShardOptions,
         mut alloc: impl FnMut(&Loader, u64) -> Result<RingBuffer, LoadError>,
@@ -250,7 +254,7 @@ impl ShardReader {
                     if !f.len().is_multiple_of(record) {
                         return bad(format!(
                             "{}: {} bytes is not a multiple of the {record}-byte record",
-                            f.path().display(),
+                            f.describe(),
                             f.len()
                         ));
                     }
@@ -266,7 +270,7 @@ impl ShardReader {
                     if len == 0 || off.checked_add(len).is_none_or(|e| e > f.len()) {
                         return bad(format!(
                             "record {off:#x}+{len:#x} of {} runs past its {} bytes",
-                            f.path().display(),
+                            f.describe(),
                             f.len()
                         ));
                     }

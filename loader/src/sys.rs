@@ -1,11 +1,13 @@
-//! The loader's one FFI edge: an io_uring submission ring (the `io-uring` crate) reading file
-//! bytes straight into mapped memory, optionally through registered ("fixed") buffers.
+//! The loader's one FFI edge: `pread` into mapped memory, and an io_uring submission ring (the
+//! `io-uring` crate) reading file bytes straight into mapped memory, optionally through
+//! registered ("fixed") buffers.
 //!
-//! Owns: the ring, buffer registration, pushing reads, bounded waits for completions, and holding
-//! every region and file a read uses until its completion is reaped. Must not: decide where
-//! bytes go (the engine does).
+//! Owns: the system calls, buffer registration, pushing reads, bounded waits for completions,
+//! and holding every region and file a read uses until its completion is reaped. Must not:
+//! decide where bytes go (the I/O stage does). Imports nothing from the rest of the crate.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
@@ -14,15 +16,45 @@ use std::time::Duration;
 use io_uring::{opcode, types, IoUring};
 use peermem::{AccessError, PeerMemory, Side};
 
-use crate::io::{Done, IoReq};
+/// One read: `len` bytes of `file` at `off` into `mem` at `mem_off`. Holding it keeps the memory
+/// and the open file alive.
+#[derive(Clone)]
+pub(crate) struct Read {
+    pub file: Arc<File>,
+    pub off: u64,
+    pub mem: Arc<dyn PeerMemory>,
+    pub mem_off: u64,
+    pub len: u64,
+    /// Index of the fixed buffer holding `mem` (io_uring); used only when it names `mem`.
+    pub fixed: Option<u16>,
+}
 
-/// An io_uring instance sized for `depth` reads in flight. It holds every read's `IoReq` (an Arc
-/// of the memory and of the open file) until that read's completion is reaped, and the
-/// fixed-buffer set while it is registered, so no memory the kernel may write is ever freed first.
+/// A completion: the read's tag, and the bytes read or the OS error.
+pub(crate) type Done = (u64, io::Result<usize>);
+
+/// `pread(2)` of at most `len` bytes at `off` of `file` straight into byte `mem_off` of `mem`'s
+/// CPU mapping (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
+pub(crate) fn pread_into(file: &File, off: u64, mem: &dyn PeerMemory, mem_off: u64, len: u64) -> io::Result<usize> {
+    let span = mem.span_at(Side::Destination, mem_off, len).map_err(io::Error::other)?;
+    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let p = span.addr().raw() as usize as *mut libc::c_void;
+    // SAFETY: the span is mapped while `mem` is borrowed (for this call) and covers `span.len()`
+    // bytes; no Rust reference is made over them: the kernel writes them as a device would
+    // (they are shared DMA memory).
+    let n = unsafe { libc::pread(file.as_raw_fd(), p, span.len() as usize, off) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// An io_uring instance sized for `depth` reads in flight. It holds every `Read` (an Arc of the
+/// memory and of the open file) until that read's completion is reaped, and the fixed-buffer set
+/// while it is registered, so no memory the kernel may write is ever freed first.
 pub(crate) struct Ring {
     ring: IoUring,
     fixed: Vec<Arc<dyn PeerMemory>>,
-    inflight: HashMap<u64, IoReq>,
+    inflight: HashMap<u64, Read>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -83,14 +115,14 @@ impl Ring {
         Ok(())
     }
 
-    /// Queues `req` tagged `tag` (through its fixed buffer when it names one, which must be the
-    /// registered region `req.mem`). `Ok(false)`: the submission queue is full, nothing queued.
-    pub(crate) fn push(&mut self, tag: u64, req: IoReq) -> Result<bool, AccessError> {
+    /// Queues `req` tagged `tag` (through its fixed buffer when it names one and that buffer is
+    /// `req.mem`). `Ok(false)`: the submission queue is full, nothing queued.
+    pub(crate) fn push(&mut self, tag: u64, req: Read) -> Result<bool, AccessError> {
         let span = req.mem.span_at(Side::Destination, req.mem_off, req.len)?;
         let fixed = req.fixed.filter(|&i| self.fixed.get(i as usize).is_some_and(|f| Arc::ptr_eq(f, &req.mem)));
         let ptr = span.addr().raw() as usize as *mut u8;
         let len = u32::try_from(span.len()).unwrap_or(u32::MAX);
-        let fd = types::Fd(req.file.file.as_fd().as_raw_fd());
+        let fd = types::Fd(req.file.as_fd().as_raw_fd());
         let sqe = match fixed {
             Some(i) => opcode::ReadFixed::new(fd, ptr, len, i).offset(req.off).build(),
             None => opcode::Read::new(fd, ptr, len).offset(req.off).build(),

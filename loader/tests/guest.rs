@@ -7,8 +7,9 @@
 use std::sync::Arc;
 
 use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, Topology};
-use peermem_loader::{load, Checksum, KernelSource, LoadOptions, Method, Source};
+use peermem_loader::{Loader, Options, Verify, Via};
 use peermem_nvme::{Binding, Controller, P2pmemRegion};
+use xxhash_rust::xxh3::xxh3_64;
 
 #[path = "../../backends/nvme/tests/common/mod.rs"]
 mod common;
@@ -46,8 +47,9 @@ fn every_destination(
 /// Through the kernel's NVMe driver: a namespace range (and a file range) loaded into every
 /// destination kind: host memory and a switch peer's p2pmem go direct (O_DIRECT into the pages;
 /// under the translated vIOMMU the probe catches the corruption and the load bounces), a p2pmem
-/// pool across the host bridge and the ivshmem BAR bounce. Every load's checksum matches the
-/// source, the bytes are compared, and the ivshmem load is checked in the host's backing file.
+/// pool across the host bridge and the ivshmem BAR bounce. Every load's xxh3 matches a second
+/// read of the source, the bytes are compared, and the ivshmem load is checked in the host's
+/// backing file.
 #[test]
 fn loader_moves_a_namespace_range_into_every_destination_kind() {
     const LEN: u64 = 8 << 20;
@@ -61,24 +63,24 @@ fn loader_moves_a_namespace_range_into_every_destination_kind() {
 
     let reg = Registry::new(topo.clone());
     let dests = every_destination(&topo, &nvmes, x, y, SHM_AT, LEN);
-    let want = Checksum::of(&expect);
+    let want = xxh3_64(&expect);
+    let opts = Options { chunk: 1 << 20, depth: 4, verify: Verify::Reread, ..Default::default() };
+    let loader = Loader::new(&reg, opts.clone()).unwrap();
+    let src = loader.open_namespace(x).unwrap();
     for (name, region) in dests {
         let g = reg.register(region.clone()).unwrap();
-        let mut src = Source::Kernel(KernelSource::namespace(&topo, x).unwrap());
-        let opts = LoadOptions { chunk: 1 << 20, depth: 4, ..Default::default() };
-        let r = load(&mut src, AT..AT + LEN, &g, &reg, &opts).unwrap();
+        let r = loader.read(&src, AT, LEN, &g, 0).unwrap();
         println!("{topology}: {x} -> {name}:\n{r}");
-        assert_eq!(r.checksum, want, "{name}");
-        assert_eq!(r.source_checksum, Some(want), "{name}");
+        assert_eq!((r.checksums.clone(), r.source_checksums.clone()), (vec![want], vec![want]), "{name}");
         assert!(read_dest(&topo, &region, 0, LEN) == expect, "{name}: bytes differ");
-        let direct = r.method == Method::KernelDirect;
+        let direct = r.dests[0].via == Via::Direct;
         match name {
-            "host" => assert!(direct, "{name}: {}", r.method),
+            "host" => assert!(direct, "{name}: {r}"),
             "p2pmem switch peer" if topology == "switch-iommu" => {
-                assert!(!direct, "the probe must catch the vIOMMU corruption: {}", r.method)
+                assert!(!direct, "the probe must catch the vIOMMU corruption: {r}")
             }
-            "p2pmem switch peer" => assert!(direct, "{name}: {}", r.method),
-            _ => assert!(!direct, "{name}: {}", r.method),
+            "p2pmem switch peer" => assert!(direct, "{name}: {r}"),
+            _ => assert!(!direct, "{name}: {r}"),
         }
         if name == "ivshmem BAR2" {
             if let Some(back) = ivshmem_file(SHM_AT, LEN) {
@@ -93,12 +95,12 @@ fn loader_moves_a_namespace_range_into_every_destination_kind() {
     std::fs::write(path, &expect).unwrap();
     let host: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(LEN).unwrap());
     let g = reg.register(host.clone()).unwrap();
-    let mut src = Source::Kernel(KernelSource::open(path).unwrap());
+    let src = loader.open(path).unwrap();
     let range = 1234..LEN - 77;
-    let r = load(&mut src, range.clone(), &g, &reg, &LoadOptions { dest_offset: 100, ..Default::default() }).unwrap();
+    let r = loader.read(&src, range.start, range.end - range.start, &g, 100).unwrap();
     println!("{topology}: file -> host:\n{r}");
     let part = &expect[range.start as usize..range.end as usize];
-    assert_eq!(r.checksum, Checksum::of(part));
+    assert_eq!(r.checksums, vec![xxh3_64(part)]);
     assert!(read_dest(&topo, &host, 100, range.end - range.start) == part);
     std::fs::remove_file(path).unwrap();
 }
@@ -118,11 +120,12 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
     let nvmes = nvme_controllers(&topo);
     let (x, _) = vfio_candidate(&topo, &nvmes);
     let expect = write_known(&topo, x, AT, LEN, 7);
-    let want = Checksum::of(&expect);
+    let want = xxh3_64(&expect);
 
     let reg = Registry::new(topo.clone());
     let binding = Binding::to_vfio(x).unwrap();
-    let mut ctrl = Controller::open(&binding, &reg, 1).unwrap();
+    let loader = Loader::new(&reg, Options { verify: Verify::Reread, ..Default::default() }).unwrap();
+    let src = loader.open_nvme(Controller::open(&binding, &reg, 1).unwrap()).unwrap();
     let peer = reg.peer(x).unwrap();
     let mut dests: Vec<(&str, Arc<dyn PeerMemory>)> = vec![("host", Arc::new(HostRegion::new(LEN).unwrap()))];
     if let Some(shm) = ivshmem(&topo) {
@@ -131,15 +134,13 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
     for (name, region) in dests {
         let g = reg.register(region.clone()).unwrap();
         let kind = reg.resolve(&g, peer).unwrap().kind;
-        let mut src = Source::Vfio(&mut ctrl);
-        let r = load(&mut src, AT..AT + LEN, &g, &reg, &LoadOptions::default()).unwrap();
+        let r = loader.read(&src, AT, LEN, &g, 0).unwrap();
         println!("{topology}: {x} (VFIO) -> {name}:\n{r}");
-        assert_eq!(r.checksum, want, "{name}");
-        assert_eq!(r.source_checksum, Some(want));
+        assert_eq!((r.checksums.clone(), r.source_checksums.clone()), (vec![want], vec![want]), "{name}");
         assert!(read_dest(&topo, &region, 0, LEN) == expect, "{name}: bytes differ");
         match kind {
-            K::Bounce(_) => assert!(matches!(r.method, Method::Bounce { .. }), "{name}: {}", r.method),
-            K::BusAddr(_) | K::CpuMapped(_) => assert_eq!(r.method, Method::VfioDirect, "{name}"),
+            K::Bounce(_) => assert_eq!(r.dests[0].via, Via::Bounce, "{name}: {r}"),
+            K::BusAddr(_) | K::CpuMapped(_) => assert_eq!(r.dests[0].via, Via::Direct, "{name}: {r}"),
             _ => {}
         }
         if name == "ivshmem BAR2" {
@@ -152,7 +153,8 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
             }
         }
     }
-    drop(ctrl);
+    drop(loader);
+    drop(src.into_controller().expect("no loader holds the namespace any more"));
     binding.restore().unwrap();
     wait_for_nvme_driver(x);
 }
@@ -160,7 +162,7 @@ fn loader_through_the_vfio_driver_reaches_the_gpu_bar() {
 /// With the GPU as the destination: a host-visible Vulkan buffer (lavapipe in the guest,
 /// reached through the host root) filled from a namespace range by the loader. lavapipe memory is
 /// system RAM without a PCI function, so the route is through its CPU mapping; the data is checked
-/// by the loader's checksum and by a GPU copy (vkCmdCopyBuffer) into a second buffer read back.
+/// by the loader's xxh3 and by a GPU copy (vkCmdCopyBuffer) into a second buffer read back.
 #[test]
 fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
     use peermem_vulkan::{Device, Placement, Select};
@@ -174,13 +176,13 @@ fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
     let vram = Arc::new(gpu.allocate(LEN, Placement::Mappable).unwrap());
     let reg = Registry::new(topo.clone());
     let g = reg.register(vram.clone()).unwrap();
-    let mut src = Source::Kernel(KernelSource::namespace(&topo, x).unwrap());
-    let r = load(&mut src, AT..AT + LEN, &g, &reg, &LoadOptions::default()).unwrap();
+    let loader = Loader::new(&reg, Options { verify: Verify::Reread, ..Default::default() }).unwrap();
+    let src = loader.open_namespace(x).unwrap();
+    let r = loader.read(&src, AT, LEN, &g, 0).unwrap();
     println!("{x} -> Vulkan buffer:\n{r}");
-    assert_eq!(r.checksum, Checksum::of(&expect));
-    assert_eq!(r.source_checksum, Some(Checksum::of(&expect)));
+    assert_eq!((r.checksums.clone(), r.source_checksums.clone()), (vec![xxh3_64(&expect)], vec![xxh3_64(&expect)]));
     // lavapipe memory is host memory with a CPU mapping: O_DIRECT lands straight in it.
-    assert_eq!(r.method, Method::KernelDirect, "{r}");
+    assert_eq!(r.dests[0].via, Via::Direct, "{r}");
 
     let back = gpu.allocate(LEN, Placement::Mappable).unwrap();
     gpu.copy(&vram, 0, &back, 0, LEN).unwrap();
@@ -190,7 +192,7 @@ fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
     drop(g);
 }
 
-/// The asynchronous `Loader` through the kernel's NVMe driver (io_uring, then the preadv pool):
+/// The `Loader` through the kernel's NVMe driver (io_uring, then the pread pool):
 /// one batch of namespace ranges, aligned and not, into host memory, a switch peer's p2pmem
 /// (O_DIRECT straight into P2PDMA pages; under the translated vIOMMU the probe catches the
 /// corruption and the bytes are staged), p2pmem across the host bridge and the ivshmem BAR
@@ -198,7 +200,7 @@ fn loader_fills_a_vulkan_buffer_checked_by_a_gpu_copy() {
 /// match the verdict.
 #[test]
 fn async_loader_batches_namespace_ranges_into_every_destination_kind() {
-    use peermem_loader::{Batch, Dest, Engine, Loader, Options, Verify, Via};
+    use peermem_loader::{Batch, Dest, Engine};
     const LEN: u64 = 4 << 20;
     const AT: u64 = 112 << 20;
     const SHM_AT: u64 = 192 << 20;
@@ -209,7 +211,7 @@ fn async_loader_batches_namespace_ranges_into_every_destination_kind() {
     let expect = write_known(&topo, x, AT, LEN, 13);
     let reg = Registry::new(topo.clone());
     let dests = every_destination(&topo, &nvmes, x, y, SHM_AT, LEN);
-    let ns = KernelSource::namespace(&topo, x).unwrap().path().to_path_buf();
+    let ns = Loader::new(&reg, Options::default()).unwrap().open_namespace(x).unwrap().path().unwrap().to_path_buf();
     for engine in [Engine::Uring, Engine::Pool] {
         let loader = Loader::new(
             &reg,
@@ -247,7 +249,7 @@ fn async_loader_batches_namespace_ranges_into_every_destination_kind() {
 /// epoch lands in a host ring and equals the namespace bytes.
 #[test]
 fn shard_reader_reads_namespace_records_into_a_host_ring() {
-    use peermem_loader::{Layout, Loader, Options, RingBuffer, ShardOptions, ShardReader};
+    use peermem_loader::{Layout, RingBuffer, ShardOptions, ShardReader};
     const AT: u64 = 128 << 20;
     const REC: u64 = 64 << 10;
     const N: u64 = 64;
@@ -256,7 +258,7 @@ fn shard_reader_reads_namespace_records_into_a_host_ring() {
     let expect = write_known(&topo, x, AT, REC * N, 17);
     let reg = Registry::new(topo.clone());
     let loader = Arc::new(Loader::new(&reg, Options::default()).unwrap());
-    let f = loader.open(KernelSource::namespace(&topo, x).unwrap().path()).unwrap();
+    let f = loader.open_namespace(x).unwrap();
     let index = (0..N).map(|i| (0, AT + i * REC, REC)).collect();
     let opts = ShardOptions { batch_size: 8, shuffle: true, seed: 3, ..Default::default() };
     let mut r = ShardReader::new(loader, vec![f], Layout::Index(index), opts, RingBuffer::host).unwrap();
@@ -273,7 +275,7 @@ fn shard_reader_reads_namespace_records_into_a_host_ring() {
     assert_eq!(seen, (0..N as usize).collect::<Vec<_>>());
 }
 
-/// The asynchronous `Loader` reading a namespace through the userspace VFIO driver: one batch of
+/// The `Loader` reading a namespace through the userspace VFIO driver: one batch of
 /// ranges, block aligned and not, into host memory, the ivshmem "GPU" BAR and a switch peer's
 /// p2pmem (when the controller has one). Direct parts are read commands aimed at the routed
 /// address with many in flight; unaligned parts (and destinations the route bounces) are staged.
@@ -282,7 +284,7 @@ fn shard_reader_reads_namespace_records_into_a_host_ring() {
 #[test]
 fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
     use peermem::RouteKind as K;
-    use peermem_loader::{Batch, Dest, LoadError, Loader, Options, Verify, Via};
+    use peermem_loader::{Batch, Dest, LoadError};
     const LEN: u64 = 4 << 20;
     const AT: u64 = 144 << 20;
     const SHM_AT: u64 = 208 << 20;
@@ -311,8 +313,8 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
     let half = LEN as usize / 2;
     let mut b = Batch::new();
     for g in &guards {
-        b.read_nvme_expect(&ns, AT, LEN / 2, Dest::region(g), 0, xxhash_rust::xxh3::xxh3_64(&expect[..half]));
-        b.read_nvme(&ns, AT + LEN / 2 + 5, LEN / 2 - 5, Dest::region(g), LEN / 2 + 5);
+        b.read_expect(&ns, AT, LEN / 2, Dest::region(g), 0, xxh3_64(&expect[..half]));
+        b.read(&ns, AT + LEN / 2 + 5, LEN / 2 - 5, Dest::region(g), LEN / 2 + 5);
     }
     let t0 = std::time::Instant::now();
     let r = loader.run(b).unwrap();
@@ -348,12 +350,12 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
             }
         }
     }
-    assert!(r.fallbacks.iter().any(|f| f.contains("not block aligned")), "{:?}", r.fallbacks);
+    assert!(r.fallbacks.iter().any(|f| f.contains("not aligned for a direct read")), "{:?}", r.fallbacks);
 
     // Bad input: typed errors before any command is built.
     let bad = |offset: u64, len: u64, doff: u64| {
         let mut b = Batch::new();
-        b.read_nvme(&ns, offset, len, Dest::region(&guards[0]), doff);
+        b.read(&ns, offset, len, Dest::region(&guards[0]), doff);
         loader.run(b).unwrap_err()
     };
     let issued = ns.peak_in_flight();
@@ -365,7 +367,7 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
 
     let strict = Loader::new(&reg, Options { strict: true, ..Default::default() }).unwrap();
     let mut b = Batch::new();
-    b.read_nvme(&ns, AT + 5, 4096, Dest::region(&guards[0]), 0);
+    b.read(&ns, AT + 5, 4096, Dest::region(&guards[0]), 0);
     let e = strict.run(b).unwrap_err();
     assert!(matches!(e, LoadError::NotDirect { .. }), "{e:?}");
     drop((strict, loader, guards));
@@ -380,7 +382,7 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
 /// loader with a sane timeout, whose batch re-creates the queues and delivers the right bytes.
 #[test]
 fn vfio_timeout_ends_an_async_batch_with_a_typed_error_after_a_quiesce() {
-    use peermem_loader::{Batch, Dest, LoadError, Loader, Options};
+    use peermem_loader::{Batch, Dest, LoadError};
     use peermem_nvme::NvmeError;
     use std::time::Duration;
     const LEN: u64 = 8 << 20;
@@ -397,11 +399,11 @@ fn vfio_timeout_ends_an_async_batch_with_a_typed_error_after_a_quiesce() {
         Loader::new(&reg, Options::default()).unwrap().open_nvme(Controller::open(&binding, &reg, 1).unwrap()).unwrap();
     let host = Arc::new(HostRegion::new(LEN).unwrap());
     let g = reg.register(host.clone() as Arc<dyn PeerMemory>).unwrap();
-    let batch = |ns: &peermem_loader::NvmeHandle| {
+    let batch = |ns: &peermem_loader::Source| {
         let mut b = Batch::new();
         // Records in reverse order: one command each.
         for i in (0..LEN / REC).rev() {
-            b.read_nvme(ns, AT + i * REC, REC, Dest::region(&g), i * REC);
+            b.read(ns, AT + i * REC, REC, Dest::region(&g), i * REC);
         }
         b
     };

@@ -16,7 +16,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyFileNotFoundError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
-use peermem_loader::{Batch, BatchReport, Dest, FileHandle, LoadError, Options, Ticket, Verify, Via};
+use peermem_loader::{Batch, Dest, LoadError, Options, Report as LoadReport, Source, Ticket, Verify};
 
 use crate::errors::{load_err, peermem_err};
 use crate::memory::{registry, Target};
@@ -33,9 +33,9 @@ pub struct Report {
     route: String,
     /// How the bytes moved, in words.
     method: String,
-    /// True when every destination's route went direct (the device wrote its pages): bytes
-    /// moved straight into it, and only pieces O_DIRECT cannot take (unaligned edges, a tail
-    /// shorter than 4096 bytes) went through staging, as `bytes_staged` says.
+    /// True when every destination was planned direct (the reading device wrote its pages);
+    /// pieces O_DIRECT cannot take (unaligned edges, a tail shorter than 4096 bytes) still went
+    /// through staging, as `bytes_staged` says.
     direct: bool,
     /// Bytes the reading device wrote straight into the destinations.
     bytes_direct: u64,
@@ -43,39 +43,31 @@ pub struct Report {
     bytes_staged: u64,
     /// Every reason: the route's, the planner's, then every fallback the loader took.
     reasons: Vec<String>,
-    /// The source as opened (path, O_DIRECT or buffered).
+    /// The source of the first destination, as opened (path, O_DIRECT or buffered, device).
     source: String,
-    /// xxh3-64 of the destination bytes after the load (`verify=True`; None otherwise).
+    /// xxh3-64 of the first read's destination bytes after the load (`verify=True`).
     checksum: Option<u64>,
-    /// The source range's xxh3-64, re-read through the page cache (`verify=True`).
+    /// xxh3-64 of the first read's source range, read a second time (`verify=True`).
     source_checksum: Option<u64>,
 }
 
 impl Report {
-    fn new(r: BatchReport, file: &FileHandle) -> Report {
+    /// The loader's report as Python sees it (the first destination's route and method).
+    fn new(r: LoadReport) -> Report {
         let first = r.dests.first();
-        let mut reasons: Vec<String> = first.map(|d| d.reasons.clone()).unwrap_or_default();
-        reasons.extend(r.fallbacks.iter().cloned());
-        let checksum = r.checksums.first().copied();
-        let bytes_direct = r.dests.iter().map(|d| d.bytes_direct).sum();
-        let bytes_staged = r.dests.iter().map(|d| d.bytes_staged).sum();
         Report {
             bytes: r.bytes,
             seconds: r.seconds,
             mb_per_s: r.mb_per_s(),
             route: r.route().to_string(),
             method: first.map_or_else(|| r.via().to_string(), |d| format!("{}: {}", d.via.name(), d.method)),
-            direct: bytes_direct > 0 && r.dests.iter().all(|d| d.via == Via::Direct),
-            bytes_direct,
-            bytes_staged,
-            reasons,
-            source: format!(
-                "{} ({})",
-                file.path().display(),
-                if file.is_direct() { "O_DIRECT" } else { "buffered: the filesystem refused O_DIRECT" }
-            ),
-            checksum,
-            source_checksum: if r.verified == Some(true) { checksum } else { None },
+            direct: r.direct(),
+            bytes_direct: r.bytes_direct(),
+            bytes_staged: r.bytes_staged(),
+            reasons: r.reasons(),
+            source: first.map(|d| d.source.clone()).unwrap_or_default(),
+            checksum: r.checksums.first().copied(),
+            source_checksum: r.source_checksums.first().copied(),
         }
     }
 }
@@ -121,15 +113,14 @@ struct Req {
 }
 
 /// What a submitted batch holds until it is reaped: the destinations' registrations and buffer
-/// exports (the loader keeps the regions themselves alive), and the first source for the report.
+/// exports (the loader keeps the regions themselves alive).
 struct Held {
     _targets: Vec<Target>,
-    file: FileHandle,
 }
 
 /// Opens `path` through the loader after refusing what cannot be read in bounded time (a FIFO
 /// would block the open, a character device has no length).
-fn open(engine: &peermem_loader::Loader, path: &Path) -> Result<FileHandle, JobError> {
+fn open(engine: &peermem_loader::Loader, path: &Path) -> Result<Source, JobError> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(JobError::NotFound(format!("{}: {e}", path.display())))
@@ -147,9 +138,9 @@ fn open(engine: &peermem_loader::Loader, path: &Path) -> Result<FileHandle, JobE
 /// submits them as one batch. No GIL needed.
 fn submit(engine: &peermem_loader::Loader, reqs: Vec<Req>) -> Result<(Ticket, Held), JobError> {
     let mut batch = Batch::new();
-    let mut files: Vec<FileHandle> = Vec::new();
+    let mut files: Vec<Source> = Vec::new();
     for r in &reqs {
-        let fh = match files.iter().find(|f| f.path() == r.path) {
+        let fh = match files.iter().find(|f| f.path() == Some(r.path.as_path())) {
             Some(f) => f.clone(),
             None => {
                 let f = open(engine, &r.path)?;
@@ -183,8 +174,7 @@ fn submit(engine: &peermem_loader::Loader, reqs: Vec<Req>) -> Result<(Ticket, He
         batch.read(&fh, r.offset, size, Dest::region(&r.target.owned.reg), r.target.at + r.out_offset);
     }
     let ticket = engine.submit(batch).map_err(JobError::Load)?;
-    let file = files.swap_remove(0);
-    Ok((ticket, Held { _targets: reqs.into_iter().map(|r| r.target).collect(), file }))
+    Ok((ticket, Held { _targets: reqs.into_iter().map(|r| r.target).collect() }))
 }
 
 /// A ticket not yet reaped and what its batch holds.
@@ -197,7 +187,7 @@ struct Pending {
 enum State {
     Pending(Pending),
     /// The outcome is known; the first thread holding the GIL turns it into the cached result.
-    Reaped(Result<BatchReport, LoadError>, Held),
+    Reaped(Result<LoadReport, LoadError>, Held),
     /// The cached result holds the outcome (or the submit failed).
     Settled,
 }
@@ -237,7 +227,7 @@ impl Future {
             }
         });
         let Some((out, held)) = reaped else { return Ok(None) };
-        let r = out.map_err(load_err).and_then(|rep| Py::new(py, Report::new(rep, &held.file)));
+        let r = out.map_err(load_err).and_then(|rep| Py::new(py, Report::new(rep)));
         drop(held);
         let mut o = self.outcome.lock().map_err(peermem_err)?;
         let r = o.get_or_insert(r);
@@ -385,7 +375,9 @@ impl Loader {
         let engine = self.engine()?;
         let r = py.detach(move || {
             let (ticket, held) = submit(&engine, reqs)?;
-            ticket.wait().map(|rep| Report::new(rep, &held.file)).map_err(JobError::Load)
+            let r = ticket.wait().map(Report::new).map_err(JobError::Load);
+            drop(held);
+            r
         });
         r.map_err(JobError::into_py)
     }

@@ -118,10 +118,11 @@ impl Batch {
         self.buf.batch.epoch
     }
 
-    /// True when every byte of the batch went straight into its buffer (no bounce).
+    /// True when the loader planned the batch direct: the reading device wrote the ring buffer
+    /// itself (as `Report.direct` says).
     #[getter]
     fn direct(&self) -> bool {
-        self.buf.batch.report.all_direct()
+        self.buf.batch.report.direct()
     }
 
     fn __len__(&self) -> usize {

@@ -1,9 +1,10 @@
-//! The two I/O engines behind a `Loader`: io_uring (reads straight into mapped memory, through
-//! fixed buffers where registered) and a pool of `preadv` threads (when io_uring is unavailable
-//! or not wanted). Both take tagged reads and hand back tagged completions with bounded waits.
+//! The file engines: io_uring (reads straight into mapped memory, through fixed buffers where
+//! registered) and a pool of `pread` threads (when io_uring is unavailable or not wanted). Both
+//! take tagged reads and hand back tagged completions with bounded waits.
 //!
-//! Owns: keeping every buffer a read targets alive until its completion is handed back (the
-//! ring holds them; a pool thread holds its read's), and the fixed-buffer set while registered. Must not: plan or split reads (the engine does).
+//! Owns: keeping every buffer a read targets alive until its completion is handed back (the ring
+//! holds them; a pool thread holds its read's), and the fixed-buffer set while registered. Must
+//! not: plan or split reads (the plan stage does).
 
 use std::io;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -11,27 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use peermem::{PeerMemory, Side};
+use peermem::PeerMemory;
 
 use crate::error::LoadError;
-use crate::source::KernelSource;
-use crate::sys::Ring;
+use crate::sys::{Done, Read, Ring};
 
-/// One read: `len` bytes of `file` at `off` into `mem` at `mem_off`.
-#[derive(Clone)]
-pub(crate) struct IoReq {
-    pub file: Arc<KernelSource>,
-    pub off: u64,
-    pub mem: Arc<dyn PeerMemory>,
-    pub mem_off: u64,
-    pub len: u64,
-    /// Index of the fixed buffer holding `mem` (io_uring), and `mem_off` relative to it.
-    pub fixed: Option<u16>,
-}
-
-/// A completion: bytes read, or the OS error.
-pub(crate) type Done = (u64, io::Result<usize>);
-
+/// The engine reading files and block devices.
 pub(crate) enum Io {
     Uring(Box<Ring>),
     Pool(Pool),
@@ -53,7 +39,7 @@ impl Io {
     /// Registers whole host regions as fixed buffers (io_uring only); index = position. Kept
     /// (and the regions held) until a different set is registered or the loader closes.
     pub(crate) fn register(&mut self, bufs: Vec<Arc<dyn PeerMemory>>) -> Result<(), String> {
-        let Io::Uring(ring) = self else { return Err("the preadv pool has no fixed buffers".into()) };
+        let Io::Uring(ring) = self else { return Err("the pread pool has no fixed buffers".into()) };
         if ring.is_registered(&bufs) {
             return Ok(());
         }
@@ -71,7 +57,7 @@ impl Io {
 
     /// Queues a read; `false` when the engine has no room (nothing queued). The engine holds
     /// the read's memory and file until its completion comes back from `wait`.
-    pub(crate) fn push(&mut self, tag: u64, req: IoReq) -> Result<bool, LoadError> {
+    pub(crate) fn push(&mut self, tag: u64, req: Read) -> Result<bool, LoadError> {
         match self {
             Io::Uring(ring) => Ok(ring.push(tag, req)?),
             Io::Pool(p) => {
@@ -101,16 +87,16 @@ impl Io {
     }
 }
 
-/// `depth` threads, each taking one read at a time (`preadv` of one iovec into the memory).
+/// `depth` threads, each taking one read at a time (`pread` into the memory).
 pub(crate) struct Pool {
-    jobs: Option<Sender<(u64, IoReq)>>,
+    jobs: Option<Sender<(u64, Read)>>,
     done: Receiver<Done>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
     fn new(depth: usize) -> Pool {
-        let (jobs, rx) = mpsc::channel::<(u64, IoReq)>();
+        let (jobs, rx) = mpsc::channel::<(u64, Read)>();
         let (tx, done) = mpsc::channel::<Done>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..depth.max(1))
@@ -120,11 +106,7 @@ impl Pool {
                 std::thread::spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok((tag, req)) = job else { return };
-                    let r = req
-                        .mem
-                        .span_at(Side::Destination, req.mem_off, req.len)
-                        .map_err(io::Error::other)
-                        .and_then(|span| peermem_nvme::pread_into(&req.file.file, req.off, span));
+                    let r = crate::sys::pread_into(&req.file, req.off, &*req.mem, req.mem_off, req.len);
                     // The memory and file are released only after the read returned.
                     drop(req);
                     if tx.send((tag, r)).is_err() {
@@ -146,4 +128,25 @@ impl Drop for Pool {
             let _ = t.join();
         }
     }
+}
+
+/// The file engine `opts.engine` asks for, and in words which one runs and why when it is the
+/// fallback.
+pub(crate) fn start(opts: &crate::options::Options) -> Result<(Io, String), LoadError> {
+    use crate::options::Engine;
+    let pool = |why: &str| (Io::pool(opts.depth), format!("pread thread pool ({} threads): {why}", opts.depth));
+    Ok(match opts.engine {
+        Engine::Pool => pool("asked for"),
+        Engine::Uring => (
+            Io::uring(opts.depth).map_err(|e| LoadError::Engine(format!("io_uring unavailable: {e}")))?,
+            "io_uring".to_string(),
+        ),
+        Engine::Auto => match Io::uring(opts.depth) {
+            Ok(io) => (io, "io_uring".to_string()),
+            Err(e) => {
+                tracing::warn!(%e, "io_uring unavailable: reading through a pread thread pool");
+                pool(&format!("io_uring unavailable: {e}"))
+            }
+        },
+    })
 }

@@ -1,0 +1,538 @@
+//! `Loader`: the only way the loader moves bytes. `Loader::new(&registry, opts)`, `open(path)`
+//! (or `open_nvme(controller)`), `submit(batch) -> Ticket`, `ticket.wait()`. A worker thread
+//! runs each batch through the stages: plan (`plan`), I/O (`io`), verify (`verify`), report
+//! (`report`).
+//!
+//! Owns: the worker and its queue, the tickets and their bounded waits, the staging pools and
+//! fixed buffers of a batch, and keeping every region and source alive until the reads into it
+//! are reaped. Must not: decide directness (the planner does, through the plan stage) or
+//! compute an address.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use peermem::{Bdf, Entry, PeerMemory, Provider, Registration, Registry};
+use peermem_vulkan::{Device, VulkanRegion};
+
+use crate::batch::Batch;
+use crate::dest::{Dest, GpuStage};
+use crate::error::LoadError;
+use crate::io::{self, files, Engine, Flow};
+use crate::options::Options;
+use crate::plan::{DestRun, Planned, Planner, Req, Target};
+use crate::report::{DestReport, Report, Via};
+use crate::source::Source;
+use crate::stage::{Pool, Sink, Slot};
+use crate::verify;
+
+type Outcome = Result<Report, LoadError>;
+
+/// Where a submitted batch's outcome lands.
+#[derive(Default)]
+struct Pending {
+    result: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+impl Pending {
+    fn set(&self, r: Outcome) {
+        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        self.cv.notify_all();
+    }
+}
+
+/// A submitted batch. Dropping it does not cancel the batch: its regions and sources stay held
+/// by the loader until its reads complete.
+pub struct Ticket {
+    pending: Arc<Pending>,
+    progress: Arc<AtomicU64>,
+    timeout: Duration,
+    taken: bool,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket").field("taken", &self.taken).finish()
+    }
+}
+
+impl Ticket {
+    /// The outcome if the batch is done (once: later calls give `None`).
+    pub fn try_wait(&mut self) -> Option<Outcome> {
+        let r = self.pending.result.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.taken |= r.is_some();
+        r
+    }
+    /// Waits at most `t` for the outcome (`None`: not done yet, or already taken).
+    pub fn wait_timeout(&mut self, t: Duration) -> Option<Outcome> {
+        if self.taken {
+            return None;
+        }
+        let g = self.pending.result.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut g, _) = self.pending.cv.wait_timeout_while(g, t, |r| r.is_none()).unwrap_or_else(|p| p.into_inner());
+        let r = g.take();
+        self.taken |= r.is_some();
+        r
+    }
+    /// Waits for the outcome as long as the loader makes progress: `LoadError::Timeout` once no
+    /// byte landed (of this batch or of one queued before it) within the loader's timeout.
+    pub fn wait(self) -> Outcome {
+        let t = self.timeout;
+        self.wait_reporting(t, |_| {})
+    }
+    /// As `wait`, calling `tick` with the bytes the loader landed so far every `every` (a
+    /// progress line).
+    pub fn wait_reporting(mut self, every: Duration, mut tick: impl FnMut(u64)) -> Outcome {
+        let every = every.min(self.timeout).max(Duration::from_millis(1));
+        let mut last = (self.progress.load(Ordering::Relaxed), Instant::now());
+        loop {
+            if let Some(r) = self.wait_timeout(every) {
+                return r;
+            }
+            let now = self.progress.load(Ordering::Relaxed);
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if self.taken || last.1.elapsed() >= self.timeout {
+                return Err(LoadError::Timeout { what: "waiting for a batch", ms: self.timeout.as_millis() });
+            }
+            tick(now);
+        }
+    }
+}
+
+/// Reads files and namespaces into registered memory, asynchronously and in batches.
+pub struct Loader {
+    registry: Registry,
+    opts: Options,
+    tx: Option<Sender<(Batch, Arc<Pending>)>>,
+    worker: Option<JoinHandle<()>>,
+    progress: Arc<AtomicU64>,
+    engine: String,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader").field("engine", &self.engine).field("opts", &self.opts).finish()
+    }
+}
+
+impl Loader {
+    /// A loader over `registry` (destinations must be registered there). Starts the file
+    /// engine: io_uring unless unavailable or `opts.engine` says otherwise.
+    pub fn new(registry: &Registry, opts: Options) -> Result<Loader, LoadError> {
+        opts.check()?;
+        let (io, engine) = files::start(&opts)?;
+        let (tx, rx) = mpsc::channel();
+        let progress = Arc::new(AtomicU64::new(0));
+        let mut w = Worker {
+            registry: registry.clone(),
+            cpu: Pool::new(opts.depth.min(64), opts.block_chunk()),
+            opts: opts.clone(),
+            io,
+            engine: engine.clone(),
+            planner: Planner::default(),
+            tags: 0,
+            progress: progress.clone(),
+        };
+        let worker = std::thread::Builder::new()
+            .name("peermem-loader".into())
+            .spawn(move || w.serve(rx))
+            .map_err(|e| LoadError::Engine(format!("spawning the loader thread: {e}")))?;
+        Ok(Loader { registry: registry.clone(), opts, tx: Some(tx), worker: Some(worker), progress, engine })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    /// The file engine in use, and why when it is the fallback.
+    pub fn engine(&self) -> &str {
+        &self.engine
+    }
+    /// Bytes this loader landed in destinations so far.
+    pub fn moved(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    /// Opens a file or block device, O_DIRECT when the filesystem allows.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<Source, LoadError> {
+        Source::open(path, &self.registry)
+    }
+    /// Opens the first namespace of NVMe controller `bdf` (kernel driver bound), as a block device.
+    pub fn open_namespace(&self, bdf: Bdf) -> Result<Source, LoadError> {
+        Source::open_namespace(bdf, &self.registry)
+    }
+    /// Takes a controller owned by the userspace VFIO driver as a source: its namespace is read
+    /// with many commands in flight, each aimed at the address the registry routes for this
+    /// controller. `Source::into_controller` gives it back.
+    pub fn open_nvme(&self, ctrl: peermem_nvme::Controller) -> Result<Source, LoadError> {
+        Source::nvme(ctrl, &self.registry)
+    }
+
+    /// A destination in device-local GPU memory: reads are staged through pinned host buffers
+    /// imported into `device` (each up to 8 requests long, enough of them to keep `depth`
+    /// requests in flight while copies run) and copied there by the GPU. `reg` must be the
+    /// registration of `region`.
+    pub fn vulkan_device_dest(
+        &self,
+        reg: &Registration,
+        device: &Device,
+        region: Arc<VulkanRegion>,
+    ) -> Result<Dest, LoadError> {
+        let chunk = self.opts.block_chunk();
+        let slot_len = (chunk * 8).clamp(4 << 20, crate::sys::MAX_FIXED.max(chunk));
+        let n = (self.opts.depth as u64 * chunk).div_ceil(slot_len).max(1) + 2;
+        Dest::gpu(reg, device, region, slot_len, n.min(64) as usize)
+    }
+
+    /// Queues `batch`; its reads start as soon as the batches before it are done.
+    pub fn submit(&self, batch: Batch) -> Result<Ticket, LoadError> {
+        let pending = Arc::new(Pending::default());
+        let tx = self.tx.as_ref().ok_or(LoadError::Closed)?;
+        tx.send((batch, pending.clone())).map_err(|_| LoadError::Closed)?;
+        Ok(Ticket { pending, progress: self.progress.clone(), timeout: self.opts.timeout, taken: false })
+    }
+    /// Submits `batch` and waits for it.
+    pub fn run(&self, batch: Batch) -> Outcome {
+        self.submit(batch)?.wait()
+    }
+    /// One read, start to end.
+    pub fn read(&self, source: &Source, offset: u64, len: u64, dest: impl Into<Dest>, dest_offset: u64) -> Outcome {
+        let mut b = Batch::new();
+        b.read(source, offset, len, dest, dest_offset);
+        self.run(b)
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // The worker finishes the queued batches (each bounded by the timeout), then exits.
+        self.tx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The loader's thread and what it keeps between batches.
+struct Worker {
+    registry: Registry,
+    opts: Options,
+    io: files::Io,
+    engine: String,
+    planner: Planner,
+    /// Host staging buffers for CPU copies (also the scratch of probes and re-reads).
+    cpu: Pool,
+    tags: u64,
+    progress: Arc<AtomicU64>,
+}
+
+/// How each destination run of a batch is filled, and where its staged bytes go.
+struct Layout<'a> {
+    guards: Vec<MutexGuard<'a, Vec<Slot>>>,
+    dest_pool: Vec<usize>,
+}
+
+impl Worker {
+    fn serve(&mut self, rx: Receiver<(Batch, Arc<Pending>)>) {
+        while let Ok((b, pending)) = rx.recv() {
+            let r = self.run_batch(&b).map_err(|e| {
+                // What the batch touches, to name a device that left.
+                let sources: Vec<Bdf> = b.reads.iter().filter_map(|r| r.source.device()).collect();
+                let dests: Vec<Arc<Entry>> = b.reads.iter().map(|r| r.dest.entry.clone()).collect();
+                let emptied = b.reads.iter().any(|r| r.source.emptied());
+                crate::gone::explain_batch(e, &sources, emptied, &dests, &self.registry)
+            });
+            if let Err(e) = &r {
+                tracing::debug!(%e, "batch failed");
+            }
+            // The batch's hold on its regions and sources ends before its waiter hears of it.
+            drop(b);
+            pending.set(r);
+        }
+    }
+
+    fn run_batch(&mut self, batch: &Batch) -> Outcome {
+        let reg = self.registry.clone();
+        let reads = &batch.reads;
+        let mut p = self.planner.plan(&reg, reads, &self.opts, &mut self.cpu)?;
+        let stages: Vec<Arc<GpuStage>> = p.dests.iter().filter_map(|d| d.gpu.clone()).fold(Vec::new(), |mut v, g| {
+            if !v.iter().any(|x| Arc::ptr_eq(x, &g)) {
+                v.push(g);
+            }
+            v
+        });
+        let cpu_staged = self.prepare_staging(&reg, &p, reads, &stages)?;
+        let t0 = Instant::now();
+        let done = self.move_bytes(&reg, &mut p, reads, &stages, cpu_staged);
+        let seconds = t0.elapsed().as_secs_f64();
+        for a in done.abandoned.iter().copied() {
+            match a {
+                0 => self.cpu.abandon(),
+                i => stages[i - 1].abandon(),
+            }
+        }
+        let mut fallbacks = done.fallbacks;
+        let fixed = done.fixed;
+        let (moved, engines) = done.result?;
+        if let Some(d) = p.dests.iter().find(|d| !d.entry.is_live()) {
+            return Err(LoadError::Unregistered { region: d.entry.id() });
+        }
+        let checked = verify::verify(self.opts.verify, &reg, reads, &p.read_dest, &p.dests, &mut self.cpu)?;
+        fallbacks.append(&mut p.fallbacks);
+        fallbacks.extend(checked.fallbacks);
+        Ok(Report {
+            bytes: batch.bytes(),
+            seconds,
+            engine: engines,
+            dests: self.dest_reports(&p, &moved, &fixed),
+            fallbacks,
+            checksums: checked.checksums,
+            source_checksums: checked.source_checksums,
+            verified: checked.verified,
+        })
+    }
+
+    /// Makes the CPU staging buffers when a request of the batch is staged for a CPU copy (true
+    /// then), and registers the buffers namespace reads are staged into.
+    fn prepare_staging(
+        &mut self,
+        reg: &Registry,
+        p: &Planned,
+        reads: &[crate::batch::Read],
+        stages: &[Arc<GpuStage>],
+    ) -> Result<bool, LoadError> {
+        let staged = |gpu: bool, nvme: bool| {
+            p.queue.iter().any(|q| {
+                matches!(q.target, Target::Stage { .. })
+                    && p.dests[q.dest].gpu.is_some() == gpu
+                    && (!nvme || reads[q.read].source.is_nvme())
+            })
+        };
+        let cpu_staged = staged(false, false);
+        if cpu_staged {
+            let slots = self.cpu.ensure()?;
+            if staged(false, true) {
+                crate::stage::register_all(slots, reg)?;
+            }
+        }
+        if staged(true, true) {
+            for s in stages {
+                crate::stage::register_all(&mut s.lock(), reg)?;
+            }
+        }
+        Ok(cpu_staged)
+    }
+
+    /// The I/O stage of a batch: its file reads through the file engine, then each controller's
+    /// reads through the driver.
+    fn move_bytes(
+        &mut self,
+        reg: &Registry,
+        p: &mut Planned,
+        reads: &[crate::batch::Read],
+        stages: &[Arc<GpuStage>],
+        cpu_staged: bool,
+    ) -> Moved {
+        let groups = engine_groups(&mut p.queue, reads);
+        let layout = Layout::new(&p.dests, stages);
+        let mut pools: Vec<&[Slot]> = vec![if cpu_staged { self.cpu.slots() } else { &[] }];
+        pools.extend(layout.guards.iter().map(|g| g.as_slice()));
+        let mut fallbacks = Vec::new();
+        let files_used = reads.iter().any(|r| !r.source.is_nvme());
+        let (dest_fixed, pool_fixed) = if files_used {
+            fixed_buffers(&mut self.io, self.opts.fixed_buffers, &p.dests, &pools, &mut fallbacks)
+        } else {
+            (vec![None; p.dests.len()], vec![None; pools.len()])
+        };
+        if files_used && !self.io.is_uring() {
+            fallbacks.push(format!("engine: {}", self.engine));
+        }
+        for s in stages {
+            s.device.set_copy_timeout(self.opts.timeout);
+        }
+        let flow = Flow {
+            reads,
+            entries: p.dests.iter().map(|d| &d.entry).collect(),
+            sinks: sinks(&p.dests),
+            dest_pool: layout.dest_pool.clone(),
+            dest_fixed,
+            pools,
+            pool_fixed,
+            depth: self.opts.depth,
+            timeout: self.opts.timeout,
+            progress: &self.progress,
+        };
+        let fixed = flow.dest_fixed.iter().map(Option::is_some).collect();
+        let mut out =
+            Moved { result: Ok((vec![(0, 0); p.dests.len()], String::new())), fallbacks, abandoned: Vec::new(), fixed };
+        let mut engines: Vec<String> = Vec::new();
+        for (engine_of, queue) in groups {
+            let mut engine = match engine_of {
+                None => {
+                    engines.push(self.engine.clone());
+                    Engine::Files(&mut self.io)
+                }
+                Some(i) => {
+                    let src = &reads[i].source;
+                    let bdf = src.device().map(|b| b.to_string()).unwrap_or_default();
+                    engines.push(format!("VFIO NVMe driver ({bdf}, polled, one I/O queue)"));
+                    Engine::Nvme(io::nvme::Nvme::new(src, reg, self.opts.depth, self.opts.timeout))
+                }
+            };
+            let ended = io::run(&mut engine, &flow, queue, &mut p.groups, &mut self.tags);
+            out.abandoned.extend(ended.abandoned);
+            if let Ok((moved, _)) = &mut out.result {
+                for (m, e) in moved.iter_mut().zip(&ended.moved) {
+                    m.0 += e.0;
+                    m.1 += e.1;
+                }
+            }
+            if let Some(e) = ended.error {
+                out.result = Err(e);
+                return out;
+            }
+        }
+        if let Ok((_, names)) = &mut out.result {
+            *names = engines.join("; ");
+        }
+        out
+    }
+
+    /// One report per destination run, with how its bytes moved.
+    fn dest_reports(&self, p: &Planned, moved: &[(u64, u64)], fixed: &[bool]) -> Vec<DestReport> {
+        let qd = self.opts.depth.clamp(1, peermem_nvme::driver::IO_DEPTH as usize - 1);
+        p.dests
+            .iter()
+            .zip(moved)
+            .zip(fixed)
+            .map(|((d, &(bytes_direct, bytes_staged)), &fixed)| {
+                let method = match (d.via, d.source.is_nvme(), self.io.is_uring()) {
+                    (Via::Direct, true, _) => format!("NVMe read commands to the routed address, up to {qd} in flight"),
+                    (Via::Direct, false, true) if fixed => {
+                        "io_uring O_DIRECT reads into the destination's pages, registered as fixed buffers".into()
+                    }
+                    (Via::Direct, false, true) => "io_uring O_DIRECT reads into the destination's pages".into(),
+                    (Via::Direct, false, false) => {
+                        "pread O_DIRECT reads into the destination's pages (thread pool)".into()
+                    }
+                    (Via::Bounce, ..) => "reads into host staging buffers, CPU copies into the destination".into(),
+                    (Via::GpuStaged, ..) => {
+                        "reads into pinned host staging buffers, GPU copies into the destination".into()
+                    }
+                };
+                DestReport {
+                    region: d.entry.id(),
+                    source: d.source.describe(),
+                    route: d.route,
+                    via: d.via,
+                    method,
+                    reasons: d.reasons.clone(),
+                    bytes_direct,
+                    bytes_staged,
+                }
+            })
+            .collect()
+    }
+}
+
+impl<'a> Layout<'a> {
+    /// Locks each distinct GPU staging of the batch's destinations (pool 1, 2, ...; pool 0 is
+    /// the CPU pool) for the batch.
+    fn new(dests: &[DestRun], stages: &'a [Arc<GpuStage>]) -> Layout<'a> {
+        let dest_pool = dests
+            .iter()
+            .map(|d| d.gpu.as_ref().map_or(0, |g| 1 + stages.iter().position(|s| Arc::ptr_eq(s, g)).expect("listed")))
+            .collect();
+        Layout { guards: stages.iter().map(|s| s.lock()).collect(), dest_pool }
+    }
+}
+
+/// Where each destination run's staged bytes are copied to.
+fn sinks(dests: &[DestRun]) -> Vec<Sink<'_>> {
+    dests
+        .iter()
+        .map(|d| match (&d.gpu, &d.window) {
+            (Some(g), _) => Sink::Gpu { device: &g.device, region: &g.region },
+            (None, Some(w)) => Sink::Cpu(&**w),
+            (None, None) => unreachable!("the plan gives every destination without GPU staging a CPU window"),
+        })
+        .collect()
+}
+
+/// What the I/O stage of a batch did: per destination run (direct, staged) bytes and the
+/// engines' names, or the first failure; the fallbacks taken; the staging pools that must take
+/// no new reads.
+struct Moved {
+    result: Result<(Vec<(u64, u64)>, String), LoadError>,
+    fallbacks: Vec<String>,
+    abandoned: Vec<usize>,
+    /// Per destination run: its direct reads went through an io_uring fixed buffer.
+    fixed: Vec<bool>,
+}
+
+type Queue = std::collections::VecDeque<Req>;
+
+/// The batch's requests grouped by engine, in order: the file reads (`None`), then each
+/// controller's (the index of one of its reads).
+fn engine_groups(queue: &mut Queue, reads: &[crate::batch::Read]) -> Vec<(Option<usize>, Queue)> {
+    let mut groups: Vec<(Option<usize>, Queue)> = Vec::new();
+    for q in queue.drain(..) {
+        let src = &reads[q.read].source;
+        let key = src.is_nvme().then_some(q.read);
+        let found = groups.iter().position(|(k, _)| match (k, key) {
+            (None, None) => true,
+            (Some(a), Some(_)) => reads[*a].source.same(src),
+            _ => false,
+        });
+        match found {
+            Some(i) => groups[i].1.push_back(q),
+            None => groups.push((key, std::iter::once(q).collect())),
+        }
+    }
+    groups.sort_by_key(|(k, _)| k.is_some());
+    groups
+}
+
+/// Registers the batch's host destinations that go direct and its staging pools as io_uring
+/// fixed buffers (kept while the same set is reused): the index of each destination's buffer
+/// and of each pool's first buffer, or none when the engine has no fixed buffers.
+fn fixed_buffers(
+    io: &mut files::Io,
+    wanted: bool,
+    dests: &[DestRun],
+    pools: &[&[Slot]],
+    fallbacks: &mut Vec<String>,
+) -> (Vec<Option<u16>>, Vec<Option<u16>>) {
+    let mut dest_fixed = vec![None; dests.len()];
+    let mut pool_fixed = vec![None; pools.len()];
+    if !io.is_uring() || !wanted {
+        return (dest_fixed, pool_fixed);
+    }
+    let mut set: Vec<Arc<dyn PeerMemory>> = Vec::new();
+    for (i, d) in dests.iter().enumerate() {
+        let host = matches!(d.entry.provider(), Provider::Host { .. });
+        if d.via == Via::Direct && host && d.entry.len() <= crate::sys::MAX_FIXED && set.len() < 1000 {
+            dest_fixed[i] = Some(set.len() as u16);
+            set.push(d.entry.region().clone());
+        }
+    }
+    for (i, pool) in pools.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
+        pool_fixed[i] = Some(set.len() as u16);
+        set.extend(pool.iter().map(|s| s.region.clone()));
+    }
+    if set.is_empty() {
+        // Release an earlier batch's set (and the regions it holds).
+        io.unregister();
+    } else if let Err(why) = io.register(set) {
+        fallbacks.push(format!("fixed buffers not registered ({why}): plain io_uring reads"));
+        return (vec![None; dests.len()], vec![None; pools.len()]);
+    }
+    (dest_fixed, pool_fixed)
+}

@@ -1,0 +1,355 @@
+//! The plan stage: every read of a batch checked before any starts, one decision per
+//! destination and reading device from the mover's planner (cached per loader, device memory
+//! probed once with the source's own bytes), and each read split into a direct body and staged
+//! pieces, as requests of at most `chunk` bytes.
+//!
+//! Owns: range checks, strictness, the alignment split, the decision cache. Must not: decide
+//! direct or bounce itself (`peermem::mover` does), move bytes, or compute an address.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Weak};
+
+use peermem::mover::{Ask, Decision, Plan as MoverPlan, Probe, Reach, RouteHealth};
+use peermem::{Entry, Peer, PeerMemory, Provider, RegionId, Registry, RouteKind};
+
+use crate::batch::Read;
+use crate::dest::{cpu_window, GpuStage};
+use crate::error::LoadError;
+use crate::options::Options;
+use crate::report::Via;
+use crate::source::Source;
+use crate::stage::Pool;
+
+/// Bytes a route probe into device memory moves (the source's own bytes, read-only).
+const PROBE_LEN: u64 = 64 << 10;
+
+/// One destination of a batch as one device reads into it.
+pub(crate) struct DestRun {
+    pub entry: Arc<Entry>,
+    /// The first read's source: it names the reading device.
+    pub source: Source,
+    pub peer: Peer,
+    pub route: Option<RouteKind>,
+    pub via: Via,
+    pub reasons: Vec<String>,
+    /// The CPU's view of the destination (its own mapping or a BAR mapping): staged copies and
+    /// verification. `None` for device-local GPU memory.
+    pub window: Option<Arc<dyn PeerMemory>>,
+    pub gpu: Option<Arc<GpuStage>>,
+}
+
+/// Where a request's bytes land.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Target {
+    /// Straight into the destination at this offset.
+    Direct { doff: u64 },
+    /// Into the staging buffer of `group`, at byte `at` of it.
+    Stage { group: usize, at: u64 },
+}
+
+/// One request: `len` bytes at source offset `off` of read `read`, for destination run `dest`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Req {
+    pub read: usize,
+    pub dest: usize,
+    pub off: u64,
+    pub len: u64,
+    pub target: Target,
+}
+
+/// Aligned source bytes read into one staging buffer (by `parts` requests), of which bytes
+/// `skip..skip+n` go to destination offset `doff` once every part arrived.
+#[derive(Debug, Clone)]
+pub(crate) struct Group {
+    pub dest: usize,
+    pub skip: u64,
+    pub n: u64,
+    pub doff: u64,
+    pub parts: u32,
+    pub pushed: u32,
+    pub arrived: u32,
+    /// The staging buffer, while the group holds one.
+    pub slot: Option<usize>,
+}
+
+/// What the plan stage hands on.
+pub(crate) struct Planned {
+    pub dests: Vec<DestRun>,
+    pub read_dest: Vec<usize>,
+    pub queue: VecDeque<Req>,
+    pub groups: Vec<Group>,
+    pub fallbacks: Vec<String>,
+}
+
+/// A decision for (destination, peer), kept while the destination stays registered.
+struct Cached {
+    entry: Weak<Entry>,
+    decision: Decision,
+}
+
+/// The loader's memory of decisions and of routes probed broken.
+#[derive(Default)]
+pub(crate) struct Planner {
+    decisions: HashMap<(RegionId, Peer, Reach, bool), Cached>,
+    health: RouteHealth,
+}
+
+/// Every read checked before any read of the batch starts.
+fn check(reads: &[Read]) -> Result<(), LoadError> {
+    for r in reads {
+        let len = r.source.len();
+        if r.len == 0 || r.offset.checked_add(r.len).is_none_or(|e| e > len) {
+            return Err(LoadError::BadRange { start: r.offset, end: r.offset.saturating_add(r.len), len });
+        }
+        if r.dest_offset.checked_add(r.len).is_none_or(|e| e > r.dest.len()) {
+            return Err(LoadError::TooSmall { len: r.len, offset: r.dest_offset, region_len: r.dest.len() });
+        }
+        if !r.dest.entry.is_live() {
+            return Err(LoadError::Unregistered { region: r.dest.id() });
+        }
+    }
+    Ok(())
+}
+
+/// Whether two sources read the same way (a controller through the kernel or through the VFIO
+/// driver is one peer, read two ways).
+fn same_reader(a: &Source, b: &Source) -> bool {
+    a.reach() == b.reach() && a.precondition().is_ok() == b.precondition().is_ok()
+}
+
+/// The address (or, without a CPU mapping, the offset) a direct read into `entry` at `doff`
+/// starts at, for alignment checks.
+fn mem_at(entry: &Entry, doff: u64) -> u64 {
+    entry.cpu_range().map_or(doff, |c| c.start().raw().wrapping_add(doff))
+}
+
+/// Bytes of `r` a direct read moves from its start: whole aligned units from an aligned source
+/// offset into an aligned destination address; 0 when either is misaligned.
+fn direct_body(r: &Read, entry: &Entry) -> u64 {
+    let (a, ma) = (r.source.align(), r.source.mem_align());
+    if r.offset.is_multiple_of(a) && mem_at(entry, r.dest_offset).is_multiple_of(ma) {
+        r.len / a * a
+    } else {
+        0
+    }
+}
+
+impl Planner {
+    /// Forgets decisions for destinations no longer registered.
+    pub(crate) fn forget_dead(&mut self) {
+        self.decisions.retain(|_, c| c.entry.upgrade().is_some_and(|e| e.is_live()));
+    }
+
+    /// The plan of a batch: checks, one decision per (destination, reading device), requests.
+    pub(crate) fn plan(
+        &mut self,
+        reg: &Registry,
+        reads: &[Read],
+        opts: &Options,
+        cpu: &mut Pool,
+    ) -> Result<Planned, LoadError> {
+        check(reads)?;
+        self.forget_dead();
+        let mut dests: Vec<DestRun> = Vec::new();
+        let mut read_dest = Vec::with_capacity(reads.len());
+        for r in reads {
+            let peer = r.source.peer(reg);
+            let found = dests
+                .iter()
+                .position(|d| d.entry.id() == r.dest.id() && d.peer == peer && same_reader(&d.source, &r.source));
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    dests.push(self.dest_run(reg, r, peer, opts, cpu)?);
+                    dests.len() - 1
+                }
+            };
+            read_dest.push(i);
+        }
+        let mut planned =
+            Planned { dests, read_dest, queue: VecDeque::new(), groups: Vec::new(), fallbacks: Vec::new() };
+        let mut misaligned = 0;
+        for (i, r) in reads.iter().enumerate() {
+            misaligned += split(&mut planned, i, r, opts)? as u32;
+        }
+        let mut files: Vec<&Source> = Vec::new();
+        for r in reads.iter().filter(|r| !r.source.is_direct()) {
+            if !files.iter().any(|f| f.same(&r.source)) {
+                files.push(&r.source);
+                planned.fallbacks.push(format!("{}: read through the page cache", r.source.describe()));
+            }
+        }
+        if misaligned > 0 {
+            planned.fallbacks.push(format!(
+                "{misaligned} read(s) not aligned for a direct read: their unaligned parts went through staging buffers"
+            ));
+        }
+        Ok(planned)
+    }
+
+    /// The run of destination `r.dest` as read by `peer`: the planner's decision, what it means
+    /// for the destination, and strictness.
+    fn dest_run(
+        &mut self,
+        reg: &Registry,
+        r: &Read,
+        peer: Peer,
+        opts: &Options,
+        cpu: &mut Pool,
+    ) -> Result<DestRun, LoadError> {
+        let entry = r.dest.entry.clone();
+        let decision = self.decide(reg, &entry, &r.source, peer, probe_at(r, &entry), cpu);
+        let mut reasons = decision.reasons.clone();
+        let via = match (&decision.plan, &r.dest.gpu) {
+            (_, Some(g)) if g.is_abandoned() => {
+                return Err(LoadError::Engine(
+                    "this destination's staging buffers still have reads of a timed-out batch in flight".into(),
+                ));
+            }
+            (_, Some(_)) => {
+                reasons.push("destination: device-local GPU memory, filled by GPU copies from pinned staging".into());
+                Via::GpuStaged
+            }
+            (MoverPlan::Direct, None) => Via::Direct,
+            (MoverPlan::Bounce(_), None) => Via::Bounce,
+        };
+        if opts.strict && via != Via::Direct {
+            let why = match &decision.plan {
+                MoverPlan::Bounce(_) => decision.plan.to_string(),
+                MoverPlan::Direct => "device-local memory is filled through staging buffers and GPU copies".into(),
+            };
+            return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why, reasons });
+        }
+        let window = match via {
+            Via::GpuStaged => None,
+            _ => Some(cpu_window(reg, &entry)?),
+        };
+        Ok(DestRun {
+            entry,
+            source: r.source.clone(),
+            peer,
+            route: decision.route,
+            via,
+            reasons,
+            window,
+            gpu: r.dest.gpu.clone(),
+        })
+    }
+
+    /// The planner's decision for (destination, reading device), cached. Device memory is probed
+    /// once: the source's bytes at `probe_at` are read through host memory, then through the
+    /// direct route into the destination (poisoned first), and compared.
+    fn decide(
+        &mut self,
+        reg: &Registry,
+        entry: &Arc<Entry>,
+        src: &Source,
+        peer: Peer,
+        probe_at: Option<(u64, u64, u64)>,
+        cpu: &mut Pool,
+    ) -> Decision {
+        let key = (entry.id(), peer, src.reach(), src.precondition().is_ok());
+        if let Some(c) = self.decisions.get(&key) {
+            return c.decision.clone();
+        }
+        let route = reg.resolve(entry, peer);
+        let window = cpu_window(reg, entry).ok();
+        let probe = match (entry.provider(), probe_at, window) {
+            (Provider::Pci(_), Some((at, doff, n)), Some(w)) => {
+                let n = n.min(cpu.slot_len() / src.align() * src.align());
+                let (w1, w2) = (w.clone(), w);
+                let known = move || -> Result<Vec<u8>, LoadError> { src.read_known(reg, cpu.first()?, at, n) };
+                (n > 0).then(|| Probe::Known {
+                    len: n as usize,
+                    expected: Box::new(known),
+                    poison: Box::new(move |p: &[u8]| w1.write_at(doff, p).map_err(LoadError::from)),
+                    transfer: Box::new(move || src.read_into(reg, at, entry, doff, n)),
+                    read_back: Box::new(move |b: &mut [u8]| w2.read_at(doff, b).map_err(LoadError::from)),
+                })
+            }
+            _ => None,
+        };
+        let ask = Ask { entry, peer, reach: src.reach(), precondition: src.precondition() };
+        let decision = self.health.decide(route.as_ref(), ask, probe);
+        self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: decision.clone() });
+        decision
+    }
+}
+
+/// Where a probe of read `r`'s route can run: (source offset, destination offset, bytes), when
+/// the read is aligned for a direct read and long enough.
+fn probe_at(r: &Read, entry: &Entry) -> Option<(u64, u64, u64)> {
+    let n = PROBE_LEN.min(direct_body(r, entry)).min(entry.len().saturating_sub(r.dest_offset));
+    (n > 0 && r.source.is_direct()).then_some((r.offset, r.dest_offset, n))
+}
+
+/// Splits read `i` into requests: its direct body (when its destination goes direct) in `chunk`
+/// pieces, the rest as aligned staged groups of one staging buffer each. Returns whether a
+/// direct destination had a misaligned part (refused when strict).
+fn split(p: &mut Planned, i: usize, r: &Read, opts: &Options) -> Result<bool, LoadError> {
+    let chunk = opts.block_chunk();
+    let di = p.read_dest[i];
+    let d = &p.dests[di];
+    let body = if d.via == Via::Direct { direct_body(r, &d.entry) } else { 0 };
+    let mut o = 0;
+    while o < body {
+        let n = chunk.min(body - o);
+        let target = Target::Direct { doff: r.dest_offset + o };
+        p.queue.push_back(Req { read: i, dest: di, off: r.offset + o, len: n, target });
+        o += n;
+    }
+    if body == r.len {
+        return Ok(false);
+    }
+    let misaligned = d.via == Via::Direct;
+    if misaligned && opts.strict {
+        return Err(LoadError::NotDirect {
+            what: format!("{} bytes at {:#x} of {}", r.len - body, r.offset + body, r.source.describe()),
+            why: format!(
+                "{} (source offset {:#x}, destination offset {:#x})",
+                r.source.alignment_rule(),
+                r.offset + body,
+                r.dest_offset + body
+            ),
+            reasons: d.reasons.clone(),
+        });
+    }
+    // Aligned pieces covering the rest, each one staging buffer (GPU staging buffers are larger:
+    // fewer, longer GPU copies), read in requests of `chunk` bytes; past the end of a file a
+    // read may come back short.
+    let a = r.source.align();
+    let piece = d.gpu.as_ref().map_or(chunk, |g| g.slot_len);
+    let (lo, hi) = (r.offset + body, r.offset + r.len);
+    let end_a = r.source.len().div_ceil(a) * a;
+    let mut at = lo / a * a;
+    while at < hi {
+        let pend = (at + piece).min(hi.div_ceil(a) * a);
+        let (s, e) = (at.max(lo), pend.min(hi));
+        let read_len = pend.min(end_a) - at;
+        let g = p.groups.len();
+        let parts = read_len.div_ceil(chunk);
+        let doff = r.dest_offset + (s - r.offset);
+        p.groups.push(Group {
+            dest: di,
+            skip: s - at,
+            n: e - s,
+            doff,
+            parts: parts as u32,
+            pushed: 0,
+            arrived: 0,
+            slot: None,
+        });
+        for k in 0..parts {
+            let len = chunk.min(read_len - k * chunk);
+            p.queue.push_back(Req {
+                read: i,
+                dest: di,
+                off: at + k * chunk,
+                len,
+                target: Target::Stage { group: g, at: k * chunk },
+            });
+        }
+        at = pend;
+    }
+    Ok(misaligned)
+}

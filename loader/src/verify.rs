@@ -1,0 +1,92 @@
+//! The verify stage: the xxh3-64 of each read's destination bytes, compared with the hash the
+//! caller expects and, when asked, with a second read of the source.
+//!
+//! Owns: the one checksum of the loader (xxh3-64) and the comparisons. Must not: move a
+//! destination's bytes (it reads them through the CPU's view, in pieces: no reference over
+//! memory a device may write).
+
+use peermem::{PeerMemory, Registry};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::batch::Read;
+use crate::error::LoadError;
+use crate::options::Verify;
+use crate::plan::DestRun;
+use crate::stage::Pool;
+
+/// What the verify stage found: per read, in batch order.
+#[derive(Debug, Default)]
+pub(crate) struct Checked {
+    pub checksums: Vec<u64>,
+    pub source_checksums: Vec<u64>,
+    pub verified: Option<bool>,
+    pub fallbacks: Vec<String>,
+}
+
+/// xxh3-64 of `len` bytes of `w` at `off` (copied out in 1 MiB pieces).
+pub(crate) fn hash_region(w: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, peermem::AccessError> {
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+    let mut o = 0;
+    while o < len {
+        let n = (buf.len() as u64).min(len - o) as usize;
+        w.read_at(off + o, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        o += n as u64;
+    }
+    Ok(h.digest())
+}
+
+/// Checks every read of a batch as `how` says; the first that differs is a `HashMismatch`
+/// naming the source, its range and both hashes.
+pub(crate) fn verify(
+    how: Verify,
+    reg: &Registry,
+    reads: &[Read],
+    read_dest: &[usize],
+    dests: &[DestRun],
+    scratch: &mut Pool,
+) -> Result<Checked, LoadError> {
+    let mut c = Checked::default();
+    if how == Verify::Off {
+        return Ok(c);
+    }
+    let (mut all, mut any) = (true, false);
+    for (i, r) in reads.iter().enumerate() {
+        // The CPU's view of the destination; device-local memory may still have a mapping.
+        let d = &dests[read_dest[i]];
+        let own = || d.entry.region().cpu_mapping().is_some().then(|| d.entry.region().clone());
+        let Some(w) = d.window.clone().or_else(own) else {
+            all = false;
+            continue;
+        };
+        let h = hash_region(&*w, r.dest_offset, r.len)?;
+        c.checksums.push(h);
+        let mismatch = |expected| LoadError::HashMismatch {
+            what: r.source.describe(),
+            offset: r.offset,
+            len: r.len,
+            dest: h,
+            expected,
+        };
+        if let Some(x) = r.expect {
+            any = true;
+            if x != h {
+                return Err(mismatch(x));
+            }
+        }
+        if how == Verify::Reread {
+            any = true;
+            let s = r.source.hash(reg, scratch.first()?, r.offset, r.len)?;
+            c.source_checksums.push(s);
+            if s != h {
+                return Err(mismatch(s));
+            }
+        }
+    }
+    c.verified = (any && all).then_some(true);
+    if !all {
+        c.fallbacks.push("verification: a destination has no CPU mapping to hash".into());
+    }
+    Ok(c)
+}
