@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use pyo3::exceptions::{PyStopIteration, PyValueError};
 use pyo3::prelude::*;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
 use peermem_loader::{partition, Layout, Options, RingBuffer, ShardBatch, ShardOptions};
 

@@ -14,7 +14,7 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
 
 use crate::errors::peermem_err;

@@ -9,7 +9,7 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider, RegionError, Route};
 
 use crate::device::{DeviceInfo, HandleType};

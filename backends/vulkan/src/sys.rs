@@ -17,7 +17,7 @@ use std::time::Duration;
 use ash::vk;
 use std::ptr::NonNull;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Bdf, PeerMemory, VirtAddr};
 
 use crate::device::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
