@@ -12,8 +12,8 @@ use std::sync::Arc;
 use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider, RegionError, Route};
 
-use crate::device::{DeviceInfo, HandleType};
 use crate::error::VkError;
+use crate::info::{DeviceInfo, HandleType};
 use crate::sys::RawMemory;
 
 /// How a region came to be.

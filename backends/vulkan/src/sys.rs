@@ -20,8 +20,8 @@ use std::ptr::NonNull;
 use peermem::mem::MappedSpan;
 use peermem::{Bdf, PeerMemory, VirtAddr};
 
-use crate::device::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
 use crate::error::VkError;
+use crate::info::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
 
 /// Buffer usage of every buffer the backend creates (and queries external capabilities for).
 pub(crate) const USAGE: vk::BufferUsageFlags = vk::BufferUsageFlags::from_raw(
