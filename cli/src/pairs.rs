@@ -74,7 +74,7 @@ pub fn check(t: &Topology, pairs: &[Pair], allow_host_bridge: bool, o: &mut Out)
     let mut bad = 0;
     for p in pairs {
         let v = &p.verdict;
-        let ok = v.is_direct(allow_host_bridge);
+        let ok = v.allows_p2p(allow_host_bridge);
         let status = if ok { "ok " } else { "NOT" };
         let why = if ok { String::new() } else { format!("  {}", blocker(v)) };
         o.line(&format!(

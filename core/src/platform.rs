@@ -2,8 +2,9 @@
 //! rule), virtualization signals, and device-tree PCI host-bridge windows.
 //!
 //! Owns: parsing `proc/sys/kernel/osrelease`, `proc/cpuinfo`, DMI ids and `proc/device-tree`,
-//! and the platform checks over the devices found (paravirtual PCI vendors, BAR offsets against
-//! the device-tree windows). Must not: read PCI devices (the topology does, then asks here).
+//! and the platform's answers about the devices found (paravirtual PCI vendors, the device-tree
+//! window that holds a CPU address). Must not: read or name PCI devices (the topology does,
+//! then asks here with plain facts).
 
 use std::path::{Path, PathBuf};
 
@@ -104,6 +105,17 @@ pub struct DeviceTree {
     pub model: Option<String>,
     pub hypervisor_compatible: Vec<String>,
     pub pci_hosts: Vec<DtPciHost>,
+}
+
+impl DeviceTree {
+    /// The first memory window (a `ranges` entry of space 2 or 3) holding CPU address `cpu`,
+    /// with the host-bridge node it belongs to.
+    pub fn memory_window(&self, cpu: CpuPhys) -> Option<(&DtPciHost, &DtRange)> {
+        self.pci_hosts
+            .iter()
+            .flat_map(|h| h.ranges.iter().map(move |r| (h, r)))
+            .find(|(_, r)| r.space >= 2 && r.contains_cpu(cpu))
+    }
 }
 
 /// Everything peermem reads about the platform.
@@ -235,41 +247,6 @@ impl Platform {
         }
         v
     }
-}
-
-/// Cross-checks every memory BAR's bus offset against the device-tree PCI `ranges` that hold
-/// it; each disagreement (or a BAR in no window) is one warning.
-pub fn check_dt_ranges(dt: &DeviceTree, devices: &[crate::pci::PciDevice]) -> Vec<String> {
-    use crate::pci::BarKind;
-    let mut warnings = Vec::new();
-    for d in devices {
-        for b in d.bars.iter().filter(|b| b.kind == BarKind::Mem) {
-            let Some(w) = b.window() else { continue };
-            let hit = dt
-                .pci_hosts
-                .iter()
-                .flat_map(|h| h.ranges.iter().map(move |r| (h, r)))
-                .find(|(_, r)| r.space >= 2 && r.contains_cpu(b.cpu.start()));
-            match hit {
-                Some((h, r)) if r.offset() != w.offset() => warnings.push(format!(
-                    "{} BAR{}: config says bus offset {} but device-tree {} ranges say {}",
-                    d.bdf,
-                    b.index,
-                    w.offset(),
-                    h.node.display(),
-                    r.offset()
-                )),
-                None => warnings.push(format!(
-                    "{} BAR{} at CPU {:#x} lies in no device-tree PCI ranges window",
-                    d.bdf,
-                    b.index,
-                    b.cpu.start()
-                )),
-                _ => {}
-            }
-        }
-    }
-    warnings
 }
 
 fn read_cpuinfo(root: &Sysroot) -> Result<Cpu, SysrootError> {

@@ -17,7 +17,7 @@
 //! with `DeviceGone`, resolves towards it as a peer fail the same way, and nothing new registers
 //! on it until `device_back` has checked that it came back at the same addresses.
 //!
-//! Must not: compute a verdict itself (that is `path`), or hand out an address it did not derive
+//! Must not: compute a verdict itself (that is `verdict`), or hand out an address it did not derive
 //! from the topology through `addr`.
 
 use std::collections::BTreeMap;

@@ -1,9 +1,12 @@
 //! The core's only system layer: memfd (sealed to its size), mmap/munmap, page size, pagemap,
-//! the kernel's uevent socket (`UeventSocket`), and `MappedSpan`, a borrowed view of mapped bytes through which every CPU copy of the project
-//! goes. Backends reuse `Mapping` for every shared mapping they make (sysfs `p2pmem/allocate`,
-//! `resourceN` through `Topology::map_bar`, VFIO regions) instead of calling mmap themselves.
+//! the kernel's uevent socket (`UeventSocket`), and `MappedSpan`, a borrowed view of mapped
+//! bytes through which every CPU copy of the project goes.
 //!
-//! Owns every `unsafe` block of the core crate. Must not: know what a region or a device is.
+//! Private to the crate: `mem` gives the memory half its public names (backends reuse `Mapping`
+//! for every shared mapping they make instead of calling mmap themselves); the uevent socket
+//! serves `hotplug` alone. Owns every `unsafe` block of the core outside the span table's own
+//! `spanmap::sys`. Must not: know what a region or a device is, or import from a module above
+//! it (it uses only `addr`, the address types).
 //! Everything it returns is owned (`OwnedFd`, `Mapping` unmapped on drop), borrowed with a
 //! lifetime (`MappedSpan<'_>`), or an `io::Error`.
 

@@ -475,10 +475,12 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// Direct: bus addresses below a common switch (or, if `allow_host_bridge`, also through
-    /// the host bridge).
-    pub fn is_direct(&self, allow_host_bridge: bool) -> bool {
-        self.map_type == MapType::BusAddr || (allow_host_bridge && self.map_type == MapType::ThruHostBridge)
+    /// Whether the kernel's verdict allows peer-to-peer DMA for this pair: `true` when the pair
+    /// reaches by bus address below a common upstream bridge (`MapType::BusAddr`), and, only
+    /// when `count_host_bridge` is set, also when it goes through the host bridge
+    /// (`MapType::ThruHostBridge`); always `false` for `MapType::NotSupported`.
+    pub fn allows_p2p(&self, count_host_bridge: bool) -> bool {
+        self.map_type == MapType::BusAddr || (count_host_bridge && self.map_type == MapType::ThruHostBridge)
     }
 }
 

@@ -1,16 +1,13 @@
 //! The `peermem` Python module: a thin PyO3 layer over the Rust crates. It converts arguments,
 //! errors and results; every decision (verdicts, routes, direct or bounce) stays in the crates.
 //!
-//! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
-//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, and any writable Python buffer registered for the
-//!   length of one load; the package's registry over the live system.
-//! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures holding
-//!   the asynchronous Rust loader's tickets, and batches of reads.
-//! - [`shard`]: `ShardReader` over the Rust `ShardReader`: batches of fixed-size records,
-//!   partitioned across ranks, shuffled per epoch, prefetched into a ring of host buffers.
 //! - [`bench`]: the same jobs run entirely in Rust, the benchmark's baseline.
-//! - [`sys`]: the only `unsafe`: raw pointers for the buffer protocol, DLPack capsules, and
-//!   spans over memory a Python object lends.
+//! - [`errors`]: the exceptions (`PeerMemError`, `NotDirectError`) and the error conversions.
+//! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures, batches.
+//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, any writable Python buffer; the package registry.
+//! - [`shard`]: `ShardReader`: record batches, partitioned, shuffled, prefetched into host buffers.
+//! - [`sys`]: the only `unsafe`: the buffer protocol, DLPack capsules, spans of lent memory.
+//! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
 
 use pyo3::prelude::*;
 

@@ -6,6 +6,7 @@
 //! pointers (the `sys` module does) or decide routes (the registry does).
 
 use std::collections::HashMap;
+use std::ffi::c_int;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use pyo3::exceptions::PyValueError;
@@ -15,7 +16,7 @@ use peermem::{HostRegion, PeerMemory, RegionId, Registration, Registry, VirtAddr
 use peermem_vulkan::{Device, Placement, Select};
 
 use crate::errors::peermem_err;
-use crate::sys::PyBufferRegion;
+use crate::sys::{Lent, PyBufferRegion};
 
 /// The registry of the live system every buffer of the package is registered in.
 pub fn registry() -> PyResult<&'static Registry> {
@@ -78,6 +79,10 @@ impl Owned {
     fn data_ptr(&self) -> Option<u64> {
         self.region.cpu_mapping().map(|s| s.addr().raw())
     }
+    /// All `nbytes` bytes, one-dimensional, for the buffer protocol.
+    fn lent(&self) -> Lent<'_> {
+        Lent { region: &*self.region, nbytes: self.nbytes, rows: None }
+    }
 }
 
 fn check_nbytes(nbytes: u64) -> PyResult<()> {
@@ -94,6 +99,15 @@ fn check_nbytes(nbytes: u64) -> PyResult<()> {
 pub struct HostBuffer {
     pub mem: Arc<Owned>,
 }
+
+impl HostBuffer {
+    /// What the buffer protocol lends: all `nbytes` bytes, one-dimensional.
+    fn lend(&self, _flags: c_int) -> PyResult<Lent<'_>> {
+        Ok(self.mem.lent())
+    }
+}
+
+crate::sys::buffer_protocol!(HostBuffer);
 
 #[pymethods]
 impl HostBuffer {
@@ -166,6 +180,16 @@ pub fn vulkan_available(py: Python<'_>) -> bool {
 pub struct VulkanBuffer {
     pub mem: Arc<Owned>,
 }
+
+impl VulkanBuffer {
+    /// What the buffer protocol lends: all `nbytes` bytes of host-visible memory (a
+    /// `BufferError` without a CPU mapping).
+    fn lend(&self, _flags: c_int) -> PyResult<Lent<'_>> {
+        Ok(self.mem.lent())
+    }
+}
+
+crate::sys::buffer_protocol!(VulkanBuffer);
 
 #[pymethods]
 impl VulkanBuffer {

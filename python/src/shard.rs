@@ -7,18 +7,21 @@
 //! lent to Python through the buffer protocol and DLPack). Must not: order records, move bytes
 //! or manage the ring (the Rust reader does all three).
 
+use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::{PyStopIteration, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyStopIteration, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
 use peermem_loader::{partition, Layout, Options, RingBuffer, ShardBatch, ShardOptions};
 
 use crate::errors::{load_err, peermem_err};
 use crate::memory::registry;
+use crate::sys::Lent;
 
 /// The bytes of one batch in its ring buffer: the rows and the gaps between them. Holding it
 /// holds the batch, so its buffer goes back to the ring only when the last view lets go.
@@ -75,6 +78,34 @@ impl Batch {
         }
     }
 }
+
+impl Batch {
+    /// What the buffer protocol lends: a writable `(rows, record_size)` array of unsigned bytes
+    /// whose rows are `stride` bytes apart (contiguous only when the record is a multiple of
+    /// 4096 bytes, so a consumer must take strides, as numpy and memoryview do), or the flat
+    /// bytes of variable-size records. A gapped batch refuses a view without strides.
+    fn lend(&self, flags: c_int) -> PyResult<Lent<'_>> {
+        let flat = Lent { region: &*self.buf, nbytes: self.buf.len(), rows: None };
+        if self.flat {
+            return Ok(flat);
+        }
+        let packed = self.strides[0] == self.shape[1];
+        let strided = flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES;
+        let contiguous_asked = flags
+            & (ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_F_CONTIGUOUS | ffi::PyBUF_ANY_CONTIGUOUS)
+            & !ffi::PyBUF_STRIDES
+            != 0;
+        if !packed && (!strided || contiguous_asked) {
+            return Err(PyBufferError::new_err(format!(
+                "the batch's rows are {} bytes apart for {}-byte records: only a strided view is possible",
+                self.strides[0], self.shape[1]
+            )));
+        }
+        Ok(Lent { rows: Some((&self.shape, &self.strides)), ..flat })
+    }
+}
+
+crate::sys::buffer_protocol!(Batch);
 
 #[pymethods]
 impl Batch {

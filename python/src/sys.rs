@@ -1,9 +1,12 @@
 //! The module's only `unsafe`: the buffer protocol's raw `Py_buffer`, DLPack capsules (raw
 //! tensors handed to a consumer with a C deleter), and spans over memory a Python object lends.
 //!
-//! Owns: every raw pointer the module touches. Must not: hand out a pointer whose memory is not
-//! kept alive by an owner the pointer's holder also keeps (a `Py_buffer` keeps its exporter; a
-//! DLPack tensor keeps an `Arc` of the region; a lent span keeps the Python buffer export).
+//! Owns: every raw pointer the module touches, and the buffer protocol's `unsafe` slot
+//! (`buffer_protocol!`, stamped onto each class that lends its bytes). Must not: hand out a
+//! pointer whose memory is not kept alive by an owner the pointer's holder also keeps (a
+//! `Py_buffer` keeps its exporter; a DLPack tensor keeps an `Arc` of the region; a lent span
+//! keeps the Python buffer export), or import a module of the package above it (the classes
+//! say what they lend through `Lent`; only `errors` is below this one).
 
 use std::ffi::{c_int, c_void, CStr};
 use std::ptr::NonNull;
@@ -14,12 +17,10 @@ use pyo3::exceptions::{PyBufferError, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
 
 use crate::errors::peermem_err;
-use crate::memory::{HostBuffer, VulkanBuffer};
-use crate::shard::Batch;
 
 /// DLPack's `(kDLCPU, 0)`.
 pub const DLPACK_CPU: (i32, i32) = (1, 0);
@@ -53,65 +54,71 @@ unsafe fn fill_view(
     Ok(())
 }
 
-#[pymethods]
-impl HostBuffer {
-    /// The buffer protocol: the bytes as a writable 1-D unsigned-byte buffer.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-        unsafe { fill_view(slf.as_any(), &*slf.get().mem.region, slf.get().mem.nbytes, view, flags) }
-    }
+/// What an object lends through the buffer protocol: the first `nbytes` bytes of `region`'s
+/// CPU mapping as writable unsigned bytes, one-dimensional, or with `rows` a `[rows, cols]`
+/// array whose rows are `strides[0]` bytes apart (`strides` is `[row stride, 1]`).
+pub struct Lent<'a> {
+    pub region: &'a dyn PeerMemory,
+    pub nbytes: u64,
+    /// The shape and strides, owned by the lending object: CPython reads them for the view's
+    /// life.
+    pub rows: Option<(&'a [isize; 2], &'a [isize; 2])>,
 }
 
-#[pymethods]
-impl VulkanBuffer {
-    /// The buffer protocol over host-visible memory.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-        unsafe { fill_view(slf.as_any(), &*slf.get().mem.region, slf.get().mem.nbytes, view, flags) }
+/// Fills `view` with what `lent` describes (`flags` says whether the consumer takes a shape
+/// and strides).
+///
+/// # Safety
+/// `view` must be the `Py_buffer` CPython passed to `bf_getbuffer` for `obj`, and what `lent`
+/// borrows must be owned by `obj` (the view keeps `obj`, and so them, alive).
+pub unsafe fn fill_buffer(
+    obj: &Bound<'_, PyAny>,
+    lent: Lent<'_>,
+    view: *mut ffi::Py_buffer,
+    flags: c_int,
+) -> PyResult<()> {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { fill_view(obj, lent.region, lent.nbytes, view, flags)? };
+    let Some((shape, strides)) = lent.rows else { return Ok(()) };
+    // SAFETY: `view` was filled above; `shape` and `strides` live in `obj`, which the view keeps
+    // alive (FillInfo took a reference), and CPython only reads them. `len` is the bytes the
+    // shape covers (the span also holds the gaps between rows).
+    unsafe {
+        (*view).len = shape[0] * shape[1];
+        if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+            (*view).ndim = 2;
+            (*view).shape = shape.as_ptr().cast_mut();
+        }
+        if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+            (*view).strides = strides.as_ptr().cast_mut();
+        }
     }
+    Ok(())
 }
 
-#[pymethods]
-impl Batch {
-    /// The buffer protocol: a writable `(rows, record_size)` array of unsigned bytes whose rows
-    /// are `stride` bytes apart (contiguous only when the record is a multiple of 4096 bytes, so
-    /// a consumer must take strides, as numpy and memoryview do).
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        let b = slf.get();
-        if b.flat {
-            // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-            return unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags) };
-        }
-        let packed = b.strides[0] == b.shape[1];
-        let strided = flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES;
-        let contiguous_asked = flags
-            & (ffi::PyBUF_C_CONTIGUOUS | ffi::PyBUF_F_CONTIGUOUS | ffi::PyBUF_ANY_CONTIGUOUS)
-            & !ffi::PyBUF_STRIDES
-            != 0;
-        if !packed && (!strided || contiguous_asked) {
-            return Err(PyBufferError::new_err(format!(
-                "the batch's rows are {} bytes apart for {}-byte records: only a strided view is possible",
-                b.strides[0], b.shape[1]
-            )));
-        }
-        // SAFETY: forwarded from CPython's bf_getbuffer for `slf`.
-        unsafe { fill_view(slf.as_any(), &*b.buf, b.buf.len(), view, flags)? };
-        // SAFETY: `view` was filled above; `shape` and `strides` live in the batch, which the
-        // view keeps alive (FillInfo took a reference), and CPython only reads them. `len` is
-        // the bytes the shape covers (the span also holds the gaps between rows).
-        unsafe {
-            (*view).len = b.shape[0] * b.shape[1];
-            if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
-                (*view).ndim = 2;
-                (*view).shape = b.shape.as_ptr().cast_mut();
-            }
-            if strided {
-                (*view).strides = b.strides.as_ptr().cast_mut();
+/// Gives the frozen pyclass `$class` the buffer protocol, lending what its
+/// `fn lend(&self, flags: c_int) -> PyResult<Lent<'_>>` says. PyO3 requires the
+/// `__getbuffer__` slot to be an `unsafe fn`, so it is written here, once, and stamped onto
+/// each class by the module that defines the class: this module names no class of the package.
+macro_rules! buffer_protocol {
+    ($class:ident) => {
+        #[allow(unsafe_code)]
+        #[pyo3::pymethods]
+        impl $class {
+            unsafe fn __getbuffer__(
+                slf: pyo3::Bound<'_, Self>,
+                view: *mut pyo3::ffi::Py_buffer,
+                flags: std::ffi::c_int,
+            ) -> pyo3::PyResult<()> {
+                let lent = slf.get().lend(flags)?;
+                // SAFETY: forwarded from CPython's bf_getbuffer for `slf`; `lent` borrows from
+                // the object `slf` holds.
+                unsafe { $crate::sys::fill_buffer(slf.as_any(), lent, view, flags) }
             }
         }
-        Ok(())
-    }
+    };
 }
+pub(crate) use buffer_protocol;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -6,8 +6,8 @@
 //! Must not: compute CPU or bus addresses (the registry derives them from the topology), or touch
 //! the CMB's contents while the kernel driver owns the controller (it may keep queues there).
 
+use peermem::mem::MappedSpan;
 use peermem::pci::topology::BarKind;
-use peermem::sys::MappedSpan;
 use peermem::{Backing, BarMapping, Bdf, PeerMemory, Provider, Topology};
 
 use crate::regs::{Bar0, Cmb, CmbState, RegError};

@@ -1,18 +1,18 @@
 //! peermem NVMe backend.
 //!
-//! - [`regs`]: NVMe register decoding (CAP, VS, CC, CSTS, AQA/ASQ/ACQ, CMBLOC, CMBSZ, CMBMSC,
-//!   CMBSTS) from a byte image or a mapped BAR0, with typed errors for garbage.
-//! - [`cmb`]: the controller memory buffer, found from the registers, as a `PeerMemory` region of
-//!   its BAR that the registry resolves like any other.
-//! - [`p2pmem`] and [`blockdev`]: the kernel P2PDMA path. [`P2pmemRegion`] allocates pages of a
-//!   provider's pool through sysfs `p2pmem/allocate`; [`BlockDevice`] does O_DIRECT I/O between a
-//!   namespace and any CPU-mapped region, and the kernel answers EREMOTEIO exactly when peermem's
-//!   verdict says `not_supported` (the guest tests check every pair).
-//! - [`vfio`] and [`driver`]: a polled userspace NVMe driver over VFIO (type1 or no-IOMMU) whose
-//!   PRP entries come only from registry routes.
-//! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci: waits end early, owners
-//!   unwind and give the function back, then the process ends.
-//! - `sys`: the crate's raw layer (MMIO, VFIO ioctls through vfio-bindings and rustix, mlock).
+//! - [`blockdev`]: [`BlockDevice`], O_DIRECT I/O between a namespace and a CPU-mapped region.
+//! - [`cmb`]: the controller memory buffer as a `PeerMemory` region of its BAR.
+//! - [`driver`]: a polled userspace NVMe driver whose PRP entries come only from registry routes.
+//! - [`p2pmem`]: [`P2pmemRegion`], pages of a provider's kernel P2PDMA pool (`p2pmem/allocate`).
+//! - [`regs`]: NVMe register decoding (CAP, VS, CC, CSTS, AQA/ASQ/ACQ, CMB*), typed errors.
+//! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci (private).
+//! - `sys`: the raw layer (MMIO, VFIO ioctls through vfio-bindings and rustix, mlock; private).
+//! - [`vfio`]: VFIO plumbing (type1 or no-IOMMU): binding, container, BARs, DMA mappings.
+//!
+//! The kernel P2PDMA path ([`p2pmem`], [`blockdev`]): the kernel answers EREMOTEIO exactly when
+//! peermem's verdict says `not_supported` (the guest tests check every pair). The VFIO path
+//! ([`vfio`], [`driver`]) works with type1 or no-IOMMU containers. On a signal, waits end early,
+//! owners unwind and give the function back to its driver, then the process ends.
 
 pub mod blockdev;
 pub mod cmb;

@@ -7,8 +7,8 @@ use std::fs::OpenOptions;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
+use peermem::mem::{MappedSpan, Mapping};
 use peermem::pci::topology::BarKind;
-use peermem::sys::{MappedSpan, Mapping};
 use peermem::{Backing, Bdf, CpuPhys, PeerMemory, Provider, Topology, VirtAddr};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +20,7 @@ pub enum P2pmemError {
     #[error("{bdf}: {len} bytes requested, {available} available in its p2pmem pool")]
     Exhausted { bdf: Bdf, len: u64, available: u64 },
     #[error("p2pmem page at {va}: {source}")]
-    NoPhysAddr { va: VirtAddr, source: peermem::sys::PagemapError },
+    NoPhysAddr { va: VirtAddr, source: peermem::mem::PagemapError },
     #[error("{bdf}: p2pmem page at CPU {cpu} lies in no memory BAR of the device")]
     NotInBar { bdf: Bdf, cpu: CpuPhys },
     #[error("{bdf}: p2pmem pages are not physically contiguous ({first} then {at} at +{offset:#x})")]
@@ -44,7 +44,7 @@ impl P2pmemRegion {
     pub fn allocate(topo: &Topology, bdf: Bdf, len: u64) -> Result<P2pmemRegion, P2pmemError> {
         let dev = topo.by_bdf(bdf)?;
         let pool = dev.p2pmem.ok_or(P2pmemError::NotProvider { bdf })?;
-        let page = peermem::sys::page_size();
+        let page = peermem::mem::page_size();
         let len = len.max(1).div_ceil(page) * page;
         if len > pool.available {
             return Err(P2pmemError::Exhausted { bdf, len, available: pool.available });
@@ -61,7 +61,7 @@ impl P2pmemRegion {
         }
         let phys = |off: u64| {
             let va = span.sub(off, 1).expect("offset inside the mapping").addr();
-            peermem::sys::virt_to_phys(va).map_err(|source| P2pmemError::NoPhysAddr { va, source })
+            peermem::mem::virt_to_phys(va).map_err(|source| P2pmemError::NoPhysAddr { va, source })
         };
         let first = phys(0)?;
         for off in (page..len).step_by(page as usize) {

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
 use libc::c_void;
-use peermem::sys::Mapping;
+use peermem::mem::Mapping;
 use peermem::{Iova, VirtAddr};
 use rustix::ioctl::{opcode, Ioctl, IoctlOutput, Opcode};
 
@@ -173,7 +173,7 @@ impl DmaPin {
         iommu: Option<(std::sync::Arc<File>, Iova)>,
     ) -> io::Result<DmaPin> {
         let r = region.cpu_range().ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-        let page = peermem::sys::page_size();
+        let page = peermem::mem::page_size();
         let start = VirtAddr::new(r.start().raw() / page * page);
         let end = r.end_exclusive().div_ceil(page as u128) * page as u128;
         let len = u64::try_from(end - start.raw() as u128).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
@@ -404,7 +404,7 @@ pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<()>
 
 /// `pread(2)` of `span.len()` bytes at `file_off` of `file` straight into the mapped bytes of
 /// `span` (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
-pub fn pread_into(file: &File, file_off: u64, span: peermem::sys::MappedSpan<'_>) -> io::Result<usize> {
+pub fn pread_into(file: &File, file_off: u64, span: peermem::mem::MappedSpan<'_>) -> io::Result<usize> {
     let file_off = libc::off_t::try_from(file_off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let p = span.addr().raw() as usize as *mut libc::c_void;
     // SAFETY: the span is mapped for its lifetime (borrowed for this call) and covers
@@ -466,7 +466,7 @@ mod tests {
 
     #[test]
     fn mmio_rejects_unaligned_and_out_of_window_offsets() {
-        let fd = peermem::sys::sealed_memfd("mmio-test", 4096).unwrap();
+        let fd = peermem::mem::sealed_memfd("mmio-test", 4096).unwrap();
         let m = MappedMmio::new(Mapping::shared(std::os::fd::AsFd::as_fd(&fd), 4096).unwrap());
         m.write32(8, 0xdead_beef).unwrap();
         assert_eq!(m.read32(8).unwrap(), 0xdead_beef);

@@ -334,7 +334,7 @@ impl Vfio {
             return Err(VfioError::Bind { bdf: self.bdf, why: format!("BAR{index} is empty") });
         }
         if info.flags & sys::VFIO_REGION_INFO_FLAG_MMAP != 0 {
-            match peermem::sys::Mapping::shared_at(self.device.as_fd(), info.size, info.offset) {
+            match peermem::mem::Mapping::shared_at(self.device.as_fd(), info.size, info.offset) {
                 Ok(m) => return Ok(Box::new(MappedMmio::new(m))),
                 Err(e) => {
                     tracing::debug!(bdf = %self.bdf, index, "mmap of the VFIO region failed ({e}); using pread/pwrite")
@@ -394,7 +394,7 @@ impl Vfio {
         if self.maps.iter().any(|m| m.contains(va, len) && m.owner == owner) {
             return Ok(());
         }
-        let page = peermem::sys::page_size();
+        let page = peermem::mem::page_size();
         let addr = |source| VfioError::Addr { what: "DMA mapping range", source };
         let end = va.checked_add(len).map_err(addr)?.raw().div_ceil(page) * page;
         let start = VirtAddr::new(va.raw() / page * page);
@@ -456,14 +456,14 @@ impl Vfio {
                 let off = va.checked_offset_from(m.va).expect("va lies in the mapping");
                 iova.checked_add(off).map(DmaAddr::Iova).map_err(|source| VfioError::Addr { what: "IOVA", source })
             }
-            None => peermem::sys::virt_to_phys(va)
+            None => peermem::mem::virt_to_phys(va)
                 .map(DmaAddr::Phys)
                 .map_err(|e| VfioError::NoDmaAddress { va, why: e.to_string() }),
         }
     }
 
     /// `dma_address` of each of `vas` (all inside one mapping), with one pagemap read in
-    /// no-IOMMU mode (at most `peermem::sys::PAGEMAP_SPAN` pages apart).
+    /// no-IOMMU mode (at most `peermem::mem::PAGEMAP_SPAN` pages apart).
     pub fn dma_addresses(&self, vas: &[VirtAddr]) -> Result<Vec<DmaAddr>, VfioError> {
         let Some(&first) = vas.first() else { return Ok(Vec::new()) };
         let m = self.mapping_of(first)?;
@@ -472,7 +472,7 @@ impl Vfio {
         }
         match m.iova {
             Some(_) => vas.iter().map(|&va| self.dma_address(va)).collect(),
-            None => peermem::sys::virt_to_phys_many(vas)
+            None => peermem::mem::virt_to_phys_many(vas)
                 .map(|p| p.into_iter().map(DmaAddr::Phys).collect())
                 .map_err(|e| VfioError::NoDmaAddress { va: first, why: e.to_string() }),
         }

@@ -6,8 +6,9 @@
 //! (or the end of its process, which closes its ids) arrives as an event and becomes
 //! `RdmaError::PeerDisconnected` in the connection's waits.
 //!
-//! Owns: `CmListener`, `Connection::connect_cm`, the offer format. Must not: wait without a
-//! deadline, or accept a request that arrived on a device other than the caller's `Nic`.
+//! Owns: `CmListener`, `Connection::connect_cm` (the private-data bytes are `offer`'s). Must
+//! not: wait without a deadline, or accept a request that arrived on a device other than the
+//! caller's `Nic`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,29 +18,9 @@ use crate::conn::{ConnectOpts, Connection, Ctrl, Endpoint};
 use crate::device::Nic;
 use crate::error::RdmaError;
 use crate::mr::RemoteBuf;
+use crate::offer::offer_bytes;
+pub use crate::offer::REFUSAL;
 use crate::sys::{self, cm_event, qp_state, CmChannel, CmConnParam, CmEvent, CmId};
-
-const OFFER_MAGIC: &[u8; 4] = b"PMO1";
-/// Private data a server sends with a refusal it chose (`CmListener::reject_next`).
-pub const REFUSAL: &[u8; 4] = b"PMRJ";
-
-/// The accept's private data: magic + `RemoteBuf`.
-fn offer_bytes(buf: RemoteBuf) -> [u8; 24] {
-    let mut b = [0u8; 24];
-    b[..4].copy_from_slice(OFFER_MAGIC);
-    b[4..].copy_from_slice(&buf.to_bytes());
-    b
-}
-
-/// The `RemoteBuf` in an accept's private data (the CM may pad it with zeros), if any.
-pub(crate) fn parse_offer(data: &[u8]) -> Option<RemoteBuf> {
-    if data.len() < 24 || &data[..4] != OFFER_MAGIC {
-        return None;
-    }
-    let mut b = [0u8; 20];
-    b.copy_from_slice(&data[4..24]);
-    Some(RemoteBuf::from_bytes(b))
-}
 
 fn ms(d: Duration) -> i32 {
     i32::try_from(d.as_millis()).unwrap_or(i32::MAX).max(1)
@@ -235,21 +216,5 @@ impl CmListener {
     pub fn reject_next(&self, timeout: Duration) -> Result<(), RdmaError> {
         let id = self.request(Instant::now() + timeout)?;
         id.reject(REFUSAL).map_err(|source| RdmaError::Cm { peer: self.addr.to_string(), what: "rdma_reject", source })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offers_round_trip_with_cm_padding_and_garbage_is_no_offer() {
-        let buf = RemoteBuf { addr: 0x7f00_1234_5000, len: 1 << 20, rkey: 0xabcd };
-        let mut padded = offer_bytes(buf).to_vec();
-        padded.resize(196, 0);
-        assert_eq!(parse_offer(&padded), Some(buf));
-        assert_eq!(parse_offer(&padded[..23]), None);
-        assert_eq!(parse_offer(&[0u8; 196]), None);
-        assert_eq!(parse_offer(REFUSAL), None);
     }
 }

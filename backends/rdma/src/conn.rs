@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::device::Nic;
 use crate::error::{RdmaError, WcError};
+use crate::event::Wc;
 use crate::mr::{NicMr, RemoteBuf};
 use crate::sys::{self, SendOp};
 
@@ -349,7 +350,7 @@ impl Connection {
     /// (rdma_cm).
     pub fn expect_remote(&mut self) -> Result<RemoteBuf, RdmaError> {
         if let Ctrl::Cm { offer, .. } = &self.ctrl {
-            return crate::cm::parse_offer(offer).ok_or_else(|| {
+            return crate::offer::parse_offer(offer).ok_or_else(|| {
                 RdmaError::Invalid(format!(
                     "{} accepted without offering a buffer ({} bytes of private data)",
                     self.peer,
@@ -444,7 +445,7 @@ impl Connection {
         Ok(wr)
     }
 
-    fn decode(&mut self, w: sys::Wc) -> Result<sys::Wc, RdmaError> {
+    fn decode(&mut self, w: Wc) -> Result<Wc, RdmaError> {
         let op = self.pending.remove(&w.wr_id).unwrap_or("work request");
         if w.status == 0 {
             return Ok(w);
@@ -458,7 +459,7 @@ impl Connection {
         }))
     }
 
-    fn wait_cq(&mut self, recv: bool, n: usize, timeout: Duration) -> Result<Vec<sys::Wc>, RdmaError> {
+    fn wait_cq(&mut self, recv: bool, n: usize, timeout: Duration) -> Result<Vec<Wc>, RdmaError> {
         let deadline = Instant::now() + timeout;
         let mut got = Vec::with_capacity(n);
         let mut spins = 0u32;
@@ -473,7 +474,7 @@ impl Connection {
             if got.len() > before {
                 spins = 0;
                 // Report the first failure (later ones are usually flushes it caused).
-                let fresh: Vec<sys::Wc> = got.drain(before..).collect();
+                let fresh: Vec<Wc> = got.drain(before..).collect();
                 for w in fresh {
                     let w = self.decode(w)?;
                     got.push(w);
@@ -501,7 +502,7 @@ impl Connection {
                     if got.len() == before {
                         return Err(RdmaError::PeerDisconnected { peer: self.peer.clone() });
                     }
-                    let fresh: Vec<sys::Wc> = got.drain(before..).collect();
+                    let fresh: Vec<Wc> = got.drain(before..).collect();
                     for w in fresh {
                         let w = self.decode(w)?;
                         got.push(w);
@@ -517,7 +518,7 @@ impl Connection {
     }
 
     /// Waits for `n` send-side completions (WRITE, READ, SEND), bounded by the timeout.
-    pub fn wait_send(&mut self, n: usize) -> Result<Vec<sys::Wc>, RdmaError> {
+    pub fn wait_send(&mut self, n: usize) -> Result<Vec<Wc>, RdmaError> {
         self.wait_cq(false, n, self.opts.timeout)
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use peermem::{Bdf, Peer, Registry};
 
 use crate::error::RdmaError;
+use crate::event::AsyncEvent;
 use crate::sys;
 
 /// Where an RDMA device lives.
@@ -209,7 +210,7 @@ impl Nic {
     }
 
     /// The next asynchronous event of the device, if one is pending (never blocks).
-    pub fn poll_async_event(&self) -> Result<Option<sys::AsyncEvent>, RdmaError> {
+    pub fn poll_async_event(&self) -> Result<Option<AsyncEvent>, RdmaError> {
         self.pd.context().poll_async_event().map_err(|source| RdmaError::Verbs {
             dev: self.name().into(),
             what: "ibv_get_async_event",

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use peermem::PeerMemory;
 use rdma_mummy_sys as ffi;
 
+use crate::event::{AsyncEvent, Wc};
+
 fn errno() -> io::Error {
     io::Error::last_os_error()
 }
@@ -105,7 +107,6 @@ pub struct PortAttr {
     pub lid: u16,
     /// 1 = InfiniBand, 2 = Ethernet (RoCE).
     pub link_layer: u8,
-    pub gid_tbl_len: i32,
 }
 
 /// An open device context.
@@ -138,10 +139,6 @@ impl Context {
         Ok(Arc::new(Context { ctx, name: name.to_string() }))
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn query_port(&self, port: u8) -> io::Result<PortAttr> {
         // SAFETY: all-zero is a valid ibv_port_attr; ctx is live; the out-pointer is valid.
         let mut a: ffi::ibv_port_attr = unsafe { std::mem::zeroed() };
@@ -152,7 +149,6 @@ impl Context {
             active_mtu: a.active_mtu,
             lid: a.lid,
             link_layer: a.link_layer,
-            gid_tbl_len: a.gid_tbl_len,
         })
     }
 
@@ -213,13 +209,6 @@ impl Drop for Context {
             tracing::debug!(dev = %self.name, "ibv_close_device failed: {}", errno());
         }
     }
-}
-
-/// An asynchronous event of a device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AsyncEvent {
-    pub kind: u32,
-    pub name: String,
 }
 
 /// A protection domain.
@@ -306,7 +295,6 @@ pub struct Mr {
     pub lkey: u32,
     pub rkey: u32,
     pub addr: u64,
-    pub len: usize,
     _pd: Arc<Pd>,
     _dm: Option<Arc<Dm>>,
     /// The region whose CPU pages an `ibv_reg_mr` pinned: dropped after the MR is deregistered.
@@ -333,8 +321,8 @@ impl Mr {
             return Err(errno());
         }
         // SAFETY: a non-null MR returned by libibverbs is valid until dereg.
-        let (lkey, rkey, addr, len) = unsafe { ((*mr).lkey, (*mr).rkey, (*mr).addr as u64, (*mr).length) };
-        Ok(Mr { mr, lkey, rkey, addr, len, _pd: pd.clone(), _dm: dm, _region: None })
+        let (lkey, rkey, addr) = unsafe { ((*mr).lkey, (*mr).rkey, (*mr).addr as u64) };
+        Ok(Mr { mr, lkey, rkey, addr, _pd: pd.clone(), _dm: dm, _region: None })
     }
 }
 
@@ -397,17 +385,6 @@ impl Drop for Dm {
             tracing::debug!("ibv_free_dm failed: {}", io::Error::from_raw_os_error(r));
         }
     }
-}
-
-/// One work completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wc {
-    pub wr_id: u64,
-    pub status: u32,
-    pub opcode: u32,
-    pub vendor_err: u32,
-    pub byte_len: u32,
-    pub qp_num: u32,
 }
 
 /// The library's name for a work-completion status.
@@ -610,14 +587,6 @@ impl Qp {
                 | M::IBV_QP_RNR_RETRY
                 | M::IBV_QP_MAX_QP_RD_ATOMIC,
         )
-    }
-
-    /// Moves the QP to the error state: outstanding work requests complete flushed.
-    pub fn to_error(&self) -> io::Result<()> {
-        // SAFETY: all-zero is a valid ibv_qp_attr.
-        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        a.qp_state = ffi::ibv_qp_state::IBV_QPS_ERR;
-        self.modify(&mut a, ffi::ibv_qp_attr_mask::IBV_QP_STATE)
     }
 
     /// Current state (`ibv_qp_state` value).
@@ -935,12 +904,6 @@ impl CmId {
         }
     }
 
-    /// The id's port on its device.
-    pub fn port_num(&self) -> u8 {
-        // SAFETY: the id is live.
-        unsafe { (*self.id).port_num }
-    }
-
     fn param(p: &CmConnParam<'_>) -> io::Result<ffi::rdma_conn_param> {
         let len = u8::try_from(p.private_data.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         Ok(ffi::rdma_conn_param {
@@ -1044,22 +1007,17 @@ pub struct CmRemote {
     pub mtu: u32,
 }
 
-/// rdma_cm event kinds.
+/// The rdma_cm event kinds the crate waits for.
 pub mod cm_event {
     use super::ffi::rdma_cm_event_type as E;
     pub const ADDR_RESOLVED: u32 = E::RDMA_CM_EVENT_ADDR_RESOLVED;
-    pub const ADDR_ERROR: u32 = E::RDMA_CM_EVENT_ADDR_ERROR;
     pub const ROUTE_RESOLVED: u32 = E::RDMA_CM_EVENT_ROUTE_RESOLVED;
-    pub const ROUTE_ERROR: u32 = E::RDMA_CM_EVENT_ROUTE_ERROR;
     pub const CONNECT_REQUEST: u32 = E::RDMA_CM_EVENT_CONNECT_REQUEST;
     pub const CONNECT_RESPONSE: u32 = E::RDMA_CM_EVENT_CONNECT_RESPONSE;
-    pub const CONNECT_ERROR: u32 = E::RDMA_CM_EVENT_CONNECT_ERROR;
-    pub const UNREACHABLE: u32 = E::RDMA_CM_EVENT_UNREACHABLE;
     pub const REJECTED: u32 = E::RDMA_CM_EVENT_REJECTED;
     pub const ESTABLISHED: u32 = E::RDMA_CM_EVENT_ESTABLISHED;
     pub const DISCONNECTED: u32 = E::RDMA_CM_EVENT_DISCONNECTED;
     pub const DEVICE_REMOVAL: u32 = E::RDMA_CM_EVENT_DEVICE_REMOVAL;
-    pub const TIMEWAIT_EXIT: u32 = E::RDMA_CM_EVENT_TIMEWAIT_EXIT;
 }
 
 /// Access flag bits, as libibverbs defines them.
@@ -1071,13 +1029,12 @@ pub mod access {
     pub const ZERO_BASED: u32 = A::IBV_ACCESS_ZERO_BASED.0;
 }
 
-/// QP state values.
+/// The QP state values the crate moves through.
 pub mod qp_state {
     use super::ffi::ibv_qp_state as S;
     pub const INIT: u32 = S::IBV_QPS_INIT;
     pub const RTR: u32 = S::IBV_QPS_RTR;
     pub const RTS: u32 = S::IBV_QPS_RTS;
-    pub const ERR: u32 = S::IBV_QPS_ERR;
 }
 
 #[repr(C)]

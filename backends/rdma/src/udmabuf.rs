@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 
-use peermem::sys::{MappedSpan, Mapping};
+use peermem::mem::{MappedSpan, Mapping};
 use peermem::{Backing, PeerMemory, Provider, RegionError};
 
 use crate::error::RdmaError;
@@ -22,13 +22,13 @@ pub struct UdmabufRegion {
 impl UdmabufRegion {
     /// `len` rounded up to the page size.
     pub fn new(len: u64) -> Result<UdmabufRegion, RdmaError> {
-        let page = peermem::sys::page_size();
+        let page = peermem::mem::page_size();
         let rounded = len
             .checked_next_multiple_of(page)
             .filter(|&r| r > 0)
             .ok_or_else(|| RdmaError::Invalid(format!("udmabuf of {len} bytes")))?;
         let os = |what: &'static str| move |source| RdmaError::Region(RegionError::Os { what, source });
-        let memfd = peermem::sys::sealed_memfd("peermem-udmabuf", rounded).map_err(os("memfd_create"))?;
+        let memfd = peermem::mem::sealed_memfd("peermem-udmabuf", rounded).map_err(os("memfd_create"))?;
         let dmabuf = sys::udmabuf_create(memfd.as_fd(), 0, rounded).map_err(os("UDMABUF_CREATE"))?;
         let map = Mapping::shared(memfd.as_fd(), rounded).map_err(os("mmap"))?;
         Ok(UdmabufRegion { map, dmabuf, _memfd: memfd })

@@ -1,9 +1,10 @@
-//! Physical devices, their external-memory capabilities, and the opened `Device` that allocates,
+//! Choosing a physical device (as `info` describes it) and the opened `Device` that allocates,
 //! imports and copies.
 //!
-//! Owns: device selection (PCI address, index, best), the capability report, memory-type and
-//! handle-type policy, and the transfer queue. Must not: call Vulkan itself (`sys` does) or
-//! invent a PCI address: a device without VK_EXT_pci_bus_info has none, and says so.
+//! Owns: device selection (PCI address, index, best, and which devices can be opened at all),
+//! memory-type and handle-type policy, and the transfer queue. Must not: call Vulkan itself
+//! (`sys` does) or invent a PCI address: a device without VK_EXT_pci_bus_info has none, and
+//! says so.
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,181 +13,34 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ash::vk;
-use peermem::{Bdf, PeerMemory, Provider};
+use peermem::{Bdf, PeerMemory};
 
 use crate::error::VkError;
+use crate::info::{DeviceInfo, DeviceKind, HandleType};
 use crate::region::{Export, Origin, VulkanRegion};
 use crate::sys::{self, AllocSpec, FdImport, MemType, RawDevice, RawMemory, Transfer};
 
-/// What kind of device the driver says it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeviceKind {
-    Discrete,
-    Integrated,
-    Virtual,
-    /// A software rasterizer on the CPU (Mesa lavapipe, SwiftShader).
-    Cpu,
-    Other,
-}
-
-impl DeviceKind {
-    pub(crate) fn from_vk(t: vk::PhysicalDeviceType) -> DeviceKind {
-        match t {
-            vk::PhysicalDeviceType::DISCRETE_GPU => DeviceKind::Discrete,
-            vk::PhysicalDeviceType::INTEGRATED_GPU => DeviceKind::Integrated,
-            vk::PhysicalDeviceType::VIRTUAL_GPU => DeviceKind::Virtual,
-            vk::PhysicalDeviceType::CPU => DeviceKind::Cpu,
-            _ => DeviceKind::Other,
-        }
-    }
-    /// Preference order of `Select::Best` (lower first).
-    fn rank(self) -> u8 {
-        match self {
-            DeviceKind::Discrete => 0,
-            DeviceKind::Integrated => 1,
-            DeviceKind::Virtual => 2,
-            DeviceKind::Cpu => 3,
-            DeviceKind::Other => 4,
-        }
+/// Preference order of `Select::Best` (lower first).
+fn rank(kind: DeviceKind) -> u8 {
+    match kind {
+        DeviceKind::Discrete => 0,
+        DeviceKind::Integrated => 1,
+        DeviceKind::Virtual => 2,
+        DeviceKind::Cpu => 3,
+        DeviceKind::Other => 4,
     }
 }
 
-/// An fd kind for external memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum HandleType {
-    /// `VK_EXTERNAL_MEMORY_HANDLE_TYPE_OPAQUE_FD_BIT`: driver-private; only the same driver and
-    /// device (equal UUIDs) can import it. On lavapipe it is a memfd with a 4096-byte Mesa header.
-    OpaqueFd,
-    /// `VK_EXTERNAL_MEMORY_HANDLE_TYPE_DMA_BUF_BIT_EXT`: a Linux dma-buf any importer can use.
-    DmaBuf,
-}
-
-impl HandleType {
-    pub(crate) fn to_vk(self) -> vk::ExternalMemoryHandleTypeFlags {
-        match self {
-            HandleType::OpaqueFd => vk::ExternalMemoryHandleTypeFlags::OPAQUE_FD,
-            HandleType::DmaBuf => vk::ExternalMemoryHandleTypeFlags::DMA_BUF_EXT,
-        }
+/// Why device `d` cannot be opened, if it cannot.
+fn unusable(d: &DeviceInfo) -> Option<VkError> {
+    let (major, minor, _) = d.api_version;
+    if (major, minor) < (1, 1) {
+        return Some(VkError::TooOld { what: format!("device '{}'", d.name), major, minor });
     }
-}
-
-impl fmt::Display for HandleType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            HandleType::OpaqueFd => "opaque",
-            HandleType::DmaBuf => "dma-buf",
-        })
+    if !d.caps.opaque_fd.extension {
+        return Some(VkError::MissingExtension { device: d.name.clone(), ext: "VK_KHR_external_memory_fd" });
     }
-}
-
-/// What `vkGetPhysicalDeviceExternalBufferProperties` says about one handle type (for buffers
-/// used as transfer source, destination and storage).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HandleCaps {
-    /// The device extension for this handle type is present.
-    pub extension: bool,
-    pub exportable: bool,
-    pub importable: bool,
-    /// Exports and imports must be dedicated allocations.
-    pub dedicated_only: bool,
-}
-
-/// The device's external-memory capabilities for buffers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExternalCaps {
-    pub opaque_fd: HandleCaps,
-    pub dma_buf: HandleCaps,
-    /// VK_EXT_external_memory_host (import only).
-    pub host_allocation: HandleCaps,
-    /// `minImportedHostPointerAlignment`, when VK_EXT_external_memory_host is present.
-    pub min_host_pointer_alignment: Option<u64>,
-}
-
-/// One physical device as the backend reports it.
-#[derive(Debug, Clone)]
-pub struct DeviceInfo {
-    /// Position in the loader's enumeration (`Select::Index`).
-    pub index: usize,
-    pub name: String,
-    pub kind: DeviceKind,
-    pub vendor_id: u32,
-    pub device_id: u32,
-    pub api_version: (u32, u32, u32),
-    /// `VkPhysicalDeviceDriverProperties` (Vulkan 1.2), e.g. "llvmpipe".
-    pub driver_name: Option<String>,
-    pub driver_info: Option<String>,
-    /// The PCI function, only from VK_EXT_pci_bus_info (never guessed).
-    pub pci: Option<Bdf>,
-    pub device_uuid: [u8; 16],
-    pub driver_uuid: [u8; 16],
-    pub caps: ExternalCaps,
-    /// Device extension names.
-    pub extensions: Vec<String>,
-    pub(crate) handle: vk::PhysicalDevice,
-}
-
-const VENDOR_MESA: u32 = 0x1_0005;
-
-impl DeviceInfo {
-    /// Mesa's lavapipe (llvmpipe Vulkan): a CPU device whose memory is system RAM.
-    pub fn is_lavapipe(&self) -> bool {
-        self.kind == DeviceKind::Cpu
-            && (self.vendor_id == VENDOR_MESA || self.driver_name.as_deref() == Some("llvmpipe"))
-    }
-
-    /// Who owns this device's allocations: its PCI function when VK_EXT_pci_bus_info names it,
-    /// otherwise host memory (unknown NUMA node), as stated by `provider_note`.
-    pub fn provider(&self) -> Provider {
-        match self.pci {
-            Some(bdf) => Provider::Pci(bdf),
-            None => Provider::Host { numa: None },
-        }
-    }
-
-    /// Why `provider()` is what it is, in one sentence.
-    pub fn provider_note(&self) -> String {
-        let driver = self.driver_name.as_deref().unwrap_or("unknown driver");
-        match (self.pci, self.kind) {
-            (Some(bdf), _) => format!("provider: PCI {bdf} ('{}', {driver}), from VK_EXT_pci_bus_info", self.name),
-            (None, DeviceKind::Cpu) => format!(
-                "provider: host memory: '{}' ({driver}{}) is a CPU Vulkan device without a PCI function \
-                 (no VK_EXT_pci_bus_info); its allocations are system RAM",
-                self.name,
-                if self.is_lavapipe() { ", Mesa lavapipe" } else { "" }
-            ),
-            (None, _) => format!(
-                "provider: reported as host memory because '{}' ({driver}) does not expose VK_EXT_pci_bus_info; \
-                 its PCI function and BAR are unknown, so no bus address can be given",
-                self.name
-            ),
-        }
-    }
-
-    /// Why this device cannot be opened, if it cannot.
-    fn unusable(&self) -> Option<VkError> {
-        let (major, minor, _) = self.api_version;
-        if (major, minor) < (1, 1) {
-            return Some(VkError::TooOld { what: format!("device '{}'", self.name), major, minor });
-        }
-        if !self.caps.opaque_fd.extension {
-            return Some(VkError::MissingExtension { device: self.name.clone(), ext: "VK_KHR_external_memory_fd" });
-        }
-        None
-    }
-}
-
-impl fmt::Display for DeviceInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (a, b, c) = self.api_version;
-        write!(f, "#{} '{}' {:?} Vulkan {a}.{b}.{c}", self.index, self.name, self.kind)?;
-        if let Some(d) = &self.driver_name {
-            write!(f, " driver {d}")?;
-        }
-        match self.pci {
-            Some(bdf) => write!(f, " pci {bdf}"),
-            None => write!(f, " pci unknown (no VK_EXT_pci_bus_info)"),
-        }
-    }
+    None
 }
 
 /// Which physical device to open.
@@ -271,12 +125,12 @@ impl Vulkan {
                 VkError::NoDeviceAt { bdf, why }
             }),
             Select::Best => {
-                let mut usable: Vec<&DeviceInfo> = self.devices.iter().filter(|d| d.unusable().is_none()).collect();
-                usable.sort_by_key(|d| (d.kind.rank(), d.index));
+                let mut usable: Vec<&DeviceInfo> = self.devices.iter().filter(|d| unusable(d).is_none()).collect();
+                usable.sort_by_key(|d| (rank(d.kind), d.index));
                 match usable.first() {
                     Some(d) => Ok(d),
                     // Report why the first device cannot be used.
-                    None => Err(self.devices[0].unusable().unwrap_or(VkError::NoDevice)),
+                    None => Err(unusable(&self.devices[0]).unwrap_or(VkError::NoDevice)),
                 }
             }
         }
@@ -285,7 +139,7 @@ impl Vulkan {
     /// Opens the selected device with one transfer queue and every external-memory extension it has.
     pub fn open(&self, sel: Select) -> Result<Device, VkError> {
         let info = self.select(sel)?;
-        if let Some(e) = info.unusable() {
+        if let Some(e) = unusable(info) {
             return Err(e);
         }
         let raw = RawDevice::create(&self.instance, info)?;
@@ -564,8 +418,8 @@ mod tests {
         if !dev.info().is_lavapipe() {
             return;
         }
-        // lavapipe does not advertise dma-buf export; force one attempt as if it did (it was
-        // measured to refuse with VK_ERROR_OUT_OF_DEVICE_MEMORY).
+        // lavapipe does not advertise dma-buf export; force one attempt as if it did (lavapipe
+        // refuses it with VK_ERROR_OUT_OF_DEVICE_MEMORY).
         dev.inner.dma_buf_export.store(UNTRIED, Ordering::Relaxed);
         let r = dev.allocate(4096, Placement::Mappable).unwrap();
         assert_eq!(r.handle_type(), Some(HandleType::OpaqueFd));
@@ -584,7 +438,7 @@ mod tests {
         assert_eq!(vk.select(Select::Index(0)).unwrap().index, 0);
         let best = vk.select(Select::Best).unwrap();
         assert_eq!(best.device_uuid, dev.info().device_uuid);
-        assert!(vk.devices().iter().all(|d| d.kind.rank() >= best.kind.rank()), "discrete first");
+        assert!(vk.devices().iter().all(|d| rank(d.kind) >= rank(best.kind)), "discrete first");
         let bdf = "0000:7f:1f.7".parse().unwrap();
         match vk.select(Select::Pci(bdf)) {
             Err(VkError::NoDeviceAt { why, .. }) if dev.info().is_lavapipe() => {

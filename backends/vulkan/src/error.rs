@@ -7,7 +7,7 @@ use std::time::Duration;
 use ash::vk;
 use peermem::{Bdf, RegionError, VirtAddr};
 
-use crate::device::HandleType;
+use crate::info::HandleType;
 
 /// Everything that can go wrong in the Vulkan backend.
 #[derive(Debug, thiserror::Error)]

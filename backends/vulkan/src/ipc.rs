@@ -15,8 +15,8 @@ use rustix::net::{
 
 use peermem::{Bdf, Provider};
 
-use crate::device::HandleType;
 use crate::error::VkError;
+use crate::info::HandleType;
 use crate::region::{Export, ExportLayout};
 
 const MAGIC: &[u8; 8] = b"PMVKEXP1";

@@ -1,6 +1,15 @@
 //! Vulkan backend of peermem: GPU memory as exportable peer memory, and peer memory imported
 //! into the GPU, on [`ash`] (libvulkan is dlopened at run time: no loader is a typed error).
 //!
+//! Modules:
+//! - `info`: what a physical device is and can do (kind, fd kinds, export and import caps).
+//! - `device`: choosing and opening a device; the opened [`Device`] allocates, imports, copies.
+//! - `region`: [`VulkanRegion`], Vulkan memory as a `PeerMemory`, and its [`Export`].
+//! - `error`: [`VkError`], the backend's one error type.
+//! - [`ipc`]: send an [`Export`] to another process over a unix socket (`SCM_RIGHTS`).
+//! - `sys`: the only `unsafe`: Vulkan calls through `ash`, raw copies, fd passing (private).
+//!
+//! What they offer:
 //! - [`Vulkan`] / [`Device`]: pick a device by PCI address (VK_EXT_pci_bus_info), index, or
 //!   best (discrete first) with [`Select`]; [`DeviceInfo::caps`] reports which fd types it can
 //!   export and import for buffers (`vkGetPhysicalDeviceExternalBufferProperties`).
@@ -12,7 +21,6 @@
 //!   [`Device::import_host`] (any CPU-mapped region, alignment and size checked here).
 //! - Transfers: [`Device::copy`] (vkCmdCopyBuffer, fence, bounded wait), and CPU copies through
 //!   the core's `PeerMemory::{read_at, write_at, copy_to}`.
-//! - [`ipc`]: send an [`Export`] to another process over a unix socket (`SCM_RIGHTS`).
 //!
 //! Lifetimes: a region keeps its device's handles alive, an import keeps its source alive, and
 //! a copy keeps its regions alive until its fence signals, so any drop order is safe.
@@ -50,11 +58,13 @@
 
 mod device;
 mod error;
+mod info;
 pub mod ipc;
 mod region;
 #[allow(unsafe_code)]
 mod sys;
 
-pub use device::{Device, DeviceInfo, DeviceKind, ExternalCaps, HandleCaps, HandleType, Placement, Select, Vulkan};
+pub use device::{Device, Placement, Select, Vulkan};
 pub use error::VkError;
+pub use info::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps, HandleType};
 pub use region::{Export, ExportLayout, Origin, VulkanRegion};

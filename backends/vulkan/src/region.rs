@@ -9,11 +9,11 @@ use std::fmt;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider, RegionError, Route};
 
-use crate::device::{DeviceInfo, HandleType};
 use crate::error::VkError;
+use crate::info::{DeviceInfo, HandleType};
 use crate::sys::RawMemory;
 
 /// How a region came to be.

@@ -17,11 +17,11 @@ use std::time::Duration;
 use ash::vk;
 use std::ptr::NonNull;
 
-use peermem::sys::MappedSpan;
+use peermem::mem::MappedSpan;
 use peermem::{Bdf, PeerMemory, VirtAddr};
 
-use crate::device::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
 use crate::error::VkError;
+use crate::info::{DeviceInfo, DeviceKind, ExternalCaps, HandleCaps};
 
 /// Buffer usage of every buffer the backend creates (and queries external capabilities for).
 pub(crate) const USAGE: vk::BufferUsageFlags = vk::BufferUsageFlags::from_raw(

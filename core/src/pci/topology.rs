@@ -2,7 +2,8 @@
 //! BARs with CPU and bus addresses, ACS, IOMMU, links, p2pmem and the class devices on it.
 //!
 //! Owns: discovery (`Topology::discover`) from the kernel's own `sys/devices` hierarchy and the
-//! `sys/bus/pci/devices` links, and the per-device facts the verdict needs. Must not: decide P2P
+//! `sys/bus/pci/devices` links, the per-device facts the verdict needs, and the cross-check of
+//! BAR bus offsets against the platform's device-tree windows. Must not: decide P2P
 //! (that is `verdict`), or guess a value a file does not give (unknowns stay `None`/`Unknown`,
 //! are listed with their reason in `PciDevice::unknown`, and surface in the verdict's reasons).
 
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use crate::addr::{AddrRange, BarWindow, BusAddr, CpuPhys};
 use crate::pci::bdf::Bdf;
 use crate::pci::config::{Acs, BarReg, ConfigError, ConfigInfo, Pcie, PortType};
-use crate::platform::Platform;
+use crate::platform::{DeviceTree, Platform};
 use crate::sysroot::{
     malformed_err, parse_bool, parse_dec, parse_hex, parse_hex_bits, Listing, SubDir, Sysroot, SysrootError,
 };
@@ -545,7 +546,7 @@ impl Topology {
         platform.add_pci_virt_signals(devices.iter().map(|d| d.vendor));
         warnings.extend(platform.unknown_notes());
         if let Some(dt) = &platform.device_tree {
-            warnings.extend(crate::platform::check_dt_ranges(dt, &devices));
+            warnings.extend(dt_range_warnings(dt, &devices));
         }
         Ok(Topology { id, root: sys.root().to_path_buf(), platform, devices, index, host_bridges, warnings })
     }
@@ -921,6 +922,35 @@ impl Topology {
             .filter(|(_, d)| !d.is_bridge() && d.class >> 16 != 0x06)
             .map(|(i, _)| DevIdx::of(self.id, i))
     }
+}
+
+/// Cross-checks every memory BAR's bus offset against the device-tree PCI `ranges` that hold
+/// it; each disagreement (or a BAR in no window) is one warning.
+fn dt_range_warnings(dt: &DeviceTree, devices: &[PciDevice]) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for d in devices {
+        for b in d.bars.iter().filter(|b| b.kind == BarKind::Mem) {
+            let Some(w) = b.window() else { continue };
+            match dt.memory_window(b.cpu.start()) {
+                Some((h, r)) if r.offset() != w.offset() => warnings.push(format!(
+                    "{} BAR{}: config says bus offset {} but device-tree {} ranges say {}",
+                    d.bdf,
+                    b.index,
+                    w.offset(),
+                    h.node.display(),
+                    r.offset()
+                )),
+                None => warnings.push(format!(
+                    "{} BAR{} at CPU {:#x} lies in no device-tree PCI ranges window",
+                    d.bdf,
+                    b.index,
+                    b.cpu.start()
+                )),
+                _ => {}
+            }
+        }
+    }
+    warnings
 }
 
 #[cfg(test)]

@@ -1,14 +1,18 @@
-//! Peer-memory regions: the one trait every exportable memory implements, and the two regions the
-//! core provides itself (host pages, and a range of a PCI BAR).
+//! Peer-memory regions: the one trait every exportable memory implements, and the regions the
+//! core provides itself (host pages here; ranges of a PCI BAR in `bar`).
 //!
-//! Owns: `PeerMemory`, `Provider`, `Backing`, `HostRegion`, `BarRegion`. Must not: compute
+//! Owns: `PeerMemory`, `Provider`, `Backing`, `HostRegion`, `HostSlice`. Must not: compute
 //! addresses a peer programs (the registry does, from the topology) or know any device type.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::addr::{AddrRange, VirtAddr};
+use crate::mem::{self, MappedSpan};
 use crate::pci::Bdf;
-use crate::sys::{self, MappedSpan};
+
+mod bar;
+
+pub use bar::{BarMapping, BarRegion};
 
 /// Who owns the memory physically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -143,7 +147,7 @@ pub trait PeerMemory: Send + Sync + 'static {
 /// exportable as an fd (another process, or a Vulkan driver, can map or import the same pages).
 #[derive(Debug)]
 pub struct HostRegion {
-    map: sys::Mapping,
+    map: mem::Mapping,
     fd: OwnedFd,
     numa: Option<i32>,
 }
@@ -154,15 +158,15 @@ impl HostRegion {
         if len == 0 {
             return Err(RegionError::Invalid { len, why: "zero length".into() });
         }
-        let page = sys::page_size();
+        let page = mem::page_size();
         let rounded = len
             .div_ceil(page)
             .checked_mul(page)
             .ok_or(RegionError::Invalid { len, why: "rounding to the page size overflows".into() })?;
-        let fd = sys::sealed_memfd("peermem-host", rounded)
+        let fd = mem::sealed_memfd("peermem-host", rounded)
             .map_err(|source| RegionError::Os { what: "memfd_create", source })?;
         let map =
-            sys::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
+            mem::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
         Ok(HostRegion { map, fd, numa: None })
     }
 
@@ -236,28 +240,6 @@ impl PeerMemory for HostSlice {
     }
 }
 
-/// `len` bytes at `offset` of a PCI memory BAR, without a CPU mapping of its own. The registry
-/// checks the BAR exists, is a memory BAR and holds the range when it is registered.
-#[derive(Debug, Clone)]
-pub struct BarRegion {
-    pub bdf: Bdf,
-    pub bar: u8,
-    pub offset: u64,
-    pub len: u64,
-}
-
-impl PeerMemory for BarRegion {
-    fn len(&self) -> u64 {
-        self.len
-    }
-    fn provider(&self) -> Provider {
-        Provider::Pci(self.bdf)
-    }
-    fn backing(&self) -> Backing<'_> {
-        Backing::Bar { bdf: self.bdf, bar: self.bar, offset: self.offset }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,14 +247,14 @@ mod tests {
     #[test]
     fn host_region_is_page_aligned_zeroed_and_exportable() {
         let mut r = HostRegion::new(10_000).unwrap();
-        assert_eq!(r.len() % sys::page_size(), 0);
+        assert_eq!(r.len() % mem::page_size(), 0);
         assert!(r.len() >= 10_000);
-        assert_eq!(r.cpu_range().unwrap().start().raw() % sys::page_size(), 0);
+        assert_eq!(r.cpu_range().unwrap().start().raw() % mem::page_size(), 0);
         assert!(r.as_mut_slice().iter().all(|&b| b == 0));
         r.as_mut_slice()[..4].copy_from_slice(b"peer");
         let fd = r.export_fd().unwrap();
         // The exported fd maps the same pages.
-        let other = sys::Mapping::shared(fd.as_fd(), r.len()).unwrap();
+        let other = mem::Mapping::shared(fd.as_fd(), r.len()).unwrap();
         let mut head = [0u8; 4];
         other.span().read_at(0, &mut head).unwrap();
         assert_eq!(&head, b"peer");
