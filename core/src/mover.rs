@@ -515,7 +515,7 @@ mod tests {
             fn backing(&self) -> Backing<'_> {
                 Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
             }
-            fn cpu_mapping(&self) -> Option<crate::sys::MappedSpan<'_>> {
+            fn cpu_mapping(&self) -> Option<crate::mem::MappedSpan<'_>> {
                 self.0.cpu_mapping()
             }
         }

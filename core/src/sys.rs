@@ -207,6 +207,20 @@ impl<'a> MappedSpan<'a> {
         unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), byte, n as usize) };
         Ok(())
     }
+
+    /// `pread(2)` of at most the span's length at `file_off` of `file` straight into the span
+    /// (with O_DIRECT the device DMAs into its pages). Returns the bytes read.
+    pub fn pread_from(&self, file: &std::fs::File, file_off: u64) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let off = libc::off_t::try_from(file_off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the span is mapped for 'a and covers `len` bytes; no Rust reference is made
+        // over them: the kernel writes them as a device would (they are shared DMA memory).
+        let n = unsafe { libc::pread(file.as_raw_fd(), self.ptr.as_ptr().cast(), self.len, off) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }
 
 /// Why a virtual address has no known physical address.

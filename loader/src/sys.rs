@@ -1,6 +1,6 @@
-//! The loader's one FFI edge: `pread` into mapped memory, and an io_uring submission ring (the
-//! `io-uring` crate) reading file bytes straight into mapped memory, optionally through
-//! registered ("fixed") buffers.
+//! The loader's one FFI edge: an io_uring submission ring (the `io-uring` crate) reading file
+//! bytes straight into mapped memory, optionally through registered ("fixed") buffers, and the
+//! plain `pread` the thread pool and one-off reads use (core's `MappedSpan::pread_from`).
 //!
 //! Owns: the system calls, buffer registration, pushing reads, bounded waits for completions,
 //! and holding every region and file a read uses until its completion is reaped. Must not:
@@ -35,17 +35,7 @@ pub(crate) type Done = (u64, io::Result<usize>);
 /// `pread(2)` of at most `len` bytes at `off` of `file` straight into byte `mem_off` of `mem`'s
 /// CPU mapping (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
 pub(crate) fn pread_into(file: &File, off: u64, mem: &dyn PeerMemory, mem_off: u64, len: u64) -> io::Result<usize> {
-    let span = mem.span_at(Side::Destination, mem_off, len).map_err(io::Error::other)?;
-    let off = libc::off_t::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let p = span.addr().raw() as usize as *mut libc::c_void;
-    // SAFETY: the span is mapped while `mem` is borrowed (for this call) and covers `span.len()`
-    // bytes; no Rust reference is made over them: the kernel writes them as a device would
-    // (they are shared DMA memory).
-    let n = unsafe { libc::pread(file.as_raw_fd(), p, span.len() as usize, off) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    mem.span_at(Side::Destination, mem_off, len).map_err(io::Error::other)?.pread_from(file, off)
 }
 
 /// An io_uring instance sized for `depth` reads in flight. It holds every `Read` (an Arc of the

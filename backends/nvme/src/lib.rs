@@ -26,7 +26,7 @@ pub use blockdev::{BlockDevice, DirectIoError};
 pub use cmb::{CmbError, CmbRegion};
 pub use p2pmem::{P2pmemError, P2pmemRegion};
 pub use regs::{RegError, Registers};
-pub use sys::{pread_into, MappedMmio, Mmio};
+pub use sys::{MappedMmio, Mmio};
 pub mod driver;
 pub mod vfio;
 

@@ -400,23 +400,6 @@ pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<()>
         .map(drop)
 }
 
-// ---- O_DIRECT targets -------------------------------------------------------------------------
-
-/// `pread(2)` of `span.len()` bytes at `file_off` of `file` straight into the mapped bytes of
-/// `span` (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
-pub fn pread_into(file: &File, file_off: u64, span: peermem::mem::MappedSpan<'_>) -> io::Result<usize> {
-    let file_off = libc::off_t::try_from(file_off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let p = span.addr().raw() as usize as *mut libc::c_void;
-    // SAFETY: the span is mapped for its lifetime (borrowed for this call) and covers
-    // `span.len()` bytes; no Rust reference is created over them: the kernel writes them as a
-    // device would (they are shared DMA memory).
-    let n = unsafe { libc::pread(file.as_raw_fd(), p, span.len() as usize, file_off) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
