@@ -187,6 +187,19 @@ fn pair(name: &str, rounds: usize, mut a: impl FnMut() -> Run, mut b: impl FnMut
     println!("|   rounds (ratio per round) | | | {} |", each.join(" "));
 }
 
+/// What the loader-against-fio runs share: the registry, the files, host memory as the
+/// destination, the sizes and how many rounds each pair runs.
+struct Job {
+    reg: Registry,
+    seq: PathBuf,
+    size: u64,
+    rounds: usize,
+    hdest: Dest,
+    shard_dir: PathBuf,
+    nfiles: u64,
+    fsize: u64,
+}
+
 fn vs_fio(dir: PathBuf) {
     std::fs::create_dir_all(&dir).unwrap();
     let rounds: usize = std::env::var("PEERMEM_BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
@@ -205,31 +218,46 @@ fn vs_fio(dir: PathBuf) {
     let reg = registry();
     let (_host, hg) = host(&reg, size);
     let hdest = Dest::region(&hg);
-    let s = seq.display().to_string();
-
+    let job = Job { reg, seq, size, rounds, hdest, shard_dir, nfiles, fsize };
     if std::env::var("PEERMEM_LOADER_SWEEP").as_deref() == Ok("1") {
-        println!("sweep (sequential 256 MiB, then random 128 KiB x 2048): MB/s");
-        for chunk in [256 << 10, MIB, 4 * MIB] {
-            for depth in [4usize, 16, 32] {
-                let l = Loader::new(&reg, Options { chunk, depth, ..Options::default() }).unwrap();
-                let f = l.open(&seq).unwrap();
-                let mut b = Batch::new();
-                b.read(&f, 0, 256 * MIB, &hdest, 0);
-                println!("  seq chunk {:>5} KiB depth {depth:>2}: {:.0}", chunk >> 10, timed(&l, b).mbps);
-            }
-        }
-        for depth in [8usize, 16, 32, 64] {
-            let l = Loader::new(&reg, Options { depth, ..Options::default() }).unwrap();
-            let f = l.open(&seq).unwrap();
-            let r = timed(&l, random_batch(std::slice::from_ref(&f), 2048, 128 << 10, &hdest, 64 * MIB, 9));
-            println!("  random 128 KiB depth {depth:>2}: {:.0}", r.mbps);
+        sweep(&job);
+    }
+    let (seq_l, sf) = host_rows(&job);
+    vulkan_rows(&job, &seq_l, &sf);
+    drop(hg);
+}
+
+/// Chunk size x depth, sequential and random, into host memory.
+fn sweep(job: &Job) {
+    let Job { reg, seq, hdest, .. } = job;
+    println!("sweep (sequential 256 MiB, then random 128 KiB x 2048): MB/s");
+    for chunk in [256 << 10, MIB, 4 * MIB] {
+        for depth in [4usize, 16, 32] {
+            let l = Loader::new(reg, Options { chunk, depth, ..Options::default() }).unwrap();
+            let f = l.open(seq).unwrap();
+            let mut b = Batch::new();
+            b.read(&f, 0, 256 * MIB, hdest, 0);
+            println!("  seq chunk {:>5} KiB depth {depth:>2}: {:.0}", chunk >> 10, timed(&l, b).mbps);
         }
     }
+    for depth in [8usize, 16, 32, 64] {
+        let l = Loader::new(reg, Options { depth, ..Options::default() }).unwrap();
+        let f = l.open(seq).unwrap();
+        let r = timed(&l, random_batch(std::slice::from_ref(&f), 2048, 128 << 10, hdest, 64 * MIB, 9));
+        println!("  random 128 KiB depth {depth:>2}: {:.0}", r.mbps);
+    }
+}
 
+/// The loader against fio into host memory: sequential, sequential with fio's fixed buffers,
+/// random, random over many shard files. Returns the sequential loader and its file.
+fn host_rows(job: &Job) -> (Loader, Source) {
+    let Job { reg, seq, size, rounds, hdest, .. } = job;
+    let (size, rounds) = (*size, *rounds);
+    let s = seq.display().to_string();
     println!("| workload | fio / host side | loader / other side | ratio |");
     println!("|---|---|---|---|");
-    let seq_l = Loader::new(&reg, Options { chunk: MIB, depth: 16, ..Options::default() }).unwrap();
-    let sf = seq_l.open(&seq).unwrap();
+    let seq_l = Loader::new(reg, Options { chunk: MIB, depth: 16, ..Options::default() }).unwrap();
+    let sf = seq_l.open(seq).unwrap();
     pair(
         &format!("sequential 1 MiB QD16, {} MiB, host memory", size / MIB),
         rounds,
@@ -245,7 +273,7 @@ fn vs_fio(dir: PathBuf) {
         },
         || {
             let mut b = Batch::new();
-            b.read(&sf, 0, size, &hdest, 0);
+            b.read(&sf, 0, size, hdest, 0);
             timed(&seq_l, b)
         },
         "fio",
@@ -269,14 +297,23 @@ fn vs_fio(dir: PathBuf) {
         },
         || {
             let mut b = Batch::new();
-            b.read(&sf, 0, size, &hdest, 0);
+            b.read(&sf, 0, size, hdest, 0);
             timed(&seq_l, b)
         },
         "fio",
         "loader",
     );
-    let rand_l = Loader::new(&reg, Options { chunk: 128 << 10, depth: 32, ..Options::default() }).unwrap();
-    let rf = rand_l.open(&seq).unwrap();
+    random_rows(job);
+    (seq_l, sf)
+}
+
+/// The loader against fio, random 128 KiB reads into host memory: one file, then many shards.
+fn random_rows(job: &Job) {
+    let Job { reg, seq, size, rounds, hdest, shard_dir, nfiles, fsize } = job;
+    let (size, rounds, nfiles, fsize) = (*size, *rounds, *nfiles, *fsize);
+    let s = seq.display().to_string();
+    let rand_l = Loader::new(reg, Options { chunk: 128 << 10, depth: 32, ..Options::default() }).unwrap();
+    let rf = rand_l.open(seq).unwrap();
     let mut seed = 0;
     pair(
         &format!("random 128 KiB QD32, {} MiB read, host memory", size / MIB),
@@ -300,7 +337,7 @@ fn vs_fio(dir: PathBuf) {
                     std::slice::from_ref(&rf),
                     (size / (128 << 10)) as usize,
                     128 << 10,
-                    &hdest,
+                    hdest,
                     64 * MIB,
                     seed,
                 ),
@@ -334,13 +371,18 @@ fn vs_fio(dir: PathBuf) {
             seed += 1;
             timed(
                 &rand_l,
-                random_batch(&shard_files, (shard_bytes / (128 << 10)) as usize, 128 << 10, &hdest, 64 * MIB, seed),
+                random_batch(&shard_files, (shard_bytes / (128 << 10)) as usize, 128 << 10, hdest, 64 * MIB, seed),
             )
         },
         "fio",
         "loader",
     );
+}
 
+/// Host-visible and device-local Vulkan buffers against host memory, same loader and file.
+fn vulkan_rows(job: &Job, seq_l: &Loader, sf: &Source) {
+    let Job { reg, size, rounds, hdest, .. } = job;
+    let (size, rounds) = (*size, *rounds);
     let dev = match Device::open(Select::Best) {
         Ok(d) => d,
         Err(e) => {
@@ -356,14 +398,14 @@ fn vs_fio(dir: PathBuf) {
     let ldest = seq_l.vulkan_device_dest(&lg, &dev, local.clone()).unwrap();
     let whole = |d: &Dest| {
         let mut b = Batch::new();
-        b.read(&sf, 0, size, d, 0);
+        b.read(sf, 0, size, d, 0);
         b
     };
     pair(
         &format!("sequential 1 MiB QD16 {} MiB: host-visible Vulkan buffer vs host memory", size / MIB),
         rounds,
-        || timed(&seq_l, whole(&hdest)),
-        || timed(&seq_l, whole(&vdest)),
+        || timed(seq_l, whole(hdest)),
+        || timed(seq_l, whole(&vdest)),
         "host",
         "vulkan",
     );
@@ -373,8 +415,8 @@ fn vs_fio(dir: PathBuf) {
             size / MIB
         ),
         rounds,
-        || timed(&seq_l, whole(&hdest)),
-        || timed(&seq_l, whole(&ldest)),
+        || timed(seq_l, whole(hdest)),
+        || timed(seq_l, whole(&ldest)),
         "host",
         "vulkan-device",
     );
