@@ -29,10 +29,10 @@ pub struct LoadArgs {
     /// Bytes to read from each file (default: to its end).
     #[arg(long, value_parser = parse_size)]
     len: Option<u64>,
-    /// Bytes per request (default: PEERMEM_CHUNK or the measured default).
+    /// Bytes per request (default: PEERMEM_CHUNK or the loader's default).
     #[arg(long, value_parser = parse_size)]
     chunk: Option<u64>,
-    /// Requests in flight (default: PEERMEM_DEPTH or the measured default).
+    /// Requests in flight (default: PEERMEM_DEPTH or the loader's default).
     #[arg(long)]
     depth: Option<usize>,
     /// Fail unless every byte goes direct.

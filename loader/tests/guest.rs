@@ -377,7 +377,7 @@ fn async_loader_reads_a_vfio_namespace_with_many_commands_in_flight() {
 }
 
 /// A batch whose commands outlive the loader's timeout (5 ms; QEMU limits the drive to 20
-/// requests/s, ~50 ms a command) ends with the driver's typed timeout after the controller was
+/// requests/s, a twentieth of a second a command) ends with the driver's typed timeout after the controller was
 /// disabled (no buffer is released while it may still write); the namespace handle then serves a
 /// loader with a sane timeout, whose batch re-creates the queues and delivers the right bytes.
 #[test]
@@ -407,8 +407,8 @@ fn vfio_timeout_ends_an_async_batch_with_a_typed_error_after_a_quiesce() {
         }
         b
     };
-    // Depth 4: the commands in flight at the timeout complete (~0.2 s at the limit) within the
-    // quiesce's drain before the controller is disabled.
+    // Depth 4: at the throttled rate the four commands in flight at the timeout complete within
+    // the quiesce's drain, before the controller is disabled.
     let fast =
         Loader::new(&reg, Options { timeout: Duration::from_millis(5), depth: 4, ..Default::default() }).unwrap();
     let mut t = fast.submit(batch(&ns)).unwrap();

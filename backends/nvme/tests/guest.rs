@@ -614,7 +614,7 @@ fn vfio_many_mixed_commands_in_flight_every_byte_checked() {
     }
 }
 
-/// A timeout mid-stream: QEMU limits the drive to 20 requests/s (a command waits ~50 ms) and the
+/// A timeout mid-stream: QEMU limits the drive to 20 requests/s (a command waits a twentieth of a second) and the
 /// driver's bound is 5 ms, so a batch of reads fails with `Timeout` while commands are in flight.
 /// The driver must have stopped the controller before returning: the buffer it was reading into
 /// is then filled with a marker and released, and no byte of it changes afterwards (no late DMA). A new transfer (normal timeout) into a
@@ -642,8 +642,8 @@ fn vfio_timeout_mid_stream_quiesces_before_release_and_a_new_transfer_sees_no_st
 
     let old = Arc::new(HostRegion::new(LEN).unwrap());
     let old_reg = reg.register(old.clone() as Arc<dyn PeerMemory>).unwrap();
-    // Depth 4: the commands in flight at the timeout complete (~0.2 s at the limit) within the
-    // quiesce's drain before the controller is disabled.
+    // Depth 4: at the throttled rate the four commands in flight at the timeout complete within
+    // the quiesce's drain, before the controller is disabled.
     ctrl.set_timeout(Duration::from_millis(5));
     let err = ctrl.random_reads(&reg, &old_reg, 128 << 10, 64, 1, 4).expect_err("64 throttled reads within 5 ms each");
     println!("{x}: {err}");
