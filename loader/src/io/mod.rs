@@ -46,7 +46,7 @@ impl Engine<'_> {
     fn window(&self, depth: usize) -> usize {
         match self {
             Engine::Files(_) => depth,
-            Engine::Nvme(_) => nvme::WINDOW,
+            Engine::Nvme(_) => nvme::window(depth),
         }
     }
 

@@ -16,9 +16,12 @@ use peermem_nvme::{Dir, Io};
 use crate::error::LoadError;
 use crate::source::Source;
 
-/// Reads the stage may push before it waits: enough for every buffer of a batch's pools and
-/// every command of a long direct read, with the driver keeping `depth` of them in flight.
-pub(crate) const WINDOW: usize = 4096;
+/// Reads the stage pushes before it waits, for `depth` in flight: many rounds of the driver's
+/// queue (its queue drains once a wait), few enough that bytes land, and the loader's progress
+/// shows, well within any wait's bound.
+pub(crate) fn window(depth: usize) -> usize {
+    (depth * 16).clamp(64, 1024)
+}
 
 /// One controller's pending reads.
 pub(crate) struct Nvme<'a> {
@@ -39,7 +42,7 @@ impl<'a> Nvme<'a> {
     /// Queues a read of `len` bytes (whole blocks) at byte `off` of the namespace into `mem` at
     /// `mem_off`; `false` when the window is full.
     pub(crate) fn push(&mut self, tag: u64, off: u64, mem: &Arc<Entry>, mem_off: u64, len: u64) -> bool {
-        if self.pending.len() >= WINDOW {
+        if self.pending.len() >= window(self.depth) {
             return false;
         }
         let bs = self.source.ctrl().map_or(1, |c| c.namespace().block_size);
