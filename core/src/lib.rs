@@ -8,6 +8,8 @@
 //!   archives, the PCI function behind a file, and NCCL's topology XML.
 //! - [`region`], [`registry`], [`route`]: peer-memory regions, the lock-free registry that looks
 //!   them up by address and resolves what a peer must program to reach them.
+//! - [`nic`]: RDMA devices as the topology sees them, how a NIC registers a region, and which NIC
+//!   should move it (no verbs library needed: the rdma backend builds on it).
 
 pub mod addr;
 pub mod archive;
@@ -17,6 +19,7 @@ pub mod harness;
 pub mod hotplug;
 pub mod mover;
 pub mod nccl;
+pub mod nic;
 pub mod pci;
 pub mod pciids;
 pub mod platform;
