@@ -4,16 +4,18 @@
 //!   place that converts between them.
 //! - [`pci`]: the topology of a sysroot (live `/` or a capture).
 //! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, then explained.
-//! - [`pciids`], [`archive`], [`storage`], [`nccl`]: device names from `pci.ids`, capture
-//!   archives, the PCI function behind a file, and NCCL's topology XML.
+//! - [`pciids`], [`storage`], [`nccl`]: device names from `pci.ids`, the PCI function behind a
+//!   file, and NCCL's topology XML; `archive` (cargo feature `archive`): capture archives.
 //! - [`region`], [`registry`], [`route`]: peer-memory regions, the lock-free registry that looks
 //!   them up by address and resolves what a peer must program to reach them.
 //! - [`nic`]: RDMA devices as the topology sees them, how a NIC registers a region, and which NIC
 //!   should move it (no verbs library needed: the rdma backend builds on it).
 
 pub mod addr;
+#[cfg(feature = "archive")]
 pub mod archive;
 pub mod capture;
+#[cfg(feature = "harness")]
 #[doc(hidden)]
 pub mod harness;
 pub mod hotplug;
