@@ -1,14 +1,20 @@
-//! Stops the build with one line naming what to install when the tools `rdma-mummy-sys` needs
-//! to build its verbs bindings are missing: cmake (it builds the vendored rdma-core) and libclang
-//! (bindgen loads it). Without this, the build fails later inside `rdma-mummy-sys`'s build
-//! script, with cmake's or bindgen's panic buried in pages of build output.
+//! Stops a build that includes peermem-rdma with one line naming what to install when the tools
+//! `rdma-mummy-sys` needs to build its verbs bindings are missing: cmake (it builds the vendored
+//! rdma-core) and libclang (bindgen loads it). Without this, `rdma-mummy-sys`'s build script
+//! fails with cmake's or bindgen's panic buried in pages of build output.
 //!
-//! Cargo orders a build script only after its own build dependencies, not against its package's
-//! other dependencies (and `rdma-mummy-sys` declares no `links`), so this script and
-//! `rdma-mummy-sys`'s are unordered. In practice this one goes first: it compiles in a moment,
-//! while `rdma-mummy-sys`'s waits for bindgen to compile; once one script fails, cargo starts no
-//! new job. The search below is clang-sys's (LIBCLANG_PATH, llvm-config, LD_LIBRARY_PATH, then
-//! the usual library directories), so it finds what bindgen would find.
+//! Why a crate of its own, that core depends on: cargo orders a build script only after its own
+//! build dependencies, never against its package's other dependencies (and `rdma-mummy-sys`
+//! declares no `links`), so a build script in peermem-rdma is unordered against
+//! `rdma-mummy-sys`'s. Among the jobs that are ready, cargo starts those with the most dependents
+//! first: a build script of peermem-rdma has a handful and waits behind the whole dependency
+//! tree (by then `rdma-mummy-sys`'s has failed), while this crate, below core, has every unit of
+//! the workspace as a dependent, so its script runs first; once it fails, cargo starts no new
+//! job. peermem-rdma turns the check on with the `rdma` feature (features are unified over the
+//! build), so builds without peermem-rdma (the CLI's, the Python package's) pass at once.
+//!
+//! The libclang search is clang-sys's (LIBCLANG_PATH, llvm-config, LD_LIBRARY_PATH, then the
+//! usual library directories), so it finds what bindgen would find.
 
 use std::env;
 use std::ffi::OsString;
@@ -21,6 +27,9 @@ fn main() {
     // A passing check needs no rerun (the bindings it guards are built once); a failing one
     // reruns on the next build anyway.
     println!("cargo::rerun-if-changed=build.rs");
+    if env::var_os("CARGO_FEATURE_RDMA").is_none() {
+        return;
+    }
     let mut missing = Vec::new();
     if !cmake_runs() {
         missing.push("cmake");
