@@ -153,7 +153,8 @@ struct Extension {
 struct Checker<'a> {
     archive: &'a Path,
     links: HashSet<PathBuf>,
-    top: Option<String>,
+    /// The one top directory (a name kept as bytes: it need not be UTF-8).
+    top: Option<PathBuf>,
     total: u64,
     members: usize,
     pending: Extension,
@@ -230,7 +231,7 @@ impl<'a> Checker<'a> {
 
     /// Every member lies below one top directory.
     fn check_top(&mut self, clean: &Path) -> Result<(), ArchiveError> {
-        let first = clean.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
+        let first = clean.components().next().map(|c| PathBuf::from(c.as_os_str())).unwrap_or_default();
         match &self.top {
             None => self.top = Some(first),
             Some(t) if *t != first => {
@@ -281,7 +282,7 @@ impl<'a> Checker<'a> {
     }
 
     /// The checks that need every member: one top directory that is a directory.
-    fn finish(self, members: &[Member]) -> Result<String, ArchiveError> {
+    fn finish(self, members: &[Member]) -> Result<PathBuf, ArchiveError> {
         if self.pending.name.is_some() || self.pending.link.is_some() || self.pending.size.is_some() {
             return Err(self.format("an extension header describes no member".into()));
         }
@@ -303,7 +304,7 @@ fn walk(
     archive: &Path,
     input: impl BufRead,
     mut each: impl FnMut(usize, &Member, &mut dyn Read) -> Result<(), ArchiveError>,
-) -> Result<(Vec<Member>, String), ArchiveError> {
+) -> Result<(Vec<Member>, PathBuf), ArchiveError> {
     let (comp, stream) = decoder(archive, input)?;
     let bad = |e: io::Error| match (comp, e.kind()) {
         (Compression::Xz, io::ErrorKind::OutOfMemory) => {
@@ -340,7 +341,7 @@ fn walk(
 
 /// Checks every member of the archive read from `input` (`archive` names it in errors) without
 /// writing anything; returns them and the single top directory.
-pub(crate) fn check_members(archive: &Path, input: impl BufRead) -> Result<(Vec<Member>, String), ArchiveError> {
+pub(crate) fn check_members(archive: &Path, input: impl BufRead) -> Result<(Vec<Member>, PathBuf), ArchiveError> {
     walk(archive, input, |_, _, _| Ok(()))
 }
 
@@ -540,6 +541,31 @@ mod tests {
             assert_eq!(fs::read_to_string(root.join("sys/bus/pci/devices/0000:00:01.0/vendor")).unwrap(), "0x1b36\n");
         }
         assert!(pack(&src, &d.path().join("c.zip")).unwrap_err().to_string().contains(".tar.gz"));
+    }
+
+    #[test]
+    fn a_top_directory_whose_name_is_not_utf8_is_the_one_returned() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, ty, data) in
+            [(&b"c\xffp/"[..], tar::EntryType::Directory, &b""[..]), (b"c\xffp/vendor", tar::EntryType::Regular, b"x")]
+        {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            h.set_entry_type(ty);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("c.tar");
+        fs::write(&a, b.into_inner().unwrap()).unwrap();
+        let out = d.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let root = unpack(&a, &out).unwrap();
+        assert_eq!(root, out.join(std::ffi::OsStr::from_bytes(b"c\xffp")));
+        assert_eq!(fs::read(root.join("vendor")).unwrap(), b"x");
     }
 
     #[test]
