@@ -211,14 +211,16 @@ fn print_bar_choice(who: &str, topo: &Arc<Topology>, registry: &Registry) {
     let Ok(reg) = registry.register(Arc::new(region)) else { return };
     let Ok(ranks) = nearest_nic(registry, reg.entry()) else { return };
     print_ranks(who, &format!("the GPU BAR {} BAR2", dev.bdf), &ranks);
-    match ranks.iter().find(|r| matches!(r.device.place, NicPlace::Pci(_)) && r.route != "bounce") {
+    match ranks.iter().find(|r| matches!(r.device.place, NicPlace::Pci(_)) && !r.registration.bounces()) {
         Some(r) => println!(
-            "{who}: {} could reach the BAR directly ({}); this example uses the Vulkan buffer",
-            r.device.name, r.route
+            "{who}: {} could register the BAR directly ({}, route {}); this example uses the Vulkan buffer",
+            r.device.name,
+            r.registration.name(),
+            r.route
         ),
         None => println!(
-            "{who}: no PCI NIC reaches the GPU BAR peer-to-peer (a software NIC copies with the CPU and cannot pin a \
-             BAR mapping), so the buffer is the Vulkan host-visible one"
+            "{who}: no NIC can register the GPU BAR directly (a raw BAR mapping is no dma-buf and has no pages to \
+             pin), so the buffer is the Vulkan host-visible one"
         ),
     }
 }

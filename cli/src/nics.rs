@@ -1,15 +1,16 @@
 //! `peermem topo`'s NIC affinity: for each shown endpoint with a memory BAR, the RDMA devices
-//! ranked for that BAR by `peermem_rdma::nearest_nic` (direct bus address first, then the same
-//! host bridge, NUMA node, bandwidth), with the reason for the best one.
+//! ranked for that BAR by `peermem::nic::nearest_nic` (direct first: below a common switch and
+//! registered without a bounce; then the same host bridge, NUMA node, bandwidth), with the
+//! reason for the best one.
 //!
-//! Owns: the affinity rows and their text/JSON. Must not: rank NICs itself (the rdma backend
-//! does, from the registry's routes) or open a device.
+//! Owns: the affinity rows and their text/JSON. Must not: rank NICs itself (core does, from the
+//! registry's routes and how a NIC registers the region) or open a device.
 
 use std::sync::Arc;
 
+use peermem::nic::{devices, nearest_nic, NicPlace, NicRank};
 use peermem::pci::topology::BarKind;
 use peermem::{BarRegion, Bdf, DevIdx, Registry, Topology};
-use peermem_rdma::{nearest_nic, NicPlace, NicRank};
 use serde_json::{json, Value};
 
 use crate::out::Out;
@@ -37,7 +38,7 @@ fn main_bar(t: &Topology, i: DevIdx) -> Option<(u8, u64)> {
 /// Rankings for `eps` (endpoints that are RDMA NICs themselves are left out). Empty when the
 /// root has no RDMA device; `Err` when its RDMA devices cannot be read.
 pub fn affinity(t: &Arc<Topology>, names: &Names, eps: &[DevIdx]) -> Result<Vec<Affinity>, String> {
-    let nics = peermem_rdma::devices(t.root()).map_err(|e| e.to_string())?;
+    let nics = devices(t.root()).map_err(|e| e.to_string())?;
     if nics.is_empty() {
         return Ok(Vec::new());
     }
@@ -66,6 +67,7 @@ fn nic_json(r: &NicRank) -> Value {
         "virtual": matches!(r.device.place, NicPlace::Virtual { .. }),
         "tier": r.tier.as_str(),
         "route": r.route,
+        "registration": r.registration.name(),
         "map_type": r.map_type,
         "path": r.path,
         "distance": r.distance,
@@ -105,11 +107,16 @@ pub fn print_affinity(rows: &Result<Vec<Affinity>, String>, o: &mut Out) {
         match &a.ranks {
             Err(e) => o.line(&format!("  {:<7} BAR{}: {e}", a.label, a.bar)),
             Ok(r) => {
-                let list: Vec<String> =
-                    r.iter().map(|n| format!("{} ({}, route {})", n.device.name, n.tier.as_str(), n.route)).collect();
+                let list: Vec<String> = r
+                    .iter()
+                    .map(|n| {
+                        format!("{} ({}, route {}, {})", n.device.name, n.tier.as_str(), n.route, n.registration.name())
+                    })
+                    .collect();
                 o.line(&format!("  {:<7} BAR{}: {}", a.label, a.bar, list.join(", ")));
-                if let Some(why) = r.first().and_then(|n| n.reasons.first()) {
-                    o.line(&format!("  {:<7}   why: {why}", ""));
+                // The tier's reason, then how the NIC registers the region.
+                for (what, line) in ["why", "how"].iter().zip(r.first().map(|n| &n.reasons[..]).unwrap_or_default()) {
+                    o.line(&format!("  {:<7}   {what}: {line}", ""));
                 }
             }
         }

@@ -189,24 +189,30 @@ fn switch_with_nics() -> tempfile::TempDir {
 }
 
 #[test]
-fn topo_ranks_rdma_nics_per_endpoint_bus_addr_first() {
+fn topo_ranks_nics_by_what_registration_does_so_a_raw_bar_is_never_direct() {
     let t = switch_with_nics();
     let v = json_ok(t.path(), &["topo", "--json"]);
     let rows = v["nic_affinity"].as_array().expect("nic_affinity");
     let nvme = rows.iter().find(|r| r["bdf"] == "0000:03:00.0").expect("the NVMe below the switch");
     let nics = nvme["nics"].as_array().unwrap();
+    // Below the same switch (route bus_addr), but a NIC cannot register a raw BAR: it bounces.
     assert_eq!(nics[0]["name"], "mlx5_0");
-    assert_eq!(nics[0]["tier"], "direct");
+    assert_eq!(nics[0]["tier"], "host_bridge");
     assert_eq!(nics[0]["route"], "bus_addr");
+    assert_eq!(nics[0]["registration"], "bounce");
+    let why = nics[0]["reasons"].to_string();
+    assert!(why.contains("registration bounces"), "{why}");
     assert_eq!(nics[1]["name"], "rxe0");
     assert_eq!(nics[1]["tier"], "software");
     assert!(rows.iter().all(|r| r["bdf"] != "0000:04:00.0"), "the NIC itself is not ranked for");
+    assert!(rows.iter().flat_map(|r| r["nics"].as_array().unwrap()).all(|n| n["tier"] != "direct"));
     let far = rows.iter().find(|r| r["bdf"] == "0000:81:00.0").unwrap();
     assert_eq!(far["nics"][0]["tier"], "far");
     let o = peermem(t.path(), &["topo"]);
     let text = String::from_utf8(o.stdout).unwrap();
     assert!(text.contains("NIC affinity"), "{text}");
-    assert!(text.contains("mlx5_0 (direct, route bus_addr)"), "{text}");
+    assert!(text.contains("mlx5_0 (host_bridge, route bus_addr, bounce)"), "{text}");
+    assert!(text.contains("how: registration bounces"), "{text}");
 }
 
 #[test]

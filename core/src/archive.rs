@@ -4,12 +4,16 @@
 //!
 //! Owns: the format checks (compression by magic bytes, a single top directory), the safety
 //! checks made on every member BEFORE anything is written (no absolute paths, no `..`, no member
-//! below a symlink member, only files, directories and symlinks), and the size caps. Must not:
-//! interpret the sysroot (the topology reader does, confined to the root).
+//! below a symlink member, only files, directories and symlinks), and the size caps. An archive
+//! is judged by its headers as it streams: the decompressed tar is never held in memory, a
+//! member is refused from its header before its data is read, and what is read at all is bounded
+//! by the caps. So the archive is read twice: once to check every member, once to write them.
+//! Must not: interpret the sysroot (the topology reader does, confined to the root).
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Seek, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 
 /// The most bytes an archive may unpack to.
@@ -18,6 +22,12 @@ pub const MAX_UNPACKED: u64 = 512 << 20;
 pub const MAX_MEMBERS: usize = 200_000;
 /// The largest member file.
 pub const MAX_MEMBER: u64 = 64 << 20;
+/// The largest extension header (a GNU long name or link, a pax header): names are at most a few
+/// KiB (`PATH_MAX` is 4096).
+pub const MAX_EXTENSION: u64 = 64 << 10;
+/// The most memory the xz decoder may take, in KiB: its dictionary, which the stream's header
+/// declares (`xz -9` needs 64 MiB); a stream that declares more is refused before it is decoded.
+pub const MAX_XZ_MEMORY_KIB: u32 = 96 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -29,6 +39,9 @@ pub enum ArchiveError {
     Format { archive: PathBuf, why: String },
     #[error("{archive}: unpacks to more than {limit} {what}: refusing it")]
     TooLarge { archive: PathBuf, limit: u64, what: &'static str },
+    /// The xz stream declares a dictionary larger than [`MAX_XZ_MEMORY_KIB`] allows.
+    #[error("{archive}: the xz stream needs more than {limit_kib} KiB of decoder memory: refusing it")]
+    XzMemory { archive: PathBuf, limit_kib: u32 },
 }
 
 /// Compression of an archive, from its first bytes (or, when writing, its file name).
@@ -53,6 +66,15 @@ impl Compression {
         }
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Gzip => "gzip",
+            Compression::Bzip2 => "bzip2",
+            Compression::Xz => "xz",
+        }
+    }
+
     /// From a file name: `.tar`, `.tar.gz`/`.tgz`, `.tar.bz2`/`.tbz2`, `.tar.xz`/`.txz`.
     pub fn from_name(name: &Path) -> Option<(Compression, String)> {
         let n = name.file_name()?.to_str()?;
@@ -73,98 +95,35 @@ impl Compression {
     }
 }
 
-/// A writer that fails once more than `limit` bytes were written.
-struct Capped<'a> {
-    out: &'a mut Vec<u8>,
-    limit: u64,
-}
-
-impl Write for Capped<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.out.len() as u64 + buf.len() as u64 > self.limit {
-            return Err(io::Error::other("size cap reached"));
-        }
-        self.out.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Reads and decompresses `archive` into memory, capped at [`MAX_UNPACKED`] plus tar overhead.
-fn decompress(archive: &Path) -> Result<Vec<u8>, ArchiveError> {
-    let io = |source| ArchiveError::Io { path: archive.to_path_buf(), source };
-    let f = fs::File::open(archive).map_err(io)?;
-    let m = f.metadata().map_err(io)?;
-    if !m.is_file() {
-        return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: "not a regular file".into() });
-    }
-    decompress_from(archive, io::BufReader::new(f))
-}
-
-/// Decompresses the archive read from `r` (`archive` names it in errors), capped like
-/// [`decompress`].
-pub(crate) fn decompress_from(archive: &Path, mut r: impl io::BufRead) -> Result<Vec<u8>, ArchiveError> {
-    let io = |source| ArchiveError::Io { path: archive.to_path_buf(), source };
-    let head = r.fill_buf().map_err(io)?.to_vec();
-    let limit = MAX_UNPACKED + MAX_UNPACKED / 8;
-    let mut out = Vec::new();
-    let too_large = || ArchiveError::TooLarge { archive: archive.to_path_buf(), limit: MAX_UNPACKED, what: "bytes" };
-    let bad =
-        |what: &str, e: io::Error| ArchiveError::Format { archive: archive.to_path_buf(), why: format!("{what}: {e}") };
-    match Compression::sniff(&head) {
-        Compression::None => {
-            r.take(limit + 1).read_to_end(&mut out).map_err(io)?;
-        }
-        Compression::Gzip => {
-            flate2::bufread::MultiGzDecoder::new(r)
-                .take(limit + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| bad("gzip", e))?;
-        }
-        Compression::Bzip2 => {
-            bzip2::bufread::MultiBzDecoder::new(r)
-                .take(limit + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| bad("bzip2", e))?;
-        }
-        Compression::Xz => {
-            let mut w = Capped { out: &mut out, limit };
-            // lzma-rs 0.3 overflows an u32 on a footer whose backward size is 0xffffffff (a
-            // panic where overflow checks are on, found by the archive fuzz target): a panic of
-            // the decoder is a malformed archive, not the end of the process.
-            let decoded =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lzma_rs::xz_decompress(&mut r, &mut w)))
-                    .map_err(|_| ArchiveError::Format {
-                        archive: archive.to_path_buf(),
-                        why: "xz: malformed stream (the decoder gave up)".into(),
-                    })?;
-            match decoded {
-                Ok(()) => {}
-                Err(lzma_rs::error::Error::IoError(e)) if e.to_string().contains("size cap") => return Err(too_large()),
-                Err(e) => return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: format!("xz: {e}") }),
-            }
-        }
-    }
-    if out.len() as u64 > limit {
-        return Err(too_large());
-    }
-    // Every tar header (ustar, GNU, pax) carries "ustar" at offset 257.
-    if out.get(257..262) != Some(b"ustar".as_slice()) {
-        return Err(ArchiveError::Format {
-            archive: archive.to_path_buf(),
-            why: "not a capture archive (a .tar, optionally gzip, bzip2 or xz compressed) nor a directory".into(),
-        });
-    }
-    Ok(out)
+/// The decompressed stream of `r` (compression sniffed from its first bytes). Decoding happens
+/// as the stream is read; an xz stream that declares more than [`MAX_XZ_MEMORY_KIB`] of
+/// dictionary fails on its first read.
+fn decoder<'r>(archive: &Path, mut r: impl BufRead + 'r) -> Result<(Compression, Box<dyn Read + 'r>), ArchiveError> {
+    let head = r.fill_buf().map_err(|source| ArchiveError::Io { path: archive.to_path_buf(), source })?;
+    let c = Compression::sniff(head);
+    let d: Box<dyn Read> = match c {
+        Compression::None => Box::new(r),
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
+        Compression::Xz => Box::new(lzma_rust2::XzReader::new_mem_limit(r, true, MAX_XZ_MEMORY_KIB)),
+    };
+    Ok((c, d))
 }
 
 /// One member, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Member {
     Dir(PathBuf),
     File(PathBuf, u64),
     Link(PathBuf, PathBuf),
+}
+
+impl Member {
+    fn path(&self) -> &Path {
+        match self {
+            Member::Dir(p) | Member::File(p, _) | Member::Link(p, _) => p,
+        }
+    }
 }
 
 /// A member name without `.`; `..` and absolute names are refused.
@@ -181,157 +140,325 @@ fn clean_member(raw: &Path) -> Result<PathBuf, &'static str> {
     Ok(clean)
 }
 
-/// Checks every member of the tar in `bytes`; returns them and the single top directory.
-pub(crate) fn check_members(archive: &Path, bytes: &[u8]) -> Result<(Vec<Member>, String), ArchiveError> {
-    let unsafe_ = |member: &Path, why| ArchiveError::Unsafe {
-        archive: archive.to_path_buf(),
-        member: member.display().to_string(),
-        why,
-    };
-    let fmt = |why: String| ArchiveError::Format { archive: archive.to_path_buf(), why };
-    let mut ar = tar::Archive::new(bytes);
-    let mut members = Vec::new();
-    let mut links: HashSet<PathBuf> = HashSet::new();
-    let mut top: Option<String> = None;
-    let mut total = 0u64;
-    for e in ar.entries().map_err(|e| fmt(format!("not a tar archive: {e}")))? {
-        let e = e.map_err(|e| fmt(format!("bad tar member: {e}")))?;
-        let raw = e.path().map_err(|e| fmt(format!("bad member name: {e}")))?.into_owned();
-        let clean = clean_member(&raw).map_err(|why| unsafe_(&raw, why))?;
+/// What extension headers (GNU long name or link, pax) said about the member that follows them.
+#[derive(Debug, Default)]
+struct Extension {
+    name: Option<Vec<u8>>,
+    link: Option<Vec<u8>>,
+    size: Option<u64>,
+}
+
+/// The checks made on each member from its header, in archive order, and what they keep: the
+/// symlink members, the top directory, the running totals.
+struct Checker<'a> {
+    archive: &'a Path,
+    links: HashSet<PathBuf>,
+    /// The one top directory (a name kept as bytes: it need not be UTF-8).
+    top: Option<PathBuf>,
+    total: u64,
+    members: usize,
+    pending: Extension,
+}
+
+impl<'a> Checker<'a> {
+    fn new(archive: &'a Path) -> Checker<'a> {
+        Checker { archive, links: HashSet::new(), top: None, total: 0, members: 0, pending: Extension::default() }
+    }
+
+    fn format(&self, why: String) -> ArchiveError {
+        ArchiveError::Format { archive: self.archive.to_path_buf(), why }
+    }
+
+    fn too_large(&self, limit: u64, what: &'static str) -> ArchiveError {
+        ArchiveError::TooLarge { archive: self.archive.to_path_buf(), limit, what }
+    }
+
+    fn unsafe_(&self, member: &Path, why: &'static str) -> ArchiveError {
+        ArchiveError::Unsafe { archive: self.archive.to_path_buf(), member: member.display().to_string(), why }
+    }
+
+    /// Checks one raw entry from its header, before its data is read. An extension header is
+    /// read (within [`MAX_EXTENSION`]) and kept for the member it describes; it, and a member
+    /// whose name is empty (`./`), give `None`.
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<Option<Member>, ArchiveError> {
+        let h = e.header();
+        let ty = h.entry_type();
+        let size = h.entry_size().map_err(|e| self.format(format!("bad size: {e}")))?;
+        if ty.is_gnu_longname() || ty.is_gnu_longlink() || ty.is_pax_local_extensions() {
+            self.extension(ty, size, e)?;
+            return Ok(None);
+        }
+        let ext = std::mem::take(&mut self.pending);
+        let raw = PathBuf::from(std::ffi::OsString::from_vec(ext.name.unwrap_or_else(|| h.path_bytes().into_owned())));
+        if ext.size.is_some_and(|s| s != size) {
+            return Err(self.unsafe_(&raw, "its pax size disagrees with its header's"));
+        }
+        self.members += 1;
+        if self.members > MAX_MEMBERS {
+            return Err(self.too_large(MAX_MEMBERS as u64, "members"));
+        }
+        if size > MAX_MEMBER {
+            return Err(self.too_large(MAX_MEMBER, "bytes in one member"));
+        }
+        self.total += size;
+        if self.total > MAX_UNPACKED {
+            return Err(self.too_large(MAX_UNPACKED, "bytes"));
+        }
+        let clean = clean_member(&raw).map_err(|why| self.unsafe_(&raw, why))?;
         if clean.as_os_str().is_empty() {
-            continue;
+            return Ok(None);
         }
-        if clean.ancestors().skip(1).any(|a| links.contains(a)) {
-            return Err(unsafe_(&raw, "lies below a symlink member"));
+        if clean.ancestors().skip(1).any(|a| self.links.contains(a)) {
+            return Err(self.unsafe_(&raw, "lies below a symlink member"));
         }
-        let first = clean.components().next().map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
-        match &top {
-            None => top = Some(first),
+        self.check_top(&clean)?;
+        Ok(Some(if ty.is_dir() {
+            Member::Dir(clean)
+        } else if ty.is_file() {
+            Member::File(clean, size)
+        } else if ty.is_symlink() {
+            let target = ext.link.or_else(|| h.link_name_bytes().map(|l| l.into_owned()));
+            let target =
+                target.filter(|t| !t.is_empty()).ok_or_else(|| self.unsafe_(&raw, "symlink without a target"))?;
+            self.links.insert(clean.clone());
+            Member::Link(clean, PathBuf::from(std::ffi::OsString::from_vec(target)))
+        } else {
+            return Err(
+                self.unsafe_(&raw, "not a file, directory or symlink (hard links, devices and FIFOs are refused)")
+            );
+        }))
+    }
+
+    /// Every member lies below one top directory.
+    fn check_top(&mut self, clean: &Path) -> Result<(), ArchiveError> {
+        let first = clean.components().next().map(|c| PathBuf::from(c.as_os_str())).unwrap_or_default();
+        match &self.top {
+            None => self.top = Some(first),
             Some(t) if *t != first => {
-                return Err(fmt(format!(
+                return Err(self.format(format!(
                     "more than one top directory ({t:?} and {first:?}): a capture archive holds one sysroot directory"
                 )))
             }
             _ => {}
         }
-        if members.len() >= MAX_MEMBERS {
-            return Err(ArchiveError::TooLarge {
-                archive: archive.to_path_buf(),
-                limit: MAX_MEMBERS as u64,
-                what: "members",
-            });
+        Ok(())
+    }
+
+    /// Reads an extension header of `size` bytes and keeps what it says for the next member.
+    fn extension(&mut self, ty: tar::EntryType, size: u64, data: &mut impl Read) -> Result<(), ArchiveError> {
+        if size > MAX_EXTENSION {
+            return Err(self.too_large(MAX_EXTENSION, "bytes in one extension header"));
         }
-        let ty = e.header().entry_type();
-        members.push(if ty.is_dir() {
-            Member::Dir(clean)
-        } else if ty.is_file() {
-            let size = e.header().size().map_err(|e| fmt(format!("bad size: {e}")))?;
-            if size > MAX_MEMBER {
-                return Err(ArchiveError::TooLarge {
-                    archive: archive.to_path_buf(),
-                    limit: MAX_MEMBER,
-                    what: "bytes in one member",
-                });
+        let mut bytes = Vec::with_capacity(size as usize);
+        data.take(size).read_to_end(&mut bytes).map_err(|e| self.format(format!("extension header: {e}")))?;
+        let twice = |this: &Self| this.format("two extension headers of one kind for one member".into());
+        if ty.is_pax_local_extensions() {
+            for ext in tar::PaxExtensions::new(&bytes) {
+                let ext = ext.map_err(|e| self.format(format!("bad pax header: {e}")))?;
+                let slot = match ext.key_bytes() {
+                    b"path" => &mut self.pending.name,
+                    b"linkpath" => &mut self.pending.link,
+                    b"size" => {
+                        let s = ext.value().ok().and_then(|v| v.parse().ok());
+                        self.pending.size = Some(s.ok_or_else(|| self.format("bad pax size".into()))?);
+                        continue;
+                    }
+                    _ => continue,
+                };
+                if slot.replace(ext.value_bytes().to_vec()).is_some() {
+                    return Err(twice(self));
+                }
             }
-            total += size;
-            if total > MAX_UNPACKED {
-                return Err(ArchiveError::TooLarge {
-                    archive: archive.to_path_buf(),
-                    limit: MAX_UNPACKED,
-                    what: "bytes",
-                });
-            }
-            Member::File(clean, size)
-        } else if ty.is_symlink() {
-            let target =
-                e.link_name().ok().flatten().ok_or_else(|| unsafe_(&raw, "symlink without a target"))?.into_owned();
-            links.insert(clean.clone());
-            Member::Link(clean, target)
-        } else {
-            return Err(unsafe_(&raw, "not a file, directory or symlink (hard links, devices and FIFOs are refused)"));
+            return Ok(());
+        }
+        // GNU long names end in NULs.
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        bytes.truncate(end);
+        let slot = if ty.is_gnu_longname() { &mut self.pending.name } else { &mut self.pending.link };
+        if slot.replace(bytes).is_some() {
+            return Err(twice(self));
+        }
+        Ok(())
+    }
+
+    /// The checks that need every member: one top directory that is a directory.
+    fn finish(self, members: &[Member]) -> Result<PathBuf, ArchiveError> {
+        if self.pending.name.is_some() || self.pending.link.is_some() || self.pending.size.is_some() {
+            return Err(self.format("an extension header describes no member".into()));
+        }
+        let top = self.top.clone().ok_or_else(|| self.format("empty archive".into()))?;
+        if members
+            .iter()
+            .any(|m| matches!(m, Member::File(..) | Member::Link(..)) && m.path().components().count() == 1)
+        {
+            return Err(self.format(format!("top-level member {top:?} is not a directory")));
+        }
+        Ok(top)
+    }
+}
+
+/// Walks the tar stream of `input` (compressed or not), checking every member from its header
+/// before its data is read, and hands each checked member with its data to `each` (data `each`
+/// leaves unread is skipped). Returns the members, in order.
+fn walk(
+    archive: &Path,
+    input: impl BufRead,
+    mut each: impl FnMut(usize, &Member, &mut dyn Read) -> Result<(), ArchiveError>,
+) -> Result<(Vec<Member>, PathBuf), ArchiveError> {
+    let (comp, stream) = decoder(archive, input)?;
+    let bad = |e: io::Error| match (comp, e.kind()) {
+        (Compression::Xz, io::ErrorKind::OutOfMemory) => {
+            ArchiveError::XzMemory { archive: archive.to_path_buf(), limit_kib: MAX_XZ_MEMORY_KIB }
+        }
+        _ => ArchiveError::Format { archive: archive.to_path_buf(), why: format!("{}: {e}", comp.name()) },
+    };
+    // Every tar header (ustar, GNU, pax) carries "ustar" at offset 257: anything else is not a
+    // capture archive, said before the tar reader reports a checksum.
+    let mut first = Vec::with_capacity(512);
+    let mut stream = stream;
+    (&mut stream).take(512).read_to_end(&mut first).map_err(bad)?;
+    if first.get(257..262) != Some(b"ustar".as_slice()) {
+        return Err(ArchiveError::Format {
+            archive: archive.to_path_buf(),
+            why: "not a capture archive (a .tar, optionally gzip, bzip2 or xz compressed) nor a directory".into(),
         });
     }
-    let top = top.ok_or_else(|| fmt("empty archive".into()))?;
-    if members.iter().any(|m| matches!(m, Member::File(p, _) | Member::Link(p, _) if p.components().count() == 1)) {
-        return Err(fmt(format!("top-level member {top:?} is not a directory")));
+    let mut ar = tar::Archive::new(io::Cursor::new(first).chain(stream));
+    let mut check = Checker::new(archive);
+    let mut members = Vec::new();
+    // Raw entries: extension headers come to the checker, which caps them, instead of being read
+    // whole by the tar reader.
+    for e in ar.entries().map_err(bad)?.raw(true) {
+        let mut e = e.map_err(|e| check.format(format!("bad tar member: {e}")))?;
+        if let Some(m) = check.entry(&mut e)? {
+            each(members.len(), &m, &mut e)?;
+            members.push(m);
+        }
     }
+    let top = check.finish(&members)?;
     Ok((members, top))
+}
+
+/// Checks every member of the archive read from `input` (`archive` names it in errors) without
+/// writing anything; returns them and the single top directory.
+pub(crate) fn check_members(archive: &Path, input: impl BufRead) -> Result<(Vec<Member>, PathBuf), ArchiveError> {
+    walk(archive, input, |_, _, _| Ok(()))
 }
 
 /// Unpacks the capture archive `archive` into the existing empty directory `into` and returns
 /// the sysroot directory (its single top directory). Every member is checked before anything
 /// is written.
 pub fn unpack(archive: &Path, into: &Path) -> Result<PathBuf, ArchiveError> {
-    let bytes = decompress(archive)?;
-    let (members, top) = check_members(archive, &bytes)?;
-    let wio = |p: &Path, source| ArchiveError::Io { path: p.to_path_buf(), source };
-    let mut ar = tar::Archive::new(&bytes[..]);
-    let mut entries = ar.entries().map_err(|e| wio(archive, e))?;
-    for m in &members {
-        // The second pass sees the same members in the same order; skip the empty names.
-        let mut e = loop {
-            let e = entries
-                .next()
-                .ok_or_else(|| wio(archive, io::ErrorKind::UnexpectedEof.into()))?
-                .map_err(|e| wio(archive, e))?;
-            if e.path().map(|p| p.components().any(|c| matches!(c, Component::Normal(_)))).unwrap_or(false) {
-                break e;
-            }
-        };
-        match m {
-            Member::Dir(p) => fs::create_dir_all(into.join(p)).map_err(|e| wio(p, e))?,
-            Member::File(p, size) => {
-                let to = into.join(p);
-                if let Some(d) = to.parent() {
-                    fs::create_dir_all(d).map_err(|e| wio(p, e))?;
-                }
-                let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&to).map_err(|e| wio(p, e))?;
-                let n = io::copy(&mut (&mut e).take(*size), &mut f).map_err(|e| wio(p, e))?;
-                if n != *size {
-                    return Err(wio(p, io::ErrorKind::UnexpectedEof.into()));
-                }
-            }
-            Member::Link(p, target) => {
-                let to = into.join(p);
-                if let Some(d) = to.parent() {
-                    fs::create_dir_all(d).map_err(|e| wio(p, e))?;
-                }
-                std::os::unix::fs::symlink(target, &to).map_err(|e| wio(p, e))?;
-            }
+    let io = |source| ArchiveError::Io { path: archive.to_path_buf(), source };
+    let mut f = fs::File::open(archive).map_err(io)?;
+    if !f.metadata().map_err(io)?.is_file() {
+        return Err(ArchiveError::Format { archive: archive.to_path_buf(), why: "not a regular file".into() });
+    }
+    let (checked, top) = check_members(archive, io::BufReader::new(&f))?;
+    f.rewind().map_err(io)?;
+    // The second pass reads the same open file: each member must be the one checked.
+    let (written, _) = walk(archive, io::BufReader::new(&f), |i, m, data| {
+        if checked.get(i) != Some(m) {
+            return Err(ArchiveError::Format {
+                archive: archive.to_path_buf(),
+                why: format!("member {} changed while the archive was unpacked", m.path().display()),
+            });
         }
+        write_member(into, m, data)
+    })?;
+    if written.len() != checked.len() {
+        return Err(ArchiveError::Format {
+            archive: archive.to_path_buf(),
+            why: "the archive changed while it was unpacked".into(),
+        });
     }
     Ok(into.join(top))
 }
 
+/// Writes one checked member below `into`.
+fn write_member(into: &Path, m: &Member, data: &mut dyn Read) -> Result<(), ArchiveError> {
+    let wio = |p: &Path, source| ArchiveError::Io { path: p.to_path_buf(), source };
+    let to = into.join(m.path());
+    if let (Some(d), false) = (to.parent(), matches!(m, Member::Dir(_))) {
+        fs::create_dir_all(d).map_err(|e| wio(m.path(), e))?;
+    }
+    match m {
+        Member::Dir(p) => fs::create_dir_all(&to).map_err(|e| wio(p, e)),
+        Member::File(p, size) => {
+            let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&to).map_err(|e| wio(p, e))?;
+            let n = io::copy(&mut data.take(*size), &mut f).map_err(|e| wio(p, e))?;
+            if n != *size {
+                return Err(wio(p, io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(())
+        }
+        Member::Link(p, target) => std::os::unix::fs::symlink(target, &to).map_err(|e| wio(p, e)),
+    }
+}
+
+/// The compressing writer of `pack`.
+enum Encoder<W: Write> {
+    None(W),
+    Gzip(flate2::write::GzEncoder<W>),
+    Bzip2(bzip2::write::BzEncoder<W>),
+    Xz(lzma_rust2::XzWriter<W>),
+}
+
+impl<W: Write> Encoder<W> {
+    fn new(c: Compression, w: W) -> io::Result<Encoder<W>> {
+        Ok(match c {
+            Compression::None => Encoder::None(w),
+            Compression::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(w, flate2::Compression::default())),
+            Compression::Bzip2 => Encoder::Bzip2(bzip2::write::BzEncoder::new(w, bzip2::Compression::default())),
+            Compression::Xz => Encoder::Xz(lzma_rust2::XzWriter::new(w, lzma_rust2::XzOptions::with_preset(6))?),
+        })
+    }
+
+    /// Ends the compressed stream and gives the writer back.
+    fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::None(w) => Ok(w),
+            Encoder::Gzip(z) => z.finish(),
+            Encoder::Bzip2(z) => z.finish(),
+            Encoder::Xz(z) => z.finish(),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::None(w) => w.write(buf),
+            Encoder::Gzip(z) => z.write(buf),
+            Encoder::Bzip2(z) => z.write(buf),
+            Encoder::Xz(z) => z.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::None(w) => w.flush(),
+            Encoder::Gzip(z) => z.flush(),
+            Encoder::Bzip2(z) => z.flush(),
+            Encoder::Xz(z) => z.flush(),
+        }
+    }
+}
+
 /// Writes the directory `dir` as the archive `file` (compression from its name), with `top` as
-/// the single top directory. Symlinks are stored as symlinks. Refuses to overwrite `file`.
+/// the single top directory, streaming into the compressor. Symlinks are stored as symlinks.
+/// Refuses to overwrite `file`.
 pub fn pack(dir: &Path, file: &Path) -> Result<(), ArchiveError> {
     let (comp, top) = Compression::from_name(file).ok_or_else(|| ArchiveError::Format {
         archive: file.to_path_buf(),
         why: "name must end in .tar, .tar.gz, .tgz, .tar.bz2, .tbz2, .tar.xz or .txz".into(),
     })?;
     let wio = |source| ArchiveError::Io { path: file.to_path_buf(), source };
-    let mut b = tar::Builder::new(Vec::new());
+    let out = fs::OpenOptions::new().write(true).create_new(true).open(file).map_err(wio)?;
+    let mut b = tar::Builder::new(Encoder::new(comp, io::BufWriter::new(out)).map_err(wio)?);
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Deterministic);
     b.append_dir_all(&top, dir).map_err(wio)?;
-    let tar = b.into_inner().map_err(wio)?;
-    let out = fs::OpenOptions::new().write(true).create_new(true).open(file).map_err(wio)?;
-    let mut out = io::BufWriter::new(out);
-    match comp {
-        Compression::None => out.write_all(&tar).map_err(wio)?,
-        Compression::Gzip => {
-            let mut z = flate2::write::GzEncoder::new(&mut out, flate2::Compression::default());
-            z.write_all(&tar).map_err(wio)?;
-            z.finish().map_err(wio)?;
-        }
-        Compression::Bzip2 => {
-            let mut z = bzip2::write::BzEncoder::new(&mut out, bzip2::Compression::default());
-            z.write_all(&tar).map_err(wio)?;
-            z.finish().map_err(wio)?;
-        }
-        Compression::Xz => lzma_rs::xz_compress(&mut &tar[..], &mut out).map_err(wio)?,
-    }
+    let mut out = b.into_inner().map_err(wio)?.finish().map_err(wio)?;
     out.flush().map_err(wio)
 }
 
@@ -417,6 +544,31 @@ mod tests {
     }
 
     #[test]
+    fn a_top_directory_whose_name_is_not_utf8_is_the_one_returned() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, ty, data) in
+            [(&b"c\xffp/"[..], tar::EntryType::Directory, &b""[..]), (b"c\xffp/vendor", tar::EntryType::Regular, b"x")]
+        {
+            let mut h = tar::Header::new_gnu();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name);
+            h.set_entry_type(ty);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("c.tar");
+        fs::write(&a, b.into_inner().unwrap()).unwrap();
+        let out = d.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let root = unpack(&a, &out).unwrap();
+        assert_eq!(root, out.join(std::ffi::OsStr::from_bytes(b"c\xffp")));
+        assert_eq!(fs::read(root.join("vendor")).unwrap(), b"x");
+    }
+
+    #[test]
     fn garbage_is_a_format_error() {
         let d = tempfile::tempdir().unwrap();
         let a = d.path().join("x.tar.gz");
@@ -425,6 +577,153 @@ mod tests {
         assert!(e.contains("x.tar.gz") && e.contains("gzip"), "{e}");
         fs::write(&a, b"hello").unwrap();
         assert!(unpack(&a, d.path()).is_err());
+    }
+
+    /// A compressed stream of `zeros` zero bytes, made of one stream of `chunk` zeros repeated:
+    /// gzip, bzip2 and xz readers decode concatenated streams as one, so a bomb of GiBs is
+    /// built from one small compression.
+    fn zeros(c: Compression, zeros: u64, chunk: usize) -> Vec<u8> {
+        let one = compress(c, &vec![0u8; chunk]);
+        assert_eq!(zeros % chunk as u64, 0);
+        one.repeat((zeros / chunk as u64) as usize)
+    }
+
+    fn compress(c: Compression, data: &[u8]) -> Vec<u8> {
+        let mut e = Encoder::new(c, Vec::new()).unwrap();
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    /// A capture archive `cap/` whose member `cap/zeros` (of type `ty`) declares and holds
+    /// 2 GiB of zeros, compressed with `c`, in `dir`.
+    fn bomb(dir: &Path, c: Compression, ty: tar::EntryType) -> PathBuf {
+        const SIZE: u64 = 2 << 30;
+        let mut head = Vec::new();
+        for (name, ty, size) in [("cap/", tar::EntryType::Directory, 0), ("cap/zeros", ty, SIZE)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(name).unwrap();
+            h.set_entry_type(ty);
+            h.set_size(size);
+            h.set_mode(0o644);
+            h.set_cksum();
+            head.extend_from_slice(h.as_bytes());
+        }
+        let mut bytes = compress(c, &head);
+        bytes.extend(zeros(c, SIZE, 1 << 20));
+        // The end-of-archive blocks.
+        bytes.extend(compress(c, &[0u8; 1024]));
+        let name = match c {
+            Compression::Gzip => "bomb.tar.gz",
+            Compression::Bzip2 => "bomb.tar.bz2",
+            Compression::Xz => "bomb.tar.xz",
+            Compression::None => "bomb.tar",
+        };
+        let p = dir.join(name);
+        fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// Counts the bytes read from the archive file.
+    struct Counting<R>(R, std::rc::Rc<std::cell::Cell<u64>>);
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.read(buf)?;
+            self.1.set(self.1.get() + n as u64);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_member_declaring_gibs_is_refused_from_its_header_before_its_data_is_decoded() {
+        let d = tempfile::tempdir().unwrap();
+        for c in [Compression::Gzip, Compression::Bzip2, Compression::Xz] {
+            let a = bomb(d.path(), c, tar::EntryType::Regular);
+            let out = d.path().join(format!("out-{}", c.name()));
+            fs::create_dir(&out).unwrap();
+            let e = unpack(&a, &out).unwrap_err();
+            assert!(matches!(e, ArchiveError::TooLarge { limit: MAX_MEMBER, .. }), "{}: {e}", c.name());
+            assert!(e.to_string().contains("bytes in one member"), "{e}");
+            assert_eq!(fs::read_dir(&out).unwrap().count(), 0, "{}: something was written", c.name());
+            // Judged by the header: only the start of the compressed file was read.
+            let read = std::rc::Rc::new(std::cell::Cell::new(0));
+            let f = Counting(fs::File::open(&a).unwrap(), read.clone());
+            assert!(check_members(&a, io::BufReader::with_capacity(1024, f)).is_err());
+            let len = fs::metadata(&a).unwrap().len();
+            assert!(read.get() < len / 8, "{}: read {} of {len} bytes", c.name(), read.get());
+        }
+    }
+
+    #[test]
+    fn an_extension_header_declaring_gibs_is_refused_before_it_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        for ty in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+            let a = bomb(d.path(), Compression::Xz, ty);
+            let e = unpack(&a, d.path()).unwrap_err();
+            assert!(matches!(e, ArchiveError::TooLarge { limit: MAX_EXTENSION, .. }), "{ty:?}: {e}");
+            fs::remove_file(a).unwrap();
+        }
+    }
+
+    /// CRC-32 (IEEE), as xz's headers carry it.
+    fn crc32(data: &[u8]) -> u32 {
+        !data
+            .iter()
+            .fold(!0u32, |c, &b| (0..8).fold(c ^ b as u32, |c, _| (c >> 1) ^ (0xedb8_8320 & (c & 1).wrapping_neg())))
+    }
+
+    #[test]
+    fn an_xz_stream_declaring_a_dictionary_past_the_cap_is_refused_before_decoding() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        fs::create_dir_all(src.join("sys")).unwrap();
+        let a = d.path().join("c.tar.xz");
+        pack(&src, &a).unwrap();
+        // The first block header follows the 12-byte stream header; its LZMA2 filter flags are
+        // the filter ID 0x21, one property byte, and the dictionary size code (40: 4 GiB).
+        let mut x = fs::read(&a).unwrap();
+        let size = (x[12] as usize + 1) * 4;
+        let h = &mut x[12..12 + size];
+        let at = h.windows(2).position(|w| w == [0x21, 0x01]).unwrap() + 2;
+        h[at] = 40;
+        let crc = crc32(&h[..size - 4]);
+        h[size - 4..].copy_from_slice(&crc.to_le_bytes());
+        fs::write(&a, x).unwrap();
+        let e = unpack(&a, d.path()).unwrap_err();
+        assert!(matches!(e, ArchiveError::XzMemory { limit_kib: MAX_XZ_MEMORY_KIB, .. }), "{e}");
+    }
+
+    #[test]
+    fn long_names_and_pax_paths_are_checked_like_any_name() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        let deep = src.join("a".repeat(120)).join("b".repeat(120));
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("vendor"), "0x1b36\n").unwrap();
+        let a = d.path().join("long.tar.gz");
+        pack(&src, &a).unwrap();
+        let out = d.path().join("out");
+        fs::create_dir(&out).unwrap();
+        let root = unpack(&a, &out).unwrap();
+        let rel = deep.strip_prefix(&src).unwrap();
+        assert_eq!(fs::read_to_string(root.join(rel).join("vendor")).unwrap(), "0x1b36\n");
+        // A GNU long name that climbs out is refused like a short one.
+        let long = format!("cap/{}/../../../evil\0", "x".repeat(200));
+        let bad = d.path().join("bad.tar");
+        use tar::EntryType as T;
+        fs::write(
+            &bad,
+            tar_with(&[
+                ("cap/", T::Directory, b"", None),
+                ("././@LongLink", T::GNULongName, long.as_bytes(), None),
+                ("cap/short", T::Regular, b"x", None),
+            ]),
+        )
+        .unwrap();
+        let out = d.path().join("out2");
+        fs::create_dir(&out).unwrap();
+        let e = unpack(&bad, &out).unwrap_err().to_string();
+        assert!(e.contains("'..'"), "{e}");
     }
 
     #[test]

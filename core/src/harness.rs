@@ -124,19 +124,18 @@ pub fn bdf(data: &[u8]) {
     }
 }
 
-/// Capture archives: decompression (capped) and the member checks made before anything is
+/// Capture archives: streaming decompression and the member checks made before anything is
 /// written. A member list that passes has one top directory and no name that leaves it.
 pub fn archive(data: &[u8]) {
     let name = Path::new("fuzz.tar");
-    let Ok(bytes) = crate::archive::decompress_from(name, data) else { return };
-    if let Ok((members, top)) = crate::archive::check_members(name, &bytes) {
-        assert!(!top.is_empty());
+    if let Ok((members, top)) = crate::archive::check_members(name, data) {
+        assert!(!top.as_os_str().is_empty());
         for m in members {
             let p = match &m {
                 crate::archive::Member::Dir(p) | crate::archive::Member::File(p, _) => p,
                 crate::archive::Member::Link(p, _) => p,
             };
-            assert!(p.starts_with(&top), "{} outside {top}", p.display());
+            assert!(p.starts_with(&top), "{} outside {}", p.display(), top.display());
             assert!(crate::sysroot::normalize(p).as_deref() == Some(p.as_path()), "{} is not normal", p.display());
         }
     }

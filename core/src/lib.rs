@@ -1,13 +1,17 @@
 //! peermem: one userspace translation layer for PCIe peer-to-peer memory.
 //!
 //! - [`addr`]: address spaces as types (`CpuPhys`, `BusAddr`, `Iova`, `VirtAddr`), converted here.
-//! - [`archive`]: capture archives (a sysroot in one `.tar[.gz|.bz2|.xz]` file).
+//! - `archive`: capture archives (a sysroot in one `.tar[.gz|.bz2|.xz]` file; cargo feature
+//!   `archive`, which the CLI and the Python package enable).
 //! - [`capture`]: copies the files peermem reads from a live root into a replayable sysroot.
-//! - `harness`: fuzz harnesses, one per parser (hidden; for `peermem-fuzz`).
+//! - `harness`: fuzz harnesses, one per parser (hidden; cargo feature `harness`, for
+//!   `peermem-fuzz`).
 //! - [`hotplug`]: surprise removal and return of PCI functions, from the kernel's uevents.
 //! - [`mem`]: CPU memory: shared mappings, mapped-byte spans, sealed memfds, pagemap lookups.
-//! - [`mover`]: the one move planner (direct or bounce, with reasons), route probe, bounce copies.
+//! - [`mover`]: the one move planner (direct or bounce, with reasons) and the route probe.
 //! - [`nccl`]: the topology as NCCL's topology XML.
+//! - [`nic`]: RDMA devices as the topology sees them, how a NIC registers a region, and which
+//!   NIC should move it (no verbs library needed: the rdma backend builds on it).
 //! - [`pci`]: the PCI topology of a sysroot (live `/` or a capture), BAR checks and mappings.
 //! - [`pciids`]: device names from `pci.ids`.
 //! - [`platform`]: kernel release, CPU, virtualization signals, device-tree PCI windows.
@@ -21,14 +25,17 @@
 //! - [`verdict`]: the kernel-exact P2P verdict for a (provider, client) pair, then explained.
 
 pub mod addr;
+#[cfg(feature = "archive")]
 pub mod archive;
 pub mod capture;
+#[cfg(feature = "harness")]
 #[doc(hidden)]
 pub mod harness;
 pub mod hotplug;
 pub mod mem;
 pub mod mover;
 pub mod nccl;
+pub mod nic;
 pub mod pci;
 pub mod pciids;
 pub mod platform;

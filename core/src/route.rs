@@ -61,11 +61,6 @@ impl RouteKind {
         }
     }
 
-    /// True when data moves without a copy through host memory.
-    pub fn is_direct(&self) -> bool {
-        !matches!(self, RouteKind::Bounce(_))
-    }
-
     /// The address a device programs, for the kinds that have one.
     pub fn dma_address(&self) -> Option<DmaAddr> {
         match *self {

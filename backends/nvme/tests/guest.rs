@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
+use peermem::mover::{reachable, Reach};
 use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, RouteKind};
 use peermem_nvme::cmb::open_bar0_sysfs;
 use peermem_nvme::regs::CmbState;
@@ -95,7 +96,9 @@ fn kernel_p2pdma_agrees_with_peermem_for_every_nvme_pair() {
             }
             match v.map_type {
                 MapType::BusAddr => assert!(matches!(route.kind, RouteKind::BusAddr(_)), "{p}->{c}: {:?}", route.kind),
-                MapType::NotSupported => assert!(!route.kind.is_direct()),
+                MapType::NotSupported => {
+                    assert!(matches!(route.kind, RouteKind::Bounce(_)), "{p}->{c}: {:?}", route.kind)
+                }
                 MapType::ThruHostBridge => {}
             }
         }
@@ -160,8 +163,16 @@ fn cmb_regions_resolve_through_the_registry() {
                     bus_pairs += 1;
                     assert_eq!(route.kind, RouteKind::BusAddr(bar.window().unwrap().bus().start()), "{p} -> {c}");
                 }
-                MapType::NotSupported => assert!(!route.kind.is_direct(), "{p} -> {c}: {:?}", route.kind),
-                MapType::ThruHostBridge => assert!(route.kind.is_direct()),
+                MapType::NotSupported => {
+                    assert!(matches!(route.kind, RouteKind::Bounce(_)), "{p} -> {c}: {:?}", route.kind)
+                }
+                MapType::ThruHostBridge => {
+                    assert!(
+                        matches!(route.kind, RouteKind::HostBridge(_) | RouteKind::Iommu(_)),
+                        "{p} -> {c}: {:?}",
+                        route.kind
+                    )
+                }
             }
         }
     }
@@ -244,13 +255,15 @@ fn vfio_driver_moves_data_only_through_registry_routes() {
         let before = ctrl.commands_issued();
         match ctrl.transfer(&reg, Dir::Read, &gpu, 0, SRC / bs, LEN) {
             Ok(()) => {
-                assert!(route.kind.is_direct(), "a {} route must not DMA", route.kind.name());
+                let direct = reachable(&route.kind, &gpu, Reach::DeviceAddress);
+                assert!(direct.is_ok(), "a {} route must not DMA: {direct:?}", route.kind.name());
                 if topology == "switch-gpu" {
                     assert!(matches!(route.kind, RouteKind::BusAddr(_)), "ivshmem under the switch: {:?}", route.kind);
                 }
             }
             Err(NvmeError::RouteRefused { kind, .. }) => {
-                assert!(!route.kind.is_direct() || kind == "iommu", "refused a direct route: {kind}");
+                let direct = reachable(&route.kind, &gpu, Reach::DeviceAddress).is_ok();
+                assert!(!direct || kind == "iommu", "refused a direct route: {kind}");
                 assert_eq!(ctrl.commands_issued(), before, "a refused route issued commands");
                 // Bounce: namespace -> host (VFIO) -> ivshmem BAR (CPU through sysfs resource2).
                 ctrl.transfer(&reg, Dir::Read, &host, 0, SRC / bs, LEN).unwrap();

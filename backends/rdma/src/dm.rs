@@ -7,9 +7,10 @@
 
 use std::sync::Arc;
 
+use peermem::nic::NicPlace;
 use peermem::{Backing, PeerMemory, Provider, Registry};
 
-use crate::device::{Nic, NicPlace};
+use crate::device::Nic;
 use crate::error::{Method, RdmaError};
 use crate::mr::Access;
 use crate::sys;

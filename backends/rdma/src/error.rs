@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io;
 
+use peermem::nic::NicError;
 use peermem::{RegionError, RegistryError, ResolveError};
 
 /// How a region was (or was to be) registered with a NIC.
@@ -140,8 +141,9 @@ pub enum RdmaError {
     PeerDisconnected { peer: String },
     #[error("out-of-band exchange with {peer}: {source}")]
     Exchange { peer: String, source: io::Error },
-    #[error("sysfs {path}: {source}")]
-    Sysfs { path: String, source: io::Error },
+    /// Where the NICs sit, read from sysfs (core's `peermem::nic`).
+    #[error(transparent)]
+    Nic(#[from] NicError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]

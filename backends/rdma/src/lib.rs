@@ -4,19 +4,21 @@
 //! Modules:
 //! - [`cm`]: rdma_cm connections: resolve, listen/accept with an offered buffer, reject.
 //! - [`conn`]: RC queue pairs, RDMA WRITE/READ/SEND-RECV, bounded completion waits.
-//! - [`device`]: RDMA devices as peers (PCI function from sysfs; rxe, siw virtual), [`Nic`].
+//! - [`device`]: an opened [`Nic`]. Where each RDMA device sits ([`devices`], [`NicPlace`]) and
+//!   the ranking of NICs for a region ([`nearest_nic`]) are sysfs and registry knowledge: they
+//!   live in core's `peermem::nic` (no verbs library needed) and are re-exported here.
 //! - [`dm`]: on-NIC device memory (`ibv_alloc_dm`) as a region.
 //! - [`error`]: the backend's errors ([`RdmaError`], [`WcError`], [`Refusal`], [`Method`]).
 //! - [`event`]: work completions ([`Wc`]) and device asynchronous events ([`AsyncEvent`]).
-//! - [`mr`]: registration by route ([`Nic::register`]), ended with the region's registration.
-//! - [`nearest`]: [`nearest_nic`] ranks the RDMA devices for a region by route, with reasons.
+//! - [`mr`]: registration by route ([`Nic::register`], as core's `peermem::nic::route_for` plans
+//!   it), ended with the region's registration.
 //! - `offer`: the private data an rdma_cm accept or refusal carries (private).
 //! - `sys`: raw verbs and rdma_cm (`rdma-mummy-sys`, dlopened), every `unsafe` (private).
 //! - [`udmabuf`]: a dma-buf over host pages (`/dev/udmabuf`) as a CPU-mapped region.
 //!
-//! [`Nic::register`] turns any `PeerMemory` into an MR the way the registry's route says
-//! (dma-buf MR, `ibv_reg_mr` on the CPU mapping, or a bounce buffer), falling back on typed
-//! refusals. [`nearest_nic`] weighs bus address, host bridge, NUMA node and bandwidth.
+//! [`Nic::register`] turns any `PeerMemory` into an MR the way core plans it (dma-buf MR,
+//! `ibv_reg_mr` on the CPU mapping, or a bounce buffer), falling back on typed refusals.
+//! [`nearest_nic`] ranks by what registration can do, then host bridge, NUMA node, bandwidth.
 //! Connections come from rdma_cm or a TCP exchange; a peer's disconnect and failed completions
 //! are typed errors.
 
@@ -27,7 +29,6 @@ pub mod dm;
 pub mod error;
 pub mod event;
 pub mod mr;
-pub mod nearest;
 mod offer;
 #[allow(unsafe_code)]
 mod sys;
@@ -35,10 +36,12 @@ pub mod udmabuf;
 
 pub use cm::CmListener;
 pub use conn::{ConnectOpts, Connection, Endpoint, Local};
-pub use device::{devices, Nic, NicPlace, RdmaDevice};
+pub use device::Nic;
 pub use dm::DeviceMemory;
 pub use error::{Method, RdmaError, Refusal, WcError};
 pub use event::{AsyncEvent, Wc};
 pub use mr::{Access, NicMr, RemoteBuf};
-pub use nearest::{nearest_nic, rank_nics, NicRank, Tier};
+pub use peermem::nic::{
+    device_at, devices, nearest_nic, rank_nics, NicPlace, NicRank, RdmaDevice, RegPlan, RegWay, Tier,
+};
 pub use udmabuf::UdmabufRegion;

@@ -1,6 +1,6 @@
 //! Registration by route: a `PeerMemory` region becomes a memory registration (MR) of one NIC
-//! in the way the registry's route for the pair (region, NIC) says, falling back to the next way
-//! when the device refuses.
+//! in the ways core's plan for the pair (region, NIC) gives (`peermem::nic::route_for`, the same
+//! plan the NIC ranking ranks by), falling back to the next way when the device refuses.
 //!
 //! | route                                   | tried, in order                          |
 //! |-----------------------------------------|------------------------------------------|
@@ -17,10 +17,10 @@
 
 use std::sync::Arc;
 
-use peermem::mover::{reachable, Reach};
-use peermem::{Backing, Entry, HostRegion, Iova, Peer, PeerMemory, Registration, Registry, ResolveError, RouteKind};
+use peermem::nic::{route_for, NicRoute, RegPlan, RegWay};
+use peermem::{Backing, HostRegion, Iova, PeerMemory, Registration, Registry, RouteKind};
 
-use crate::device::{Nic, NicPlace};
+use crate::device::Nic;
 use crate::error::{Method, RdmaError, Refusal};
 use crate::sys;
 
@@ -245,23 +245,19 @@ impl Drop for NicMr {
     }
 }
 
-/// The ways to try for a route, in order: what the mover's planner finds reachable for a NIC
-/// (its kernel driver imports a dma-buf, or pins the CPU pages), then always a bounce buffer.
-fn plan(kind: &RouteKind, entry: &Entry) -> Vec<Method> {
-    let mut m = Vec::new();
-    if reachable(kind, entry, Reach::DmaBufImport).is_ok() {
-        m.push(Method::DmaBuf);
-    }
-    if reachable(kind, entry, Reach::KernelPages).is_ok() {
-        m.push(Method::CpuMapping);
-    }
-    m.push(Method::Bounce);
-    m
+/// The ways to try, in order: what core's plan says the NIC's kernel driver can take directly
+/// (it imports a dma-buf, or pins the CPU pages), then always a bounce buffer.
+fn methods(plan: &RegPlan) -> Vec<Method> {
+    let direct = plan.direct.iter().map(|w| match w {
+        RegWay::DmaBufImport => Method::DmaBuf,
+        RegWay::PinnedPages => Method::CpuMapping,
+    });
+    direct.chain([Method::Bounce]).collect()
 }
 
 impl Nic {
-    /// Registers `region` in `registry` and with this NIC, granting exactly `access`, by the
-    /// route the registry resolves for the pair. Refusals are kept on the result; when every way
+    /// Registers `region` in `registry` and with this NIC, granting exactly `access`, in the ways
+    /// core's plan for the pair gives (`peermem::nic::route_for`). Refusals are kept on the result; when every way
     /// is refused the error lists them all (and nothing stays registered).
     pub fn register(
         &self,
@@ -270,30 +266,16 @@ impl Nic {
         access: Access,
     ) -> Result<NicMr, RdmaError> {
         let registration = registry.register(region.clone())?;
-        let peer = self.peer(registry)?;
-        let is_dma_buf = matches!(region.backing(), Backing::DmaBuf(_));
-        let (kind, mut reasons) = match registry.resolve(&registration, peer) {
-            Ok(route) => (route.kind, route.reasons()),
-            Err(ResolveError::NoCpuMapping(_)) if peer == Peer::Cpu => (
-                RouteKind::Bounce(peermem::BounceWhy::OpaqueToPeer),
-                vec!["the region has no CPU mapping, and a virtual NIC reaches memory only through the CPU".into()],
-            ),
-            Err(e) => return Err(e.into()),
-        };
-        let kind = match (&self.dev.place, kind, is_dma_buf) {
-            (NicPlace::Virtual { .. }, RouteKind::CpuMapped(_) | RouteKind::Bounce(_), true) => {
-                reasons.push(format!(
-                    "{} is virtual: its kernel driver is the dma-buf importer, so the route is kernel_import",
-                    self.name()
-                ));
-                RouteKind::KernelImport
-            }
-            _ => kind,
-        };
-        reasons.insert(0, format!("{}: {}", self.name(), self.dev.place.describe()));
+        let NicRoute { plan, reasons: mut route_reasons, .. } = route_for(registry, &self.dev.place, &registration)?;
+        let kind = plan.route;
+        let mut reasons = vec![format!("{}: {}", self.name(), self.dev.place.describe())];
+        reasons.append(&mut route_reasons);
+        if plan.bounces() {
+            reasons.push(plan.describe());
+        }
         let mut refusals = Vec::new();
         let bits = access.bits();
-        for method in plan(&kind, &registration) {
+        for method in methods(&plan) {
             let attempt = match method {
                 Method::DmaBuf => match region.backing() {
                     Backing::DmaBuf(fd) => {
@@ -367,17 +349,20 @@ mod tests {
 
     #[test]
     fn plans_follow_the_route_and_always_end_in_bounce() {
+        use peermem::nic::{registration, NicPlace};
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qemu-switch");
         let reg = Registry::new(Arc::new(peermem::Topology::discover(root).unwrap()));
         let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
         let bar = peermem::BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 0, len: 4096 };
         let bar = reg.register(Arc::new(bar)).unwrap();
         let va = host.cpu_range().unwrap().start();
-        assert_eq!(plan(&RouteKind::KernelImport, &host), [Method::DmaBuf, Method::CpuMapping, Method::Bounce]);
-        assert_eq!(plan(&RouteKind::CpuMapped(va), &host), [Method::CpuMapping, Method::Bounce]);
+        let nic = NicPlace::Pci("0000:04:00.0".parse().unwrap());
+        let plan = |kind: RouteKind, e: &peermem::Entry| methods(&registration(&nic, &kind, e));
+        assert_eq!(plan(RouteKind::KernelImport, &host), [Method::DmaBuf, Method::CpuMapping, Method::Bounce]);
+        assert_eq!(plan(RouteKind::CpuMapped(va), &host), [Method::CpuMapping, Method::Bounce]);
         // A raw BAR has no pages for the NIC's kernel driver to pin, and is no dma-buf.
-        assert_eq!(plan(&RouteKind::HostBridge(peermem::CpuPhys::new(0)), &bar), [Method::Bounce]);
-        assert_eq!(plan(&RouteKind::Bounce(peermem::BounceWhy::NotSupported), &host), [Method::Bounce]);
+        assert_eq!(plan(RouteKind::HostBridge(peermem::CpuPhys::new(0)), &bar), [Method::Bounce]);
+        assert_eq!(plan(RouteKind::Bounce(peermem::BounceWhy::NotSupported), &host), [Method::Bounce]);
     }
 
     #[test]
