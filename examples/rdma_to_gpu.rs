@@ -198,7 +198,13 @@ fn choose_nic(who: &str, registry: &Registry, region: Arc<dyn PeerMemory>, dev: 
 fn print_ranks(who: &str, what: &str, ranks: &[NicRank]) {
     println!("{who}: RDMA devices for {what}, best first:");
     for r in ranks {
-        println!("{who}:   {} ({}, route {}): {}", r.device.name, r.tier.as_str(), r.route, r.device.place.describe());
+        println!(
+            "{who}:   {} ({}, route {}): {}",
+            r.device.name,
+            r.tier.as_str(),
+            r.route.name(),
+            r.device.place.describe()
+        );
     }
 }
 
@@ -216,7 +222,7 @@ fn print_bar_choice(who: &str, topo: &Arc<Topology>, registry: &Registry) {
             "{who}: {} could register the BAR directly ({}, route {}); this example uses the Vulkan buffer",
             r.device.name,
             r.registration.name(),
-            r.route
+            r.route.name()
         ),
         None => println!(
             "{who}: no NIC can register the GPU BAR directly (a raw BAR mapping is no dma-buf and has no pages to \

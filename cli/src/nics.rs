@@ -66,7 +66,7 @@ fn nic_json(r: &NicRank) -> Value {
         "bdf": r.device.place.bdf(),
         "virtual": matches!(r.device.place, NicPlace::Virtual { .. }),
         "tier": r.tier.as_str(),
-        "route": r.route,
+        "route": r.route.name(),
         "registration": r.registration.name(),
         "map_type": r.map_type,
         "path": r.path,
@@ -110,7 +110,13 @@ pub fn print_affinity(rows: &Result<Vec<Affinity>, String>, o: &mut Out) {
                 let list: Vec<String> = r
                     .iter()
                     .map(|n| {
-                        format!("{} ({}, route {}, {})", n.device.name, n.tier.as_str(), n.route, n.registration.name())
+                        format!(
+                            "{} ({}, route {}, {})",
+                            n.device.name,
+                            n.tier.as_str(),
+                            n.route.name(),
+                            n.registration.name()
+                        )
                     })
                     .collect();
                 o.line(&format!("  {:<7} BAR{}: {}", a.label, a.bar, list.join(", ")));

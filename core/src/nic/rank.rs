@@ -15,6 +15,7 @@ use super::NicError;
 use crate::pci::PciDevice;
 use crate::region::Provider;
 use crate::registry::{Entry, Registry};
+use crate::route::RouteKind;
 use crate::verdict::{MapType, PathLabel};
 
 /// How close a NIC is to a region, best first.
@@ -51,9 +52,9 @@ impl Tier {
 pub struct NicRank {
     pub device: RdmaDevice,
     pub tier: Tier,
-    /// The route kind the NIC's registration rests on (`bus_addr`, `host_bridge`, `cpu_mapped`,
-    /// `kernel_import`, `bounce`, ...).
-    pub route: &'static str,
+    /// The route the NIC's registration rests on (`route.name()`: `bus_addr`, `host_bridge`,
+    /// `cpu_mapped`, `kernel_import`, `bounce`, ...).
+    pub route: RouteKind,
     /// How the NIC registers the region (what `Nic::register` tries, in that order).
     pub registration: RegPlan,
     pub map_type: Option<MapType>,
@@ -119,7 +120,7 @@ fn software_rank(dev: &RdmaDevice, nr: NicRoute<'_>) -> NicRank {
     NicRank {
         device: dev.clone(),
         tier: Tier::Software,
-        route: nr.plan.route.name(),
+        route: nr.plan.route,
         registration: nr.plan,
         map_type: None,
         path: None,
@@ -141,7 +142,7 @@ fn pci_rank(dev: &RdmaDevice, nic: &PciDevice, home: &Home, nr: NicRoute<'_>) ->
     NicRank {
         device: dev.clone(),
         tier,
-        route: nr.plan.route.name(),
+        route: nr.plan.route,
         registration: nr.plan,
         map_type,
         path,
@@ -237,7 +238,7 @@ mod tests {
         let names: Vec<&str> = ranked.iter().map(|r| r.device.name.as_str()).collect();
         assert_eq!(names, ["switch", "rootport", "far", "rxe0"]);
         assert_eq!(ranked[0].tier, Tier::Direct);
-        assert_eq!(ranked[0].route, "bus_addr");
+        assert_eq!(ranked[0].route.name(), "bus_addr");
         assert_eq!(ranked[0].registration.direct, [RegWay::PinnedPages]);
         assert_eq!(ranked[0].distance, Some(4));
         assert_eq!(ranked[1].tier, Tier::HostBridge);
@@ -256,7 +257,7 @@ mod tests {
         let ranked = rank_nics(&reg, bar.entry(), &nics()).unwrap();
         assert!(ranked.iter().all(|r| r.tier != Tier::Direct), "{ranked:#?}");
         let switch = ranked.iter().find(|r| r.device.name == "switch").unwrap();
-        assert_eq!(switch.route, "bus_addr", "the fabric has a peer-to-peer path");
+        assert_eq!(switch.route.name(), "bus_addr", "the fabric has a peer-to-peer path");
         assert_eq!(switch.map_type, Some(MapType::BusAddr));
         assert!(switch.registration.bounces());
         assert_eq!(switch.registration.name(), "bounce");
@@ -286,7 +287,7 @@ mod tests {
             .unwrap();
         let rxe = [nic("rxe0", NicPlace::Virtual { netdev: None })];
         let ranked = rank_nics(&reg, bar.entry(), &rxe).unwrap();
-        assert_eq!(ranked[0].route, "bounce");
+        assert_eq!(ranked[0].route.name(), "bounce");
         assert!(ranked[0].registration.bounces());
         assert!(ranked[0].reasons.iter().any(|r| r.contains("no CPU mapping")), "{:?}", ranked[0].reasons);
     }
