@@ -10,12 +10,15 @@
 //!   verdict says `not_supported` (the guest tests check every pair).
 //! - [`vfio`] and [`driver`]: a polled userspace NVMe driver over VFIO (type1 or no-IOMMU) whose
 //!   PRP entries come only from registry routes.
+//! - `mapcache`: which of the driver's DMA mappings stay between transfers (a bounded cache
+//!   whose entries end with their registration) and a free-range IOVA allocator; pure data.
 //! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci: waits end early, owners
 //!   unwind and give the function back, then the process ends.
 //! - `sys`: the crate's raw layer (MMIO, VFIO ioctls through vfio-bindings and rustix, mlock).
 
 pub mod blockdev;
 pub mod cmb;
+mod mapcache;
 pub mod p2pmem;
 pub mod regs;
 mod signals;
@@ -31,4 +34,4 @@ pub mod driver;
 pub mod vfio;
 
 pub use driver::{Controller, Dir, Io, NvmeError};
-pub use vfio::{Binding, IommuMode, Vfio, VfioError};
+pub use vfio::{Binding, IommuMode, MapKey, MapStats, Owner, Vfio, VfioError};
