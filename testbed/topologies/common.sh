@@ -4,6 +4,7 @@
 # already set by testbed/run, and nothing else:
 #   TOPO_MACHINE   -machine value
 #   TOPO_MEMORY    -m value            TOPO_SMP   -smp value
+#   TOPO_CPU       -cpu value under TCG (KVM always gets the host's CPU)
 #   TOPO_APPEND    extra guest kernel command-line words
 #   TOPO_DISKS     NAME:SIZE sparse raw images testbed/run creates as $SCRATCH/NAME.img
 #   TOPO_SHM       NAME:SIZE host files testbed/run creates as $SCRATCH/NAME.bin (shared memory)
@@ -16,6 +17,7 @@
 TOPO_MACHINE=q35
 TOPO_MEMORY=2G
 TOPO_SMP=2
+TOPO_CPU=max
 TOPO_APPEND=""
 TOPO_DISKS=()
 TOPO_SHM=()

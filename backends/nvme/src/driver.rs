@@ -9,23 +9,29 @@
 //! `Registry::resolve(region, this controller)`: `BusAddr`/`HostBridge`/`Iommu(Some)` as given,
 //! `Iommu(None)` after mapping the region into this container, `CpuMapped` through the pages this
 //! process locked or mapped (`Vfio::dma_address`). A `Bounce` (or any route without an address)
-//! is refused before a command is built. I/O goes to the one namespace named at open, inside its
-//! size.
+//! is refused before a command is built. What a transfer maps stays mapped while its
+//! registration lives, up to `MAP_CACHE` mappings: each transfer, before its commands (so with
+//! none in flight), lets go of those whose registration ended and of the least recently used
+//! beyond the bound. I/O goes to the one namespace named at open, inside its size.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use peermem::{
-    Address, Backing, BarMapping, DmaAddr, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, Topology, VirtAddr,
-};
+use peermem::{Address, Backing, DmaAddr, Entry, HostRegion, Peer, PeerMemory, Registry, RouteKind, VirtAddr};
 
 use crate::regs::{off, Aqa, Bar0, Cap, Cc, RegError};
 use crate::sys::{self, Mmio};
-use crate::vfio::{Binding, IommuMode, Vfio, VfioError};
+use crate::vfio::{Binding, IommuMode, MapKey, MapStats, Owner, Vfio, VfioError};
 
 /// The memory page size this driver programs (CC.MPS = 0).
 pub const PAGE: u64 = 4096;
 const ADMIN_DEPTH: u16 = 32;
+/// How many DMA mappings of registered regions and peer BAR ranges a controller keeps between
+/// transfers, besides its own pool, so that repeated transfers into the same few buffers (a
+/// staging buffer, a ring of batch buffers) map each once. Each transfer, before its commands,
+/// lets go of every kept mapping whose registration ended, then of the least recently used
+/// beyond this many.
+pub const MAP_CACHE: usize = 32;
 /// I/O queue depth (entries; one stays empty so at most DEPTH - 1 are in flight).
 pub const IO_DEPTH: u16 = 64;
 /// Largest transfer per command this driver builds (one PRP list page: 512 entries).
@@ -277,7 +283,8 @@ pub struct Io {
 enum Target {
     /// A fixed device-visible address for the region's first byte (bus, CPU physical or IOVA).
     Linear(DmaAddr),
-    /// Host pages: per-page lookup through the VFIO mapping.
+    /// Host pages without an IOMMU: each page's physical address, looked up through the pages
+    /// this process locked. (With one, host pages are mapped in one IOVA run: `Linear`.)
     Host(VirtAddr),
 }
 
@@ -559,6 +566,18 @@ impl Controller {
     pub fn needs_reinit(&self) -> bool {
         self.needs_init
     }
+    /// What the controller has mapped for its device: its own pool for its life, and the kept
+    /// mappings of registered regions and peer BAR ranges (at most `MAP_CACHE` once a transfer
+    /// has swept them), with the IOVA space they use.
+    pub fn dma_mappings(&self) -> MapStats {
+        self.vfio.stats()
+    }
+    /// Lets go now of the kept DMA mappings whose registration ended, rather than at the next
+    /// transfer (which does it before its commands): for an owner about to go idle. Returns how
+    /// many; none while commands a failed quiesce left are still owned.
+    pub fn release_ended_mappings(&mut self) -> usize {
+        self.sweep_mappings(None)
+    }
     /// Changes the bound on every wait for a completion.
     pub fn set_timeout(&mut self, t: Duration) {
         self.timeout = t;
@@ -759,7 +778,8 @@ impl Controller {
     }
 
     /// Resolves `entry` for this controller into a DMA target, refusing routes without a direct
-    /// address. Nothing is submitted here.
+    /// address; maps what the route needs mapped (kept between transfers), then lets go of the
+    /// kept mappings that are done (`sweep_mappings`). Nothing is submitted here.
     fn target(&mut self, reg: &Registry, entry: &Entry) -> Result<Target, NvmeError> {
         let route = reg.resolve(entry, self.peer)?;
         let refuse = |kind: &'static str, reasons: Vec<String>| NvmeError::RouteRefused {
@@ -767,31 +787,52 @@ impl Controller {
             kind,
             reasons: reasons.join("; "),
         };
-        Ok(match route.kind {
-            RouteKind::BusAddr(a) => Target::Linear(DmaAddr::Bus(a)),
-            RouteKind::Iommu(Some(a)) => Target::Linear(DmaAddr::Iova(a)),
-            RouteKind::HostBridge(a) if self.vfio.mode() == IommuMode::NoIommu => Target::Linear(DmaAddr::Phys(a)),
+        let (target, key) = match route.kind {
+            RouteKind::BusAddr(a) => (Target::Linear(DmaAddr::Bus(a)), None),
+            RouteKind::Iommu(Some(a)) => (Target::Linear(DmaAddr::Iova(a)), None),
+            RouteKind::HostBridge(a) if self.vfio.mode() == IommuMode::NoIommu => {
+                (Target::Linear(DmaAddr::Phys(a)), None)
+            }
             RouteKind::Iommu(None) | RouteKind::HostBridge(_) => {
                 // Through the root complex into this container's IOMMU domain: map the BAR range.
                 if self.vfio.mode() != IommuMode::Type1 {
                     return Err(refuse("iommu", route.reasons()));
                 }
-                let map = peer_bar_mapping(reg.topology(), entry).map_err(|why| refuse("iommu", vec![why]))?;
-                Target::Linear(DmaAddr::Iova(self.vfio.map_peer(map)?))
+                let (bdf, bar, offset, len) = peer_bar_range(entry).map_err(|why| refuse("iommu", vec![why]))?;
+                let key = MapKey::PeerBar { bdf, bar, offset, len };
+                let topo = reg.topology();
+                let map = || topo.map_bar(bdf, bar, offset, len).map_err(|e| refuse("iommu", vec![e.to_string()]));
+                let iova = self.vfio.map_peer(Owner::of(reg, entry), key, map)?;
+                (Target::Linear(DmaAddr::Iova(iova)), Some(key))
             }
             RouteKind::CpuMapped(va) => {
                 if !matches!(entry.region().backing(), Backing::HostPages) {
                     return Err(refuse("cpu_mapped", route.reasons()));
                 }
-                // SAFETY: every command using these pages holds the region (an Arc of it) until
-                // its completion is seen or the controller is quiesced, so the pages stay mapped
-                // while the device may use them; no command is in flight here (each transfer
-                // ends with none), so replacing a stale mapping is safe.
-                self.vfio.map_owned(Some(entry.id()), entry.region().clone())?;
-                Target::Host(va)
+                // The mapping holds the region (an Arc of it) until `sweep_mappings` lets it go,
+                // which it does only while no command is in flight.
+                let target = match self.vfio.map_owned(Owner::of(reg, entry), entry.region().clone())? {
+                    Some(iova) => Target::Linear(DmaAddr::Iova(iova)),
+                    None => Target::Host(va),
+                };
+                (target, Some(MapKey::Region(entry.id())))
             }
             RouteKind::KernelImport | RouteKind::Bounce(_) => return Err(refuse(route.kind.name(), route.reasons())),
-        })
+        };
+        self.sweep_mappings(key.as_ref());
+        Ok(target)
+    }
+
+    /// Lets go of the kept DMA mappings that are done with (`Vfio::release`: registration ended,
+    /// or least recently used beyond `MAP_CACHE`), sparing `current`. Only while the controller
+    /// holds no command: until then the device may use any of them. (Commands a failed quiesce
+    /// left owned keep everything mapped until a re-initialisation disables the controller.)
+    fn sweep_mappings(&mut self, current: Option<&MapKey>) -> usize {
+        let idle = self.admin.in_flight() == 0 && self.io.as_ref().is_none_or(|q| q.in_flight() == 0);
+        if !idle {
+            return 0;
+        }
+        self.vfio.release(MAP_CACHE, current)
     }
 
     fn dma_at(&self, t: &Target, off: u64) -> Result<DmaAddr, NvmeError> {
@@ -1036,9 +1077,11 @@ impl Drop for Controller {
     }
 }
 
-/// A CPU mapping of a BAR-backed region to hand to the IOMMU: the region's own mapping when it
-/// has one is not reusable (it is not ours to keep), so the topology maps the BAR range afresh.
-fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<BarMapping, String> {
+/// The BAR range (device, BAR, offset, length) of a BAR-backed region, to map into the IOMMU
+/// domain under its own key: the region's CPU mapping, when it has one, is not ours to keep, so
+/// the topology maps the range afresh, and the mapping is kept for the next registration of the
+/// same range.
+fn peer_bar_range(entry: &Entry) -> Result<(peermem::Bdf, u8, u64, u64), String> {
     let (bdf, bar, offset) = match entry.region().backing() {
         Backing::Bar { bdf, bar, offset } | Backing::P2pmem { bdf, bar, offset } => (bdf, bar, offset),
         _ => return Err("not a BAR-backed region".into()),
@@ -1046,7 +1089,7 @@ fn peer_bar_mapping(topo: &Topology, entry: &Entry) -> Result<BarMapping, String
     if offset % PAGE != 0 {
         return Err(format!("BAR offset {offset:#x} is not page aligned"));
     }
-    topo.map_bar(bdf, bar, offset, entry.len()).map_err(|e| e.to_string())
+    Ok((bdf, bar, offset, entry.len()))
 }
 
 #[cfg(test)]

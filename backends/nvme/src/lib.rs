@@ -3,6 +3,8 @@
 //! - [`blockdev`]: [`BlockDevice`], O_DIRECT I/O between a namespace and a CPU-mapped region.
 //! - [`cmb`]: the controller memory buffer as a `PeerMemory` region of its BAR.
 //! - [`driver`]: a polled userspace NVMe driver whose PRP entries come only from registry routes.
+//! - `mapcache`: which DMA mappings stay between transfers (a bounded cache whose entries end
+//!   with their registration) and a free-range IOVA allocator; pure data (private).
 //! - [`p2pmem`]: [`P2pmemRegion`], pages of a provider's kernel P2PDMA pool (`p2pmem/allocate`).
 //! - [`regs`]: NVMe register decoding (CAP, VS, CC, CSTS, AQA/ASQ/ACQ, CMB*), typed errors.
 //! - `signals`: SIGINT/SIGTERM while a function is bound to vfio-pci (private).
@@ -16,6 +18,7 @@
 
 pub mod blockdev;
 pub mod cmb;
+mod mapcache;
 pub mod p2pmem;
 pub mod regs;
 mod signals;
@@ -31,4 +34,4 @@ pub mod driver;
 pub mod vfio;
 
 pub use driver::{Controller, Dir, Io, NvmeError};
-pub use vfio::{Binding, IommuMode, Vfio, VfioError};
+pub use vfio::{Binding, IommuMode, MapKey, MapStats, Owner, Vfio, VfioError};

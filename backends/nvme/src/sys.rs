@@ -186,9 +186,24 @@ impl DmaPin {
         }
         Ok(DmaPin { start, len, iommu, _region: region })
     }
-    /// Where the range starts in the IOMMU domain (type1 only).
+    /// Where the range starts in the IOMMU domain (type1, until `unmap`).
     pub fn iova(&self) -> Option<Iova> {
         self.iommu.as_ref().map(|(_, i)| *i)
+    }
+
+    /// Unmaps the IOVA range now (type1) and says whether the kernel unmapped all of it: a range
+    /// it did not may still reach these pages, so it must never be handed out again. Without an
+    /// IOMMU there is nothing to undo here: the lock ends with the region's mapping, and a lock
+    /// is not counted, so unlocking could undo the owner's own. Afterwards the pin only holds the
+    /// region. Like dropping the pin, only once the device is known to be done with the range.
+    pub fn unmap(&mut self) -> io::Result<()> {
+        let Some((c, iova)) = &self.iommu else { return Ok(()) };
+        let unmapped = vfio_unmap_dma(c, *iova, self.len)?;
+        if unmapped != self.len {
+            return Err(io::Error::other(format!("{unmapped:#x} of {:#x} bytes at {iova} unmapped", self.len)));
+        }
+        self.iommu = None;
+        Ok(())
     }
 }
 
@@ -386,7 +401,8 @@ unsafe fn vfio_map_dma(container: &File, va: VirtAddr, iova: Iova, size: u64) ->
 }
 
 /// VFIO_IOMMU_UNMAP_DMA of `size` bytes at `iova` (the device faults on them afterwards).
-pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<()> {
+/// Returns how many bytes the kernel unmapped.
+pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<u64> {
     let mut m = uapi::vfio_iommu_type1_dma_unmap {
         argsz: argsz::<uapi::vfio_iommu_type1_dma_unmap>(),
         flags: 0,
@@ -396,8 +412,8 @@ pub fn vfio_unmap_dma(container: &File, iova: Iova, size: u64) -> io::Result<()>
     };
     // SAFETY: m is a live vfio_iommu_type1_dma_unmap whose argsz excludes the empty trailing
     // array; the kernel reads it and writes back the unmapped size.
-    unsafe { vfio_call(container, VFIO_IOMMU_UNMAP_DMA, (&mut m as *mut uapi::vfio_iommu_type1_dma_unmap).cast()) }
-        .map(drop)
+    unsafe { vfio_call(container, VFIO_IOMMU_UNMAP_DMA, (&mut m as *mut uapi::vfio_iommu_type1_dma_unmap).cast()) }?;
+    Ok(m.size)
 }
 
 #[cfg(test)]

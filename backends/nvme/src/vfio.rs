@@ -2,8 +2,12 @@
 //! container/group/device fds, BAR access, bus mastering and DMA address spaces.
 //!
 //! Owns: `Binding` (driver_override + unbind + drivers_probe, restored on drop), `Vfio` (type1 or
-//! no-IOMMU container), IOVA allocation and the table of what this process mapped for its device.
-//! Must not: decide which addresses a device may use (the registry's routes do), or know NVMe.
+//! no-IOMMU container), IOVA allocation and the table of what this process mapped for its device:
+//! the driver's own memory for the `Vfio`'s life, and, kept between transfers (`mapcache`), the
+//! pages of registered regions and peer BAR ranges, each let go by `release` once its
+//! registration ended or it is the least recently used beyond the caller's bound.
+//! Must not: decide which addresses a device may use (the registry's routes do), know NVMe, or
+//! decide when a device is done with a mapping (the driver calls `release` when it knows).
 //!
 //! No-IOMMU mode (no IOMMU group before binding): DMA addresses are CPU physical addresses, found
 //! through `/proc/self/pagemap` for locked host pages. Type1: everything the device reaches is
@@ -13,11 +17,14 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use peermem::{Address, BarMapping, Bdf, DmaAddr, Iova, PeerMemory, RegionId, VirtAddr};
+use peermem::{
+    AddrRange, Address, Backing, BarMapping, Bdf, DmaAddr, Entry, Hit, Iova, PeerMemory, RegionId, Registry, VirtAddr,
+};
 
+use crate::mapcache::{IovaSpace, MapCache};
 use crate::sys::{self, FileMmio, MappedMmio, Mmio};
 
 #[derive(Debug, thiserror::Error)]
@@ -186,17 +193,14 @@ pub enum IommuMode {
 }
 
 /// One range of this process's memory the device may reach. The pin holds the region and undoes
-/// the IOMMU mapping when dropped.
+/// the IOMMU mapping when it is dropped or unmapped.
 #[derive(Debug)]
 struct DmaMapping {
     va: VirtAddr,
     len: u64,
     /// Where the range starts in the IOMMU domain (type1); None in no-IOMMU mode (locked pages).
     iova: Option<Iova>,
-    /// The registered region the mapping was made for (None: the driver's own pool, peer BARs).
-    owner: Option<RegionId>,
-    /// Held, never read: dropping it undoes the mapping.
-    _pin: sys::DmaPin,
+    pin: sys::DmaPin,
 }
 
 impl DmaMapping {
@@ -206,6 +210,94 @@ impl DmaMapping {
     fn contains(&self, va: VirtAddr, len: u64) -> bool {
         va >= self.va && va.raw().checked_add(len).is_some_and(|e| e <= self.end())
     }
+    /// The IOVA of `va`, a byte of the mapping (type1); None in no-IOMMU mode.
+    fn iova_of(&self, va: VirtAddr) -> Result<Option<Iova>, VfioError> {
+        let Some(iova) = self.iova else { return Ok(None) };
+        let off = va
+            .checked_offset_from(self.va)
+            .filter(|&o| o < self.len)
+            .ok_or(VfioError::NoDmaAddress { va, why: "not in its mapping".into() })?;
+        iova.checked_add(off).map(Some).map_err(|source| VfioError::Addr { what: "IOVA", source })
+    }
+}
+
+/// What a mapping kept between transfers is kept under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKey {
+    /// The pages of registered region `id` (its CPU mapping).
+    Region(RegionId),
+    /// `len` bytes at `offset` of memory BAR `bar` of peer `bdf`: mapped for the CPU, and that
+    /// mapping into the IOMMU domain.
+    PeerBar { bdf: Bdf, bar: u8, offset: u64, len: u64 },
+}
+
+/// The registration a kept mapping serves (the latest one, for a peer BAR range several
+/// registrations in turn may use): once it has ended (unregistered, or its device removed) the
+/// next `Vfio::release` lets the mapping go.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    id: RegionId,
+    entry: Weak<Entry>,
+}
+
+impl Owner {
+    /// `entry`'s registration in `reg`, found through the registry's lookup tables (by the
+    /// region's CPU address, else by its bus address). One the tables no longer hold (it ended
+    /// meanwhile) gives an owner that has already ended.
+    pub fn of(reg: &Registry, entry: &Entry) -> Owner {
+        let snap = reg.snapshot();
+        let this =
+            |h: Hit<'_>| (h.offset == 0 && std::ptr::eq(Arc::as_ptr(h.entry), entry)).then(|| Arc::downgrade(h.entry));
+        let by_va = || snap.lookup_va(entry.cpu_range()?.start()).and_then(this);
+        let by_bus = || {
+            let (Backing::Bar { bdf, .. } | Backing::P2pmem { bdf, .. }) = entry.region().backing() else {
+                return None;
+            };
+            let hierarchy = reg.hierarchy_of(reg.topology().idx(bdf).ok()?).ok()?;
+            snap.lookup_bus(hierarchy, entry.bus_addr()?).and_then(this)
+        };
+        Owner { id: entry.id(), entry: by_va().or_else(by_bus).unwrap_or_default() }
+    }
+
+    pub fn id(&self) -> RegionId {
+        self.id
+    }
+
+    /// Whether the registration is still live.
+    pub fn is_live(&self) -> bool {
+        self.entry.upgrade().is_some_and(|e| e.is_live())
+    }
+}
+
+/// A mapping kept between transfers: the registration it serves and its region's first byte.
+#[derive(Debug)]
+struct Kept {
+    map: DmaMapping,
+    owner: Owner,
+    start: VirtAddr,
+}
+
+/// What a `Vfio` has mapped for its device (`Vfio::stats`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapStats {
+    /// Mappings kept between transfers (registered regions' pages, peer BAR ranges).
+    pub kept: usize,
+    /// Bytes the kept mappings cover (whole pages).
+    pub kept_bytes: u64,
+    /// Mappings for the life of the `Vfio` (the driver's own DMA pool).
+    pub fixed: usize,
+    /// Mappings let go whose IOVA range the kernel did not unmap: held, and their range never
+    /// handed out again, until the container closes. 0 unless something went wrong.
+    pub stuck: usize,
+    /// IOVA bytes reserved now: every mapping and its guard page (0 without an IOMMU).
+    pub iova_reserved: u64,
+    /// How far above its base the IOVA space has ever been used: ranges are reused, so it stays
+    /// near the most ever reserved at once.
+    pub iova_high_water: u64,
+    /// Mappings made so far (a kept one that is used again is not made again).
+    pub made: u64,
+    /// Mappings let go so far (unmapped, their memory released).
+    pub released: u64,
 }
 
 /// IOVAs handed out start here (clear of the low 4 GiB and its MSI window).
@@ -222,11 +314,18 @@ const IOVA_LIMIT: Iova = Iova::new(1 << 39);
 pub struct Vfio {
     device: File,
     _group: File,
-    maps: Vec<DmaMapping>,
-    container: std::sync::Arc<File>,
+    /// Mapped for the life of this `Vfio`: the driver's own memory.
+    fixed: Vec<DmaMapping>,
+    /// Mapped for registrations and peer BARs, kept between transfers until `release`.
+    kept: MapCache<MapKey, Kept>,
+    /// Let go, but the kernel did not unmap their IOVA range: held until the container closes.
+    stuck: Vec<DmaMapping>,
+    container: Arc<File>,
     bdf: Bdf,
     mode: IommuMode,
-    next_iova: Iova,
+    iova: IovaSpace,
+    made: u64,
+    released: u64,
     /// Signalled by the kernel when the device is being removed (`None`: the kernel refused the
     /// request IRQ; removal then shows only as commands that fail or time out).
     req: Option<OwnedFd>,
@@ -292,11 +391,15 @@ impl Vfio {
             removal: std::sync::atomic::AtomicBool::new(false),
             bdf,
             mode,
-            container: std::sync::Arc::new(container),
+            container: Arc::new(container),
             _group: group_f,
             device,
-            maps: Vec::new(),
-            next_iova: IOVA_BASE,
+            fixed: Vec::new(),
+            kept: MapCache::default(),
+            stuck: Vec::new(),
+            iova: IovaSpace::new(IOVA_BASE, IOVA_LIMIT, peermem::mem::page_size()),
+            made: 0,
+            released: 0,
         })
     }
 
@@ -373,82 +476,155 @@ impl Vfio {
         sys::vfio_device_reset(&self.device).map_err(|source| VfioError::Ioctl { what: "VFIO_DEVICE_RESET", source })
     }
 
-    /// Makes all of `region`'s CPU-mapped pages reachable by the device: an IOMMU mapping in
-    /// type1 mode, locked pages in no-IOMMU mode. The mapping holds the region (its pages stay
-    /// mapped while the device may use them) until this `Vfio` is dropped (after the device fd
-    /// is closed, so vfio-pci has disabled the function) or the same addresses are mapped for
-    /// another region.
-    /// Idempotent. Call it only while no command is in flight (a replaced mapping is unmapped).
+    /// Makes all of `region`'s CPU-mapped pages reachable by the device for as long as this
+    /// `Vfio` lives: an IOMMU mapping in type1 mode, locked pages in no-IOMMU mode. For the
+    /// driver's own memory (queues, PRP lists); a registered region goes through `map_owned`,
+    /// whose mapping ends with its registration. Idempotent.
     pub fn map(&mut self, region: Arc<dyn PeerMemory>) -> Result<(), VfioError> {
-        self.map_owned(None, region)
-    }
-
-    /// Like `map`, for the pages of registered region `owner`. A mapping made for another region
-    /// at the same addresses (two registrations aliasing the same pages) is replaced: unmapped,
-    /// then the new one mapped.
-    pub fn map_owned(&mut self, owner: Option<RegionId>, region: Arc<dyn PeerMemory>) -> Result<(), VfioError> {
-        let r = region
-            .cpu_range()
-            .ok_or(VfioError::NoDmaAddress { va: VirtAddr::new(0), why: "the region has no CPU mapping".into() })?;
-        let (va, len) = (r.start(), r.len());
-        if self.maps.iter().any(|m| m.contains(va, len) && m.owner == owner) {
-            return Ok(());
+        let r = cpu_range(&*region)?;
+        if !self.fixed.iter().any(|m| m.contains(r.start(), r.len())) {
+            let m = self.pin(region)?;
+            self.fixed.push(m);
         }
-        let page = peermem::mem::page_size();
-        let addr = |source| VfioError::Addr { what: "DMA mapping range", source };
-        let end = va.checked_add(len).map_err(addr)?.raw().div_ceil(page) * page;
-        let start = VirtAddr::new(va.raw() / page * page);
-        let len = end - start.raw();
-        let (stale, keep): (Vec<DmaMapping>, Vec<DmaMapping>) =
-            std::mem::take(&mut self.maps).into_iter().partition(|m| m.va.raw() < end && start.raw() < m.end());
-        self.maps = keep;
-        for m in stale {
-            tracing::debug!(bdf = %self.bdf, va = %m.va, len = m.len, "replacing a DMA mapping of the same pages");
-            drop(m);
-        }
-        let iommu = match self.mode {
-            IommuMode::Type1 => {
-                let iova = self.next_iova;
-                let next = iova.checked_add(len).and_then(|e| e.checked_add(page)).map_err(addr)?;
-                if next > IOVA_LIMIT {
-                    return Err(VfioError::IovaExhausted { len });
-                }
-                // Leave a guard page between mappings.
-                self.next_iova = next;
-                Some((self.container.clone(), iova))
-            }
-            IommuMode::NoIommu => None,
-        };
-        let what = if iommu.is_some() { "VFIO_IOMMU_MAP_DMA" } else { "mlock" };
-        let pin = sys::DmaPin::new(region, iommu).map_err(|source| VfioError::Ioctl { what, source })?;
-        let iova = pin.iova();
-        tracing::debug!(bdf = %self.bdf, va = %start, len, ?iova, "DMA mapped");
-        self.maps.push(DmaMapping { va: start, len, iova, owner, _pin: pin });
         Ok(())
     }
 
-    /// Maps a peer's BAR range (mapped into this process by `Topology::map_bar`) into the
-    /// device's IOMMU domain; returns its IOVA. Only meaningful in type1 mode. The IOMMU entry
-    /// holds the BAR mapping, so it never outlives the pages behind it.
-    pub fn map_peer(&mut self, map: BarMapping) -> Result<Iova, VfioError> {
-        let region: Arc<dyn PeerMemory> = Arc::new(map);
-        let va = region.cpu_range().map(|r| r.start()).unwrap_or_default();
-        self.map(region)?;
-        match self.dma_address(va)? {
-            DmaAddr::Iova(iova) => Ok(iova),
-            other => Err(VfioError::NoDmaAddress { va, why: format!("{other} is not an IOVA (no-IOMMU mode)") }),
+    /// Makes the pages of `region`, the memory of registration `owner`, reachable by the
+    /// device, and keeps the mapping between transfers: a later call for the same registration
+    /// maps nothing. It stays until `release` lets it go. Returns the IOVA of the region's first
+    /// byte in type1 mode (the pages are mapped in one run), None in no-IOMMU mode (each page's
+    /// physical address comes from `dma_address`).
+    pub fn map_owned(&mut self, owner: Owner, region: Arc<dyn PeerMemory>) -> Result<Option<Iova>, VfioError> {
+        let key = MapKey::Region(owner.id);
+        if let Some(k) = self.kept.get_mut(&key) {
+            k.owner = owner;
+            return k.map.iova_of(k.start);
+        }
+        let start = cpu_range(&*region)?.start();
+        let map = self.pin(region)?;
+        let iova = map.iova_of(start)?;
+        self.keep(key, Kept { map, owner, start });
+        Ok(iova)
+    }
+
+    /// The IOVA of peer BAR range `key` (a `MapKey::PeerBar`) for registration `owner`: the
+    /// kept mapping of that range, or, when none is kept, the BAR mapping `make` returns,
+    /// mapped into the device's IOMMU domain and kept (the IOMMU entry holds the BAR mapping,
+    /// so it never outlives the pages behind it). Type1 mode only.
+    pub fn map_peer<E: From<VfioError>>(
+        &mut self,
+        owner: Owner,
+        key: MapKey,
+        make: impl FnOnce() -> Result<BarMapping, E>,
+    ) -> Result<Iova, E> {
+        let no_iova = |va| VfioError::NoDmaAddress { va, why: "no IOMMU: a peer BAR is not mapped".into() };
+        if self.mode != IommuMode::Type1 {
+            return Err(no_iova(VirtAddr::new(0)).into());
+        }
+        if let Some(k) = self.kept.get_mut(&key) {
+            k.owner = owner;
+            return Ok(k.map.iova_of(k.start)?.ok_or(no_iova(k.start))?);
+        }
+        let region: Arc<dyn PeerMemory> = Arc::new(make()?);
+        let start = cpu_range(&*region)?.start();
+        let map = self.pin(region)?;
+        let iova = map.iova_of(start)?.ok_or(no_iova(start))?;
+        self.keep(key, Kept { map, owner, start });
+        Ok(iova)
+    }
+
+    fn keep(&mut self, key: MapKey, kept: Kept) {
+        if let Some(old) = self.kept.insert(key, kept) {
+            // Not reached (callers look the key up first); never unmapped behind a transfer.
+            self.stuck.push(old.map);
         }
     }
 
+    /// Pins `region`'s pages: at an IOVA range of its own (type1), or locked (no-IOMMU).
+    fn pin(&mut self, region: Arc<dyn PeerMemory>) -> Result<DmaMapping, VfioError> {
+        let r = cpu_range(&*region)?;
+        let page = peermem::mem::page_size();
+        let addr = |source| VfioError::Addr { what: "DMA mapping range", source };
+        let end = r.start().checked_add(r.len()).map_err(addr)?.raw().div_ceil(page) * page;
+        let va = VirtAddr::new(r.start().raw() / page * page);
+        let len = end - va.raw();
+        let iova = match self.mode {
+            IommuMode::Type1 => Some(self.iova.alloc(len).ok_or(VfioError::IovaExhausted { len })?),
+            IommuMode::NoIommu => None,
+        };
+        let what = if iova.is_some() { "VFIO_IOMMU_MAP_DMA" } else { "mlock" };
+        let pin = sys::DmaPin::new(region, iova.map(|i| (self.container.clone(), i))).map_err(|source| {
+            // Nothing was mapped: the range is free again.
+            if let Some(Err(e)) = iova.map(|i| self.iova.free(i, len)) {
+                tracing::warn!(bdf = %self.bdf, "{e}");
+            }
+            VfioError::Ioctl { what, source }
+        })?;
+        debug_assert_eq!(pin.iova(), iova);
+        self.made += 1;
+        tracing::debug!(bdf = %self.bdf, %va, len, ?iova, "DMA mapped");
+        Ok(DmaMapping { va, len, iova, pin })
+    }
+
+    /// Lets go of the kept mappings whose registration ended, then of the least recently used
+    /// beyond `keep`, never of the one kept under `current` (what the transfer being prepared
+    /// uses). Each is unmapped and its region (or BAR mapping) let go; its IOVA range is handed
+    /// out again once the kernel confirmed the unmap. Returns how many were let go.
+    ///
+    /// Call it only when the device is known to be done with them: no command in flight, or
+    /// the function disabled. Earlier, a late DMA could reach memory released here (no IOMMU)
+    /// or another mapping given the same IOVA range.
+    pub fn release(&mut self, keep: usize, current: Option<&MapKey>) -> usize {
+        let gone = self.kept.sweep(keep, current, |k| !k.owner.is_live());
+        let n = gone.len();
+        for k in gone {
+            tracing::debug!(bdf = %self.bdf, owner = %k.owner.id, live = k.owner.is_live(), "DMA mapping let go");
+            self.unmap(k.map);
+        }
+        n
+    }
+
+    fn unmap(&mut self, mut m: DmaMapping) {
+        if let Err(e) = m.pin.unmap() {
+            tracing::warn!(bdf = %self.bdf, va = %m.va, len = m.len, "unmap: {e}; its IOVA range stays out of use");
+            self.stuck.push(m);
+            return;
+        }
+        if let Some(Err(e)) = m.iova.map(|i| self.iova.free(i, m.len)) {
+            tracing::warn!(bdf = %self.bdf, "{e}");
+        }
+        self.released += 1;
+    }
+
+    /// What is mapped for the device now, and how much of the IOVA space has been used.
+    pub fn stats(&self) -> MapStats {
+        MapStats {
+            kept: self.kept.len(),
+            kept_bytes: self.kept.values().map(|k| k.map.len).sum(),
+            fixed: self.fixed.len(),
+            stuck: self.stuck.len(),
+            iova_reserved: self.iova.reserved(),
+            iova_high_water: self.iova.high_water(),
+            made: self.made,
+            released: self.released,
+        }
+    }
+
+    /// A mapping holding `va`. Several may, while a registration that ended and a new one over
+    /// the same pages are both kept: in no-IOMMU mode any of them gives the same physical
+    /// address; in type1 mode a registered region's pages are reached through the IOVA
+    /// `map_owned` returned, not through this lookup.
     fn mapping_of(&self, va: VirtAddr) -> Result<&DmaMapping, VfioError> {
-        self.maps
+        self.fixed
             .iter()
+            .chain(self.kept.values().map(|k| &k.map))
             .find(|m| m.contains(va, 1))
             .ok_or(VfioError::NoDmaAddress { va, why: "not mapped for this device".into() })
     }
 
-    /// The address the device programs to reach process address `va` (mapped with `map`):
-    /// its IOVA (type1) or its CPU physical address (no-IOMMU). Valid up to the end of va's page.
+    /// The address the device programs to reach process address `va` (mapped with `map`, or,
+    /// in no-IOMMU mode, with `map_owned`): its IOVA (type1) or its CPU physical address
+    /// (no-IOMMU). Valid up to the end of va's page.
     pub fn dma_address(&self, va: VirtAddr) -> Result<DmaAddr, VfioError> {
         let m = self.mapping_of(va)?;
         match m.iova {
@@ -476,5 +652,51 @@ impl Vfio {
                 .map(|p| p.into_iter().map(DmaAddr::Phys).collect())
                 .map_err(|e| VfioError::NoDmaAddress { va: first, why: e.to_string() }),
         }
+    }
+}
+
+/// The CPU mapping of a region to hand to the device.
+fn cpu_range(region: &dyn PeerMemory) -> Result<AddrRange<VirtAddr>, VfioError> {
+    region
+        .cpu_range()
+        .ok_or(VfioError::NoDmaAddress { va: VirtAddr::new(0), why: "the region has no CPU mapping".into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use peermem::{BarRegion, HostRegion, Topology};
+
+    use super::*;
+
+    fn registry() -> Registry {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/qemu-switch");
+        Registry::new(Arc::new(Topology::discover(root).unwrap()))
+    }
+
+    #[test]
+    fn an_owner_is_live_exactly_while_its_registration_is() {
+        let reg = registry();
+        let host = reg.register(Arc::new(HostRegion::new(8192).unwrap())).unwrap();
+        let owner = Owner::of(&reg, &host);
+        assert_eq!(owner.id(), host.id());
+        assert!(owner.is_live());
+        drop(host);
+        assert!(!owner.is_live());
+        // A BAR range without a CPU mapping is found through its bus address.
+        let cmb = BarRegion { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 8192, len: 4096 };
+        let bar = reg.register(Arc::new(cmb)).unwrap();
+        assert!(bar.bus_addr().is_some());
+        let owner = Owner::of(&reg, &bar);
+        assert!(owner.is_live());
+        drop(bar);
+        assert!(!owner.is_live());
+    }
+
+    #[test]
+    fn an_entry_the_registry_does_not_hold_gives_an_owner_that_has_ended() {
+        let (reg, other) = (registry(), registry());
+        let region: Arc<dyn PeerMemory> = Arc::new(HostRegion::new(4096).unwrap());
+        let elsewhere = other.register(region).unwrap();
+        assert!(!Owner::of(&reg, &elsewhere).is_live());
     }
 }
