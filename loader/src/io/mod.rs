@@ -1,7 +1,7 @@
 //! The I/O stage: a batch's requests kept `depth` deep in an engine (files: io_uring or a
 //! thread pool; a namespace: the VFIO driver), direct requests landing in their destination,
-//! staged ones in a staging buffer that is copied on once all of its parts arrived: by the CPU
-//! here, or by the GPU on a copy thread so reads keep flowing while the GPU copies.
+//! staged ones in a staging buffer that is copied on once all of its parts arrived (by the CPU,
+//! or by the GPU for device-local memory) on a copy thread, so reads keep flowing meanwhile.
 //!
 //! Owns: the request loop, staging-buffer hand-out and return, short-read continuation, and
 //! counting what landed. Must not: plan (the plan stage did) or give a staging buffer back
@@ -119,8 +119,8 @@ pub(crate) struct Ended {
     pub error: Option<LoadError>,
 }
 
-/// A GPU copy out of staging buffer `slot` of pool `pool` into destination run `dest`.
-struct GpuCopy {
+/// A copy out of staging buffer `slot` of pool `pool` into destination run `dest`.
+struct Drain {
     dest: usize,
     pool: usize,
     slot: usize,
@@ -129,7 +129,7 @@ struct GpuCopy {
     n: u64,
 }
 
-type Copied = (GpuCopy, Result<(), LoadError>);
+type Copied = (Drain, Result<(), LoadError>);
 
 /// The loop's state.
 struct Loop<'a, 'f> {
@@ -164,11 +164,11 @@ pub(crate) fn run(
         copying: 0,
         failed: None,
     };
-    let gpu = flow.sinks.iter().any(|s| matches!(s, Sink::Gpu { .. }));
-    let (copy_tx, copy_rx) = mpsc::channel::<GpuCopy>();
+    let staged = l.queue.iter().any(|q| matches!(q.target, Target::Stage { .. }));
+    let (copy_tx, copy_rx) = mpsc::channel::<Drain>();
     let (back_tx, back_rx) = mpsc::channel::<Copied>();
     std::thread::scope(|sc| {
-        if gpu {
+        if staged {
             sc.spawn(move || {
                 for c in copy_rx {
                     let r = drain(&flow.pools[c.pool][c.slot], c.skip, &flow.sinks[c.dest], c.doff, c.n);
@@ -181,7 +181,8 @@ pub(crate) fn run(
             drop((copy_rx, back_tx));
         }
         l.turn_until_done(engine, tags, &copy_tx, &back_rx);
-        // Ends the copy thread after its last copy (each bounded by the device's copy timeout).
+        // Ends the copy thread after its last copy (a CPU copy, or a GPU copy bounded by the
+        // device's copy timeout).
         drop(copy_tx);
     });
     let mut abandoned: Vec<usize> = l
@@ -202,7 +203,7 @@ impl Loop<'_, '_> {
         &mut self,
         engine: &mut Engine<'_>,
         tags: &mut u64,
-        copy: &Sender<GpuCopy>,
+        copy: &Sender<Drain>,
         back: &Receiver<Copied>,
     ) {
         let mut done: Vec<Done> = Vec::new();
@@ -211,7 +212,7 @@ impl Loop<'_, '_> {
             if self.flights.is_empty() && self.copying == 0 && (self.queue.is_empty() || self.failed.is_some()) {
                 return;
             }
-            // Reap reads, or (none in flight) wait for a GPU copy to give its buffer back.
+            // Reap reads, or (none in flight) wait for a copy to give its buffer back.
             done.clear();
             let mut copied: Vec<Copied> = Vec::new();
             let t = self.flow.timeout;
@@ -220,7 +221,7 @@ impl Loop<'_, '_> {
                 match back.recv_timeout(t) {
                     Ok(c) => copied.push(c),
                     Err(_) => {
-                        self.failed.get_or_insert(timeout("GPU copies out of staging"));
+                        self.failed.get_or_insert(timeout("copies out of staging"));
                         return;
                     }
                 }
@@ -313,7 +314,7 @@ impl Loop<'_, '_> {
 
     /// Handles one completion: a short direct read continues; the last part of a staged group
     /// is copied on by the CPU here, or handed to the GPU copy thread.
-    fn complete(&mut self, q: Req, res: Result<u64, LoadError>, copy: &Sender<GpuCopy>) -> Result<(), LoadError> {
+    fn complete(&mut self, q: Req, res: Result<u64, LoadError>, copy: &Sender<Drain>) -> Result<(), LoadError> {
         let r = &self.flow.reads[q.read];
         let short = |got| LoadError::ShortRead {
             path: r.source.path().map(PathBuf::from).unwrap_or_else(|| r.source.describe().into()),
@@ -354,22 +355,16 @@ impl Loop<'_, '_> {
             }
             return Ok(());
         }
+        // Every part arrived: the copy thread moves the bytes on and gives the buffer back.
         let pool = self.flow.dest_pool[q.dest];
         let slot = g.slot.expect("a staged group holds a buffer");
-        if let Sink::Gpu { .. } = self.flow.sinks[q.dest] {
-            self.groups[group].slot = None;
-            let c = GpuCopy { dest: q.dest, pool, slot, skip: g.skip, doff: g.doff, n: g.n };
-            if copy.send(c).is_err() {
-                self.free[pool].push(slot);
-                return Err(LoadError::Engine("the GPU copy thread is gone".into()));
-            }
-            self.copying += 1;
-            return Ok(());
+        self.groups[group].slot = None;
+        let c = Drain { dest: q.dest, pool, slot, skip: g.skip, doff: g.doff, n: g.n };
+        if copy.send(c).is_err() {
+            self.free[pool].push(slot);
+            return Err(LoadError::Engine("the copy thread is gone".into()));
         }
-        let r = drain(&self.flow.pools[pool][slot], g.skip, &self.flow.sinks[q.dest], g.doff, g.n);
-        self.release(group);
-        r?;
-        self.landed(q.dest, 0, g.n);
+        self.copying += 1;
         Ok(())
     }
 
