@@ -34,6 +34,14 @@ fn qemu(args: &[&str]) {
     let tool = std::env::var("PEERMEM_HOTPLUG").expect("PEERMEM_HOTPLUG: run this in the `hotplug` topology");
     let out = Command::new(tool).args(args).output().unwrap();
     println!("hotplug {}: {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() {
+        // What the guest's kernel made of it (pciehp, vfio-pci), for the report.
+        if let Ok(d) = Command::new("dmesg").output() {
+            let text = String::from_utf8_lossy(&d.stdout);
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            println!("guest kernel, last lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+    }
     assert!(out.status.success(), "hotplug {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
