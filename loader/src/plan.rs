@@ -111,10 +111,11 @@ fn check(reads: &[Read]) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// Whether two sources read the same way (a controller through the kernel or through the VFIO
-/// driver is one peer, read two ways).
-fn same_reader(a: &Source, b: &Source) -> bool {
-    a.reach() == b.reach() && a.precondition().is_ok() == b.precondition().is_ok()
+/// How a source's device reads: its reach, and whether its precondition for a direct read holds
+/// (a controller through the kernel or through the VFIO driver is one peer, read two ways; a
+/// file opened without O_DIRECT is read another).
+fn reading(src: &Source) -> (Reach, bool) {
+    (src.reach(), src.precondition().is_ok())
 }
 
 /// The address (or, without a CPU mapping, the offset) a direct read into `entry` at `doff`
@@ -154,9 +155,9 @@ impl Planner {
         let mut read_dest = Vec::with_capacity(reads.len());
         for r in reads {
             let peer = r.source.peer(reg);
-            let found = dests
-                .iter()
-                .position(|d| d.entry.id() == r.dest.id() && d.peer == peer && same_reader(&d.source, &r.source));
+            let found = dests.iter().position(|d| {
+                d.entry.id() == r.dest.id() && d.peer == peer && reading(&d.source) == reading(&r.source)
+            });
             let i = match found {
                 Some(i) => i,
                 None => {
@@ -198,7 +199,10 @@ impl Planner {
         cpu: &mut Pool,
     ) -> Result<DestRun, LoadError> {
         let entry = r.dest.entry.clone();
-        let decision = self.decide(reg, &entry, &r.source, peer, probe_at(r, &entry), cpu);
+        // The CPU's view: the probe's poison and read-back, then staged copies and verification.
+        let window = cpu_window(reg, &entry);
+        let probe = ProbeAt { window: window.as_ref().ok(), at: probe_at(r, &entry) };
+        let decision = self.decide(reg, &entry, &r.source, peer, probe, cpu);
         let mut reasons = decision.reasons.clone();
         let via = match (&decision.plan, &r.dest.gpu) {
             (_, Some(g)) if g.is_abandoned() => {
@@ -222,7 +226,7 @@ impl Planner {
         }
         let window = match via {
             Via::GpuStaged => None,
-            _ => Some(cpu_window(reg, &entry)?),
+            _ => Some(window?),
         };
         Ok(DestRun {
             entry,
@@ -245,19 +249,19 @@ impl Planner {
         entry: &Arc<Entry>,
         src: &Source,
         peer: Peer,
-        probe_at: Option<(u64, u64, u64)>,
+        probe_at: ProbeAt<'_>,
         cpu: &mut Pool,
     ) -> Decision {
-        let key = (entry.id(), peer, src.reach(), src.precondition().is_ok());
+        let (reach, direct_ok) = reading(src);
+        let key = (entry.id(), peer, reach, direct_ok);
         if let Some(c) = self.decisions.get(&key) {
             return c.decision.clone();
         }
         let route = reg.resolve(entry, peer);
-        let window = cpu_window(reg, entry).ok();
-        let probe = match (entry.provider(), probe_at, window) {
+        let probe = match (entry.provider(), probe_at.at, probe_at.window) {
             (Provider::Pci(_), Some((at, doff, n)), Some(w)) => {
                 let n = n.min(cpu.slot_len() / src.align() * src.align());
-                let (w1, w2) = (w.clone(), w);
+                let (w1, w2) = (w.clone(), w.clone());
                 let known = move || -> Result<Vec<u8>, LoadError> { src.read_known(reg, cpu.first()?, at, n) };
                 (n > 0).then(|| Probe::Known {
                     len: n as usize,
@@ -274,6 +278,13 @@ impl Planner {
         self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: decision.clone() });
         decision
     }
+}
+
+/// Where a probe can run: the destination as the CPU reaches it (`None`: it cannot), and the
+/// source offset, destination offset and bytes (`None`: the read allows no probe).
+struct ProbeAt<'w> {
+    window: Option<&'w Arc<dyn PeerMemory>>,
+    at: Option<(u64, u64, u64)>,
 }
 
 /// Where a probe of read `r`'s route can run: (source offset, destination offset, bytes), when
