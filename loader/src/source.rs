@@ -56,6 +56,18 @@ struct NvmeSource {
     ns: Namespace,
 }
 
+impl FileSource {
+    /// `n` bytes at `at` straight into `mem` at `off` in one `pread` (a short read is an error).
+    fn read_exact(&self, at: u64, mem: &dyn PeerMemory, off: u64, n: u64) -> Result<(), LoadError> {
+        let got = crate::sys::pread_into(&self.file, at, mem, off, n)
+            .map_err(|source| LoadError::Io { path: self.path.clone(), source })?;
+        if (got as u64) < n {
+            return Err(LoadError::ShortRead { path: self.path.clone(), offset: at, got: got as u64, want: n });
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
@@ -265,14 +277,7 @@ impl Source {
     /// any batch (the route probe's transfer).
     pub(crate) fn read_into(&self, reg: &Registry, at: u64, entry: &Entry, doff: u64, n: u64) -> Result<(), LoadError> {
         match &*self.0 {
-            Kind::File(f) => {
-                let got = crate::sys::pread_into(&f.file, at, &**entry.region(), doff, n)
-                    .map_err(|source| LoadError::Io { path: f.path.clone(), source })?;
-                if (got as u64) < n {
-                    return Err(LoadError::ShortRead { path: f.path.clone(), offset: at, got: got as u64, want: n });
-                }
-                Ok(())
-            }
+            Kind::File(f) => f.read_exact(at, &**entry.region(), doff, n),
             Kind::Nvme(s) => {
                 let mut c = s.ctrl.lock().unwrap_or_else(|p| p.into_inner());
                 Ok(c.transfer(reg, Dir::Read, entry, doff, at / s.ns.block_size, n)?)
@@ -284,13 +289,7 @@ impl Source {
     /// buffer `slot`: the known-good path a route probe compares with.
     pub(crate) fn read_known(&self, reg: &Registry, slot: &mut Slot, at: u64, n: u64) -> Result<Vec<u8>, LoadError> {
         match &*self.0 {
-            Kind::File(f) => {
-                let got = crate::sys::pread_into(&f.file, at, &*slot.region, 0, n)
-                    .map_err(|source| LoadError::Io { path: f.path.clone(), source })?;
-                if (got as u64) < n {
-                    return Err(LoadError::ShortRead { path: f.path.clone(), offset: at, got: got as u64, want: n });
-                }
-            }
+            Kind::File(f) => f.read_exact(at, &*slot.region, 0, n)?,
             Kind::Nvme(_) => {
                 let entry = slot.register(reg)?.clone();
                 self.read_into(reg, at, &entry, 0, n)?;
@@ -304,21 +303,15 @@ impl Source {
     /// xxh3-64 of `len` bytes at `off`, read a second time: a file through the page cache (a
     /// second, buffered open), a namespace through the host staging buffer `slot`.
     pub(crate) fn hash(&self, reg: &Registry, slot: &mut Slot, off: u64, len: u64) -> Result<u64, LoadError> {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
         match &*self.0 {
             Kind::File(f) => {
                 let io = |source| LoadError::Io { path: f.path.clone(), source };
                 let file = File::open(&f.path).map_err(io)?;
-                let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-                let mut o = 0;
-                while o < len {
-                    let n = (buf.len() as u64).min(len - o) as usize;
-                    file.read_exact_at(&mut buf[..n], off + o).map_err(io)?;
-                    h.update(&buf[..n]);
-                    o += n as u64;
-                }
+                xxh3_in_pieces(len, |o, buf| file.read_exact_at(buf, off + o).map_err(io))
             }
             Kind::Nvme(s) => {
+                // Whole blocks through the staging buffer; only the asked bytes are hashed.
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
                 let bs = s.ns.block_size;
                 let (mut p, end) = (off / bs * bs, off + len);
                 while p < end {
@@ -329,9 +322,9 @@ impl Source {
                     h.update(&v[lo..hi]);
                     p += n;
                 }
+                Ok(h.digest())
             }
         }
-        Ok(h.digest())
     }
 
     /// Whether this is a block device that now reads as empty (what a namespace whose
@@ -345,4 +338,19 @@ impl Source {
             Kind::Nvme(_) => false,
         }
     }
+}
+
+/// xxh3-64 of `len` bytes that `read(offset, buf)` copies out a piece (up to 1 MiB) at a time:
+/// no buffer of the whole range, and no reference over memory a device may write.
+pub(crate) fn xxh3_in_pieces<E>(len: u64, mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>) -> Result<u64, E> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+    let mut o = 0;
+    while o < len {
+        let n = (buf.len() as u64).min(len - o) as usize;
+        read(o, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        o += n as u64;
+    }
+    Ok(h.digest())
 }

@@ -6,12 +6,12 @@
 //! memory a device may write).
 
 use peermem::{PeerMemory, Registry};
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::batch::Read;
 use crate::error::LoadError;
 use crate::options::Verify;
 use crate::plan::DestRun;
+use crate::source::xxh3_in_pieces;
 use crate::stage::Pool;
 
 /// What the verify stage found: per read, in batch order.
@@ -23,18 +23,9 @@ pub(crate) struct Checked {
     pub fallbacks: Vec<String>,
 }
 
-/// xxh3-64 of `len` bytes of `w` at `off` (copied out in 1 MiB pieces).
-pub(crate) fn hash_region(w: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, peermem::AccessError> {
-    let mut h = Xxh3::new();
-    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-    let mut o = 0;
-    while o < len {
-        let n = (buf.len() as u64).min(len - o) as usize;
-        w.read_at(off + o, &mut buf[..n])?;
-        h.update(&buf[..n]);
-        o += n as u64;
-    }
-    Ok(h.digest())
+/// xxh3-64 of `len` bytes of `w` at `off` (copied out in pieces).
+fn hash_region(w: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, peermem::AccessError> {
+    xxh3_in_pieces(len, |o, buf| w.read_at(off + o, buf))
 }
 
 /// Checks every read of a batch as `how` says; the first that differs is a `HashMismatch`
