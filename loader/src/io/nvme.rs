@@ -28,15 +28,18 @@ pub(crate) struct Nvme<'a> {
     source: &'a Source,
     registry: &'a Registry,
     depth: usize,
+    /// The namespace's block size (a read's offset becomes its first LBA).
+    block: u64,
     pending: Vec<(u64, Arc<Entry>, Io)>,
 }
 
 impl<'a> Nvme<'a> {
     pub(crate) fn new(source: &'a Source, registry: &'a Registry, depth: usize, timeout: std::time::Duration) -> Self {
-        if let Some(mut c) = source.ctrl() {
+        let block = source.ctrl().map_or(1, |mut c| {
             c.set_timeout(timeout);
-        }
-        Nvme { source, registry, depth, pending: Vec::new() }
+            c.namespace().block_size
+        });
+        Nvme { source, registry, depth, block, pending: Vec::new() }
     }
 
     /// Queues a read of `len` bytes (whole blocks) at byte `off` of the namespace into `mem` at
@@ -45,8 +48,7 @@ impl<'a> Nvme<'a> {
         if self.pending.len() >= window(self.depth) {
             return false;
         }
-        let bs = self.source.ctrl().map_or(1, |c| c.namespace().block_size);
-        self.pending.push((tag, mem.clone(), Io { offset: mem_off, lba: off / bs, len }));
+        self.pending.push((tag, mem.clone(), Io { offset: mem_off, lba: off / self.block, len }));
         true
     }
 
