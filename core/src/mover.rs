@@ -57,12 +57,6 @@ pub enum Plan {
     Bounce(BounceReason),
 }
 
-impl Plan {
-    pub fn is_direct(&self) -> bool {
-        matches!(self, Plan::Direct)
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BounceReason {
     /// The registry has no route for the pair (why not).
@@ -122,12 +116,9 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn is_direct(&self) -> bool {
-        self.plan.is_direct()
-    }
     /// The route's CLI/JSON name (`unresolved` when there is none).
     pub fn route_name(&self) -> &'static str {
-        self.route.as_ref().map_or("unresolved", RouteKind::name)
+        RouteKind::name_of(self.route.as_ref())
     }
 }
 

@@ -61,6 +61,12 @@ impl RouteKind {
         }
     }
 
+    /// The name of `route`, or `unresolved` where the registry gave none (a `Decision`'s or a
+    /// report's route).
+    pub fn name_of(route: Option<&RouteKind>) -> &'static str {
+        route.map_or("unresolved", RouteKind::name)
+    }
+
     /// The address a device programs, for the kinds that have one.
     pub fn dma_address(&self) -> Option<DmaAddr> {
         match *self {

@@ -49,7 +49,7 @@ pub struct DestReport {
 impl DestReport {
     /// The route's CLI/JSON name (`unresolved` when there is none).
     pub fn route_name(&self) -> &'static str {
-        self.route.as_ref().map_or("unresolved", RouteKind::name)
+        RouteKind::name_of(self.route.as_ref())
     }
 }
 
