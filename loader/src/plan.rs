@@ -1,7 +1,8 @@
 //! The plan stage: every read of a batch checked before any starts, one decision per
-//! destination and reading device from the mover's planner (cached per loader, device memory
-//! probed once with the source's own bytes), and each read split into a direct body and staged
-//! pieces, as requests of at most `chunk` bytes.
+//! destination and reader (a device, or the CPU for reads through the page cache) from the
+//! mover's planner (cached per loader, device memory probed once with the source's own bytes),
+//! and each read split into a direct body and staged pieces, as requests of at most `chunk`
+//! bytes.
 //!
 //! Owns: range checks, strictness, the alignment split, the decision cache. Must not: decide
 //! direct or bounce itself (`peermem::mover` does), move bytes, or compute an address.
@@ -90,7 +91,7 @@ struct Cached {
 /// The loader's memory of decisions and of routes probed broken.
 #[derive(Default)]
 pub(crate) struct Planner {
-    decisions: HashMap<(RegionId, Peer, Reach, bool), Cached>,
+    decisions: HashMap<(RegionId, Peer, Reach), Cached>,
     health: RouteHealth,
 }
 
@@ -109,13 +110,6 @@ fn check(reads: &[Read]) -> Result<(), LoadError> {
         }
     }
     Ok(())
-}
-
-/// How a source's device reads: its reach, and whether its precondition for a direct read holds
-/// (a controller through the kernel or through the VFIO driver is one peer, read two ways; a
-/// file opened without O_DIRECT is read another).
-fn reading(src: &Source) -> (Reach, bool) {
-    (src.reach(), src.precondition().is_ok())
 }
 
 /// The address (or, without a CPU mapping, the offset) a direct read into `entry` at `doff`
@@ -156,7 +150,9 @@ impl Planner {
         for r in reads {
             let peer = r.source.peer(reg);
             let found = dests.iter().position(|d| {
-                d.entry.id() == r.dest.id() && d.peer == peer && reading(&d.source) == reading(&r.source)
+                // One peer can read two ways (a controller through the kernel or through the VFIO
+                // driver); a file read through the page cache is read by the CPU.
+                d.entry.id() == r.dest.id() && d.peer == peer && d.source.reach() == r.source.reach()
             });
             let i = match found {
                 Some(i) => i,
@@ -174,10 +170,11 @@ impl Planner {
             misaligned += split(&mut planned, i, r, opts)? as u32;
         }
         let mut files: Vec<&Source> = Vec::new();
-        for r in reads.iter().filter(|r| !r.source.is_direct()) {
+        for r in reads.iter().filter(|r| r.source.refused_direct()) {
             if !files.iter().any(|f| f.same(&r.source)) {
                 files.push(&r.source);
-                planned.fallbacks.push(format!("{}: read through the page cache", r.source.describe()));
+                let path = r.source.path().map(|p| p.display().to_string()).unwrap_or_default();
+                planned.fallbacks.push(format!("{path}: the filesystem refused O_DIRECT: read through the page cache"));
             }
         }
         if misaligned > 0 {
@@ -204,6 +201,7 @@ impl Planner {
         let probe = ProbeAt { window: window.as_ref().ok(), at: probe_at(r, &entry) };
         let decision = self.decide(reg, &entry, &r.source, peer, probe, cpu);
         let mut reasons = decision.reasons.clone();
+        reasons.extend(r.source.io_reason());
         let via = match (&decision.plan, &r.dest.gpu) {
             (_, Some(g)) if g.is_abandoned() => {
                 return Err(LoadError::Engine(
@@ -252,8 +250,8 @@ impl Planner {
         probe_at: ProbeAt<'_>,
         cpu: &mut Pool,
     ) -> Decision {
-        let (reach, direct_ok) = reading(src);
-        let key = (entry.id(), peer, reach, direct_ok);
+        let reach = src.reach();
+        let key = (entry.id(), peer, reach);
         if let Some(c) = self.decisions.get(&key) {
             return c.decision.clone();
         }
@@ -273,7 +271,7 @@ impl Planner {
             }
             _ => None,
         };
-        let ask = Ask { entry, peer, reach: src.reach(), precondition: src.precondition() };
+        let ask = Ask { entry, peer, reach, precondition: Ok(()) };
         let decision = self.health.decide(route.as_ref(), ask, probe);
         self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: decision.clone() });
         decision
