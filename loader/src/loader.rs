@@ -279,6 +279,7 @@ impl Worker {
             v
         });
         let cpu_staged = self.prepare_staging(&reg, &p, reads, &stages)?;
+        let requests = p.queue.len();
         let t0 = Instant::now();
         let done = self.move_bytes(&reg, &mut p, reads, &stages, cpu_staged);
         let seconds = t0.elapsed().as_secs_f64();
@@ -301,6 +302,7 @@ impl Worker {
             bytes: batch.bytes(),
             seconds,
             engine: engines,
+            requests,
             io: sources_io(reads),
             dests: self.dest_reports(&p, &moved, &fixed),
             fallbacks,

@@ -2,10 +2,12 @@
 //! destination and reader (a device, or the CPU for reads through the page cache) from the
 //! mover's planner (cached per loader, device memory probed once with the source's own bytes),
 //! and each read split into a direct body and staged pieces, as requests of at most `chunk`
-//! bytes.
+//! bytes; direct requests of one source that continue each other in the file and in the
+//! destination are merged into one (up to `chunk`).
 //!
-//! Owns: range checks, strictness, the alignment split, the decision cache. Must not: decide
-//! direct or bounce itself (`peermem::mover` does), move bytes, or compute an address.
+//! Owns: range checks, strictness, the alignment split, coalescing, the decision cache. Must
+//! not: decide direct or bounce itself (`peermem::mover` does), move bytes, or compute an
+//! address.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -166,8 +168,8 @@ impl Planner {
         let mut planned =
             Planned { dests, read_dest, queue: VecDeque::new(), groups: Vec::new(), fallbacks: Vec::new() };
         let mut misaligned = 0;
-        for (i, r) in reads.iter().enumerate() {
-            misaligned += split(&mut planned, i, r, opts)? as u32;
+        for i in 0..reads.len() {
+            misaligned += split(&mut planned, reads, i, opts)? as u32;
         }
         let mut files: Vec<&Source> = Vec::new();
         for r in reads.iter().filter(|r| r.source.refused_direct()) {
@@ -292,10 +294,32 @@ fn probe_at(r: &Read, entry: &Entry) -> Option<(u64, u64, u64)> {
     (n > 0 && r.source.is_direct()).then_some((r.offset, r.dest_offset, n))
 }
 
+/// Queues direct request `q` of read `reads[q.read]`, merged into the request queued last when
+/// that one is direct into the same destination run, reads the same source, ends where `q`
+/// starts both in the source and in the destination, and the two stay within `chunk` bytes.
+fn push_direct(p: &mut Planned, reads: &[Read], q: Req, chunk: u64) {
+    if let (Some(last), Target::Direct { doff }) = (p.queue.back_mut(), q.target) {
+        if let Target::Direct { doff: last_doff } = last.target {
+            if last.dest == q.dest
+                && reads[last.read].source.same(&reads[q.read].source)
+                && last.off + last.len == q.off
+                && last_doff + last.len == doff
+                && last.len + q.len <= chunk
+            {
+                last.len += q.len;
+                return;
+            }
+        }
+    }
+    p.queue.push_back(q);
+}
+
 /// Splits read `i` into requests: its direct body (when its destination goes direct) in `chunk`
-/// pieces, the rest as aligned staged groups of one staging buffer each. Returns whether a
-/// direct destination had a misaligned part (refused when strict).
-fn split(p: &mut Planned, i: usize, r: &Read, opts: &Options) -> Result<bool, LoadError> {
+/// pieces (merged with a neighbour's, `push_direct`), the rest as aligned staged groups of one
+/// staging buffer each. Returns whether a direct destination had a misaligned part (refused when
+/// strict).
+fn split(p: &mut Planned, reads: &[Read], i: usize, opts: &Options) -> Result<bool, LoadError> {
+    let r = &reads[i];
     let chunk = opts.block_chunk();
     let di = p.read_dest[i];
     let d = &p.dests[di];
@@ -304,9 +328,10 @@ fn split(p: &mut Planned, i: usize, r: &Read, opts: &Options) -> Result<bool, Lo
     while o < body {
         let n = chunk.min(body - o);
         let target = Target::Direct { doff: r.dest_offset + o };
-        p.queue.push_back(Req { read: i, dest: di, off: r.offset + o, len: n, target });
+        push_direct(p, reads, Req { read: i, dest: di, off: r.offset + o, len: n, target }, chunk);
         o += n;
     }
+    let d = &p.dests[di];
     if body == r.len {
         return Ok(false);
     }

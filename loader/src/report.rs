@@ -64,6 +64,8 @@ pub struct Report {
     pub seconds: f64,
     /// The I/O engines that ran, and why when one is a fallback.
     pub engine: String,
+    /// Read requests the batch ran (direct requests that continue each other merged).
+    pub requests: usize,
     /// How each source of the batch was read and why, once per source: `path: mode: why`.
     pub io: Vec<String>,
     pub dests: Vec<DestReport>,
@@ -112,7 +114,7 @@ impl Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "engine:     {}", self.engine)?;
+        writeln!(f, "engine:     {} ({} requests)", self.engine, self.requests)?;
         if self.io.len() > 1 {
             for s in &self.io {
                 writeln!(f, "io:         {s}")?;

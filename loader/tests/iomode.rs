@@ -1,6 +1,6 @@
 //! How files are read: O_DIRECT, through the page cache (buffered), or as Auto judges from the
-//! page cache and memory. Files in a tempdir (on the build machine's disk), host memory as the
-//! destination.
+//! page cache and memory; and requests of one source that continue each other merged into one.
+//! Files in a tempdir (on the build machine's disk), host memory as the destination.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -241,4 +241,41 @@ fn auto_reads_device_memory_with_o_direct_and_host_memory_through_the_page_cache
     let on = |id| r.dests.iter().find(|x| x.region == id).unwrap();
     assert!(on(gd.id()).io.starts_with("O_DIRECT: the destination is device memory"), "{r}");
     assert!(on(gh.id()).io.starts_with("buffered:"), "{r}");
+}
+
+/// Unshuffled 4 KiB records, one after another in the file and in the destination: their
+/// requests merge up to the chunk size (fewer requests, the same bytes); shuffled ones do not.
+#[test]
+fn contiguous_records_merge_into_chunk_sized_requests() {
+    const REC: u64 = 4096;
+    const N: u64 = 256;
+    let d = tempfile::tempdir().unwrap();
+    let data = pattern(5, (REC * N) as usize);
+    let p = cached_file(d.path(), "src", &data);
+    let reg = registry();
+    let (h, g) = host(&reg, REC * N);
+    for io in [IoMode::Direct, IoMode::Buffered] {
+        let loader = Loader::new(&reg, opts(io)).unwrap();
+        let f = loader.open(&p).unwrap();
+        let run = |order: &[u64]| {
+            h.write_at(0, &vec![0u8; (REC * N) as usize]).unwrap();
+            let mut b = Batch::new();
+            for (k, &i) in order.iter().enumerate() {
+                b.read(&f, i * REC, REC, &g, k as u64 * REC);
+            }
+            let r = loader.run(b).unwrap();
+            for (k, &i) in order.iter().enumerate() {
+                let s = (i * REC) as usize;
+                assert!(back(&*h, k as u64 * REC, REC as usize) == data[s..s + REC as usize], "{io:?} record {i}");
+            }
+            assert_eq!((r.bytes, r.bytes_direct()), (REC * N, REC * N), "{io:?}");
+            r.requests
+        };
+        let in_order: Vec<u64> = (0..N).collect();
+        let requests = run(&in_order);
+        assert_eq!(requests as u64, REC * N / (256 << 10), "{io:?}: one request per 256 KiB chunk");
+        // Every other record reversed: no two neighbours continue each other.
+        let scattered: Vec<u64> = (0..N).map(|i| if i % 2 == 0 { i } else { N - i }).collect();
+        assert_eq!(run(&scattered) as u64, N, "{io:?}");
+    }
 }
