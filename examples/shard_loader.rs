@@ -99,7 +99,8 @@ fn run(a: Args) -> Result<()> {
     let reg = Registry::new(topo);
     let dev = Device::open(Select::Best).context("a Vulkan device")?;
     let loader = Arc::new(Loader::new(&reg, Options::from_env()?)?);
-    let files = paths.iter().map(|p| loader.open(p)).collect::<Result<Vec<_>, _>>()?;
+    // One data set: the I/O mode (PEERMEM_IO, Auto by default) judges the files together.
+    let files = loader.open_many(&paths)?;
     let opts = ShardOptions {
         batch_size: a.batch,
         prefetch: a.prefetch,

@@ -1,6 +1,7 @@
 //! `peermem load FILE... --dest host|vulkan|vulkan-device|p2pmem:BDF|bar:BDF:N`: the loader from
-//! the shell (what `gdsio` is for GPUDirect Storage). Prints the route, how the bytes moved, why,
-//! and MB/s; `--json` prints one object. A thin layer over `peermem-loader`.
+//! the shell (what `gdsio` is for GPUDirect Storage). Prints the route, how each file was read
+//! (O_DIRECT or through the page cache, and why), how the bytes moved, why, and MB/s; `--json`
+//! prints one object. A thin layer over `peermem-loader`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use peermem::{BarRegion, Bdf, HostRegion, PeerMemory, Registration, Registry, Topology};
 use peermem_loader::options::parse_size;
-use peermem_loader::{Batch, Dest, LoadError, Loader, Options, Report, Source, Verify};
+use peermem_loader::{Batch, Dest, IoMode, LoadError, Loader, Options, Report, Source, Verify};
 use peermem_vulkan::{Device, Placement, Select};
 use serde_json::json;
 
@@ -35,6 +36,10 @@ pub struct LoadArgs {
     /// Requests in flight (default: PEERMEM_DEPTH or the loader's default).
     #[arg(long)]
     depth: Option<usize>,
+    /// How files are read: auto (judged from the page cache and memory), direct (O_DIRECT) or
+    /// buffered (through the page cache). Default: PEERMEM_IO or auto.
+    #[arg(long, value_name = "auto|direct|buffered")]
+    io: Option<IoMode>,
     /// Fail unless every byte goes direct.
     #[arg(long)]
     strict: bool,
@@ -148,6 +153,9 @@ fn options(a: &LoadArgs) -> Result<Options> {
     if let Some(d) = a.depth {
         opts.depth = d;
     }
+    if let Some(io) = a.io {
+        opts.io = io;
+    }
     opts.strict |= a.strict;
     if a.verify {
         opts.verify = Verify::Reread;
@@ -164,8 +172,8 @@ type Range = (Source, u64, u64, u64);
 fn ranges(loader: &Loader, a: &LoadArgs) -> Result<(Vec<Range>, u64)> {
     let mut ranges = Vec::new();
     let mut total = 0u64;
-    for p in &a.files {
-        let f = loader.open(p)?;
+    // One data set: Auto judges the files together against memory.
+    for f in loader.open_many(&a.files)? {
         let len = a.len.unwrap_or(f.len().saturating_sub(a.offset));
         if a.offset >= f.len() || len == 0 || a.offset.checked_add(len).is_none_or(|e| e > f.len()) {
             bail!(LoadError::BadRange { start: a.offset, end: a.offset.saturating_add(len), len: f.len() });
@@ -265,10 +273,13 @@ fn print(a: &LoadArgs, opts: &Options, dest_name: &str, report: &Report, cpu: Op
         "method": report.via(),
         "direct": report.direct(),
         "engine": report.engine,
+        "requests": report.requests,
+        "io": report.io,
         "reasons": report.reasons(),
         "dests": report.dests.iter().map(|d| json!({
             "region": d.region.to_string(),
             "source": d.source,
+            "io": d.io,
             "route": d.route_name(),
             "method": d.via.name(),
             "how": d.method,

@@ -68,6 +68,7 @@ fn bad_input_exits_2_with_one_line() {
         vec![ps, "--len", "10001"],
         vec![ps, "--depth", "0"],
         vec![ps, "--chunk", "lots"],
+        vec![ps, "--io", "bogus"],
         vec!["/dev/zero"],
         vec![d.path().to_str().unwrap()],
     ] {
@@ -79,6 +80,37 @@ fn bad_input_exits_2_with_one_line() {
     let o = peermem(&[ps, "--strict", "--offset", "5", "--len", "100"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("strict"), "{}", stderr(&o));
+}
+
+/// `--io` picks how files are read; the report says which mode ran, per file, and why. Through
+/// the page cache an unaligned range lands direct (nothing staged), and strict allows it.
+#[test]
+fn load_reads_files_as_io_says_and_reports_the_mode_and_why() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.bin");
+    std::fs::write(&p, (0..300_000u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>()).unwrap();
+    let ps = p.to_str().unwrap();
+    let v = json(&peermem(&[ps, "--json", "--io", "buffered", "--offset", "5", "--len", "100000", "--strict"]));
+    assert_eq!((v["method"].as_str(), v["direct"].as_bool()), (Some("direct"), Some(true)));
+    assert_eq!(v["dests"][0]["bytes_staged"], 0, "{v}");
+    assert!(v["dests"][0]["io"].as_str().unwrap().starts_with("buffered: asked for"), "{v}");
+    let io = v["io"].as_array().unwrap();
+    assert!(io.len() == 1 && io[0].as_str().unwrap().starts_with(&format!("{ps}: buffered:")), "{v}");
+    assert!(v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r.as_str().unwrap().starts_with("read through the page cache")));
+    let v = json(&peermem(&[ps, "--json", "--io", "direct"]));
+    assert!(v["dests"][0]["io"].as_str().unwrap().starts_with("O_DIRECT: asked for"), "{v}");
+    assert!(v["requests"].as_u64().unwrap() >= 1, "{v}");
+    // Auto on a file just written (cached): through the page cache, saying so.
+    let v = json(&peermem(&[ps, "--json"]));
+    assert!(v["dests"][0]["io"].as_str().unwrap().contains("already in the page cache"), "{v}");
+    // The text report names the mode too.
+    let o = peermem(&[ps, "--io", "buffered"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("io:       buffered: asked for"), "{text}");
 }
 
 #[test]

@@ -103,6 +103,10 @@ pub enum Reach {
     KernelPages,
     /// The device's kernel driver imports the region's dma-buf (`ibv_reg_dmabuf_mr`).
     DmaBufImport,
+    /// The CPU stores the bytes, as a buffered read's copy from the page cache does: direct into
+    /// any region with a CPU mapping (host pages, a mapped BAR, host-visible GPU memory),
+    /// whatever the route; a region without one cannot be stored into.
+    CpuCopy,
 }
 
 /// The one answer to "does this transfer go direct?": the plan, the route it rests on, and every
@@ -159,6 +163,8 @@ pub fn reachable(route: &RouteKind, entry: &Entry, reach: Reach) -> Result<(), S
         }
         (Reach::DmaBufImport, RouteKind::KernelImport) => Ok(()),
         (Reach::DmaBufImport, k) => Err(format!("the region is not a dma-buf (route {})", k.name())),
+        (Reach::CpuCopy, _) if mapped => Ok(()),
+        (Reach::CpuCopy, _) => Err("the region has no CPU mapping for the CPU to store into".into()),
     }
 }
 
@@ -261,8 +267,8 @@ impl RouteHealth {
     /// data into `ask.entry` directly, given the registry's answer for the pair (`route`). Bounce
     /// when there is no route, when the caller's precondition fails, when the route is not
     /// direct for this initiator (`reachable`) or was proven broken; otherwise, for device
-    /// memory, probe it once (when `probe` is given) before trusting it. A probe that cannot
-    /// run bounces.
+    /// memory a device writes, probe it once (when `probe` is given) before trusting it (CPU
+    /// stores need none). A probe that cannot run bounces.
     pub fn decide<E: std::fmt::Display>(
         &self,
         route: Result<&Route<'_>, &ResolveError>,
@@ -301,6 +307,10 @@ impl RouteHealth {
             return Plan::Bounce(BounceReason::Broken(b));
         }
         if matches!(ask.entry.provider(), Provider::Host { .. }) {
+            return Plan::Direct;
+        }
+        if ask.reach == Reach::CpuCopy {
+            reasons.push("probe: none: the CPU stores through the mapping a probe would read back through".into());
             return Plan::Direct;
         }
         match probe {
@@ -518,6 +528,58 @@ mod tests {
         // Host memory needs no probe.
         let d = RouteHealth::new().decide::<String>(Ok(&cpu), ask(&host, Reach::KernelPages), None);
         assert_eq!(d.plan, Plan::Direct);
+    }
+
+    /// A buffered read's CPU copy out of the page cache needs only a CPU mapping: host pages and
+    /// a mapped BAR (a P2PDMA or host-visible GPU region) go direct whatever the route, with no
+    /// probe; a BAR the CPU has no mapping of does not, and the CPU resolves no route to it.
+    #[test]
+    fn a_cpu_copy_goes_direct_into_any_cpu_mapped_region_and_nowhere_else() {
+        let reg = registry();
+        let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+        let cpu = reg.resolve(&host, Peer::Cpu).unwrap();
+        assert!(matches!(cpu.kind, RouteKind::CpuMapped(_)), "{:?}", cpu.kind);
+        assert!(reachable(&cpu.kind, &host, Reach::CpuCopy).is_ok());
+        // Whatever route a device would take, the CPU's own mapping is what it stores through.
+        assert!(reachable(&RouteKind::KernelImport, &host, Reach::CpuCopy).is_ok());
+        assert!(reachable(&RouteKind::Bounce(BounceWhy::NotSupported), &host, Reach::CpuCopy).is_err());
+        let d = RouteHealth::new().decide::<String>(Ok(&cpu), ask(&host, Reach::CpuCopy), None);
+        assert_eq!(d.plan, Plan::Direct);
+
+        // Device memory the CPU maps (here a P2PDMA-style region): direct, and no probe is run.
+        struct MappedBar(HostRegion);
+        impl PeerMemory for MappedBar {
+            fn len(&self) -> u64 {
+                self.0.len()
+            }
+            fn provider(&self) -> Provider {
+                Provider::Pci("0000:03:00.0".parse().unwrap())
+            }
+            fn backing(&self) -> Backing<'_> {
+                Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
+            }
+            fn cpu_mapping(&self) -> Option<crate::mem::MappedSpan<'_>> {
+                self.0.cpu_mapping()
+            }
+        }
+        let mapped = reg.register(Arc::new(MappedBar(HostRegion::new(4096).unwrap()))).unwrap();
+        let r = reg.resolve(&mapped, Peer::Cpu).unwrap();
+        assert!(matches!(r.kind, RouteKind::CpuMapped(_)), "{:?}", r.kind);
+        let never: Fns = Probe::Canary {
+            len: 64,
+            write: Box::new(|_: &[u8]| panic!("probed a CPU copy")),
+            read_back: Box::new(|_: &mut [u8]| Ok(())),
+        };
+        let d = RouteHealth::new().decide(Ok(&r), ask(&mapped, Reach::CpuCopy), Some(never));
+        assert_eq!(d.plan, Plan::Direct, "{d:?}");
+        assert!(d.reasons.iter().any(|s| s.contains("the CPU stores")), "{:?}", d.reasons);
+
+        // A raw BAR without a CPU mapping: the CPU has no route, and a CPU copy cannot reach it.
+        let raw = bar(&reg);
+        assert!(matches!(reg.resolve(&raw, Peer::Cpu), Err(ResolveError::NoCpuMapping(_))));
+        let bus = route(RouteKind::BusAddr(crate::BusAddr::new(0)));
+        let e = reachable(&bus.kind, &raw, Reach::CpuCopy).unwrap_err();
+        assert!(e.contains("no CPU mapping"), "{e}");
     }
 
     #[test]

@@ -27,7 +27,9 @@ impl Batch {
     pub fn new() -> Batch {
         Batch::default()
     }
-    /// Adds a read of `len` bytes of `source` at `offset` into `dest` at `dest_offset`.
+    /// Adds a read of `len` bytes of `source` at `offset` into `dest` at `dest_offset` (through
+    /// the source's O_DIRECT twin when an Auto source read through the page cache meets device
+    /// memory: `Source::for_dest`).
     pub fn read(
         &mut self,
         source: &Source,
@@ -37,7 +39,8 @@ impl Batch {
         dest_offset: u64,
     ) -> &mut Self {
         let dest = dest.into();
-        self.reads.push(Read { source: source.clone(), offset, len, dest, dest_offset, expect: None });
+        let source = source.for_dest(&dest.entry);
+        self.reads.push(Read { source, offset, len, dest, dest_offset, expect: None });
         self
     }
     /// As `read`, with the xxh3-64 the bytes must have (checked when verification is on).

@@ -7,10 +7,13 @@
 //! `submit(batch) -> Ticket`, `ticket.wait() -> Report`. Each batch runs through four stages,
 //! each a module: plan, I/O, verify, report.
 //!
-//! - [`options`]: `Options`, `Verify`, `Engine`, and the `PEERMEM_*` variables that set them.
+//! - [`options`]: `Options`, `Verify`, `Engine`, `IoMode`, and the `PEERMEM_*` variables that
+//!   set them.
 //! - [`error`]: `LoadError`, the crate's one error type.
-//! - [`source`]: `Source`: a file or block device through the kernel, or a namespace through
-//!   the VFIO driver, with its reading device, reach, alignment, known-bytes reads and hashing.
+//! - [`source`]: `Source`: a file or block device through the kernel (O_DIRECT or the page
+//!   cache), or a namespace through the VFIO driver, with its reader, reach, alignment,
+//!   known-bytes reads and hashing.
+//! - `pagecache`: the Auto I/O mode's rule and its measurements (page-cache residency, memory).
 //! - `dest`: `Dest`: a registered region, optionally with GPU staging (device-local memory).
 //! - `batch`: `Batch`: reads submitted together.
 //! - `plan`: stage 1: checks, one planner decision per destination and reading device, the
@@ -23,7 +26,8 @@
 //! - `loader`: `Loader` and `Ticket`: the worker running batches through the stages.
 //! - `gone`: a failed batch whose device left the machine becomes `LoadError::DeviceGone`.
 //! - [`shard`]: `ShardReader`: shuffled, sharded record batches into a ring of buffers.
-//! - `sys`: the FFI edge: `pread` into mapped memory and the io_uring ring.
+//! - `sys`: the FFI edge: `pread` into mapped memory, the io_uring ring, and the page-cache calls
+//!   (`cachestat`, `mincore`, `posix_fadvise`, clearing O_DIRECT).
 
 mod batch;
 mod dest;
@@ -32,6 +36,7 @@ mod gone;
 mod io;
 mod loader;
 pub mod options;
+mod pagecache;
 mod plan;
 pub mod report;
 pub mod shard;
@@ -45,7 +50,7 @@ pub use batch::Batch;
 pub use dest::Dest;
 pub use error::LoadError;
 pub use loader::{Loader, Ticket};
-pub use options::{Engine, Options, Verify};
+pub use options::{Engine, IoMode, Options, Verify};
 pub use report::{DestReport, Report, Via};
 pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{Source, ALIGN};

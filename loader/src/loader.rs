@@ -1,5 +1,6 @@
 //! `Loader`: the only way the loader moves bytes. `Loader::new(&registry, opts)`, `open(path)`
-//! (or `open_nvme(controller)`), `submit(batch) -> Ticket`, `ticket.wait()`. A worker thread
+//! (`open_many(paths)` for a data set, `open_nvme(controller)`), `submit(batch) -> Ticket`,
+//! `ticket.wait()`. A worker thread
 //! runs each batch through the stages: plan (`plan`), I/O (`io`), verify (`verify`), report
 //! (`report`).
 //!
@@ -160,11 +161,20 @@ impl Loader {
         self.progress.load(Ordering::Relaxed)
     }
 
-    /// Opens a file or block device, O_DIRECT when the filesystem allows.
+    /// Opens a file or block device, read as the options' `io` mode says (Auto: judged alone
+    /// against memory; see `open_many`).
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Source, LoadError> {
-        Source::open(path, &self.registry)
+        let mut v = self.open_many(&[path])?;
+        Ok(v.remove(0))
     }
-    /// Opens the first namespace of NVMe controller `bdf` (kernel driver bound), as a block device.
+    /// Opens the files of one data set, read as the options' `io` mode says. Auto judges them
+    /// together, once, at open: each file's page-cache residency, and the whole set's bytes
+    /// against the memory it may take (eight files of 3 GiB are 24 GiB, not 3 GiB eight times).
+    pub fn open_many<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Vec<Source>, LoadError> {
+        Source::open_set(paths, &self.registry, self.opts.io, self.opts.strict)
+    }
+    /// Opens the first namespace of NVMe controller `bdf` (kernel driver bound), as a block device
+    /// read with O_DIRECT whatever the `io` mode (the device writes the destination).
     pub fn open_namespace(&self, bdf: Bdf) -> Result<Source, LoadError> {
         Source::open_namespace(bdf, &self.registry)
     }
@@ -269,6 +279,7 @@ impl Worker {
             v
         });
         let cpu_staged = self.prepare_staging(&reg, &p, reads, &stages)?;
+        let requests = p.queue.len();
         let t0 = Instant::now();
         let done = self.move_bytes(&reg, &mut p, reads, &stages, cpu_staged);
         let seconds = t0.elapsed().as_secs_f64();
@@ -291,6 +302,8 @@ impl Worker {
             bytes: batch.bytes(),
             seconds,
             engine: engines,
+            requests,
+            io: sources_io(reads),
             dests: self.dest_reports(&p, &moved, &fixed),
             fallbacks,
             checksums: checked.checksums,
@@ -413,8 +426,14 @@ impl Worker {
             .zip(moved)
             .zip(fixed)
             .map(|((d, &(bytes_direct, bytes_staged)), &fixed)| {
+                let buffered = !d.source.is_direct();
                 let method = match (d.via, d.source.is_nvme(), self.io.is_uring()) {
                     (Via::Direct, true, _) => format!("NVMe read commands to the routed address, up to {qd} in flight"),
+                    (Via::Direct, false, uring) if buffered => format!(
+                        "{} buffered reads: the kernel copies the bytes out of the page cache into the destination{}",
+                        if uring { "io_uring" } else { "pread (thread pool)" },
+                        if fixed { ", registered as fixed buffers" } else { "" }
+                    ),
                     (Via::Direct, false, true) if fixed => {
                         "io_uring O_DIRECT reads into the destination's pages, registered as fixed buffers".into()
                     }
@@ -430,6 +449,7 @@ impl Worker {
                 DestReport {
                     region: d.entry.id(),
                     source: d.source.describe(),
+                    io: d.source.io(),
                     route: d.route,
                     via: d.via,
                     method,
@@ -452,6 +472,20 @@ impl<'a> Layout<'a> {
             .collect();
         Layout { guards: stages.iter().map(|s| s.lock()).collect(), dest_pool }
     }
+}
+
+/// How each distinct source of a batch was read, and why: `path: mode: why`, in batch order.
+fn sources_io(reads: &[crate::batch::Read]) -> Vec<String> {
+    let mut seen: Vec<&Source> = Vec::new();
+    let mut out = Vec::new();
+    for r in reads {
+        if !seen.iter().any(|s| s.same(&r.source)) {
+            seen.push(&r.source);
+            let name = r.source.path().map_or_else(|| r.source.describe(), |p| p.display().to_string());
+            out.push(format!("{name}: {}", r.source.io()));
+        }
+    }
+    out
 }
 
 /// Where each destination run's staged bytes are copied to.

@@ -1,5 +1,6 @@
 //! What a user can state about loads: strictness, verification, chunk size, queue depth, the I/O
-//! engine and the bound of every wait; each settable by a `PEERMEM_*` environment variable.
+//! engine, how files are read (O_DIRECT or through the page cache) and the bound of every wait;
+//! each settable by a `PEERMEM_*` environment variable.
 //!
 //! Owns: the defaults and their parsing. Must not: silently replace a malformed setting with a
 //! default (a bad value is a typed error naming the variable).
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use crate::error::LoadError;
 
+/// O_DIRECT alignment the loader uses for files and block devices (file offsets, lengths and
+/// memory addresses); requests are whole multiples of it.
+pub const ALIGN: u64 = 4096;
 /// Bytes per read request: large enough that a request's own cost vanishes beside its transfer,
 /// small enough that staging buffers stay small (`bench/loader-vs-fio.sh` sweeps it; the figures
 /// are in bench/RESULTS.md).
@@ -68,6 +72,43 @@ impl std::str::FromStr for Engine {
     }
 }
 
+/// How files and block devices are read: straight from the device (O_DIRECT) or through the
+/// kernel's page cache (buffered: the kernel copies cached bytes into the destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// Judged at open from measurements (`pagecache`): through the page cache when the file is
+    /// mostly cached already or the data set fits comfortably in memory, else O_DIRECT. Under
+    /// `strict`, O_DIRECT.
+    #[default]
+    Auto,
+    /// O_DIRECT (through the page cache only where the filesystem refuses it).
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+impl IoMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoMode::Auto => "auto",
+            IoMode::Direct => "direct",
+            IoMode::Buffered => "buffered",
+        }
+    }
+}
+
+impl std::str::FromStr for IoMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<IoMode, String> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "direct" | "o_direct" => Ok(IoMode::Direct),
+            "buffered" => Ok(IoMode::Buffered),
+            _ => Err(format!("{s:?}: expected auto, direct or buffered")),
+        }
+    }
+}
+
 /// Knobs of a `Loader`.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -79,6 +120,8 @@ pub struct Options {
     /// Requests in flight (and staging buffers per pool).
     pub depth: usize,
     pub engine: Engine,
+    /// How files and block devices are opened (`Loader::open`, `Loader::open_many`).
+    pub io: IoMode,
     /// Register host destinations' pages with io_uring as fixed buffers.
     pub fixed_buffers: bool,
     /// Bound of every wait for progress.
@@ -93,6 +136,7 @@ impl Default for Options {
             chunk: DEFAULT_CHUNK,
             depth: DEFAULT_DEPTH,
             engine: Engine::Auto,
+            io: IoMode::Auto,
             fixed_buffers: true,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -134,7 +178,8 @@ fn flag(var: &'static str, v: &str) -> Result<bool, LoadError> {
 impl Options {
     /// The defaults overridden by `PEERMEM_STRICT`, `PEERMEM_VERIFY` (off|hash|reread),
     /// `PEERMEM_CHUNK` (bytes, K/M/G suffixes), `PEERMEM_DEPTH`, `PEERMEM_ENGINE`
-    /// (auto|uring|pool), `PEERMEM_FIXED_BUFFERS`, `PEERMEM_TIMEOUT_MS`.
+    /// (auto|uring|pool), `PEERMEM_IO` (auto|direct|buffered), `PEERMEM_FIXED_BUFFERS`,
+    /// `PEERMEM_TIMEOUT_MS`.
     pub fn from_env() -> Result<Options, LoadError> {
         Options::from_vars(|k| std::env::var(k).ok())
     }
@@ -157,6 +202,9 @@ impl Options {
         }
         if let Some(v) = get("PEERMEM_ENGINE") {
             o.engine = parse("PEERMEM_ENGINE", &v)?;
+        }
+        if let Some(v) = get("PEERMEM_IO") {
+            o.io = parse("PEERMEM_IO", &v)?;
         }
         if let Some(v) = get("PEERMEM_FIXED_BUFFERS") {
             o.fixed_buffers = flag("PEERMEM_FIXED_BUFFERS", &v)?;
@@ -185,7 +233,7 @@ impl Options {
 
     /// The chunk rounded up to whole 4096-byte blocks (O_DIRECT granularity).
     pub(crate) fn block_chunk(&self) -> u64 {
-        self.chunk.div_ceil(crate::source::ALIGN) * crate::source::ALIGN
+        self.chunk.div_ceil(ALIGN) * ALIGN
     }
 }
 
@@ -207,6 +255,7 @@ mod tests {
             ("PEERMEM_CHUNK", "256K"),
             ("PEERMEM_DEPTH", "8"),
             ("PEERMEM_ENGINE", "pool"),
+            ("PEERMEM_IO", "buffered"),
             ("PEERMEM_FIXED_BUFFERS", "off"),
             ("PEERMEM_TIMEOUT_MS", "1500"),
         ]))
@@ -214,10 +263,15 @@ mod tests {
         assert!(o.strict);
         assert_eq!(o.verify, Verify::Reread);
         assert_eq!((o.chunk, o.depth, o.engine), (256 << 10, 8, Engine::Pool));
+        assert_eq!(o.io, IoMode::Buffered);
         assert!(!o.fixed_buffers);
         assert_eq!(o.timeout, Duration::from_millis(1500));
         let d = Options::from_vars(vars(&[])).unwrap();
         assert_eq!((d.strict, d.verify, d.chunk, d.depth), (false, Verify::Off, DEFAULT_CHUNK, DEFAULT_DEPTH));
+        assert_eq!(d.io, IoMode::Auto);
+        for (v, want) in [("auto", IoMode::Auto), ("direct", IoMode::Direct), (" buffered ", IoMode::Buffered)] {
+            assert_eq!(Options::from_vars(vars(&[("PEERMEM_IO", v)])).unwrap().io, want, "{v:?}");
+        }
     }
 
     #[test]
@@ -230,11 +284,16 @@ mod tests {
             ("PEERMEM_VERIFY", "maybe"),
             ("PEERMEM_STRICT", "2"),
             ("PEERMEM_ENGINE", "dpdk"),
+            ("PEERMEM_IO", "bogus"),
+            ("PEERMEM_IO", ""),
             ("PEERMEM_TIMEOUT_MS", "0"),
         ] {
             let e = Options::from_vars(vars(&[(k, v)])).unwrap_err();
             assert!(matches!(e, LoadError::BadSetting { .. }), "{k}={v}: {e}");
         }
+        let e = Options::from_vars(vars(&[("PEERMEM_IO", "bogus")])).unwrap_err();
+        assert!(matches!(e, LoadError::BadSetting { var: "PEERMEM_IO", .. }), "{e}");
+        assert!(e.to_string().contains("expected auto, direct or buffered"), "{e}");
     }
 
     #[test]

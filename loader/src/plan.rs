@@ -1,10 +1,13 @@
 //! The plan stage: every read of a batch checked before any starts, one decision per
-//! destination and reading device from the mover's planner (cached per loader, device memory
-//! probed once with the source's own bytes), and each read split into a direct body and staged
-//! pieces, as requests of at most `chunk` bytes.
+//! destination and reader (a device, or the CPU for reads through the page cache) from the
+//! mover's planner (cached per loader, device memory probed once with the source's own bytes),
+//! and each read split into a direct body and staged pieces, as requests of at most `chunk`
+//! bytes; direct requests of one source that continue each other in the file and in the
+//! destination are merged into one (up to `chunk`).
 //!
-//! Owns: range checks, strictness, the alignment split, the decision cache. Must not: decide
-//! direct or bounce itself (`peermem::mover` does), move bytes, or compute an address.
+//! Owns: range checks, strictness, the alignment split, coalescing, the decision cache. Must
+//! not: decide direct or bounce itself (`peermem::mover` does), move bytes, or compute an
+//! address.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -90,7 +93,7 @@ struct Cached {
 /// The loader's memory of decisions and of routes probed broken.
 #[derive(Default)]
 pub(crate) struct Planner {
-    decisions: HashMap<(RegionId, Peer, Reach, bool), Cached>,
+    decisions: HashMap<(RegionId, Peer, Reach), Cached>,
     health: RouteHealth,
 }
 
@@ -109,13 +112,6 @@ fn check(reads: &[Read]) -> Result<(), LoadError> {
         }
     }
     Ok(())
-}
-
-/// How a source's device reads: its reach, and whether its precondition for a direct read holds
-/// (a controller through the kernel or through the VFIO driver is one peer, read two ways; a
-/// file opened without O_DIRECT is read another).
-fn reading(src: &Source) -> (Reach, bool) {
-    (src.reach(), src.precondition().is_ok())
 }
 
 /// The address (or, without a CPU mapping, the offset) a direct read into `entry` at `doff`
@@ -156,7 +152,9 @@ impl Planner {
         for r in reads {
             let peer = r.source.peer(reg);
             let found = dests.iter().position(|d| {
-                d.entry.id() == r.dest.id() && d.peer == peer && reading(&d.source) == reading(&r.source)
+                // One peer can read two ways (a controller through the kernel or through the VFIO
+                // driver); a file read through the page cache is read by the CPU.
+                d.entry.id() == r.dest.id() && d.peer == peer && d.source.reach() == r.source.reach()
             });
             let i = match found {
                 Some(i) => i,
@@ -170,14 +168,15 @@ impl Planner {
         let mut planned =
             Planned { dests, read_dest, queue: VecDeque::new(), groups: Vec::new(), fallbacks: Vec::new() };
         let mut misaligned = 0;
-        for (i, r) in reads.iter().enumerate() {
-            misaligned += split(&mut planned, i, r, opts)? as u32;
+        for i in 0..reads.len() {
+            misaligned += split(&mut planned, reads, i, opts)? as u32;
         }
         let mut files: Vec<&Source> = Vec::new();
-        for r in reads.iter().filter(|r| !r.source.is_direct()) {
+        for r in reads.iter().filter(|r| r.source.refused_direct()) {
             if !files.iter().any(|f| f.same(&r.source)) {
                 files.push(&r.source);
-                planned.fallbacks.push(format!("{}: read through the page cache", r.source.describe()));
+                let path = r.source.path().map(|p| p.display().to_string()).unwrap_or_default();
+                planned.fallbacks.push(format!("{path}: the filesystem refused O_DIRECT: read through the page cache"));
             }
         }
         if misaligned > 0 {
@@ -204,6 +203,7 @@ impl Planner {
         let probe = ProbeAt { window: window.as_ref().ok(), at: probe_at(r, &entry) };
         let decision = self.decide(reg, &entry, &r.source, peer, probe, cpu);
         let mut reasons = decision.reasons.clone();
+        reasons.extend(r.source.io_reason());
         let via = match (&decision.plan, &r.dest.gpu) {
             (_, Some(g)) if g.is_abandoned() => {
                 return Err(LoadError::Engine(
@@ -252,8 +252,8 @@ impl Planner {
         probe_at: ProbeAt<'_>,
         cpu: &mut Pool,
     ) -> Decision {
-        let (reach, direct_ok) = reading(src);
-        let key = (entry.id(), peer, reach, direct_ok);
+        let reach = src.reach();
+        let key = (entry.id(), peer, reach);
         if let Some(c) = self.decisions.get(&key) {
             return c.decision.clone();
         }
@@ -273,7 +273,7 @@ impl Planner {
             }
             _ => None,
         };
-        let ask = Ask { entry, peer, reach: src.reach(), precondition: src.precondition() };
+        let ask = Ask { entry, peer, reach, precondition: Ok(()) };
         let decision = self.health.decide(route.as_ref(), ask, probe);
         self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: decision.clone() });
         decision
@@ -294,10 +294,32 @@ fn probe_at(r: &Read, entry: &Entry) -> Option<(u64, u64, u64)> {
     (n > 0 && r.source.is_direct()).then_some((r.offset, r.dest_offset, n))
 }
 
+/// Queues direct request `q` of read `reads[q.read]`, merged into the request queued last when
+/// that one is direct into the same destination run, reads the same source, ends where `q`
+/// starts both in the source and in the destination, and the two stay within `chunk` bytes.
+fn push_direct(p: &mut Planned, reads: &[Read], q: Req, chunk: u64) {
+    if let (Some(last), Target::Direct { doff }) = (p.queue.back_mut(), q.target) {
+        if let Target::Direct { doff: last_doff } = last.target {
+            if last.dest == q.dest
+                && reads[last.read].source.same(&reads[q.read].source)
+                && last.off + last.len == q.off
+                && last_doff + last.len == doff
+                && last.len + q.len <= chunk
+            {
+                last.len += q.len;
+                return;
+            }
+        }
+    }
+    p.queue.push_back(q);
+}
+
 /// Splits read `i` into requests: its direct body (when its destination goes direct) in `chunk`
-/// pieces, the rest as aligned staged groups of one staging buffer each. Returns whether a
-/// direct destination had a misaligned part (refused when strict).
-fn split(p: &mut Planned, i: usize, r: &Read, opts: &Options) -> Result<bool, LoadError> {
+/// pieces (merged with a neighbour's, `push_direct`), the rest as aligned staged groups of one
+/// staging buffer each. Returns whether a direct destination had a misaligned part (refused when
+/// strict).
+fn split(p: &mut Planned, reads: &[Read], i: usize, opts: &Options) -> Result<bool, LoadError> {
+    let r = &reads[i];
     let chunk = opts.block_chunk();
     let di = p.read_dest[i];
     let d = &p.dests[di];
@@ -306,9 +328,10 @@ fn split(p: &mut Planned, i: usize, r: &Read, opts: &Options) -> Result<bool, Lo
     while o < body {
         let n = chunk.min(body - o);
         let target = Target::Direct { doff: r.dest_offset + o };
-        p.queue.push_back(Req { read: i, dest: di, off: r.offset + o, len: n, target });
+        push_direct(p, reads, Req { read: i, dest: di, off: r.offset + o, len: n, target }, chunk);
         o += n;
     }
+    let d = &p.dests[di];
     if body == r.len {
         return Ok(false);
     }

@@ -9,8 +9,9 @@ use peermem::{RegionId, RouteKind};
 /// How the bytes of one destination moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
-    /// The reading device wrote the destination itself (O_DIRECT into its pages, or NVMe
-    /// commands aimed at its routed address).
+    /// The reader wrote the destination itself: a device (O_DIRECT into its pages, or NVMe
+    /// commands aimed at its routed address), or the CPU (a buffered read: the kernel's copy out
+    /// of the page cache through the destination's CPU mapping). No staging buffer.
     Direct,
     /// Read into host staging buffers, copied on by the CPU.
     Bounce,
@@ -34,6 +35,8 @@ pub struct DestReport {
     pub region: RegionId,
     /// The source that named the reading device, as opened.
     pub source: String,
+    /// How that source was read and why: `O_DIRECT: ...` or `buffered: ...` (`Source::io`).
+    pub io: String,
     /// The registry's route for (destination, reading device); `None` when it had none.
     pub route: Option<RouteKind>,
     pub via: Via,
@@ -61,8 +64,12 @@ pub struct Report {
     pub seconds: f64,
     /// The I/O engines that ran, and why when one is a fallback.
     pub engine: String,
+    /// Read requests the batch ran (direct requests that continue each other merged).
+    pub requests: usize,
+    /// How each source of the batch was read and why, once per source: `path: mode: why`.
+    pub io: Vec<String>,
     pub dests: Vec<DestReport>,
-    /// Every fallback taken (engine, fixed buffers, misaligned pieces staged, buffered files).
+    /// Every fallback taken (engine, fixed buffers, misaligned pieces staged, O_DIRECT refused).
     pub fallbacks: Vec<String>,
     /// xxh3-64 of each read's destination bytes, in batch order (verification on).
     pub checksums: Vec<u64>,
@@ -85,8 +92,9 @@ impl Report {
     pub fn via(&self) -> &'static str {
         self.dests.first().map_or("none", |d| d.via.name())
     }
-    /// Whether every destination was planned direct: the reading device wrote it itself (only
-    /// pieces its alignment rules out were staged, as `bytes_staged` says).
+    /// Whether every destination was planned direct: the reader (a device, or the CPU for a
+    /// buffered read) wrote it itself (only pieces its alignment rules out were staged, as
+    /// `bytes_staged` says).
     pub fn direct(&self) -> bool {
         !self.dests.is_empty() && self.dests.iter().all(|d| d.via == Via::Direct)
     }
@@ -106,10 +114,16 @@ impl Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "engine:     {}", self.engine)?;
+        writeln!(f, "engine:     {} ({} requests)", self.engine, self.requests)?;
+        if self.io.len() > 1 {
+            for s in &self.io {
+                writeln!(f, "io:         {s}")?;
+            }
+        }
         for d in &self.dests {
             writeln!(f, "{}:", d.region)?;
             writeln!(f, "  source:   {}", d.source)?;
+            writeln!(f, "  io:       {}", d.io)?;
             writeln!(f, "  route:    {}", d.route_name())?;
             writeln!(f, "  method:   {} ({})", d.via.name(), d.method)?;
             writeln!(f, "  moved:    {} bytes direct, {} staged", d.bytes_direct, d.bytes_staged)?;

@@ -1,31 +1,35 @@
 //! Where a batch's bytes come from: one type for every source, a file or block device read
-//! through the kernel (O_DIRECT when the filesystem allows) or the namespace of a controller
-//! owned by the userspace VFIO driver, with what the plan needs from it: the device that reads
-//! it (the registry's peer), how that device reaches memory, the alignment of a direct read, a
-//! read of known bytes through host memory (for the route probe), and a second read for hashing.
+//! through the kernel (with O_DIRECT, or through the page cache as the I/O mode says) or the
+//! namespace of a controller owned by the userspace VFIO driver, with what the plan needs from
+//! it: the device that reads it (the registry's peer; the CPU for a read through the page
+//! cache), how that reader reaches memory, the alignment of a direct read, a read of known bytes
+//! through host memory (for the route probe), and a second read for hashing.
 //!
-//! Owns: opening sources and the PCI function behind a file (asked of `peermem::storage`, under
-//! the registry's root). Must not: write to a source, or decide direct or bounce.
+//! Owns: opening sources (a data set's files together, so Auto judges them against memory as
+//! one), the way each file is read and why, and the PCI function behind a file (asked of
+//! `peermem::storage`, under the registry's root). Must not: write to a source, decide direct or
+//! bounce, or judge the page cache itself (`pagecache` does).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use peermem::mover::Reach;
 use peermem::storage::serving_function;
 use peermem::sysroot::Sysroot;
-use peermem::{Bdf, Entry, Peer, PeerMemory, Registry};
+use peermem::{Bdf, Entry, Peer, PeerMemory, Provider, Registry};
 use peermem_nvme::driver::Namespace;
 use peermem_nvme::{Controller, Dir};
 
 use crate::error::LoadError;
+use crate::options::IoMode;
+use crate::pagecache::{self, Choice};
 use crate::stage::Slot;
 
-/// O_DIRECT alignment the loader uses for files and block devices (file offsets, lengths and
-/// memory addresses).
-pub const ALIGN: u64 = 4096;
+pub use crate::options::ALIGN;
 /// Alignment of the first DMA address an NVMe command takes (a dword).
 const NVME_MEM_ALIGN: u64 = 4;
 
@@ -42,11 +46,32 @@ enum Kind {
 struct FileSource {
     path: PathBuf,
     file: Arc<File>,
-    /// Opened with O_DIRECT (false when the filesystem refused it).
-    direct: bool,
+    how: How,
     len: u64,
     /// The PCI function that serves the file, or why none is known.
     device: Result<Bdf, String>,
+    /// An Auto source read through the page cache: the same file with O_DIRECT, for reads into
+    /// device memory (opened on the first such read; `None` inside when that failed).
+    twin: Option<OnceLock<Option<Source>>>,
+}
+
+/// How a file is read, and why in words.
+#[derive(Debug, Clone)]
+struct How {
+    /// With O_DIRECT (else through the page cache).
+    direct: bool,
+    why: String,
+    /// O_DIRECT was wanted and the filesystem refused it.
+    refused: bool,
+}
+
+/// A file or block device opened read-only (with O_DIRECT when asked and allowed), its way of
+/// reading not yet settled.
+struct Opened {
+    path: PathBuf,
+    file: File,
+    direct: bool,
+    len: u64,
 }
 
 struct NvmeSource {
@@ -57,6 +82,30 @@ struct NvmeSource {
 }
 
 impl FileSource {
+    /// The same open file once more, with O_DIRECT (through /proc/self/fd, so it is the same
+    /// inode even if the path was replaced since): the twin an Auto source reads device memory
+    /// through. `None` when it cannot be opened so.
+    fn open_twin(&self) -> Option<Source> {
+        let fd = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = match OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&fd) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), %e, "no O_DIRECT twin: device memory is read buffered");
+                return None;
+            }
+        };
+        let why = "the destination is device memory, which the device writes itself (host memory is read \
+                   through the page cache)";
+        Some(Source(Arc::new(Kind::File(FileSource {
+            path: self.path.clone(),
+            file: Arc::new(file),
+            how: How { direct: true, why: why.into(), refused: false },
+            len: self.len,
+            device: self.device.clone(),
+            twin: None,
+        }))))
+    }
+
     /// `n` bytes at `at` straight into `mem` at `off` in one `pread` (a short read is an error).
     fn read_exact(&self, at: u64, mem: &dyn PeerMemory, off: u64, n: u64) -> Result<(), LoadError> {
         let got = crate::sys::pread_into(&self.file, at, mem, off, n)
@@ -91,32 +140,102 @@ fn not_a_file(ft: std::fs::FileType) -> Option<&'static str> {
     }
 }
 
-impl Source {
-    /// Opens `path` read-only, with O_DIRECT when the filesystem allows, and asks
-    /// `peermem::storage` under the registry's root which PCI function serves it.
-    pub fn open(path: impl AsRef<Path>, reg: &Registry) -> Result<Source, LoadError> {
-        let path = path.as_ref().to_path_buf();
-        let io = |source| LoadError::Io { path: path.clone(), source };
-        // The type is checked before opening (opening a FIFO would wait for a writer) and again
-        // on the open file. No O_NONBLOCK: a block device read with it may come back short.
-        if let Some(kind) = not_a_file(std::fs::metadata(&path).map_err(io)?.file_type()) {
-            return Err(LoadError::NotAFile { path, kind });
-        }
-        let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(&path);
-        let (file, direct) = match open(libc::O_DIRECT) {
+/// Opens `path` read-only, with O_DIRECT when `try_direct` and the filesystem allows.
+fn open_file(path: &Path, try_direct: bool) -> Result<Opened, LoadError> {
+    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
+    // The type is checked before opening (opening a FIFO would wait for a writer) and again on
+    // the open file. No O_NONBLOCK: a block device read with it may come back short.
+    if let Some(kind) = not_a_file(std::fs::metadata(path).map_err(io)?.file_type()) {
+        return Err(LoadError::NotAFile { path: path.to_path_buf(), kind });
+    }
+    let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);
+    let (file, direct) = match try_direct {
+        false => (open(0).map_err(io)?, false),
+        true => match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0).map_err(io)?, false),
             Err(e) => return Err(io(e)),
-        };
-        let meta = file.metadata().map_err(io)?;
-        if let Some(kind) = not_a_file(meta.file_type()) {
-            return Err(LoadError::NotAFile { path, kind });
+        },
+    };
+    let meta = file.metadata().map_err(io)?;
+    if let Some(kind) = not_a_file(meta.file_type()) {
+        return Err(LoadError::NotAFile { path: path.to_path_buf(), kind });
+    }
+    let len = if meta.file_type().is_file() { meta.len() } else { (&file).seek(SeekFrom::End(0)).map_err(io)? };
+    Ok(Opened { path: path.to_path_buf(), file, direct, len })
+}
+
+/// How each file of a set is to be read, and why.
+fn wanted(opened: &[Opened], io: IoMode, strict: bool) -> Vec<Choice> {
+    let all = |buffered, why: &str| {
+        opened.iter().map(|_| Choice { buffered, willneed: false, why: why.to_string() }).collect()
+    };
+    match (io, strict) {
+        (IoMode::Direct, _) => all(false, "asked for (io direct)"),
+        (IoMode::Buffered, _) => all(true, "asked for (io buffered)"),
+        (IoMode::Auto, true) => all(false, "a strict load asks the reading device to write the destination itself"),
+        (IoMode::Auto, false) => pagecache::judge(&opened.iter().map(|o| (&o.file, o.len)).collect::<Vec<_>>()),
+    }
+}
+
+/// The source `o` becomes, read as `c` says: O_DIRECT cleared for a buffered read, a refused
+/// O_DIRECT read through the page cache instead. An `auto` source read through the page cache
+/// that O_DIRECT could open gets a twin for device memory.
+fn settle(o: Opened, c: Choice, auto: bool, root: &Path) -> Result<Source, LoadError> {
+    let io = |source| LoadError::Io { path: o.path.clone(), source };
+    let mut how = How { direct: o.direct, why: c.why, refused: false };
+    if c.buffered {
+        if o.direct {
+            crate::sys::clear_direct(&o.file).map_err(io)?;
+            how.direct = false;
         }
-        let len = if meta.file_type().is_file() { meta.len() } else { (&file).seek(SeekFrom::End(0)).map_err(io)? };
-        let device = Sysroot::open(reg.topology().root())
-            .map_err(|e| e.to_string())
-            .and_then(|sys| serving_function(&sys, &path).map(|s| s.bdf).map_err(|e| e.to_string()));
-        Ok(Source(Arc::new(Kind::File(FileSource { path, file: Arc::new(file), direct, len, device }))))
+    } else if !o.direct {
+        how = How { direct: false, why: "the filesystem refused O_DIRECT".into(), refused: true };
+    }
+    let twin = (auto && c.buffered && o.direct).then(OnceLock::new);
+    let device = Sysroot::open(root)
+        .map_err(|e| e.to_string())
+        .and_then(|sys| serving_function(&sys, &o.path).map(|s| s.bdf).map_err(|e| e.to_string()));
+    let f = FileSource { path: o.path, file: Arc::new(o.file), how, len: o.len, device, twin };
+    Ok(Source(Arc::new(Kind::File(f))))
+}
+
+impl Source {
+    /// Opens `path` read-only with O_DIRECT (through the page cache where the filesystem
+    /// refuses it), and asks `peermem::storage` under the registry's root which PCI function
+    /// serves it.
+    pub fn open(path: impl AsRef<Path>, reg: &Registry) -> Result<Source, LoadError> {
+        let mut v = Source::open_set(&[path], reg, IoMode::Direct, false)?;
+        Ok(v.remove(0))
+    }
+
+    /// Opens the files of one data set, each read as `io` says; with `IoMode::Auto` they are
+    /// judged together (`pagecache::choose`: residency, the whole set's bytes against memory),
+    /// except under `strict`, which reads with O_DIRECT (a strict load asks the reading device
+    /// to write the destination itself).
+    pub fn open_set<P: AsRef<Path>>(
+        paths: &[P],
+        reg: &Registry,
+        io: IoMode,
+        strict: bool,
+    ) -> Result<Vec<Source>, LoadError> {
+        let try_direct = io != IoMode::Buffered;
+        let opened = paths.iter().map(|p| open_file(p.as_ref(), try_direct)).collect::<Result<Vec<_>, _>>()?;
+        let choices = wanted(&opened, io, strict);
+        let auto = io == IoMode::Auto && !strict;
+        let root = reg.topology().root();
+        let mut ahead = Vec::new();
+        let mut sources = Vec::with_capacity(opened.len());
+        for (o, c) in opened.into_iter().zip(choices) {
+            let willneed = c.willneed;
+            let s = settle(o, c, auto, root)?;
+            if let (true, Some(f)) = (willneed, s.file()) {
+                ahead.push((Arc::downgrade(f), s.len()));
+            }
+            sources.push(s);
+        }
+        pagecache::read_ahead(ahead);
+        Ok(sources)
     }
 
     /// The first namespace of NVMe controller `bdf` (kernel driver bound), as a block device.
@@ -162,8 +281,18 @@ impl Source {
     /// A file opened with O_DIRECT, or a namespace (the device writes the destination itself).
     pub fn is_direct(&self) -> bool {
         match &*self.0 {
-            Kind::File(f) => f.direct,
+            Kind::File(f) => f.how.direct,
             Kind::Nvme(_) => true,
+        }
+    }
+    /// How the source is read and why: `O_DIRECT: ...`, `buffered: ...` (through the page
+    /// cache), or the VFIO driver's read commands.
+    pub fn io(&self) -> String {
+        match &*self.0 {
+            Kind::File(f) if f.how.direct => format!("O_DIRECT: {}", f.how.why),
+            Kind::File(f) if f.twin.is_some() => format!("buffered: {}; into device memory O_DIRECT", f.how.why),
+            Kind::File(f) => format!("buffered: {}", f.how.why),
+            Kind::Nvme(_) => "NVMe read commands of the VFIO driver".into(),
         }
     }
     /// What the source is, how it is read and by which device.
@@ -172,7 +301,12 @@ impl Source {
             Kind::File(f) => format!(
                 "{} ({}, {})",
                 f.path.display(),
-                if f.direct { "O_DIRECT" } else { "buffered: the filesystem refused O_DIRECT" },
+                match (&f.how, &f.twin) {
+                    (How { direct: true, .. }, _) => "O_DIRECT",
+                    (How { refused: true, .. }, _) => "buffered: the filesystem refused O_DIRECT",
+                    (_, Some(_)) => "buffered; into device memory O_DIRECT",
+                    _ => "buffered",
+                },
                 match &f.device {
                     Ok(d) => format!("device {d}"),
                     Err(why) => format!("read by the CPU: {why}"),
@@ -222,33 +356,56 @@ impl Source {
         }
     }
 
-    /// The peer the registry resolves destinations for: the reading device, or the CPU when no
-    /// PCI function is known (a file on tmpfs, say).
+    /// O_DIRECT was wanted and the filesystem refused it: the file is read through the page cache.
+    pub(crate) fn refused_direct(&self) -> bool {
+        matches!(&*self.0, Kind::File(f) if f.how.refused)
+    }
+    /// The reason line a destination's report carries for how its source is read (none for a
+    /// namespace of the VFIO driver).
+    pub(crate) fn io_reason(&self) -> Option<String> {
+        match &*self.0 {
+            Kind::File(f) if f.how.direct => Some(format!("read with O_DIRECT: {}", f.how.why)),
+            Kind::File(f) => Some(format!("read through the page cache (buffered): {}", f.how.why)),
+            Kind::Nvme(_) => None,
+        }
+    }
+
+    /// The source a read into `dest` goes through. An Auto source read through the page cache
+    /// reads device memory with O_DIRECT (its twin: the same open file), where the device
+    /// writes the destination itself instead of the CPU storing into device memory; host
+    /// memory, and every other source, reads through the source itself.
+    pub(crate) fn for_dest(&self, dest: &Entry) -> Source {
+        let Kind::File(f) = &*self.0 else { return self.clone() };
+        match &f.twin {
+            Some(twin) if !matches!(dest.provider(), Provider::Host { .. }) => {
+                twin.get_or_init(|| f.open_twin()).clone().unwrap_or_else(|| self.clone())
+            }
+            _ => self.clone(),
+        }
+    }
+
+    /// The peer the registry resolves destinations for: the reading device; the CPU for a read
+    /// through the page cache (the kernel's copy out of it), or when no PCI function is known.
     pub(crate) fn peer(&self, reg: &Registry) -> Peer {
         match &*self.0 {
+            Kind::File(f) if !f.how.direct => Peer::Cpu,
             Kind::File(f) => f.device.as_ref().ok().and_then(|b| reg.peer(*b).ok()).unwrap_or(Peer::Cpu),
             Kind::Nvme(n) => n.peer,
         }
     }
-    /// How the reading device reaches memory: the kernel pins pages for O_DIRECT; the VFIO
-    /// driver programs addresses.
+    /// How the reader reaches memory: the kernel pins pages for O_DIRECT; the CPU stores a
+    /// buffered read's bytes; the VFIO driver programs addresses.
     pub(crate) fn reach(&self) -> Reach {
         match &*self.0 {
-            Kind::File(_) => Reach::KernelPages,
+            Kind::File(f) if f.how.direct => Reach::KernelPages,
+            Kind::File(_) => Reach::CpuCopy,
             Kind::Nvme(_) => Reach::DeviceAddress,
-        }
-    }
-    /// What rules a direct read out whatever the route (the planner's precondition).
-    pub(crate) fn precondition(&self) -> Result<(), &'static str> {
-        match &*self.0 {
-            Kind::File(f) if !f.direct => Err("the filesystem refused O_DIRECT (page cache copies)"),
-            _ => Ok(()),
         }
     }
     /// Alignment of source offsets and lengths a read takes.
     pub(crate) fn align(&self) -> u64 {
         match &*self.0 {
-            Kind::File(f) if f.direct => ALIGN,
+            Kind::File(f) if f.how.direct => ALIGN,
             Kind::File(_) => 1,
             Kind::Nvme(n) => n.ns.block_size,
         }
@@ -257,7 +414,7 @@ impl Source {
     /// read needs.
     pub(crate) fn mem_align(&self) -> u64 {
         match &*self.0 {
-            Kind::File(f) if f.direct => ALIGN,
+            Kind::File(f) if f.how.direct => ALIGN,
             Kind::File(_) => 1,
             Kind::Nvme(_) => NVME_MEM_ALIGN,
         }

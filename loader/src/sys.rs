@@ -1,10 +1,13 @@
 //! The loader's one FFI edge: an io_uring submission ring (the `io-uring` crate) reading file
-//! bytes straight into mapped memory, optionally through registered ("fixed") buffers, and the
-//! plain `pread` the thread pool and one-off reads use (core's `MappedSpan::pread_from`).
+//! bytes straight into mapped memory, optionally through registered ("fixed") buffers, the
+//! plain `pread` the thread pool and one-off reads use (core's `MappedSpan::pread_from`), and
+//! the page-cache calls the Auto I/O mode measures and acts with (`cachestat`, `mincore`,
+//! `posix_fadvise`, clearing O_DIRECT).
 //!
 //! Owns: the system calls, buffer registration, pushing reads, bounded waits for completions,
 //! and holding every region and file a read uses until its completion is reaped. Must not:
-//! decide where bytes go (the I/O stage does). Imports nothing from the rest of the crate.
+//! decide where bytes go (the I/O stage does) or how a file is read (`pagecache` does). Imports
+//! nothing from the rest of the crate.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -36,6 +39,109 @@ pub(crate) type Done = (u64, io::Result<usize>);
 /// CPU mapping (with O_DIRECT the device DMAs into those pages). Returns the bytes read.
 pub(crate) fn pread_into(file: &File, off: u64, mem: &dyn PeerMemory, mem_off: u64, len: u64) -> io::Result<usize> {
     mem.span_at(Side::Destination, mem_off, len).map_err(io::Error::other)?.pread_from(file, off)
+}
+
+/// `cachestat(2)`'s system call number (Linux 6.5; the same on x86_64 and aarch64).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` of the kernel's uapi: `len` 0 means to the end of the file.
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of the kernel's uapi (counts of pages).
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Pages of `file` in the page cache, by `cachestat(2)` over the whole file (ENOSYS before
+/// Linux 6.5, Unsupported on other architectures).
+pub(crate) fn cachestat_pages(file: &File) -> io::Result<u64> {
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    {
+        let range = CachestatRange { off: 0, len: 0 };
+        let mut cs = Cachestat::default();
+        // SAFETY: the fd is open for the call (borrowed from `file`); `range` and `cs` are live,
+        // properly laid-out uapi structures the kernel reads and writes only during the call.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                file.as_raw_fd(),
+                &range as *const CachestatRange,
+                &mut cs as *mut Cachestat,
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(cs.nr_cache)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = file;
+        Err(io::Error::new(io::ErrorKind::Unsupported, "cachestat is wired up for x86_64 and aarch64 only"))
+    }
+}
+
+/// Resident pages of the first `len` bytes of `file`, by `mincore(2)` over a read-only shared
+/// mapping made and unmapped here (touches no page).
+pub(crate) fn mincore_pages(file: &File, len: u64, page: u64) -> io::Result<u64> {
+    if len == 0 {
+        return Ok(0);
+    }
+    let n = usize::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large to map"))?;
+    let mut vec = vec![0u8; len.div_ceil(page) as usize];
+    // SAFETY: a fresh read-only shared mapping of the open fd; nothing else knows its address.
+    let addr = unsafe { libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `addr..addr+n` is the mapping just made; `vec` holds one byte per page of it.
+    let r = unsafe { libc::mincore(addr, n, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above; no reference into it exists.
+    unsafe { libc::munmap(addr, n) };
+    if r != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
+}
+
+/// `posix_fadvise(POSIX_FADV_WILLNEED)` over `len` bytes of `file` at `off`: the kernel starts
+/// reading them into the page cache (at most its read-ahead window per call) and returns once the
+/// reads are submitted.
+pub(crate) fn will_need(file: &File, off: u64, len: u64) -> io::Result<()> {
+    let (off, len) = (off as libc::off_t, len as libc::off_t);
+    // SAFETY: the fd is open for the call; the advice touches no memory of this process.
+    match unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) } {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
+/// Clears O_DIRECT on an open file: its reads go through the page cache from now on.
+pub(crate) fn clear_direct(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on an fd open for the call; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with the same flags less O_DIRECT, on the same open fd; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An io_uring instance sized for `depth` reads in flight. It holds every `Read` (an Arc of the

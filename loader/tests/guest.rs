@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use peermem::{BarRegion, Bdf, HostRegion, MapType, PeerMemory, Registry, Topology};
-use peermem_loader::{Loader, Options, Verify, Via};
+use peermem_loader::{IoMode, Loader, Options, Verify, Via};
 use peermem_nvme::{Binding, Controller, P2pmemRegion};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -215,7 +215,14 @@ fn async_loader_batches_namespace_ranges_into_every_destination_kind() {
     for engine in [Engine::Uring, Engine::Pool] {
         let loader = Loader::new(
             &reg,
-            Options { engine, verify: Verify::Hash, chunk: 512 << 10, depth: 8, ..Default::default() },
+            Options {
+                engine,
+                verify: Verify::Hash,
+                chunk: 512 << 10,
+                depth: 8,
+                io: IoMode::Direct,
+                ..Default::default()
+            },
         )
         .unwrap();
         let f = loader.open(&ns).unwrap();

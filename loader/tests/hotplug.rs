@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use peermem::hotplug::Watcher;
 use peermem::{BarRegion, Bdf, HostRegion, Peer, Registry, RegistryError, ResolveError};
-use peermem_loader::{Batch, Dest, LoadError, Loader, Options};
+use peermem_loader::{Batch, Dest, IoMode, LoadError, Loader, Options};
 use peermem_nvme::{Binding, BlockDevice, Controller, P2pmemRegion};
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -105,9 +105,10 @@ fn load_until_error(
     rx
 }
 
-/// Options of the loads that run into a removal: small requests, so one is always in flight.
+/// Options of the loads that run into a removal: small requests, so one is always in flight;
+/// O_DIRECT, so every request reaches the device (the page cache would answer some).
 fn small() -> Options {
-    Options { chunk: 256 << 10, depth: 2, timeout: LIMIT, ..Default::default() }
+    Options { chunk: 256 << 10, depth: 2, timeout: LIMIT, io: IoMode::Direct, ..Default::default() }
 }
 
 /// The block device of the first namespace of `bdf` as `topo` names it (kernel names move
@@ -163,7 +164,8 @@ fn kernel_load_p2pmem_and_bar_regions_die_with_their_device_and_come_back() {
         Err(RegistryError::DeviceGone(d)) if d == a
     ));
     // B carries on: a load from its namespace into its own p2pmem, checked.
-    let loader = Loader::new(&reg, Options { verify: peermem_loader::Verify::Reread, ..Default::default() }).unwrap();
+    let o = Options { verify: peermem_loader::Verify::Reread, io: IoMode::Direct, ..Default::default() };
+    let loader = Loader::new(&reg, o).unwrap();
     let sb = loader.open(namespace(&topo, b)).unwrap();
     let r = loader.read(&sb, 0, 4 << 20, &pb, 0).unwrap();
     assert_eq!(r.checksums, vec![xxh3_64(&expect_b)], "the other NVMe keeps working");
@@ -238,7 +240,7 @@ fn async_loader_batch_from_a_removed_nvme_ends_with_device_gone() {
     let expect_b = write_known(&topo, b, 0, 4 << 20, 5);
     let path_a = namespace(&topo, a);
     let host = reg.register(Arc::new(HostRegion::new(LOAD_LEN).unwrap())).unwrap();
-    let opts = Options { chunk: 256 << 10, depth: 4, timeout: LIMIT, ..Options::default() };
+    let opts = Options { chunk: 256 << 10, depth: 4, timeout: LIMIT, io: IoMode::Direct, ..Options::default() };
 
     let (tx, rx) = mpsc::channel();
     let (r2, o2, dest) = (reg.clone(), opts.clone(), Dest::region(&host));

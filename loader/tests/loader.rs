@@ -1,12 +1,12 @@
 //! The asynchronous loader on this machine: files in a tempdir, host memory and lavapipe Vulkan
-//! buffers as destinations, both I/O engines.
+//! buffers as destinations, both I/O engines, each I/O mode (O_DIRECT, the page cache, Auto).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use peermem::{HostRegion, PeerMemory, Registry, Topology};
-use peermem_loader::{Batch, Dest, Engine, LoadError, Loader, Options, Verify, Via};
+use peermem_loader::{Batch, Dest, Engine, IoMode, LoadError, Loader, Options, Verify, Via};
 use peermem_vulkan::{Device, Placement, Select};
 
 fn registry() -> Registry {
@@ -24,8 +24,10 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     p
 }
 
+/// O_DIRECT: the tests below that do not name a mode hold the O_DIRECT rules (alignment,
+/// staging, strictness).
 fn opts(engine: Engine) -> Options {
-    Options { engine, chunk: 256 << 10, depth: 8, ..Options::default() }
+    Options { engine, chunk: 256 << 10, depth: 8, io: IoMode::Direct, ..Options::default() }
 }
 
 fn host(reg: &Registry, len: u64) -> (Arc<HostRegion>, peermem::Registration) {
