@@ -1,6 +1,7 @@
 //! The real-servers CLI: labels and the endpoint filter, NODE/SYS, the ACS detour cell, JSON
 //! pairs against `why`, `check` exit codes, `fix` strings, capture archives, partial captures,
-//! wide domains, pci.ids names, `why FILE`, the NCCL export and a closed output pipe.
+//! wide domains, pci.ids names, `why FILE`, the NCCL export (with host-to-guest maps) and a
+//! closed output pipe.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -257,6 +258,41 @@ fn nccl_export_writes_a_topology_file() {
     let out = stdout_ok(&fixture("qemu-switch"), &["export", "--nccl-xml", "-"]);
     assert_eq!(out, xml);
     exit2(&fixture("qemu-switch"), &["export", "--nccl-xml", "/nonexistent/dir/topo.xml"]);
+}
+
+#[test]
+fn nccl_export_maps_host_ids_for_a_guest_and_reports_on_stderr_when_the_xml_is_on_stdout() {
+    let root = fixture("derived-gpu-nic");
+    let d = tempfile::tempdir().unwrap();
+    let map = d.path().join("vm.map");
+    std::fs::write(&map, "# host guest\n0000:03:00.0 0000:00:05.0\n0000:04:00.0=0000:00:06.0\n").unwrap();
+    let o = run(&root, &["export", "--nccl-xml", "-", "--map-file", map.to_str().unwrap(), "--map", "mlx5_0=mlx5_4"]);
+    assert!(o.status.success());
+    let xml = String::from_utf8(o.stdout).unwrap();
+    assert!(xml.starts_with("<system version=\"1\"") && xml.ends_with("</system>\n"), "only XML on stdout");
+    assert!(xml.contains("<pci busid=\"0000:00:05.0\" class=\"0x030200\""), "{xml}");
+    assert!(xml.contains("<pci busid=\"0000:00:06.0\" class=\"0x020700\""), "{xml}");
+    assert!(xml.contains("<net name=\"mlx5_4\""), "{xml}");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("elements of NCCL's 256, 20 kept free for what NCCL adds at run time"), "{err}");
+    // Bad entries and unknown hosts: one line naming the entry.
+    std::fs::write(&map, "0000:03:00.0 0000:00:05.0\n0000:42:00.0 0000:00:07.0\n").unwrap();
+    let e = exit2(&root, &["export", "--nccl-xml", "-", "--map-file", map.to_str().unwrap()]);
+    assert!(e.contains("vm.map:2: 0000:42:00.0 is not a PCI function"), "{e}");
+    assert!(exit2(&root, &["export", "--nccl-xml", "-", "--map", "0000:03:00.0"]).contains("expected HOST=GUEST"));
+    exit2(&root, &["export", "--nccl-xml", "-", "--map-file", d.path().to_str().unwrap()]);
+}
+
+#[test]
+fn nccl_export_of_a_root_with_a_long_non_ascii_path_stays_within_nccls_value_length() {
+    let d = tempfile::tempdir().unwrap();
+    let deep = d.path().join("ü".repeat(60)).join("ø".repeat(60)).join("é".repeat(60));
+    std::fs::create_dir_all(&deep).unwrap();
+    let st = Command::new("cp").arg("-a").arg(fixture("qemu-switch").join(".")).arg(&deep).status().unwrap();
+    assert!(st.success());
+    let xml = stdout_ok(&deep, &["export", "--nccl-xml", "-"]);
+    let name = xml.split("name=\"").nth(1).unwrap().split('"').next().unwrap();
+    assert!(name.len() <= 253 && name.starts_with("peermem /"), "{} bytes: {name}", name.len());
 }
 
 #[test]
