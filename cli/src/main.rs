@@ -9,6 +9,7 @@
 // The AFL++ driver (feature `afl`) replaces `main`: the command's code is then unused.
 #![cfg_attr(feature = "afl", allow(dead_code, unused_imports))]
 
+mod gate;
 mod nccl;
 mod nics;
 mod out;
@@ -93,11 +94,18 @@ enum Cmd {
     /// not, 2 on bad input: a node-health gate. One line per pair.
     Check {
         /// Also accept pairs that go through an allowed host bridge (thru_host_bridge).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "gpu_nic")]
         allow_host_bridge: bool,
+        /// Gate GPU-NIC pairs instead: exit 1 when a GPU (every GPU, or the GPUs named) has no
+        /// RDMA NIC that reaches its memory directly, naming the pair and the fix.
+        #[arg(long)]
+        gpu_nic: bool,
+        /// With --gpu-nic: one JSON object.
+        #[arg(long, requires = "gpu_nic")]
+        json: bool,
         #[command(flatten)]
         filter: Filter,
-        /// PROVIDER CLIENT [PROVIDER CLIENT]...
+        /// PROVIDER CLIENT [PROVIDER CLIENT]... (with --gpu-nic: GPUs)
         pairs: Vec<String>,
     },
     /// The smallest change that makes the named pairs (default: all listed endpoints) direct.
@@ -301,7 +309,13 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
                 print_route(&out, o);
             }
         }
-        Cmd::Check { allow_host_bridge, filter, pairs } => {
+        Cmd::Check { gpu_nic: true, json, filter, pairs, .. } => {
+            if filter.all || !filter.class.is_empty() {
+                bail!("check --gpu-nic checks GPUs: --all and --class do not apply");
+            }
+            return gate::gate(Arc::new(root.discover()?), &root, &pairs, json, o);
+        }
+        Cmd::Check { allow_host_bridge, filter, pairs, .. } => {
             let t = root.discover()?;
             let ps = pairs::pairs(&t, &root, &filter.selection()?, &pairs)?;
             return Ok(pairs::check(&t, &ps, allow_host_bridge, o));
