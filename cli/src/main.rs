@@ -9,6 +9,8 @@
 // The AFL++ driver (feature `afl`) replaces `main`: the command's code is then unused.
 #![cfg_attr(feature = "afl", allow(dead_code, unused_imports))]
 
+mod gate;
+mod nccl;
 mod nics;
 mod out;
 mod pairs;
@@ -92,11 +94,18 @@ enum Cmd {
     /// not, 2 on bad input: a node-health gate. One line per pair.
     Check {
         /// Also accept pairs that go through an allowed host bridge (thru_host_bridge).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "gpu_nic")]
         allow_host_bridge: bool,
+        /// Gate GPU-NIC pairs instead: exit 1 when a GPU (every GPU, or the GPUs named) has no
+        /// RDMA NIC that reaches its memory directly, naming the pair and the fix.
+        #[arg(long)]
+        gpu_nic: bool,
+        /// With --gpu-nic: one JSON object.
+        #[arg(long, requires = "gpu_nic")]
+        json: bool,
         #[command(flatten)]
         filter: Filter,
-        /// PROVIDER CLIENT [PROVIDER CLIENT]...
+        /// PROVIDER CLIENT [PROVIDER CLIENT]... (with --gpu-nic: GPUs)
         pairs: Vec<String>,
     },
     /// The smallest change that makes the named pairs (default: all listed endpoints) direct.
@@ -124,6 +133,13 @@ enum Cmd {
         /// Write the XML NCCL reads from NCCL_TOPO_FILE ("-" for stdout).
         #[arg(long, value_name = "FILE")]
         nccl_xml: PathBuf,
+        /// For a file used inside a VM: a host PCI address (or RDMA device name) and the guest's
+        /// (repeatable). NCCL finds its GPUs and NICs by bus id and its nets by name.
+        #[arg(long = "map", value_name = "HOST=GUEST")]
+        map: Vec<String>,
+        /// HOST=GUEST (or HOST GUEST) entries, one a line; `#` starts a comment.
+        #[arg(long, value_name = "FILE")]
+        map_file: Option<PathBuf>,
     },
     /// Copy the files peermem reads from the root into DIR, or into one archive (attach it to a
     /// bug report; replay it with --root).
@@ -293,7 +309,13 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
                 print_route(&out, o);
             }
         }
-        Cmd::Check { allow_host_bridge, filter, pairs } => {
+        Cmd::Check { gpu_nic: true, json, filter, pairs, .. } => {
+            if filter.all || !filter.class.is_empty() {
+                bail!("check --gpu-nic checks GPUs: --all and --class do not apply");
+            }
+            return gate::gate(Arc::new(root.discover()?), &root, &pairs, json, o);
+        }
+        Cmd::Check { allow_host_bridge, filter, pairs, .. } => {
             let t = root.discover()?;
             let ps = pairs::pairs(&t, &root, &filter.selection()?, &pairs)?;
             return Ok(pairs::check(&t, &ps, allow_host_bridge, o));
@@ -313,15 +335,10 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
             let c = resolve(&t, &labels, &root, &client)?;
             return probe::probe(&t, p, c, len, offset, o);
         }
-        Cmd::Export { nccl_xml } => {
+        Cmd::Export { nccl_xml, map, map_file } => {
+            let map = nccl::bus_map(&map, map_file.as_deref())?;
             let t = root.discover()?;
-            let xml = peermem::nccl::topology_xml(&t, &format!("peermem {}", cli.root.display()));
-            if nccl_xml == Path::new("-") {
-                o.text(&xml);
-            } else {
-                std::fs::write(&nccl_xml, xml).with_context(|| format!("--nccl-xml {}", nccl_xml.display()))?;
-                o.line(&format!("wrote {} (use it with NCCL_TOPO_FILE={})", nccl_xml.display(), nccl_xml.display()));
-            }
+            nccl::export(&t, format!("peermem {}", cli.root.display()), map, &nccl_xml, o)?;
         }
         Cmd::Capture { dir, archive } => capture(&root, &cli.root, dir, archive, o)?,
     }

@@ -60,7 +60,7 @@ pub fn affinity(t: &Arc<Topology>, names: &Names, eps: &[DevIdx]) -> Result<Vec<
     Ok(out)
 }
 
-fn nic_json(r: &NicRank) -> Value {
+pub fn nic_json(r: &NicRank) -> Value {
     json!({
         "name": r.device.name,
         "bdf": r.device.place.bdf(),

@@ -1,6 +1,7 @@
 //! The real-servers CLI: labels and the endpoint filter, NODE/SYS, the ACS detour cell, JSON
-//! pairs against `why`, `check` exit codes, `fix` strings, capture archives, partial captures,
-//! wide domains, pci.ids names, `why FILE`, the NCCL export and a closed output pipe.
+//! pairs against `why`, `check` exit codes, the `check --gpu-nic` gate, `fix` strings, capture
+//! archives, partial captures, wide domains, pci.ids names, `why FILE`, the NCCL export (with
+//! host-to-guest maps) and a closed output pipe.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -137,6 +138,73 @@ fn check_exits_0_when_direct_1_when_not_2_on_bad_input() {
 }
 
 #[test]
+fn gpu_nic_gate_exits_1_naming_each_gpu_without_a_direct_nic_and_the_fix() {
+    let root = fixture("derived-gpu-nic");
+    let o = run(&root, &["check", "--gpu-nic"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    // GPU3 has no NIC below its switch: only placement fixes it.
+    assert!(out.contains("NOT   GPU3 0000:15:00.0"), "{out}");
+    assert!(out.contains("no RDMA NIC shares a PCIe switch with it"), "{out}");
+    // GPU4 shares a switch with mlx5_2, but ACS redirects the pair: the kernel parameter fixes it.
+    assert!(out.contains("NOT   GPU4 0000:83:00.0  -> mlx5_2 (0000:85:00.0)"), "{out}");
+    assert!(out.contains("ACS redirects the pair on 0000:82:00.0"), "{out}");
+    assert!(out.contains("fix (kernel command line): pci=disable_acs_redir=0000:82:00.0"), "{out}");
+    assert!(out.contains("ok    GPU5 0000:84:00.0  -> mlx5_2 (0000:85:00.0) direct PIX"), "{out}");
+    assert!(out.ends_with("4 of 6 GPUs have a NIC that reaches their memory directly\n"), "{out}");
+
+    let o = run(&root, &["check", "--gpu-nic", "--json", "GPU4"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let g = &v["gpus"][0];
+    assert_eq!(
+        (g["gpu"].as_str(), g["bdf"].as_str(), g["direct"].as_bool()),
+        (Some("GPU4"), Some("0000:83:00.0"), Some(false))
+    );
+    assert_eq!(g["fix"], "pci=disable_acs_redir=0000:82:00.0");
+    assert_eq!(g["best"]["name"], "mlx5_2");
+    assert_eq!(g["best"]["tier"], "host_bridge");
+    assert_eq!(g["direct_nics"], Value::Array(vec![]));
+}
+
+#[test]
+fn gpu_nic_gate_exits_0_listing_each_gpus_best_nic() {
+    let root = fixture("derived-gpu-nic");
+    let o = run(&root, &["check", "--gpu-nic", "GPU0", "GPU1", "0000:0f:00.0", "GPU5"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    for line in ["ok    GPU0 0000:03:00.0  -> mlx5_0 (0000:04:00.0) direct PIX", "ok    GPU2 0000:0f:00.0  -> mlx5_1"] {
+        assert!(out.contains(line), "{out}");
+    }
+    assert!(out.ends_with("4 of 4 GPUs have a NIC that reaches their memory directly\n"), "{out}");
+    let v = json(&root, &["check", "--gpu-nic", "--json", "GPU1"]);
+    assert_eq!(v["ok"], true);
+    let g = &v["gpus"][0];
+    assert_eq!(g["direct_nics"], serde_json::json!(["mlx5_1"]));
+    assert_eq!(g["best"]["route"], "kernel_import");
+    assert_eq!(g["best"]["registration"], "dma_buf_import");
+    assert_eq!(g["best"]["path"], "PIX");
+    assert!(g["fix"].is_null() && g["why"].is_null());
+}
+
+#[test]
+fn gpu_nic_gate_refuses_what_is_not_a_gpu_and_flags_of_the_pair_check() {
+    let root = fixture("derived-gpu-nic");
+    assert!(exit2(&root, &["check", "--gpu-nic", "NVME0"]).contains("is not a GPU"));
+    exit2(&root, &["check", "--gpu-nic", "--allow-host-bridge"]);
+    exit2(&root, &["check", "--gpu-nic", "--class", "gpu"]);
+    exit2(&root, &["check", "--json"]);
+    // A GPU on a machine without RDMA devices has no direct NIC; no GPU is nothing to gate.
+    let o = run(&fixture("derived-one-node"), &["check", "--gpu-nic"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("no RDMA device on this machine"));
+    let o = run(&fixture("qemu-switch"), &["check", "--gpu-nic"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "no GPU to check\n");
+}
+
+#[test]
 fn fix_gives_both_command_lines_setpci_and_the_trade_off() {
     let root = fixture("derived-acs-switch-port");
     let out = stdout_ok(&root, &["fix", "NVME0", "NVME1", "NVME1", "NVME0"]);
@@ -257,6 +325,41 @@ fn nccl_export_writes_a_topology_file() {
     let out = stdout_ok(&fixture("qemu-switch"), &["export", "--nccl-xml", "-"]);
     assert_eq!(out, xml);
     exit2(&fixture("qemu-switch"), &["export", "--nccl-xml", "/nonexistent/dir/topo.xml"]);
+}
+
+#[test]
+fn nccl_export_maps_host_ids_for_a_guest_and_reports_on_stderr_when_the_xml_is_on_stdout() {
+    let root = fixture("derived-gpu-nic");
+    let d = tempfile::tempdir().unwrap();
+    let map = d.path().join("vm.map");
+    std::fs::write(&map, "# host guest\n0000:03:00.0 0000:00:05.0\n0000:04:00.0=0000:00:06.0\n").unwrap();
+    let o = run(&root, &["export", "--nccl-xml", "-", "--map-file", map.to_str().unwrap(), "--map", "mlx5_0=mlx5_4"]);
+    assert!(o.status.success());
+    let xml = String::from_utf8(o.stdout).unwrap();
+    assert!(xml.starts_with("<system version=\"1\"") && xml.ends_with("</system>\n"), "only XML on stdout");
+    assert!(xml.contains("<pci busid=\"0000:00:05.0\" class=\"0x030200\""), "{xml}");
+    assert!(xml.contains("<pci busid=\"0000:00:06.0\" class=\"0x020700\""), "{xml}");
+    assert!(xml.contains("<net name=\"mlx5_4\""), "{xml}");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("elements of NCCL's 256, 20 kept free for what NCCL adds at run time"), "{err}");
+    // Bad entries and unknown hosts: one line naming the entry.
+    std::fs::write(&map, "0000:03:00.0 0000:00:05.0\n0000:42:00.0 0000:00:07.0\n").unwrap();
+    let e = exit2(&root, &["export", "--nccl-xml", "-", "--map-file", map.to_str().unwrap()]);
+    assert!(e.contains("vm.map:2: 0000:42:00.0 is not a PCI function"), "{e}");
+    assert!(exit2(&root, &["export", "--nccl-xml", "-", "--map", "0000:03:00.0"]).contains("expected HOST=GUEST"));
+    exit2(&root, &["export", "--nccl-xml", "-", "--map-file", d.path().to_str().unwrap()]);
+}
+
+#[test]
+fn nccl_export_of_a_root_with_a_long_non_ascii_path_stays_within_nccls_value_length() {
+    let d = tempfile::tempdir().unwrap();
+    let deep = d.path().join("ü".repeat(60)).join("ø".repeat(60)).join("é".repeat(60));
+    std::fs::create_dir_all(&deep).unwrap();
+    let st = Command::new("cp").arg("-a").arg(fixture("qemu-switch").join(".")).arg(&deep).status().unwrap();
+    assert!(st.success());
+    let xml = stdout_ok(&deep, &["export", "--nccl-xml", "-"]);
+    let name = xml.split("name=\"").nth(1).unwrap().split('"').next().unwrap();
+    assert!(name.len() <= 253 && name.starts_with("peermem /"), "{} bytes: {name}", name.len());
 }
 
 #[test]

@@ -36,6 +36,11 @@ pub const DEVICE_FILES: &[&str] = &[
 /// Per-device symlinks reproduced with their live targets.
 pub const DEVICE_LINKS: &[&str] = &["driver", "iommu_group", "physfn"];
 
+/// Files of each RDMA device (`sys/class/infiniband/<dev>/...`) copied verbatim; `PORT_FILES`
+/// for each of its ports.
+pub const RDMA_FILES: &[&str] = &["parent"];
+pub const RDMA_PORT_FILES: &[&str] = &["state", "rate", "gid_attrs/ndevs/0"];
+
 /// Platform files copied verbatim.
 pub const PLATFORM_FILES: &[&str] = &[
     "proc/cpuinfo",
@@ -168,6 +173,9 @@ pub fn capture(src: &Path, dst: &Path) -> Result<CaptureReport, CaptureError> {
             if let Some(target) = out.copy_link(&cdir.join(&name))? {
                 out.mkdir(&target)?;
                 out.copy_link(&target.join("device"))?;
+                if *class == "infiniband" {
+                    capture_rdma(&mut out, &target)?;
+                }
             }
         }
     }
@@ -176,6 +184,19 @@ pub fn capture(src: &Path, dst: &Path) -> Result<CaptureReport, CaptureError> {
     }
     capture_device_tree(&mut out)?;
     Ok(out.report)
+}
+
+/// An RDMA device's netdev and ports (what `nic::facts` and the netdev lookup read).
+fn capture_rdma(out: &mut Out<'_>, dir: &Path) -> Result<(), CaptureError> {
+    for f in RDMA_FILES {
+        out.copy_file(&dir.join(f))?;
+    }
+    for port in out.src.list_dir(dir.join("ports"))?.unwrap_or_default() {
+        for f in RDMA_PORT_FILES {
+            out.copy_file(&dir.join("ports").join(&port).join(f))?;
+        }
+    }
+    Ok(())
 }
 
 fn capture_device_tree(out: &mut Out<'_>) -> Result<(), CaptureError> {

@@ -18,7 +18,8 @@ use crate::platform::{be_u32s, dt_strings, parse_cpuinfo, parse_pci_ranges, Kern
 use crate::sysroot::{parse_bool, parse_dec, parse_hex, parse_hex_bits, Sysroot};
 
 /// Every sysfs/procfs text parser on one attribute's bytes: hex, decimal, boolean, link speed,
-/// kernel release, cpulist, `pci.ids` lines, `cpuinfo`, class selections.
+/// kernel release, cpulist, `pci.ids` lines, `cpuinfo`, class selections; and the text parsers
+/// of the NCCL export: host-to-guest map files and NCCL's topology-file rules.
 pub fn sysfs_attr(data: &[u8]) {
     let rel = Path::new("fuzz/attr");
     let Ok(s) = Sysroot::text(rel, data.to_vec()) else { return };
@@ -46,6 +47,9 @@ pub fn sysfs_attr(data: &[u8]) {
     let _ = parse_cpuinfo(Path::new("proc/cpuinfo"), &s);
     let _ = is_host_bridge_dir(&s);
     let _ = EndpointKind::parse(&s);
+    let _ = crate::nccl::BusMap::default().add_file(rel, &s);
+    let checked = crate::nccl::check(&s);
+    assert!(checked.elements <= crate::nccl::NCCL_MAX_ELEMENTS);
     let _ = Selection::parse(&s.split(',').map(str::to_string).collect::<Vec<_>>());
 }
 

@@ -52,7 +52,8 @@ pub mod verdict;
 pub use addr::{AddrRange, Address, BarWindow, BusAddr, BusOffset, CpuPhys, DmaAddr, Iova, VirtAddr};
 pub use pci::{BarError, Bdf, DevIdx, MapBarError, Topology, TopologyError};
 pub use region::{
-    AccessError, Backing, BarMapping, BarRegion, HostRegion, HostSlice, PeerMemory, Provider, RegionError, Side,
+    AccessError, Backing, BarMapping, BarRegion, HostRegion, HostSlice, PeerMemory, PlannedDmaBuf, Provider,
+    RegionError, Side,
 };
 pub use registry::{Entry, Hit, Reader, RegionId, Registration, Registry, RegistryError, ResolveError, Snapshot};
 pub use route::{BounceWhy, Peer, Route, RouteKind, VerdictRef};

@@ -45,6 +45,30 @@ pub struct Cpu {
     pub model_name: Option<String>,
     /// The x86 `hypervisor` flag.
     pub hypervisor_flag: bool,
+    /// The instruction set, from the lines only that architecture's cpuinfo carries.
+    pub arch: Option<CpuArch>,
+}
+
+/// A CPU architecture as `proc/cpuinfo` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuArch {
+    /// A `vendor_id` line (x86 kernels only).
+    X86_64,
+    /// `CPU architecture : 8`.
+    Arm64,
+    /// `cpu : POWERn ...`.
+    Ppc64,
+}
+
+impl CpuArch {
+    /// The name NCCL's topology file uses for it.
+    pub fn nccl_name(self) -> &'static str {
+        match self {
+            CpuArch::X86_64 => "x86_64",
+            CpuArch::Arm64 => "arm64",
+            CpuArch::Ppc64 => "ppc64",
+        }
+    }
 }
 
 impl Cpu {
@@ -273,7 +297,12 @@ pub(crate) fn parse_cpuinfo(rel: &Path, text: &str) -> Result<Cpu, SysrootError>
         };
         let (k, v) = (k.trim(), v.trim());
         match k {
-            "vendor_id" => cpu.vendor = Some(v.to_string()),
+            "vendor_id" => {
+                cpu.vendor = Some(v.to_string());
+                cpu.arch = Some(CpuArch::X86_64);
+            }
+            "CPU architecture" if v == "8" || v.eq_ignore_ascii_case("AArch64") => cpu.arch = Some(CpuArch::Arm64),
+            "cpu" if v.starts_with("POWER") => cpu.arch = Some(CpuArch::Ppc64),
             "cpu family" => {
                 cpu.family = Some(v.parse().map_err(|_| malformed_err(rel, "cpu family is not a number", v))?)
             }
@@ -425,6 +454,16 @@ mod tests {
         c = Cpu { vendor: Some("GenuineIntel".into()), family: Some(6), ..Default::default() };
         assert!(!c.supports_p2pdma());
         assert!(!Cpu::default().supports_p2pdma());
+    }
+
+    #[test]
+    fn cpuinfo_names_the_architecture_by_lines_only_it_carries() {
+        let arch = |text: &str| parse_cpuinfo(Path::new("proc/cpuinfo"), text).unwrap().arch;
+        assert_eq!(arch("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n"), Some(CpuArch::X86_64));
+        assert_eq!(arch("processor\t: 0\nCPU implementer\t: 0x41\nCPU architecture: 8\n"), Some(CpuArch::Arm64));
+        assert_eq!(arch("processor\t: 0\ncpu\t\t: POWER9 (raw), altivec supported\n"), Some(CpuArch::Ppc64));
+        assert_eq!(arch("processor\t: 0\nCPU architecture: 7\n"), None, "32-bit Arm is none of NCCL's");
+        assert_eq!(arch(""), None);
     }
 
     #[test]

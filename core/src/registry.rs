@@ -470,7 +470,7 @@ impl Registry {
                 Kind::Bar(BarPlace { dev, hierarchy: self.hierarchy_of(dev)?, cpu, bus })
             }
             Backing::HostPages => Kind::HostPages,
-            Backing::DmaBuf(_) => Kind::DmaBuf,
+            Backing::DmaBuf(_) | Backing::PlannedDmaBuf { .. } => Kind::DmaBuf,
             Backing::OpaqueFd(_) => Kind::OpaqueFd,
         };
         let va = match region.cpu_mapping() {

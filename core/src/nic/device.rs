@@ -1,14 +1,15 @@
 //! RDMA devices as the topology sees them: each `sys/class/infiniband/<dev>` mapped to the PCI
 //! function it sits on, or marked a software device (rxe, siw) with its netdev.
 //!
-//! Owns: `RdmaDevice`, `NicPlace`, and reading them through the confined sysroot. Must not:
-//! open a device (the rdma backend does) or judge a PCI pair (the registry does).
+//! Owns: `RdmaDevice`, `NicPlace`, `RdmaFacts` (port numbers, state and rate), and reading
+//! them through the confined sysroot. Must not: open a device (the rdma backend does) or judge a
+//! PCI pair (the registry does).
 
 use std::path::{Path, PathBuf};
 
 use super::NicError;
 use crate::pci::Bdf;
-use crate::sysroot::Sysroot;
+use crate::sysroot::{malformed_err, Sysroot, SysrootError};
 
 /// Where the class directory of RDMA devices lives below a sysroot.
 const CLASS: &str = "sys/class/infiniband";
@@ -93,6 +94,79 @@ fn device_in(sys: &Sysroot, name: &str) -> Result<RdmaDevice, NicError> {
     Ok(RdmaDevice { name: name.to_string(), place, sysfs: sys.path(&class) })
 }
 
+/// What sysfs tells about an RDMA device's ports. Each fact is `None` (or the list empty) where
+/// the files are absent or unreadable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RdmaFacts {
+    /// Every port under `ports/`, by number.
+    pub ports: Vec<RdmaPort>,
+}
+
+/// One port of an RDMA device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaPort {
+    pub number: u32,
+    /// `state` reads `4: ACTIVE`.
+    pub active: Option<bool>,
+    /// `rate` (`100 Gb/sec (4X EDR)`) in Mb/s.
+    pub rate_mbps: Option<u64>,
+}
+
+impl RdmaFacts {
+    /// The port a verbs consumer uses: the first active one, else the first known.
+    pub fn port(&self) -> Option<&RdmaPort> {
+        self.ports.iter().find(|p| p.active == Some(true)).or(self.ports.first())
+    }
+}
+
+/// The ports of `dev`, read below `root`. A malformed file is an error naming it.
+pub fn facts(root: &Path, dev: &RdmaDevice) -> Result<RdmaFacts, NicError> {
+    let sys = Sysroot::open(root)?;
+    let dir = Path::new(CLASS).join(&dev.name);
+    let mut f = RdmaFacts::default();
+    let mut numbers: Vec<u32> =
+        sys.list_dir(dir.join("ports"))?.unwrap_or_default().iter().filter_map(|n| n.parse().ok()).collect();
+    numbers.sort_unstable();
+    for number in numbers {
+        let p = dir.join("ports").join(number.to_string());
+        let active = match read_soft(&sys, &p.join("state"))? {
+            None => None,
+            Some(s) => {
+                Some(port_state(&s).ok_or_else(|| malformed_err(&p.join("state"), "expected 'N: NAME'", &s))? == 4)
+            }
+        };
+        let rate_mbps = match read_soft(&sys, &p.join("rate"))? {
+            None => None,
+            Some(s) => {
+                Some(rate_mbps(&s).ok_or_else(|| malformed_err(&p.join("rate"), "expected '<N> Gb/sec ...'", &s))?)
+            }
+        };
+        f.ports.push(RdmaPort { number, active, rate_mbps });
+    }
+    Ok(f)
+}
+
+/// An attribute that may be absent or unreadable (then unknown); anything hostile is an error.
+fn read_soft(sys: &Sysroot, rel: &Path) -> Result<Option<String>, SysrootError> {
+    match sys.read_opt(rel) {
+        Ok(v) => Ok(v.filter(|s| !s.is_empty())),
+        Err(e) if e.is_unreadable() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `4: ACTIVE` -> 4.
+fn port_state(s: &str) -> Option<u32> {
+    s.split_once(':')?.0.trim().parse().ok()
+}
+
+/// `100 Gb/sec (4X EDR)` -> 100000; `2.5 Gb/sec (1X SDR)` -> 2500.
+fn rate_mbps(s: &str) -> Option<u64> {
+    let (n, rest) = s.split_once(' ')?;
+    let gbps: f64 = n.parse().ok().filter(|g: &f64| g.is_finite() && *g >= 0.0 && *g < 1e6)?;
+    rest.starts_with("Gb/sec").then(|| (gbps * 1000.0).round() as u64)
+}
+
 /// rxe and siw name their netdev in `parent`; otherwise port 1's first GID's netdev.
 fn parent_netdev(sys: &Sysroot, dir: &Path) -> Result<Option<String>, NicError> {
     for f in ["parent", "ports/1/gid_attrs/ndevs/0"] {
@@ -156,6 +230,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(device_at(r, "mlx5_2").unwrap().place, NicPlace::Pci("0000:3b:00.0".parse().unwrap()));
+    }
+
+    #[test]
+    fn ports_are_read_with_state_and_rate_and_garbage_names_its_file() {
+        let t = sysroot();
+        let dev = r"sys/devices/pci0000:3a/0000:3a:00.0/0000:3b:00.0/infiniband/mlx5_0";
+        let d = t.path().join(dev);
+        for (n, state, rate) in [("1", "1: DOWN", "10 Gb/sec (4X SDR)"), ("2", "4: ACTIVE", "100 Gb/sec (4X EDR)")] {
+            std::fs::create_dir_all(d.join("ports").join(n)).unwrap();
+            std::fs::write(d.join("ports").join(n).join("state"), format!("{state}\n")).unwrap();
+            std::fs::write(d.join("ports").join(n).join("rate"), format!("{rate}\n")).unwrap();
+        }
+        let mlx = device_at(t.path(), "mlx5_0").unwrap();
+        let f = facts(t.path(), &mlx).unwrap();
+        assert_eq!(f.ports.len(), 2);
+        let p = f.port().unwrap();
+        assert_eq!((p.number, p.active, p.rate_mbps), (2, Some(true), Some(100_000)), "the active port");
+        // A software device without these files has no facts, not an error.
+        let rxe = device_at(t.path(), "rxe0").unwrap();
+        assert_eq!(facts(t.path(), &rxe).unwrap(), RdmaFacts::default());
+        std::fs::write(d.join("ports/2/rate"), "fast\n").unwrap();
+        let e = facts(t.path(), &mlx).unwrap_err().to_string();
+        assert!(e.contains("ports/2/rate"), "{e}");
+        std::fs::write(d.join("ports/2/rate"), "100 Gb/sec (4X EDR)\n").unwrap();
+        std::fs::write(d.join("ports/1/state"), "DOWN\n").unwrap();
+        assert!(facts(t.path(), &mlx).unwrap_err().to_string().contains("ports/1/state"));
     }
 
     #[test]

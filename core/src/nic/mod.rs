@@ -17,8 +17,8 @@ pub mod device;
 pub mod rank;
 pub mod register;
 
-pub use device::{device_at, devices, devices_in, NicPlace, RdmaDevice};
-pub use rank::{nearest_nic, rank_nics, NicRank, Tier};
+pub use device::{device_at, devices, devices_in, facts, NicPlace, RdmaDevice, RdmaFacts, RdmaPort};
+pub use rank::{nearest_nic, rank_for_export, rank_nics, NicRank, Tier};
 pub use register::{registration, route_for, NicRoute, RegPlan, RegWay};
 
 use std::path::PathBuf;

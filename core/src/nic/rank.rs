@@ -6,14 +6,17 @@
 //! bottleneck link, then the shorter path. Software devices (rxe, siw) reach memory with the CPU
 //! and come last.
 //!
-//! Owns: `NicRank`, `Tier`, `nearest_nic`, `rank_nics`. Must not: judge a PCI pair itself (the
-//! registry's verdict does), decide how a NIC registers (`register` does) or open a device.
+//! Owns: `NicRank`, `Tier`, `nearest_nic`, `rank_nics`, `rank_for_export`. Must not: judge a PCI
+//! pair itself (the registry's verdict does), decide how a NIC registers (`register` does) or
+//! open a device.
+
+use std::sync::Arc;
 
 use super::device::{devices, NicPlace, RdmaDevice};
 use super::register::{route_for, NicRoute, RegPlan};
 use super::NicError;
-use crate::pci::PciDevice;
-use crate::region::Provider;
+use crate::pci::{Bdf, PciDevice};
+use crate::region::{PlannedDmaBuf, Provider};
 use crate::registry::{Entry, Registry};
 use crate::route::RouteKind;
 use crate::verdict::{MapType, PathLabel};
@@ -69,6 +72,15 @@ pub struct NicRank {
 pub fn nearest_nic(registry: &Registry, region: &Entry) -> Result<Vec<NicRank>, NicError> {
     let devs = devices(registry.topology().root())?;
     rank_nics(registry, region, &devs)
+}
+
+/// Every RDMA device of the registry's root ranked for the memory of PCI function `bdf` as its
+/// driver exports it to a NIC (a dma-buf: what GPUDirect RDMA registers), best first. The
+/// region is a plan (`PlannedDmaBuf`): nothing is allocated or imported, so this answers for a
+/// captured machine too.
+pub fn rank_for_export(registry: &Registry, bdf: Bdf) -> Result<Vec<NicRank>, NicError> {
+    let region = registry.register(Arc::new(PlannedDmaBuf { bdf, len: 4096 }))?;
+    nearest_nic(registry, region.entry())
 }
 
 /// The region's host bridge (device memory) and NUMA node, when known.
@@ -184,8 +196,7 @@ mod tests {
     use crate::nic::register::RegWay;
     use crate::region::{Backing, BarRegion, HostRegion, PeerMemory};
     use crate::sys::MappedSpan;
-    use crate::{Bdf, Topology};
-    use std::sync::Arc;
+    use crate::Topology;
 
     fn registry() -> Registry {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
@@ -277,6 +288,24 @@ mod tests {
         assert_eq!(ranked.last().unwrap().device.name, "rxe0");
         assert!(ranked.iter().all(|r| r.tier != Tier::Direct), "system memory has no bus-address peer");
         assert!(ranked.iter().all(|r| !r.registration.bounces()), "host pages are pinned by every NIC");
+    }
+
+    #[test]
+    fn a_devices_exported_memory_is_direct_for_the_nic_below_its_switch_only() {
+        let reg = registry();
+        let ranked = rank_nics(
+            &reg,
+            reg.register(Arc::new(PlannedDmaBuf { bdf: "0000:03:00.0".parse().unwrap(), len: 4096 })).unwrap().entry(),
+            &nics(),
+        )
+        .unwrap();
+        let tiers: Vec<(&str, Tier)> = ranked.iter().map(|r| (r.device.name.as_str(), r.tier)).collect();
+        assert_eq!(tiers[0], ("switch", Tier::Direct), "{tiers:?}");
+        assert_eq!(ranked[0].registration.direct, [RegWay::DmaBufImport]);
+        assert_eq!(ranked[0].route.name(), "kernel_import");
+        assert!(ranked[1..].iter().all(|r| r.tier != Tier::Direct), "{tiers:?}");
+        // rank_for_export asks the root's own devices: the capture has none.
+        assert!(rank_for_export(&reg, "0000:03:00.0".parse().unwrap()).unwrap().is_empty());
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl RegPlan {
 /// remains.
 pub fn registration(place: &NicPlace, route: &RouteKind, entry: &Entry) -> RegPlan {
     let mut notes = Vec::new();
-    let is_dma_buf = matches!(entry.region().backing(), Backing::DmaBuf(_));
+    let is_dma_buf = matches!(entry.region().backing(), Backing::DmaBuf(_) | Backing::PlannedDmaBuf { .. });
     let route = match (place, route) {
         // A software NIC's kernel driver is itself the dma-buf importer.
         (NicPlace::Virtual { .. }, RouteKind::CpuMapped(_) | RouteKind::Bounce(_)) if is_dma_buf => {

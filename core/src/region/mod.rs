@@ -1,5 +1,6 @@
 //! Peer-memory regions: the one trait every exportable memory implements, and the regions the
-//! core provides itself (host pages here; ranges of a PCI BAR in `bar`).
+//! core provides itself (host pages here; ranges of a PCI BAR in `bar`; a device's memory as its
+//! driver would export it, for plans made away from the device, in `planned`).
 //!
 //! Owns: `PeerMemory`, `Provider`, `Backing`, `HostRegion`, `HostSlice`. Must not: compute
 //! addresses a peer programs (the registry does, from the topology) or know any device type.
@@ -11,8 +12,10 @@ use crate::mem::{self, MappedSpan};
 use crate::pci::Bdf;
 
 mod bar;
+mod planned;
 
 pub use bar::{BarMapping, BarRegion};
+pub use planned::PlannedDmaBuf;
 
 /// Who owns the memory physically.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,6 +37,10 @@ pub enum Backing<'a> {
     HostPages,
     /// A dma-buf the peer's kernel driver can import.
     DmaBuf(BorrowedFd<'a>),
+    /// The memory of PCI function `bdf` as its driver exports it to a peer (a GPU's memory as a
+    /// dma-buf), described without the fd: routes resolve as for `DmaBuf`, but nothing can
+    /// import it. What a plan for a machine read from a sysroot ranks.
+    PlannedDmaBuf { bdf: Bdf },
     /// A driver-private fd (Vulkan opaque fd): only the same driver can import it.
     OpaqueFd(BorrowedFd<'a>),
 }
