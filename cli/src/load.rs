@@ -200,7 +200,7 @@ fn target(kind: DestKind, len: u64, reg: &Registry, loader: &Loader) -> Result<T
         Ok(Target { region, dest: Dest::region(&guard), guard, name, _vk: None })
     };
     match kind {
-        DestKind::Host => plain(Arc::new(HostRegion::new(len)?), "host memory".into()),
+        DestKind::Host => plain(Arc::new(HostRegion::anonymous(len)?), "host memory".into()),
         DestKind::Vulkan(p) => {
             let vk = Device::open(Select::Best).context("opening a Vulkan device")?;
             let v = Arc::new(vk.allocate(len, p)?);

@@ -81,6 +81,27 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// `len` bytes of private anonymous memory (zero-filled on first touch), read-write: not
+    /// shared with any other process, and no fd names it.
+    pub fn anonymous(len: u64) -> io::Result<Mapping> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        if len == 0 {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a fresh anonymous mapping chosen by the kernel (addr NULL) aliases no Rust
+        // object.
+        let p = unsafe {
+            rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )?
+        };
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Mapping { ptr, len })
+    }
+
     pub fn addr(&self) -> VirtAddr {
         VirtAddr::from_ptr(self.ptr.as_ptr())
     }

@@ -534,8 +534,15 @@ fn engine_groups(queue: &mut Queue, reads: &[crate::batch::Read]) -> Vec<(Option
     groups
 }
 
-/// Registers the batch's host destinations that go direct and its staging pools as io_uring
-/// fixed buffers (kept while the same set is reused): the index of each destination's buffer
+/// The largest host destination registered as an io_uring fixed buffer. Registering faults in
+/// and pins every page before the first read starts; a plain read pins its own request's pages
+/// while earlier requests are on the device, so a large destination read once (a fresh
+/// buffer the size of a file) fills sooner without registration. Fixed buffers pay where the
+/// same buffer is read into again and again: ring buffers and staging pools, which are smaller.
+const FIXED_DEST_MAX: u64 = 64 << 20;
+
+/// Registers the batch's host destinations that go direct (up to `FIXED_DEST_MAX` bytes each)
+/// and its staging pools as io_uring fixed buffers (kept while the same set is reused): the index of each destination's buffer
 /// and of each pool's first buffer, or none when the engine has no fixed buffers.
 fn fixed_buffers(
     io: &mut files::Io,
@@ -552,7 +559,7 @@ fn fixed_buffers(
     let mut set: Vec<Arc<dyn PeerMemory>> = Vec::new();
     for (i, d) in dests.iter().enumerate() {
         let host = matches!(d.entry.provider(), Provider::Host { .. });
-        if d.via == Via::Direct && host && d.entry.len() <= crate::sys::MAX_FIXED && set.len() < 1000 {
+        if d.via == Via::Direct && host && d.entry.len() <= FIXED_DEST_MAX && set.len() < 1000 {
             dest_fixed[i] = Some(set.len() as u16);
             set.push(d.entry.region().clone());
         }

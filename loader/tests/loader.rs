@@ -90,6 +90,26 @@ fn a_batch_over_many_files_lands_every_byte_with_either_engine() {
     }
 }
 
+/// A destination read once and larger than the fixed-buffer bound (a fresh buffer the size of a
+/// file) is read with plain reads, which pin each request's pages as it goes, not registered
+/// (every page faulted and pinned) before the first read; anonymous memory lands every byte.
+#[test]
+fn a_large_fresh_destination_is_not_registered_as_a_fixed_buffer() {
+    let d = tempfile::tempdir().unwrap();
+    let data = pattern(5, (65 << 20) + 4096);
+    let p = write_file(d.path(), "big", &data);
+    let reg = registry();
+    let loader = Loader::new(&reg, opts(Engine::Uring)).unwrap();
+    let f = loader.open(&p).unwrap();
+    let h = Arc::new(HostRegion::anonymous(data.len() as u64).unwrap());
+    let g = reg.register(h.clone() as Arc<dyn PeerMemory>).unwrap();
+    let r = loader.read(&f, 0, data.len() as u64, &g, 0).unwrap();
+    assert_eq!(r.dests[0].via, Via::Direct, "{r}");
+    assert!(r.dests[0].method.contains("O_DIRECT reads into the destination's pages"), "{r}");
+    assert!(!r.dests[0].method.contains("fixed buffers"), "{r}");
+    assert!(back(&*h, 0, data.len()) == data, "bytes differ");
+}
+
 #[test]
 fn misaligned_reads_write_nothing_outside_their_destination_range() {
     let d = tempfile::tempdir().unwrap();

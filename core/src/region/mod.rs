@@ -150,31 +150,48 @@ pub trait PeerMemory: Send + Sync + 'static {
     }
 }
 
-/// Page-aligned system memory backed by a sealed memfd, mapped shared: usable by the CPU,
-/// exportable as an fd (another process, or a Vulkan driver, can map or import the same pages).
+/// Page-aligned system memory: backed by a sealed memfd and mapped shared (`new`: usable by the
+/// CPU, exportable as an fd that another process, or a Vulkan driver, can map or import), or
+/// private anonymous memory (`anonymous`: for large buffers that only this process and its
+/// devices fill, where first touches dominate: the kernel faults anonymous pages in with less
+/// work than a memory file's shared pages).
 #[derive(Debug)]
 pub struct HostRegion {
     map: mem::Mapping,
-    fd: OwnedFd,
+    /// The memfd (`new`); none for anonymous memory (`anonymous`).
+    fd: Option<OwnedFd>,
     numa: Option<i32>,
 }
 
+/// `len` rounded up to whole pages, or why it cannot be a region's length.
+fn page_rounded(len: u64) -> Result<u64, RegionError> {
+    if len == 0 {
+        return Err(RegionError::Invalid { len, why: "zero length".into() });
+    }
+    let page = mem::page_size();
+    len.div_ceil(page)
+        .checked_mul(page)
+        .ok_or(RegionError::Invalid { len, why: "rounding to the page size overflows".into() })
+}
+
 impl HostRegion {
-    /// Allocates `len` bytes rounded up to the page size, zero-filled.
+    /// Allocates `len` bytes rounded up to the page size, zero-filled, in an exportable memfd.
     pub fn new(len: u64) -> Result<HostRegion, RegionError> {
-        if len == 0 {
-            return Err(RegionError::Invalid { len, why: "zero length".into() });
-        }
-        let page = mem::page_size();
-        let rounded = len
-            .div_ceil(page)
-            .checked_mul(page)
-            .ok_or(RegionError::Invalid { len, why: "rounding to the page size overflows".into() })?;
+        let rounded = page_rounded(len)?;
         let fd = mem::sealed_memfd("peermem-host", rounded)
             .map_err(|source| RegionError::Os { what: "memfd_create", source })?;
         let map =
             mem::Mapping::shared(fd.as_fd(), rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
-        Ok(HostRegion { map, fd, numa: None })
+        Ok(HostRegion { map, fd: Some(fd), numa: None })
+    }
+
+    /// Allocates `len` bytes rounded up to the page size, zero-filled, as private anonymous
+    /// memory. Not exportable (`export_fd` says so), and a child process after `fork` sees a
+    /// copy, not these pages.
+    pub fn anonymous(len: u64) -> Result<HostRegion, RegionError> {
+        let rounded = page_rounded(len)?;
+        let map = mem::Mapping::anonymous(rounded).map_err(|source| RegionError::Os { what: "mmap", source })?;
+        Ok(HostRegion { map, fd: None, numa: None })
     }
 
     /// Mutable access while this is the only handle (before registration, or via `Arc::get_mut`).
@@ -182,9 +199,9 @@ impl HostRegion {
         self.map.as_mut_slice()
     }
 
-    /// The memfd behind the pages (sealed against resizing).
-    pub fn memfd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The memfd behind the pages (sealed against resizing); `None` for anonymous memory.
+    pub fn memfd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
     }
 }
 
@@ -202,7 +219,10 @@ impl PeerMemory for HostRegion {
         Some(self.map.span())
     }
     fn export_fd(&self) -> Result<OwnedFd, RegionError> {
-        self.fd.try_clone().map_err(|source| RegionError::Os { what: "dup", source })
+        let Some(fd) = &self.fd else {
+            return Err(RegionError::NotExportable("anonymous host memory has no fd to export"));
+        };
+        fd.try_clone().map_err(|source| RegionError::Os { what: "dup", source })
     }
 }
 
@@ -250,6 +270,20 @@ impl PeerMemory for HostSlice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anonymous_host_memory_is_zeroed_and_writable_but_not_exportable() {
+        let mut r = HostRegion::anonymous(10_000).unwrap();
+        assert_eq!(r.len() % mem::page_size(), 0);
+        assert!(r.as_mut_slice().iter().all(|&b| b == 0));
+        r.write_at(8190, b"peer").unwrap();
+        let mut back = [0u8; 4];
+        r.read_at(8190, &mut back).unwrap();
+        assert_eq!(&back, b"peer");
+        assert!(r.memfd().is_none());
+        assert!(matches!(r.export_fd(), Err(RegionError::NotExportable(_))));
+        assert!(matches!(HostRegion::anonymous(0), Err(RegionError::Invalid { .. })));
+    }
 
     #[test]
     fn host_region_is_page_aligned_zeroed_and_exportable() {
