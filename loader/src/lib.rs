@@ -22,7 +22,8 @@
 //! - [`report`]: stage 4: `Report`, one `DestReport` per destination.
 //! - `loader`: `Loader` and `Ticket`: the worker running batches through the stages.
 //! - `gone`: a failed batch whose device left the machine becomes `LoadError::DeviceGone`.
-//! - [`shard`]: `ShardReader`: shuffled, sharded record batches into a ring of buffers.
+//! - [`shard`]: `ShardReader`: shuffled, sharded record batches (per rank, per DataLoader worker)
+//!   into a ring of buffers.
 //! - `sys`: the FFI edge: `pread` into mapped memory and the io_uring ring.
 
 mod batch;
@@ -47,5 +48,5 @@ pub use error::LoadError;
 pub use loader::{Loader, Ticket};
 pub use options::{Engine, Options, Verify};
 pub use report::{DestReport, Report, Via};
-pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
+pub use shard::{partition, worker_partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{Source, ALIGN};
