@@ -111,6 +111,7 @@ fn run(a: Args) -> Result<()> {
         world_size: a.world,
         drop_last: false,
         uneven: false,
+        ..ShardOptions::default()
     };
     let placement = a.placement;
     let mut reader =

@@ -25,7 +25,8 @@
 //! - [`report`]: stage 4: `Report`, one `DestReport` per destination.
 //! - `loader`: `Loader` and `Ticket`: the worker running batches through the stages.
 //! - `gone`: a failed batch whose device left the machine becomes `LoadError::DeviceGone`.
-//! - [`shard`]: `ShardReader`: shuffled, sharded record batches into a ring of buffers.
+//! - [`shard`]: `ShardReader`: shuffled, sharded record batches (per rank, per DataLoader worker)
+//!   into a ring of buffers.
 //! - `sys`: the FFI edge: `pread` into mapped memory, the io_uring ring, and the page-cache calls
 //!   (`cachestat`, `mincore`, `posix_fadvise`, clearing O_DIRECT).
 
@@ -52,5 +53,5 @@ pub use error::LoadError;
 pub use loader::{Loader, Ticket};
 pub use options::{Engine, IoMode, Options, Verify};
 pub use report::{DestReport, Report, Via};
-pub use shard::{partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
+pub use shard::{partition, worker_partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{Source, ALIGN};

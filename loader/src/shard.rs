@@ -1,6 +1,7 @@
 //! `ShardReader`: records of many files, in batches of N, into a ring of registered destination
-//! buffers with K batches read ahead; shuffled per epoch with a seed, and partitioned across
-//! ranks exactly as PyTorch's `DistributedSampler` does.
+//! buffers with K batches read ahead; shuffled per epoch with a seed, partitioned across ranks
+//! exactly as PyTorch's `DistributedSampler` does, and a rank's batches split across its
+//! DataLoader workers (worker `w` of `W` reads batches `w, w + W, ...`).
 //!
 //! Owns: the record layout, the sampler, the ring and its slots. Must not: move bytes itself (the
 //! `Loader` does) or release a ring buffer while a read into it may be in flight (a slot is
@@ -47,6 +48,12 @@ pub struct ShardOptions {
     /// so every record is read exactly once per epoch over all ranks and the first
     /// `n % world_size` ranks read one record more. Overrides `drop_last`.
     pub uneven: bool,
+    /// This reader's share of the rank's batches: the rank's epoch is cut into batches of
+    /// `batch_size` and this reader reads batches `worker, worker + workers, ...` of them, so
+    /// taking one batch from each worker in turn (as a PyTorch DataLoader does) gives the order
+    /// of a single reader (`workers: 1`). `worker` must be below `workers`.
+    pub worker: usize,
+    pub workers: usize,
 }
 
 impl Default for ShardOptions {
@@ -61,6 +68,8 @@ impl Default for ShardOptions {
             world_size: 1,
             drop_last: false,
             uneven: false,
+            worker: 0,
+            workers: 1,
         }
     }
 }
@@ -107,6 +116,23 @@ pub fn partition(n: usize, epoch: u64, o: &ShardOptions) -> Vec<usize> {
     let mine: Vec<usize> = idx.into_iter().skip(o.rank).step_by(ws).collect();
     debug_assert_eq!(mine.len(), num_samples);
     mine
+}
+
+/// The record indices one reader (rank `o.rank`, worker `o.worker` of `o.workers`) reads in
+/// `epoch`, in order: the rank's [`partition`] cut into batches of `o.batch_size`, and of those
+/// the batches `worker, worker + workers, ...`. Every batch is whole except the rank's last, so
+/// cutting this list into batches again gives back exactly those batches.
+pub fn worker_partition(n: usize, epoch: u64, o: &ShardOptions) -> Vec<usize> {
+    worker_share(partition(n, epoch, o), o)
+}
+
+/// The worker's batches of the rank's records `rank` (see [`worker_partition`]).
+fn worker_share(rank: Vec<usize>, o: &ShardOptions) -> Vec<usize> {
+    let workers = o.workers.max(1);
+    if workers == 1 {
+        return rank;
+    }
+    rank.chunks(o.batch_size.max(1)).skip(o.worker).step_by(workers).flatten().copied().collect()
 }
 
 /// One buffer of the ring: the region, its registration and the loader's destination for it.
@@ -209,7 +235,10 @@ pub struct ShardReader {
     ring: Arc<Vec<RingBuffer>>,
     free: Arc<Mutex<Vec<usize>>>,
     pending: VecDeque<Pending>,
+    /// This reader's records of the epoch, in order (its worker's share of the rank's).
     order: Vec<usize>,
+    /// Records the rank reads per epoch over all its workers.
+    rank_records: usize,
     cursor: usize,
     epoch: u64,
 }
@@ -243,6 +272,9 @@ impl ShardReader {
         }
         if opts.world_size == 0 || opts.rank >= opts.world_size {
             return bad(format!("rank {} must be below world_size {}", opts.rank, opts.world_size));
+        }
+        if opts.workers == 0 || opts.worker >= opts.workers {
+            return bad(format!("worker {} must be below workers {}", opts.worker, opts.workers));
         }
         let records: Vec<(usize, u64, u64)> = match layout {
             Layout::Fixed { record } => {
@@ -302,6 +334,7 @@ impl ShardReader {
             free,
             pending: VecDeque::new(),
             order: Vec::new(),
+            rank_records: 0,
             cursor: 0,
             epoch: 0,
         };
@@ -314,9 +347,15 @@ impl ShardReader {
         self.records.len()
     }
 
-    /// Batches this rank reads per epoch.
+    /// Batches this reader (its rank's share for its worker) reads per epoch.
     pub fn batches_per_epoch(&self) -> usize {
         self.order.len().div_ceil(self.opts.batch_size)
+    }
+
+    /// Batches the rank reads per epoch over all its workers: the same on every rank unless
+    /// `uneven` (what a DataLoader over the rank's workers yields).
+    pub fn rank_batches_per_epoch(&self) -> usize {
+        self.rank_records.div_ceil(self.opts.batch_size)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -334,7 +373,9 @@ impl ShardReader {
             self.free.lock().unwrap_or_else(|p| p.into_inner()).push(p.slot);
         }
         self.epoch = epoch;
-        self.order = partition(self.records.len(), epoch, &self.opts);
+        let rank = partition(self.records.len(), epoch, &self.opts);
+        self.rank_records = rank.len();
+        self.order = worker_share(rank, &self.opts);
         self.cursor = 0;
         first_err.map_or(Ok(()), Err)
     }
@@ -467,5 +508,98 @@ mod tests {
         // Rank r of world 2 takes every other element of the one permutation.
         let r1 = partition(100, 0, &o(2, 1, true, false));
         assert_eq!(r1, a0.iter().copied().skip(1).step_by(2).collect::<Vec<_>>());
+    }
+    fn ow(ws: usize, rank: usize, batch: usize, workers: usize, worker: usize) -> ShardOptions {
+        ShardOptions { batch_size: batch, worker, workers, ..o(ws, rank, true, false) }
+    }
+
+    /// Takes one batch from each worker in turn, skipping workers that ran out (a DataLoader's
+    /// round-robin over its workers).
+    fn round_robin(shares: &[Vec<usize>], batch: usize) -> Vec<usize> {
+        let mut batches: Vec<std::collections::VecDeque<&[usize]>> =
+            shares.iter().map(|s| s.chunks(batch).collect()).collect();
+        let mut out = Vec::new();
+        while batches.iter().any(|b| !b.is_empty()) {
+            for b in batches.iter_mut() {
+                if let Some(x) = b.pop_front() {
+                    out.extend_from_slice(x);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn workers_read_whole_batches_that_round_robin_back_into_the_single_reader_order() {
+        for (n, ws, batch, workers) in [(100, 1, 8, 2), (37, 2, 4, 3), (10, 4, 1, 2), (1000, 3, 32, 4), (5, 1, 8, 2)] {
+            for rank in 0..ws {
+                for epoch in 0..2 {
+                    let single = partition(n, epoch, &ow(ws, rank, batch, 1, 0));
+                    let shares: Vec<Vec<usize>> =
+                        (0..workers).map(|w| worker_partition(n, epoch, &ow(ws, rank, batch, workers, w))).collect();
+                    assert_eq!(round_robin(&shares, batch), single, "n {n} world {ws} batch {batch} workers {workers}");
+                    // Worker w reads batches w, w + W, ... of the rank's batches.
+                    let rank_batches: Vec<&[usize]> = single.chunks(batch).collect();
+                    for (w, share) in shares.iter().enumerate() {
+                        let want: Vec<usize> =
+                            rank_batches.iter().skip(w).step_by(workers).flat_map(|b| b.iter().copied()).collect();
+                        assert_eq!(share, &want, "worker {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn workers_beyond_the_ranks_batches_read_nothing_and_the_rest_differ_by_one_batch() {
+        // 10 batches of one record over 4 workers: 3, 3, 2, 2 batches.
+        let counts: Vec<usize> = (0..4).map(|w| worker_partition(10, 0, &ow(1, 0, 1, 4, w)).len()).collect();
+        assert_eq!(counts, vec![3, 3, 2, 2]);
+        // 5 records in batches of 8: one batch, read by worker 0 alone.
+        assert_eq!(worker_partition(5, 0, &ow(1, 0, 8, 2, 0)).len(), 5);
+        assert!(worker_partition(5, 0, &ow(1, 0, 8, 2, 1)).is_empty());
+    }
+
+    #[test]
+    fn every_rank_reads_the_same_number_of_batches_unless_uneven() {
+        for (n, ws, batch) in [(10, 4, 1), (10, 4, 2), (37, 3, 4), (2, 5, 1), (1001, 8, 16)] {
+            for drop_last in [false, true] {
+                let counts: Vec<usize> =
+                    (0..ws).map(|r| partition(n, 0, &o(ws, r, true, drop_last)).len().div_ceil(batch)).collect();
+                assert!(counts.iter().all(|&c| c == counts[0]), "n {n} world {ws} drop_last {drop_last}: {counts:?}");
+            }
+        }
+        // Without padding, 10 records over 4 ranks in batches of one: 3, 3, 2, 2 steps.
+        let uneven: Vec<usize> =
+            (0..4).map(|r| partition(10, 0, &ShardOptions { uneven: true, ..o(4, r, false, false) }).len()).collect();
+        assert_eq!(uneven, vec![3, 3, 2, 2]);
+    }
+
+    #[test]
+    fn a_reader_refuses_a_worker_outside_its_workers() {
+        use peermem::Topology;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+        let reg = peermem::Registry::new(Arc::new(Topology::discover(root).unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.bin");
+        std::fs::write(&path, vec![7u8; 4 * 4096]).unwrap();
+        let loader = Arc::new(Loader::new(&reg, crate::Options::default()).unwrap());
+        for (worker, workers) in [(2, 2), (0, 0)] {
+            let files = vec![loader.open(&path).unwrap()];
+            let opts = ShardOptions { worker, workers, ..ShardOptions::default() };
+            let e = ShardReader::new(loader.clone(), files, Layout::Fixed { record: 4096 }, opts, RingBuffer::host)
+                .unwrap_err();
+            assert!(matches!(&e, LoadError::Layout(m) if m.contains("worker")), "{e}");
+        }
+        let files = vec![loader.open(&path).unwrap()];
+        let opts = ShardOptions { batch_size: 1, worker: 1, workers: 2, ..ShardOptions::default() };
+        let mut r =
+            ShardReader::new(loader.clone(), files, Layout::Fixed { record: 4096 }, opts, RingBuffer::host).unwrap();
+        assert_eq!((r.batches_per_epoch(), r.rank_batches_per_epoch()), (2, 4));
+        let mut seen = Vec::new();
+        while let Some(b) = r.next_batch() {
+            seen.extend(b.unwrap().indices.iter().copied());
+        }
+        assert_eq!(seen, vec![1, 3]);
     }
 }

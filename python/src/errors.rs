@@ -24,16 +24,18 @@ pub fn peermem_err(e: impl std::fmt::Display) -> PyErr {
     PeerMemError::new_err(e.to_string())
 }
 
-/// A loader error: a missing file is `FileNotFoundError`, a range past the end, a destination
-/// too small or a bad record layout `ValueError`, a strict refusal `NotDirectError`, everything else `PeerMemError`.
+/// A loader error: a missing file is `FileNotFoundError`; a range past the end, a destination
+/// too small, a bad record layout or a malformed setting (a `PEERMEM_*` variable, named in the
+/// message) `ValueError`; a strict refusal `NotDirectError`; everything else `PeerMemError`.
 pub fn load_err(e: LoadError) -> PyErr {
     match &e {
         LoadError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             PyFileNotFoundError::new_err(e.to_string())
         }
-        LoadError::BadRange { .. } | LoadError::TooSmall { .. } | LoadError::Layout(_) => {
-            PyValueError::new_err(e.to_string())
-        }
+        LoadError::BadRange { .. }
+        | LoadError::TooSmall { .. }
+        | LoadError::Layout(_)
+        | LoadError::BadSetting { .. } => PyValueError::new_err(e.to_string()),
         LoadError::NotDirect { what, why, reasons } => {
             let mut all = reasons.clone();
             all.push(format!("{what}: {why}"));

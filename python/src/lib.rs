@@ -1,6 +1,10 @@
-//! The `peermem` Python module: a thin PyO3 layer over the Rust crates. It converts arguments,
-//! errors and results; every decision (verdicts, routes, direct or bounce) stays in the crates.
+//! `peermem._native`, the extension module of the `peermem` Python package: a thin PyO3 layer
+//! over the Rust crates. It converts arguments, errors and results; every decision (verdicts,
+//! routes, direct or bounce) stays in the crates. The package's Python side (`python/peermem/`:
+//! `__init__.py` re-exports this module, `torch.py` is the PyTorch dataset) holds no logic of
+//! its own beyond what PyTorch needs.
 //!
+//! - [`args`]: Python arguments checked one by one, each error naming its argument.
 //! - [`bench`]: the same jobs run entirely in Rust, the benchmark's baseline.
 //! - [`errors`]: the exceptions (`PeerMemError`, `NotDirectError`) and the error conversions.
 //! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures, batches.
@@ -11,6 +15,7 @@
 
 use pyo3::prelude::*;
 
+mod args;
 mod bench;
 mod errors;
 mod loader;
@@ -22,9 +27,10 @@ mod topology;
 
 pub use errors::{NotDirectError, PeerMemError};
 
-/// peermem: PCIe peer-to-peer memory from Python (topology, routes, zero-copy buffers, loader).
+/// peermem's native module (topology, routes, zero-copy buffers, loader); `import peermem`
+/// re-exports it.
 #[pymodule]
-#[pyo3(name = "peermem")]
+#[pyo3(name = "_native")]
 fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

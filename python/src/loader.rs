@@ -2,6 +2,7 @@
 //! batch and waits for its ticket with the GIL released; `pread` submits and returns a `Future`
 //! holding the ticket (`result(timeout)` is the ticket's `wait_timeout`); `read_batch` and
 //! `pread_batch` submit many reads as one batch (all in flight together, `depth` requests deep).
+//! Settings start from the `PEERMEM_*` variables (`Options::from_env`); arguments given win.
 //!
 //! Owns: argument checks a Python caller needs before any I/O (path kind, range, destination
 //! size) and keeping each destination's buffer export alive until its load is reaped. Must not:
@@ -18,6 +19,7 @@ use pyo3::prelude::*;
 
 use peermem_loader::{Batch, Dest, LoadError, Options, Report as LoadReport, Source, Ticket, Verify};
 
+use crate::args;
 use crate::errors::{load_err, peermem_err};
 use crate::memory::{registry, Target};
 
@@ -337,10 +339,18 @@ impl Loader {
         Ok(l)
     }
 
-    fn req(path: PathBuf, out: &Bound<'_, PyAny>, offset: u64, size: Option<u64>, out_offset: u64) -> PyResult<Req> {
-        if size == Some(0) {
-            return Err(PyValueError::new_err("size 0: nothing to load"));
-        }
+    /// One read; `offset`, `size` and `out_offset` as Python gave them (None: 0, to the end, 0),
+    /// each checked by name.
+    fn req(
+        path: PathBuf,
+        out: &Bound<'_, PyAny>,
+        offset: Option<&Bound<'_, PyAny>>,
+        size: Option<&Bound<'_, PyAny>>,
+        out_offset: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Req> {
+        let offset = args::int_or(offset, "offset", 0, u64::MAX, 0)?;
+        let size = args::opt_int(size, "size", 1, u64::MAX)?;
+        let out_offset = args::int_or(out_offset, "out_offset", 0, u64::MAX, 0)?;
         Ok(Req { path, target: Target::from_py(out)?, offset, size, out_offset })
     }
 
@@ -358,12 +368,9 @@ impl Loader {
                     t.len()
                 )));
             }
-            let get = |i: usize| t.get_item(i).ok().filter(|x| !x.is_none());
+            let get = |i: usize| t.get_item(i).ok();
             let path: PathBuf = t.get_item(0)?.extract()?;
-            let offset = get(2).map(|x| x.extract()).transpose()?.unwrap_or(0);
-            let size = get(3).map(|x| x.extract()).transpose()?;
-            let out_offset = get(4).map(|x| x.extract()).transpose()?.unwrap_or(0);
-            v.push(Loader::req(path, &t.get_item(1)?, offset, size, out_offset)?);
+            v.push(Loader::req(path, &t.get_item(1)?, get(2).as_ref(), get(3).as_ref(), get(4).as_ref())?);
         }
         if v.is_empty() {
             return Err(PyValueError::new_err("reads: at least one"));
@@ -399,31 +406,32 @@ impl Loader {
     /// hash the destination and re-read the source to compare. `chunk`: bytes per request (a
     /// multiple of 4096). `depth`: requests in flight. `workers`: accepted for compatibility
     /// (1 to 1024); the loader's one I/O engine keeps `depth` requests in flight for all loads.
+    /// Every setting starts from its `PEERMEM_*` variable (`Options::from_env`); an argument
+    /// given (not None) wins.
     #[new]
-    #[pyo3(signature = (strict=false, verify=false, chunk=None, depth=None, workers=None))]
+    #[pyo3(signature = (strict=None, verify=None, chunk=None, depth=None, workers=None))]
     fn new(
-        strict: bool,
-        verify: bool,
-        chunk: Option<u64>,
-        depth: Option<usize>,
-        workers: Option<usize>,
+        strict: Option<&Bound<'_, PyAny>>,
+        verify: Option<&Bound<'_, PyAny>>,
+        chunk: Option<&Bound<'_, PyAny>>,
+        depth: Option<&Bound<'_, PyAny>>,
+        workers: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Loader> {
-        let d = Options::default();
-        if chunk.is_some_and(|c| c == 0 || c % 4096 != 0 || c > 1 << 30) {
-            return Err(PyValueError::new_err(format!("chunk {chunk:?}: a multiple of 4096 up to 1 GiB")));
+        let strict = args::opt_flag(strict, "strict")?;
+        let verify = args::opt_flag(verify, "verify")?;
+        let chunk = args::opt_int(chunk, "chunk", 4096, 1 << 30)?;
+        if let Some(c) = chunk.filter(|c| c % 4096 != 0) {
+            return Err(PyValueError::new_err(format!("chunk must be a multiple of 4096 (got {c})")));
         }
-        if depth.is_some_and(|x| x == 0 || x > 1024) {
-            return Err(PyValueError::new_err(format!("depth {depth:?}: 1 to 1024")));
-        }
-        if workers.is_some_and(|w| w == 0 || w > 1024) {
-            return Err(PyValueError::new_err(format!("workers {workers:?}: 1 to 1024")));
-        }
+        let depth = args::opt_int(depth, "depth", 1, 1024)?;
+        args::opt_int(workers, "workers", 1, 1024)?;
+        let env = Options::from_env().map_err(load_err)?;
         let opts = Options {
-            strict,
-            verify: if verify { Verify::Reread } else { Verify::Off },
-            chunk: chunk.unwrap_or(d.chunk),
-            depth: depth.unwrap_or(d.depth),
-            ..d
+            strict: strict.unwrap_or(env.strict),
+            verify: verify.map_or(env.verify, |v| if v { Verify::Reread } else { Verify::Off }),
+            chunk: chunk.unwrap_or(env.chunk),
+            depth: depth.map_or(env.depth, |d| d as usize),
+            ..env
         };
         opts.check().map_err(|e| PyValueError::new_err(e.to_string()))?;
         Ok(Loader { opts, engine: Mutex::new(None) })
@@ -431,15 +439,15 @@ impl Loader {
 
     /// Loads `size` bytes (default: to the end) at `offset` of the file or block device `path`
     /// into `out` at `out_offset`. The GIL is released while bytes move.
-    #[pyo3(signature = (path, out, offset=0, size=None, out_offset=0))]
+    #[pyo3(signature = (path, out, offset=None, size=None, out_offset=None), text_signature = "(self, path, out, offset=0, size=None, out_offset=0)")]
     fn read(
         &self,
         py: Python<'_>,
         path: PathBuf,
         out: &Bound<'_, PyAny>,
-        offset: u64,
-        size: Option<u64>,
-        out_offset: u64,
+        offset: Option<&Bound<'_, PyAny>>,
+        size: Option<&Bound<'_, PyAny>>,
+        out_offset: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Report> {
         let req = Loader::req(path, out, offset, size, out_offset)?;
         self.run(py, vec![req])
@@ -447,15 +455,15 @@ impl Loader {
 
     /// As `read`, submitted to the loader's queue: returns a `Future` at once. File and range
     /// errors are raised by `result()`.
-    #[pyo3(signature = (path, out, offset=0, size=None, out_offset=0))]
+    #[pyo3(signature = (path, out, offset=None, size=None, out_offset=None), text_signature = "(self, path, out, offset=0, size=None, out_offset=0)")]
     fn pread(
         &self,
         py: Python<'_>,
         path: PathBuf,
         out: &Bound<'_, PyAny>,
-        offset: u64,
-        size: Option<u64>,
-        out_offset: u64,
+        offset: Option<&Bound<'_, PyAny>>,
+        size: Option<&Bound<'_, PyAny>>,
+        out_offset: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Future> {
         let req = Loader::req(path, out, offset, size, out_offset)?;
         self.start(py, vec![req])

@@ -1,7 +1,9 @@
 //! `ShardReader`: the Python face of `peermem_loader::ShardReader`. Records of a list of files
-//! (fixed-size, or variable-size from an index) in batches, partitioned across ranks (every record exactly once per epoch over
-//! all ranks, no padding), optionally shuffled by (seed, epoch), read `prefetch` batches ahead
-//! into the Rust reader's ring of registered host buffers.
+//! (fixed-size, or variable-size from an index) in batches, partitioned across ranks as
+//! `DistributedSampler` does (padded by wrapping, the tail dropped with `drop_last`, or neither
+//! with `pad=False`) and across a rank's DataLoader workers by batch, optionally shuffled by
+//! (seed, epoch), read `prefetch` batches ahead into the Rust reader's ring of registered host
+//! buffers. The loader's settings start from the `PEERMEM_*` variables (`Options::from_env`).
 //!
 //! Owns: argument checks, the Python iterator over the Rust reader, and `Batch` (a ring buffer
 //! lent to Python through the buffer protocol and DLPack). Must not: order records, move bytes
@@ -11,14 +13,15 @@ use std::ffi::c_int;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use pyo3::exceptions::{PyBufferError, PyStopIteration, PyValueError};
+use pyo3::exceptions::{PyBufferError, PyFileNotFoundError, PyStopIteration, PyValueError};
 use pyo3::ffi;
 use pyo3::prelude::*;
 
 use peermem::mem::MappedSpan;
 use peermem::{Backing, PeerMemory, Provider};
-use peermem_loader::{partition, Layout, Options, RingBuffer, ShardBatch, ShardOptions};
+use peermem_loader::{worker_partition, Layout, LoadError, Options, RingBuffer, ShardBatch, ShardOptions};
 
+use crate::args;
 use crate::errors::{load_err, peermem_err};
 use crate::memory::registry;
 use crate::sys::Lent;
@@ -205,6 +208,15 @@ fn lock(s: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Drops a reader (or an iterator's hold on it) with the GIL released: the last holder of the
+/// Rust reader waits for its batches in flight and joins its loader's thread, which must not
+/// happen with the GIL held (garbage collection holds it).
+fn release(shared: Option<Arc<Mutex<Shared>>>) {
+    if let Some(shared) = shared {
+        Python::attach(|py| py.detach(move || drop(shared)));
+    }
+}
+
 /// Iterates the batches of one epoch; the Rust reader keeps `prefetch` batches in flight.
 #[pyclass(module = "peermem", frozen)]
 pub struct ShardIter {
@@ -213,6 +225,20 @@ pub struct ShardIter {
     generation: u64,
     /// The fixed record size; None for variable-size records.
     record: Option<u64>,
+    /// `(prefetch, ring)`, for the message of a full ring.
+    ring: (usize, usize),
+}
+
+impl ShardIter {
+    /// A full ring, in words that say what to change.
+    fn ring_full(&self) -> PyErr {
+        let (prefetch, ring) = self.ring;
+        peermem_err(format!(
+            "all {ring} batch buffers of the ring are held by batches still alive (a Batch, or a tensor or array \
+             viewing one): drop one before asking for the next batch, or make the ring bigger: to keep N batches \
+             alive at once (e.g. gradient accumulation over N steps) use ring >= prefetch + N (prefetch is {prefetch})"
+        ))
+    }
 }
 
 #[pymethods]
@@ -234,22 +260,140 @@ impl ShardIter {
         });
         match next {
             Some(Ok(b)) => Ok(Batch::new(b, self.record)),
+            Some(Err(LoadError::RingFull { .. })) => Err(self.ring_full()),
             Some(Err(e)) => Err(load_err(e)),
             None => Err(PyStopIteration::new_err(())),
         }
     }
 }
 
-/// Batches of records from a list of files, for data-parallel training: each rank reads every
-/// `world_size`-th record of the (optionally shuffled) epoch order.
+/// The arguments of a `ShardReader` as Python passed them (None: not given).
+struct RawArgs<'a, 'py> {
+    files: &'a Bound<'py, PyAny>,
+    record_size: Option<&'a Bound<'py, PyAny>>,
+    index: Option<&'a Bound<'py, PyAny>>,
+    batch_size: Option<&'a Bound<'py, PyAny>>,
+    seed: Option<&'a Bound<'py, PyAny>>,
+    rank: Option<&'a Bound<'py, PyAny>>,
+    world_size: Option<&'a Bound<'py, PyAny>>,
+    worker: Option<&'a Bound<'py, PyAny>>,
+    workers: Option<&'a Bound<'py, PyAny>>,
+    prefetch: Option<&'a Bound<'py, PyAny>>,
+    ring: Option<&'a Bound<'py, PyAny>>,
+    depth: Option<&'a Bound<'py, PyAny>>,
+    epoch: Option<&'a Bound<'py, PyAny>>,
+}
+
+/// Every argument of a `ShardReader`, checked one by one (each message names its argument).
+struct Spec {
+    files: Vec<PathBuf>,
+    layout: Layout,
+    opts: ShardOptions,
+    depth: Option<usize>,
+    epoch: u64,
+}
+
+/// The largest ring, depth and worker count a reader takes.
+const MAX_COUNT: u64 = 1024;
+
+impl Spec {
+    fn parse(a: RawArgs<'_, '_>) -> PyResult<Spec> {
+        let files = args::paths(a.files, "files")?;
+        let record = args::opt_int(a.record_size, "record_size", 1, 1 << 40)?;
+        let layout = match (record, a.index.filter(|i| !i.is_none())) {
+            (Some(_), Some(_)) => return Err(PyValueError::new_err("record_size or index, not both")),
+            (None, None) => return Err(PyValueError::new_err("record_size or index is required")),
+            (Some(record), None) => Layout::Fixed { record },
+            (None, Some(ix)) => Layout::Index(ix.extract().map_err(|e| {
+                PyValueError::new_err(format!("index: a list of (file number, offset, length) tuples ({e})"))
+            })?),
+        };
+        let batch_size = args::int_or(a.batch_size, "batch_size", 1, 1 << 24, 32)? as usize;
+        let world_size = args::int_or(a.world_size, "world_size", 1, u32::MAX.into(), 1)?;
+        let rank = args::below(a.rank, "rank", "world_size", world_size)? as usize;
+        let workers = args::int_or(a.workers, "workers", 1, MAX_COUNT, 1)?;
+        let worker = args::below(a.worker, "worker", "workers", workers)? as usize;
+        let prefetch = args::int_or(a.prefetch, "prefetch", 1, MAX_COUNT, 2)? as usize;
+        let ring = match args::opt_int(a.ring, "ring", 1, MAX_COUNT)? {
+            Some(r) if (r as usize) < prefetch => {
+                return Err(PyValueError::new_err(format!("ring must be >= prefetch (got {r}, prefetch {prefetch})")))
+            }
+            Some(r) => r as usize,
+            None => prefetch + 2,
+        };
+        let opts = ShardOptions {
+            batch_size,
+            prefetch,
+            ring,
+            seed: args::int_or(a.seed, "seed", 0, u64::MAX, 0)?,
+            rank,
+            world_size: world_size as usize,
+            worker,
+            workers: workers as usize,
+            ..ShardOptions::default()
+        };
+        let depth = args::opt_int(a.depth, "depth", 1, MAX_COUNT)?.map(|d| d as usize);
+        Ok(Spec { files, layout, opts, depth, epoch: args::int_or(a.epoch, "epoch", 0, u64::MAX, 0)? })
+    }
+
+    /// Checks every file (exists, regular, not empty, whole records) and counts the records.
+    fn count_records(&self) -> PyResult<u64> {
+        let mut records = 0u64;
+        for path in &self.files {
+            let m = std::fs::metadata(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(format!("{}: {e}", path.display())),
+                _ => peermem_err(format!("{}: {e}", path.display())),
+            })?;
+            if !m.is_file() {
+                return Err(PyValueError::new_err(format!("{}: not a regular file", path.display())));
+            }
+            // Refused rather than skipped: an empty shard is most often a failed write upstream.
+            if m.len() == 0 {
+                return Err(PyValueError::new_err(format!(
+                    "{}: an empty file (0 bytes) holds no records; remove it from files",
+                    path.display()
+                )));
+            }
+            if let Layout::Fixed { record } = self.layout {
+                if m.len() % record != 0 {
+                    return Err(PyValueError::new_err(format!(
+                        "{}: {} bytes is not a whole number of {record}-byte records",
+                        path.display(),
+                        m.len()
+                    )));
+                }
+                records += m.len() / record;
+            }
+        }
+        Ok(match &self.layout {
+            Layout::Fixed { .. } => records,
+            Layout::Index(ix) => ix.len() as u64,
+        })
+    }
+
+    /// The largest record: every ring buffer holds `batch_size` of them, each 4096-aligned.
+    fn max_record(&self) -> u64 {
+        match &self.layout {
+            Layout::Fixed { record } => *record,
+            Layout::Index(ix) => ix.iter().map(|r| r.2).max().unwrap_or(0),
+        }
+    }
+}
+
+/// Batches of records from a list of files, for data-parallel training: each rank reads its
+/// share of the (optionally shuffled) epoch order, padded or dropped as `DistributedSampler`
+/// does, and each DataLoader worker its share of the rank's batches.
 #[pyclass(module = "peermem")]
 pub struct ShardReader {
-    /// None only while being dropped.
+    /// None once closed (and while being dropped).
     shared: Option<Arc<Mutex<Shared>>>,
     /// The fixed record size; None for variable-size records.
     record: Option<u64>,
     records: u64,
-    opts: ShardOptions,
+    /// Records and batches this reader (rank, worker) reads per epoch.
+    per_epoch: (usize, usize),
+    /// `(prefetch, ring)`.
+    ring: (usize, usize),
     /// The epoch the next `iter()` reads; `set_epoch` changes it.
     #[pyo3(get)]
     epoch: u64,
@@ -258,100 +402,70 @@ pub struct ShardReader {
 #[pymethods]
 impl ShardReader {
     /// `files`: paths; `record_size`: bytes per record (every file a whole number of records);
-    /// or `index`: variable-size records as `(file number, offset, length)`. `prefetch`: batches in
-    /// flight; `ring`: batch buffers (default `prefetch + 2`: the caller may hold two batches
-    /// while the next ones load; holding more takes buffers from the read-ahead, and asking for
-    /// a batch while holding all `ring` raises `PeerMemError` until one is dropped).
-    /// `depth`: read requests in flight.
+    /// or `index`: variable-size records as `(file number, offset, length)`. How the ranks'
+    /// shares are evened: padded by wrapping (`pad=True`, `DistributedSampler`'s default), the
+    /// tail dropped (`drop_last=True`), or neither (`pad=False`: every record once, ranks may
+    /// differ by one). `worker` of `workers`: this reader's share of the rank's batches. `prefetch`: batches in flight; `ring`: batch buffers
+    /// (default `prefetch + 2`). `depth`: read requests in flight. The loader's settings start
+    /// from the `PEERMEM_*` variables; `depth` wins over `PEERMEM_DEPTH`.
     #[new]
-    #[pyo3(signature = (files, record_size=None, index=None, batch_size=32, shuffle=false, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None))]
+    #[pyo3(
+        signature = (files, record_size=None, index=None, batch_size=None, shuffle=false, seed=None, rank=None, world_size=None, prefetch=None, epoch=None, ring=None, depth=None, drop_last=false, pad=true, worker=None, workers=None),
+        text_signature = "(files, record_size=None, index=None, batch_size=32, shuffle=False, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None, drop_last=False, pad=True, worker=0, workers=1)"
+    )]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        files: Vec<PathBuf>,
-        record_size: Option<u64>,
-        index: Option<Bound<'_, PyAny>>,
-        batch_size: usize,
+        files: &Bound<'_, PyAny>,
+        record_size: Option<&Bound<'_, PyAny>>,
+        index: Option<&Bound<'_, PyAny>>,
+        batch_size: Option<&Bound<'_, PyAny>>,
         shuffle: bool,
-        seed: u64,
-        rank: usize,
-        world_size: usize,
-        prefetch: usize,
-        epoch: u64,
-        ring: Option<usize>,
-        depth: Option<usize>,
+        seed: Option<&Bound<'_, PyAny>>,
+        rank: Option<&Bound<'_, PyAny>>,
+        world_size: Option<&Bound<'_, PyAny>>,
+        prefetch: Option<&Bound<'_, PyAny>>,
+        epoch: Option<&Bound<'_, PyAny>>,
+        ring: Option<&Bound<'_, PyAny>>,
+        depth: Option<&Bound<'_, PyAny>>,
+        drop_last: bool,
+        pad: bool,
+        worker: Option<&Bound<'_, PyAny>>,
+        workers: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<ShardReader> {
-        let index: Option<Vec<(usize, u64, u64)>> = match (record_size, index) {
-            (Some(_), Some(_)) => return Err(PyValueError::new_err("record_size or index, not both")),
-            (None, None) => return Err(PyValueError::new_err("record_size or index is required")),
-            (_, Some(ix)) => Some(ix.extract().map_err(|e| {
-                PyValueError::new_err(format!("index: a list of (file number, offset, length) tuples ({e})"))
-            })?),
-            (Some(_), None) => None,
-        };
-        let record = match &index {
-            None => record_size.unwrap_or(0),
-            Some(ix) => ix.iter().map(|r| r.2).max().unwrap_or(0),
-        };
-        let ring = ring.unwrap_or(prefetch.saturating_add(2));
-        if record == 0 || batch_size == 0 || world_size == 0 || rank >= world_size || prefetch == 0 || ring < prefetch {
-            return Err(PyValueError::new_err(format!(
-                "record_size {record}, batch_size {batch_size}: > 0; rank {rank} < world_size {world_size}; 0 < prefetch {prefetch} <= ring {ring}"
-            )));
-        }
-        if ring > 1024 || depth.is_some_and(|d| d == 0 || d > 1024) {
-            return Err(PyValueError::new_err(format!("ring {ring}, depth {depth:?}: 1 to 1024")));
-        }
-        if files.is_empty() {
-            return Err(PyValueError::new_err("files: at least one"));
-        }
-        let mut records = 0u64;
-        for path in &files {
-            let m = std::fs::metadata(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    pyo3::exceptions::PyFileNotFoundError::new_err(format!("{}: {e}", path.display()))
-                }
-                _ => peermem_err(format!("{}: {e}", path.display())),
-            })?;
-            if !m.is_file() {
-                return Err(PyValueError::new_err(format!("{}: not a regular file", path.display())));
-            }
-            if index.is_none() && m.len() % record != 0 {
-                return Err(PyValueError::new_err(format!(
-                    "{}: {} bytes is not a whole number of {record}-byte records",
-                    path.display(),
-                    m.len()
-                )));
-            }
-            records += m.len() / record;
-        }
-        if let Some(ix) = &index {
-            records = ix.len() as u64;
-        }
-        (batch_size as u64)
-            .checked_mul(record.div_ceil(4096) * 4096)
-            .filter(|&b| b <= 1 << 40)
-            .ok_or_else(|| PyValueError::new_err("batch_size * record_size is too large"))?;
-        let opts = ShardOptions {
+        let mut spec = Spec::parse(RawArgs {
+            files,
+            record_size,
+            index,
             batch_size,
-            prefetch,
-            ring,
-            shuffle,
             seed,
             rank,
             world_size,
-            drop_last: false,
-            uneven: true,
-        };
-        let d = Options::default();
-        let lopts = Options { depth: depth.unwrap_or(d.depth), ..d };
+            worker,
+            workers,
+            prefetch,
+            ring,
+            depth,
+            epoch,
+        })?;
+        spec.opts.shuffle = shuffle;
+        spec.opts.drop_last = drop_last;
+        // Dropping the tail leaves nothing to pad: `pad` only chooses for the kept records.
+        spec.opts.uneven = !pad && !drop_last;
+        let records = spec.count_records()?;
+        (spec.opts.batch_size as u64)
+            .checked_mul(spec.max_record().div_ceil(4096) * 4096)
+            .filter(|&b| b <= 1 << 40)
+            .ok_or_else(|| PyValueError::new_err("batch_size * record_size is too large (over 1 TiB per batch)"))?;
+        let env = Options::from_env().map_err(load_err)?;
+        let lopts = Options { depth: spec.depth.unwrap_or(env.depth), ..env };
         let reg = registry()?;
-        let o = opts.clone();
-        let fixed = index.is_none();
-        let layout = match index {
-            None => Layout::Fixed { record },
-            Some(ix) => Layout::Index(ix),
+        let o = spec.opts.clone();
+        let record = match spec.layout {
+            Layout::Fixed { record } => Some(record),
+            Layout::Index(_) => None,
         };
+        let (files, layout) = (spec.files, spec.layout);
         let reader = py
             .detach(move || {
                 let loader = Arc::new(peermem_loader::Loader::new(reg, lopts)?);
@@ -359,12 +473,16 @@ impl ShardReader {
                 peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host)
             })
             .map_err(load_err)?;
+        // The share's length does not depend on the order: count it unshuffled.
+        let unshuffled = ShardOptions { shuffle: false, ..spec.opts.clone() };
+        let mine = worker_partition(records as usize, 0, &unshuffled).len();
         Ok(ShardReader {
             shared: Some(Arc::new(Mutex::new(Shared { reader, generation: 0 }))),
-            record: fixed.then_some(record),
+            record,
             records,
-            opts,
-            epoch,
+            per_epoch: (mine, mine.div_ceil(spec.opts.batch_size)),
+            ring: (spec.opts.prefetch, spec.opts.ring),
+            epoch: spec.epoch,
         })
     }
 
@@ -374,14 +492,22 @@ impl ShardReader {
         self.records
     }
 
-    /// Sets the epoch the next iteration reads (changes the shuffle).
-    fn set_epoch(&mut self, epoch: u64) {
-        self.epoch = epoch;
+    /// Batches this reader yields per epoch (its rank's; with `workers`, its worker's share).
+    /// Every rank has as many unless `pad=False`.
+    #[getter]
+    fn num_batches(&self) -> usize {
+        self.per_epoch.1
     }
 
-    /// Records this rank reads per epoch.
+    /// Sets the epoch the next iteration reads (changes the shuffle).
+    fn set_epoch(&mut self, epoch: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.epoch = args::int(epoch, "epoch", 0, u64::MAX)?;
+        Ok(())
+    }
+
+    /// Records this reader (rank, worker) reads per epoch.
     fn __len__(&self) -> usize {
-        partition(self.records as usize, self.epoch, &self.opts).len()
+        self.per_epoch.0
     }
 
     /// Starts reading the current epoch (batches read ahead for an earlier iteration are waited
@@ -396,25 +522,34 @@ impl ShardReader {
                 s.reader.set_epoch(epoch).map(|_| s.generation)
             })
             .map_err(load_err)?;
-        Ok(ShardIter { shared: Some(shared), generation, record: self.record })
+        Ok(ShardIter { shared: Some(shared), generation, record: self.record, ring: self.ring })
+    }
+
+    /// Lets go of the reader: its ring and loader thread go once no iterator holds them (an
+    /// iterator still alive reads on). A later `iter()` raises `PeerMemError`.
+    fn close(&mut self) {
+        release(self.shared.take());
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&mut self, _args: &Bound<'_, pyo3::types::PyTuple>) -> bool {
+        self.close();
+        false
     }
 }
 
 impl Drop for ShardReader {
     fn drop(&mut self) {
-        // The last holder of the Rust reader waits for its batches in flight and joins its
-        // loader's thread: not with the GIL held (garbage collection holds it). An iterator
-        // still alive keeps the reader and drops it the same way.
-        if let Some(shared) = self.shared.take() {
-            Python::attach(|py| py.detach(move || drop(shared)));
-        }
+        release(self.shared.take());
     }
 }
 
 impl Drop for ShardIter {
     fn drop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            Python::attach(|py| py.detach(move || drop(shared)));
-        }
+        release(self.shared.take());
     }
 }

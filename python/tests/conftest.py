@@ -48,3 +48,13 @@ def fixtures_dir() -> pathlib.Path:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def need_torch():
+    """torch, or a skip saying it is missing. Under python/run-tests (PEERMEM_REQUIRE_TORCH=1,
+    which installs torch) a missing torch is an import error, never a skip."""
+    if os.environ.get("PEERMEM_REQUIRE_TORCH") == "1":
+        import torch
+
+        return torch
+    return pytest.importorskip("torch", reason="torch is not installed (python/run-tests installs it)")

@@ -314,3 +314,21 @@ def test_threads_waiting_on_one_future_all_get_its_report(dataset):
         assert errors == [] and len(got) == 4
         assert all(r is got[0] for r in got)
         assert np.array_equal(out, dataset.expect(7))
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    ({"offset": -1}, ValueError, r"^offset must be >= 0 \(got -1\)$"),
+    ({"size": 0}, ValueError, r"^size must be >= 1 \(got 0\)$"),
+    ({"out_offset": -4096}, ValueError, r"^out_offset must be >= 0 \(got -4096\)$"),
+    ({"offset": "0"}, TypeError, r"^offset must be an int, not str$"),
+])
+def test_read_arguments_are_named_in_their_errors(dataset, kw, err, msg):
+    out = peermem.HostBuffer(4096)
+    ld = peermem.Loader()
+    with pytest.raises(err, match=msg):
+        ld.read(dataset.path, out, **kw)
+    with pytest.raises(err, match=msg):
+        ld.pread(dataset.path, out, **kw)
+    t = (dataset.path, out, kw.get("offset"), kw.get("size"), kw.get("out_offset"))
+    with pytest.raises(err, match=msg):
+        ld.read_batch([t])

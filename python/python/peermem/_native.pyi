@@ -1,8 +1,9 @@
-"""peermem: PCIe peer-to-peer memory from Python.
+"""peermem._native: the extension module `import peermem` re-exports.
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
-`VulkanBuffer`: buffer protocol and DLPack), and a loader that reads files straight into them
-(`Loader.read`, `Loader.pread`). A thin layer over the Rust crates.
+`VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
+(`Loader.read`, `Loader.pread`) and record batches (`ShardReader`). A thin layer over the Rust
+crates.
 """
 
 import os
@@ -191,12 +192,15 @@ class Loader:
     written. `verify`: hash the destination and re-read the source to compare. `chunk`: bytes per
     request (a multiple of 4096). `depth`: requests in flight. `workers`: accepted for
     compatibility (1 to 1024), unused: the loader's one I/O engine serves every load.
+    Every setting starts from its `PEERMEM_*` variable (`PEERMEM_STRICT`, `PEERMEM_VERIFY`,
+    `PEERMEM_CHUNK`, `PEERMEM_DEPTH`, `PEERMEM_ENGINE`, ...; a malformed one is a `ValueError`
+    naming it); an argument given (not None) wins.
     """
 
     def __init__(
         self,
-        strict: bool = False,
-        verify: bool = False,
+        strict: Optional[bool] = None,
+        verify: Optional[bool] = None,
         chunk: Optional[int] = None,
         depth: Optional[int] = None,
         workers: Optional[int] = None,
@@ -275,28 +279,43 @@ class ShardIter:
     def __iter__(self) -> "ShardIter": ...
     def __next__(self) -> Batch:
         """The next batch; raises the load's error (`PeerMemError`; also when every ring buffer
-        is held by a batch the caller keeps)."""
+        is held by a batch the caller keeps: the message says to drop one or to raise `ring`)."""
 
 class ShardReader:
     """Batches of fixed-size records from `files` (in order, concatenated) for data-parallel
-    training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`), and
-    rank `rank` of `world_size` reads every `world_size`-th of them (DistributedSampler's
-    striding, without padding: over all ranks, every record exactly once per epoch). The last
-    batch may be short. Variable-size records: `index` (instead of `record_size`) lists them as
-    `(file number, offset, length)`; each batch is then a 1-D uint8 array with record `i` at
-    `batch.offsets[i]`, `batch.lengths[i]` bytes long.
-    The Rust `peermem_loader::ShardReader` does the work: `prefetch` batches in flight, a ring of
-    `ring` host buffers (default `prefetch + 2`; asking for a batch while holding all `ring`
-    raises `PeerMemError`), `depth` read requests in flight.
+    training. Each epoch orders the records (shuffled by `(seed, epoch)` when `shuffle`, the same
+    order on every rank), and rank `rank` of `world_size` reads every `world_size`-th of them, as
+    `DistributedSampler` does: with `pad=True` (the default) the order is first padded by
+    wrapping around to a multiple of `world_size`, so every rank reads the same number of records
+    (a few records twice); `drop_last=True` drops the tail instead (a few records not at all);
+    `pad=False` (and `drop_last=False`) neither pads nor drops: every record exactly once, and the
+    first `num_records % world_size` ranks read one record more (their step counts can differ:
+    DDP would wait on the others). The last batch may be short.
 
-    As a PyTorch `IterableDataset` source: build the reader in `__iter__` with the worker's
-    `rank`/`world_size`, call `set_epoch` each epoch, and yield `torch.from_dlpack(batch)`.
+    `worker` of `workers`: this reader reads batches `worker, worker + workers, ...` of the
+    rank's batches (DataLoader workers; `peermem.torch.ShardDataset` sets them).
+
+    Variable-size records: `index` (instead of `record_size`) lists them as `(file number,
+    offset, length)`; each batch is then a 1-D uint8 array with record `i` at `batch.offsets[i]`,
+    `batch.lengths[i]` bytes long. Every file must hold at least one byte (an empty file is a
+    `ValueError` naming it).
+
+    The Rust `peermem_loader::ShardReader` does the work: `prefetch` batches in flight, a ring of
+    `ring` host buffers (default `prefetch + 2`: the caller may hold two batches while the next
+    load; to hold N, e.g. for gradient accumulation over N steps, `ring >= prefetch + N`; asking
+    for a batch while holding all `ring` raises `PeerMemError`), `depth` read requests in flight.
+    The loader's settings start from the `PEERMEM_*` variables (a malformed one is a `ValueError`
+    naming it); `depth` wins over `PEERMEM_DEPTH`.
+
+    Errors name the argument and the rule broken: `TypeError` (`files must be a list of paths,
+    not a str`, `batch_size must be an int, not str`), `ValueError` (`rank must be >= 0 and <
+    world_size (got -1)`, `world_size must be >= 1 (got 0)`), `FileNotFoundError`.
     """
 
     epoch: int
     def __init__(
         self,
-        files: List[_Path],
+        files: Iterable[_Path],
         record_size: Optional[int] = None,
         index: Optional[List[Tuple[int, int, int]]] = None,
         batch_size: int = 32,
@@ -308,12 +327,41 @@ class ShardReader:
         epoch: int = 0,
         ring: Optional[int] = None,
         depth: Optional[int] = None,
+        drop_last: bool = False,
+        pad: bool = True,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None: ...
     @property
     def num_records(self) -> int:
         """Records in all files."""
+    @property
+    def num_batches(self) -> int:
+        """Batches this reader yields per epoch (its rank's; with `workers`, its worker's share):
+        the same on every rank unless `pad=False`."""
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration reads (changes the shuffle)."""
     def __len__(self) -> int:
-        """Records this rank reads per epoch."""
+        """Records this reader (rank, worker) reads per epoch."""
     def __iter__(self) -> ShardIter: ...
+    def close(self) -> None:
+        """Lets go of the ring and the loader thread (once no iterator holds them); a later
+        `iter()` raises `PeerMemError`."""
+    def __enter__(self) -> "ShardReader": ...
+    def __exit__(self, *args: Any) -> bool: ...
+
+def _rust_read_batch(
+    path: _Path, out: _Out, reads: List[Tuple[int, int, int]], chunk: Optional[int] = None, depth: Optional[int] = None
+) -> float:
+    """Benchmark baseline: `reads` as one batch of a Rust loader; the seconds of the timed part."""
+
+def _rust_shards(
+    files: List[_Path],
+    record_size: int,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    prefetch: int = 2,
+    depth: Optional[int] = None,
+) -> float:
+    """Benchmark baseline: one epoch of a Rust `ShardReader`; the seconds of the timed part."""

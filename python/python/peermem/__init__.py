@@ -1,0 +1,51 @@
+"""peermem: PCIe peer-to-peer memory from Python.
+
+Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
+`VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
+(`Loader.read`, `Loader.pread`) and record batches for training (`ShardReader`). A thin layer
+over the Rust crates: everything here is the native module `peermem._native`, re-exported.
+
+`peermem.torch` (imported on its own; it imports torch, this module never does) has
+`ShardDataset`, a PyTorch `IterableDataset` over `ShardReader`.
+"""
+
+from ._native import (
+    Batch as Batch,
+    Device as Device,
+    Future as Future,
+    HostBuffer as HostBuffer,
+    Loader as Loader,
+    NotDirectError as NotDirectError,
+    PeerMemError as PeerMemError,
+    Report as Report,
+    RouteInfo as RouteInfo,
+    ShardIter as ShardIter,
+    ShardReader as ShardReader,
+    Topology as Topology,
+    VulkanBuffer as VulkanBuffer,
+    Why as Why,
+    __version__ as __version__,
+    _rust_read_batch as _rust_read_batch,
+    _rust_shards as _rust_shards,
+    registered_buffers as registered_buffers,
+    vulkan_available as vulkan_available,
+)
+
+__all__ = [
+    "Batch",
+    "Device",
+    "Future",
+    "HostBuffer",
+    "Loader",
+    "NotDirectError",
+    "PeerMemError",
+    "Report",
+    "RouteInfo",
+    "ShardIter",
+    "ShardReader",
+    "Topology",
+    "VulkanBuffer",
+    "Why",
+    "registered_buffers",
+    "vulkan_available",
+]
