@@ -167,6 +167,16 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mul).ok_or_else(|| format!("{s:?} overflows"))
 }
 
+/// The environment variable of a setting `check` names.
+fn variable(setting: &'static str) -> &'static str {
+    match setting {
+        "chunk" => "PEERMEM_CHUNK",
+        "depth" => "PEERMEM_DEPTH",
+        "timeout" => "PEERMEM_TIMEOUT_MS",
+        other => other,
+    }
+}
+
 fn flag(var: &'static str, v: &str) -> Result<bool, LoadError> {
     match v.trim() {
         "1" | "true" | "on" | "yes" => Ok(true),
@@ -212,7 +222,11 @@ impl Options {
         if let Some(v) = get("PEERMEM_TIMEOUT_MS") {
             o.timeout = Duration::from_millis(parse("PEERMEM_TIMEOUT_MS", &v)?);
         }
-        o.check()?;
+        // Every setting was valid by default, so a setting `check` refuses came from its variable.
+        o.check().map_err(|e| match e {
+            LoadError::BadSetting { var, value, why } => LoadError::BadSetting { var: variable(var), value, why },
+            e => e,
+        })?;
         Ok(o)
     }
 
@@ -290,6 +304,10 @@ mod tests {
         ] {
             let e = Options::from_vars(vars(&[(k, v)])).unwrap_err();
             assert!(matches!(e, LoadError::BadSetting { .. }), "{k}={v}: {e}");
+        }
+        for (k, v) in [("PEERMEM_DEPTH", "0"), ("PEERMEM_CHUNK", "0"), ("PEERMEM_TIMEOUT_MS", "0")] {
+            let e = Options::from_vars(vars(&[(k, v)])).unwrap_err();
+            assert!(matches!(&e, LoadError::BadSetting { var, .. } if *var == k), "{k}={v}: {e}");
         }
         let e = Options::from_vars(vars(&[("PEERMEM_IO", "bogus")])).unwrap_err();
         assert!(matches!(e, LoadError::BadSetting { var: "PEERMEM_IO", .. }), "{e}");

@@ -98,6 +98,18 @@ pub fn paths(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<PathBuf>> {
 
 /// A flag: `True` or `False` (or None for "not given"), refusing other objects by name rather
 /// than by truthiness.
+/// The `io` argument: `"auto"`, `"direct"` or `"buffered"`; None when not given.
+pub fn opt_io(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<peermem_loader::IoMode>> {
+    let Some(o) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
+    if !o.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!("io must be a str, not {}", type_name(o))));
+    }
+    let v: String = o.extract()?;
+    v.parse()
+        .map(Some)
+        .map_err(|_| PyValueError::new_err(format!("io must be 'auto', 'direct' or 'buffered' (got {v:?})")))
+}
+
 pub fn opt_flag(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<bool>> {
     match obj.filter(|o| !o.is_none()) {
         None => Ok(None),

@@ -47,6 +47,8 @@ pub struct Report {
     reasons: Vec<String>,
     /// The source of the first destination, as opened (path, O_DIRECT or buffered, device).
     source: String,
+    /// How each source was read and why, once per source: `path: O_DIRECT|buffered: why`.
+    io: Vec<String>,
     /// xxh3-64 of the first read's destination bytes after the load (`verify=True`).
     checksum: Option<u64>,
     /// xxh3-64 of the first read's source range, read a second time (`verify=True`).
@@ -68,6 +70,7 @@ impl Report {
             bytes_staged: r.bytes_staged(),
             reasons: r.reasons(),
             source: first.map(|d| d.source.clone()).unwrap_or_default(),
+            io: r.io.clone(),
             checksum: r.checksums.first().copied(),
             source_checksum: r.source_checksums.first().copied(),
         }
@@ -120,35 +123,41 @@ struct Held {
     _targets: Vec<Target>,
 }
 
-/// Opens `path` through the loader after refusing what cannot be read in bounded time (a FIFO
-/// would block the open, a character device has no length).
-fn open(engine: &peermem_loader::Loader, path: &Path) -> Result<Source, JobError> {
+/// Refuses what cannot be read in bounded time (a FIFO would block the open, a character device
+/// has no length) before the loader opens `path`.
+fn openable(path: &Path) -> Result<(), JobError> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(JobError::NotFound(format!("{}: {e}", path.display())))
+            Err(JobError::NotFound(format!("{}: {e}", path.display())))
         }
-        Err(e) => return Err(JobError::Load(LoadError::Io { path: path.to_path_buf(), source: e })),
+        Err(e) => Err(JobError::Load(LoadError::Io { path: path.to_path_buf(), source: e })),
         Ok(m) if !(m.is_file() || m.file_type().is_block_device()) => {
-            return Err(JobError::Value(format!("{}: not a regular file or block device", path.display())))
+            Err(JobError::Value(format!("{}: not a regular file or block device", path.display())))
         }
-        Ok(_) => {}
+        Ok(_) => Ok(()),
     }
-    engine.open(path).map_err(JobError::Load)
+}
+
+/// Opens the distinct paths of `reqs` as one data set (the `io` mode judges them together).
+fn open_all(engine: &peermem_loader::Loader, reqs: &[Req]) -> Result<Vec<Source>, JobError> {
+    let mut paths: Vec<&Path> = Vec::new();
+    for r in reqs {
+        if !paths.contains(&r.path.as_path()) {
+            openable(&r.path)?;
+            paths.push(&r.path);
+        }
+    }
+    engine.open_many(&paths).map_err(JobError::Load)
 }
 
 /// Checks every read's range and room, opens the files (one handle per distinct path) and
 /// submits them as one batch. No GIL needed.
 fn submit(engine: &peermem_loader::Loader, reqs: Vec<Req>) -> Result<(Ticket, Held), JobError> {
     let mut batch = Batch::new();
-    let mut files: Vec<Source> = Vec::new();
+    let files = open_all(engine, &reqs)?;
     for r in &reqs {
-        let fh = match files.iter().find(|f| f.path() == Some(r.path.as_path())) {
-            Some(f) => f.clone(),
-            None => {
-                let f = open(engine, &r.path)?;
-                files.push(f.clone());
-                f
-            }
+        let Some(fh) = files.iter().find(|f| f.path() == Some(r.path.as_path())).cloned() else {
+            return Err(JobError::Value(format!("{}: not opened", r.path.display())));
         };
         let len = fh.len();
         if r.offset > len {
@@ -409,13 +418,14 @@ impl Loader {
     /// Every setting starts from its `PEERMEM_*` variable (`Options::from_env`); an argument
     /// given (not None) wins.
     #[new]
-    #[pyo3(signature = (strict=None, verify=None, chunk=None, depth=None, workers=None))]
+    #[pyo3(signature = (strict=None, verify=None, chunk=None, depth=None, workers=None, io=None))]
     fn new(
         strict: Option<&Bound<'_, PyAny>>,
         verify: Option<&Bound<'_, PyAny>>,
         chunk: Option<&Bound<'_, PyAny>>,
         depth: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
+        io: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Loader> {
         let strict = args::opt_flag(strict, "strict")?;
         let verify = args::opt_flag(verify, "verify")?;
@@ -425,8 +435,10 @@ impl Loader {
         }
         let depth = args::opt_int(depth, "depth", 1, 1024)?;
         args::opt_int(workers, "workers", 1, 1024)?;
+        let io = args::opt_io(io)?;
         let env = Options::from_env().map_err(load_err)?;
         let opts = Options {
+            io: io.unwrap_or(env.io),
             strict: strict.unwrap_or(env.strict),
             verify: verify.map_or(env.verify, |v| if v { Verify::Reread } else { Verify::Off }),
             chunk: chunk.unwrap_or(env.chunk),

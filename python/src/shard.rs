@@ -405,13 +405,16 @@ impl ShardReader {
     /// or `index`: variable-size records as `(file number, offset, length)`. How the ranks'
     /// shares are evened: padded by wrapping (`pad=True`, `DistributedSampler`'s default), the
     /// tail dropped (`drop_last=True`), or neither (`pad=False`: every record once, ranks may
-    /// differ by one). `worker` of `workers`: this reader's share of the rank's batches. `prefetch`: batches in flight; `ring`: batch buffers
-    /// (default `prefetch + 2`). `depth`: read requests in flight. The loader's settings start
-    /// from the `PEERMEM_*` variables; `depth` wins over `PEERMEM_DEPTH`.
+    /// differ by one). `worker` of `workers`: this reader's share of the rank's batches.
+    /// `prefetch`: batches in flight; `ring`: batch buffers (default `prefetch + 2`). `depth`:
+    /// read requests in flight. The files are opened together (`Loader::open_many`), so the
+    /// `io` mode judges the whole data set. The loader's settings start
+    /// from the `PEERMEM_*` variables; `depth` wins over `PEERMEM_DEPTH`, `io` (`"auto"`,
+    /// `"direct"`, `"buffered"`) over `PEERMEM_IO`.
     #[new]
     #[pyo3(
-        signature = (files, record_size=None, index=None, batch_size=None, shuffle=false, seed=None, rank=None, world_size=None, prefetch=None, epoch=None, ring=None, depth=None, drop_last=false, pad=true, worker=None, workers=None),
-        text_signature = "(files, record_size=None, index=None, batch_size=32, shuffle=False, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None, drop_last=False, pad=True, worker=0, workers=1)"
+        signature = (files, record_size=None, index=None, batch_size=None, shuffle=false, seed=None, rank=None, world_size=None, prefetch=None, epoch=None, ring=None, depth=None, drop_last=false, pad=true, worker=None, workers=None, io=None),
+        text_signature = "(files, record_size=None, index=None, batch_size=32, shuffle=False, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None, drop_last=False, pad=True, worker=0, workers=1, io=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -432,6 +435,7 @@ impl ShardReader {
         pad: bool,
         worker: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
+        io: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<ShardReader> {
         let mut spec = Spec::parse(RawArgs {
             files,
@@ -457,8 +461,9 @@ impl ShardReader {
             .checked_mul(spec.max_record().div_ceil(4096) * 4096)
             .filter(|&b| b <= 1 << 40)
             .ok_or_else(|| PyValueError::new_err("batch_size * record_size is too large (over 1 TiB per batch)"))?;
+        let io = crate::args::opt_io(io)?;
         let env = Options::from_env().map_err(load_err)?;
-        let lopts = Options { depth: spec.depth.unwrap_or(env.depth), ..env };
+        let lopts = Options { depth: spec.depth.unwrap_or(env.depth), io: io.unwrap_or(env.io), ..env };
         let reg = registry()?;
         let o = spec.opts.clone();
         let record = match spec.layout {
@@ -469,7 +474,7 @@ impl ShardReader {
         let reader = py
             .detach(move || {
                 let loader = Arc::new(peermem_loader::Loader::new(reg, lopts)?);
-                let handles = files.iter().map(|p| loader.open(p)).collect::<Result<Vec<_>, _>>()?;
+                let handles = loader.open_many(&files)?;
                 peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host)
             })
             .map_err(load_err)?;

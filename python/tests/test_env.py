@@ -20,6 +20,8 @@ def aligned(tmp_path):
     ("PEERMEM_ENGINE", "dpdk"),
     ("PEERMEM_CHUNK", "1Q"),
     ("PEERMEM_STRICT", "maybe"),
+    ("PEERMEM_IO", "sometimes"),
+    ("PEERMEM_DEPTH", "0"),
 ])
 def test_a_malformed_variable_is_a_value_error_naming_it(monkeypatch, aligned, var, value):
     monkeypatch.setenv(var, value)
@@ -78,3 +80,28 @@ def test_an_explicit_depth_wins_over_peermem_depth(monkeypatch, aligned):
 def test_loader_arguments_are_named_in_their_errors(kw, err, msg):
     with pytest.raises(err, match=msg):
         peermem.Loader(**kw)
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_the_io_mode_comes_from_the_argument_or_peermem_io_and_the_report_says_it(monkeypatch, aligned, mode):
+    path, data = aligned
+    buf = peermem.HostBuffer(len(data))
+    other = "buffered" if mode == "direct" else "direct"
+    said = {"direct": ": O_DIRECT: ", "buffered": ": buffered: "}
+    monkeypatch.setenv("PEERMEM_IO", other)
+    with peermem.Loader(io=mode) as ld:
+        rep = ld.read(path, buf)
+    assert len(rep.io) == 1 and said[mode] in rep.io[0], rep.io
+    assert np.array_equal(np.asarray(buf), data)
+    with peermem.Loader() as ld:
+        assert said[other] in ld.read(path, buf).io[0]
+    r = peermem.ShardReader([path], record_size=4096, batch_size=16, io=mode)
+    got = np.concatenate([np.asarray(b).copy() for b in r]).reshape(-1)
+    assert np.array_equal(got, data)
+
+
+def test_a_bad_io_argument_names_it(aligned):
+    with pytest.raises(ValueError, match="io must be 'auto', 'direct' or 'buffered'"):
+        peermem.Loader(io="fast")
+    with pytest.raises(TypeError, match="io must be a str"):
+        peermem.ShardReader([aligned[0]], record_size=4096, io=1)

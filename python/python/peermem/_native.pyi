@@ -165,6 +165,9 @@ class Report:
     source: str
     """The first destination's source as opened: path, O_DIRECT or buffered, and the PCI
     device that reads it (or why the CPU does)."""
+    io: List[str]
+    """How each source was read and why, once per source: `path: O_DIRECT: why` or
+    `path: buffered: why` (through the page cache)."""
     checksum: Optional[int]
     """xxh3-64 of the first read's destination bytes (`verify=True`; None otherwise)."""
     source_checksum: Optional[int]
@@ -191,7 +194,10 @@ class Loader:
     `strict`: raise `NotDirectError` (with `reasons`) instead of bouncing, before any byte is
     written. `verify`: hash the destination and re-read the source to compare. `chunk`: bytes per
     request (a multiple of 4096). `depth`: requests in flight. `workers`: accepted for
-    compatibility (1 to 1024), unused: the loader's one I/O engine serves every load.
+    compatibility (1 to 1024), unused: the loader's one I/O engine serves every load. `io`:
+    `"direct"` (O_DIRECT), `"buffered"` (through the page cache) or `"auto"` (the default: the
+    page cache when the files of a batch are mostly cached or fit in half of the memory this
+    process may take, read ahead then; O_DIRECT otherwise; `Report.io` says which and why).
     Every setting starts from its `PEERMEM_*` variable (`PEERMEM_STRICT`, `PEERMEM_VERIFY`,
     `PEERMEM_CHUNK`, `PEERMEM_DEPTH`, `PEERMEM_ENGINE`, ...; a malformed one is a `ValueError`
     naming it); an argument given (not None) wins.
@@ -204,6 +210,7 @@ class Loader:
         chunk: Optional[int] = None,
         depth: Optional[int] = None,
         workers: Optional[int] = None,
+        io: Optional[str] = None,
     ) -> None: ...
     def read(self, path: _Path, out: _Out, offset: int = 0, size: Optional[int] = None, out_offset: int = 0) -> Report:
         """Loads `size` bytes (default: to the end) at `offset` of `path` into `out` at
@@ -305,7 +312,11 @@ class ShardReader:
     load; to hold N, e.g. for gradient accumulation over N steps, `ring >= prefetch + N`; asking
     for a batch while holding all `ring` raises `PeerMemError`), `depth` read requests in flight.
     The loader's settings start from the `PEERMEM_*` variables (a malformed one is a `ValueError`
-    naming it); `depth` wins over `PEERMEM_DEPTH`.
+    naming it); `depth` wins over `PEERMEM_DEPTH`, `io` over `PEERMEM_IO`. `io` (as for `Loader`;
+    `"auto"` by default) judges the files together when the reader opens them: a data set that
+    fits in half of the memory this process may take (or is mostly cached already) is read
+    through the page cache, read ahead in the background, so later epochs come from memory; a
+    larger one with O_DIRECT.
 
     Errors name the argument and the rule broken: `TypeError` (`files must be a list of paths,
     not a str`, `batch_size must be an int, not str`), `ValueError` (`rank must be >= 0 and <
@@ -331,6 +342,7 @@ class ShardReader:
         pad: bool = True,
         worker: int = 0,
         workers: int = 1,
+        io: Optional[str] = None,
     ) -> None: ...
     @property
     def num_records(self) -> int:
