@@ -541,9 +541,26 @@ fn engine_groups(queue: &mut Queue, reads: &[crate::batch::Read]) -> Vec<(Option
 /// same buffer is read into again and again: ring buffers and staging pools, which are smaller.
 const FIXED_DEST_MAX: u64 = 64 << 20;
 
+/// Buffers of earlier batches kept in the fixed set beside a batch's own, at most this many and
+/// `FIXED_KEEP_BYTES` in all, while someone still holds them: a `ShardReader` rotating through
+/// its ring then finds each buffer registered, instead of the set being replaced (every page
+/// unpinned, then the next buffer's faulted and pinned) on every batch.
+const FIXED_KEEP: usize = 64;
+const FIXED_KEEP_BYTES: u64 = 256 << 20;
+
+/// Where `run` (regions registered one after another) starts in `set`.
+fn run_at(set: &[Arc<dyn PeerMemory>], run: &[Arc<dyn PeerMemory>]) -> Option<u16> {
+    let first = run.first()?;
+    let at = set.iter().position(|r| Arc::ptr_eq(r, first))?;
+    let same = set.get(at..at + run.len())?.iter().zip(run).all(|(a, b)| Arc::ptr_eq(a, b));
+    same.then_some(at as u16)
+}
+
 /// Registers the batch's host destinations that go direct (up to `FIXED_DEST_MAX` bytes each)
-/// and its staging pools as io_uring fixed buffers (kept while the same set is reused): the index of each destination's buffer
-/// and of each pool's first buffer, or none when the engine has no fixed buffers.
+/// and its staging pools as io_uring fixed buffers, beside the earlier batches' buffers still in
+/// use (`FIXED_KEEP`); a batch whose buffers are all registered already registers nothing. The
+/// index of each destination's buffer and of each pool's first buffer, or none when the engine
+/// has no fixed buffers.
 fn fixed_buffers(
     io: &mut files::Io,
     wanted: bool,
@@ -551,29 +568,78 @@ fn fixed_buffers(
     pools: &[&[Slot]],
     fallbacks: &mut Vec<String>,
 ) -> (Vec<Option<u16>>, Vec<Option<u16>>) {
-    let mut dest_fixed = vec![None; dests.len()];
-    let mut pool_fixed = vec![None; pools.len()];
+    let none = (vec![None; dests.len()], vec![None; pools.len()]);
     if !io.is_uring() || !wanted {
-        return (dest_fixed, pool_fixed);
+        return none;
     }
-    let mut set: Vec<Arc<dyn PeerMemory>> = Vec::new();
+    // The batch's buffers, as runs: one region per destination, a pool's slots in order.
+    enum Of {
+        Dest(usize),
+        Pool(usize),
+    }
+    let mut runs: Vec<(Of, Vec<Arc<dyn PeerMemory>>)> = Vec::new();
     for (i, d) in dests.iter().enumerate() {
         let host = matches!(d.entry.provider(), Provider::Host { .. });
-        if d.via == Via::Direct && host && d.entry.len() <= FIXED_DEST_MAX && set.len() < 1000 {
-            dest_fixed[i] = Some(set.len() as u16);
-            set.push(d.entry.region().clone());
+        if d.via == Via::Direct && host && d.entry.len() <= FIXED_DEST_MAX && runs.len() < 1000 {
+            runs.push((Of::Dest(i), vec![d.entry.region().clone()]));
         }
     }
     for (i, pool) in pools.iter().enumerate().filter(|(_, p)| !p.is_empty()) {
-        pool_fixed[i] = Some(set.len() as u16);
-        set.extend(pool.iter().map(|s| s.region.clone()));
+        runs.push((Of::Pool(i), pool.iter().map(|s| s.region.clone()).collect()));
     }
-    if set.is_empty() {
-        // Release an earlier batch's set (and the regions it holds).
+    if runs.is_empty() {
+        // Release the earlier set (and the regions it holds).
         io.unregister();
-    } else if let Err(why) = io.register(set) {
-        fallbacks.push(format!("fixed buffers not registered ({why}): plain io_uring reads"));
-        return (vec![None; dests.len()], vec![None; pools.len()]);
+        return none;
+    }
+    if !runs.iter().all(|(_, run)| run_at(io.fixed(), run).is_some()) {
+        let mut set: Vec<Arc<dyn PeerMemory>> = runs.iter().flat_map(|(_, run)| run.iter().cloned()).collect();
+        let mut bytes: u64 = set.iter().map(|r| r.len()).sum();
+        let mut kept = 0;
+        for r in io.fixed() {
+            // Held elsewhere too (the set's own reference is one), and not already in the set.
+            let held = Arc::strong_count(r) > 1 && !set.iter().any(|s| Arc::ptr_eq(s, r));
+            if held && kept < FIXED_KEEP && bytes + r.len() <= FIXED_KEEP_BYTES {
+                bytes += r.len();
+                kept += 1;
+                set.push(r.clone());
+            }
+        }
+        if let Err(why) = io.register(set) {
+            fallbacks.push(format!("fixed buffers not registered ({why}): plain io_uring reads"));
+            return none;
+        }
+    }
+    let (mut dest_fixed, mut pool_fixed) = none;
+    for (of, run) in &runs {
+        let at = run_at(io.fixed(), run);
+        match of {
+            Of::Dest(d) => dest_fixed[*d] = at,
+            Of::Pool(p) => pool_fixed[*p] = at,
+        }
     }
     (dest_fixed, pool_fixed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peermem::HostRegion;
+
+    fn region() -> Arc<dyn PeerMemory> {
+        Arc::new(HostRegion::new(4096).unwrap())
+    }
+
+    #[test]
+    fn a_run_is_found_only_where_its_regions_follow_each_other_in_order() {
+        let (a, b, c, d) = (region(), region(), region(), region());
+        let set = vec![a.clone(), b.clone(), c.clone()];
+        assert_eq!(run_at(&set, std::slice::from_ref(&c)), Some(2));
+        assert_eq!(run_at(&set, &[b.clone(), c.clone()]), Some(1));
+        assert_eq!(run_at(&set, &[a.clone(), c.clone()]), None, "not consecutive");
+        assert_eq!(run_at(&set, &[c.clone(), b.clone()]), None, "out of order");
+        assert_eq!(run_at(&set, &[c, d.clone()]), None, "runs past the set");
+        assert_eq!(run_at(&set, &[d]), None);
+        assert_eq!(run_at(&set, &[]), None);
+    }
 }

@@ -176,6 +176,11 @@ impl Ring {
         Ok(Ring { ring, fixed: Vec::new(), inflight: HashMap::new() })
     }
 
+    /// The registered set, in index order.
+    pub(crate) fn fixed(&self) -> &[Arc<dyn PeerMemory>] {
+        &self.fixed
+    }
+
     /// Whether exactly `bufs` (the same regions, in order) are the registered set.
     pub(crate) fn is_registered(&self, bufs: &[Arc<dyn PeerMemory>]) -> bool {
         self.fixed.len() == bufs.len() && self.fixed.iter().zip(bufs).all(|(a, b)| Arc::ptr_eq(a, b))

@@ -46,6 +46,14 @@ impl Io {
         ring.register(bufs).map_err(|e| format!("io_uring buffer registration: {e}"))
     }
 
+    /// The registered fixed-buffer set, in index order (empty for the pread pool).
+    pub(crate) fn fixed(&self) -> &[Arc<dyn PeerMemory>] {
+        match self {
+            Io::Uring(ring) => ring.fixed(),
+            _ => &[],
+        }
+    }
+
     /// Drops the fixed-buffer set when nothing is in flight.
     pub(crate) fn unregister(&mut self) {
         if let Io::Uring(ring) = self {
