@@ -173,7 +173,7 @@ fn ranges(loader: &Loader, a: &LoadArgs) -> Result<(Vec<Range>, u64)> {
     let mut ranges = Vec::new();
     let mut total = 0u64;
     // One data set: Auto judges the files together against memory.
-    for f in loader.open_many(&a.files)? {
+    for f in loader.open_stream(&a.files)? {
         let len = a.len.unwrap_or(f.len().saturating_sub(a.offset));
         if a.offset >= f.len() || len == 0 || a.offset.checked_add(len).is_none_or(|e| e > f.len()) {
             bail!(LoadError::BadRange { start: a.offset, end: a.offset.saturating_add(len), len: f.len() });

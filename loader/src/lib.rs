@@ -51,7 +51,7 @@ pub use batch::Batch;
 pub use dest::Dest;
 pub use error::LoadError;
 pub use loader::{Loader, Ticket};
-pub use options::{Engine, IoMode, Options, Verify};
+pub use options::{Access, Engine, IoMode, Options, Verify};
 pub use report::{DestReport, Report, Via};
 pub use shard::{partition, worker_partition, Layout, RingBuffer, ShardBatch, ShardOptions, ShardReader};
 pub use source::{Source, ALIGN};

@@ -23,7 +23,7 @@ use crate::batch::Batch;
 use crate::dest::{Dest, GpuStage};
 use crate::error::LoadError;
 use crate::io::{self, files, Engine, Flow};
-use crate::options::Options;
+use crate::options::{Access, Options};
 use crate::plan::{DestRun, Planned, Planner, Req, Target};
 use crate::report::{DestReport, Report, Via};
 use crate::source::Source;
@@ -171,7 +171,13 @@ impl Loader {
     /// together, once, at open: each file's page-cache residency, and the whole set's bytes
     /// against the memory it may take (eight files of 3 GiB are 24 GiB, not 3 GiB eight times).
     pub fn open_many<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Vec<Source>, LoadError> {
-        Source::open_set(paths, &self.registry, self.opts.io, self.opts.strict)
+        Source::open_set(paths, &self.registry, self.opts.io, self.opts.strict, Access::Records)
+    }
+    /// As `open_many`, for files read whole, once, in large requests (a load of whole files,
+    /// not records): Auto reads them with O_DIRECT unless they are mostly cached already (the
+    /// page cache would add a copy to one sequential pass, and reading ahead would read twice).
+    pub fn open_stream<P: AsRef<Path>>(&self, paths: &[P]) -> Result<Vec<Source>, LoadError> {
+        Source::open_set(paths, &self.registry, self.opts.io, self.opts.strict, Access::Stream)
     }
     /// Opens the first namespace of NVMe controller `bdf` (kernel driver bound), as a block device
     /// read with O_DIRECT whatever the `io` mode (the device writes the destination).

@@ -109,6 +109,18 @@ impl std::str::FromStr for IoMode {
     }
 }
 
+/// How the files opened together are read, for the Auto I/O mode (`Loader::open_many`,
+/// `Loader::open_stream`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Records, scattered, epoch after epoch (a `ShardReader`): a data set that fits is read
+    /// through the page cache, read ahead.
+    #[default]
+    Records,
+    /// Whole files, once, in large requests (`peermem load`): O_DIRECT unless already cached.
+    Stream,
+}
+
 /// Knobs of a `Loader`.
 #[derive(Debug, Clone)]
 pub struct Options {

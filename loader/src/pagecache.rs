@@ -13,6 +13,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Weak;
 
+use crate::options::Access;
+
 /// Bytes advised per `WILLNEED` call. The kernel reads at most its read-ahead window (or its
 /// largest request, if larger) per call, from the call's offset: 128 KiB on a block device left
 /// at the default, so larger steps would leave holes there.
@@ -142,13 +144,30 @@ pub(crate) fn room() -> Room {
 }
 
 /// Auto's choice for each file of a data set opened together: `(file, bytes)` in order.
-pub(crate) fn judge(files: &[(&File, u64)]) -> Vec<Choice> {
+pub(crate) fn judge(files: &[(&File, u64)], access: Access) -> Vec<Choice> {
     let room = room();
     let set = files.iter().map(|f| f.1).sum();
     files
         .iter()
-        .map(|&(f, file)| choose(&Facts { file, resident: resident(f, file), set, room: room.clone() }))
+        .map(|&(f, file)| {
+            for_access(choose(&Facts { file, resident: resident(f, file), set, room: room.clone() }), access)
+        })
         .collect()
+}
+
+/// `c` for files read as `access` says. Read whole, once, in large requests (`Access::Stream`),
+/// a file that `choose` would read ahead into the page cache (rule 2: it fits, but is not
+/// cached) is read with O_DIRECT instead: one sequential pass gains nothing from the cache but
+/// a second copy, and reading ahead would read the file twice. A cached file stays buffered.
+pub(crate) fn for_access(c: Choice, access: Access) -> Choice {
+    match access {
+        Access::Stream if c.buffered && c.willneed => Choice {
+            buffered: false,
+            willneed: false,
+            why: format!("read whole, once, and not in the page cache: O_DIRECT ({})", c.why),
+        },
+        _ => c,
+    }
 }
 
 /// Has the kernel read `files` (`(file, bytes)`) into the page cache ahead of their reads: a
@@ -366,5 +385,18 @@ mod tests {
         assert_eq!(r, 1 << 20, "a file just written is in the page cache");
         let page = peermem::mem::page_size();
         assert_eq!(crate::sys::mincore_pages(&f, 1 << 20, page).unwrap() * page, 1 << 20);
+    }
+
+    #[test]
+    fn a_stream_reads_a_cold_file_that_fits_with_o_direct_and_a_cached_one_through_the_cache() {
+        let cold = choose(&facts(MIB, 0, MIB, 1 << 40, None));
+        assert!(cold.buffered && cold.willneed, "{cold:?}");
+        let s = for_access(cold.clone(), Access::Stream);
+        assert!(!s.buffered && !s.willneed && s.why.contains("read whole, once"), "{s:?}");
+        assert!(for_access(cold, Access::Records).buffered);
+        let cached = choose(&facts(MIB, MIB, MIB, 1 << 40, None));
+        assert!(for_access(cached, Access::Stream).buffered);
+        let big = choose(&facts(MIB, 0, 1 << 41, 1 << 40, None));
+        assert!(!for_access(big, Access::Stream).buffered);
     }
 }

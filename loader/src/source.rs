@@ -25,7 +25,7 @@ use peermem_nvme::driver::Namespace;
 use peermem_nvme::{Controller, Dir};
 
 use crate::error::LoadError;
-use crate::options::IoMode;
+use crate::options::{Access, IoMode};
 use crate::pagecache::{self, Choice};
 use crate::stage::Slot;
 
@@ -166,7 +166,7 @@ fn open_file(path: &Path, try_direct: bool) -> Result<Opened, LoadError> {
 }
 
 /// How each file of a set is to be read, and why.
-fn wanted(opened: &[Opened], io: IoMode, strict: bool) -> Vec<Choice> {
+fn wanted(opened: &[Opened], io: IoMode, strict: bool, access: Access) -> Vec<Choice> {
     let all = |buffered, why: &str| {
         opened.iter().map(|_| Choice { buffered, willneed: false, why: why.to_string() }).collect()
     };
@@ -174,7 +174,7 @@ fn wanted(opened: &[Opened], io: IoMode, strict: bool) -> Vec<Choice> {
         (IoMode::Direct, _) => all(false, "asked for (io direct)"),
         (IoMode::Buffered, _) => all(true, "asked for (io buffered)"),
         (IoMode::Auto, true) => all(false, "a strict load asks the reading device to write the destination itself"),
-        (IoMode::Auto, false) => pagecache::judge(&opened.iter().map(|o| (&o.file, o.len)).collect::<Vec<_>>()),
+        (IoMode::Auto, false) => pagecache::judge(&opened.iter().map(|o| (&o.file, o.len)).collect::<Vec<_>>(), access),
     }
 }
 
@@ -205,23 +205,24 @@ impl Source {
     /// refuses it), and asks `peermem::storage` under the registry's root which PCI function
     /// serves it.
     pub fn open(path: impl AsRef<Path>, reg: &Registry) -> Result<Source, LoadError> {
-        let mut v = Source::open_set(&[path], reg, IoMode::Direct, false)?;
+        let mut v = Source::open_set(&[path], reg, IoMode::Direct, false, Access::Records)?;
         Ok(v.remove(0))
     }
 
     /// Opens the files of one data set, each read as `io` says; with `IoMode::Auto` they are
-    /// judged together (`pagecache::choose`: residency, the whole set's bytes against memory),
-    /// except under `strict`, which reads with O_DIRECT (a strict load asks the reading device
-    /// to write the destination itself).
+    /// judged together (`pagecache::choose`: residency, the whole set's bytes against memory,
+    /// and how they will be read, `access`), except under `strict`, which reads with O_DIRECT (a
+    /// strict load asks the reading device to write the destination itself).
     pub fn open_set<P: AsRef<Path>>(
         paths: &[P],
         reg: &Registry,
         io: IoMode,
         strict: bool,
+        access: Access,
     ) -> Result<Vec<Source>, LoadError> {
         let try_direct = io != IoMode::Buffered;
         let opened = paths.iter().map(|p| open_file(p.as_ref(), try_direct)).collect::<Result<Vec<_>, _>>()?;
-        let choices = wanted(&opened, io, strict);
+        let choices = wanted(&opened, io, strict, access);
         let auto = io == IoMode::Auto && !strict;
         let root = reg.topology().root();
         let mut ahead = Vec::new();
