@@ -239,3 +239,13 @@ def test_without_a_process_group_the_dataset_is_rank_0_of_1(records):
     assert not dist.is_initialized()
     ds = ShardDataset(files, record_size=RS, batch_size=5)
     assert (ds.rank, ds.world_size, len(ds)) == (0, 1, -(-len(data) // 5))
+
+
+@pytest.mark.parametrize("io", ["direct", "buffered"])
+def test_the_io_mode_reaches_the_dataset_s_readers(records, io):
+    files, data = records
+    ds = ShardDataset(files, record_size=RS, batch_size=4, transform=with_indices, io=io)
+    seen, steps = epoch_of(ds.dataloader(num_workers=0), data)
+    assert sorted(seen) == list(range(len(data))) and steps == len(ds)
+    with pytest.raises(ValueError, match="io must be"):
+        ShardDataset(files, record_size=RS, io="sometimes")

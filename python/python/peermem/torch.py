@@ -86,6 +86,7 @@ class ShardDataset(IterableDataset):
         ring: Optional[int] = None,
         depth: Optional[int] = None,
         transform: Optional[Callable[[torch.Tensor, Batch], Any]] = None,
+        io: Optional[str] = None,
     ) -> None:
         super().__init__()
         group_rank, group_size = _distributed()
@@ -96,7 +97,7 @@ class ShardDataset(IterableDataset):
         self._args = dict(
             files=files, record_size=record_size, index=index, batch_size=batch_size, shuffle=shuffle,
             seed=seed, rank=rank, world_size=world_size, drop_last=drop_last, prefetch=prefetch, ring=ring,
-            depth=depth,
+            depth=depth, io=io,
         )
         # Every argument and file is checked here, in the process that makes the dataset; the
         # readers are made where batches are read (here, or in each worker).
