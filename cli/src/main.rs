@@ -9,6 +9,7 @@
 // The AFL++ driver (feature `afl`) replaces `main`: the command's code is then unused.
 #![cfg_attr(feature = "afl", allow(dead_code, unused_imports))]
 
+mod engines;
 mod gate;
 mod nccl;
 mod nics;
@@ -128,11 +129,13 @@ enum Cmd {
         #[arg(long, value_parser = parse_offset)]
         offset: Option<u64>,
     },
-    /// Export the topology for other tools.
+    /// Export the topology for other tools: NCCL's topology file, UCX's device list, Mooncake's
+    /// topology matrix.
+    #[command(group(clap::ArgGroup::new("format").args(["nccl_xml", "ucx", "mooncake_topo"])))]
     Export {
         /// Write the XML NCCL reads from NCCL_TOPO_FILE ("-" for stdout).
         #[arg(long, value_name = "FILE")]
-        nccl_xml: PathBuf,
+        nccl_xml: Option<PathBuf>,
         /// For a file used inside a VM: a host PCI address (or RDMA device name) and the guest's
         /// (repeatable). NCCL finds its GPUs and NICs by bus id and its nets by name.
         #[arg(long = "map", value_name = "HOST=GUEST")]
@@ -140,6 +143,21 @@ enum Cmd {
         /// HOST=GUEST (or HOST GUEST) entries, one a line; `#` starts a comment.
         #[arg(long, value_name = "FILE")]
         map_file: Option<PathBuf>,
+        /// Print LABEL_UCX_NET_DEVICES=mlx5_0:1,... for each GPU (or each DEVICE named): the NICs
+        /// that reach its memory best, ties together.
+        #[arg(long)]
+        ucx: bool,
+        /// With --ucx: the devices to answer for (label, PCI address, file, or numa:N); default
+        /// every GPU.
+        #[arg(value_name = "DEVICE")]
+        devices: Vec<String>,
+        /// With --ucx: one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Write the topology JSON Mooncake's transfer engine reads from MC_CUSTOM_TOPO_JSON
+        /// ("-" for stdout).
+        #[arg(long, value_name = "FILE")]
+        mooncake_topo: Option<PathBuf>,
     },
     /// Copy the files peermem reads from the root into DIR, or into one archive (attach it to a
     /// bug report; replay it with --root).
@@ -335,11 +353,23 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
             let c = resolve(&t, &labels, &root, &client)?;
             return probe::probe(&t, p, c, len, offset, o);
         }
-        Cmd::Export { nccl_xml, map, map_file } => {
+        Cmd::Export { json: true, ucx: false, .. } => bail!("export --json goes with --ucx"),
+        Cmd::Export { ucx: false, devices, .. } if !devices.is_empty() => {
+            bail!("export {}: devices go with --ucx", devices.join(" "))
+        }
+        Cmd::Export { nccl_xml: None, map, map_file, .. } if !map.is_empty() || map_file.is_some() => {
+            bail!("--map and --map-file go with --nccl-xml")
+        }
+        Cmd::Export { nccl_xml: Some(to), map, map_file, .. } => {
             let map = nccl::bus_map(&map, map_file.as_deref())?;
             let t = root.discover()?;
-            nccl::export(&t, format!("peermem {}", cli.root.display()), map, &nccl_xml, o)?;
+            nccl::export(&t, format!("peermem {}", cli.root.display()), map, &to, o)?;
         }
+        Cmd::Export { ucx: true, devices, json, .. } => {
+            engines::ucx(Arc::new(root.discover()?), &root, &devices, json, o)?
+        }
+        Cmd::Export { mooncake_topo: Some(to), .. } => engines::mooncake(Arc::new(root.discover()?), &to, o)?,
+        Cmd::Export { .. } => bail!("export needs --nccl-xml FILE, --ucx or --mooncake-topo FILE"),
         Cmd::Capture { dir, archive } => capture(&root, &cli.root, dir, archive, o)?,
     }
     Ok(0)

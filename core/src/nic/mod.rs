@@ -9,21 +9,26 @@
 //!   or a bounce buffer, with the reasons), over the mover's `reachable`.
 //! - [`rank`]: every NIC ranked for a region by what that registration can do and where the NIC
 //!   sits (direct below a common switch, host bridge, NUMA node, bandwidth).
+//! - [`pick`]: the ranking cut into what an engine's device list needs (UCX, NIXL, Mooncake):
+//!   the best NICs with ties together, the others that reach the memory, those that cannot.
 //!
-//! Owns: `NicError` and the three parts above. Must not: open a device, issue a verbs call, or
+//! Owns: `NicError` and the four parts above. Must not: open a device, issue a verbs call, or
 //! judge a PCI pair itself (the registry's verdict does).
 
 pub mod device;
+pub mod pick;
 pub mod rank;
 pub mod register;
 
 pub use device::{device_at, devices, devices_in, facts, NicPlace, RdmaDevice, RdmaFacts, RdmaPort};
-pub use rank::{nearest_nic, rank_for_export, rank_nics, NicRank, Tier};
+pub use pick::{cuda_order, numa_nodes, pick, Memory, Pick};
+pub use rank::{nearest_nic, rank_for_export, rank_for_node, rank_nics, NicRank, Tier};
 pub use register::{registration, route_for, NicRoute, RegPlan, RegWay};
 
 use std::path::PathBuf;
 
 use crate::pci::Bdf;
+use crate::region::RegionError;
 use crate::registry::{RegistryError, ResolveError};
 use crate::sysroot::SysrootError;
 
@@ -45,4 +50,7 @@ pub enum NicError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Resolve(#[from] ResolveError),
+    /// The page that stands for a NUMA node's memory in a ranking could not be allocated.
+    #[error("host memory for a NUMA node's ranking: {0}")]
+    Region(#[source] RegionError),
 }

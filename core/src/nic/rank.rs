@@ -6,7 +6,7 @@
 //! bottleneck link, then the shorter path. Software devices (rxe, siw) reach memory with the CPU
 //! and come last.
 //!
-//! Owns: `NicRank`, `Tier`, `nearest_nic`, `rank_nics`, `rank_for_export`. Must not: judge a PCI
+//! Owns: `NicRank`, `Tier`, `nearest_nic`, `rank_nics`, `rank_for_export`, `rank_for_node`. Must not: judge a PCI
 //! pair itself (the registry's verdict does), decide how a NIC registers (`register` does) or
 //! open a device.
 
@@ -16,7 +16,7 @@ use super::device::{devices, NicPlace, RdmaDevice};
 use super::register::{route_for, NicRoute, RegPlan};
 use super::NicError;
 use crate::pci::{Bdf, PciDevice};
-use crate::region::{PlannedDmaBuf, Provider};
+use crate::region::{HostRegion, PlannedDmaBuf, Provider};
 use crate::registry::{Entry, Registry};
 use crate::route::RouteKind;
 use crate::verdict::{MapType, PathLabel};
@@ -80,6 +80,15 @@ pub fn nearest_nic(registry: &Registry, region: &Entry) -> Result<Vec<NicRank>, 
 /// captured machine too.
 pub fn rank_for_export(registry: &Registry, bdf: Bdf) -> Result<Vec<NicRank>, NicError> {
     let region = registry.register(Arc::new(PlannedDmaBuf { bdf, len: 4096 }))?;
+    nearest_nic(registry, region.entry())
+}
+
+/// Every RDMA device of the registry's root ranked for host memory on NUMA node `numa` (`None`:
+/// a node that is not known), best first: the node's own NICs, then the others, software devices
+/// last. A page of anonymous memory stands for the node's memory; nothing is pinned.
+pub fn rank_for_node(registry: &Registry, numa: Option<i32>) -> Result<Vec<NicRank>, NicError> {
+    let pages = HostRegion::anonymous(4096).map_err(NicError::Region)?.on_node(numa);
+    let region = registry.register(Arc::new(pages))?;
     nearest_nic(registry, region.entry())
 }
 

@@ -194,6 +194,14 @@ impl HostRegion {
         Ok(HostRegion { map, fd: None, numa: None })
     }
 
+    /// The same pages, recorded as placed on NUMA node `numa` (the caller placed them there, or
+    /// asks about memory it will place there: ranking NICs for a node's host memory). Nothing is
+    /// moved.
+    pub fn on_node(mut self, numa: Option<i32>) -> HostRegion {
+        self.numa = numa;
+        self
+    }
+
     /// Mutable access while this is the only handle (before registration, or via `Arc::get_mut`).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.map.as_mut_slice()
