@@ -6,7 +6,8 @@
 use std::fmt;
 
 /// One region the engine registered (unique within one engine).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct RegionId(pub u32);
 
 impl fmt::Display for RegionId {
