@@ -56,6 +56,11 @@ impl Span {
         self.len
     }
 
+    /// Always false: a span holds at least one byte (checked at construction).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
     /// One past the last byte (checked at construction).
     pub fn end(&self) -> u64 {
         self.start + self.len
