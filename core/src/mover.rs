@@ -401,6 +401,23 @@ mod tests {
     }
 
     /// A CMB-sized BAR region of the switch NVMe (device memory: probed before trusted).
+    /// Device memory the CPU maps: host pages standing in for P2PDMA pages of a switch NVMe's BAR.
+    struct P2p(HostRegion);
+    impl PeerMemory for P2p {
+        fn len(&self) -> u64 {
+            self.0.len()
+        }
+        fn provider(&self) -> Provider {
+            Provider::Pci("0000:03:00.0".parse().unwrap())
+        }
+        fn backing(&self) -> Backing<'_> {
+            Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
+        }
+        fn cpu_mapping(&self) -> Option<crate::mem::MappedSpan<'_>> {
+            self.0.cpu_mapping()
+        }
+    }
+
     fn bar(reg: &Registry) -> Registration {
         let bdf: Bdf = "0000:03:00.0".parse().unwrap();
         reg.register(Arc::new(BarRegion { bdf, bar: 2, offset: 0, len: 4096 })).unwrap()
@@ -505,21 +522,6 @@ mod tests {
         // A host-memory dma-buf with a CPU mapping is pinned through the mapping.
         assert!(reachable(&RouteKind::KernelImport, &host, Reach::KernelPages).is_ok());
         // P2PDMA pages are pinnable through their mapping (O_DIRECT since Linux 6.2), whatever the route.
-        struct P2p(HostRegion);
-        impl PeerMemory for P2p {
-            fn len(&self) -> u64 {
-                self.0.len()
-            }
-            fn provider(&self) -> Provider {
-                Provider::Pci("0000:03:00.0".parse().unwrap())
-            }
-            fn backing(&self) -> Backing<'_> {
-                Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
-            }
-            fn cpu_mapping(&self) -> Option<crate::mem::MappedSpan<'_>> {
-                self.0.cpu_mapping()
-            }
-        }
         let p2p = reg.register(Arc::new(P2p(HostRegion::new(4096).unwrap()))).unwrap();
         let p2p_va = route(RouteKind::CpuMapped(p2p.cpu_range().unwrap().start()));
         assert!(reachable(&p2p_va.kind, &p2p, Reach::KernelPages).is_ok());
@@ -547,22 +549,7 @@ mod tests {
         assert_eq!(d.plan, Plan::Direct);
 
         // Device memory the CPU maps (here a P2PDMA-style region): direct, and no probe is run.
-        struct MappedBar(HostRegion);
-        impl PeerMemory for MappedBar {
-            fn len(&self) -> u64 {
-                self.0.len()
-            }
-            fn provider(&self) -> Provider {
-                Provider::Pci("0000:03:00.0".parse().unwrap())
-            }
-            fn backing(&self) -> Backing<'_> {
-                Backing::P2pmem { bdf: "0000:03:00.0".parse().unwrap(), bar: 2, offset: 1 << 20 }
-            }
-            fn cpu_mapping(&self) -> Option<crate::mem::MappedSpan<'_>> {
-                self.0.cpu_mapping()
-            }
-        }
-        let mapped = reg.register(Arc::new(MappedBar(HostRegion::new(4096).unwrap()))).unwrap();
+        let mapped = reg.register(Arc::new(P2p(HostRegion::new(4096).unwrap()))).unwrap();
         let r = reg.resolve(&mapped, Peer::Cpu).unwrap();
         assert!(matches!(r.kind, RouteKind::CpuMapped(_)), "{:?}", r.kind);
         let never: Fns = Probe::Canary {
