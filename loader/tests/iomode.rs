@@ -7,17 +7,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use peermem::{Backing, HostRegion, PeerMemory, Provider, Registry, Topology};
+use peermem::{Backing, HostRegion, PeerMemory, Provider};
 use peermem_loader::{Batch, Engine, IoMode, LoadError, Loader, Options, Via};
 
-fn registry() -> Registry {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
-    Registry::new(Arc::new(Topology::discover(root).unwrap()))
-}
-
-fn pattern(seed: u32, n: usize) -> Vec<u8> {
-    (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed as u8 ^ (i >> 12) as u8).collect()
-}
+mod common;
+use common::{back, host, pattern, registry};
 
 /// A file written through the page cache (its pages stay cached).
 fn cached_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
@@ -49,18 +43,6 @@ fn cold_file(dir: &Path, name: &str, data: &[u8]) -> Option<PathBuf> {
 
 fn opts(io: IoMode) -> Options {
     Options { io, chunk: 256 << 10, depth: 8, ..Options::default() }
-}
-
-fn host(reg: &Registry, len: u64) -> (Arc<HostRegion>, peermem::Registration) {
-    let h = Arc::new(HostRegion::new(len).unwrap());
-    let g = reg.register(h.clone() as Arc<dyn PeerMemory>).unwrap();
-    (h, g)
-}
-
-fn back(r: &dyn PeerMemory, off: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    r.read_at(off, &mut v).unwrap();
-    v
 }
 
 #[test]

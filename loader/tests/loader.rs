@@ -5,18 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use peermem::{HostRegion, PeerMemory, Registry, Topology};
+use peermem::{HostRegion, PeerMemory};
 use peermem_loader::{Batch, Dest, Engine, IoMode, LoadError, Loader, Options, Verify, Via};
 use peermem_vulkan::{Device, Placement, Select};
 
-fn registry() -> Registry {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
-    Registry::new(Arc::new(Topology::discover(root).unwrap()))
-}
-
-fn pattern(seed: u32, n: usize) -> Vec<u8> {
-    (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed as u8 ^ (i >> 12) as u8).collect()
-}
+mod common;
+use common::{back, host, pattern, registry};
 
 fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
@@ -28,18 +22,6 @@ fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 /// staging, strictness).
 fn opts(engine: Engine) -> Options {
     Options { engine, chunk: 256 << 10, depth: 8, io: IoMode::Direct, ..Options::default() }
-}
-
-fn host(reg: &Registry, len: u64) -> (Arc<HostRegion>, peermem::Registration) {
-    let h = Arc::new(HostRegion::new(len).unwrap());
-    let g = reg.register(h.clone() as Arc<dyn PeerMemory>).unwrap();
-    (h, g)
-}
-
-fn back(r: &dyn PeerMemory, off: u64, n: usize) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    r.read_at(off, &mut v).unwrap();
-    v
 }
 
 #[test]
