@@ -22,19 +22,11 @@ import time
 
 import numpy as np
 import torch
+from bench_loader import drop_cache  # this directory: the script's own
 from peermem.torch import ShardDataset
 
 REC = 128 << 10
 BATCH = 32
-
-
-def drop_cache(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def epoch(loader, ds, e):
