@@ -33,6 +33,9 @@ pub struct NicAddr {
 pub struct RemoteKey {
     pub nic: String,
     pub rkey: u32,
+    /// The address the peer names for the region's first byte with this key (the MR's own
+    /// address space: a virtual address, or the IOVA of a dma-buf registration).
+    pub addr: u64,
     /// The NIC's registration takes the region's memory itself (no bounce).
     pub direct: bool,
     /// Bottleneck bandwidth between the NIC and the region, Gb/s, when known.

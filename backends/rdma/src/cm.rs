@@ -54,7 +54,7 @@ fn expect(ev: CmEvent, want: u32, peer: &str) -> Result<CmEvent, RdmaError> {
 fn same_device(id: &CmId, nic: &Nic, peer: &str) -> Result<(), RdmaError> {
     match id.device_name() {
         Some(d) if d == nic.name() => Ok(()),
-        Some(d) => Err(RdmaError::Invalid(format!("{peer} is reached through {d}, not through {}", nic.name()))),
+        Some(d) => Err(RdmaError::OtherDevice { peer: peer.into(), via: d.to_string(), wanted: nic.name().into() }),
         None => Err(RdmaError::Invalid(format!("rdma_cm bound {peer} to no RDMA device"))),
     }
 }
@@ -97,8 +97,25 @@ impl Connection {
     /// Connects to a server listening at `addr` (an IP address of the peer's RDMA device) with
     /// rdma_cm. Every step (address, route, the server's answer) is bounded by `opts.timeout`.
     /// Errors: `Unreachable` (no route, no answer), `Rejected` (nobody listens, or the server
-    /// refused), `Invalid` (`addr` is reached through another device than `nic`), `Timeout`.
+    /// refused), `OtherDevice` (`addr` is reached through another device than `nic`), `Timeout`.
     pub fn connect_cm(nic: &Nic, addr: SocketAddr, opts: ConnectOpts) -> Result<Connection, RdmaError> {
+        Self::connect_cm_with(nic, addr, opts, &[])
+    }
+
+    /// As `connect_cm`, sending `private` (at most `MAX_PRIVATE` bytes) with the request: the
+    /// server's `Connection::private_data`.
+    pub fn connect_cm_with(
+        nic: &Nic,
+        addr: SocketAddr,
+        opts: ConnectOpts,
+        private: &[u8],
+    ) -> Result<Connection, RdmaError> {
+        if private.len() > MAX_PRIVATE {
+            return Err(RdmaError::Invalid(format!(
+                "{} bytes of private data: a connect request carries at most {MAX_PRIVATE}",
+                private.len()
+            )));
+        }
         let peer = addr.to_string();
         let cm = |what| {
             let peer = peer.clone();
@@ -118,7 +135,7 @@ impl Connection {
 
         let (qp, scq, rcq) = new_qp(nic, &opts)?;
         to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
-        id.connect(&param(&qp, &opts, &[])).map_err(cm("rdma_connect"))?;
+        id.connect(&param(&qp, &opts, private)).map_err(cm("rdma_connect"))?;
         let ev = expect(next(&ch, &peer, deadline, "the server's answer")?, cm_event::CONNECT_RESPONSE, &peer)?;
         let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
         to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
@@ -134,6 +151,9 @@ impl Connection {
         ))
     }
 }
+
+/// The most private data a connect request carries (RoCE and InfiniBand: 56 bytes).
+pub const MAX_PRIVATE: usize = 56;
 
 /// An rdma_cm listener on one IP address and port.
 #[derive(Debug)]
@@ -162,23 +182,37 @@ impl CmListener {
         self.addr.port()
     }
 
-    /// The next connect request, waiting until `deadline`; other events are logged and skipped.
-    fn request(&self, deadline: Instant) -> Result<CmId, RdmaError> {
+    /// The next connect request and its private data, waiting until `deadline`; other events
+    /// are logged and skipped.
+    fn request(&self, deadline: Instant) -> Result<(CmId, Vec<u8>), RdmaError> {
         let me = self.addr.to_string();
         loop {
             let ev = next(self.id.channel(), &me, deadline, "a connect request")?;
             if let Some(id) = ev.new_id {
-                return Ok(id);
+                return Ok((id, ev.private_data));
             }
         }
     }
 
     /// Accepts one client within `opts.timeout`, offering it `offer` (what it may RDMA
     /// READ/WRITE: the client's `expect_remote`). A request that came in on another device than
-    /// `nic` is rejected and reported as `Invalid`.
+    /// `nic` is rejected and reported as `OtherDevice`.
     pub fn accept(&self, nic: &Nic, opts: ConnectOpts, offer: Option<RemoteBuf>) -> Result<Connection, RdmaError> {
+        self.accept_within(nic, opts, offer, opts.timeout)
+    }
+
+    /// As `accept`, waiting at most `wait` for the request (then `opts.timeout` for each step
+    /// after it): a server polls its listener with a short `wait`. The request's private data
+    /// is the connection's `private_data`.
+    pub fn accept_within(
+        &self,
+        nic: &Nic,
+        opts: ConnectOpts,
+        offer: Option<RemoteBuf>,
+        wait: Duration,
+    ) -> Result<Connection, RdmaError> {
+        let (mut id, private) = self.request(Instant::now() + wait)?;
         let deadline = Instant::now() + opts.timeout;
-        let mut id = self.request(deadline)?;
         let peer = match id.peer_addr() {
             Some(a) => format!("{a} (client of {})", self.addr),
             None => format!("client of {}", self.addr),
@@ -205,7 +239,7 @@ impl CmListener {
         Ok(Connection::from_parts(
             nic,
             (qp, scq, rcq),
-            Ctrl::Cm { id, offer: Vec::new(), disconnected: false },
+            Ctrl::Cm { id, offer: private, disconnected: false },
             peer,
             opts,
             remote,
@@ -214,7 +248,7 @@ impl CmListener {
 
     /// Refuses the next connect request (within `timeout`): the client gets `Rejected`.
     pub fn reject_next(&self, timeout: Duration) -> Result<(), RdmaError> {
-        let id = self.request(Instant::now() + timeout)?;
+        let (id, _) = self.request(Instant::now() + timeout)?;
         id.reject(REFUSAL).map_err(|source| RdmaError::Cm { peer: self.addr.to_string(), what: "rdma_reject", source })
     }
 }

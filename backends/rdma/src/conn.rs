@@ -20,6 +20,9 @@ use crate::event::Wc;
 use crate::mr::{NicMr, RemoteBuf};
 use crate::sys::{self, SendOp};
 
+/// A completion: its work request id, and the request's result.
+pub type Outcome = (u64, Result<Wc, WcError>);
+
 /// Connection parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectOpts {
@@ -119,7 +122,8 @@ pub(crate) enum Ctrl {
     /// QP attributes exchanged over TCP; the stream stays open for out-of-band messages.
     Tcp(TcpStream),
     /// Connected by rdma_cm: `id` reports the peer's disconnect; `offer` is the private data
-    /// the passive side sent with its accept.
+    /// the other side sent (with its accept on the active side, with its request on the
+    /// passive side).
     Cm { id: sys::CmId, offer: Vec<u8>, disconnected: bool },
 }
 
@@ -300,6 +304,15 @@ impl Connection {
         &self.peer
     }
 
+    /// The private data the other side sent with its rdma_cm request (passive side) or accept
+    /// (active side); empty for a TCP-connected peer.
+    pub fn private_data(&self) -> &[u8] {
+        match &self.ctrl {
+            Ctrl::Cm { offer, .. } => offer,
+            Ctrl::Tcp(_) => &[],
+        }
+    }
+
     /// True when rdma_cm set the connection up.
     pub fn is_cm(&self) -> bool {
         matches!(self.ctrl, Ctrl::Cm { .. })
@@ -446,17 +459,21 @@ impl Connection {
     }
 
     fn decode(&mut self, w: Wc) -> Result<Wc, RdmaError> {
+        self.outcome(w).map_err(RdmaError::Completion)
+    }
+
+    fn outcome(&mut self, w: Wc) -> Result<Wc, WcError> {
         let op = self.pending.remove(&w.wr_id).unwrap_or("work request");
         if w.status == 0 {
             return Ok(w);
         }
-        Err(RdmaError::Completion(WcError {
+        Err(WcError {
             wr_id: w.wr_id,
             status: w.status,
             name: sys::wc_status_str(w.status),
             vendor_err: w.vendor_err,
             op,
-        }))
+        })
     }
 
     fn wait_cq(&mut self, recv: bool, n: usize, timeout: Duration) -> Result<Vec<Wc>, RdmaError> {
@@ -515,6 +532,20 @@ impl Connection {
             }
         }
         Ok(got)
+    }
+
+    /// The completions ready now on the send (`recv == false`) or receive queue, at most `max`,
+    /// each with its work request id and outcome (a failed one does not stop the others: after
+    /// a QP error every outstanding request completes, flushed). Never waits.
+    pub fn poll_outcomes(&mut self, recv: bool, max: usize) -> Result<Vec<Outcome>, RdmaError> {
+        let mut got = Vec::with_capacity(max.min(256));
+        let cq = if recv { &self.rcq } else { &self.scq };
+        cq.poll(&mut got, max).map_err(|source| RdmaError::Verbs {
+            dev: self.dev.clone(),
+            what: "ibv_poll_cq",
+            source,
+        })?;
+        Ok(got.into_iter().map(|w| (w.wr_id, self.outcome(w))).collect())
     }
 
     /// Waits for `n` send-side completions (WRITE, READ, SEND), bounded by the timeout.

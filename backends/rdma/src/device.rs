@@ -79,6 +79,12 @@ impl Nic {
         &self.dev.name
     }
 
+    /// Whether the port is ACTIVE now (asked of the device, not the state at `open`).
+    pub fn port_active(&self) -> Result<bool, RdmaError> {
+        let pa = self.pd.context().query_port(self.port.port).map_err(self.verbs_err("ibv_query_port"))?;
+        Ok(pa.active)
+    }
+
     pub fn device(&self) -> &RdmaDevice {
         &self.dev
     }

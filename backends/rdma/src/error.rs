@@ -119,6 +119,9 @@ pub enum RdmaError {
     PortDown { dev: String, port: u8, state: u32 },
     #[error("{0}")]
     Invalid(String),
+    /// rdma_cm reaches `peer` through another RDMA device than the one asked for.
+    #[error("{peer} is reached through {via}, not through {wanted}")]
+    OtherDevice { peer: String, via: String, wanted: String },
     /// A CPU copy through a region's mapping (bounce buffers) that could not happen.
     #[error(transparent)]
     Access(#[from] peermem::AccessError),

@@ -108,6 +108,9 @@ pub struct NicMr {
     access: Access,
     bounce: Option<Arc<HostRegion>>,
     region: Arc<dyn PeerMemory>,
+    /// The registered range of the region: `len` bytes at `offset`.
+    offset: u64,
+    len: u64,
     registration: Option<Registration>,
     dev: String,
 }
@@ -153,8 +156,13 @@ impl NicMr {
     pub fn rkey(&self) -> u32 {
         self.mr().rkey
     }
+    /// Bytes registered (the whole region, or the range given to `register_range`).
     pub fn len(&self) -> u64 {
-        self.region.len()
+        self.len
+    }
+    /// Where the registered range starts in the region.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
     pub fn is_empty(&self) -> bool {
         false
@@ -179,19 +187,21 @@ impl NicMr {
     }
 
     /// For a bounce registration: copies what peers wrote into the bounce buffer to the region
-    /// (through the region's CPU mapping). A no-op for direct registrations.
+    /// (through the region's CPU mapping). `offset` is within the registration. A no-op for
+    /// direct registrations.
     pub fn bounce_to_region(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => Ok(b.copy_to(offset, &*self.region, offset, len)?),
+            Some(b) => Ok(b.copy_to(offset, &*self.region, self.offset + offset, len)?),
             None => Ok(()),
         }
     }
 
     /// For a bounce registration: copies the region into the bounce buffer (before peers read
-    /// it or it is sent). A no-op for direct registrations.
+    /// it or it is sent). `offset` is within the registration. A no-op for direct
+    /// registrations.
     pub fn region_to_bounce(&self, offset: u64, len: u64) -> Result<(), RdmaError> {
         match &self.bounce {
-            Some(b) => Ok(self.region.copy_to(offset, &**b, offset, len)?),
+            Some(b) => Ok(self.region.copy_to(self.offset + offset, &**b, offset, len)?),
             None => Ok(()),
         }
     }
@@ -229,6 +239,8 @@ impl NicMr {
             refusals: Vec::new(),
             access,
             bounce: None,
+            offset: 0,
+            len: region.len(),
             region,
             registration: Some(registration),
             dev: nic.name().to_string(),
@@ -257,14 +269,34 @@ fn methods(plan: &RegPlan) -> Vec<Method> {
 
 impl Nic {
     /// Registers `region` in `registry` and with this NIC, granting exactly `access`, in the ways
-    /// core's plan for the pair gives (`peermem::nic::route_for`). Refusals are kept on the result; when every way
-    /// is refused the error lists them all (and nothing stays registered).
+    /// core's plan for the pair gives (`peermem::nic::route_for`). Refusals are kept on the
+    /// result; when every way is refused the error lists them all (and nothing stays registered).
     pub fn register(
         &self,
         registry: &Registry,
         region: Arc<dyn PeerMemory>,
         access: Access,
     ) -> Result<NicMr, RdmaError> {
+        let len = region.len();
+        self.register_range(registry, region, 0, len, access)
+    }
+
+    /// As `register`, for `len` bytes at `offset` of `region` only (a range cache registers the
+    /// ranges in use of a large buffer). The MR's address space starts at the range.
+    pub fn register_range(
+        &self,
+        registry: &Registry,
+        region: Arc<dyn PeerMemory>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<NicMr, RdmaError> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(RdmaError::Invalid(format!(
+                "{len} bytes at {offset:#x} are not a range of the {:#x}-byte region",
+                region.len()
+            )));
+        }
         let registration = registry.register(region.clone())?;
         let NicRoute { plan, reasons: mut route_reasons, .. } = route_for(registry, &self.dev.place, &registration)?;
         let kind = plan.route;
@@ -279,21 +311,23 @@ impl Nic {
             let attempt = match method {
                 Method::DmaBuf => match region.backing() {
                     Backing::DmaBuf(fd) => {
-                        let iova = region.cpu_range().map(|r| Iova::new(r.start().raw())).unwrap_or_default();
+                        let iova = region.cpu_range().map(|r| Iova::new(r.start().raw() + offset)).unwrap_or_default();
                         self.pd
-                            .reg_dmabuf_mr(fd, 0, region.len() as usize, iova, bits)
+                            .reg_dmabuf_mr(fd, offset, len as usize, iova, bits)
                             .map(|mr| (mr, None))
                             .map_err(self.verbs_err("ibv_reg_dmabuf_mr"))
                     }
                     _ => continue,
                 },
-                Method::CpuMapping => {
-                    self.pd.reg_mr(&region, bits).map(|mr| (mr, None)).map_err(self.verbs_err("ibv_reg_mr"))
-                }
-                Method::Bounce => HostRegion::new(region.len()).map_err(RdmaError::from).and_then(|b| {
+                Method::CpuMapping => self
+                    .pd
+                    .reg_mr(&region, offset, len, bits)
+                    .map(|mr| (mr, None))
+                    .map_err(self.verbs_err("ibv_reg_mr")),
+                Method::Bounce => HostRegion::new(len).map_err(RdmaError::from).and_then(|b| {
                     let b = Arc::new(b);
                     self.pd
-                        .reg_mr(&(b.clone() as Arc<dyn PeerMemory>), bits)
+                        .reg_mr(&(b.clone() as Arc<dyn PeerMemory>), 0, len, bits)
                         .map(|mr| (mr, Some(b)))
                         .map_err(self.verbs_err("ibv_reg_mr (bounce)"))
                 }),
@@ -320,6 +354,8 @@ impl Nic {
                         access,
                         bounce,
                         region,
+                        offset,
+                        len,
                         registration: Some(registration),
                         dev: self.name().to_string(),
                     });

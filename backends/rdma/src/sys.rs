@@ -237,17 +237,23 @@ impl Pd {
         &self.ctx
     }
 
-    /// `ibv_reg_mr` on `len` bytes of this process's address space at `addr`. The kernel pins
-    /// the pages until the MR is deregistered, so a stale VA can never make the NIC reach pages
-    /// reused elsewhere; the caller keeps the mapping alive to see the data.
-    pub fn reg_mr(self: &Arc<Self>, region: &Arc<dyn PeerMemory>, access: u32) -> io::Result<Mr> {
+    /// `ibv_reg_mr` on `len` bytes at `offset` of the region's CPU mapping. The kernel pins the
+    /// pages until the MR is deregistered, so a stale VA can never make the NIC reach pages
+    /// reused elsewhere; the MR keeps the region alive, so the mapping outlives it.
+    pub fn reg_mr(
+        self: &Arc<Self>,
+        region: &Arc<dyn PeerMemory>,
+        offset: u64,
+        len: u64,
+        access: u32,
+    ) -> io::Result<Mr> {
         let span = region.cpu_mapping().ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
-        let len =
-            usize::try_from(region.len().min(span.len())).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let span = span.sub(offset, len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len = usize::try_from(span.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let addr = span.addr().raw() as usize as *mut libc::c_void;
-        // SAFETY: `addr..addr+len` is the region's CPU mapping (borrowed above); the MR keeps an
-        // Arc of the region, so the mapping outlives the registration; the kernel validates the
-        // range (EFAULT when it cannot pin it); the PD is live.
+        // SAFETY: `addr..addr+len` lies in the region's CPU mapping (`sub` checked the range);
+        // the MR keeps an Arc of the region, so the mapping outlives the registration; the
+        // kernel validates the range (EFAULT when it cannot pin it); the PD is live.
         let mr = unsafe { ffi::ibv_reg_mr(self.pd, addr, len, access as libc::c_int) };
         let mut mr = Mr::wrap(mr, self, None)?;
         mr._region = Some(KeepAlive(region.clone()));

@@ -110,6 +110,9 @@ pub struct RdmaPort {
     pub active: Option<bool>,
     /// `rate` (`100 Gb/sec (4X EDR)`) in Mb/s.
     pub rate_mbps: Option<u64>,
+    /// The IPv4 addresses in the port's GID table (RoCE: `::ffff:a.b.c.d` entries), in table
+    /// order, each once: where rdma_cm reaches this port.
+    pub ipv4: Vec<std::net::Ipv4Addr>,
 }
 
 impl RdmaFacts {
@@ -141,9 +144,29 @@ pub fn facts(root: &Path, dev: &RdmaDevice) -> Result<RdmaFacts, NicError> {
                 Some(rate_mbps(&s).ok_or_else(|| malformed_err(&p.join("rate"), "expected '<N> Gb/sec ...'", &s))?)
             }
         };
-        f.ports.push(RdmaPort { number, active, rate_mbps });
+        let ipv4 = gid_ipv4(&sys, &p.join("gids"))?;
+        f.ports.push(RdmaPort { number, active, rate_mbps, ipv4 });
     }
     Ok(f)
+}
+
+/// The most GID table entries read per port (a table is 16 to 256 entries long).
+const MAX_GIDS: usize = 1024;
+
+/// The IPv4-mapped entries of a port's GID table (`gids/N`); empty entries, IPv6 ones and
+/// unreadable files are skipped.
+fn gid_ipv4(sys: &Sysroot, dir: &Path) -> Result<Vec<std::net::Ipv4Addr>, SysrootError> {
+    let mut idx: Vec<u32> = sys.list_dir(dir)?.unwrap_or_default().iter().filter_map(|n| n.parse().ok()).collect();
+    idx.sort_unstable();
+    let mut out = Vec::new();
+    for i in idx.into_iter().take(MAX_GIDS) {
+        let Some(text) = read_soft(sys, &dir.join(i.to_string()))? else { continue };
+        let ip = text.trim().parse::<std::net::Ipv6Addr>().ok().and_then(|g| g.to_ipv4_mapped());
+        if let Some(ip) = ip.filter(|ip| !ip.is_unspecified() && !out.contains(ip)) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
 }
 
 /// An attribute that may be absent or unreadable (then unknown); anything hostile is an error.

@@ -1,7 +1,13 @@
 use super::*;
 
 fn sample() -> Metadata {
-    let key = |nic: &str, rkey| RemoteKey { nic: nic.into(), rkey, direct: true, bandwidth_gbs: Some(200.0) };
+    let key = |nic: &str, rkey| RemoteKey {
+        nic: nic.into(),
+        rkey,
+        addr: 0x7f00_0000_0000,
+        direct: true,
+        bandwidth_gbs: Some(200.0),
+    };
     Metadata {
         version: VERSION,
         host: "a".into(),

@@ -147,6 +147,14 @@ impl Rails {
         Ok(())
     }
 
+    /// `id` is back (its transport was connected again): it takes slices from now on.
+    pub fn revive(&mut self, id: RailId) -> Result<(), RailError> {
+        let n = self.rails.len();
+        let rail = self.rails.get_mut(id.0).ok_or(RailError::UnknownRail(id, n))?;
+        rail.state = RailState::Up;
+        Ok(())
+    }
+
     /// Feed a completion: `bytes` delivered by `id` while it was busy for `busy`.
     pub fn delivered(&mut self, id: RailId, bytes: u64, busy: Duration) -> Result<(), RailError> {
         let alpha = self.options.alpha;

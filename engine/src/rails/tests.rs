@@ -129,3 +129,13 @@ fn bad_options_and_requests_are_typed_errors() {
     assert!(matches!(r.split(u64::MAX, T0).unwrap_err(), RailError::TooManySlices { .. }));
     assert_eq!(r.fail(RailId(7), T0).unwrap_err(), RailError::UnknownRail(RailId(7), 1));
 }
+
+#[test]
+fn a_revived_rail_takes_slices_before_its_cool_down_ends() {
+    let mut r = rails(&[100.0, 100.0]);
+    r.fail(RailId(1), T0).unwrap();
+    assert_eq!(counts(&r.split(4 * 64 * KIB, T0).unwrap(), 2), [4, 0]);
+    r.revive(RailId(1)).unwrap();
+    assert_eq!(counts(&r.split(4 * 64 * KIB, T0).unwrap(), 2), [2, 2]);
+    assert!(r.revive(RailId(2)).is_err());
+}

@@ -1,0 +1,239 @@
+//! The end of a batch: its notification, links connected again, its bound, its report.
+
+use super::*;
+
+impl Inner {
+    /// Posts the notification of each batch whose bytes have all landed.
+    pub(super) fn send_notifies(&mut self) {
+        let ready: Vec<u64> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| b.error.is_none() && b.notify_state == NotifyState::Pending)
+            .filter(|(_, b)| b.reqs.iter().all(|r| r.plan.done()))
+            .map(|(t, _)| *t)
+            .collect();
+        for ticket in ready {
+            let pid = self.batches[&ticket].peer;
+            let Some(p) = self.peers.get_mut(&pid) else { continue };
+            let Some(li) = p.links.iter().position(|l| l.is_up()) else { continue };
+            let link = &mut p.links[li];
+            let bufs = &mut self.notify_bufs[link.local];
+            let slot = (ticket as usize) % NOTIFY_SLOTS;
+            if bufs.busy[slot] {
+                continue;
+            }
+            let msg = self.batches[&ticket].notify.clone().unwrap_or_default();
+            let off = (slot * NOTIFY_MAX) as u64;
+            if bufs.mr.region().write_at(off, &msg).is_err() {
+                continue;
+            }
+            let posted = Local::new(&bufs.mr, off, msg.len() as u32).map_err(|e| e.to_string()).and_then(|l| {
+                link.conn.as_mut().ok_or_else(|| "link down".to_string())?.post_send(l).map_err(|e| e.to_string())
+            });
+            match posted {
+                Ok(id) => {
+                    bufs.busy[slot] = true;
+                    link.inflight.insert(id, (Wr::Notify { ticket }, Instant::now()));
+                    if let Some(b) = self.batches.get_mut(&ticket) {
+                        b.notify_state = NotifyState::Posted;
+                    }
+                }
+                Err(why) => {
+                    let now = self.now();
+                    self.fail_link(pid, li, now, why);
+                }
+            }
+        }
+    }
+
+    pub(super) fn free_notify_slot(&mut self, nic: usize, ticket: u64) {
+        if let Some(b) = self.notify_bufs.get_mut(nic) {
+            b.busy[(ticket as usize) % NOTIFY_SLOTS] = false;
+        }
+    }
+
+    /// Notifications that arrived on accepted connections; a peer that left closes its ring.
+    pub(super) fn poll_incoming(&mut self) {
+        for inc in &mut self.incoming {
+            inc.poll(&mut self.notes);
+            if !inc.closed && inc.conn.check_peer().is_err() {
+                inc.closed = true;
+            }
+        }
+        self.incoming.retain(|i| !i.closed);
+    }
+
+    /// Connects again each link of `pid` whose cool-down has passed and whose NIC's port is
+    /// active.
+    pub(super) fn revive(&mut self, pid: PeerId, now: Duration) {
+        let cooldown = self.options.rails.cooldown;
+        let n = self.peers.get(&pid).map_or(0, |p| p.links.len());
+        for li in 0..n {
+            let (local, addr) = {
+                let l = &self.peers[&pid].links[li];
+                match &l.state {
+                    LinkState::Down { retry_at, .. } if *retry_at <= now => (l.local, l.addr),
+                    _ => continue,
+                }
+            };
+            let active = self.nics[local].nic.port_active().unwrap_or(false);
+            let result = if active {
+                self.dial(addr, Duration::from_secs(1).min(self.options.connect.timeout)).and_then(|(i, c)| {
+                    if i == local {
+                        Ok(c)
+                    } else {
+                        Err(format!("{addr} is now reached through {}", self.nics[i].nic.name()))
+                    }
+                })
+            } else {
+                Err(format!("{} port is not active", self.nics[local].nic.name()))
+            };
+            let now = self.now();
+            let Some(p) = self.peers.get_mut(&pid) else { return };
+            let link = &mut p.links[li];
+            match result {
+                Ok(conn) => {
+                    tracing::info!(nic = %link.local_name, remote = %link.remote, "rail back up");
+                    link.conn = Some(conn);
+                    link.state = LinkState::Up;
+                    link.last_done = None;
+                }
+                Err(why) => {
+                    let since = match &link.state {
+                        LinkState::Down { since, .. } => *since,
+                        LinkState::Up => now,
+                    };
+                    let first = link.failures.first().cloned().unwrap_or_default();
+                    tracing::debug!(nic = %link.local_name, "still down: {why}");
+                    link.state =
+                        LinkState::Down { since, retry_at: now + cooldown, why: format!("{first}; then {why}") };
+                }
+            }
+        }
+    }
+
+    /// Ends a batch with `error` (its slices are no longer posted; it ends once none is in
+    /// flight).
+    pub(super) fn fail_batch(&mut self, ticket: u64, error: EngineError) {
+        if let Some(b) = self.batches.get_mut(&ticket) {
+            b.error.get_or_insert(error);
+        }
+    }
+
+    fn inflight_of(&self, ticket: u64) -> usize {
+        let Some(b) = self.batches.get(&ticket) else { return 0 };
+        self.peers.get(&b.peer).map_or(0, |p| {
+            p.links
+                .iter()
+                .flat_map(|l| l.inflight.values())
+                .filter(|(w, _)| match w {
+                    Wr::Slice { ticket: t, .. } | Wr::Notify { ticket: t } => *t == ticket,
+                })
+                .count()
+        })
+    }
+
+    /// Bounds, and the end of each batch: done, or failed with nothing of it in flight.
+    pub(super) fn check_batches(&mut self) {
+        let now = Instant::now();
+        let open: Vec<u64> = self.batches.iter().filter(|(_, b)| b.result.is_none()).map(|(t, _)| *t).collect();
+        for ticket in open {
+            let b = &self.batches[&ticket];
+            let pid = b.peer;
+            if b.error.is_none() && now >= b.deadline {
+                let error = self.bound_error(ticket);
+                self.fail_batch(ticket, error);
+                // Stop every link with work of this batch in flight: once its queue pair is
+                // destroyed, no NIC touches the batch's buffers.
+                let links: Vec<usize> = self.peers.get(&pid).map_or(Vec::new(), |p| {
+                    (0..p.links.len())
+                        .filter(|&li| p.links[li].inflight.values().any(|(w, _)| matches!(w, Wr::Slice { ticket: t, .. } | Wr::Notify { ticket: t } if *t == ticket)))
+                        .collect()
+                });
+                let t = self.now();
+                for li in links {
+                    self.fail_link(pid, li, t, format!("stopped: batch {ticket} ran past its bound"));
+                }
+            }
+            let b = &self.batches[&ticket];
+            let done =
+                b.reqs.iter().all(|r| r.plan.done()) && matches!(b.notify_state, NotifyState::None | NotifyState::Done);
+            if b.error.is_some() && self.inflight_of(ticket) == 0 {
+                self.end(ticket, false);
+            } else if b.error.is_none() && done {
+                self.end(ticket, true);
+            }
+        }
+    }
+
+    /// The error for a batch past its bound: no rail left, or a plain timeout.
+    fn bound_error(&self, ticket: u64) -> EngineError {
+        let b = &self.batches[&ticket];
+        let p = &self.peers[&b.peer];
+        if p.links.iter().all(|l| !l.is_up()) {
+            let failures = p
+                .links
+                .iter()
+                .flat_map(|l| l.failures.iter().map(move |f| format!("{} -> {}: {f}", l.local_name, l.remote)))
+                .collect();
+            return EngineError::NoRailLeft { host: p.meta.host.clone(), failures };
+        }
+        EngineError::Timeout { ms: self.options.timeout.as_millis() }
+    }
+
+    /// Ends `ticket`: its regions are free again and its result is kept for the ticket.
+    fn end(&mut self, ticket: u64, ok: bool) {
+        let Some(b) = self.batches.get_mut(&ticket) else { return };
+        for r in &b.reqs {
+            if let Some(l) = self.local.get_mut(&r.req.local) {
+                l.in_use = l.in_use.saturating_sub(1);
+            }
+        }
+        let result = if ok {
+            let p = &self.peers[&b.peer];
+            let rails = p
+                .links
+                .iter()
+                .enumerate()
+                .map(|(li, l)| {
+                    let (bytes, slices) = b.per_link.get(&li).copied().unwrap_or_default();
+                    rail_report(l, bytes, slices)
+                })
+                .collect();
+            Ok(Report {
+                bytes: b.reqs.iter().map(|r| r.req.len).sum(),
+                requests: b.reqs.len(),
+                seconds: b.started.elapsed().as_secs_f64(),
+                rails,
+                retries: b.retries,
+                routes: b.routes.clone(),
+                notified: b.notify_state == NotifyState::Done,
+            })
+        } else {
+            Err(b.error.take().unwrap_or(EngineError::Timeout { ms: 0 }))
+        };
+        if b.forgotten {
+            self.batches.remove(&ticket);
+        } else {
+            b.result = Some(result);
+        }
+    }
+
+    /// The result of `ticket` once it ended (taken: asked once).
+    pub fn finished(&mut self, ticket: u64) -> Option<Result<Report, EngineError>> {
+        let r = self.batches.get_mut(&ticket)?.result.take()?;
+        self.batches.remove(&ticket);
+        Some(r)
+    }
+
+    /// The ticket was dropped: its batch goes on, its result is dropped when it ends.
+    pub fn forget(&mut self, ticket: u64) {
+        if let Some(b) = self.batches.get_mut(&ticket) {
+            if b.result.is_some() {
+                self.batches.remove(&ticket);
+            } else {
+                b.forgotten = true;
+            }
+        }
+    }
+}
