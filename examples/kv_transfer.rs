@@ -128,8 +128,11 @@ fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<u16>>) -> Result<()> {
     for b in 0..a.blocks {
         region.write_at(slot(b, a.blocks) * a.block, &pattern(b, a.block)).context("filling a block")?;
     }
-    let engine = Engine::new(registry()?, EngineOptions { depth: a.depth, ..EngineOptions::default() })
-        .context("starting the engine")?;
+    let engine = Engine::new(
+        registry()?,
+        EngineOptions { depth: a.depth, timeout: Duration::from_secs(30), ..EngineOptions::default() },
+    )
+    .context("starting the engine")?;
     let id = engine.register(region.clone()).context("registering the blocks")?;
     for r in engine.routes(id)? {
         eprintln!("server: {r}");
@@ -219,8 +222,11 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
     let offsets: Vec<u64> = head["offsets"].as_array().context("offsets")?.iter().filter_map(|v| v.as_u64()).collect();
     let want: Vec<u64> = (0..a.want.min(blocks)).map(|k| (k * 2 + 1) % blocks).collect();
     let region = gpu(want.len() as u64 * block)?;
-    let engine = Engine::new(registry()?, EngineOptions { depth: a.depth, ..EngineOptions::default() })
-        .context("starting the engine")?;
+    let engine = Engine::new(
+        registry()?,
+        EngineOptions { depth: a.depth, timeout: Duration::from_secs(30), ..EngineOptions::default() },
+    )
+    .context("starting the engine")?;
     let local = engine.register(region.clone())?;
     let peer = engine.connect(&meta).context("connecting to the server's NICs")?;
     let batch: Vec<Request> = want
@@ -235,11 +241,19 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
             len: block,
         })
         .collect();
+    let down = fault_netdev(a, &engine, peer)?;
     let start = Instant::now();
     let ticket = engine.post(peer, &batch, Some(format!("kv_transfer: {} blocks read", want.len()).as_bytes()))?;
     send_msg(&mut s, b"posted")?;
-    let fault = fault(a, &engine, peer)?;
+    // The link goes down while this thread waits on the batch.
+    let cut = down.map(|dev| std::thread::spawn(move || link_down(&dev)));
     let result = ticket.wait();
+    let fault = match cut.map(|h| h.join()) {
+        Some(Ok(Ok(dev))) => Some(dev),
+        Some(Ok(Err(e))) => return Err(e),
+        Some(Err(_)) => bail!("the fault thread panicked"),
+        None => None,
+    };
     let seconds = start.elapsed().as_secs_f64();
     if let Some(f) = &fault {
         let _ = std::process::Command::new("ip").args(["link", "set", f, "up"]).status();
@@ -265,8 +279,8 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
     }))
 }
 
-/// `--fault link-down[=NETDEV]`: the netdev of the last rail (or the one named) goes down.
-fn fault(a: &Args, engine: &Engine, peer: peermem_engine::PeerId) -> Result<Option<String>> {
+/// `--fault link-down[=NETDEV]`: the netdev to take down (the last rail's, or the one named).
+fn fault_netdev(a: &Args, engine: &Engine, peer: peermem_engine::PeerId) -> Result<Option<String>> {
     let Some(f) = a.fault.as_deref() else { return Ok(None) };
     let Some(rest) = f.strip_prefix("link-down") else { bail!("unknown client fault {f:?}") };
     let dev = match rest.strip_prefix('=') {
@@ -277,13 +291,16 @@ fn fault(a: &Args, engine: &Engine, peer: peermem_engine::PeerId) -> Result<Opti
             netdev_of(&nic).with_context(|| format!("no netdev under {nic}"))?
         }
     };
-    std::thread::sleep(Duration::from_millis(20));
-    let ok = std::process::Command::new("ip").args(["link", "set", &dev, "down"]).status()?.success();
+    Ok(Some(dev))
+}
+
+fn link_down(dev: &str) -> Result<String> {
+    let ok = std::process::Command::new("ip").args(["link", "set", dev, "down"]).status()?.success();
     if !ok {
         bail!("ip link set {dev} down failed");
     }
     eprintln!("client: took {dev} down mid-batch");
-    Ok(Some(dev))
+    Ok(dev.to_string())
 }
 
 fn run() -> Result<bool> {

@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use peermem::{PeerMemory, Registry};
+use peermem::{PeerMemory, Registration, Registry};
 use peermem_rdma::{Access, Nic, NicMr, RdmaError};
 
 use crate::cache::Registrar;
 use crate::span::{RegionId, Span};
 
-/// The regions registered with the engine, by id, shared by every NIC's registrar.
-pub type Regions = Arc<Mutex<HashMap<RegionId, Arc<dyn PeerMemory>>>>;
+/// The regions registered with the engine, by id, with their one registry registration, shared
+/// by every NIC's registrar.
+pub type Regions = Arc<Mutex<HashMap<RegionId, (Arc<dyn PeerMemory>, Arc<Registration>)>>>;
 
 /// What every engine registration grants: peers read and write it, local work requests write it.
 pub const ACCESS: Access = Access { local_write: true, remote_read: true, remote_write: true };
@@ -43,14 +44,14 @@ impl Registrar for VerbsRegistrar {
     type Error = RdmaError;
 
     fn register(&mut self, span: Span) -> Result<Arc<NicMr>, RdmaError> {
-        let region = self
+        let (region, registration) = self
             .regions
             .lock()
             .map_err(|_| RdmaError::Invalid("the engine's region table was poisoned".into()))?
             .get(&span.region())
             .cloned()
             .ok_or_else(|| RdmaError::Invalid(format!("{} is not registered with the engine", span.region())))?;
-        let mr = self.nic.register_range(&self.registry, region, span.start(), span.len(), ACCESS)?;
+        let mr = self.nic.register_shared(&self.registry, registration, region, span.start(), span.len(), ACCESS)?;
         Ok(Arc::new(mr))
     }
 

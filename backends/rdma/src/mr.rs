@@ -111,8 +111,24 @@ pub struct NicMr {
     /// The registered range of the region: `len` bytes at `offset`.
     offset: u64,
     len: u64,
-    registration: Option<Registration>,
+    registration: Option<Held>,
     dev: String,
+}
+
+/// The region's registry registration: the MR's own, or one shared by the MRs of several NICs
+/// (the registry keeps one registration per memory).
+enum Held {
+    Own(Registration),
+    Shared(Arc<Registration>),
+}
+
+impl Held {
+    fn get(&self) -> &Registration {
+        match self {
+            Held::Own(r) => r,
+            Held::Shared(r) => r,
+        }
+    }
 }
 
 impl std::fmt::Debug for NicMr {
@@ -179,7 +195,7 @@ impl NicMr {
         &self.region
     }
     pub fn registration(&self) -> &Registration {
-        self.registration.as_ref().expect("registration present until drop")
+        self.registration.as_ref().expect("registration present until drop").get()
     }
     /// The host bounce buffer, for `Method::Bounce`.
     pub fn bounce(&self) -> Option<&Arc<HostRegion>> {
@@ -242,7 +258,7 @@ impl NicMr {
             offset: 0,
             len: region.len(),
             region,
-            registration: Some(registration),
+            registration: Some(Held::Own(registration)),
             dev: nic.name().to_string(),
         })
     }
@@ -297,8 +313,41 @@ impl Nic {
                 region.len()
             )));
         }
-        let registration = registry.register(region.clone())?;
-        let NicRoute { plan, reasons: mut route_reasons, .. } = route_for(registry, &self.dev.place, &registration)?;
+        let registration = Held::Own(registry.register(region.clone())?);
+        self.register_held(registry, registration, region, offset, len, access)
+    }
+
+    /// As `register_range`, for a region already registered in `registry` as `registration`
+    /// (shared by the MRs of every NIC that registers it).
+    pub fn register_shared(
+        &self,
+        registry: &Registry,
+        registration: Arc<Registration>,
+        region: Arc<dyn PeerMemory>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<NicMr, RdmaError> {
+        if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
+            return Err(RdmaError::Invalid(format!(
+                "{len} bytes at {offset:#x} are not a range of the {:#x}-byte region",
+                region.len()
+            )));
+        }
+        self.register_held(registry, Held::Shared(registration), region, offset, len, access)
+    }
+
+    fn register_held(
+        &self,
+        registry: &Registry,
+        registration: Held,
+        region: Arc<dyn PeerMemory>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<NicMr, RdmaError> {
+        let NicRoute { plan, reasons: mut route_reasons, .. } =
+            route_for(registry, &self.dev.place, registration.get())?;
         let kind = plan.route;
         let mut reasons = vec![format!("{}: {}", self.name(), self.dev.place.describe())];
         reasons.append(&mut route_reasons);

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use peermem::nic::rank_nics;
-use peermem::{HostRegion, PeerMemory, Registry};
+use peermem::{HostRegion, PeerMemory, Registration, Registry};
 use peermem_rdma::{Access, Connection, Local, Nic, NicMr, RdmaError, RemoteBuf};
 
 use super::link::{Link, LinkState, Wr};
@@ -167,8 +167,9 @@ impl Inner {
             return Ok(*id);
         }
         let id = RegionId(self.next_region);
-        let reach = self.reach(&region)?;
-        self.regions.lock().map_err(|_| EngineError::Poisoned)?.insert(id, region.clone());
+        let registration = Arc::new(self.registry.register(region.clone()).map_err(RdmaError::from)?);
+        let reach = self.reach(&registration)?;
+        self.regions.lock().map_err(|_| EngineError::Poisoned)?.insert(id, (region.clone(), registration));
         let whole =
             Span::new(id, 0, region.len()).map_err(|e| EngineError::BadRequest { index: 0, why: e.to_string() })?;
         for c in &mut self.caches {
@@ -186,8 +187,7 @@ impl Inner {
     }
 
     /// How each local NIC reaches `region`, by the core's ranking.
-    fn reach(&self, region: &Arc<dyn PeerMemory>) -> Result<Vec<NicReach>, EngineError> {
-        let reg = self.registry.register(region.clone()).map_err(RdmaError::from)?;
+    fn reach(&self, reg: &Registration) -> Result<Vec<NicReach>, EngineError> {
         let devs: Vec<_> = self.nics.iter().map(|n| n.nic.device().clone()).collect();
         let ranks = rank_nics(&self.registry, reg.entry(), &devs).map_err(RdmaError::from)?;
         Ok(self
