@@ -86,7 +86,11 @@ struct NotifyBufs {
 
 const NOTIFY_SLOTS: usize = 64;
 
+/// Fields drop in order: the queue pairs (peers, incoming) go before the registrations they
+/// may use.
 pub(crate) struct Inner {
+    peers: HashMap<PeerId, Peer>,
+    incoming: Vec<Incoming>,
     registry: Registry,
     options: EngineOptions,
     host: String,
@@ -95,9 +99,7 @@ pub(crate) struct Inner {
     regions: Regions,
     local: HashMap<RegionId, LocalRegion>,
     next_region: u32,
-    peers: HashMap<PeerId, Peer>,
     next_peer: u32,
-    incoming: Vec<Incoming>,
     notes: Vec<Notification>,
     batches: HashMap<u64, Batch>,
     next_ticket: u64,

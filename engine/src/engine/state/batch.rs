@@ -193,7 +193,7 @@ impl Inner {
                 let Some(link) = self.peers.get_mut(&pid).map(|p| &mut p.links[li]) else { return };
                 let Some((wr, posted)) = link.inflight.remove(&wr_id) else { continue };
                 match outcome {
-                    Ok(_) => self.done(pid, li, wr, posted, now),
+                    Ok(_) => self.done(pid, li, wr, posted),
                     Err(e) => {
                         if e.is_remote_access() {
                             if let Wr::Slice { ticket, .. } = wr {
@@ -209,7 +209,7 @@ impl Inner {
     }
 
     /// A work request of link `li` completed.
-    fn done(&mut self, pid: PeerId, li: usize, wr: Wr, posted: Instant, now: Duration) {
+    fn done(&mut self, pid: PeerId, li: usize, wr: Wr, posted: Instant) {
         let Some(p) = self.peers.get_mut(&pid) else { return };
         let at = Instant::now();
         let busy_from = p.links[li].last_done.map_or(posted, |d| d.max(posted));
@@ -245,7 +245,6 @@ impl Inner {
                         }
                     }
                 }
-                let _ = now;
             }
         }
     }
@@ -269,7 +268,7 @@ impl Inner {
                 }
             }
         }
-        for (&ticket, b) in self.batches.iter_mut().filter(|(_, b)| b.peer == pid && b.result.is_none()) {
+        for b in self.batches.values_mut().filter(|b| b.peer == pid && b.result.is_none()) {
             for r in &mut b.reqs {
                 let Some(set) = p.rails.get_mut(&(r.req.local, r.req.remote)) else { continue };
                 let Some(rid) = set.links.iter().position(|&l| l == li).map(RailId) else { continue };
@@ -277,7 +276,6 @@ impl Inner {
                     Ok(m) => m,
                     Err(_) => continue,
                 };
-                let _ = ticket;
                 b.retries += moved.len() as u64;
             }
         }
