@@ -283,6 +283,17 @@ fn methods(plan: &RegPlan) -> Vec<Method> {
     direct.chain([Method::Bounce]).collect()
 }
 
+/// `len` bytes at `offset` must be a non-empty range of `region`.
+fn check_range(region: &dyn PeerMemory, offset: u64, len: u64) -> Result<(), RdmaError> {
+    if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
+        return Err(RdmaError::Invalid(format!(
+            "{len} bytes at {offset:#x} are not a range of the {:#x}-byte region",
+            region.len()
+        )));
+    }
+    Ok(())
+}
+
 impl Nic {
     /// Registers `region` in `registry` and with this NIC, granting exactly `access`, in the ways
     /// core's plan for the pair gives (`peermem::nic::route_for`). Refusals are kept on the
@@ -307,12 +318,7 @@ impl Nic {
         len: u64,
         access: Access,
     ) -> Result<NicMr, RdmaError> {
-        if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
-            return Err(RdmaError::Invalid(format!(
-                "{len} bytes at {offset:#x} are not a range of the {:#x}-byte region",
-                region.len()
-            )));
-        }
+        check_range(&*region, offset, len)?;
         let registration = Held::Own(registry.register(region.clone())?);
         self.register_held(registry, registration, region, offset, len, access)
     }
@@ -328,12 +334,7 @@ impl Nic {
         len: u64,
         access: Access,
     ) -> Result<NicMr, RdmaError> {
-        if len == 0 || offset.checked_add(len).is_none_or(|end| end > region.len()) {
-            return Err(RdmaError::Invalid(format!(
-                "{len} bytes at {offset:#x} are not a range of the {:#x}-byte region",
-                region.len()
-            )));
-        }
+        check_range(&*region, offset, len)?;
         self.register_held(registry, Held::Shared(registration), region, offset, len, access)
     }
 
