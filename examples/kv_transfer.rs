@@ -1,16 +1,21 @@
 //! KV-cache blocks between two hosts through the transfer engine. The server holds many
 //! fixed-size blocks scattered in GPU memory (a Vulkan buffer); the client asks for a list of
-//! them and reads them into its own GPU buffer in one batch, over every rail the fabric allows;
-//! the server gets the batch's notification once every byte landed. Every byte is checked.
+//! them and reads them into its own GPU buffer in one batch (or, with `--op write`, writes its
+//! own contents for them into the server's slots), over every rail the fabric allows; the
+//! server gets the batch's notification once every byte landed. Every byte is checked: a read by
+//! the client, a write by the server, which also checks that nothing outside the written blocks
+//! changed.
 //!
 //! ```text
-//! kv_transfer                                   both ends in this process
-//! kv_transfer server [--blocks N] [--block-size B] [--port P] [--fault exit|unregister]
-//! kv_transfer client --host IP [--port P] [--want K] [--depth D] [--fault link-down[=NETDEV]] [--json]
+//! kv_transfer [--op read|write]                 both ends in this process
+//! kv_transfer server [--blocks N] [--block-size B] [--port P] [--nics A,B] [--fault exit|unregister]
+//! kv_transfer client --host IP [--port P] [--want K] [--op read|write] [--depth D] [--nics A,B]
+//!                    [--fault link-down[=NETDEV]] [--json]
 //! ```
-//! The control channel (metadata and the block table) is TCP on `--port` (default 18650). The
-//! client prints one JSON object: `bytes`, `verified`, `seconds`, `gbps`, `rails` (each with
-//! `nic`, `remote_nic`, `bytes`, `state`), `retries`, `notified`, or `error`.
+//! The control channel (metadata and the block table) is TCP on `--port` (default 18650).
+//! `--nics` keeps the engine to the RDMA devices named. The client prints one JSON object:
+//! `op`, `bytes`, `verified`, `seconds`, `gbps`, `rails` (each with `nic`, `remote_nic`,
+//! `bytes`, `state`), `retries`, `notified`, or `error`.
 //!
 //! Faults: `client --fault link-down` takes the netdev under the client's last rail down just
 //! after the batch is posted (the batch must still complete, its report naming the failed
@@ -41,6 +46,8 @@ struct Args {
     fault: Option<String>,
     json: bool,
     depth: usize,
+    op: Op,
+    nics: Option<Vec<String>>,
 }
 
 fn parse() -> Result<Args> {
@@ -54,6 +61,8 @@ fn parse() -> Result<Args> {
         fault: None,
         json: false,
         depth: EngineOptions::default().depth,
+        op: Op::Read,
+        nics: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -68,11 +77,19 @@ fn parse() -> Result<Args> {
             "--fault" => a.fault = Some(val("--fault")?),
             "--json" => a.json = true,
             "--depth" => a.depth = val("--depth")?.parse().context("--depth: a number")?,
+            "--op" => {
+                a.op = match val("--op")?.as_str() {
+                    "read" => Op::Read,
+                    "write" => Op::Write,
+                    o => bail!("--op: read or write, not {o:?}"),
+                }
+            }
+            "--nics" => a.nics = Some(val("--nics")?.split(',').map(str::to_string).collect()),
             other => bail!("unknown argument {other:?} (see the example's header)"),
         }
     }
-    if a.blocks == 0 || a.block == 0 || a.want == 0 || a.want > a.blocks {
-        bail!("need 0 < --want <= --blocks and --block-size > 0");
+    if a.blocks == 0 || a.block == 0 || a.want == 0 || a.want > a.blocks || a.blocks > MAX_BLOCKS {
+        bail!("need 0 < --want <= --blocks <= {MAX_BLOCKS} and --block-size > 0");
     }
     if a.role == "client" && a.host.is_none() {
         bail!("client needs --host IP");
@@ -87,6 +104,17 @@ fn pattern(b: u64, len: u64) -> Vec<u8> {
         .take(len as usize)
         .collect()
 }
+
+/// At most this many blocks: `written` must differ from every block's `pattern`.
+const MAX_BLOCKS: u64 = 1 << 20;
+
+/// What the client writes for block `b` (`--op write`): unlike any block's first contents.
+fn written(b: u64, len: u64) -> Vec<u8> {
+    pattern(b + MAX_BLOCKS, len)
+}
+
+/// What the server fills a slot that holds no block with.
+const FILL: u8 = 0x5a;
 
 /// Where block `b` of `n` lies in a buffer of `2n` block slots: scattered, never adjacent to its
 /// neighbour.
@@ -125,14 +153,10 @@ fn recv_msg(s: &mut TcpStream) -> Result<Vec<u8>> {
 /// Serves one client: its blocks, its metadata, then the batch's notification.
 fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<u16>>) -> Result<()> {
     let region = gpu(2 * a.blocks * a.block)?;
-    for b in 0..a.blocks {
-        region.write_at(slot(b, a.blocks) * a.block, &pattern(b, a.block)).context("filling a block")?;
+    for (s, want) in slots(a.blocks, a.block, &[]) {
+        region.write_at(s * a.block, &want).context("filling the blocks")?;
     }
-    let engine = Engine::new(
-        registry()?,
-        EngineOptions { depth: a.depth, timeout: Duration::from_secs(30), ..EngineOptions::default() },
-    )
-    .context("starting the engine")?;
+    let engine = engine(a)?;
     let id = engine.register(region.clone()).context("registering the blocks")?;
     for r in engine.routes(id)? {
         eprintln!("server: {r}");
@@ -169,8 +193,60 @@ fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<u16>>) -> Result<()> {
     let notes = engine.notifications(Duration::from_secs(120))?;
     let Some(n) = notes.first() else { bail!("no notification within 120 s") };
     eprintln!("server: notified by {}: {}", n.from, String::from_utf8_lossy(&n.message));
-    let _ = recv_msg(&mut s);
+    // "posted", then what the client did.
+    let _ = recv_msg(&mut s)?;
+    let done: serde_json::Value = serde_json::from_slice(&recv_msg(&mut s)?).context("the client's done message")?;
+    if done["op"] == "write" {
+        let wrote: Vec<u64> = done["blocks"].as_array().context("blocks")?.iter().filter_map(|v| v.as_u64()).collect();
+        let check = check_written(&*region, a, &wrote)?;
+        eprintln!("server: checked the written blocks: {check}");
+        send_msg(&mut s, check.to_string().as_bytes())?;
+    }
     Ok(())
+}
+
+/// Every slot of the server's buffer and what it holds: block `b`'s `pattern`, or `written(b)`
+/// for the blocks in `wrote`, or `FILL` where no block lies.
+fn slots(blocks: u64, block: u64, wrote: &[u64]) -> impl Iterator<Item = (u64, Vec<u8>)> + '_ {
+    let mut of = vec![None; 2 * blocks as usize];
+    for b in 0..blocks {
+        of[slot(b, blocks) as usize] = Some(b);
+    }
+    of.into_iter().enumerate().map(move |(s, b)| {
+        let bytes = match b {
+            Some(b) if wrote.contains(&b) => written(b, block),
+            Some(b) => pattern(b, block),
+            None => vec![FILL; block as usize],
+        };
+        (s as u64, bytes)
+    })
+}
+
+/// After a write batch: the bytes of the written blocks that hold what the client wrote, and
+/// whether every other byte of the buffer is as it was.
+fn check_written(region: &dyn PeerMemory, a: &Args, wrote: &[u64]) -> Result<serde_json::Value> {
+    let (mut verified, mut untouched) = (0u64, true);
+    let mut buf = vec![0u8; a.block as usize];
+    for (s, want) in slots(a.blocks, a.block, wrote) {
+        region.read_at(s * a.block, &mut buf)?;
+        let is_written = wrote.iter().any(|&b| slot(b, a.blocks) == s);
+        match (buf == want, is_written) {
+            (true, true) => verified += a.block,
+            (false, false) => untouched = false,
+            _ => {}
+        }
+    }
+    Ok(json!({"verified_bytes": verified, "untouched": untouched}))
+}
+
+fn engine(a: &Args) -> Result<Engine> {
+    let options = EngineOptions {
+        depth: a.depth,
+        timeout: Duration::from_secs(30),
+        nics: a.nics.clone(),
+        ..EngineOptions::default()
+    };
+    Engine::new(registry()?, options).context("starting the engine")
 }
 
 /// The first client within `wait`.
@@ -222,18 +298,19 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
     let offsets: Vec<u64> = head["offsets"].as_array().context("offsets")?.iter().filter_map(|v| v.as_u64()).collect();
     let want: Vec<u64> = (0..a.want.min(blocks)).map(|k| (k * 2 + 1) % blocks).collect();
     let region = gpu(want.len() as u64 * block)?;
-    let engine = Engine::new(
-        registry()?,
-        EngineOptions { depth: a.depth, timeout: Duration::from_secs(30), ..EngineOptions::default() },
-    )
-    .context("starting the engine")?;
+    if a.op == Op::Write {
+        for (j, &b) in want.iter().enumerate() {
+            region.write_at(j as u64 * block, &written(b, block)).context("filling the blocks to write")?;
+        }
+    }
+    let engine = engine(a)?;
     let local = engine.register(region.clone())?;
     let peer = engine.connect(&meta).context("connecting to the server's NICs")?;
     let batch: Vec<Request> = want
         .iter()
         .enumerate()
         .map(|(j, &b)| Request {
-            op: Op::Read,
+            op: a.op,
             local,
             local_offset: j as u64 * block,
             remote,
@@ -243,7 +320,8 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
         .collect();
     let down = fault_netdev(a, &engine, peer)?;
     let start = Instant::now();
-    let ticket = engine.post(peer, &batch, Some(format!("kv_transfer: {} blocks read", want.len()).as_bytes()))?;
+    let note = format!("kv_transfer: {} blocks {}", want.len(), if a.op == Op::Read { "read" } else { "written" });
+    let ticket = engine.post(peer, &batch, Some(note.as_bytes()))?;
     send_msg(&mut s, b"posted")?;
     // The link goes down while this thread waits on the batch.
     let cut = down.map(|dev| std::thread::spawn(move || link_down(&dev)));
@@ -258,21 +336,29 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
     if let Some(f) = &fault {
         let _ = std::process::Command::new("ip").args(["link", "set", f, "up"]).status();
     }
-    let _ = send_msg(&mut s, b"done");
+    let op = if a.op == Op::Read { "read" } else { "write" };
+    let _ = send_msg(&mut s, json!({"op": op, "blocks": want}).to_string().as_bytes());
     let report = match result {
         Ok(r) => r,
-        Err(e) => return Ok(json!({"error": e.to_string(), "seconds": seconds, "fault": fault})),
+        Err(e) => return Ok(json!({"op": op, "error": e.to_string(), "seconds": seconds, "fault": fault})),
     };
-    let mut verified = 0u64;
-    let mut buf = vec![0u8; block as usize];
-    for (j, &b) in want.iter().enumerate() {
-        region.read_at(j as u64 * block, &mut buf)?;
-        if buf == pattern(b, block) {
-            verified += block;
+    let (verified, untouched) = if a.op == Op::Read {
+        let mut verified = 0u64;
+        let mut buf = vec![0u8; block as usize];
+        for (j, &b) in want.iter().enumerate() {
+            region.read_at(j as u64 * block, &mut buf)?;
+            if buf == pattern(b, block) {
+                verified += block;
+            }
         }
-    }
+        (verified, true)
+    } else {
+        let check: serde_json::Value = serde_json::from_slice(&recv_msg(&mut s)?).context("the server's check")?;
+        (check["verified_bytes"].as_u64().unwrap_or(0), check["untouched"] == json!(true))
+    };
     Ok(json!({
-        "bytes": report.bytes, "verified": verified == report.bytes, "verified_bytes": verified,
+        "op": op, "bytes": report.bytes, "verified": verified == report.bytes && untouched,
+        "verified_bytes": verified, "untouched": untouched,
         "seconds": seconds, "gbps": report.bytes as f64 * 8.0 / seconds / 1e9,
         "rails": report.rails, "retries": report.retries, "notified": report.notified,
         "routes": report.routes, "fault": fault,

@@ -16,35 +16,11 @@ use std::time::{Duration, Instant};
 use peermem::{HostRegion, Registry, Topology};
 use peermem_rdma::{Access, ConnectOpts, Connection, Nic};
 
-const DEV: &str = "rxe0";
+mod guest;
+
+use guest::{env, median, rxe0, DEV};
+
 const DEPTH: usize = 128;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn sh(cmd: &str) -> String {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-fn nic() -> Result<Nic, String> {
-    if !sh("rdma link show").contains(DEV) {
-        sh("ip link set eth0 up; sleep 2; rdma link add rxe0 type rxe netdev eth0");
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match Nic::open(Some(DEV)) {
-            Ok(n) => return Ok(n),
-            Err(e) if Instant::now() >= deadline => return Err(e.to_string()),
-            Err(_) => std::thread::sleep(Duration::from_millis(500)),
-        }
-    }
-}
 
 /// Gbit/s of `iters` RDMA WRITEs of `msg` bytes into a registered host region.
 fn ours(nic: &Nic, reg: &Registry, msg: u32, iters: usize) -> Result<f64, String> {
@@ -129,20 +105,15 @@ fn perftest(msg: u32, iters: usize) -> Result<f64, String> {
         .ok_or_else(|| format!("no result line in ib_write_bw output:\n{out}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() {
-    if std::env::var_os("PEERMEM_GUEST").is_none() {
+    if !guest::in_guest() {
         println!("rdma_write: skipped (needs the testbed guest: testbed/run switch -- <this binary>)");
         return;
     }
     let msg = env("PEERMEM_RDMA_MSG", 65536) as u32;
     let iters = env("PEERMEM_RDMA_ITERS", 1000) as usize;
     let rounds = env("PEERMEM_RDMA_ROUNDS", 3).max(1) as usize;
-    let nic = match nic() {
+    let nic = match rxe0() {
         Ok(n) => n,
         Err(e) => {
             eprintln!("rdma_write: {DEV} unavailable: {e}");

@@ -11,47 +11,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use peermem::nic::{cuda_order, facts, numa_nodes, pick, Memory, NicRank, Pick};
-use peermem::pci::{EndpointKind, Labels};
+use peermem::pci::Labels;
 use peermem::{Registry, Topology};
 use serde_json::{json, Map, Value};
 
-use crate::nics::nic_json;
+use crate::nics::{nic_json, targets, Target};
 use crate::out::Out;
 use crate::Root;
-
-/// One memory to answer for, with the name its variable carries.
-struct Target {
-    /// `GPU0`, `NVME1`, `NUMA0`: the label (a NUMA node's is `NUMA<N>`).
-    label: String,
-    memory: Memory,
-}
-
-/// Every GPU, or what `names` says: labels, addresses, files, `numa:N`.
-fn targets(t: &Topology, labels: &Labels, root: &Root, names: &[String]) -> Result<Vec<Target>> {
-    let dev = |i| Target { label: labels.label(i).to_string(), memory: Memory::Device(t.device(i).bdf) };
-    if names.is_empty() {
-        return Ok(t.indices().filter(|&i| labels.kind(i) == Some(EndpointKind::Gpu)).map(dev).collect());
-    }
-    let nodes = numa_nodes(t);
-    let mut out = Vec::new();
-    for n in names {
-        if let Some(num) = n.strip_prefix("numa:") {
-            let node: i32 = num.parse().with_context(|| format!("{n}: expected numa:N with N a node number"))?;
-            // A machine that shows no NUMA node has one, node 0.
-            let memory = match (nodes.is_empty(), nodes.contains(&node)) {
-                (true, _) if node == 0 => Memory::Node(None),
-                (_, true) => Memory::Node(Some(node)),
-                _ => bail!("{n}: no PCI function of this machine is on NUMA node {node} (nodes: {nodes:?})"),
-            };
-            out.push(Target { label: format!("NUMA{node}"), memory });
-        } else {
-            out.push(dev(crate::resolve(t, labels, root, n)?));
-        }
-    }
-    Ok(out)
-}
 
 /// The UCX names of one NIC (`mlx5_0:1`): every active port, else the first port sysfs lists
 /// (with a note), else port 1 (with a note: a capture without the port files).

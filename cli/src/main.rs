@@ -129,6 +129,14 @@ enum Cmd {
         #[arg(long, value_parser = parse_offset)]
         offset: Option<u64>,
     },
+    /// Every RDMA NIC ranked for each GPU's memory (or each DEVICE: label, PCI address, file,
+    /// or numa:N), best first, with the reasons: what the transfer engine's rails start from.
+    Nics {
+        #[arg(value_name = "DEVICE")]
+        devices: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export the topology for other tools: NCCL's topology file, UCX's device list, Mooncake's
     /// topology matrix.
     #[command(group(clap::ArgGroup::new("format").args(["nccl_xml", "ucx", "mooncake_topo"])))]
@@ -303,6 +311,7 @@ fn run(cli: Cli, o: &mut Out) -> Result<u8> {
                 nics::print_affinity(&nics, o);
             }
         }
+        Cmd::Nics { devices, json } => nics::ranking(Arc::new(root.discover()?), &root, &devices, json, o)?,
         Cmd::Why { provider, client, json } => {
             let t = root.discover()?;
             let labels = Labels::new(&t);

@@ -230,3 +230,50 @@ fn equal_nics_are_listed_together_and_a_narrower_path_ranks_after_them() {
     let m: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(m["cuda:0"], serde_json::json!([["mlx5_0", "mlx5_3"], ["mlx5_4"]]));
 }
+
+#[test]
+fn nics_ranks_every_nic_for_a_gpu_with_its_standing_and_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    copy_tree(&fixture("derived-gpu-nic"), &root);
+    for dev in ["0000:02:00.0", "0000:02:01.0", "0000:02:02.0", "0000:02:02.0/0000:05:00.0"] {
+        set_link(&root, &format!("{U1}/{dev}"), "16.0", 16);
+    }
+    add_rdma(&root, &format!("{U1}/0000:02:02.0/0000:05:00.0"), "mlx5_3");
+    add_rdma(&root, &format!("{U1}/0000:02:03.0/0000:06:00.0/0000:07:00.0/0000:08:00.0"), "mlx5_4");
+    let (out, _) = ok(&root, &["nics", "--json", "GPU0"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let t = &v["targets"][0];
+    assert_eq!(t["target"], "GPU0");
+    let nics = t["nics"].as_array().unwrap();
+    let row = |n: &Value| (n["name"].as_str().unwrap().to_string(), n["standing"].as_str().unwrap().to_string());
+    let rows: Vec<(String, String)> = nics.iter().map(row).collect();
+    let want =
+        [("mlx5_0", "best"), ("mlx5_3", "best"), ("mlx5_4", "reaching"), ("mlx5_1", "cannot"), ("mlx5_2", "cannot")];
+    let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    assert_eq!(rows, want, "every NIC once, best first, the narrower path after the tie, the far ones last");
+    assert!(nics.iter().all(|n| !n["reasons"].as_array().unwrap().is_empty()), "each NIC says why");
+    // The narrower NIC's bottleneck is below the tie's: the engine gives it the smaller share.
+    let bw = |i: usize| nics[i]["bandwidth_gbs"].as_f64().unwrap();
+    assert!(bw(2) < bw(0) && bw(0) == bw(1), "{} {} {}", bw(0), bw(1), bw(2));
+    let (text, _) = ok(&root, &["nics", "GPU0"]);
+    assert!(text.starts_with("GPU0 (0000:03:00.0"), "{text}");
+    assert!(text.contains("1. best      mlx5_0") && text.contains("3. reaching  mlx5_4"), "{text}");
+    assert!(text.contains("in proportion to bandwidth"), "{text}");
+}
+
+#[test]
+fn nics_answers_for_every_gpu_by_default_and_for_a_numa_node_and_refuses_the_unknown() {
+    let root = fixture("derived-gpu-nic");
+    let (out, _) = ok(&root, &["nics", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let gpus: Vec<&str> = v["targets"].as_array().unwrap().iter().map(|t| t["target"].as_str().unwrap()).collect();
+    assert_eq!(gpus.len(), 6, "{gpus:?}");
+    // Host memory on node 1: the NIC on that node ranks first.
+    let (out, _) = ok(&root, &["nics", "--json", "numa:1"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["targets"][0]["target"], "NUMA1");
+    assert_eq!(v["targets"][0]["nics"][0]["name"], "mlx5_2", "the NIC on node 1 first");
+    assert!(exit2(&root, &["nics", "GPU9"]).contains("GPU9"));
+    assert!(exit2(&fixture("qemu-switch"), &["nics"]).contains("no GPU"));
+}

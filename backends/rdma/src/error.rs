@@ -155,10 +155,13 @@ pub enum RdmaError {
     Region(#[from] RegionError),
 }
 
+/// The CM reject reason for a connect request to a port nobody listens on (invalid service ID).
+const REJ_INVALID_SERVICE_ID: i32 = 8;
+
 /// What an InfiniBand CM reject reason (RoCE uses the same CM) means.
 pub fn reject_reason(status: i32) -> String {
     let what = match status {
-        8 => "nothing listens on that port (invalid service ID)",
+        REJ_INVALID_SERVICE_ID => "nothing listens on that port (invalid service ID)",
         28 => "the peer's application refused it",
         1..=3 => "the peer has no resources for it",
         _ => "reject",
@@ -173,5 +176,25 @@ impl RdmaError {
             RdmaError::Verbs { source, .. } | RdmaError::Cm { source, .. } => source.raw_os_error(),
             _ => None,
         }
+    }
+
+    /// Whether the peer's CM answered that nothing listens on the port: the process that
+    /// listened there is gone (or never started).
+    pub fn nothing_listens(&self) -> bool {
+        matches!(self, RdmaError::Rejected { status: REJ_INVALID_SERVICE_ID, .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_invalid_service_id_reject_says_nothing_listens() {
+        let rej = |status| RdmaError::Rejected { peer: "10.0.0.2:7".into(), status };
+        assert!(rej(8).nothing_listens());
+        assert!(!rej(28).nothing_listens());
+        assert!(!RdmaError::PeerDisconnected { peer: "10.0.0.2:7".into() }.nothing_listens());
+        assert!(rej(8).to_string().contains("nothing listens"), "{}", rej(8));
     }
 }

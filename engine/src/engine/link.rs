@@ -50,6 +50,9 @@ pub struct Link {
     pub failures: Vec<String>,
     /// Progress rounds since the link last completed something.
     pub idle_rounds: u32,
+    /// The peer closed the connection (rdma_cm's disconnect): its process ended or let go of
+    /// it, unlike a link fault, which ends in failed work requests.
+    pub closed_by_peer: bool,
 }
 
 impl Link {
@@ -66,6 +69,7 @@ impl Link {
             last_done: None,
             failures: Vec::new(),
             idle_rounds: 0,
+            closed_by_peer: false,
         }
     }
 

@@ -102,6 +102,8 @@ pub enum EngineError {
     NoRail { index: usize, reasons: Vec<String> },
     #[error("every rail to {host} failed and none returned within the batch's bound: {failures:?}")]
     NoRailLeft { host: String, failures: Vec<String> },
+    #[error("{host} is gone: every rail failed, and its engine closed the connections or no longer listens ({why})")]
+    PeerGone { host: String, why: String },
     #[error("the peer refused access to its memory ({error}): its region was unregistered, or the range is not its")]
     RemoteAccess { error: String },
     #[error("the batch did not end within {ms} ms; its rails were stopped before this error")]

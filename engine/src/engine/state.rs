@@ -46,6 +46,22 @@ struct Peer {
     meta: Metadata,
     links: Vec<Link>,
     rails: HashMap<(RegionId, RegionId), RailSet>,
+    /// Set when a reconnect found nothing listening where the peer's engine listened, or could
+    /// not reach a peer that had closed the connection: its process (or host) is gone, so no
+    /// rail returns.
+    gone: Option<String>,
+}
+
+/// A dial that failed: why, and whether the peer's CM said nothing listens there.
+pub(super) struct DialError {
+    why: String,
+    nothing_listens: bool,
+}
+
+impl DialError {
+    fn new(why: String) -> DialError {
+        DialError { why, nothing_listens: false }
+    }
 }
 
 struct Req {
@@ -307,7 +323,7 @@ impl Inner {
     }
 
     /// A connection from one of our NICs to `addr`: the one rdma_cm routes it through.
-    fn dial(&self, addr: SocketAddr, timeout: Duration) -> Result<(usize, Connection), String> {
+    fn dial(&self, addr: SocketAddr, timeout: Duration) -> Result<(usize, Connection), DialError> {
         let opts = peermem_rdma::ConnectOpts { timeout, ..self.options.connect };
         let private = self.private();
         let mut last = format!("no local NIC reaches {addr}");
@@ -317,10 +333,13 @@ impl Inner {
                 Err(RdmaError::OtherDevice { via, .. }) => {
                     last = format!("{addr} is reached through {via}, not an engine NIC")
                 }
-                Err(e) => return Err(format!("{} -> {addr}: {e}", n.nic.name())),
+                Err(e) => {
+                    let why = format!("{} -> {addr}: {e}", n.nic.name());
+                    return Err(DialError { why, nothing_listens: e.nothing_listens() });
+                }
             }
         }
-        Err(last)
+        Err(DialError::new(last))
     }
 
     pub fn connect(&mut self, meta: Metadata) -> Result<PeerId, EngineError> {
@@ -335,7 +354,7 @@ impl Inner {
                 Ok((i, conn)) => {
                     links.push(Link::new(i, self.nics[i].nic.name().to_string(), na.nic.clone(), addr, conn))
                 }
-                Err(why) => reasons.push(format!("{}: {why}", na.nic)),
+                Err(e) => reasons.push(format!("{}: {}", na.nic, e.why)),
             }
         }
         if links.is_empty() {
@@ -346,7 +365,7 @@ impl Inner {
         }
         let id = PeerId(self.next_peer);
         self.next_peer += 1;
-        self.peers.insert(id, Peer { meta, links, rails: HashMap::new() });
+        self.peers.insert(id, Peer { meta, links, rails: HashMap::new(), gone: None });
         Ok(id)
     }
 

@@ -9,6 +9,9 @@ const PEER_CHECK_EVERY: u32 = 64;
 impl Inner {
     /// Checks `batch` against the regions on both sides and posts it.
     pub fn post(&mut self, peer: PeerId, batch: &[Request], notify: Option<&[u8]>) -> Result<u64, EngineError> {
+        if let Some(gone) = self.gone_error(peer) {
+            return Err(gone);
+        }
         let p = self.peers.get(&peer).ok_or(EngineError::UnknownPeer(peer))?;
         for (index, r) in batch.iter().enumerate() {
             let bad = |why: String| EngineError::BadRequest { index, why };
@@ -175,6 +178,7 @@ impl Inner {
             let got = match conn.poll_outcomes(false, 64) {
                 Ok(g) => g,
                 Err(e) => {
+                    link.closed_by_peer |= matches!(e, RdmaError::PeerDisconnected { .. });
                     self.fail_link(pid, li, now, e.to_string());
                     continue;
                 }
@@ -183,6 +187,7 @@ impl Inner {
                 link.idle_rounds += 1;
                 if link.idle_rounds % PEER_CHECK_EVERY == 0 {
                     if let Err(e) = conn.check_peer() {
+                        link.closed_by_peer |= matches!(e, RdmaError::PeerDisconnected { .. });
                         self.fail_link(pid, li, now, e.to_string());
                     }
                 }

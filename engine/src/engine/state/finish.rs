@@ -82,11 +82,11 @@ impl Inner {
                     if i == local {
                         Ok(c)
                     } else {
-                        Err(format!("{addr} is now reached through {}", self.nics[i].nic.name()))
+                        Err(DialError::new(format!("{addr} is now reached through {}", self.nics[i].nic.name())))
                     }
                 })
             } else {
-                Err(format!("{} port is not active", self.nics[local].nic.name()))
+                Err(DialError::new(format!("{} port is not active", self.nics[local].nic.name())))
             };
             let now = self.now();
             let Some(p) = self.peers.get_mut(&pid) else { return };
@@ -97,16 +97,23 @@ impl Inner {
                     link.conn = Some(conn);
                     link.state = LinkState::Up;
                     link.last_done = None;
+                    link.closed_by_peer = false;
+                    p.gone = None;
                 }
-                Err(why) => {
+                Err(e) => {
                     let since = match &link.state {
                         LinkState::Down { since, .. } => *since,
                         LinkState::Up => now,
                     };
                     let first = link.failures.first().cloned().unwrap_or_default();
-                    tracing::debug!(nic = %link.local_name, "still down: {why}");
-                    link.state =
-                        LinkState::Down { since, retry_at: now + cooldown, why: format!("{first}; then {why}") };
+                    tracing::debug!(nic = %link.local_name, "still down: {}", e.why);
+                    let why = format!("{first}; then {}", e.why);
+                    // Nothing listens where the peer's engine did, or the peer closed this
+                    // connection and cannot be reached again: its engine is gone.
+                    if e.nothing_listens || link.closed_by_peer {
+                        p.gone.get_or_insert_with(|| why.clone());
+                    }
+                    link.state = LinkState::Down { since, retry_at: now + cooldown, why };
                 }
             }
         }
@@ -140,6 +147,12 @@ impl Inner {
         for ticket in open {
             let b = &self.batches[&ticket];
             let pid = b.peer;
+            if b.error.is_none() {
+                if let Some(error) = self.gone_error(pid) {
+                    self.fail_batch(ticket, error);
+                }
+            }
+            let b = &self.batches[&ticket];
             if b.error.is_none() && now >= b.deadline {
                 let error = self.bound_error(ticket);
                 self.fail_batch(ticket, error);
@@ -166,15 +179,32 @@ impl Inner {
         }
     }
 
+    /// `PeerGone` once every link to `pid` is down and a reconnect found nothing listening.
+    pub(super) fn gone_error(&self, pid: PeerId) -> Option<EngineError> {
+        let p = self.peers.get(&pid)?;
+        let why = p.gone.as_ref()?;
+        if p.links.iter().any(|l| l.is_up()) {
+            return None;
+        }
+        Some(EngineError::PeerGone { host: p.meta.host.clone(), why: why.clone() })
+    }
+
     /// The error for a batch past its bound: no rail left, or a plain timeout.
     fn bound_error(&self, ticket: u64) -> EngineError {
         let b = &self.batches[&ticket];
         let p = &self.peers[&b.peer];
         if p.links.iter().all(|l| !l.is_up()) {
+            // Each link's first failure, and what its last reconnect met.
             let failures = p
                 .links
                 .iter()
-                .flat_map(|l| l.failures.iter().map(move |f| format!("{} -> {}: {f}", l.local_name, l.remote)))
+                .map(|l| {
+                    let why = match &l.state {
+                        LinkState::Down { why, .. } => why.clone(),
+                        LinkState::Up => l.failures.join("; "),
+                    };
+                    format!("{} -> {}: {why}", l.local_name, l.remote)
+                })
                 .collect();
             return EngineError::NoRailLeft { host: p.meta.host.clone(), failures };
         }
