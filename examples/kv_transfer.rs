@@ -249,12 +249,8 @@ fn check_written(region: &dyn PeerMemory, a: &Args, wrote: &[u64]) -> Result<ser
 }
 
 fn engine(a: &Args) -> Result<Engine> {
-    let options = EngineOptions {
-        depth: a.depth,
-        timeout: a.timeout,
-        nics: a.nics.clone(),
-        ..EngineOptions::default()
-    };
+    let options =
+        EngineOptions { depth: a.depth, timeout: a.timeout, nics: a.nics.clone(), ..EngineOptions::default() };
     Engine::new(registry()?, options).context("starting the engine")
 }
 

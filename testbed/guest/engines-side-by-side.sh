@@ -3,9 +3,10 @@
 # (UCX backend) and Mooncake's Transfer Engine (protocol rdma, P2PHANDSHAKE metadata; once with
 # its own NIC discovery, once with `peermem export --mooncake-topo`) moving the same bytes across
 # the two guests of `testbed/run2 --nics 2`, rounds alternating engine by engine in one boot.
-# Host A serves, host B reads (kv_transfer's workloads, every byte checked):
-#   one      one 64 MiB block (out of a 128 MiB buffer)
-#   blocks   256 blocks of 256 KiB scattered among 512 slots of a 256 MiB buffer (64 MiB)
+# Host A serves, host B reads (kv_transfer's workloads, every byte checked), M MiB each
+# (PEERMEM_ENGINE_MIB, default 64):
+#   one      one M MiB block (out of a 2M MiB buffer)
+#   blocks   4M blocks of 256 KiB scattered among 8M slots of a 2M MiB buffer (M = 64: 256 blocks)
 # Phase 1, one rail: rxe1 is deleted on both hosts, so every engine (and peermem's export) sees
 # rxe0 only. Phase 2, two rails: rxe1 is added back. Before phase 2's rounds, one small Mooncake
 # run without MC_ENABLE_DEST_DEVICE_AFFINITY shows what its default pairing does on two links.
@@ -18,6 +19,7 @@
 # the venv of bench/engines/install ($PEERMEM_ENGINES_VENV). PEERMEM_ENGINE_ROUNDS (default 3).
 set -u
 ROUNDS=${PEERMEM_ENGINE_ROUNDS:-3}
+MIB=${PEERMEM_ENGINE_MIB:-64}
 V=${PEERMEM_ENGINES_VENV:?bench/engines/run sets PEERMEM_ENGINES_VENV}
 PY=$V/bin/python
 KV=target/release/examples/kv_transfer
@@ -25,8 +27,8 @@ PM=target/release/peermem
 E=bench/engines
 LOGS=/tmp/engines
 mkdir -p "$LOGS"
-W_one="--blocks 1 --block-size 67108864 --want 1"
-W_blocks="--blocks 512 --block-size 262144 --want 256"
+W_one="--blocks 1 --block-size $((MIB << 20)) --want 1"
+W_blocks="--blocks $((MIB * 8)) --block-size 262144 --want $((MIB * 4))"
 W_probe="--blocks 64 --block-size 65536 --want 32"
 # NIXL: its wheel's libibverbs finds Debian's rxe provider through the venv's link (see
 # bench/engines/install); UCX needs its `ib` module (rc_verbs, ud_verbs) for rxe, and its EFA
