@@ -2,8 +2,9 @@
 //! rdma_cm (one per pair of NICs that reach each other), and batches of RDMA READ and WRITE posted
 //! as one unit: each request cut into slices dealt to the rails the fabric allows for its two
 //! memories, weighted by bandwidth and by what each rail delivers; a rail whose queue pair fails
-//! is taken out and its unacknowledged slices go to the others; the peer's notification is sent
-//! once every byte has landed.
+//! is taken out and its unacknowledged slices go to the others; a peer whose engine is gone (it
+//! closed the connections, or nothing listens where it did) ends its batches at once; the
+//! peer's notification is sent once every byte has landed, and received once.
 //!
 //! Progress is made by whoever waits (a ticket, a notification) and by the engine's listener
 //! thread, under one lock: no completion is polled outside it.
