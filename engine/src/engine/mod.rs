@@ -220,6 +220,12 @@ impl Engine {
         self.shared.lock()?.register(region)
     }
 
+    /// Registers every region of `regions` under one lock, all or none: when one fails, those
+    /// this call registered before it are unregistered, and its error comes with its index.
+    pub fn register_all(&self, regions: &[Arc<dyn PeerMemory>]) -> Result<Vec<RegionId>, EngineError> {
+        self.shared.lock()?.register_all(regions)
+    }
+
     /// `len` bytes at `offset` of a registered region, registered on their own where no
     /// registration covers them yet (a range cache: sub-ranges of a registered region cost
     /// nothing).

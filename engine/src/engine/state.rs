@@ -206,6 +206,29 @@ impl Inner {
         Ok(id)
     }
 
+    pub fn register_all(&mut self, regions: &[Arc<dyn PeerMemory>]) -> Result<Vec<RegionId>, EngineError> {
+        let mut ids = Vec::with_capacity(regions.len());
+        let mut new = Vec::new();
+        for (index, region) in regions.iter().enumerate() {
+            let known = self.local.values().any(|r| Arc::ptr_eq(&r.region, region));
+            match self.register(region.clone()) {
+                Ok(id) => {
+                    ids.push(id);
+                    if !known {
+                        new.push(id);
+                    }
+                }
+                Err(e) => {
+                    for id in new {
+                        let _ = self.unregister(id);
+                    }
+                    return Err(EngineError::BadRequest { index, why: format!("registering it: {e}") });
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     /// How each local NIC reaches `region`, by the core's ranking.
     fn reach(&self, reg: &Registration) -> Result<Vec<NicReach>, EngineError> {
         let devs: Vec<_> = self.nics.iter().map(|n| n.nic.device().clone()).collect();
