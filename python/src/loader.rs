@@ -360,7 +360,7 @@ impl Loader {
         let offset = args::int_or(offset, "offset", 0, u64::MAX, 0)?;
         let size = args::opt_int(size, "size", 1, u64::MAX)?;
         let out_offset = args::int_or(out_offset, "out_offset", 0, u64::MAX, 0)?;
-        Ok(Req { path, target: Target::from_py(out)?, offset, size, out_offset })
+        Ok(Req { path, target: Target::from_py(out, "out")?, offset, size, out_offset })
     }
 
     /// Reads given as `(path, out, offset, size, out_offset)` tuples (trailing items optional).

@@ -1,6 +1,7 @@
-//! Memory a load can fill: `HostBuffer` (page-aligned host pages), `VulkanBuffer` (a Vulkan
-//! allocation), and any writable contiguous Python buffer registered for the length of one load.
-//! The package's registry over the live system holds every registration.
+//! Memory a load can fill or the transfer engine can register: `HostBuffer` (page-aligned host
+//! pages), `VulkanBuffer` (a Vulkan allocation), and any writable contiguous Python buffer,
+//! registered for the length of one load or of one engine registration. The package's registry
+//! over the live system holds every registration.
 //!
 //! Owns: the package registry and the Python-facing buffer classes. Must not: touch raw
 //! pointers (the `sys` module does) or decide routes (the registry does).
@@ -251,9 +252,9 @@ impl VulkanBuffer {
     }
 }
 
-/// Where a load writes: registered memory (a buffer of the package, or any other writable
-/// contiguous Python buffer, registered for as long as a load holds it) and the byte offset of
-/// the caller's buffer in it.
+/// Where a load writes, or what the engine registers: registered memory (a buffer of the
+/// package, or any other writable contiguous Python buffer, registered for as long as a load or
+/// an engine holds it) and the byte offset of the caller's buffer in it.
 pub struct Target {
     pub owned: Arc<Owned>,
     /// Where the caller's buffer starts in the registered region.
@@ -261,20 +262,21 @@ pub struct Target {
     /// Bytes of the caller's buffer.
     pub nbytes: u64,
     /// The caller's buffer export, held until the load is reaped (None for package buffers).
-    _export: Option<Arc<PyBufferRegion>>,
+    export: Option<Arc<PyBufferRegion>>,
 }
 
 impl Target {
-    pub fn from_py(out: &Bound<'_, PyAny>) -> PyResult<Target> {
+    /// `out` as registered memory; `name` is the argument's name in error messages.
+    pub fn from_py(out: &Bound<'_, PyAny>, name: &str) -> PyResult<Target> {
         if let Ok(b) = out.cast::<HostBuffer>() {
             let m = &b.get().mem;
-            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, export: None });
         }
         if let Ok(b) = out.cast::<VulkanBuffer>() {
             let m = &b.get().mem;
-            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, export: None });
         }
-        let export = Arc::new(PyBufferRegion::new(out)?);
+        let export = Arc::new(PyBufferRegion::new(out, name)?);
         let (addr, len) = (export.addr(), export.len());
         let mut t = live().lock().map_err(peermem_err)?;
         // Memory inside a live registration of this package: load through that registration.
@@ -286,10 +288,20 @@ impl Target {
         };
         if let Some((id, at)) = covering {
             if let Some(owned) = t.0.get(&id).and_then(Weak::upgrade) {
-                return Ok(Target { owned, at, nbytes: len, _export: Some(export) });
+                return Ok(Target { owned, at, nbytes: len, export: Some(export) });
             }
         }
         let owned = register_locked(&mut t, export.clone(), len)?;
-        Ok(Target { owned, at: 0, nbytes: len, _export: Some(export) })
+        Ok(Target { owned, at: 0, nbytes: len, export: Some(export) })
+    }
+
+    /// The memory of exactly the caller's buffer, to register on its own elsewhere (the transfer
+    /// engine): the registered region when the buffer is all of it, else the buffer export (a
+    /// view into a package buffer, or into memory registered through another view).
+    pub fn region(&self) -> Arc<dyn PeerMemory> {
+        match &self.export {
+            Some(e) if self.at != 0 || self.nbytes != self.owned.nbytes => e.clone(),
+            _ => self.owned.region.clone(),
+        }
     }
 }

@@ -351,24 +351,25 @@ pub struct PyBufferRegion {
 }
 
 impl PyBufferRegion {
-    pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<PyBufferRegion> {
+    /// Exports `obj`'s buffer; `name` is the argument's name in error messages.
+    pub fn new(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<PyBufferRegion> {
         let tname = || obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
         let buf = PyUntypedBuffer::get(obj).map_err(|e| {
             pyo3::exceptions::PyTypeError::new_err(format!(
-                "out: a HostBuffer, a VulkanBuffer or a writable buffer, not {} ({e})",
+                "{name}: a HostBuffer, a VulkanBuffer or a writable buffer, not {} ({e})",
                 tname()
             ))
         })?;
         if buf.readonly() {
-            return Err(PyValueError::new_err(format!("out: the {} buffer is read-only", tname())));
+            return Err(PyValueError::new_err(format!("{name}: the {} buffer is read-only", tname())));
         }
         if !buf.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("out: the {} buffer is not C-contiguous", tname())));
+            return Err(PyValueError::new_err(format!("{name}: the {} buffer is not C-contiguous", tname())));
         }
         let len = buf.len_bytes() as u64;
         let ptr = NonNull::new(buf.buf_ptr().cast::<u8>())
             .filter(|_| len > 0)
-            .ok_or_else(|| PyValueError::new_err(format!("out: the {} buffer is empty", tname())))?;
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: the {} buffer is empty", tname())))?;
         Ok(PyBufferRegion { buf, ptr, len })
     }
 }

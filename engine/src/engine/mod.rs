@@ -89,7 +89,7 @@ pub enum EngineError {
     Metadata(#[from] MetadataError),
     #[error("{0} is not registered with this engine")]
     UnknownRegion(RegionId),
-    #[error("the peer has no region {0}")]
+    #[error("the peer has no {0}")]
     UnknownRemoteRegion(RegionId),
     #[error("{0:?} is not a connected peer")]
     UnknownPeer(PeerId),

@@ -2,7 +2,8 @@
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
 `VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
-(`Loader.read`, `Loader.pread`) and record batches for training (`ShardReader`). A thin layer
+(`Loader.read`, `Loader.pread`), record batches for training (`ShardReader`) and the transfer
+engine across hosts (`Engine`: RDMA READ/WRITE batches between registered memories). A thin layer
 over the Rust crates: everything here is the native module `peermem._native`, re-exported.
 
 `peermem.torch` (imported on its own; it imports torch, this module never does) has
@@ -12,6 +13,7 @@ over the Rust crates: everything here is the native module `peermem._native`, re
 from ._native import (
     Batch as Batch,
     Device as Device,
+    Engine as Engine,
     Future as Future,
     HostBuffer as HostBuffer,
     Loader as Loader,
@@ -22,6 +24,7 @@ from ._native import (
     ShardIter as ShardIter,
     ShardReader as ShardReader,
     Topology as Topology,
+    Transfer as Transfer,
     VulkanBuffer as VulkanBuffer,
     Why as Why,
     __version__ as __version__,
@@ -34,6 +37,7 @@ from ._native import (
 __all__ = [
     "Batch",
     "Device",
+    "Engine",
     "Future",
     "HostBuffer",
     "Loader",
@@ -44,6 +48,7 @@ __all__ = [
     "ShardIter",
     "ShardReader",
     "Topology",
+    "Transfer",
     "VulkanBuffer",
     "Why",
     "registered_buffers",
