@@ -274,19 +274,24 @@ impl Engine {
         Ok(Ticket { shared: self.shared.clone(), id })
     }
 
-    /// Notifications received so far, waiting up to `timeout` for the first.
+    /// Notifications received so far, waiting up to `timeout` for the first. Only the receive
+    /// rings are polled here (batches progress in their tickets' waits and the listener
+    /// thread), at most a millisecond apart once nothing arrives.
     pub fn notifications(&self, timeout: Duration) -> Result<Vec<Notification>, EngineError> {
         let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(50);
         loop {
             let got = {
                 let mut inner = self.shared.lock()?;
-                inner.progress();
+                inner.poll_notifications();
                 inner.take_notifications()
             };
-            if !got.is_empty() || Instant::now() >= deadline {
+            let now = Instant::now();
+            if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
         }
     }
 
