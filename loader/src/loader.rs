@@ -201,10 +201,30 @@ impl Loader {
         device: &Device,
         region: Arc<VulkanRegion>,
     ) -> Result<Dest, LoadError> {
+        let (slot_len, n) = self.gpu_staging();
+        Dest::gpu(reg, device, region, slot_len, n)
+    }
+
+    /// A destination in CUDA device memory: reads are staged through host buffers pinned for
+    /// `device` (sized as for `vulkan_device_dest`) and copied there by the device while the
+    /// next reads are in flight. `reg` must be the registration of `region`.
+    pub fn cuda_dest(
+        &self,
+        reg: &Registration,
+        device: &peermem_cuda::Device,
+        region: Arc<peermem_cuda::CudaRegion>,
+    ) -> Result<Dest, LoadError> {
+        let (slot_len, n) = self.gpu_staging();
+        Dest::cuda(reg, device, region, slot_len, n)
+    }
+
+    /// GPU staging buffers: each up to 8 requests long, enough of them to keep `depth` requests
+    /// in flight while copies run (bytes per buffer, buffers).
+    fn gpu_staging(&self) -> (u64, usize) {
         let chunk = self.opts.block_chunk();
         let slot_len = (chunk * 8).clamp(4 << 20, crate::sys::MAX_FIXED.max(chunk));
         let n = (self.opts.depth as u64 * chunk).div_ceil(slot_len).max(1) + 2;
-        Dest::gpu(reg, device, region, slot_len, n.min(64) as usize)
+        (slot_len, n.min(64) as usize)
     }
 
     /// Queues `batch`; its reads start as soon as the batches before it are done.
@@ -374,7 +394,7 @@ impl Worker {
             fallbacks.push(format!("engine: {}", self.engine));
         }
         for s in stages {
-            s.device.set_copy_timeout(self.opts.timeout);
+            s.gpu.set_copy_timeout(self.opts.timeout);
         }
         let flow = Flow {
             reads,
@@ -499,7 +519,7 @@ fn sinks(dests: &[DestRun]) -> Vec<Sink<'_>> {
     dests
         .iter()
         .map(|d| match (&d.gpu, &d.window) {
-            (Some(g), _) => Sink::Gpu { device: &g.device, region: &g.region },
+            (Some(g), _) => Sink::gpu(&g.gpu),
             (None, Some(w)) => Sink::Cpu(&**w),
             (None, None) => unreachable!("the plan gives every destination without GPU staging a CPU window"),
         })

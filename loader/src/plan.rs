@@ -210,8 +210,8 @@ impl Planner {
                     "this destination's staging buffers still have reads of a timed-out batch in flight".into(),
                 ));
             }
-            (_, Some(_)) => {
-                reasons.push("destination: device-local GPU memory, filled by GPU copies from pinned staging".into());
+            (_, Some(g)) => {
+                reasons.push(format!("destination: {}", g.gpu.describe()));
                 Via::GpuStaged
             }
             (MoverPlan::Direct, None) => Via::Direct,
