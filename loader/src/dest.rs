@@ -61,15 +61,24 @@ impl Dest {
         slot_len: u64,
         count: usize,
     ) -> Result<Dest, LoadError> {
+        let gpu = Gpu::Cuda { device: device.clone(), region };
+        let staging = Arc::new(Staging::new(&gpu, slot_len, count)?);
+        Dest::cuda_staged(reg, gpu, staging)
+    }
+    /// As `cuda`, through `staging` (buffers pinned for the same device), which other CUDA
+    /// destinations of that device may share: a batch locks each distinct staging once.
+    pub(crate) fn cuda_staged(reg: &Registration, gpu: Gpu, staging: Arc<Staging>) -> Result<Dest, LoadError> {
+        let Gpu::Cuda { region, .. } = &gpu else {
+            return Err(LoadError::Layout("CUDA staging for a Vulkan destination".into()));
+        };
         if !Arc::ptr_eq(reg.entry().region(), &(region.clone() as Arc<dyn PeerMemory>)) {
             return Err(LoadError::Layout("the registration is not the given CUDA region's".into()));
         }
-        Dest::staged(reg, Gpu::Cuda { device: device.clone(), region }, slot_len, count)
+        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(GpuStage { gpu, staging })) })
     }
     fn staged(reg: &Registration, gpu: Gpu, slot_len: u64, count: usize) -> Result<Dest, LoadError> {
-        let slots = stage::slots(count, slot_len, Some(&gpu))?;
-        let stage = GpuStage { gpu, slots: Mutex::new(slots), slot_len, abandoned: false.into() };
-        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(stage)) })
+        let staging = Arc::new(Staging::new(&gpu, slot_len, count)?);
+        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(GpuStage { gpu, staging })) })
     }
     /// The CUDA memory this destination fills and its device, for a CUDA destination.
     pub fn cuda_target(&self) -> Option<(&peermem_cuda::Device, &Arc<CudaRegion>)> {
@@ -104,6 +113,12 @@ impl From<&Dest> for Dest {
 /// GPU memory without a CPU mapping: filled by GPU copies out of staging buffers.
 pub(crate) struct GpuStage {
     pub gpu: Gpu,
+    pub staging: Arc<Staging>,
+}
+
+/// Staging buffers made reachable for one GPU: a destination's own, or shared by the CUDA
+/// destinations of one device (`Loader::cuda_dest`).
+pub(crate) struct Staging {
     /// Locked by the batch using them, so two batches never share a buffer.
     slots: Mutex<Vec<Slot>>,
     /// Bytes per staging buffer.
@@ -112,7 +127,12 @@ pub(crate) struct GpuStage {
     abandoned: AtomicBool,
 }
 
-impl GpuStage {
+impl Staging {
+    /// `count` buffers of `slot_len` bytes for `gpu`'s device.
+    pub fn new(gpu: &Gpu, slot_len: u64, count: usize) -> Result<Staging, LoadError> {
+        let slots = stage::slots(count, slot_len, Some(gpu))?;
+        Ok(Staging { slots: Mutex::new(slots), slot_len, abandoned: false.into() })
+    }
     pub fn lock(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -189,7 +189,8 @@ impl Device {
     }
 
     fn mine(&self, r: &CudaRegion) -> Result<(), CudaError> {
-        if Arc::ptr_eq(&r.mem.dev, &self.raw) {
+        // Every `Device` of an ordinal shares its primary context.
+        if r.mem.dev.info.ordinal == self.raw.info.ordinal {
             return Ok(());
         }
         Err(CudaError::ForeignDevice { which: "region", ours: self.raw.info.ordinal, theirs: r.device_info().ordinal })

@@ -223,7 +223,10 @@ struct InFlight {
 }
 
 /// One device's primary context (the one the CUDA runtime, PyTorch and CuPy use) and the stream
-/// the backend copies on.
+/// the backend copies on. The stream is a blocking one: each copy waits for the work queued
+/// before it on the legacy default stream, which is where a DLPack producer asked with
+/// `stream=1` orders its pending writes of a tensor handed in (PyTorch's default stream is
+/// that stream too).
 pub(crate) struct RawDevice {
     pub(crate) info: DeviceInfo,
     dev: cu::CUdevice,
@@ -254,7 +257,7 @@ impl Drop for RawDevice {
 }
 
 impl RawDevice {
-    /// Retains device `info.ordinal`'s primary context and creates a non-blocking copy stream.
+    /// Retains device `info.ordinal`'s primary context and creates the (blocking) copy stream.
     pub(crate) fn open(info: DeviceInfo) -> Result<Arc<RawDevice>, CudaError> {
         let dev = handle(info.ordinal)?;
         let mut ctx: cu::CUcontext = std::ptr::null_mut();
@@ -264,7 +267,7 @@ impl RawDevice {
         // SAFETY: the context was just retained; the stream is created in it.
         let made = unsafe {
             check("cuCtxSetCurrent", cu::cuCtxSetCurrent(ctx))
-                .and_then(|()| check("cuStreamCreate", cu::cuStreamCreate(&mut stream, 1)))
+                .and_then(|()| check("cuStreamCreate", cu::cuStreamCreate(&mut stream, 0 /* CU_STREAM_DEFAULT */)))
         };
         if let Err(e) = made {
             // SAFETY: retained above, nothing made in it.
@@ -583,7 +586,8 @@ pub(crate) fn copy(
     timeout: Duration,
 ) -> Result<(), CudaError> {
     let dev = &mem.dev;
-    if !Arc::ptr_eq(&host.dev, dev) {
+    // Pinned memory is portable and every `Device` of an ordinal shares its primary context.
+    if host.dev.info.ordinal != dev.info.ordinal {
         let theirs = host.dev.info.ordinal;
         return Err(CudaError::ForeignDevice { which: "pinned buffer", ours: dev.info.ordinal, theirs });
     }
