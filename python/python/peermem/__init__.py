@@ -1,7 +1,7 @@
 """peermem: PCIe peer-to-peer memory from Python.
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
-`VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
+`VulkanBuffer`: buffer protocol and DLPack; `CudaBuffer`: DLPack on the GPU), a loader that reads files straight into them
 (`Loader.read`, `Loader.pread`) and record batches for training (`ShardReader`). A thin layer
 over the Rust crates: everything here is the native module `peermem._native`, re-exported.
 
@@ -11,6 +11,7 @@ over the Rust crates: everything here is the native module `peermem._native`, re
 
 from ._native import (
     Batch as Batch,
+    CudaBuffer as CudaBuffer,
     Device as Device,
     Future as Future,
     HostBuffer as HostBuffer,
@@ -27,12 +28,14 @@ from ._native import (
     __version__ as __version__,
     _rust_read_batch as _rust_read_batch,
     _rust_shards as _rust_shards,
+    cuda_available as cuda_available,
     registered_buffers as registered_buffers,
     vulkan_available as vulkan_available,
 )
 
 __all__ = [
     "Batch",
+    "CudaBuffer",
     "Device",
     "Future",
     "HostBuffer",
@@ -46,6 +49,7 @@ __all__ = [
     "Topology",
     "VulkanBuffer",
     "Why",
+    "cuda_available",
     "registered_buffers",
     "vulkan_available",
 ]
