@@ -116,13 +116,32 @@ impl Device {
             Alloc::Vmm => true,
             Alloc::Plain => false,
         };
-        let (mem, origin) = if vmm {
-            (sys::alloc_vmm(&self.raw, len, i.gpu_direct_rdma_vmm)?, Origin::Vmm)
-        } else {
-            (sys::alloc_plain(&self.raw, len)?, Origin::Alloc)
+        let (mem, origin, fallback) = match (vmm, how) {
+            (true, Alloc::Best) => self.vmm_or_plain(len)?,
+            (true, _) => (sys::alloc_vmm(&self.raw, len, i.gpu_direct_rdma_vmm)?, Origin::Vmm, None),
+            (false, _) => (sys::alloc_plain(&self.raw, len)?, Origin::Alloc, None),
         };
         let dma_buf = self.export(&mem);
-        Ok(CudaRegion::new(mem, origin, dma_buf))
+        Ok(CudaRegion::new(mem, origin, dma_buf).with_fallback(fallback))
+    }
+
+    /// A VMM allocation (GPUDirect RDMA capable where the device says so; without that flag if
+    /// the driver refuses it), else `cuMemAlloc`; with why the first choice was not taken.
+    fn vmm_or_plain(&self, len: u64) -> Result<(RawMemory, Origin, Option<String>), CudaError> {
+        let rdma = self.raw.info.gpu_direct_rdma_vmm;
+        let first = match sys::alloc_vmm(&self.raw, len, rdma) {
+            Ok(m) => return Ok((m, Origin::Vmm, None)),
+            Err(e @ CudaError::OutOfMemory(_)) => return Err(e),
+            Err(e) => e,
+        };
+        if rdma {
+            if let Ok(m) = sys::alloc_vmm(&self.raw, len, false) {
+                return Ok((m, Origin::Vmm, Some(format!("VMM memory without GPUDirect RDMA: {first}"))));
+            }
+        }
+        tracing::warn!(%first, "CUDA VMM allocation refused: cuMemAlloc instead");
+        let m = sys::alloc_plain(&self.raw, len)?;
+        Ok((m, Origin::Alloc, Some(format!("cuMemAlloc, the VMM allocation was refused: {first}"))))
     }
 
     /// Memory someone else allocated on this device, as a region: the driver checks that it is

@@ -66,9 +66,6 @@ pub enum CudaError {
     /// An ordinal past the number of devices.
     #[error("CUDA device {ordinal} does not exist ({count} device(s) found)")]
     NoSuchDevice { ordinal: usize, count: usize },
-    /// `cuDeviceGetPCIBusId` gave something that is not a PCI address.
-    #[error("CUDA device {ordinal}: PCI bus id {text:?} is not a PCI address: {why}")]
-    BadPciBusId { ordinal: usize, text: String, why: String },
     /// The driver says the device cannot do what was asked (VMM, dma-buf).
     #[error("CUDA device {ordinal} cannot {what}")]
     Unsupported { ordinal: usize, what: String },

@@ -185,6 +185,18 @@ impl DeviceInfo {
         }
     }
 
+    /// Why the provider is what it is.
+    pub fn provider_note(&self) -> String {
+        match (self.pci, parse_pci_bus_id(&self.pci_text)) {
+            (Some(bdf), _) => format!("provider: PCI function {bdf} (cuDeviceGetPCIBusId)"),
+            (None, Err(why)) => format!(
+                "provider unknown: the driver's PCI bus id {:?} is not a PCI address ({why}); reported as host memory",
+                self.pci_text
+            ),
+            (None, Ok(_)) => "provider unknown: reported as host memory".into(),
+        }
+    }
+
     /// Why this device's memory cannot be exported as a dma-buf, before trying (None: try).
     pub fn dma_buf_refusal(&self, module: impl FnOnce() -> KernelModule) -> Option<DmaBufRefusal> {
         if !self.driver.has_dma_buf_export() {

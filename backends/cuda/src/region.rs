@@ -40,11 +40,17 @@ pub struct CudaRegion {
     pub(crate) mem: Arc<RawMemory>,
     origin: Origin,
     dma_buf: Result<OwnedFd, DmaBufRefusal>,
+    /// Why the allocation is not the kind first tried, when it is not.
+    fallback: Option<String>,
 }
 
 impl CudaRegion {
     pub(crate) fn new(mem: RawMemory, origin: Origin, dma_buf: Result<OwnedFd, DmaBufRefusal>) -> CudaRegion {
-        CudaRegion { mem: Arc::new(mem), origin, dma_buf }
+        CudaRegion { mem: Arc::new(mem), origin, dma_buf, fallback: None }
+    }
+    pub(crate) fn with_fallback(mut self, why: Option<String>) -> CudaRegion {
+        self.fallback = why;
+        self
     }
 
     pub fn origin(&self) -> Origin {
@@ -85,6 +91,8 @@ impl CudaRegion {
                 Origin::Foreign => "memory another library allocated (kept alive by its owner)",
             }
         )];
+        n.push(format!("cuda: {}", i.provider_note()));
+        n.extend(self.fallback.iter().map(|w| format!("cuda: {w}")));
         n.push(match &self.dma_buf {
             Ok(_) => {
                 "cuda: exported as a dma-buf (cuMemGetHandleForAddressRange): a peer's kernel driver can import it"

@@ -186,10 +186,8 @@ pub(crate) fn describe(ordinal: usize, driver: DriverVersion) -> Result<DeviceIn
     let dev = handle(ordinal)?;
     let name = driver_string("cuDeviceGetName", cu::cuDeviceGetName, dev)?;
     let pci_text = driver_string("cuDeviceGetPCIBusId", cu::cuDeviceGetPCIBusId, dev)?;
-    let pci = match parse_pci_bus_id(&pci_text) {
-        Ok(b) => Some(b),
-        Err(why) => return Err(CudaError::BadPciBusId { ordinal, text: pci_text, why }),
-    };
+    // A bus id that does not parse leaves the provider unknown (`DeviceInfo::provider_note`).
+    let pci = parse_pci_bus_id(&pci_text).ok();
     let mut uuid = cu::CUuuid_st { bytes: [0; 16] };
     // SAFETY: an out-pointer to a live CUuuid.
     check("cuDeviceGetUuid_v2", unsafe { cu::cuDeviceGetUuid_v2(&mut uuid, dev) })?;
@@ -603,7 +601,7 @@ pub(crate) fn copy(
     })?;
     // SAFETY: both ranges were checked inside memory that `host` and `mem` keep alive; the host
     // side is pinned. They stay alive until the event completes: below, or parked with it.
-    let issued = unsafe {
+    let queued = unsafe {
         match dir {
             Dir::ToDevice => {
                 check("cuMemcpyHtoDAsync_v2", cu::cuMemcpyHtoDAsync_v2(d, h as *const c_void, n as usize, dev.stream))
@@ -612,16 +610,18 @@ pub(crate) fn copy(
                 check("cuMemcpyDtoHAsync_v2", cu::cuMemcpyDtoHAsync_v2(h as *mut c_void, d, n as usize, dev.stream))
             }
         }
-        .and_then(|()| check("cuEventRecord", cu::cuEventRecord(ev, dev.stream)))
     };
-    if let Err(e) = issued {
-        // SAFETY: nothing was recorded on the event, or the copy was refused: nothing waits.
-        // A copy enqueued before a failed record is ordered before every later copy on the
-        // stream, and its memory is kept by the next event that completes after it: park it.
-        dev.parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(InFlight { event: ev, _keep: vec![host.clone() as Arc<dyn Any + Send + Sync>, mem.clone()] });
+    if let Err(e) = queued {
+        // SAFETY: nothing was queued, nothing waits on the event.
+        unsafe { cu::cuEventDestroy_v2(ev) };
+        return Err(e);
+    }
+    // SAFETY: a live event and stream of this device.
+    if let Err(e) = check("cuEventRecord", unsafe { cu::cuEventRecord(ev, dev.stream) }) {
+        // The copy is queued with nothing to tell when it ends: its memory is never released.
+        std::mem::forget((host.clone(), mem.clone()));
+        // SAFETY: the event was not recorded; nothing waits on it.
+        unsafe { cu::cuEventDestroy_v2(ev) };
         return Err(e);
     }
     wait(dev, ev, timeout, || vec![host.clone() as Arc<dyn Any + Send + Sync>, mem.clone()])
