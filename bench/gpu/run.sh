@@ -56,14 +56,16 @@ machine() {
   nvidia-smi -q 2>&1 | grep -iE 'product name|bus id|driver version|cuda version|addressing mode|persistence' | sort -u
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
   python3 -c 'import cupy; print("cupy", cupy.__version__)' 2>&1
+  true
 }
-step machine 60 machine
+export -f machine
+step machine 60 bash -c machine
 grep -m1 -E 'NVRM version' "$out/machine.log" | sed 's/^/      /' | tee -a "$summary"
 
 chmod +x "$carry"/peermem "$carry"/test-* 2>/dev/null
 step topo 60 sh -c "'$carry/peermem' topo --json > '$out/topo.json' && '$carry/peermem' topo"
 step capture 120 sh -c "'$carry/peermem' capture --archive '$out/capture.tar.gz' && \
-  { echo 'peermem capture of the device tool GPU machine'; date -u; uname -a; nvidia-smi -L; } > '$out/capture.provenance.txt'"
+  { echo 'peermem capture of the device tool GPU machine'; date -u; uname -a; nvidia-smi -L 2>&1 || true; } > '$out/capture.provenance.txt'"
 
 # The Rust tests, built here with their harness: each prints what it found on stderr.
 # test-loader-shard also holds the lavapipe Vulkan tests: only its CUDA ones run here.
