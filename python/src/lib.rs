@@ -9,7 +9,8 @@
 //! - [`engine`]: `Engine` (the transfer engine across hosts) and `Transfer`, a posted batch.
 //! - [`errors`]: the exceptions (`PeerMemError`, `NotDirectError`) and the error conversions.
 //! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures, batches.
-//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, any writable Python buffer; the package registry.
+//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, `CudaBuffer`, any writable Python buffer, CUDA
+//!   tensors through DLPack; the package registry.
 //! - [`shard`]: `ShardReader`: record batches, partitioned, shuffled, prefetched into host buffers.
 //! - [`sys`]: the only `unsafe`: the buffer protocol, DLPack capsules, spans of lent memory.
 //! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
@@ -44,6 +45,7 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<topology::RouteInfo>()?;
     m.add_class::<memory::HostBuffer>()?;
     m.add_class::<memory::VulkanBuffer>()?;
+    m.add_class::<memory::CudaBuffer>()?;
     m.add_class::<loader::Loader>()?;
     m.add_class::<loader::Report>()?;
     m.add_class::<loader::Future>()?;
@@ -54,6 +56,7 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<shard::Batch>()?;
     m.add_function(wrap_pyfunction!(memory::registered_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memory::vulkan_available, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_read_batch, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_shards, m)?)?;
     Ok(())

@@ -1,9 +1,10 @@
 """peermem: PCIe peer-to-peer memory from Python.
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
-`VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
-(`Loader.read`, `Loader.pread`), record batches for training (`ShardReader`) and the transfer
-engine across hosts (`Engine`: RDMA READ/WRITE batches between registered memories). A thin layer
+`VulkanBuffer`: buffer protocol and DLPack; `CudaBuffer`: DLPack on the GPU), a loader that
+reads files straight into them (`Loader.read`, `Loader.pread`), record batches for training
+(`ShardReader`) and the transfer engine across hosts (`Engine`: RDMA READ/WRITE batches between
+registered memories). A thin layer
 over the Rust crates: everything here is the native module `peermem._native`, re-exported.
 
 `peermem.torch` (imported on its own; it imports torch, this module never does) has
@@ -12,6 +13,7 @@ over the Rust crates: everything here is the native module `peermem._native`, re
 
 from ._native import (
     Batch as Batch,
+    CudaBuffer as CudaBuffer,
     Device as Device,
     Engine as Engine,
     Future as Future,
@@ -30,12 +32,14 @@ from ._native import (
     __version__ as __version__,
     _rust_read_batch as _rust_read_batch,
     _rust_shards as _rust_shards,
+    cuda_available as cuda_available,
     registered_buffers as registered_buffers,
     vulkan_available as vulkan_available,
 )
 
 __all__ = [
     "Batch",
+    "CudaBuffer",
     "Device",
     "Engine",
     "Future",
@@ -51,6 +55,7 @@ __all__ = [
     "Transfer",
     "VulkanBuffer",
     "Why",
+    "cuda_available",
     "registered_buffers",
     "vulkan_available",
 ]

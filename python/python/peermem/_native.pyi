@@ -141,6 +141,35 @@ class VulkanBuffer:
     ) -> Any: ...
     def __dlpack_device__(self) -> Tuple[int, int]: ...
 
+class CudaBuffer:
+    """CUDA device memory registered in the package's registry (needs an NVIDIA driver: see
+    `cuda_available()`). DLPack only (on `(kDLCUDA, device)`, zero copy); `read` copies back."""
+
+    def __init__(self, nbytes: int, device: Union[int, str, None] = None) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def data_ptr(self) -> int: ...
+    @property
+    def dma_buf(self) -> bool: ...
+    @property
+    def dma_buf_reason(self) -> Optional[str]: ...
+    @property
+    def notes(self) -> List[str]: ...
+    def read(self, offset: int = 0, size: Optional[int] = None) -> bytes: ...
+    def __len__(self) -> int: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
 class Report:
     """What one load (or one batch of reads) did."""
 
@@ -237,6 +266,10 @@ class Loader:
 def registered_buffers() -> int:
     """Regions in the package's registry: live buffers and destinations of loads in flight."""
 
+def cuda_available() -> bool:
+    """True when CUDA device 0 can be opened (an NVIDIA driver and a GPU)."""
+    ...
+
 def vulkan_available() -> bool:
     """True when a Vulkan device can be opened (lavapipe counts)."""
 
@@ -316,7 +349,9 @@ class ShardReader:
     `"auto"` by default) judges the files together when the reader opens them: a data set that
     fits in half of the memory this process may take (or is mostly cached already) is read
     through the page cache, read ahead in the background, so later epochs come from memory; a
-    larger one with O_DIRECT.
+    larger one with O_DIRECT. `device="cuda:N"`: the ring lives in that GPU's memory, filled
+    through pinned staging and CUDA copies; each batch is a DLPack tensor on `(kDLCUDA, N)`
+    (`torch.from_dlpack(batch)` is on the GPU, zero copy) without the buffer protocol.
 
     Errors name the argument and the rule broken: `TypeError` (`files must be a list of paths,
     not a str`, `batch_size must be an int, not str`), `ValueError` (`rank must be >= 0 and <
@@ -343,6 +378,7 @@ class ShardReader:
         worker: int = 0,
         workers: int = 1,
         io: Optional[str] = None,
+        device: Union[int, str, None] = None,
     ) -> None: ...
     @property
     def num_records(self) -> int:
