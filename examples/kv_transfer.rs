@@ -301,7 +301,9 @@ fn client(a: &Args, host: IpAddr, port: u16) -> Result<serde_json::Value> {
         head["block"].as_u64().context("block")?,
     );
     let offsets: Vec<u64> = head["offsets"].as_array().context("offsets")?.iter().filter_map(|v| v.as_u64()).collect();
-    let want: Vec<u64> = (0..a.want.min(blocks)).map(|k| (k * 2 + 1) % blocks).collect();
+    // Every other block when there are enough, else consecutive ones: never a block twice.
+    let step = if 2 * a.want <= blocks { 2 } else { 1 };
+    let want: Vec<u64> = (0..a.want.min(blocks)).map(|k| (k * step + 1) % blocks).collect();
     let region = gpu(want.len() as u64 * block)?;
     if a.op == Op::Write {
         for (j, &b) in want.iter().enumerate() {

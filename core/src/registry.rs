@@ -471,7 +471,7 @@ impl Registry {
             }
             Backing::HostPages => Kind::HostPages,
             Backing::DmaBuf(_) | Backing::PlannedDmaBuf { .. } => Kind::DmaBuf,
-            Backing::OpaqueFd(_) => Kind::OpaqueFd,
+            Backing::OpaqueFd(_) | Backing::DriverPrivate => Kind::OpaqueFd,
         };
         let va = match region.cpu_mapping() {
             Some(s) if s.len() >= len => Some(AddrRange::new(s.addr(), len)?),

@@ -158,7 +158,7 @@ impl Route<'_> {
             RouteKind::CpuMapped(a) => format!("route cpu_mapped: the memory is reached through the CPU mapping at {a}"),
             RouteKind::Bounce(BounceWhy::NotSupported) => "route bounce: no peer-to-peer path; data must be staged through host memory".to_string(),
             RouteKind::Bounce(BounceWhy::BusAddrUnknown) => "route bounce: the BAR's bus address is unknown (its register reads 0), so no direct address can be given".to_string(),
-            RouteKind::Bounce(BounceWhy::OpaqueToPeer) => "route bounce: the region is a driver-private fd without a CPU mapping; only its own driver can reach it".to_string(),
+            RouteKind::Bounce(BounceWhy::OpaqueToPeer) => "route bounce: the region is driver-private memory without a CPU mapping (an opaque fd, or GPU memory without a dma-buf); only its own driver can reach it".to_string(),
         });
         r
     }

@@ -119,3 +119,30 @@ fn cached_and_uncached_resolves_agree() {
         assert_eq!(reg.resolve(&g, p).unwrap(), a, "{c}: second (cached) resolve");
     }
 }
+
+/// Device memory its driver keeps private (CUDA memory without a dma-buf): no peer reaches it
+/// directly, whatever the verdict for the pair, and the reason says so.
+#[test]
+fn driver_private_device_memory_bounces_for_every_peer() {
+    #[derive(Debug)]
+    struct Private(Bdf);
+    impl PeerMemory for Private {
+        fn len(&self) -> u64 {
+            1 << 20
+        }
+        fn provider(&self) -> peermem::Provider {
+            peermem::Provider::Pci(self.0)
+        }
+        fn backing(&self) -> peermem::Backing<'_> {
+            peermem::Backing::DriverPrivate
+        }
+    }
+    let reg = registry("qemu-switch");
+    let g = reg.register(Arc::new(Private(bdf("0000:03:00.0")))).unwrap();
+    for peer in ["0000:04:00.0", "0000:05:00.0"] {
+        let r = reg.resolve(&g, reg.peer(bdf(peer)).unwrap()).unwrap();
+        assert_eq!(r.kind, RouteKind::Bounce(BounceWhy::OpaqueToPeer), "{peer}");
+        assert!(r.reasons().iter().any(|s| s.contains("GPU memory without a dma-buf")), "{peer}");
+    }
+    assert!(reg.snapshot().lookup_va(peermem::VirtAddr::new(0x1000)).is_none());
+}

@@ -16,8 +16,9 @@ use crate::span::RegionId;
 
 /// The `format` field of every encoding.
 pub const FORMAT: &str = "peermem-engine-metadata";
-/// The version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The version this build writes and reads (2: a notification carries its batch's ticket, so
+/// a peer drops one sent again after a failover).
+pub const VERSION: u32 = 2;
 /// The largest encoding decoded: past it, the input is refused before parsing.
 pub const MAX_BYTES: usize = 4 << 20;
 

@@ -1,18 +1,22 @@
-//! Where a read's bytes go: a registered region, and for device-local GPU memory the staging
-//! buffers imported into its device (the GPU copies them on).
+//! Where a read's bytes go: a registered region, and for GPU memory without a CPU mapping
+//! (device-local Vulkan memory, CUDA memory) the staging buffers made for its device (the GPU
+//! copies them on: `vkCmdCopyBuffer` from an imported host buffer, or a CUDA copy from pinned
+//! host memory).
 //!
-//! Owns: `Dest`, the GPU staging of a destination, and the CPU's view of a destination. Must
-//! not: decide how a destination is filled (the plan stage asks the planner) or compute an
-//! address (`Topology::map_bar` maps a BAR range).
+//! Owns: `Dest`, the GPU staging of a destination (`GpuStage`), and the CPU's view of a
+//! destination. Must not: decide how a destination is filled
+//! (the plan stage asks the planner) or compute an address (`Topology::map_bar` maps a BAR
+//! range).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use peermem::{Backing, Entry, PeerMemory, RegionId, Registration, Registry};
+use peermem_cuda::CudaRegion;
 use peermem_vulkan::{Device, VulkanRegion};
 
 use crate::error::LoadError;
-use crate::stage::{self, Slot};
+use crate::stage::{self, Gpu, Slot};
 
 /// A destination of a batch's reads. Cheap to clone.
 #[derive(Clone)]
@@ -45,10 +49,43 @@ impl Dest {
         if reg.len() != region.len() || reg.cpu_range() != region.cpu_range() {
             return Err(LoadError::Layout("the registration is not the given Vulkan region's".into()));
         }
-        let slots = stage::slots(count, slot_len, Some(device))?;
-        let gpu =
-            GpuStage { device: device.clone(), region, slots: Mutex::new(slots), slot_len, abandoned: false.into() };
-        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(gpu)) })
+        Dest::staged(reg, Gpu::Vulkan { device: device.clone(), region }, slot_len, count)
+    }
+    /// CUDA device memory `region` (registered as `reg`) on `device`: reads are staged through
+    /// `count` host buffers of `slot_len` bytes pinned for the device (`cuMemHostRegister`), and
+    /// copied there by the device's copy engine while the next reads are in flight.
+    pub fn cuda(
+        reg: &Registration,
+        device: &peermem_cuda::Device,
+        region: Arc<CudaRegion>,
+        slot_len: u64,
+        count: usize,
+    ) -> Result<Dest, LoadError> {
+        let gpu = Gpu::Cuda { device: device.clone(), region };
+        let staging = Arc::new(Staging::new(&gpu, slot_len, count)?);
+        Dest::cuda_staged(reg, gpu, staging)
+    }
+    /// As `cuda`, through `staging` (buffers pinned for the same device), which other CUDA
+    /// destinations of that device may share: a batch locks each distinct staging once.
+    pub(crate) fn cuda_staged(reg: &Registration, gpu: Gpu, staging: Arc<Staging>) -> Result<Dest, LoadError> {
+        let Gpu::Cuda { region, .. } = &gpu else {
+            return Err(LoadError::Layout("CUDA staging for a Vulkan destination".into()));
+        };
+        if !Arc::ptr_eq(reg.entry().region(), &(region.clone() as Arc<dyn PeerMemory>)) {
+            return Err(LoadError::Layout("the registration is not the given CUDA region's".into()));
+        }
+        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(GpuStage { gpu, staging })) })
+    }
+    fn staged(reg: &Registration, gpu: Gpu, slot_len: u64, count: usize) -> Result<Dest, LoadError> {
+        let staging = Arc::new(Staging::new(&gpu, slot_len, count)?);
+        Ok(Dest { entry: reg.entry().clone(), gpu: Some(Arc::new(GpuStage { gpu, staging })) })
+    }
+    /// The CUDA memory this destination fills and its device, for a CUDA destination.
+    pub fn cuda_target(&self) -> Option<(&peermem_cuda::Device, &Arc<CudaRegion>)> {
+        match self.gpu.as_deref().map(|g| &g.gpu) {
+            Some(Gpu::Cuda { device, region }) => Some((device, region)),
+            _ => None,
+        }
     }
     pub fn id(&self) -> RegionId {
         self.entry.id()
@@ -73,10 +110,15 @@ impl From<&Dest> for Dest {
     }
 }
 
-/// Device-local GPU memory without a CPU mapping: filled by GPU copies out of staging buffers.
+/// GPU memory without a CPU mapping: filled by GPU copies out of staging buffers.
 pub(crate) struct GpuStage {
-    pub device: Device,
-    pub region: Arc<VulkanRegion>,
+    pub gpu: Gpu,
+    pub staging: Arc<Staging>,
+}
+
+/// Staging buffers made reachable for one GPU: a destination's own, or shared by the CUDA
+/// destinations of one device (`Loader::cuda_dest`).
+pub(crate) struct Staging {
     /// Locked by the batch using them, so two batches never share a buffer.
     slots: Mutex<Vec<Slot>>,
     /// Bytes per staging buffer.
@@ -85,7 +127,12 @@ pub(crate) struct GpuStage {
     abandoned: AtomicBool,
 }
 
-impl GpuStage {
+impl Staging {
+    /// `count` buffers of `slot_len` bytes for `gpu`'s device.
+    pub fn new(gpu: &Gpu, slot_len: u64, count: usize) -> Result<Staging, LoadError> {
+        let slots = stage::slots(count, slot_len, Some(gpu))?;
+        Ok(Staging { slots: Mutex::new(slots), slot_len, abandoned: false.into() })
+    }
     pub fn lock(&self) -> MutexGuard<'_, Vec<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }

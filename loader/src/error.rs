@@ -45,6 +45,8 @@ pub enum LoadError {
     HashMismatch { what: String, offset: u64, len: u64, dest: u64, expected: u64 },
     #[error("vulkan: {0}")]
     Vulkan(Box<peermem_vulkan::VkError>),
+    #[error("cuda: {0}")]
+    Cuda(Box<peermem_cuda::CudaError>),
     #[error("the io engine: {0}")]
     Engine(String),
     #[error("the loader has shut down")]
@@ -60,6 +62,12 @@ pub enum LoadError {
 impl From<peermem_vulkan::VkError> for LoadError {
     fn from(e: peermem_vulkan::VkError) -> LoadError {
         LoadError::Vulkan(Box::new(e))
+    }
+}
+
+impl From<peermem_cuda::CudaError> for LoadError {
+    fn from(e: peermem_cuda::CudaError) -> LoadError {
+        LoadError::Cuda(Box::new(e))
     }
 }
 

@@ -20,7 +20,7 @@ use peermem::{Bdf, Entry, PeerMemory, Provider, Registration, Registry};
 use peermem_vulkan::{Device, VulkanRegion};
 
 use crate::batch::Batch;
-use crate::dest::{Dest, GpuStage};
+use crate::dest::{Dest, Staging};
 use crate::error::LoadError;
 use crate::io::{self, files, Engine, Flow};
 use crate::options::{Access, Options};
@@ -113,6 +113,8 @@ pub struct Loader {
     worker: Option<JoinHandle<()>>,
     progress: Arc<AtomicU64>,
     engine: String,
+    /// The staging buffers of `cuda_dest`, per device ordinal.
+    cuda_staging: Mutex<Vec<(usize, Arc<Staging>)>>,
 }
 
 impl std::fmt::Debug for Loader {
@@ -143,7 +145,15 @@ impl Loader {
             .name("peermem-loader".into())
             .spawn(move || w.serve(rx))
             .map_err(|e| LoadError::Engine(format!("spawning the loader thread: {e}")))?;
-        Ok(Loader { registry: registry.clone(), opts, tx: Some(tx), worker: Some(worker), progress, engine })
+        Ok(Loader {
+            registry: registry.clone(),
+            opts,
+            tx: Some(tx),
+            worker: Some(worker),
+            progress,
+            engine,
+            cuda_staging: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn options(&self) -> &Options {
@@ -201,10 +211,44 @@ impl Loader {
         device: &Device,
         region: Arc<VulkanRegion>,
     ) -> Result<Dest, LoadError> {
+        let (slot_len, n) = self.gpu_staging();
+        Dest::gpu(reg, device, region, slot_len, n)
+    }
+
+    /// A destination in CUDA device memory: reads are staged through host buffers pinned for
+    /// `device` (sized as for `vulkan_device_dest`; made once per device and loader, shared by
+    /// its CUDA destinations) and copied there by the device while the next reads are in flight.
+    /// `reg` must be the registration of `region`.
+    pub fn cuda_dest(
+        &self,
+        reg: &Registration,
+        device: &peermem_cuda::Device,
+        region: Arc<peermem_cuda::CudaRegion>,
+    ) -> Result<Dest, LoadError> {
+        let (slot_len, n) = self.gpu_staging();
+        let gpu = crate::stage::Gpu::Cuda { device: device.clone(), region };
+        let ordinal = device.info().ordinal;
+        let mut cache = self.cuda_staging.lock().unwrap_or_else(|p| p.into_inner());
+        let staging = match cache.iter().find(|(o, s)| *o == ordinal && !s.is_abandoned()) {
+            Some((_, s)) => s.clone(),
+            None => {
+                let s = Arc::new(Staging::new(&gpu, slot_len, n)?);
+                cache.retain(|(o, _)| *o != ordinal);
+                cache.push((ordinal, s.clone()));
+                s
+            }
+        };
+        drop(cache);
+        Dest::cuda_staged(reg, gpu, staging)
+    }
+
+    /// GPU staging buffers: each up to 8 requests long, enough of them to keep `depth` requests
+    /// in flight while copies run (bytes per buffer, buffers).
+    fn gpu_staging(&self) -> (u64, usize) {
         let chunk = self.opts.block_chunk();
         let slot_len = (chunk * 8).clamp(4 << 20, crate::sys::MAX_FIXED.max(chunk));
         let n = (self.opts.depth as u64 * chunk).div_ceil(slot_len).max(1) + 2;
-        Dest::gpu(reg, device, region, slot_len, n.min(64) as usize)
+        (slot_len, n.min(64) as usize)
     }
 
     /// Queues `batch`; its reads start as soon as the batches before it are done.
@@ -278,12 +322,13 @@ impl Worker {
         let reg = self.registry.clone();
         let reads = &batch.reads;
         let mut p = self.planner.plan(&reg, reads, &self.opts, &mut self.cpu)?;
-        let stages: Vec<Arc<GpuStage>> = p.dests.iter().filter_map(|d| d.gpu.clone()).fold(Vec::new(), |mut v, g| {
-            if !v.iter().any(|x| Arc::ptr_eq(x, &g)) {
-                v.push(g);
-            }
-            v
-        });
+        let stages: Vec<Arc<Staging>> =
+            p.dests.iter().filter_map(|d| d.gpu.as_ref().map(|g| g.staging.clone())).fold(Vec::new(), |mut v, g| {
+                if !v.iter().any(|x| Arc::ptr_eq(x, &g)) {
+                    v.push(g);
+                }
+                v
+            });
         let cpu_staged = self.prepare_staging(&reg, &p, reads, &stages)?;
         let requests = p.queue.len();
         let t0 = Instant::now();
@@ -325,7 +370,7 @@ impl Worker {
         reg: &Registry,
         p: &Planned,
         reads: &[crate::batch::Read],
-        stages: &[Arc<GpuStage>],
+        stages: &[Arc<Staging>],
     ) -> Result<bool, LoadError> {
         let staged = |gpu: bool, nvme: bool| {
             p.queue.iter().any(|q| {
@@ -356,7 +401,7 @@ impl Worker {
         reg: &Registry,
         p: &mut Planned,
         reads: &[crate::batch::Read],
-        stages: &[Arc<GpuStage>],
+        stages: &[Arc<Staging>],
         cpu_staged: bool,
     ) -> Moved {
         let groups = engine_groups(&mut p.queue, reads);
@@ -373,8 +418,8 @@ impl Worker {
         if files_used && !self.io.is_uring() {
             fallbacks.push(format!("engine: {}", self.engine));
         }
-        for s in stages {
-            s.device.set_copy_timeout(self.opts.timeout);
+        for g in p.dests.iter().filter_map(|d| d.gpu.as_ref()) {
+            g.gpu.set_copy_timeout(self.opts.timeout);
         }
         let flow = Flow {
             reads,
@@ -471,11 +516,10 @@ impl Worker {
 impl<'a> Layout<'a> {
     /// Locks each distinct GPU staging of the batch's destinations (pool 1, 2, ...; pool 0 is
     /// the CPU pool) for the batch.
-    fn new(dests: &[DestRun], stages: &'a [Arc<GpuStage>]) -> Layout<'a> {
-        let dest_pool = dests
-            .iter()
-            .map(|d| d.gpu.as_ref().map_or(0, |g| 1 + stages.iter().position(|s| Arc::ptr_eq(s, g)).expect("listed")))
-            .collect();
+    fn new(dests: &[DestRun], stages: &'a [Arc<Staging>]) -> Layout<'a> {
+        let pool_of =
+            |g: &crate::dest::GpuStage| 1 + stages.iter().position(|s| Arc::ptr_eq(s, &g.staging)).expect("listed");
+        let dest_pool = dests.iter().map(|d| d.gpu.as_deref().map_or(0, pool_of)).collect();
         Layout { guards: stages.iter().map(|s| s.lock()).collect(), dest_pool }
     }
 }
@@ -499,7 +543,7 @@ fn sinks(dests: &[DestRun]) -> Vec<Sink<'_>> {
     dests
         .iter()
         .map(|d| match (&d.gpu, &d.window) {
-            (Some(g), _) => Sink::Gpu { device: &g.device, region: &g.region },
+            (Some(g), _) => Sink::gpu(&g.gpu),
             (None, Some(w)) => Sink::Cpu(&**w),
             (None, None) => unreachable!("the plan gives every destination without GPU staging a CPU window"),
         })

@@ -205,13 +205,13 @@ impl Planner {
         let mut reasons = decision.reasons.clone();
         reasons.extend(r.source.io_reason());
         let via = match (&decision.plan, &r.dest.gpu) {
-            (_, Some(g)) if g.is_abandoned() => {
+            (_, Some(g)) if g.staging.is_abandoned() => {
                 return Err(LoadError::Engine(
                     "this destination's staging buffers still have reads of a timed-out batch in flight".into(),
                 ));
             }
-            (_, Some(_)) => {
-                reasons.push("destination: device-local GPU memory, filled by GPU copies from pinned staging".into());
+            (_, Some(g)) => {
+                reasons.push(format!("destination: {}", g.gpu.describe()));
                 Via::GpuStaged
             }
             (MoverPlan::Direct, None) => Via::Direct,
@@ -352,7 +352,7 @@ fn split(p: &mut Planned, reads: &[Read], i: usize, opts: &Options) -> Result<bo
     // fewer, longer GPU copies), read in requests of `chunk` bytes; past the end of a file a
     // read may come back short.
     let a = r.source.align();
-    let piece = d.gpu.as_ref().map_or(chunk, |g| g.slot_len);
+    let piece = d.gpu.as_ref().map_or(chunk, |g| g.staging.slot_len);
     let (lo, hi) = (r.offset + body, r.offset + r.len);
     let end_a = r.source.len().div_ceil(a) * a;
     let mut at = lo / a * a;

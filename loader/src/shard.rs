@@ -163,6 +163,21 @@ impl RingBuffer {
         };
         Ok(RingBuffer { region, dest, _registration: reg })
     }
+
+    /// CUDA device memory of `device`, filled through pinned staging buffers and the device's
+    /// copies. `cuda()` gives the region (its device pointer, for a zero-copy tensor).
+    pub fn cuda(loader: &Loader, device: &peermem_cuda::Device, len: u64) -> Result<RingBuffer, LoadError> {
+        let c = Arc::new(device.allocate(len)?);
+        let region: Arc<dyn PeerMemory> = c.clone();
+        let reg = loader.registry().register(region.clone())?;
+        let dest = loader.cuda_dest(&reg, device, c)?;
+        Ok(RingBuffer { region, dest, _registration: reg })
+    }
+
+    /// The CUDA region of a buffer made by `cuda`.
+    pub fn cuda_region(&self) -> Option<&Arc<peermem_cuda::CudaRegion>> {
+        self.dest.cuda_target().map(|(_, r)| r)
+    }
 }
 
 /// A batch of records in one ring buffer. Dropping it returns the buffer to the ring.
@@ -208,7 +223,11 @@ impl ShardBatch {
     pub fn read_record(&self, i: usize) -> Result<Vec<u8>, LoadError> {
         let (off, len) = self.record(i);
         let mut v = vec![0u8; len as usize];
-        self.buffer().region.read_at(off, &mut v)?;
+        match self.buffer().dest.cuda_target() {
+            // CUDA memory: read back through the device.
+            Some((device, region)) => device.read(region, off, &mut v)?,
+            None => self.buffer().region.read_at(off, &mut v)?,
+        }
         Ok(v)
     }
 }
@@ -255,7 +274,8 @@ impl std::fmt::Debug for ShardReader {
 
 impl ShardReader {
     /// A reader over `files` with `layout`; `alloc(loader, bytes)` makes each ring buffer (e.g.
-    /// `RingBuffer::host`, or `RingBuffer::vulkan` with a device). Starts at epoch 0.
+    /// `RingBuffer::host`, `RingBuffer::vulkan` or `RingBuffer::cuda` with a device). Starts at
+    /// epoch 0.
     pub fn new(
         loader: Arc<Loader>,
         files: Vec<Source>,

@@ -2,8 +2,8 @@
 //! caller expects and, when asked, with a second read of the source.
 //!
 //! Owns: the one checksum of the loader (xxh3-64) and the comparisons. Must not: move a
-//! destination's bytes (it reads them through the CPU's view, in pieces: no reference over
-//! memory a device may write).
+//! destination's bytes (it reads them through the CPU's view, or for CUDA memory through the
+//! device's copies, in pieces: no reference over memory a device may write).
 
 use peermem::{PeerMemory, Registry};
 
@@ -12,7 +12,7 @@ use crate::error::LoadError;
 use crate::options::Verify;
 use crate::plan::DestRun;
 use crate::source::xxh3_in_pieces;
-use crate::stage::Pool;
+use crate::stage::{Gpu, Pool};
 
 /// What the verify stage found: per read, in batch order.
 #[derive(Debug, Default)]
@@ -26,6 +26,17 @@ pub(crate) struct Checked {
 /// xxh3-64 of `len` bytes of `w` at `off` (copied out in pieces).
 fn hash_region(w: &dyn PeerMemory, off: u64, len: u64) -> Result<u64, peermem::AccessError> {
     xxh3_in_pieces(len, |o, buf| w.read_at(off + o, buf))
+}
+
+/// xxh3-64 of `len` bytes at `off` of a GPU destination read back through its device, where
+/// the device can read back (CUDA); None otherwise.
+fn gpu_hash(g: &Gpu, off: u64, len: u64) -> Option<Result<u64, LoadError>> {
+    match g {
+        Gpu::Vulkan { .. } => None,
+        Gpu::Cuda { device, region } => {
+            Some(xxh3_in_pieces(len, |o, buf| device.read(region, off + o, buf)).map_err(LoadError::from))
+        }
+    }
 }
 
 /// Checks every read of a batch as `how` says; the first that differs is a `HashMismatch`
@@ -47,11 +58,18 @@ pub(crate) fn verify(
         // The CPU's view of the destination; device-local memory may still have a mapping.
         let d = &dests[read_dest[i]];
         let own = || d.entry.region().cpu_mapping().is_some().then(|| d.entry.region().clone());
-        let Some(w) = d.window.clone().or_else(own) else {
-            all = false;
-            continue;
+        let h = match (
+            d.window.clone().or_else(own),
+            d.gpu.as_ref().and_then(|g| gpu_hash(&g.gpu, r.dest_offset, r.len)),
+        ) {
+            (Some(w), _) => hash_region(&*w, r.dest_offset, r.len)?,
+            // GPU memory the device reads back (CUDA).
+            (None, Some(h)) => h?,
+            (None, None) => {
+                all = false;
+                continue;
+            }
         };
-        let h = hash_region(&*w, r.dest_offset, r.len)?;
         c.checksums.push(h);
         let mismatch = |expected| LoadError::HashMismatch {
             what: r.source.describe(),

@@ -169,3 +169,37 @@ fn records_land_in_vulkan_rings_host_visible_and_device_local() {
         assert_eq!(seen, (0..32).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn records_land_in_cuda_rings_through_pinned_staging() {
+    let dev = match peermem_cuda::Cuda::open(0) {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(e.is_unavailable(), "{e}");
+            eprintln!("cuda rings: no CUDA driver: skipped ({e})");
+            return;
+        }
+    };
+    let d = tempfile::tempdir().unwrap();
+    let paths = dataset(d.path(), 4, 8);
+    let reg = Registry::new(Arc::new(Topology::discover("/").unwrap()));
+    let loader = Arc::new(Loader::new(&reg, Options::default()).unwrap());
+    let files: Vec<_> = paths.iter().map(|p| loader.open(p).unwrap()).collect();
+    let opts = ShardOptions { batch_size: 5, shuffle: true, seed: 3, ..Default::default() };
+    let mut r = ShardReader::new(loader.clone(), files, Layout::Fixed { record: RECORD }, opts, |l, n| {
+        RingBuffer::cuda(l, &dev, n)
+    })
+    .unwrap();
+    let mut seen = Vec::new();
+    while let Some(b) = r.next_batch() {
+        let b = b.unwrap();
+        assert_eq!(b.report.dests[0].via.name(), "staged-gpu-copy");
+        assert!(b.buffer().cuda_region().is_some());
+        for (i, &g) in b.indices.iter().enumerate() {
+            assert_eq!(b.read_record(i).unwrap(), record_bytes(g, RECORD), "record {g}");
+        }
+        seen.extend(b.indices.iter().copied());
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..32).collect::<Vec<_>>());
+}

@@ -6,13 +6,14 @@
 //! the crates (the callers check rules between arguments, in their own words).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyBytes, PyInt, PyString};
+use pyo3::types::{PyBool, PyBytes, PyFloat, PyInt, PyString};
 
 /// The Python type name of `obj`, for messages.
-fn type_name(obj: &Bound<'_, PyAny>) -> String {
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type().name().map_or_else(|_| "object".into(), |n| n.to_string())
 }
 
@@ -96,8 +97,43 @@ pub fn paths(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// A flag: `True` or `False` (or None for "not given"), refusing other objects by name rather
-/// than by truthiness.
+/// A list (any iterable) of non-empty strings, at least one.
+pub fn strings(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<String>> {
+    let items = obj
+        .try_iter()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a list of str, not {}", type_name(obj))))?;
+    let mut v = Vec::new();
+    for (i, item) in items.enumerate() {
+        let item = item?;
+        if !item.is_instance_of::<PyString>() {
+            return Err(PyTypeError::new_err(format!("{name}[{i}] must be a str, not {}", type_name(&item))));
+        }
+        let s: String = item.extract()?;
+        if s.is_empty() {
+            return Err(PyValueError::new_err(format!("{name}[{i}] is an empty string")));
+        }
+        v.push(s);
+    }
+    if v.is_empty() {
+        return Err(PyValueError::new_err(format!("{name} must name at least one (got an empty list)")));
+    }
+    Ok(v)
+}
+
+/// Seconds (an int or a float, >= 0 and finite) as a duration; None when not given.
+pub fn opt_seconds(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<Duration>> {
+    let Some(o) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
+    if o.is_instance_of::<PyBool>() || !(o.is_instance_of::<PyInt>() || o.is_instance_of::<PyFloat>()) {
+        return Err(PyTypeError::new_err(format!("{name} must be a number of seconds, not {}", type_name(o))));
+    }
+    let t: f64 = o.extract()?;
+    if !(t >= 0.0 && t.is_finite()) {
+        return Err(PyValueError::new_err(format!("{name} must be >= 0 and finite (got {t})")));
+    }
+    // Capped where adding it to an `Instant` cannot overflow (about 30 years: no bound).
+    Ok(Some(Duration::from_secs_f64(t.min(1e9))))
+}
+
 /// The `io` argument: `"auto"`, `"direct"` or `"buffered"`; None when not given.
 pub fn opt_io(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<peermem_loader::IoMode>> {
     let Some(o) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
@@ -110,6 +146,8 @@ pub fn opt_io(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Option<peermem_loader:
         .map_err(|_| PyValueError::new_err(format!("io must be 'auto', 'direct' or 'buffered' (got {v:?})")))
 }
 
+/// A flag: `True` or `False` (or None for "not given"), refusing other objects by name rather
+/// than by truthiness.
 pub fn opt_flag(obj: Option<&Bound<'_, PyAny>>, name: &str) -> PyResult<Option<bool>> {
     match obj.filter(|o| !o.is_none()) {
         None => Ok(None),

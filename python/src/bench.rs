@@ -26,7 +26,7 @@ pub fn rust_read_batch(
     chunk: Option<u64>,
     depth: Option<usize>,
 ) -> PyResult<f64> {
-    let target = Target::from_py(out)?;
+    let target = Target::from_py(out, "out")?;
     let d = Options::default();
     let opts = Options { chunk: chunk.unwrap_or(d.chunk), depth: depth.unwrap_or(d.depth), ..d };
     let reg = registry()?;

@@ -4,6 +4,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyValueError};
 use pyo3::prelude::*;
 
+use peermem_engine::EngineError;
 use peermem_loader::LoadError;
 
 create_exception!(
@@ -53,4 +54,20 @@ fn not_direct(py: Python<'_>, msg: &str, reasons: Vec<String>) -> PyErr {
     // the exception is raised either way.
     let _ = err.value(py).setattr("reasons", reasons);
     err
+}
+
+/// A transfer engine error: what the caller named wrongly (a region, peer or request, a
+/// notification too long, metadata that does not decode) is `ValueError`; everything else
+/// (no NIC, a failed or timed-out batch, the peer's refusal) `PeerMemError`. The message is the
+/// engine's. Needs no GIL (the exception is made when raised).
+pub fn engine_err(e: EngineError) -> PyErr {
+    match &e {
+        EngineError::UnknownRegion(_)
+        | EngineError::UnknownRemoteRegion(_)
+        | EngineError::UnknownPeer(_)
+        | EngineError::BadRequest { .. }
+        | EngineError::NotifyTooLong { .. }
+        | EngineError::Metadata(_) => PyValueError::new_err(e.to_string()),
+        _ => peermem_err(e),
+    }
 }

@@ -6,9 +6,11 @@
 //!
 //! - [`args`]: Python arguments checked one by one, each error naming its argument.
 //! - [`bench`]: the same jobs run entirely in Rust, the benchmark's baseline.
+//! - [`engine`]: `Engine` (the transfer engine across hosts) and `Transfer`, a posted batch.
 //! - [`errors`]: the exceptions (`PeerMemError`, `NotDirectError`) and the error conversions.
 //! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures, batches.
-//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, any writable Python buffer; the package registry.
+//! - [`memory`]: `HostBuffer`, `VulkanBuffer`, `CudaBuffer`, any writable Python buffer, CUDA
+//!   tensors through DLPack; the package registry.
 //! - [`shard`]: `ShardReader`: record batches, partitioned, shuffled, prefetched into host buffers.
 //! - [`sys`]: the only `unsafe`: the buffer protocol, DLPack capsules, spans of lent memory.
 //! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
@@ -17,6 +19,7 @@ use pyo3::prelude::*;
 
 mod args;
 mod bench;
+mod engine;
 mod errors;
 mod loader;
 mod memory;
@@ -27,8 +30,8 @@ mod topology;
 
 pub use errors::{NotDirectError, PeerMemError};
 
-/// peermem's native module (topology, routes, zero-copy buffers, loader); `import peermem`
-/// re-exports it.
+/// peermem's native module (topology, routes, zero-copy buffers, loader, transfer engine);
+/// `import peermem` re-exports it.
 #[pymodule]
 #[pyo3(name = "_native")]
 fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -42,14 +45,18 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<topology::RouteInfo>()?;
     m.add_class::<memory::HostBuffer>()?;
     m.add_class::<memory::VulkanBuffer>()?;
+    m.add_class::<memory::CudaBuffer>()?;
     m.add_class::<loader::Loader>()?;
     m.add_class::<loader::Report>()?;
     m.add_class::<loader::Future>()?;
+    m.add_class::<engine::Engine>()?;
+    m.add_class::<engine::Transfer>()?;
     m.add_class::<shard::ShardReader>()?;
     m.add_class::<shard::ShardIter>()?;
     m.add_class::<shard::Batch>()?;
     m.add_function(wrap_pyfunction!(memory::registered_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memory::vulkan_available, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_read_batch, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_shards, m)?)?;
     Ok(())

@@ -17,7 +17,7 @@ use std::time::Duration;
 use pyo3::exceptions::{PyFileNotFoundError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
-use peermem_loader::{Batch, Dest, LoadError, Options, Report as LoadReport, Source, Ticket, Verify};
+use peermem_loader::{Batch, LoadError, Options, Report as LoadReport, Source, Ticket, Verify};
 
 use crate::args;
 use crate::errors::{load_err, peermem_err};
@@ -182,7 +182,8 @@ fn submit(engine: &peermem_loader::Loader, reqs: Vec<Req>) -> Result<(Ticket, He
                 r.out_offset
             )));
         }
-        batch.read(&fh, r.offset, size, Dest::region(&r.target.owned.reg), r.target.at + r.out_offset);
+        let dest = r.target.dest(engine).map_err(JobError::Load)?;
+        batch.read(&fh, r.offset, size, dest, r.target.at + r.out_offset);
     }
     let ticket = engine.submit(batch).map_err(JobError::Load)?;
     Ok((ticket, Held { _targets: reqs.into_iter().map(|r| r.target).collect() }))
@@ -360,7 +361,7 @@ impl Loader {
         let offset = args::int_or(offset, "offset", 0, u64::MAX, 0)?;
         let size = args::opt_int(size, "size", 1, u64::MAX)?;
         let out_offset = args::int_or(out_offset, "out_offset", 0, u64::MAX, 0)?;
-        Ok(Req { path, target: Target::from_py(out)?, offset, size, out_offset })
+        Ok(Req { path, target: Target::from_py(out, "out")?, offset, size, out_offset })
     }
 
     /// Reads given as `(path, out, offset, size, out_offset)` tuples (trailing items optional).

@@ -1,6 +1,9 @@
-//! Memory a load can fill: `HostBuffer` (page-aligned host pages), `VulkanBuffer` (a Vulkan
-//! allocation), and any writable contiguous Python buffer registered for the length of one load.
-//! The package's registry over the live system holds every registration.
+//! Memory a load can fill or the transfer engine can register: `HostBuffer` (page-aligned host
+//! pages), `VulkanBuffer` (a Vulkan allocation), `CudaBuffer` (CUDA device memory), any
+//! writable contiguous Python buffer, and any CUDA tensor lent through DLPack (`__dlpack__` on a
+//! CUDA device: PyTorch, CuPy, JAX), the last two registered for the length of one load or of
+//! one engine registration. The package's registry over the live system holds every
+//! registration.
 //!
 //! Owns: the package registry and the Python-facing buffer classes. Must not: touch raw
 //! pointers (the `sys` module does) or decide routes (the registry does).
@@ -13,6 +16,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use peermem::{HostRegion, PeerMemory, RegionId, Registration, Registry, VirtAddr};
+use peermem_cuda::{Cuda, CudaRegion};
+use peermem_loader::{Dest, LoadError};
 use peermem_vulkan::{Device, Placement, Select};
 
 use crate::errors::peermem_err;
@@ -44,6 +49,8 @@ pub struct Owned {
     /// Bytes the caller asked for (the region may be rounded up to whole pages).
     pub nbytes: u64,
     pub reg: Registration,
+    /// CUDA memory: the region as such and its device (loads stage into it).
+    pub cuda: Option<(peermem_cuda::Device, Arc<CudaRegion>)>,
 }
 
 /// The live table and the size at which it is next pruned.
@@ -61,7 +68,7 @@ fn live() -> &'static Mutex<Live> {
 /// Registers `region` and records it in the live table (the table's lock held by the caller).
 fn register_locked(table: &mut Live, region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Arc<Owned>> {
     let reg = registry()?.register(region.clone()).map_err(peermem_err)?;
-    let owned = Arc::new(Owned { region, nbytes, reg });
+    let owned = Arc::new(Owned { region, nbytes, reg, cuda: None });
     let (map, prune_at) = table;
     map.insert(owned.reg.entry().id(), Arc::downgrade(&owned));
     if map.len() >= *prune_at {
@@ -75,6 +82,12 @@ impl Owned {
     fn new(region: Arc<dyn PeerMemory>, nbytes: u64) -> PyResult<Arc<Owned>> {
         let mut t = live().lock().map_err(peermem_err)?;
         register_locked(&mut t, region, nbytes)
+    }
+    /// Registers CUDA memory (not in the live table: it has no CPU address to be found by).
+    fn cuda(device: &peermem_cuda::Device, region: CudaRegion, nbytes: u64) -> PyResult<Arc<Owned>> {
+        let region = Arc::new(region);
+        let reg = registry()?.register(region.clone()).map_err(peermem_err)?;
+        Ok(Arc::new(Owned { region: region.clone(), nbytes, reg, cuda: Some((device.clone(), region)) }))
     }
     fn data_ptr(&self) -> Option<u64> {
         self.region.cpu_mapping().map(|s| s.addr().raw())
@@ -251,9 +264,138 @@ impl VulkanBuffer {
     }
 }
 
-/// Where a load writes: registered memory (a buffer of the package, or any other writable
-/// contiguous Python buffer, registered for as long as a load holds it) and the byte offset of
-/// the caller's buffer in it.
+/// CUDA device `ordinal`, opened once per process on first use.
+pub fn cuda_device(ordinal: usize) -> PyResult<peermem_cuda::Device> {
+    static DEVS: OnceLock<Mutex<HashMap<usize, Result<peermem_cuda::Device, String>>>> = OnceLock::new();
+    let mut m = DEVS.get_or_init(|| Mutex::new(HashMap::new())).lock().map_err(peermem_err)?;
+    m.entry(ordinal)
+        .or_insert_with(|| Cuda::open(ordinal).map_err(|e| format!("cuda:{ordinal}: {e}")))
+        .clone()
+        .map_err(peermem_err)
+}
+
+/// True when CUDA device 0 can be opened (an NVIDIA driver and a GPU).
+#[pyfunction]
+pub fn cuda_available(py: Python<'_>) -> bool {
+    py.detach(|| cuda_device(0).is_ok())
+}
+
+/// `"cuda:N"`, `"cuda"` or an int: the device ordinal.
+pub fn cuda_ordinal(device: &Bound<'_, PyAny>) -> PyResult<usize> {
+    if let Ok(n) = device.extract::<usize>() {
+        return Ok(n);
+    }
+    let s: String = device.str()?.extract()?;
+    let bad = || PyValueError::new_err(format!("device {s:?}: expected \"cuda\", \"cuda:N\" or an ordinal"));
+    match s.strip_prefix("cuda") {
+        Some("") => Ok(0),
+        Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()).ok_or_else(bad),
+        None => Err(bad()),
+    }
+}
+
+/// CUDA device memory allocated by peermem, registered in the package's registry. No CPU
+/// mapping: DLPack (`torch.from_dlpack`, `cupy.from_dlpack`) gives a zero-copy uint8 tensor on
+/// the device; `read` copies bytes back to the host. A dma-buf is exported where the driver
+/// allows (`dma_buf`), else `dma_buf_reason` says why not.
+#[pyclass(module = "peermem", frozen)]
+pub struct CudaBuffer {
+    pub mem: Arc<Owned>,
+}
+
+impl CudaBuffer {
+    fn cuda(&self) -> &(peermem_cuda::Device, Arc<CudaRegion>) {
+        self.mem.cuda.as_ref().expect("a CudaBuffer holds CUDA memory")
+    }
+}
+
+#[pymethods]
+impl CudaBuffer {
+    #[new]
+    #[pyo3(signature = (nbytes, device=None))]
+    fn new(py: Python<'_>, nbytes: u64, device: Option<&Bound<'_, PyAny>>) -> PyResult<CudaBuffer> {
+        check_nbytes(nbytes)?;
+        let ordinal = device.map(cuda_ordinal).transpose()?.unwrap_or(0);
+        let (dev, region) = py.detach(|| {
+            let dev = cuda_device(ordinal)?;
+            let r = dev.allocate(nbytes).map_err(peermem_err)?;
+            Ok::<_, PyErr>((dev, r))
+        })?;
+        Ok(CudaBuffer { mem: Owned::cuda(&dev, region, nbytes)? })
+    }
+
+    #[getter]
+    fn nbytes(&self) -> u64 {
+        self.mem.nbytes
+    }
+    /// The device ordinal (`cuda:N`).
+    #[getter]
+    fn device(&self) -> usize {
+        self.cuda().0.info().ordinal
+    }
+    /// The device pointer of the first byte.
+    #[getter]
+    fn data_ptr(&self) -> u64 {
+        self.cuda().1.device_ptr().raw()
+    }
+    /// True when the memory was exported as a dma-buf (a NIC's driver can import it).
+    #[getter]
+    fn dma_buf(&self) -> bool {
+        self.cuda().1.has_dma_buf()
+    }
+    /// Why there is no dma-buf (None when there is one).
+    #[getter]
+    fn dma_buf_reason(&self) -> Option<String> {
+        self.cuda().1.dma_buf_refusal().map(ToString::to_string)
+    }
+    /// What the registry cannot know: the allocation, the device, the dma-buf or why not.
+    #[getter]
+    fn notes(&self) -> Vec<String> {
+        self.cuda().1.notes()
+    }
+    /// `size` bytes at `offset` (default: to the end), copied back to the host.
+    #[pyo3(signature = (offset=0, size=None))]
+    fn read<'py>(&self, py: Python<'py>, offset: u64, size: Option<u64>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let size = size.unwrap_or(self.mem.nbytes.saturating_sub(offset));
+        if offset.checked_add(size).is_none_or(|e| e > self.mem.nbytes) {
+            return Err(PyValueError::new_err(format!("{size} bytes at {offset} run past {} bytes", self.mem.nbytes)));
+        }
+        let (dev, region) = self.cuda();
+        let mut v = vec![0u8; size as usize];
+        py.detach(|| dev.read(region, offset, &mut v)).map_err(peermem_err)?;
+        Ok(pyo3::types::PyBytes::new(py, &v))
+    }
+    fn __len__(&self) -> usize {
+        self.mem.nbytes as usize
+    }
+    /// A DLPack capsule: 1-D uint8 on `(kDLCUDA, device)`, zero copy. The memory is written
+    /// only by loads, which complete before they return: there is no stream to order against.
+    #[pyo3(signature = (*, stream=None, max_version=None, dl_device=None, copy=None))]
+    fn __dlpack__<'py>(
+        &self,
+        py: Python<'py>,
+        stream: Option<Bound<'py, PyAny>>,
+        max_version: Option<(u32, u32)>,
+        dl_device: Option<(i32, i32)>,
+        copy: Option<bool>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let _ = stream;
+        let n = i64::try_from(self.mem.nbytes).map_err(|_| PyValueError::new_err("buffer too large"))?;
+        let (ptr, ord) = (self.data_ptr(), self.device() as i32);
+        let r = self.mem.region.clone();
+        crate::sys::dlpack_cuda(py, r, ptr, ord, self.mem.nbytes, &[n], None, max_version, dl_device, copy)
+    }
+    fn __dlpack_device__(&self) -> (i32, i32) {
+        (crate::sys::DLPACK_CUDA, self.device() as i32)
+    }
+    fn __repr__(&self) -> String {
+        format!("<peermem.CudaBuffer {} bytes on cuda:{}>", self.mem.nbytes, self.device())
+    }
+}
+
+/// Where a load writes, or what the engine registers: registered memory (a buffer of the
+/// package, or any other writable contiguous Python buffer, registered for as long as a load or
+/// an engine holds it) and the byte offset of the caller's buffer in it.
 pub struct Target {
     pub owned: Arc<Owned>,
     /// Where the caller's buffer starts in the registered region.
@@ -261,20 +403,42 @@ pub struct Target {
     /// Bytes of the caller's buffer.
     pub nbytes: u64,
     /// The caller's buffer export, held until the load is reaped (None for package buffers).
-    _export: Option<Arc<PyBufferRegion>>,
+    export: Option<Arc<PyBufferRegion>>,
 }
 
 impl Target {
-    pub fn from_py(out: &Bound<'_, PyAny>) -> PyResult<Target> {
+    /// The loader's destination for this memory: CUDA memory through `loader`'s pinned staging,
+    /// everything else as registered.
+    pub fn dest(&self, loader: &peermem_loader::Loader) -> Result<Dest, LoadError> {
+        match &self.owned.cuda {
+            Some((dev, region)) => loader.cuda_dest(&self.owned.reg, dev, region.clone()),
+            None => Ok(Dest::region(&self.owned.reg)),
+        }
+    }
+
+    /// `out` as registered memory; `name` is the argument's name in error messages.
+    pub fn from_py(out: &Bound<'_, PyAny>, name: &str) -> PyResult<Target> {
         if let Ok(b) = out.cast::<HostBuffer>() {
             let m = &b.get().mem;
-            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, export: None });
         }
         if let Ok(b) = out.cast::<VulkanBuffer>() {
             let m = &b.get().mem;
-            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, _export: None });
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, export: None });
         }
-        let export = Arc::new(PyBufferRegion::new(out)?);
+        if let Ok(b) = out.cast::<CudaBuffer>() {
+            let m = &b.get().mem;
+            return Ok(Target { owned: m.clone(), at: 0, nbytes: m.nbytes, export: None });
+        }
+        if let Some(ordinal) = crate::sys::dlpack_cuda_device(out)? {
+            // The device first: without CUDA no capsule is taken from the producer.
+            let dev = cuda_device(usize::try_from(ordinal).map_err(peermem_err)?)?;
+            let t = crate::sys::cuda_from_dlpack(out)?.ok_or_else(|| peermem_err("the tensor left the CUDA device"))?;
+            let nbytes = t.nbytes;
+            let region = crate::sys::adopt_cuda(&dev, t).map_err(peermem_err)?;
+            return Ok(Target { owned: Owned::cuda(&dev, region, nbytes)?, at: 0, nbytes, export: None });
+        }
+        let export = Arc::new(PyBufferRegion::new(out, name)?);
         let (addr, len) = (export.addr(), export.len());
         let mut t = live().lock().map_err(peermem_err)?;
         // Memory inside a live registration of this package: load through that registration.
@@ -286,10 +450,20 @@ impl Target {
         };
         if let Some((id, at)) = covering {
             if let Some(owned) = t.0.get(&id).and_then(Weak::upgrade) {
-                return Ok(Target { owned, at, nbytes: len, _export: Some(export) });
+                return Ok(Target { owned, at, nbytes: len, export: Some(export) });
             }
         }
         let owned = register_locked(&mut t, export.clone(), len)?;
-        Ok(Target { owned, at: 0, nbytes: len, _export: Some(export) })
+        Ok(Target { owned, at: 0, nbytes: len, export: Some(export) })
+    }
+
+    /// The memory of exactly the caller's buffer, to register on its own elsewhere (the transfer
+    /// engine): the registered region when the buffer is all of it, else the buffer export (a
+    /// view into a package buffer, or into memory registered through another view).
+    pub fn region(&self) -> Arc<dyn PeerMemory> {
+        match &self.export {
+            Some(e) if self.at != 0 || self.nbytes != self.owned.nbytes => e.clone(),
+            _ => self.owned.region.clone(),
+        }
     }
 }

@@ -174,18 +174,31 @@ impl Batch {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // The batch's loads (host or GPU copies) completed before it was yielded: there is no
+        // pending work on any stream to order against.
         let _ = stream;
-        if self.flat {
-            let n = self.buf.len as i64;
-            return crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &[n], None, max_version, dl_device, copy);
+        let (dims, stride) = if self.flat {
+            (vec![self.buf.len as i64], None)
+        } else {
+            let stride = (self.strides[0] != self.shape[1]).then_some(self.strides[0] as i64);
+            (vec![self.shape[0] as i64, self.shape[1] as i64], stride)
+        };
+        let (b, len) = (self.buf.clone(), self.buf.len);
+        match self.buf.batch.buffer().cuda_region() {
+            Some(c) => {
+                let (ptr, ord) = (c.device_ptr().raw(), c.device_info().ordinal as i32);
+                crate::sys::dlpack_cuda(py, b, ptr, ord, len, &dims, stride, max_version, dl_device, copy)
+            }
+            None => crate::sys::dlpack_nd(py, b, len, &dims, stride, max_version, dl_device, copy),
         }
-        let dims = [self.shape[0] as i64, self.shape[1] as i64];
-        let stride = (self.strides[0] != self.shape[1]).then_some(self.strides[0] as i64);
-        crate::sys::dlpack_nd(py, self.buf.clone(), self.buf.len, &dims, stride, max_version, dl_device, copy)
     }
 
+    /// `(1, 0)` for a host ring, `(2, N)` (kDLCUDA) for a ring on `cuda:N`.
     fn __dlpack_device__(&self) -> (i32, i32) {
-        crate::sys::DLPACK_CPU
+        match self.buf.batch.buffer().cuda_region() {
+            Some(c) => (crate::sys::DLPACK_CUDA, c.device_info().ordinal as i32),
+            None => crate::sys::DLPACK_CPU,
+        }
     }
 
     fn __repr__(&self) -> String {
@@ -413,8 +426,8 @@ impl ShardReader {
     /// `"direct"`, `"buffered"`) over `PEERMEM_IO`.
     #[new]
     #[pyo3(
-        signature = (files, record_size=None, index=None, batch_size=None, shuffle=false, seed=None, rank=None, world_size=None, prefetch=None, epoch=None, ring=None, depth=None, drop_last=false, pad=true, worker=None, workers=None, io=None),
-        text_signature = "(files, record_size=None, index=None, batch_size=32, shuffle=False, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None, drop_last=False, pad=True, worker=0, workers=1, io=None)"
+        signature = (files, record_size=None, index=None, batch_size=None, shuffle=false, seed=None, rank=None, world_size=None, prefetch=None, epoch=None, ring=None, depth=None, drop_last=false, pad=true, worker=None, workers=None, io=None, device=None),
+        text_signature = "(files, record_size=None, index=None, batch_size=32, shuffle=False, seed=0, rank=0, world_size=1, prefetch=2, epoch=0, ring=None, depth=None, drop_last=False, pad=True, worker=0, workers=1, io=None, device=None)"
     )]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -436,6 +449,7 @@ impl ShardReader {
         worker: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         io: Option<&Bound<'_, PyAny>>,
+        device: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<ShardReader> {
         let mut spec = Spec::parse(RawArgs {
             files,
@@ -462,6 +476,11 @@ impl ShardReader {
             .filter(|&b| b <= 1 << 40)
             .ok_or_else(|| PyValueError::new_err("batch_size * record_size is too large (over 1 TiB per batch)"))?;
         let io = crate::args::opt_io(io)?;
+        // `device="cuda:N"`: the ring lives in that GPU's memory.
+        let cuda = match device.filter(|d| !d.is_none()) {
+            Some(d) => Some(crate::memory::cuda_device(crate::memory::cuda_ordinal(d)?)?),
+            None => None,
+        };
         let env = Options::from_env().map_err(load_err)?;
         let lopts = Options { depth: spec.depth.unwrap_or(env.depth), io: io.unwrap_or(env.io), ..env };
         let reg = registry()?;
@@ -475,7 +494,12 @@ impl ShardReader {
             .detach(move || {
                 let loader = Arc::new(peermem_loader::Loader::new(reg, lopts)?);
                 let handles = loader.open_many(&files)?;
-                peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host)
+                match &cuda {
+                    Some(dev) => {
+                        peermem_loader::ShardReader::new(loader, handles, layout, o, |l, n| RingBuffer::cuda(l, dev, n))
+                    }
+                    None => peermem_loader::ShardReader::new(loader, handles, layout, o, RingBuffer::host),
+                }
             })
             .map_err(load_err)?;
         // The share's length does not depend on the order: count it unshuffled.

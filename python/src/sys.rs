@@ -24,6 +24,8 @@ use crate::errors::peermem_err;
 
 /// DLPack's `(kDLCPU, 0)`.
 pub const DLPACK_CPU: (i32, i32) = (1, 0);
+/// DLPack's `kDLCUDA` device type.
+pub const DLPACK_CUDA: i32 = 2;
 
 /// Fills `view` with the owned memory's CPU mapping (1-D, unsigned bytes, writable).
 ///
@@ -260,15 +262,62 @@ pub fn dlpack_nd<'py>(
     dl_device: Option<(i32, i32)>,
     copy: Option<bool>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    if dl_device.is_some_and(|d| d != DLPACK_CPU) {
-        return Err(PyValueError::new_err(format!("dl_device {dl_device:?}: only the CPU (1, 0) is offered")));
+    let span = region
+        .cpu_mapping()
+        .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
+    let data = Placed { data: span.addr().raw(), device: DLPACK_CPU };
+    dlpack_at(py, region, data, Shape { nbytes, dims, row_stride }, max_version, dl_device, copy)
+}
+
+/// As `dlpack_nd`, over CUDA device memory: `region`'s bytes start at device pointer `ptr` of
+/// device `ordinal` (DLPack's `(kDLCUDA, ordinal)`).
+#[allow(clippy::too_many_arguments)]
+pub fn dlpack_cuda<'py>(
+    py: Python<'py>,
+    region: Arc<dyn PeerMemory>,
+    ptr: u64,
+    ordinal: i32,
+    nbytes: u64,
+    dims: &[i64],
+    row_stride: Option<i64>,
+    max_version: Option<(u32, u32)>,
+    dl_device: Option<(i32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let data = Placed { data: ptr, device: (DLPACK_CUDA, ordinal) };
+    dlpack_at(py, region, data, Shape { nbytes, dims, row_stride }, max_version, dl_device, copy)
+}
+
+/// Where a DLPack tensor's bytes are: the address, and DLPack's `(device type, id)`.
+struct Placed {
+    data: u64,
+    device: (i32, i32),
+}
+
+/// A DLPack tensor's shape over `nbytes` bytes (see `dlpack_nd`).
+struct Shape<'a> {
+    nbytes: u64,
+    dims: &'a [i64],
+    row_stride: Option<i64>,
+}
+
+/// The capsule of `dlpack_nd` and `dlpack_cuda`.
+fn dlpack_at<'py>(
+    py: Python<'py>,
+    region: Arc<dyn PeerMemory>,
+    at: Placed,
+    shape: Shape<'_>,
+    max_version: Option<(u32, u32)>,
+    dl_device: Option<(i32, i32)>,
+    copy: Option<bool>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if dl_device.is_some_and(|d| d != at.device) {
+        return Err(PyValueError::new_err(format!("dl_device {dl_device:?}: only {:?} is offered", at.device)));
     }
     if copy == Some(true) {
         return Err(PyValueError::new_err("copy=True: the buffer is exported without copies only"));
     }
-    let span = region
-        .cpu_mapping()
-        .ok_or_else(|| peermem_err("the buffer has no CPU mapping (device-only memory): no DLPack tensor"))?;
+    let Shape { nbytes, dims, row_stride } = shape;
     let ndim = dims.len();
     let covered = match (dims, row_stride) {
         (&[rows, cols], Some(st)) if rows > 0 && cols > 0 && st >= cols => {
@@ -286,8 +335,8 @@ pub fn dlpack_nd<'py>(
     shape[..ndim].copy_from_slice(dims);
     let strides = [row_stride.unwrap_or(0), 1];
     let tensor = DLTensor {
-        data: span.addr().raw() as *mut c_void,
-        device: DLDevice { device_type: DLPACK_CPU.0, device_id: DLPACK_CPU.1 },
+        data: at.data as *mut c_void,
+        device: DLDevice { device_type: at.device.0, device_id: at.device.1 },
         ndim: ndim as i32,
         dtype: DLDataType { code: 1, bits: 8, lanes: 1 },
         shape: std::ptr::null_mut(),
@@ -351,24 +400,25 @@ pub struct PyBufferRegion {
 }
 
 impl PyBufferRegion {
-    pub fn new(obj: &Bound<'_, PyAny>) -> PyResult<PyBufferRegion> {
+    /// Exports `obj`'s buffer; `name` is the argument's name in error messages.
+    pub fn new(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<PyBufferRegion> {
         let tname = || obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into());
         let buf = PyUntypedBuffer::get(obj).map_err(|e| {
             pyo3::exceptions::PyTypeError::new_err(format!(
-                "out: a HostBuffer, a VulkanBuffer or a writable buffer, not {} ({e})",
+                "{name}: a HostBuffer, a VulkanBuffer or a writable buffer, not {} ({e})",
                 tname()
             ))
         })?;
         if buf.readonly() {
-            return Err(PyValueError::new_err(format!("out: the {} buffer is read-only", tname())));
+            return Err(PyValueError::new_err(format!("{name}: the {} buffer is read-only", tname())));
         }
         if !buf.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("out: the {} buffer is not C-contiguous", tname())));
+            return Err(PyValueError::new_err(format!("{name}: the {} buffer is not C-contiguous", tname())));
         }
         let len = buf.len_bytes() as u64;
         let ptr = NonNull::new(buf.buf_ptr().cast::<u8>())
             .filter(|_| len > 0)
-            .ok_or_else(|| PyValueError::new_err(format!("out: the {} buffer is empty", tname())))?;
+            .ok_or_else(|| PyValueError::new_err(format!("{name}: the {} buffer is empty", tname())))?;
         Ok(PyBufferRegion { buf, ptr, len })
     }
 }
@@ -404,3 +454,143 @@ impl PeerMemory for PyBufferRegion {
 unsafe impl Send for PyBufferRegion {}
 // SAFETY: as for Send.
 unsafe impl Sync for PyBufferRegion {}
+
+/// A CUDA tensor handed in through DLPack: where its bytes are, and the capsule that keeps the
+/// producer's tensor alive (left unconsumed: its own destructor releases the tensor when the
+/// last holder drops it).
+pub struct CudaTensor {
+    pub ptr: u64,
+    pub nbytes: u64,
+    capsule: Py<PyAny>,
+}
+
+/// DLPack's flag for a tensor the consumer must not write.
+const DLPACK_FLAG_READ_ONLY: u64 = 1;
+
+/// The CUDA device ordinal `obj` says its DLPack tensor is on (`__dlpack_device__` of
+/// `(kDLCUDA, N)`), or None for another device or an object without DLPack.
+pub fn dlpack_cuda_device(obj: &Bound<'_, PyAny>) -> PyResult<Option<i32>> {
+    if !obj.hasattr("__dlpack_device__")? || !obj.hasattr("__dlpack__")? {
+        return Ok(None);
+    }
+    let (kind, ordinal): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
+    Ok((kind == DLPACK_CUDA).then_some(ordinal))
+}
+
+/// The CUDA tensor `obj` lends through DLPack, or None when `obj` is not on a CUDA device
+/// (`__dlpack_device__` absent or another device type). The producer is asked with `stream=1`
+/// (the legacy default stream) so its pending writes come before the loader's copies; a
+/// non-contiguous or read-only tensor is a `ValueError`.
+pub fn cuda_from_dlpack(obj: &Bound<'_, PyAny>) -> PyResult<Option<CudaTensor>> {
+    let py = obj.py();
+    if dlpack_cuda_device(obj)?.is_none() {
+        return Ok(None);
+    }
+    let kw = pyo3::types::PyDict::new(py);
+    kw.set_item("stream", 1)?;
+    kw.set_item("max_version", (1, 0))?;
+    let cap = match obj.call_method("__dlpack__", (), Some(&kw)) {
+        Ok(c) => c,
+        // A producer before DLPack 1.0 has no `max_version`.
+        Err(e) if e.is_instance_of::<pyo3::exceptions::PyTypeError>(py) => {
+            kw.del_item("max_version")?;
+            obj.call_method("__dlpack__", (), Some(&kw))?
+        }
+        Err(e) => return Err(e),
+    };
+    let (t, flags) = capsule_tensor(&cap)?;
+    if flags & DLPACK_FLAG_READ_ONLY != 0 {
+        return Err(PyValueError::new_err("out: the CUDA tensor is read-only (DLPack flag)"));
+    }
+    if t.device.device_type != DLPACK_CUDA {
+        return Err(PyValueError::new_err(format!("out: DLPack device type {} is not CUDA", t.device.device_type)));
+    }
+    let nbytes = contiguous_bytes(&t)?;
+    let ptr = (t.data as u64)
+        .checked_add(t.byte_offset)
+        .ok_or_else(|| PyValueError::new_err("out: the tensor's byte_offset overflows"))?;
+    Ok(Some(CudaTensor { ptr, nbytes, capsule: cap.unbind() }))
+}
+
+/// The tensor in a DLPack capsule (legacy or versioned) and its flags.
+fn capsule_tensor(cap: &Bound<'_, PyAny>) -> PyResult<(DLTensorView, u64)> {
+    let p = cap.as_ptr();
+    // SAFETY: `p` is a live object; the capsule checks below read only a capsule of these names,
+    // whose pointer the DLPack protocol defines as a (versioned) managed tensor, alive while the
+    // capsule is. Shape and strides are copied out while it is held.
+    unsafe {
+        if ffi::PyCapsule_IsValid(p, DLTENSOR_VERSIONED.as_ptr()) == 1 {
+            let m = ffi::PyCapsule_GetPointer(p, DLTENSOR_VERSIONED.as_ptr()).cast::<DLManagedTensorVersioned>();
+            return Ok((view_of(&(*m).dl_tensor)?, (*m).flags));
+        }
+        if ffi::PyCapsule_IsValid(p, DLTENSOR.as_ptr()) == 1 {
+            let m = ffi::PyCapsule_GetPointer(p, DLTENSOR.as_ptr()).cast::<DLManagedTensor>();
+            return Ok((view_of(&(*m).dl_tensor)?, 0));
+        }
+        ffi::PyErr_Clear();
+    }
+    Err(PyValueError::new_err("out: __dlpack__ returned no unconsumed DLPack capsule"))
+}
+
+/// What the loader needs of a DLTensor, copied out of it.
+struct DLTensorView {
+    data: *mut c_void,
+    device: DLDevice,
+    byte_offset: u64,
+    dtype: DLDataType,
+    shape: Vec<i64>,
+    strides: Option<Vec<i64>>,
+}
+
+/// Copies the fields of `t`.
+///
+/// # Safety
+/// `t` must be a live DLTensor whose `shape` (and `strides`, when not null) hold `ndim` values.
+unsafe fn view_of(t: &DLTensor) -> PyResult<DLTensorView> {
+    let ndim = usize::try_from(t.ndim).map_err(|_| PyValueError::new_err("out: negative ndim"))?;
+    if ndim > 64 || (ndim > 0 && t.shape.is_null()) {
+        return Err(PyValueError::new_err(format!("out: a DLPack tensor of {ndim} dimensions without a shape")));
+    }
+    // SAFETY: the caller's contract: `ndim` values behind each non-null pointer.
+    let read = |p: *mut i64| unsafe { std::slice::from_raw_parts(p, ndim).to_vec() };
+    Ok(DLTensorView {
+        data: t.data,
+        device: t.device,
+        byte_offset: t.byte_offset,
+        dtype: t.dtype,
+        shape: if ndim == 0 { Vec::new() } else { read(t.shape) },
+        strides: (!t.strides.is_null() && ndim > 0).then(|| read(t.strides)),
+    })
+}
+
+/// The bytes of a C-contiguous tensor (strides absent or compact row-major); an error otherwise.
+fn contiguous_bytes(t: &DLTensorView) -> PyResult<u64> {
+    let bits = u64::from(t.dtype.bits) * u64::from(t.dtype.lanes);
+    if bits == 0 || bits % 8 != 0 {
+        return Err(PyValueError::new_err(format!("out: element of {bits} bits is not whole bytes")));
+    }
+    let mut expect = 1i64;
+    if let Some(st) = &t.strides {
+        for (d, s) in t.shape.iter().zip(st).rev() {
+            if *d != 1 && *s != expect {
+                return Err(PyValueError::new_err("out: the CUDA tensor is not C-contiguous"));
+            }
+            expect = expect.saturating_mul(*d);
+        }
+    }
+    let n = t.shape.iter().try_fold(1u64, |a, &d| u64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
+    let bytes = n.and_then(|n| n.checked_mul(bits / 8)).filter(|&b| b > 0);
+    bytes.ok_or_else(|| PyValueError::new_err(format!("out: the CUDA tensor of shape {:?} is empty", t.shape)))
+}
+
+/// Adopts the memory of `t` on `device` as a region that holds `t`'s capsule.
+pub fn adopt_cuda(
+    device: &peermem_cuda::Device,
+    t: CudaTensor,
+) -> Result<peermem_cuda::CudaRegion, peermem_cuda::CudaError> {
+    let CudaTensor { ptr, nbytes, capsule, .. } = t;
+    // SAFETY: the capsule, unconsumed, keeps the producer's tensor (and so its memory) alive
+    // until the region drops it: its destructor is what releases the tensor.
+    let f = unsafe { peermem_cuda::Foreign::new(peermem_cuda::DevicePtr::new(ptr), nbytes, Box::new(capsule)) };
+    device.adopt(f)
+}

@@ -43,6 +43,9 @@ pub enum Backing<'a> {
     PlannedDmaBuf { bdf: Bdf },
     /// A driver-private fd (Vulkan opaque fd): only the same driver can import it.
     OpaqueFd(BorrowedFd<'a>),
+    /// Device memory without an fd that only its own driver reaches (CUDA memory the driver
+    /// would not export as a dma-buf): peers go through the driver's copies and host staging.
+    DriverPrivate,
 }
 
 /// Errors from regions themselves.

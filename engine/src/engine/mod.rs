@@ -2,8 +2,9 @@
 //! rdma_cm (one per pair of NICs that reach each other), and batches of RDMA READ and WRITE posted
 //! as one unit: each request cut into slices dealt to the rails the fabric allows for its two
 //! memories, weighted by bandwidth and by what each rail delivers; a rail whose queue pair fails
-//! is taken out and its unacknowledged slices go to the others; the peer's notification is sent
-//! once every byte has landed.
+//! is taken out and its unacknowledged slices go to the others; a peer whose engine is gone (it
+//! closed the connections, or nothing listens where it did) ends its batches at once; the
+//! peer's notification is sent once every byte has landed, and received once.
 //!
 //! Progress is made by whoever waits (a ticket, a notification) and by the engine's listener
 //! thread, under one lock: no completion is polled outside it.
@@ -88,7 +89,7 @@ pub enum EngineError {
     Metadata(#[from] MetadataError),
     #[error("{0} is not registered with this engine")]
     UnknownRegion(RegionId),
-    #[error("the peer has no region {0}")]
+    #[error("the peer has no {0}")]
     UnknownRemoteRegion(RegionId),
     #[error("{0:?} is not a connected peer")]
     UnknownPeer(PeerId),
@@ -219,6 +220,12 @@ impl Engine {
         self.shared.lock()?.register(region)
     }
 
+    /// Registers every region of `regions` under one lock, all or none: when one fails, those
+    /// this call registered before it are unregistered, and its error comes with its index.
+    pub fn register_all(&self, regions: &[Arc<dyn PeerMemory>]) -> Result<Vec<RegionId>, EngineError> {
+        self.shared.lock()?.register_all(regions)
+    }
+
     /// `len` bytes at `offset` of a registered region, registered on their own where no
     /// registration covers them yet (a range cache: sub-ranges of a registered region cost
     /// nothing).
@@ -267,19 +274,24 @@ impl Engine {
         Ok(Ticket { shared: self.shared.clone(), id })
     }
 
-    /// Notifications received so far, waiting up to `timeout` for the first.
+    /// Notifications received so far, waiting up to `timeout` for the first. Only the receive
+    /// rings are polled here (batches progress in their tickets' waits and the listener
+    /// thread), at most a millisecond apart once nothing arrives.
     pub fn notifications(&self, timeout: Duration) -> Result<Vec<Notification>, EngineError> {
         let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_micros(50);
         loop {
             let got = {
                 let mut inner = self.shared.lock()?;
-                inner.progress();
+                inner.poll_notifications();
                 inner.take_notifications()
             };
-            if !got.is_empty() || Instant::now() >= deadline {
+            let now = Instant::now();
+            if !got.is_empty() || now >= deadline {
                 return Ok(got);
             }
-            std::thread::sleep(Duration::from_micros(200));
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(1));
         }
     }
 

@@ -17,8 +17,8 @@ use peermem_rdma::{Access, Connection, Local, Nic, NicMr, RdmaError, RemoteBuf};
 
 use super::link::{Link, LinkState, Wr};
 use super::local::{open_nics, Listener, LocalNic};
-use super::notify::Incoming;
-use super::{EngineError, EngineOptions, Notification, Op, PeerId, RailReport, Report, Request, Shared, NOTIFY_MAX};
+use super::notify::{Incoming, Seen, WIRE};
+use super::{EngineError, EngineOptions, Notification, Op, PeerId, RailReport, Report, Request, Shared};
 use crate::cache::{CacheCounts, RangeCache};
 use crate::metadata::{Metadata, NicAddr, RegionMeta, RemoteKey, VERSION};
 use crate::rails::{choose, Choice, NicReach, Plan, RailId, Rails, SliceId, SliceState};
@@ -117,6 +117,7 @@ pub(crate) struct Inner {
     next_region: u32,
     next_peer: u32,
     notes: Vec<Notification>,
+    seen: Seen,
     batches: HashMap<u64, Batch>,
     next_ticket: u64,
     notify_bufs: Vec<NotifyBufs>,
@@ -144,7 +145,7 @@ impl Inner {
             .collect();
         let mut notify_bufs = Vec::new();
         for n in &nics {
-            let host = Arc::new(HostRegion::new((NOTIFY_SLOTS * NOTIFY_MAX) as u64).map_err(RdmaError::from)?);
+            let host = Arc::new(HostRegion::new((NOTIFY_SLOTS * WIRE) as u64).map_err(RdmaError::from)?);
             let mr = n.nic.register(&registry, host as Arc<dyn PeerMemory>, Access::LOCAL_READ)?;
             notify_bufs.push(NotifyBufs { mr, busy: vec![false; NOTIFY_SLOTS] });
         }
@@ -165,6 +166,7 @@ impl Inner {
             next_peer: 1,
             incoming: Vec::new(),
             notes: Vec::new(),
+            seen: Seen::default(),
             batches: HashMap::new(),
             next_ticket: 1,
             notify_bufs,
@@ -202,6 +204,29 @@ impl Inner {
         self.next_region += 1;
         self.local.insert(id, LocalRegion { region, reach, in_use: 0 });
         Ok(id)
+    }
+
+    pub fn register_all(&mut self, regions: &[Arc<dyn PeerMemory>]) -> Result<Vec<RegionId>, EngineError> {
+        let mut ids = Vec::with_capacity(regions.len());
+        let mut new = Vec::new();
+        for (index, region) in regions.iter().enumerate() {
+            let known = self.local.values().any(|r| Arc::ptr_eq(&r.region, region));
+            match self.register(region.clone()) {
+                Ok(id) => {
+                    ids.push(id);
+                    if !known {
+                        new.push(id);
+                    }
+                }
+                Err(e) => {
+                    for id in new {
+                        let _ = self.unregister(id);
+                    }
+                    return Err(EngineError::BadRequest { index, why: format!("registering it: {e}") });
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// How each local NIC reaches `region`, by the core's ranking.
@@ -374,14 +399,20 @@ impl Inner {
         // The transport may pad the private data: the name's length says where it ends.
         let private = conn.private_data();
         let name = private.get(8).and_then(|&n| private.get(9..9 + n as usize));
+        let token = private.first_chunk::<8>().map_or(0, |t| u64::from_le_bytes(*t));
         let from = match name {
             Some(n) if !n.is_empty() => String::from_utf8_lossy(n).into_owned(),
             _ => conn.peer().to_string(),
         };
-        match Incoming::new(&self.nics[nic].nic, &self.registry, conn, from) {
+        match Incoming::new(&self.nics[nic].nic, &self.registry, conn, from, token) {
             Ok(inc) => self.incoming.push(inc),
             Err(e) => tracing::warn!("cannot take a connection's notifications: {e}"),
         }
+    }
+
+    /// Polls the receive rings only (see `Engine::notifications`).
+    pub fn poll_notifications(&mut self) {
+        self.poll_incoming();
     }
 
     pub fn take_notifications(&mut self) -> Vec<Notification> {

@@ -1,8 +1,10 @@
 """peermem: PCIe peer-to-peer memory from Python.
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
-`VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
-(`Loader.read`, `Loader.pread`) and record batches for training (`ShardReader`). A thin layer
+`VulkanBuffer`: buffer protocol and DLPack; `CudaBuffer`: DLPack on the GPU), a loader that
+reads files straight into them (`Loader.read`, `Loader.pread`), record batches for training
+(`ShardReader`) and the transfer engine across hosts (`Engine`: RDMA READ/WRITE batches between
+registered memories). A thin layer
 over the Rust crates: everything here is the native module `peermem._native`, re-exported.
 
 `peermem.torch` (imported on its own; it imports torch, this module never does) has
@@ -11,7 +13,9 @@ over the Rust crates: everything here is the native module `peermem._native`, re
 
 from ._native import (
     Batch as Batch,
+    CudaBuffer as CudaBuffer,
     Device as Device,
+    Engine as Engine,
     Future as Future,
     HostBuffer as HostBuffer,
     Loader as Loader,
@@ -22,18 +26,22 @@ from ._native import (
     ShardIter as ShardIter,
     ShardReader as ShardReader,
     Topology as Topology,
+    Transfer as Transfer,
     VulkanBuffer as VulkanBuffer,
     Why as Why,
     __version__ as __version__,
     _rust_read_batch as _rust_read_batch,
     _rust_shards as _rust_shards,
+    cuda_available as cuda_available,
     registered_buffers as registered_buffers,
     vulkan_available as vulkan_available,
 )
 
 __all__ = [
     "Batch",
+    "CudaBuffer",
     "Device",
+    "Engine",
     "Future",
     "HostBuffer",
     "Loader",
@@ -44,8 +52,10 @@ __all__ = [
     "ShardIter",
     "ShardReader",
     "Topology",
+    "Transfer",
     "VulkanBuffer",
     "Why",
+    "cuda_available",
     "registered_buffers",
     "vulkan_available",
 ]

@@ -2,12 +2,12 @@
 
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
 `VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
-(`Loader.read`, `Loader.pread`) and record batches (`ShardReader`). A thin layer over the Rust
-crates.
+(`Loader.read`, `Loader.pread`), record batches (`ShardReader`) and the transfer engine
+(`Engine`). A thin layer over the Rust crates.
 """
 
 import os
-from typing import Any, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from typing_extensions import Buffer
 
@@ -141,6 +141,35 @@ class VulkanBuffer:
     ) -> Any: ...
     def __dlpack_device__(self) -> Tuple[int, int]: ...
 
+class CudaBuffer:
+    """CUDA device memory registered in the package's registry (needs an NVIDIA driver: see
+    `cuda_available()`). DLPack only (on `(kDLCUDA, device)`, zero copy); `read` copies back."""
+
+    def __init__(self, nbytes: int, device: Union[int, str, None] = None) -> None: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def data_ptr(self) -> int: ...
+    @property
+    def dma_buf(self) -> bool: ...
+    @property
+    def dma_buf_reason(self) -> Optional[str]: ...
+    @property
+    def notes(self) -> List[str]: ...
+    def read(self, offset: int = 0, size: Optional[int] = None) -> bytes: ...
+    def __len__(self) -> int: ...
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
+
 class Report:
     """What one load (or one batch of reads) did."""
 
@@ -237,6 +266,10 @@ class Loader:
 def registered_buffers() -> int:
     """Regions in the package's registry: live buffers and destinations of loads in flight."""
 
+def cuda_available() -> bool:
+    """True when CUDA device 0 can be opened (an NVIDIA driver and a GPU)."""
+    ...
+
 def vulkan_available() -> bool:
     """True when a Vulkan device can be opened (lavapipe counts)."""
 
@@ -316,7 +349,9 @@ class ShardReader:
     `"auto"` by default) judges the files together when the reader opens them: a data set that
     fits in half of the memory this process may take (or is mostly cached already) is read
     through the page cache, read ahead in the background, so later epochs come from memory; a
-    larger one with O_DIRECT.
+    larger one with O_DIRECT. `device="cuda:N"`: the ring lives in that GPU's memory, filled
+    through pinned staging and CUDA copies; each batch is a DLPack tensor on `(kDLCUDA, N)`
+    (`torch.from_dlpack(batch)` is on the GPU, zero copy) without the buffer protocol.
 
     Errors name the argument and the rule broken: `TypeError` (`files must be a list of paths,
     not a str`, `batch_size must be an int, not str`), `ValueError` (`rank must be >= 0 and <
@@ -343,6 +378,7 @@ class ShardReader:
         worker: int = 0,
         workers: int = 1,
         io: Optional[str] = None,
+        device: Union[int, str, None] = None,
     ) -> None: ...
     @property
     def num_records(self) -> int:
@@ -377,3 +413,62 @@ def _rust_shards(
     depth: Optional[int] = None,
 ) -> float:
     """Benchmark baseline: one epoch of a Rust `ShardReader`; the seconds of the timed part."""
+
+_Bytes = Union[bytes, bytearray, memoryview]
+_Request = Tuple[int, int, int, int, int]
+"""`(local_id, local_offset, remote_id, remote_offset, length)`."""
+
+class Transfer:
+    """A batch posted by `Engine.read` or `Engine.write`."""
+
+    def done(self) -> bool:
+        """True once the batch has ended (done or failed)."""
+    def result(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The report: `bytes`, `requests`, `seconds`, `rails` (dicts: `nic`, `remote_nic`,
+        `bytes`, `slices`, `state`, `error`), `retries`, `routes`, `notified`; or the batch's
+        error raised. `TimeoutError` after `timeout` seconds (the batch goes on); None waits as
+        long as the engine's `timeout` on a batch. The GIL is released while waiting; Ctrl-C
+        interrupts the wait."""
+
+class Engine:
+    """The transfer engine across hosts over the RDMA NICs `nics` (default: every active one),
+    each listening on `port` (0: any). `host`: the name peers see (default: the hostname);
+    `timeout`: seconds a batch may take before it fails; `depth`: work requests in flight per
+    rail (1 to 64). `PeerMemError` when no NIC opens (the message names what is missing),
+    `TypeError`/`ValueError` for bad arguments. A context manager (`close` on exit)."""
+
+    def __init__(
+        self,
+        nics: Optional[Sequence[str]] = None,
+        port: int = 0,
+        host: Optional[str] = None,
+        timeout: float = 60.0,
+        depth: int = 64,
+    ) -> None: ...
+    def register(self, obj: _Out) -> int:
+        """Registers `obj` with every NIC and returns its region id; the object is kept alive
+        until it is unregistered or the engine closed. The same memory again gives the same
+        id; memory overlapping another registration is a `PeerMemError`."""
+    def unregister(self, region: int) -> None:
+        """`PeerMemError` while a posted batch uses the region; `ValueError` for an unknown id."""
+    def routes(self, region: int) -> List[str]:
+        """How each NIC registered the region, and why."""
+    def metadata(self) -> bytes:
+        """For the peer's `connect`: this host's NICs and the regions registered so far."""
+    def connect(self, metadata: _Bytes) -> int:
+        """Connects to the peer that `metadata` describes; returns its peer id."""
+    def read(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Transfer:
+        """The peer's bytes into local regions, as one batch; `notify` (at most 4096 bytes)
+        reaches the peer once every byte landed. `ValueError` for a bad tuple, an unknown
+        region or peer, or a range past a region's end; `TypeError` for a wrong type."""
+    def write(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Transfer:
+        """Local bytes into the peer's regions; as `read`."""
+    def notifications(self, timeout: float = 0.0) -> List[Tuple[str, bytes]]:
+        """`(peer host, message)` received so far, waiting up to `timeout` s for the first."""
+    def rails(self, peer: int) -> List[Dict[str, Any]]:
+        """The rails to `peer`: dicts as in a report's `rails`."""
+    def close(self) -> None:
+        """Stops the listener and lets go of the registrations and connections (a `Transfer`
+        still pending keeps its own until its batch ends); later calls raise `PeerMemError`."""
+    def __enter__(self) -> "Engine": ...
+    def __exit__(self, *args: Any) -> bool: ...

@@ -168,6 +168,7 @@ impl Inner {
             self.revive(*pid, now);
         }
         self.check_batches();
+        self.release_retired();
     }
 
     fn poll_links(&mut self, pid: PeerId, now: Duration) {

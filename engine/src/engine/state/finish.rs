@@ -22,12 +22,14 @@ impl Inner {
             if bufs.busy[slot] {
                 continue;
             }
-            let msg = self.batches[&ticket].notify.clone().unwrap_or_default();
-            let off = (slot * NOTIFY_MAX) as u64;
-            if bufs.mr.region().write_at(off, &msg).is_err() {
+            // The ticket, then the message (see `notify`).
+            let mut wire = ticket.to_le_bytes().to_vec();
+            wire.extend_from_slice(self.batches[&ticket].notify.as_deref().unwrap_or_default());
+            let off = (slot * WIRE) as u64;
+            if bufs.mr.region().write_at(off, &wire).is_err() {
                 continue;
             }
-            let posted = Local::new(&bufs.mr, off, msg.len() as u32).map_err(|e| e.to_string()).and_then(|l| {
+            let posted = Local::new(&bufs.mr, off, wire.len() as u32).map_err(|e| e.to_string()).and_then(|l| {
                 link.conn.as_mut().ok_or_else(|| "link down".to_string())?.post_send(l).map_err(|e| e.to_string())
             });
             match posted {
@@ -52,15 +54,33 @@ impl Inner {
         }
     }
 
-    /// Notifications that arrived on accepted connections; a peer that left closes its ring.
+    /// Notifications that arrived on accepted connections, each once; a peer that left closes
+    /// its ring.
     pub(super) fn poll_incoming(&mut self) {
+        let mut got = Vec::new();
         for inc in &mut self.incoming {
-            inc.poll(&mut self.notes);
+            inc.poll(&mut got);
             if !inc.closed && inc.conn.check_peer().is_err() {
                 inc.closed = true;
             }
         }
         self.incoming.retain(|i| !i.closed);
+        for r in got {
+            if self.seen.first(r.key) {
+                self.notes.push(r.note);
+            }
+        }
+    }
+
+    /// Deregisters the registrations the range caches retired, on each NIC with no work request
+    /// in flight (a retired key may still be in a posted one until then).
+    pub(super) fn release_retired(&mut self) {
+        for (nic, cache) in self.caches.iter_mut().enumerate() {
+            let busy = self.peers.values().flat_map(|p| &p.links).any(|l| l.local == nic && !l.inflight.is_empty());
+            if !busy {
+                cache.release_retired();
+            }
+        }
     }
 
     /// Connects again each link of `pid` whose cool-down has passed and whose NIC's port is
