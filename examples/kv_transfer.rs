@@ -10,12 +10,12 @@
 //! kv_transfer [--op read|write]                 both ends in this process
 //! kv_transfer server [--blocks N] [--block-size B] [--port P] [--nics A,B] [--fault exit|unregister]
 //! kv_transfer client --host IP [--port P] [--want K] [--op read|write] [--depth D] [--nics A,B]
-//!                    [--fault link-down[=NETDEV]] [--json]
+//!                    [--fault link-down[=NETDEV]] [--timeout SECS] [--json]
 //! ```
 //! The control channel (metadata and the block table) is TCP on `--port` (default 18650).
-//! `--nics` keeps the engine to the RDMA devices named. The client prints one JSON object:
-//! `op`, `bytes`, `verified`, `seconds`, `gbps`, `rails` (each with `nic`, `remote_nic`,
-//! `bytes`, `state`), `retries`, `notified`, or `error`.
+//! `--nics` keeps the engine to the RDMA devices named; `--timeout` bounds a batch (default
+//! 30 s). The client prints one JSON object: `op`, `bytes`, `verified`, `seconds`, `gbps`,
+//! `rails` (each with `nic`, `remote_nic`, `bytes`, `state`), `retries`, `notified`, or `error`.
 //!
 //! Faults: `client --fault link-down` takes the netdev under the client's last rail down just
 //! after the batch is posted (the batch must still complete, its report naming the failed
@@ -48,6 +48,7 @@ struct Args {
     depth: usize,
     op: Op,
     nics: Option<Vec<String>>,
+    timeout: Duration,
 }
 
 fn parse() -> Result<Args> {
@@ -63,6 +64,7 @@ fn parse() -> Result<Args> {
         depth: EngineOptions::default().depth,
         op: Op::Read,
         nics: None,
+        timeout: Duration::from_secs(30),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -85,6 +87,13 @@ fn parse() -> Result<Args> {
                 }
             }
             "--nics" => a.nics = Some(val("--nics")?.split(',').map(str::to_string).collect()),
+            "--timeout" => {
+                let secs: u64 = val("--timeout")?.parse().context("--timeout: seconds")?;
+                if secs == 0 {
+                    bail!("--timeout: at least 1 second");
+                }
+                a.timeout = Duration::from_secs(secs);
+            }
             other => bail!("unknown argument {other:?} (see the example's header)"),
         }
     }
@@ -240,12 +249,8 @@ fn check_written(region: &dyn PeerMemory, a: &Args, wrote: &[u64]) -> Result<ser
 }
 
 fn engine(a: &Args) -> Result<Engine> {
-    let options = EngineOptions {
-        depth: a.depth,
-        timeout: Duration::from_secs(30),
-        nics: a.nics.clone(),
-        ..EngineOptions::default()
-    };
+    let options =
+        EngineOptions { depth: a.depth, timeout: a.timeout, nics: a.nics.clone(), ..EngineOptions::default() };
     Engine::new(registry()?, options).context("starting the engine")
 }
 
