@@ -206,18 +206,24 @@ fn add_rdma(root: &Path, dev: &str, name: &str) {
     std::os::unix::fs::symlink(target, root.join("sys/class/infiniband").join(name)).unwrap();
 }
 
-#[test]
-fn equal_nics_are_listed_together_and_a_narrower_path_ranks_after_them() {
+/// `fixtures/derived-gpu-nic` with two more NICs below GPU0's switch: mlx5_3 on 05:00.0 as wide
+/// as mlx5_0's path (every link 16 GT/s x16), mlx5_4 on 08:00.0 behind the nested switch, whose
+/// links stay 2.5 GT/s x1. The directory lives as long as the guard.
+fn gpu0_with_more_nics() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
     copy_tree(&fixture("derived-gpu-nic"), &root);
-    // Below GPU0's switch: mlx5_3 on 05:00.0 as wide as mlx5_0's path (every link 16 GT/s x16),
-    // mlx5_4 on 08:00.0 behind the nested switch, whose links stay 2.5 GT/s x1.
     for dev in ["0000:02:00.0", "0000:02:01.0", "0000:02:02.0", "0000:02:02.0/0000:05:00.0"] {
         set_link(&root, &format!("{U1}/{dev}"), "16.0", 16);
     }
     add_rdma(&root, &format!("{U1}/0000:02:02.0/0000:05:00.0"), "mlx5_3");
     add_rdma(&root, &format!("{U1}/0000:02:03.0/0000:06:00.0/0000:07:00.0/0000:08:00.0"), "mlx5_4");
+    (dir, root)
+}
+
+#[test]
+fn equal_nics_are_listed_together_and_a_narrower_path_ranks_after_them() {
+    let (_dir, root) = gpu0_with_more_nics();
     let (out, _) = ok(&root, &["export", "--ucx", "GPU0"]);
     assert_eq!(out, "GPU0_UCX_NET_DEVICES=mlx5_0:1,mlx5_3:1\n", "the tie, without the narrower NIC");
     let (out, _) = ok(&root, &["export", "--ucx", "--json", "GPU0"]);
@@ -233,14 +239,7 @@ fn equal_nics_are_listed_together_and_a_narrower_path_ranks_after_them() {
 
 #[test]
 fn nics_ranks_every_nic_for_a_gpu_with_its_standing_and_reasons() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    copy_tree(&fixture("derived-gpu-nic"), &root);
-    for dev in ["0000:02:00.0", "0000:02:01.0", "0000:02:02.0", "0000:02:02.0/0000:05:00.0"] {
-        set_link(&root, &format!("{U1}/{dev}"), "16.0", 16);
-    }
-    add_rdma(&root, &format!("{U1}/0000:02:02.0/0000:05:00.0"), "mlx5_3");
-    add_rdma(&root, &format!("{U1}/0000:02:03.0/0000:06:00.0/0000:07:00.0/0000:08:00.0"), "mlx5_4");
+    let (_dir, root) = gpu0_with_more_nics();
     let (out, _) = ok(&root, &["nics", "--json", "GPU0"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     let t = &v["targets"][0];
