@@ -199,7 +199,7 @@ impl Inner {
         }
     }
 
-    /// `PeerGone` once every link to `pid` is down and a reconnect found nothing listening.
+    /// `PeerGone` once every link to `pid` is down and the peer is marked gone (see `Peer::gone`).
     pub(super) fn gone_error(&self, pid: PeerId) -> Option<EngineError> {
         let p = self.peers.get(&pid)?;
         let why = p.gone.as_ref()?;
