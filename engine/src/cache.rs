@@ -118,6 +118,11 @@ impl<R: Registrar> RangeCache<R> {
         Ok(key)
     }
 
+    /// Whether merges retired entries that `release_retired` would deregister.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
     /// Deregister the entries that merges retired (no posted work may use their keys now).
     pub fn release_retired(&mut self) {
         for (_, key) in std::mem::take(&mut self.retired) {

@@ -283,7 +283,7 @@ impl Engine {
         loop {
             let got = {
                 let mut inner = self.shared.lock()?;
-                inner.poll_notifications();
+                inner.poll_incoming();
                 inner.take_notifications()
             };
             let now = Instant::now();

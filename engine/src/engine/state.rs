@@ -410,11 +410,6 @@ impl Inner {
         }
     }
 
-    /// Polls the receive rings only (see `Engine::notifications`).
-    pub fn poll_notifications(&mut self) {
-        self.poll_incoming();
-    }
-
     pub fn take_notifications(&mut self) -> Vec<Notification> {
         std::mem::take(&mut self.notes)
     }

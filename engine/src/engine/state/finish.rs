@@ -55,8 +55,8 @@ impl Inner {
     }
 
     /// Notifications that arrived on accepted connections, each once; a peer that left closes
-    /// its ring.
-    pub(super) fn poll_incoming(&mut self) {
+    /// its ring. `Engine::notifications` polls only this.
+    pub(in crate::engine) fn poll_incoming(&mut self) {
         let mut got = Vec::new();
         for inc in &mut self.incoming {
             inc.poll(&mut got);
@@ -75,7 +75,7 @@ impl Inner {
     /// Deregisters the registrations the range caches retired, on each NIC with no work request
     /// in flight (a retired key may still be in a posted one until then).
     pub(super) fn release_retired(&mut self) {
-        for (nic, cache) in self.caches.iter_mut().enumerate() {
+        for (nic, cache) in self.caches.iter_mut().enumerate().filter(|(_, c)| c.has_retired()) {
             let busy = self.peers.values().flat_map(|p| &p.links).any(|l| l.local == nic && !l.inflight.is_empty());
             if !busy {
                 cache.release_retired();
