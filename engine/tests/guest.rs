@@ -146,3 +146,49 @@ fn a_peer_that_goes_away_mid_batch_ends_the_batch_within_seconds() {
         Err(e) => panic!("expected PeerGone, got {e}"),
     }
 }
+
+#[test]
+fn an_engine_known_by_one_address_is_connected_with_its_metadata_read_over_rdma() {
+    let (server, client) = (engine(), engine());
+    let far = host(4 * BLOCK, 0x5a);
+    let remote = server.register(far.clone()).unwrap();
+    let (_, addr) = server.listen_addrs().unwrap()[0];
+    let peer = client.connect_to(addr).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.accepted().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the server never listed the client's connection");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let near = host(4 * BLOCK, 0);
+    let local = client.register(near.clone()).unwrap();
+    client.post(peer, &[req(Op::Read, local, BLOCK, remote, 2 * BLOCK)], None).unwrap().wait().unwrap();
+    assert!(bytes(&*near, BLOCK, BLOCK).iter().all(|&b| b == 0x5a));
+    assert!(bytes(&*near, 0, BLOCK).iter().all(|&b| b == 0), "outside the destination range");
+    let rails = client.rails(peer).unwrap();
+    assert_eq!(rails.len(), 1, "the connection that read the page is the rail: {rails:?}");
+
+    // A region registered after the page was read is unknown to that peer, and known to a new one.
+    let later = server.register(host(BLOCK, 0x77)).unwrap();
+    match client.post(peer, &[req(Op::Read, local, 0, later, 0)], None) {
+        Err(EngineError::UnknownRemoteRegion(r)) => assert_eq!(r, later),
+        Err(e) => panic!("expected the later region unknown, got {e}"),
+        Ok(t) => panic!("posted against a region the page did not list: {:?}", t.wait()),
+    }
+    let again = client.connect_to(addr).unwrap();
+    client.post(again, &[req(Op::Read, local, 0, later, 0)], None).unwrap().wait().unwrap();
+    assert!(bytes(&*near, 0, BLOCK).iter().all(|&b| b == 0x77));
+
+    // Where nothing listens, the error says so (a peer still starting is retried on that).
+    let nowhere = std::net::SocketAddr::new(addr.ip(), addr.port().wrapping_add(1).max(1));
+    match client.connect_to(nowhere) {
+        Err(EngineError::Unreached { nothing_listens: true, .. }) => {}
+        other => panic!("expected nothing listening at {nowhere}, got {:?}", other.map(|_| ())),
+    }
+    // A peer that leaves is no longer listed by the one it connected to.
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !server.accepted().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "a client gone for 15 s is still listed: {:?}", server.accepted());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -23,6 +23,7 @@
 mod link;
 mod local;
 mod notify;
+mod page;
 mod state;
 
 use std::net::SocketAddr;
@@ -97,6 +98,10 @@ pub enum EngineError {
     InUse(RegionId),
     #[error("request {index}: {why}")]
     BadRequest { index: usize, why: String },
+    #[error("cannot connect to {addr}: {why}")]
+    Unreached { addr: SocketAddr, why: String, nothing_listens: bool },
+    #[error("{addr} is not a peermem engine's listener: {why}")]
+    NotAnEngine { addr: SocketAddr, why: String },
     #[error("no NIC of this host connects to {host}: {reasons:?}")]
     NoLink { host: String, reasons: Vec<String> },
     #[error("no rail reaches both memories of request {index}: {reasons:?}")]
@@ -258,6 +263,24 @@ impl Engine {
     pub fn connect(&self, metadata: &[u8]) -> Result<PeerId, EngineError> {
         let meta = Metadata::decode(metadata)?;
         self.shared.lock()?.connect(meta)
+    }
+
+    /// Connects to the engine listening at `addr` (any one of its NICs' addresses, as its
+    /// `listen_addrs` gives them), with no metadata carried by the application: the listener
+    /// offers its metadata page with the connection and this side reads it (RDMA READ), then
+    /// connects to the peer's other NICs. The peer's regions are those it had registered when
+    /// the page was read: connect again (or carry `metadata`) to see later ones.
+    /// `EngineError::Unreached` says whether nothing listens at `addr` (a peer still starting).
+    pub fn connect_to(&self, addr: SocketAddr) -> Result<PeerId, EngineError> {
+        self.shared.lock()?.connect_to(addr)
+    }
+
+    /// The hosts connected to this engine (one entry per open accepted connection, by the name
+    /// each peer's engine gave): a peer whose process ended leaves the list.
+    pub fn accepted(&self) -> Result<Vec<String>, EngineError> {
+        let mut inner = self.shared.lock()?;
+        inner.poll_incoming();
+        Ok(inner.accepted_hosts())
     }
 
     /// The local addresses peers connect to.

@@ -18,6 +18,7 @@ use peermem_rdma::{Access, Connection, Local, Nic, NicMr, RdmaError, RemoteBuf};
 use super::link::{Link, LinkState, Wr};
 use super::local::{open_nics, Listener, LocalNic};
 use super::notify::{Incoming, Seen, WIRE};
+use super::page::MetaPage;
 use super::{EngineError, EngineOptions, Notification, Op, PeerId, RailReport, Report, Request, Shared};
 use crate::cache::{CacheCounts, RangeCache};
 use crate::metadata::{Metadata, NicAddr, RegionMeta, RemoteKey, VERSION};
@@ -107,6 +108,7 @@ const NOTIFY_SLOTS: usize = 64;
 pub(crate) struct Inner {
     peers: HashMap<PeerId, Peer>,
     incoming: Vec<Incoming>,
+    page: MetaPage,
     registry: Registry,
     options: EngineOptions,
     host: String,
@@ -123,6 +125,11 @@ pub(crate) struct Inner {
     notify_bufs: Vec<NotifyBufs>,
     epoch: Instant,
     token: u64,
+}
+
+/// Each NIC, and whether it listens (has an address peers connect to).
+fn listening(nics: &[LocalNic]) -> Vec<(Arc<Nic>, bool)> {
+    nics.iter().map(|n| (n.nic.clone(), n.addr.is_some())).collect()
 }
 
 /// The kernel's host name; empty when unset (`(none)`).
@@ -149,11 +156,13 @@ impl Inner {
             let mr = n.nic.register(&registry, host as Arc<dyn PeerMemory>, Access::LOCAL_READ)?;
             notify_bufs.push(NotifyBufs { mr, busy: vec![false; NOTIFY_SLOTS] });
         }
+        let page = MetaPage::new(&registry, &listening(&nics))?;
         let host = options.host.clone().filter(|h| !h.is_empty()).unwrap_or_else(hostname);
         let host = if host.is_empty() { format!("peermem-{}", std::process::id()) } else { host };
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let token = (std::process::id() as u64) << 32 | nanos as u64;
-        let inner = Inner {
+        let mut inner = Inner {
+            page,
             registry,
             options,
             host,
@@ -173,6 +182,7 @@ impl Inner {
             epoch: Instant::now(),
             token,
         };
+        inner.publish()?;
         Ok((inner, listeners))
     }
 
@@ -183,6 +193,12 @@ impl Inner {
     // ---- memory --------------------------------------------------------------------------------
 
     pub fn register(&mut self, region: Arc<dyn PeerMemory>) -> Result<RegionId, EngineError> {
+        let id = self.register_one(region)?;
+        self.publish()?;
+        Ok(id)
+    }
+
+    fn register_one(&mut self, region: Arc<dyn PeerMemory>) -> Result<RegionId, EngineError> {
         if let Some((id, _)) = self.local.iter().find(|(_, r)| Arc::ptr_eq(&r.region, &region)) {
             return Ok(*id);
         }
@@ -211,7 +227,7 @@ impl Inner {
         let mut new = Vec::new();
         for (index, region) in regions.iter().enumerate() {
             let known = self.local.values().any(|r| Arc::ptr_eq(&r.region, region));
-            match self.register(region.clone()) {
+            match self.register_one(region.clone()) {
                 Ok(id) => {
                     ids.push(id);
                     if !known {
@@ -220,12 +236,14 @@ impl Inner {
                 }
                 Err(e) => {
                     for id in new {
-                        let _ = self.unregister(id);
+                        let _ = self.unregister_one(id);
                     }
+                    self.publish()?;
                     return Err(EngineError::BadRequest { index, why: format!("registering it: {e}") });
                 }
             }
         }
+        self.publish()?;
         Ok(ids)
     }
 
@@ -264,6 +282,11 @@ impl Inner {
     }
 
     pub fn unregister(&mut self, region: RegionId) -> Result<(), EngineError> {
+        self.unregister_one(region)?;
+        self.publish()
+    }
+
+    fn unregister_one(&mut self, region: RegionId) -> Result<(), EngineError> {
         let r = self.local.get(&region).ok_or(EngineError::UnknownRegion(region))?;
         if r.in_use > 0 {
             return Err(EngineError::InUse(region));
@@ -333,6 +356,18 @@ impl Inner {
         Metadata { version: VERSION, host: self.host.clone(), nics, regions }
     }
 
+    /// Writes the current metadata into the page the listeners offer.
+    fn publish(&mut self) -> Result<(), EngineError> {
+        let meta = self.metadata().encode();
+        self.page.publish(&self.registry, &listening(&self.nics), &meta)?;
+        Ok(())
+    }
+
+    /// What local NIC `nic`'s listener offers with its accept: the metadata page.
+    pub fn offer(&self, nic: usize) -> Option<RemoteBuf> {
+        self.page.offer(nic)
+    }
+
     pub fn listen_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.nics.iter().filter_map(|n| n.addr.map(|a| (n.nic.name().to_string(), a))).collect()
     }
@@ -368,6 +403,16 @@ impl Inner {
     }
 
     pub fn connect(&mut self, meta: Metadata) -> Result<PeerId, EngineError> {
+        self.connect_with(meta, None)
+    }
+
+    /// Connects to every NIC `meta` lists; `first`, a connection already made to one of its
+    /// addresses (by `connect_to`), is that address's link.
+    fn connect_with(
+        &mut self,
+        meta: Metadata,
+        mut first: Option<(usize, SocketAddr, Connection)>,
+    ) -> Result<PeerId, EngineError> {
         let mut links = Vec::new();
         let mut reasons = Vec::new();
         for na in &meta.nics {
@@ -375,12 +420,22 @@ impl Inner {
                 reasons.push(format!("{}: address {:?} is not IP:port", na.nic, na.address));
                 continue;
             };
+            if first.as_ref().is_some_and(|(_, a, _)| *a == addr) {
+                if let Some((i, a, conn)) = first.take() {
+                    links.push(Link::new(i, self.nics[i].nic.name().to_string(), na.nic.clone(), a, conn));
+                }
+                continue;
+            }
             match self.dial(addr, self.options.connect.timeout) {
                 Ok((i, conn)) => {
                     links.push(Link::new(i, self.nics[i].nic.name().to_string(), na.nic.clone(), addr, conn))
                 }
                 Err(e) => reasons.push(format!("{}: {}", na.nic, e.why)),
             }
+        }
+        if let Some((_, a, mut conn)) = first {
+            tracing::info!(peer = %meta.host, "{a} is not among the addresses the metadata lists: that connection ends");
+            let _ = conn.disconnect();
         }
         if links.is_empty() {
             return Err(EngineError::NoLink { host: meta.host, reasons });
@@ -408,6 +463,10 @@ impl Inner {
             Ok(inc) => self.incoming.push(inc),
             Err(e) => tracing::warn!("cannot take a connection's notifications: {e}"),
         }
+    }
+
+    pub fn accepted_hosts(&self) -> Vec<String> {
+        self.incoming.iter().filter(|i| !i.closed).map(|i| i.from.clone()).collect()
     }
 
     pub fn take_notifications(&mut self) -> Vec<Notification> {
@@ -445,7 +504,11 @@ pub(crate) fn serve(shared: &Shared, listeners: Vec<Listener>) {
     let wait = Duration::from_millis(if listeners.is_empty() { 0 } else { 20 / listeners.len() as u64 + 1 });
     while !shared.stop.load(Ordering::Acquire) {
         for (i, l) in &listeners {
-            match l.accept_within(&nics[*i], opts, None, wait) {
+            let offer = match shared.lock() {
+                Ok(inner) => inner.offer(*i),
+                Err(_) => return,
+            };
+            match l.accept_within(&nics[*i], opts, offer, wait) {
                 Ok(conn) => match shared.lock() {
                     Ok(mut inner) => inner.accepted(*i, conn),
                     Err(_) => return,
@@ -465,4 +528,5 @@ pub(crate) fn serve(shared: &Shared, listeners: Vec<Listener>) {
 }
 
 mod batch;
+mod bootstrap;
 mod finish;
