@@ -1,31 +1,36 @@
-//! RDMA into GPU memory, across hosts: the server registers a GPU buffer for the NIC its
-//! topology ranks first for it, listens with rdma_cm and offers the buffer with its accept; the
-//! client (on another host, or the same one) resolves the server's address with rdma_cm,
-//! RDMA-WRITEs a pattern into the buffer, and SENDs its report; the server checks every byte
-//! through a Vulkan GPU copy. Each side resolves and prints its own topology and NIC choice.
+//! RDMA into GPU memory, across hosts, through the transfer engine: the server registers a GPU
+//! buffer with its engine (each NIC registers it the way the topology allows, printed with the
+//! reason) and listens with rdma_cm; the client's engine connects to the server's address
+//! (`Engine::connect_to`: the server's metadata is read over that connection, no other channel),
+//! RDMA-WRITEs a pattern into the buffer in batches, over every rail that reaches both memories,
+//! and sends its report as the last batch's notification, which the server gets only once every
+//! byte landed; the server checks every byte through a Vulkan GPU copy. Each side prints its
+//! topology's NIC ranking for its buffer.
 //!
 //! ```text
 //! rdma_to_gpu                                   # both ends on this host, one command
-//! rdma_to_gpu server [--bind IP] [--port P] [--size BYTES] [--dev NAME] [--timeout SECS]
+//! rdma_to_gpu server [--port P] [--size BYTES] [--dev NAME] [--timeout SECS]
 //! rdma_to_gpu client --host IP [--port P] [--msg BYTES] [--depth N] [--iters N] [--lat N] [--dev NAME] [--timeout SECS]
 //! ```
 //! Faults (each ends in a typed error, never a hang): `server --fault reject` refuses the
-//! connection (the client exits 2, "rejected"); `server --fault unregister` unregisters the
-//! buffer once the client is connected (the client's writes fail with a remote access error,
-//! and the server checks that nothing landed after the unregister); `client --fault exit-mid`
-//! ends the client process halfway through its writes (the server exits 2, "disconnected").
-//! `--lat N` adds N 8-byte RDMA WRITEs, one at a time, each timed from post to completion (a
-//! round trip: the responder's ACK ends it), and prints their median and 99th percentile.
+//! connection with a bare rdma_cm listener (the client exits 2, "refused it"); `server --fault
+//! unregister` unregisters the buffer once the client's first batch landed (the client's next
+//! batch fails with the peer's remote access error, and the server checks that nothing landed
+//! after the unregister); `client --fault exit-mid` ends the client process halfway through its
+//! batches (the server exits 2, "disconnected"). `--msg` is the engine's slice size, `--depth`
+//! its work requests in flight per rail, `--iters` the passes over the buffer (one batch each,
+//! all posted at once). `--lat N` adds N one-request batches of 8 bytes, each timed from post to
+//! completion (a round trip through the engine), and prints their median and 99th percentile.
 //!
 //! Across two testbed guests (each with soft-RoCE rxe0 on its eth0, 10.77.0.1 and 10.77.0.2):
 //! `testbed/run2 switch -- target/debug/examples/rdma_to_gpu server -- sh -c
 //! 'target/debug/examples/rdma_to_gpu client --host $PEERMEM_PEER_IP'`. In one guest:
-//! `testbed/run switch -- target/debug/examples/rdma_to_gpu`. Without `--dev` each side takes
-//! the NIC `peermem_rdma::nearest_nic` ranks first for its buffer; without `--bind` the server
-//! listens on that NIC's netdev IPv4 address. When rxe0 is absent and the NIC would be it, it is
-//! brought up on eth0 (and, with no address there, 10.77.0.1/24 is added: the testbed's isolated
-//! NIC has none). Every wait is bounded by `--timeout` (default 60 s). Exit: 0 when the data
-//! matched, 1 on a mismatch, 2 on an error (unknown peer, refused connection, the peer gone).
+//! `testbed/run switch -- target/debug/examples/rdma_to_gpu`. Without `--dev` each engine uses
+//! every RDMA device whose port is active; the server listens on each one's IPv4 address at
+//! `--port`. When rxe0 is absent it is brought up on eth0 (and, with no address there,
+//! 10.77.0.1/24 is added: the testbed's isolated NIC has none). Every wait is bounded by
+//! `--timeout` (default 60 s). Exit: 0 when the data matched, 1 on a mismatch, 2 on an error
+//! (unknown peer, refused connection, the peer gone).
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, ExitCode};
@@ -33,18 +38,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use peermem::nic::{devices, facts};
 use peermem::{BarRegion, HostRegion, PeerMemory, Registry, Topology};
-use peermem_rdma::{
-    nearest_nic, Access, CmListener, ConnectOpts, Connection, Local, Method, Nic, NicMr, NicPlace, NicRank, RdmaError,
-};
+use peermem_engine::rails::RailOptions;
+use peermem_engine::{Engine, EngineError, EngineOptions, Op, PeerId, RegionId, Report, Request};
+use peermem_rdma::{nearest_nic, CmListener, ConnectOpts, NicPlace, NicRank};
 use peermem_vulkan::{Device, Placement, Select};
 
 const DEFAULT_PORT: u16 = 19875;
 const DEFAULT_SIZE: u64 = 16 << 20;
 const DEFAULT_MSG: u32 = 64 << 10;
-const REPORT_MAX: u64 = 1024;
-/// The largest buffer a client believes a server offers (it allocates as much as its source).
+/// The largest buffer a client writes (it allocates as much as the server's region).
 const MAX_REMOTE: u64 = 1 << 30;
+/// The notification that tells the server the client's first batch landed.
+const STARTED: &[u8] = b"started";
 
 /// The byte a client writes at offset `i` of the server's buffer.
 fn pattern(i: u64) -> u8 {
@@ -56,7 +63,6 @@ fn pattern(i: u64) -> u8 {
 struct Args {
     role: String,
     host: Option<IpAddr>,
-    bind: Option<IpAddr>,
     port: u16,
     size: u64,
     msg: u32,
@@ -69,7 +75,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: rdma_to_gpu                      (both ends on this host)\n       \
-                     rdma_to_gpu server [--bind IP] [--port P] [--size BYTES] [--dev NAME] [--timeout SECS]\n       \
+                     rdma_to_gpu server [--port P] [--size BYTES] [--dev NAME] [--timeout SECS]\n       \
                      rdma_to_gpu client --host IP [--port P] [--msg BYTES] [--depth N] [--iters N] [--lat N] \
                      [--dev NAME] [--timeout SECS]";
 
@@ -88,7 +94,6 @@ fn parse_args() -> Result<Args> {
     let mut a = Args {
         role,
         host: None,
-        bind: None,
         port: DEFAULT_PORT,
         size: DEFAULT_SIZE,
         msg: DEFAULT_MSG,
@@ -104,7 +109,6 @@ fn parse_args() -> Result<Args> {
         let bad = || format!("bad value {val:?} for {flag}");
         match flag.as_str() {
             "--host" => a.host = Some(val.parse().with_context(|| format!("{} (an IP address)", bad()))?),
-            "--bind" => a.bind = Some(val.parse().with_context(|| format!("{} (an IP address)", bad()))?),
             "--port" => a.port = val.parse().with_context(bad)?,
             "--size" => a.size = val.parse().with_context(bad)?,
             "--msg" => a.msg = val.parse().with_context(bad)?,
@@ -117,8 +121,8 @@ fn parse_args() -> Result<Args> {
             _ => bail!("unknown option {flag:?}\n{USAGE}"),
         }
     }
-    if a.size == 0 || a.msg == 0 || a.depth == 0 || a.iters == 0 || a.timeout.is_zero() {
-        bail!("--size, --msg, --depth, --iters and --timeout must be positive");
+    if a.size == 0 || a.size > MAX_REMOTE || a.msg == 0 || a.depth == 0 || a.iters == 0 || a.timeout.is_zero() {
+        bail!("--msg, --depth, --iters and --timeout must be positive, --size 1 to {MAX_REMOTE}");
     }
     match (a.role.as_str(), a.fault.as_deref()) {
         (_, None) | ("server", Some("reject" | "unregister")) | ("client", Some("exit-mid")) => {}
@@ -158,41 +162,13 @@ fn ensure_rxe(who: &str) {
     }
 }
 
-/// Opens `dev`, waiting at most `timeout` for its port.
-fn open_nic(dev: &str, timeout: Duration) -> Result<Nic> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match Nic::open(Some(dev)) {
-            Ok(n) => return Ok(n),
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for {dev}: {e}");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => return Err(e).with_context(|| format!("{dev} did not come up\n{}", sh("rdma link show"))),
-        }
-    }
-}
-
-/// Ranks the NICs for `region` (registered for the ranking only), prints the ranking, and
-/// returns the chosen NIC's name: `--dev`, else the first.
-fn choose_nic(who: &str, registry: &Registry, region: Arc<dyn PeerMemory>, dev: Option<&str>) -> Result<String> {
-    ensure_rxe(who);
+/// Prints the topology's ranking of the RDMA devices for `region` (registered for the ranking
+/// only), best first.
+fn print_ranking(who: &str, registry: &Registry, region: Arc<dyn PeerMemory>, what: &str) -> Result<Vec<NicRank>> {
     let reg = registry.register(region).context("registering the buffer for the NIC ranking")?;
     let ranks = nearest_nic(registry, reg.entry()).context("ranking the RDMA devices")?;
-    drop(reg);
-    print_ranks(who, "the buffer", &ranks);
-    let name = match dev {
-        Some(d) => {
-            println!("{who}: NIC {d} (given with --dev)");
-            d.to_string()
-        }
-        None => {
-            let best = ranks.first().context("no RDMA device: load a NIC driver or add soft-RoCE (rdma link add)")?;
-            println!("{who}: NIC {} chosen by topology: {}", best.device.name, best.reasons[0]);
-            best.device.name.clone()
-        }
-    };
-    Ok(name)
+    print_ranks(who, what, &ranks);
+    Ok(ranks)
 }
 
 fn print_ranks(who: &str, what: &str, ranks: &[NicRank]) {
@@ -231,23 +207,8 @@ fn print_bar_choice(who: &str, topo: &Arc<Topology>, registry: &Registry) {
     }
 }
 
-/// The route of a registration and why, one line each.
-fn describe(who: &str, mr: &NicMr, notes: &[String]) {
-    println!("{who}: route {} via {} on {}", mr.route().name(), mr.method(), mr.nic_name());
-    for r in mr.reasons() {
-        println!("{who}:   {r}");
-    }
-    for n in notes {
-        println!("{who}:   {n}");
-    }
-}
-
 fn mib_s(bytes: u64, t: Duration) -> f64 {
     bytes as f64 / (1 << 20) as f64 / t.as_secs_f64().max(1e-9)
-}
-
-fn opts(a: &Args) -> ConnectOpts {
-    ConnectOpts { timeout: a.timeout, ..Default::default() }
 }
 
 fn registry() -> Result<(Arc<Topology>, Registry)> {
@@ -255,7 +216,52 @@ fn registry() -> Result<(Arc<Topology>, Registry)> {
     Ok((topo.clone(), Registry::new(topo)))
 }
 
-/// Serves one client; sends the bound address on `ready` once listening.
+/// An engine on `--dev` (every active RDMA device without it) listening at `port`, waiting at
+/// most `--timeout` for a device that is still coming up.
+fn engine(a: &Args, registry: &Registry, port: u16) -> Result<Engine> {
+    let options = EngineOptions {
+        nics: a.dev.clone().map(|d| vec![d]),
+        port,
+        depth: a.depth,
+        timeout: a.timeout,
+        connect: ConnectOpts { timeout: a.timeout, ..ConnectOpts::default() },
+        rails: RailOptions { slice: u64::from(a.msg), ..RailOptions::default() },
+        ..EngineOptions::default()
+    };
+    let deadline = Instant::now() + a.timeout;
+    loop {
+        match Engine::new(registry.clone(), options.clone()) {
+            Ok(e) => return Ok(e),
+            Err(e @ (EngineError::NoNic | EngineError::Rdma(_))) if Instant::now() < deadline => {
+                eprintln!("waiting for an RDMA device: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e).with_context(|| format!("starting the engine\n{}", sh("rdma link show"))),
+        }
+    }
+}
+
+/// The next notification a client sent, within `timeout`. A client whose every connection
+/// closed before it is an error: it disconnected.
+fn next_note(engine: &Engine, timeout: Duration, what: &str) -> Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut connected = false;
+    loop {
+        if let Some(n) = engine.notifications(Duration::from_millis(100))?.into_iter().next() {
+            return Ok(n.message);
+        }
+        let hosts = engine.accepted()?;
+        if connected && hosts.is_empty() {
+            bail!("the client disconnected before {what}");
+        }
+        connected |= !hosts.is_empty();
+        if Instant::now() >= deadline {
+            bail!("no {what} within {timeout:?}");
+        }
+    }
+}
+
+/// Serves one client; sends the address it listens at on `ready`.
 fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<SocketAddr>>) -> Result<bool> {
     let who = "server";
     let gpu = Device::open(Select::Best).context("opening a Vulkan device")?;
@@ -265,50 +271,34 @@ fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<SocketAddr>>) -> Resul
     region.write_at(0, &vec![0u8; a.size as usize]).context("clearing the Vulkan buffer")?;
     let (topo, registry) = registry()?;
     print_bar_choice(who, &topo, &registry);
-    let dev = choose_nic(who, &registry, region.clone(), a.dev.as_deref())?;
-    let nic = open_nic(&dev, a.timeout)?;
-    let mr = nic
-        .register(&registry, region.clone() as Arc<dyn PeerMemory>, Access::REMOTE_WRITE)
-        .context("registering the Vulkan buffer for the NIC")?;
-    describe(who, &mr, &region.notes());
-
-    let ip = match a.bind {
-        Some(ip) => ip,
-        None => {
-            let netdev = match &nic.place() {
-                NicPlace::Virtual { netdev: Some(n) } => n.clone(),
-                _ => bail!("cannot tell {dev}'s netdev: give --bind IP"),
-            };
-            ipv4_of(&netdev).with_context(|| format!("{netdev} has no IPv4 address: give --bind IP"))?
+    ensure_rxe(who);
+    let ranks = print_ranking(who, &registry, region.clone(), "the buffer")?;
+    if a.fault.as_deref() == Some("reject") {
+        return refuse(a, &ranks, ready);
+    }
+    let engine = engine(a, &registry, a.port)?;
+    let id = engine.register(region.clone()).context("registering the Vulkan buffer with the engine")?;
+    println!("{who}: the buffer is {id}; how each NIC registered it:");
+    for line in engine.routes(id)?.iter().chain(&region.notes()) {
+        println!("{who}:   {line}");
+    }
+    let addrs = engine.listen_addrs()?;
+    let first = addrs.first().context("no RDMA device of the engine has an IPv4 address to listen on")?.1;
+    for (nic, addr) in &addrs {
+        println!("{who}: listening on {addr} (rdma_cm, {nic}; {} bytes of Vulkan memory)", a.size);
+    }
+    if let Some(tx) = ready {
+        let _ = tx.send(first);
+    }
+    if a.fault.as_deref() == Some("unregister") {
+        return unregister_under_writes(a, &engine, id, region.as_ref());
+    }
+    let report = loop {
+        let note = next_note(&engine, a.timeout, "its report")?;
+        if note != STARTED {
+            break String::from_utf8_lossy(&note).into_owned();
         }
     };
-    let listener = CmListener::bind(SocketAddr::new(ip, a.port)).context("rdma_cm listen")?;
-    println!("{who}: listening on {} (rdma_cm, {dev}; {} bytes of Vulkan memory)", listener.local_addr(), a.size);
-    if let Some(tx) = ready {
-        let _ = tx.send(listener.local_addr());
-    }
-    if a.fault.as_deref() == Some("reject") {
-        listener.reject_next(a.timeout).context("refusing the client")?;
-        println!("{who}: refused the client's connection (--fault reject)");
-        return Ok(true);
-    }
-    let mut conn = listener.accept(&nic, opts(a), Some(mr.remote())).context("accepting the client")?;
-    println!("{who}: connected to {}", conn.peer());
-    if a.fault.as_deref() == Some("unregister") {
-        return unregister_under_writes(a, mr, region.as_ref(), &mut conn);
-    }
-    // The client's report arrives as a SEND once its writes completed.
-    let inbox = Arc::new(HostRegion::new(REPORT_MAX)?);
-    let imr = nic.register(&registry, inbox.clone(), Access::LOCAL_WRITE).context("registering the inbox")?;
-    conn.post_recv(Local::all(&imr)?)?;
-    let n = conn.wait_recv().context("waiting for the client's report")?;
-    let mut report = vec![0u8; n as usize];
-    inbox.read_at(0, &mut report)?;
-    let report = String::from_utf8_lossy(&report).into_owned();
-    drop(conn);
-    if mr.method() == Method::Bounce {
-        mr.bounce_to_region(0, a.size)?;
-    }
 
     // Read back on the GPU: vkCmdCopyBuffer into a second host-visible buffer, then check it.
     let check = gpu.allocate(a.size, Placement::Mappable).context("allocating the check buffer")?;
@@ -329,23 +319,60 @@ fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<SocketAddr>>) -> Resul
     Ok(bad.is_empty())
 }
 
-/// `--fault unregister`: ends the buffer's registration while the client writes, clears it, and
-/// waits for the client to give up (its rkey no longer works). Passes when nothing landed after
-/// the unregister.
-fn unregister_under_writes(a: &Args, mr: NicMr, region: &dyn PeerMemory, conn: &mut Connection) -> Result<bool> {
+/// The IPv4 address of RDMA device `name`, from sysfs (its GID table), waiting at most `timeout`
+/// for a device still coming up.
+fn nic_ipv4(name: &str, timeout: Duration) -> Result<IpAddr> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let dev = devices(std::path::Path::new("/")).ok().and_then(|d| d.into_iter().find(|d| d.name == name));
+        let ip = dev.and_then(|d| {
+            facts(std::path::Path::new("/"), &d).ok()?.ports.iter().find_map(|p| p.ipv4.first().copied())
+        });
+        match ip {
+            Some(ip) => return Ok(IpAddr::V4(ip)),
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            None => bail!("{name} has no IPv4 address in its GID table\n{}", sh("rdma link show")),
+        }
+    }
+}
+
+/// `--fault reject`: a bare rdma_cm listener on the chosen NIC's address refuses the client.
+fn refuse(a: &Args, ranks: &[NicRank], ready: Option<std::sync::mpsc::Sender<SocketAddr>>) -> Result<bool> {
     let who = "server";
-    let rkey = mr.rkey();
-    drop(mr);
+    let dev = match &a.dev {
+        Some(d) => d.clone(),
+        None => ranks.first().context("no RDMA device")?.device.name.clone(),
+    };
+    let listener = CmListener::bind(SocketAddr::new(nic_ipv4(&dev, a.timeout)?, a.port)).context("rdma_cm listen")?;
+    println!("{who}: listening on {} (rdma_cm, {dev}) to refuse the client", listener.local_addr());
+    if let Some(tx) = ready {
+        let _ = tx.send(listener.local_addr());
+    }
+    listener.reject_next(a.timeout).context("refusing the client")?;
+    println!("{who}: refused the client's connection (--fault reject)");
+    Ok(true)
+}
+
+/// `--fault unregister`: once the client's first batch landed, unregisters the buffer, clears
+/// it, and waits for the client to give up. Passes when nothing landed after the unregister.
+fn unregister_under_writes(a: &Args, engine: &Engine, id: RegionId, region: &dyn PeerMemory) -> Result<bool> {
+    let who = "server";
+    let first = next_note(engine, a.timeout, "its first batch")?;
+    if first != STARTED {
+        bail!("the client's first notification was {:?}, not {:?}", String::from_utf8_lossy(&first), "started");
+    }
+    engine.unregister(id).context("unregistering the buffer")?;
     region.write_at(0, &vec![0u8; a.size as usize])?;
-    println!("{who}: unregistered the buffer (rkey {rkey:#x}) with the client connected (--fault unregister)");
+    println!("{who}: unregistered the buffer with the client connected (--fault unregister)");
     let deadline = Instant::now() + a.timeout;
     let gone = loop {
-        match conn.check_peer() {
-            Err(RdmaError::PeerDisconnected { .. }) => break true,
-            Err(e) => return Err(e.into()),
-            Ok(()) if Instant::now() >= deadline => break false,
-            Ok(()) => std::thread::sleep(Duration::from_millis(20)),
+        if engine.accepted()?.is_empty() {
+            break true;
         }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
     let mut back = vec![0u8; a.size as usize];
     region.read_at(0, &mut back)?;
@@ -357,96 +384,125 @@ fn unregister_under_writes(a: &Args, mr: NicMr, region: &dyn PeerMemory, conn: &
     Ok(landed == 0)
 }
 
-fn client(a: &Args, server: SocketAddr) -> Result<bool> {
-    let who = "client";
-    let (_topo, registry) = registry()?;
-    // The source is host memory: rank the NICs for a page of it.
-    let dev = choose_nic(who, &registry, Arc::new(HostRegion::new(4096)?), a.dev.as_deref())?;
-    let nic = open_nic(&dev, a.timeout)?;
-    // The server may still be starting (Vulkan, rxe): retry while nobody listens, until the
-    // timeout.
+/// Connects to the server's engine, again while nothing listens there yet (the server may still
+/// be starting: Vulkan, rxe), until `--timeout`.
+fn connect(a: &Args, engine: &Engine, server: SocketAddr) -> Result<PeerId> {
     let deadline = Instant::now() + a.timeout;
-    let mut conn = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match Connection::connect_cm(&nic, server, ConnectOpts { timeout: left, ..opts(a) }) {
-            Ok(c) => break c,
-            Err(RdmaError::Rejected { status: 8, .. }) if Instant::now() + Duration::from_millis(300) < deadline => {
-                std::thread::sleep(Duration::from_millis(300));
+    loop {
+        match engine.connect_to(server) {
+            Ok(p) => return Ok(p),
+            Err(EngineError::Unreached { nothing_listens: true, .. })
+                if Instant::now() + Duration::from_millis(300) < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(300))
             }
             Err(e) => return Err(e).with_context(|| format!("connecting to {server}")),
         }
-    };
-    let remote = conn.expect_remote()?;
-    println!(
-        "{who}: connected to {server} with rdma_cm; server buffer of {} bytes, rkey {:#x}",
-        remote.len, remote.rkey
-    );
-    if remote.len == 0 || remote.len > MAX_REMOTE {
-        bail!("the server offers {} bytes: expected 1 byte to {MAX_REMOTE}", remote.len);
     }
-    let mut src = HostRegion::new(remote.len)?;
+}
+
+fn client(a: &Args, server: SocketAddr) -> Result<bool> {
+    let who = "client";
+    let (_topo, registry) = registry()?;
+    ensure_rxe(who);
+    // The source is host memory: rank the NICs for a page of it.
+    print_ranking(who, &registry, Arc::new(HostRegion::new(4096)?), "host memory")?;
+    let engine = engine(a, &registry, 0)?;
+    let peer = connect(a, &engine, server)?;
+    let regions = engine.remote_regions(peer)?;
+    let &(remote, len) = regions.first().context("the server's engine lists no region")?;
+    println!("{who}: connected to {server} (metadata read over rdma_cm); the server's {remote}: {len} bytes");
+    if len > MAX_REMOTE {
+        bail!("the server offers {len} bytes: expected at most {MAX_REMOTE}");
+    }
+    let mut src = HostRegion::new(len)?;
     for (i, b) in src.as_mut_slice().iter_mut().enumerate() {
         *b = pattern(i as u64);
     }
-    let smr = nic.register(&registry, Arc::new(src), Access::LOCAL_READ).context("registering the source")?;
-    describe("client (source)", &smr, &[]);
+    let local = engine.register(Arc::new(src)).context("registering the source")?;
+    for line in engine.routes(local)? {
+        println!("{who} (source):   {line}");
+    }
+    let reports = write_passes(a, &engine, peer, local, remote, len)?;
+    let report = summary(a, len, &reports);
+    println!("{who}: {report}");
+    for r in reports.last().map_or(&[][..], |r| &r.rails[..]) {
+        println!("{who}:   rail {} -> {}: {} bytes, {}", r.nic, r.remote_nic, r.bytes, r.state);
+    }
+    if a.lat > 0 {
+        latency(a, &engine, peer, local, remote)?;
+    }
+    // The report is the notification of a batch of no request, posted once every pass landed.
+    let end = engine.post(peer, &[], Some(report.as_bytes()))?.wait().context("sending the report")?;
+    if !end.notified {
+        bail!("the report was not sent: {end:?}");
+    }
+    Ok(true)
+}
 
-    // RDMA WRITEs of `msg` bytes, `depth` in flight, `iters` passes over the whole buffer.
-    let msg = u64::from(a.msg).min(remote.len);
-    let per_pass = remote.len.div_ceil(msg);
-    let total = per_pass as usize * a.iters;
-    let depth = a.depth.min(opts(a).max_send_wr as usize);
-    let (mut posted, mut done) = (0usize, 0usize);
+/// `--iters` batches, each writing the whole buffer, all posted at once; the first one's
+/// notification tells the server that writes landed. `--fault exit-mid` ends the process once
+/// half of them completed.
+fn write_passes(
+    a: &Args,
+    engine: &Engine,
+    peer: PeerId,
+    local: RegionId,
+    remote: RegionId,
+    len: u64,
+) -> Result<Vec<Report>> {
+    let write = Request { op: Op::Write, local, local_offset: 0, remote, remote_offset: 0, len };
     let start = Instant::now();
-    while done < total {
-        while posted < total && posted - done < depth {
-            let off = (posted as u64 % per_pass) * msg;
-            let len = msg.min(remote.len - off) as u32;
-            let dst = remote.slice(off, len as u64).context("slice of the remote buffer")?;
-            conn.post_write(Local::new(&smr, off, len)?, dst)?;
-            posted += 1;
-        }
-        if a.fault.as_deref() == Some("exit-mid") && done >= total / 2 {
-            println!("{who}: exiting halfway through the writes (--fault exit-mid)");
+    let tickets = (0..a.iters)
+        .map(|i| engine.post(peer, &[write], (i == 0).then_some(STARTED)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut reports = Vec::with_capacity(a.iters);
+    for (i, t) in tickets.iter().enumerate() {
+        if a.fault.as_deref() == Some("exit-mid") && i >= a.iters / 2 {
+            println!("client: exiting halfway through the batches (--fault exit-mid)");
             std::process::exit(3);
         }
-        done += conn.wait_send(1)?.len();
+        let mut r = t.wait().with_context(|| format!("batch {} of {}", i + 1, a.iters))?;
+        r.seconds = start.elapsed().as_secs_f64();
+        reports.push(r);
     }
-    let elapsed = start.elapsed();
-    let bytes = remote.len * a.iters as u64;
-    let report = format!(
-        "{bytes} bytes in {total} RDMA WRITEs of {msg} bytes ({depth} in flight) in {:.3} s: {:.1} MiB/s ({:.3} Gb/s)",
-        elapsed.as_secs_f64(),
-        mib_s(bytes, elapsed),
-        bytes as f64 * 8.0 / 1e9 / elapsed.as_secs_f64().max(1e-9)
+    Ok(reports)
+}
+
+/// One line: bytes, work requests, the time from the first post to the last completion.
+fn summary(a: &Args, len: u64, reports: &[Report]) -> String {
+    let bytes = len * reports.len() as u64;
+    let writes: u64 = reports.iter().flat_map(|r| &r.rails).map(|r| r.slices).sum();
+    let secs = reports.last().map_or(0.0, |r| r.seconds).max(1e-9);
+    let msg = u64::from(a.msg).min(len);
+    format!(
+        "{bytes} bytes in {writes} RDMA WRITEs of {msg} bytes ({} in flight) in {secs:.3} s: {:.1} MiB/s ({:.3} Gb/s), \
+         {} retried",
+        a.depth,
+        mib_s(bytes, Duration::from_secs_f64(secs)),
+        bytes as f64 * 8.0 / 1e9 / secs,
+        reports.iter().map(|r| r.retries).sum::<u64>()
+    )
+}
+
+/// `--lat N`: N batches of one 8-byte write, each timed from post to completion.
+fn latency(a: &Args, engine: &Engine, peer: PeerId, local: RegionId, remote: RegionId) -> Result<()> {
+    let one = Request { op: Op::Write, local, local_offset: 0, remote, remote_offset: 0, len: 8 };
+    let mut t: Vec<Duration> = Vec::with_capacity(a.lat);
+    for _ in 0..a.lat {
+        let s = Instant::now();
+        engine.post(peer, &[one], None)?.wait()?;
+        t.push(s.elapsed());
+    }
+    t.sort();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "client: 8-byte RDMA WRITE, post to completion, {} writes: median {:.1} us, p99 {:.1} us",
+        t.len(),
+        us(t[t.len() / 2]),
+        us(t[(t.len() * 99 / 100).min(t.len() - 1)])
     );
-    println!("{who}: {report}");
-    if a.lat > 0 {
-        let mut t: Vec<Duration> = Vec::with_capacity(a.lat);
-        let one = Local::new(&smr, 0, 8)?;
-        let dst = remote.slice(0, 8).context("8 bytes of the remote buffer")?;
-        for _ in 0..a.lat {
-            let s = Instant::now();
-            conn.write(one, dst)?;
-            t.push(s.elapsed());
-        }
-        t.sort();
-        let us = |d: Duration| d.as_secs_f64() * 1e6;
-        println!(
-            "{who}: 8-byte RDMA WRITE, post to completion, {} writes: median {:.1} us, p99 {:.1} us",
-            t.len(),
-            us(t[t.len() / 2]),
-            us(t[(t.len() * 99 / 100).min(t.len() - 1)])
-        );
-    }
-    // The report goes as a SEND from a registered buffer (the pattern is no longer needed).
-    let text = report.as_bytes();
-    let rep = Arc::new(HostRegion::new(REPORT_MAX)?);
-    rep.write_at(0, &text[..text.len().min(REPORT_MAX as usize)])?;
-    let rmr = nic.register(&registry, rep, Access::LOCAL_READ).context("registering the report")?;
-    conn.send(Local::new(&rmr, 0, text.len().min(REPORT_MAX as usize) as u32)?)?;
-    conn.disconnect()?;
-    Ok(true)
+    Ok(())
 }
 
 fn run() -> Result<bool> {

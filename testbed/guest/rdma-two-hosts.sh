@@ -1,13 +1,14 @@
 #!/bin/sh
-# testbed/guest/rdma-two-hosts.sh: examples/rdma_to_gpu across the two guests of testbed/run2,
-# then its faults; host A ($PEERMEM_HOST=A) serves, host B drives. Each case must end the way it
+# testbed/guest/rdma-two-hosts.sh: examples/rdma_to_gpu (the transfer engine, connected by
+# address with its metadata read over rdma_cm) across the two guests of testbed/run2, then its
+# faults; host A ($PEERMEM_HOST=A) serves, host B drives. Each case must end the way it
 # says (exit status and the typed error's words), in bounded time:
 #   1. the pattern written from B lands in A's GPU buffer, every byte checked on A
 #   2. B asks for an address nobody has: "unreachable" (exit 2)
 #   3. A refuses the connection: B reports "refused it" (exit 2)
-#   4. A unregisters its buffer while B writes: B's writes fail "remote access error" (exit 2);
-#      A sees nothing land after the unregister
-#   5. B exits halfway through its writes (exit 3): A reports "disconnected" (exit 2)
+#   4. A unregisters its buffer once B's first batch landed: B's next batch fails "remote access
+#      error" (exit 2); A sees nothing land after the unregister
+#   5. B exits halfway through its batches (exit 3): A reports "disconnected" (exit 2)
 # Writes go 16 deep: at 64 deep the UDP link between the guests drops datagrams when the host is
 # loaded, and rxe's responder has been seen to answer a retransmitted write's middle packets with
 # "remote invalid request" (seen once at load average ~15); testbed/rdma-cross-bench measures 64.

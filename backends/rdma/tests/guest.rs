@@ -370,8 +370,9 @@ fn wait_bounded(child: &mut std::process::Child, timeout: Duration, what: &str) 
 }
 
 /// `examples/rdma_to_gpu` end to end with no arguments (both ends in one process, connected by
-/// rdma_cm): the server registers a Vulkan (lavapipe) buffer for the NIC its topology ranks
-/// first, the client RDMA-writes a pattern into it, the server checks it through a Vulkan copy.
+/// rdma_cm, two transfer engines): the server registers a Vulkan (lavapipe) buffer with its
+/// engine, the client's engine RDMA-writes a pattern into it, the server checks it through a
+/// Vulkan copy.
 /// The example is built on the host beforehand:
 /// `cargo build -p peermem-examples --example rdma_to_gpu`.
 #[test]

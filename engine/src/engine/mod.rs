@@ -318,6 +318,11 @@ impl Engine {
         }
     }
 
+    /// The regions `peer` registered, with their lengths, as its metadata listed them.
+    pub fn remote_regions(&self, peer: PeerId) -> Result<Vec<(RegionId, u64)>, EngineError> {
+        self.shared.lock()?.remote_regions(peer)
+    }
+
     /// The rails' states towards `peer`, for a report without a batch.
     pub fn rails(&self, peer: PeerId) -> Result<Vec<RailReport>, EngineError> {
         self.shared.lock()?.rail_states(peer)

@@ -473,6 +473,11 @@ impl Inner {
         std::mem::take(&mut self.notes)
     }
 
+    pub fn remote_regions(&self, peer: PeerId) -> Result<Vec<(RegionId, u64)>, EngineError> {
+        let p = self.peers.get(&peer).ok_or(EngineError::UnknownPeer(peer))?;
+        Ok(p.meta.regions.iter().map(|r| (r.id, r.len)).collect())
+    }
+
     pub fn rail_states(&self, peer: PeerId) -> Result<Vec<RailReport>, EngineError> {
         let p = self.peers.get(&peer).ok_or(EngineError::UnknownPeer(peer))?;
         Ok(p.links.iter().map(|l| rail_report(l, 0, 0)).collect())
