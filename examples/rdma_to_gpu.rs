@@ -241,22 +241,31 @@ fn engine(a: &Args, registry: &Registry, port: u16) -> Result<Engine> {
     }
 }
 
-/// The next notification a client sent, within `timeout`. A client whose every connection
-/// closed before it is an error: it disconnected.
-fn next_note(engine: &Engine, timeout: Duration, what: &str) -> Result<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
-    let mut connected = false;
-    loop {
-        if let Some(n) = engine.notifications(Duration::from_millis(100))?.into_iter().next() {
-            return Ok(n.message);
-        }
-        let hosts = engine.accepted()?;
-        if connected && hosts.is_empty() {
-            bail!("the client disconnected before {what}");
-        }
-        connected |= !hosts.is_empty();
-        if Instant::now() >= deadline {
-            bail!("no {what} within {timeout:?}");
+/// The client's notifications, in the order they arrived.
+struct Inbox<'e> {
+    engine: &'e Engine,
+    backlog: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl Inbox<'_> {
+    /// The next notification, within `timeout`. A client whose every connection closed before
+    /// it is an error: it disconnected.
+    fn next(&mut self, timeout: Duration, what: &str) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut connected = false;
+        loop {
+            self.backlog.extend(self.engine.notifications(Duration::from_millis(100))?.into_iter().map(|n| n.message));
+            if let Some(n) = self.backlog.pop_front() {
+                return Ok(n);
+            }
+            let hosts = self.engine.accepted()?;
+            if connected && hosts.is_empty() {
+                bail!("the client disconnected before {what} came");
+            }
+            connected |= !hosts.is_empty();
+            if Instant::now() >= deadline {
+                bail!("{what} did not come within {timeout:?}");
+            }
         }
     }
 }
@@ -293,8 +302,9 @@ fn server(a: &Args, ready: Option<std::sync::mpsc::Sender<SocketAddr>>) -> Resul
     if a.fault.as_deref() == Some("unregister") {
         return unregister_under_writes(a, &engine, id, region.as_ref());
     }
+    let mut inbox = Inbox { engine: &engine, backlog: Default::default() };
     let report = loop {
-        let note = next_note(&engine, a.timeout, "its report")?;
+        let note = inbox.next(a.timeout, "its report")?;
         if note != STARTED {
             break String::from_utf8_lossy(&note).into_owned();
         }
@@ -357,7 +367,7 @@ fn refuse(a: &Args, ranks: &[NicRank], ready: Option<std::sync::mpsc::Sender<Soc
 /// it, and waits for the client to give up. Passes when nothing landed after the unregister.
 fn unregister_under_writes(a: &Args, engine: &Engine, id: RegionId, region: &dyn PeerMemory) -> Result<bool> {
     let who = "server";
-    let first = next_note(engine, a.timeout, "its first batch")?;
+    let first = Inbox { engine, backlog: Default::default() }.next(a.timeout, "its first batch")?;
     if first != STARTED {
         bail!("the client's first notification was {:?}, not {:?}", String::from_utf8_lossy(&first), "started");
     }

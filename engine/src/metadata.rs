@@ -17,8 +17,9 @@ use crate::span::RegionId;
 /// The `format` field of every encoding.
 pub const FORMAT: &str = "peermem-engine-metadata";
 /// The version this build writes and reads (2: a notification carries its batch's ticket, so
-/// a peer drops one sent again after a failover).
-pub const VERSION: u32 = 2;
+/// a peer drops one sent again after a failover; 3: every message carries a kind, and memory
+/// that bounces on the peer is staged by its engine).
+pub const VERSION: u32 = 3;
 /// The largest encoding decoded: past it, the input is refused before parsing.
 pub const MAX_BYTES: usize = 4 << 20;
 

@@ -2,7 +2,9 @@
 //! binary>`, run by `testbed/guest-suite`), two engines of one process talking over it through
 //! rdma_cm. What needs a NIC and a peer: a batch of writes and reads whose every byte lands
 //! where asked and nowhere else, its notification received once; registration of many regions
-//! at once, all or none; a peer that goes away mid-batch ends the batch within seconds.
+//! at once, all or none; a peer that goes away mid-batch ends the batch within seconds; an
+//! engine connected by address alone; memory that bounces on the peer (the ivshmem BAR) staged
+//! by the peer's engine both ways.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -190,5 +192,59 @@ fn an_engine_known_by_one_address_is_connected_with_its_metadata_read_over_rdma(
     while !server.accepted().unwrap().is_empty() {
         assert!(Instant::now() < deadline, "a client gone for 15 s is still listed: {:?}", server.accepted());
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The testbed's GPU stand-in BAR (ivshmem, BAR2), mapped for the CPU: no NIC registers it
+/// directly (a BAR mapping has no pages to pin and is no dma-buf), so rxe's registration bounces.
+fn gpu_bar(len: u64) -> Arc<dyn PeerMemory> {
+    let topo = Topology::discover("/").expect("live sysfs");
+    let dev = topo
+        .devices()
+        .iter()
+        .find(|d| d.vendor == 0x1af4 && d.device == 0x1110)
+        .expect("the switch topology has an ivshmem device (the GPU stand-in)");
+    Arc::new(topo.map_bar(dev.bdf, 2, 0, len).expect("mapping ivshmem BAR2"))
+}
+
+#[test]
+fn memory_that_bounces_on_the_peer_is_staged_by_its_engine_both_ways() {
+    let (server, client) = (engine(), engine());
+    let bar = gpu_bar(8 * BLOCK);
+    bar.write_at(0, &vec![0x11; (8 * BLOCK) as usize]).unwrap();
+    let remote = server.register(bar.clone()).unwrap();
+    let near = host(8 * BLOCK, 0);
+    for k in 0..4u64 {
+        near.write_at(k * BLOCK, &vec![0xa0 + k as u8; BLOCK as usize]).unwrap();
+    }
+    let local = client.register(near.clone()).unwrap();
+    let peer = client.connect(&server.metadata().unwrap()).unwrap();
+    // Local blocks 0..4 to the BAR's odd blocks, then a notification: when it arrives, the bytes
+    // are in the BAR itself, not in the bounce only.
+    let writes: Vec<Request> = (0..4).map(|k| req(Op::Write, local, k * BLOCK, remote, (2 * k + 1) * BLOCK)).collect();
+    let report = client.post(peer, &writes, Some(b"in the BAR")).unwrap().wait().unwrap();
+    assert!(report.routes.iter().any(|r| r.contains("staged on the peer")), "{:?}", report.routes);
+    assert!(report.notified);
+    let notes = server.notifications(Duration::from_secs(10)).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    for s in 0..8u64 {
+        let want = if s % 2 == 1 { 0xa0 + (s / 2) as u8 } else { 0x11 };
+        assert!(bytes(&*bar, s * BLOCK, BLOCK).iter().all(|&b| b == want), "BAR block {s}");
+    }
+    // The BAR changes behind the engine's back (a GPU kernel would): a read stages it out first.
+    bar.write_at(6 * BLOCK, &vec![0x66; BLOCK as usize]).unwrap();
+    let reads =
+        [req(Op::Read, local, 4 * BLOCK, remote, 6 * BLOCK), req(Op::Read, local, 5 * BLOCK, remote, 3 * BLOCK)];
+    let report = client.post(peer, &reads, None).unwrap().wait().unwrap();
+    assert_eq!(report.bytes, 2 * BLOCK);
+    assert!(bytes(&*near, 4 * BLOCK, BLOCK).iter().all(|&b| b == 0x66), "what the BAR holds now");
+    assert!(bytes(&*near, 5 * BLOCK, BLOCK).iter().all(|&b| b == 0xa1), "block 1 as written");
+    assert!(bytes(&*near, 6 * BLOCK, 2 * BLOCK).iter().all(|&b| b == 0), "outside the destinations");
+
+    // Unregistered on the peer: its engine answers that it cannot stage, and the batch fails.
+    server.unregister(remote).unwrap();
+    match client.post(peer, &reads[..1], None).unwrap().wait() {
+        Err(EngineError::RemoteStaging { error }) => assert!(error.contains("not registered"), "{error}"),
+        other => panic!("expected the peer's staging refused, got {other:?}"),
     }
 }

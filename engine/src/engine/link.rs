@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use peermem_rdma::Connection;
 
+use super::notify::Ring;
 use crate::rails::SliceId;
 
 /// A work request the engine posted, and what it stands for.
@@ -18,6 +19,18 @@ pub enum Wr {
     Slice { ticket: u64, request: usize, slice: SliceId },
     /// A batch's notification.
     Notify { ticket: u64 },
+    /// Part `part` of a batch's staging request to the peer (`commit`: bounce to region after
+    /// writes; else region to bounce before reads), sent from notification buffer `slot`.
+    Control { ticket: u64, commit: bool, part: u16, slot: u16 },
+}
+
+impl Wr {
+    /// The batch it belongs to.
+    pub fn ticket(&self) -> u64 {
+        match *self {
+            Wr::Slice { ticket, .. } | Wr::Notify { ticket } | Wr::Control { ticket, .. } => ticket,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +52,8 @@ pub struct Link {
     pub remote: String,
     pub addr: SocketAddr,
     pub conn: Option<Connection>,
+    /// Receives for the peer's answers to staging requests, posted on `conn`.
+    pub ring: Option<Ring>,
     pub state: LinkState,
     /// Work requests posted and not completed, by work request id, with when they were posted.
     pub inflight: HashMap<u64, (Wr, Instant)>,
@@ -56,13 +71,14 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn new(local: usize, local_name: String, remote: String, addr: SocketAddr, conn: Connection) -> Link {
+    pub fn new(local: usize, local_name: String, remote: String, addr: SocketAddr, conn: (Connection, Ring)) -> Link {
         Link {
             local,
             local_name,
             remote,
             addr,
-            conn: Some(conn),
+            conn: Some(conn.0),
+            ring: Some(conn.1),
             state: LinkState::Up,
             inflight: HashMap::new(),
             queue: VecDeque::new(),
@@ -82,6 +98,7 @@ impl Link {
     pub fn fail(&mut self, now: Duration, cooldown: Duration, why: String) -> Vec<Wr> {
         tracing::warn!(nic = %self.local_name, remote = %self.remote, "rail down: {why}");
         self.conn = None;
+        self.ring = None;
         self.failures.push(why.clone());
         self.state = LinkState::Down { since: now, retry_at: now + cooldown, why };
         let mut out: Vec<Wr> = self.inflight.drain().map(|(_, (w, _))| w).collect();

@@ -3,8 +3,11 @@
 //! as one unit: each request cut into slices dealt to the rails the fabric allows for its two
 //! memories, weighted by bandwidth and by what each rail delivers; a rail whose queue pair fails
 //! is taken out and its unacknowledged slices go to the others; a peer whose engine is gone (it
-//! closed the connections, or nothing listens where it did) ends its batches at once; the
-//! peer's notification is sent once every byte has landed, and received once.
+//! closed the connections, or nothing listens where it did) ends its batches at once; memory
+//! that bounces on the peer (none of its NICs takes it directly) is staged by the peer's engine,
+//! asked before reads and after writes; the peer's notification is sent once every byte has
+//! landed in its memory, and received once. A peer known by one address is connected with its
+//! metadata read over that connection (`connect_to`).
 //!
 //! Progress is made by whoever waits (a ticket, a notification) and by the engine's listener
 //! thread, under one lock: no completion is polled outside it.
@@ -12,7 +15,9 @@
 //! - `state`: the engine's tables and the progress loop.
 //! - `local`: the host's NICs, their addresses and listeners.
 //! - `link`: one connection to a peer's NIC and its work requests in flight.
-//! - `notify`: receive rings for notifications on accepted connections.
+//! - `notify`: receive rings for messages (notifications, staging requests, their answers).
+//! - `stage`: staging on the peer, on the wire.
+//! - `page`: the metadata page every listener offers.
 //!
 //! Owns: `Engine`, `EngineOptions`, `Ticket`, `Report`, `RailReport`, `Request`, `Op`,
 //! `PeerId`, `Notification`, `EngineError`. Must not: judge what a NIC reaches (the core's
@@ -24,6 +29,7 @@ mod link;
 mod local;
 mod notify;
 mod page;
+mod stage;
 mod state;
 
 use std::net::SocketAddr;
@@ -112,6 +118,8 @@ pub enum EngineError {
     PeerGone { host: String, why: String },
     #[error("the peer refused access to its memory ({error}): its region was unregistered, or the range is not its")]
     RemoteAccess { error: String },
+    #[error("the peer could not stage its memory: {error}")]
+    RemoteStaging { error: String },
     #[error("the batch did not end within {ms} ms; its rails were stopped before this error")]
     Timeout { ms: u128 },
     #[error("a notification of {len} bytes: at most {max}")]

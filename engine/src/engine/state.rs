@@ -17,8 +17,9 @@ use peermem_rdma::{Access, Connection, Local, Nic, NicMr, RdmaError, RemoteBuf};
 
 use super::link::{Link, LinkState, Wr};
 use super::local::{open_nics, Listener, LocalNic};
-use super::notify::{Incoming, Seen, WIRE};
+use super::notify::{Incoming, Ring, Seen, WIRE};
 use super::page::MetaPage;
+use super::stage::{ACK_SLOTS, ACK_WIRE};
 use super::{EngineError, EngineOptions, Notification, Op, PeerId, RailReport, Report, Request, Shared};
 use crate::cache::{CacheCounts, RangeCache};
 use crate::metadata::{Metadata, NicAddr, RegionMeta, RemoteKey, VERSION};
@@ -41,6 +42,8 @@ struct RailSet {
     /// The link of each rail (index = `RailId`).
     links: Vec<usize>,
     routes: Vec<String>,
+    /// The peer's memory bounces on every rail: its engine copies (see `stage`).
+    staged: bool,
 }
 
 struct Peer {
@@ -93,6 +96,8 @@ struct Batch {
     routes: Vec<String>,
     result: Option<Result<Report, EngineError>>,
     forgotten: bool,
+    /// The peer's staging for the requests whose memory bounces there.
+    stage: remote::Staging,
 }
 
 /// Send buffers for notifications, one ring per local NIC.
@@ -420,17 +425,15 @@ impl Inner {
                 reasons.push(format!("{}: address {:?} is not IP:port", na.nic, na.address));
                 continue;
             };
-            if first.as_ref().is_some_and(|(_, a, _)| *a == addr) {
-                if let Some((i, a, conn)) = first.take() {
-                    links.push(Link::new(i, self.nics[i].nic.name().to_string(), na.nic.clone(), a, conn));
-                }
-                continue;
-            }
-            match self.dial(addr, self.options.connect.timeout) {
+            let dialed = match first.take_if(|(_, a, _)| *a == addr) {
+                Some((i, _, conn)) => Ok((i, conn)),
+                None => self.dial(addr, self.options.connect.timeout).map_err(|e| e.why),
+            };
+            match dialed.and_then(|(i, conn)| Ok((i, self.with_ring(i, conn)?))) {
                 Ok((i, conn)) => {
                     links.push(Link::new(i, self.nics[i].nic.name().to_string(), na.nic.clone(), addr, conn))
                 }
-                Err(e) => reasons.push(format!("{}: {}", na.nic, e.why)),
+                Err(why) => reasons.push(format!("{}: {why}", na.nic)),
             }
         }
         if let Some((_, a, mut conn)) = first {
@@ -447,6 +450,14 @@ impl Inner {
         self.next_peer += 1;
         self.peers.insert(id, Peer { meta, links, rails: HashMap::new(), gone: None });
         Ok(id)
+    }
+
+    /// `conn` (from local NIC `nic`) with receives posted for the peer's answers.
+    fn with_ring(&self, nic: usize, mut conn: Connection) -> Result<(Connection, Ring), String> {
+        match Ring::new(&self.nics[nic].nic, &self.registry, &mut conn, ACK_SLOTS, ACK_WIRE) {
+            Ok(ring) => Ok((conn, ring)),
+            Err(e) => Err(format!("receives for the peer's answers: {e}")),
+        }
     }
 
     /// A connection a peer made to us: its notifications arrive on it.
@@ -535,3 +546,4 @@ pub(crate) fn serve(shared: &Shared, listeners: Vec<Listener>) {
 mod batch;
 mod bootstrap;
 mod finish;
+mod remote;

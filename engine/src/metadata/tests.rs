@@ -27,7 +27,7 @@ fn metadata_round_trips_and_names_its_format_and_version() {
     let m = sample();
     let bytes = m.encode();
     let text = std::str::from_utf8(&bytes).unwrap();
-    assert!(text.contains(r#""format":"peermem-engine-metadata""#) && text.contains(r#""version":2"#), "{text}");
+    assert!(text.contains(r#""format":"peermem-engine-metadata""#) && text.contains(r#""version":3"#), "{text}");
     assert_eq!(Metadata::decode(&bytes).unwrap(), m);
     assert_eq!(m.region(RegionId(2)).unwrap().len, 4096);
 }
@@ -71,8 +71,8 @@ fn garbage_is_refused_without_a_panic() {
 #[test]
 fn a_wrong_format_or_version_is_named_before_the_fields() {
     let text = String::from_utf8(sample().encode()).unwrap();
-    let e = Metadata::decode(text.replace("\"version\":2", "\"version\":1").as_bytes()).unwrap_err();
-    assert_eq!(e, MetadataError::Version { found: Some(1) });
+    let e = Metadata::decode(text.replace("\"version\":3", "\"version\":2").as_bytes()).unwrap_err();
+    assert_eq!(e, MetadataError::Version { found: Some(2) });
     let e = Metadata::decode(br#"{"format":"peermem-engine-metadata","regions":"x"}"#).unwrap_err();
     assert_eq!(e, MetadataError::Version { found: None });
     let e = Metadata::decode(br#"{"format":"nixl","version":1}"#).unwrap_err();

@@ -53,8 +53,10 @@ impl Inner {
                 l.in_use += 1;
             }
         }
+        // Reads of memory that bounces on the peer wait for its stage-out.
+        let stage = self.staging_for(peer, ticket, &reqs);
         let p = self.peer_mut(peer)?;
-        for (ri, r) in reqs.iter().enumerate() {
+        for (ri, r) in reqs.iter().enumerate().filter(|_| !stage.holds()) {
             let set = &p.rails[&(r.req.local, r.req.remote)];
             for (si, s) in r.plan.slices().iter().enumerate() {
                 p.links[set.links[s.rail.0]].queue.push_back(Wr::Slice { ticket, request: ri, slice: SliceId(si) });
@@ -76,6 +78,7 @@ impl Inner {
                 routes,
                 result: None,
                 forgotten: false,
+                stage,
             },
         );
         self.progress();
@@ -131,8 +134,35 @@ impl Inner {
         } else {
             specs
         };
+        // None takes the peer's memory directly: it bounces there, and the peer's engine copies.
+        let (specs, staged) = if specs.is_empty() {
+            let keyed: Vec<crate::rails::RailSpec> = p
+                .links
+                .iter()
+                .filter(|k| remote.iter().any(|n| n.nic == k.remote))
+                .map(|k| crate::rails::RailSpec {
+                    local: k.local_name.clone(),
+                    remote: k.remote.clone(),
+                    bandwidth_gbs: None,
+                })
+                .fold(Vec::new(), |mut all, s| {
+                    if !all.iter().any(|a: &crate::rails::RailSpec| a.local == s.local && a.remote == s.remote) {
+                        all.push(s);
+                    }
+                    all
+                });
+            routes.extend(keyed.iter().map(|s| {
+                format!(
+                    "staged on the peer: {} bounces {}; its engine copies before reads and after writes",
+                    s.remote, r.remote
+                )
+            }));
+            (keyed, true)
+        } else {
+            (specs, false)
+        };
         if specs.is_empty() {
-            routes.push("no link reaches the peer's memory directly".into());
+            routes.push("the peer gave no key for its memory on any linked NIC".into());
             return Err(EngineError::NoRail { index, reasons: routes });
         }
         let links: Vec<usize> = specs.iter().filter_map(|s| linked(&s.local, &s.remote)).collect();
@@ -148,7 +178,7 @@ impl Inner {
         }
         let rails = Rails::new(specs, self.options.rails)
             .map_err(|e| EngineError::NoRail { index, reasons: vec![e.to_string()] })?;
-        Ok(RailSet { rails, links, routes })
+        Ok(RailSet { rails, links, routes, staged })
     }
 
     /// One round: completions, queued work, notifications, links connected again, bounds.
@@ -162,6 +192,7 @@ impl Inner {
             self.repost_failed(*pid, now);
             self.post_queued(*pid);
         }
+        self.send_staging();
         self.send_notifies();
         self.poll_incoming();
         for pid in &peers {
@@ -174,6 +205,7 @@ impl Inner {
     fn poll_links(&mut self, pid: PeerId, now: Duration) {
         let n = self.peers.get(&pid).map_or(0, |p| p.links.len());
         for li in 0..n {
+            self.poll_answers(pid, li, now);
             let Some(link) = self.peers.get_mut(&pid).map(|p| &mut p.links[li]) else { return };
             let Some(conn) = link.conn.as_mut() else { continue };
             let got = match conn.poll_outcomes(false, 64) {
@@ -228,6 +260,12 @@ impl Inner {
                 let nic = p.links[li].local;
                 self.free_notify_slot(nic, ticket);
             }
+            // Sent; the part stands until the peer's answer.
+            Wr::Control { slot, .. } => {
+                if let Some(b) = self.notify_bufs.get_mut(p.links[li].local) {
+                    b.busy[slot as usize] = false;
+                }
+            }
             Wr::Slice { ticket, request, slice } => {
                 let Some(b) = self.batches.get_mut(&ticket) else { return };
                 let Some(r) = b.reqs.get_mut(request) else { return };
@@ -262,6 +300,14 @@ impl Inner {
         let Some(p) = self.peers.get_mut(&pid) else { return };
         let returned = p.links[li].fail(now, cooldown, why);
         for wr in returned {
+            if let Wr::Control { ticket, commit, part, slot } = wr {
+                if let Some(b) = self.notify_bufs.get_mut(p.links[li].local) {
+                    b.busy[slot as usize] = false;
+                }
+                if let Some(b) = self.batches.get_mut(&ticket) {
+                    b.stage.resend(commit, part);
+                }
+            }
             if let Wr::Notify { ticket } = wr {
                 let local = p.links[li].local;
                 if let Some(b) = self.batches.get_mut(&ticket) {
@@ -290,7 +336,7 @@ impl Inner {
 
     /// Rebuilds every link's queue of `pid` from the plans: each posted slice not in flight is
     /// queued on its rail's link.
-    fn requeue(&mut self, pid: PeerId) {
+    pub(super) fn requeue(&mut self, pid: PeerId) {
         let Some(p) = self.peers.get_mut(&pid) else { return };
         let mut inflight = std::collections::HashSet::new();
         for l in &mut p.links {
@@ -299,8 +345,12 @@ impl Inner {
                 inflight.insert(*w);
             }
         }
-        let mut tickets: Vec<u64> =
-            self.batches.iter().filter(|(_, b)| b.peer == pid && b.error.is_none()).map(|(t, _)| *t).collect();
+        let mut tickets: Vec<u64> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| b.peer == pid && b.error.is_none() && !b.stage.holds())
+            .map(|(t, _)| *t)
+            .collect();
         tickets.sort_unstable();
         for ticket in tickets {
             let b = &self.batches[&ticket];

@@ -9,7 +9,7 @@ impl Inner {
             .batches
             .iter()
             .filter(|(_, b)| b.error.is_none() && b.notify_state == NotifyState::Pending)
-            .filter(|(_, b)| b.reqs.iter().all(|r| r.plan.done()))
+            .filter(|(_, b)| b.reqs.iter().all(|r| r.plan.done()) && b.stage.done())
             .map(|(t, _)| *t)
             .collect();
         for ticket in ready {
@@ -22,8 +22,8 @@ impl Inner {
             if bufs.busy[slot] {
                 continue;
             }
-            // The ticket, then the message (see `notify`).
-            let mut wire = ticket.to_le_bytes().to_vec();
+            // The ticket and the kind, then the message (see `notify`).
+            let mut wire = crate::engine::stage::prefix(ticket, crate::engine::stage::Kind::Note);
             wire.extend_from_slice(self.batches[&ticket].notify.as_deref().unwrap_or_default());
             let off = (slot * WIRE) as u64;
             if bufs.mr.region().write_at(off, &wire).is_err() {
@@ -51,24 +51,6 @@ impl Inner {
     pub(super) fn free_notify_slot(&mut self, nic: usize, ticket: u64) {
         if let Some(b) = self.notify_bufs.get_mut(nic) {
             b.busy[(ticket as usize) % NOTIFY_SLOTS] = false;
-        }
-    }
-
-    /// Notifications that arrived on accepted connections, each once; a peer that left closes
-    /// its ring. `Engine::notifications` polls only this.
-    pub(in crate::engine) fn poll_incoming(&mut self) {
-        let mut got = Vec::new();
-        for inc in &mut self.incoming {
-            inc.poll(&mut got);
-            if !inc.closed && inc.conn.check_peer().is_err() {
-                inc.closed = true;
-            }
-        }
-        self.incoming.retain(|i| !i.closed);
-        for r in got {
-            if self.seen.first(r.key) {
-                self.notes.push(r.note);
-            }
         }
     }
 
@@ -100,7 +82,7 @@ impl Inner {
             let result = if active {
                 self.dial(addr, Duration::from_secs(1).min(self.options.connect.timeout)).and_then(|(i, c)| {
                     if i == local {
-                        Ok(c)
+                        self.with_ring(i, c).map_err(DialError::new)
                     } else {
                         Err(DialError::new(format!("{addr} is now reached through {}", self.nics[i].nic.name())))
                     }
@@ -112,9 +94,10 @@ impl Inner {
             let Some(p) = self.peers.get_mut(&pid) else { return };
             let link = &mut p.links[li];
             match result {
-                Ok(conn) => {
+                Ok((conn, ring)) => {
                     tracing::info!(nic = %link.local_name, remote = %link.remote, "rail back up");
                     link.conn = Some(conn);
+                    link.ring = Some(ring);
                     link.state = LinkState::Up;
                     link.last_done = None;
                     link.closed_by_peer = false;
@@ -150,13 +133,7 @@ impl Inner {
     fn inflight_of(&self, ticket: u64) -> usize {
         let Some(b) = self.batches.get(&ticket) else { return 0 };
         self.peers.get(&b.peer).map_or(0, |p| {
-            p.links
-                .iter()
-                .flat_map(|l| l.inflight.values())
-                .filter(|(w, _)| match w {
-                    Wr::Slice { ticket: t, .. } | Wr::Notify { ticket: t } => *t == ticket,
-                })
-                .count()
+            p.links.iter().flat_map(|l| l.inflight.values()).filter(|(w, _)| w.ticket() == ticket).count()
         })
     }
 
@@ -180,7 +157,7 @@ impl Inner {
                 // destroyed, no NIC touches the batch's buffers.
                 let links: Vec<usize> = self.peers.get(&pid).map_or(Vec::new(), |p| {
                     (0..p.links.len())
-                        .filter(|&li| p.links[li].inflight.values().any(|(w, _)| matches!(w, Wr::Slice { ticket: t, .. } | Wr::Notify { ticket: t } if *t == ticket)))
+                        .filter(|&li| p.links[li].inflight.values().any(|(w, _)| w.ticket() == ticket))
                         .collect()
                 });
                 let t = self.now();
@@ -189,8 +166,9 @@ impl Inner {
                 }
             }
             let b = &self.batches[&ticket];
-            let done =
-                b.reqs.iter().all(|r| r.plan.done()) && matches!(b.notify_state, NotifyState::None | NotifyState::Done);
+            let done = b.reqs.iter().all(|r| r.plan.done())
+                && b.stage.done()
+                && matches!(b.notify_state, NotifyState::None | NotifyState::Done);
             if b.error.is_some() && self.inflight_of(ticket) == 0 {
                 self.end(ticket, false);
             } else if b.error.is_none() && done {
