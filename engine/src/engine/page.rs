@@ -74,10 +74,20 @@ impl MetaPage {
         let buf = Arc::new(HostRegion::new(len)?);
         // The magic from the start: a reader before the first `publish` reads it again.
         buf.write_at(0, &MAGIC)?;
+        let region = buf.clone() as Arc<dyn PeerMemory>;
+        // One registration in the registry, shared by every NIC's MR.
+        let registration = Arc::new(registry.register(region.clone()).map_err(RdmaError::from)?);
         let mut mrs = Vec::with_capacity(nics.len());
         for (nic, listening) in nics {
             mrs.push(match listening {
-                true => Some(nic.register(registry, buf.clone() as Arc<dyn PeerMemory>, Access::REMOTE_READ)?),
+                true => Some(nic.register_shared(
+                    registry,
+                    registration.clone(),
+                    region.clone(),
+                    0,
+                    len,
+                    Access::REMOTE_READ,
+                )?),
                 false => None,
             });
         }

@@ -190,7 +190,13 @@ impl Inner {
         let (Some(conn), Some(ring)) = (link.conn.as_mut(), link.ring.as_mut()) else { return };
         let mut got = Vec::new();
         if let Err(why) = ring.poll(conn, &mut got) {
-            self.fail_link(pid, li, now, why);
+            // With work requests in flight, their completions name the cause (a receive is
+            // only flushed by it); with none, this is the first sign.
+            if link.inflight.is_empty() {
+                self.fail_link(pid, li, now, why);
+            } else {
+                tracing::debug!(nic = %link.local_name, "answers' ring: {why}");
+            }
         }
         for m in got.into_iter().filter(|m| m.kind == Kind::Ack) {
             match stage::decode_ack(&m.body) {
