@@ -82,12 +82,13 @@ fn to_state(qp: &sys::Qp, id: &CmId, nic: &Nic, state: u32, opts: &ConnectOpts) 
     Ok(Endpoint { qpn: r.qpn, psn: r.psn, gid: r.gid, lid: r.lid, mtu: r.mtu })
 }
 
-fn param<'a>(qp: &sys::Qp, opts: &ConnectOpts, private_data: &'a [u8]) -> CmConnParam<'a> {
+fn param<'a>(qp: &sys::Qp, nic: &Nic, opts: &ConnectOpts, private_data: &'a [u8]) -> CmConnParam<'a> {
+    let (responder_resources, initiator_depth) = crate::conn::rd_atomic(nic, opts);
     CmConnParam {
         qpn: qp.qpn,
         private_data,
-        responder_resources: 1,
-        initiator_depth: 1,
+        responder_resources,
+        initiator_depth,
         retry_count: opts.retry_cnt.min(7),
         rnr_retry_count: 7,
     }
@@ -135,7 +136,7 @@ impl Connection {
 
         let (qp, scq, rcq) = new_qp(nic, &opts)?;
         to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
-        id.connect(&param(&qp, &opts, private)).map_err(cm("rdma_connect"))?;
+        id.connect(&param(&qp, nic, &opts, private)).map_err(cm("rdma_connect"))?;
         let ev = expect(next(&ch, &peer, deadline, "the server's answer")?, cm_event::CONNECT_RESPONSE, &peer)?;
         let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
         to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
@@ -233,7 +234,7 @@ impl CmListener {
         let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
         to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
         let data = offer.map(offer_bytes);
-        id.accept(&param(&qp, &opts, data.as_ref().map_or(&[][..], |d| &d[..]))).map_err(cm("rdma_accept"))?;
+        id.accept(&param(&qp, nic, &opts, data.as_ref().map_or(&[][..], |d| &d[..]))).map_err(cm("rdma_accept"))?;
         expect(next(&ch, &peer, deadline, "the connection to be established")?, cm_event::ESTABLISHED, &peer)?;
         tracing::debug!(dev = nic.name(), qpn = qp.qpn, %peer, "rdma_cm connection up (passive side)");
         Ok(Connection::from_parts(

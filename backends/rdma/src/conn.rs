@@ -23,6 +23,16 @@ use crate::sys::{self, SendOp};
 /// A completion: its work request id, and the request's result.
 pub type Outcome = (u64, Result<Wc, WcError>);
 
+/// READs in flight per queue pair as (responder, initiator): `opts.rd_atomic` within what the
+/// device takes (1 when it cannot be asked).
+pub(crate) fn rd_atomic(nic: &Nic, opts: &ConnectOpts) -> (u8, u8) {
+    let want = opts.rd_atomic.max(1);
+    match nic.pd.context().rd_atom() {
+        Ok((resp, init)) => (want.min(resp.max(1)), want.min(init.max(1))),
+        Err(_) => (1, 1),
+    }
+}
+
 /// Connection parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectOpts {
@@ -36,6 +46,9 @@ pub struct ConnectOpts {
     pub retry_cnt: u8,
     pub max_send_wr: u32,
     pub max_recv_wr: u32,
+    /// RDMA READs (and atomics) in flight per queue pair, as initiator and as responder, capped
+    /// by the device (with one, each READ waits for the previous one's response).
+    pub rd_atomic: u8,
 }
 
 impl Default for ConnectOpts {
@@ -47,6 +60,7 @@ impl Default for ConnectOpts {
             retry_cnt: 7,
             max_send_wr: 128,
             max_recv_wr: 128,
+            rd_atomic: 16,
         }
     }
 }
@@ -234,7 +248,7 @@ impl Connection {
             rq_psn: remote.psn,
             dgid: remote.gid,
             dlid: remote.lid,
-            max_dest_rd_atomic: 1,
+            max_dest_rd_atomic: rd_atomic(nic, &opts).0,
             min_rnr_timer: 12,
         })
         .map_err(nic.verbs_err("ibv_modify_qp(RTR)"))?;
@@ -243,7 +257,7 @@ impl Connection {
             timeout: opts.ack_timeout,
             retry_cnt: opts.retry_cnt,
             rnr_retry: 7,
-            max_rd_atomic: 1,
+            max_rd_atomic: rd_atomic(nic, &opts).1,
         })
         .map_err(nic.verbs_err("ibv_modify_qp(RTS)"))?;
         let mut conn = Connection {

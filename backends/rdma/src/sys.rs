@@ -168,6 +168,16 @@ impl Context {
         Ok(attr.max_dm_size)
     }
 
+    /// The most RDMA READs (and atomics) in flight per queue pair the device takes as responder
+    /// and as initiator (`max_qp_rd_atom`, `max_qp_init_rd_atom`).
+    pub fn rd_atom(&self) -> io::Result<(u8, u8)> {
+        // SAFETY: all-zero structs are valid inputs/outputs; ctx is live.
+        let mut attr: ffi::ibv_device_attr_ex = unsafe { std::mem::zeroed() };
+        rc(unsafe { ffi::ibv_query_device_ex(self.ctx, ptr::null(), &mut attr) })?;
+        let clamp = |n: i32| n.clamp(0, u8::MAX as i32) as u8;
+        Ok((clamp(attr.orig_attr.max_qp_rd_atom), clamp(attr.orig_attr.max_qp_init_rd_atom)))
+    }
+
     /// The command fd of the context (driver-private: only this device's driver understands it).
     pub fn cmd_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: cmd_fd stays open until ibv_close_device, which runs only in Drop (after every
