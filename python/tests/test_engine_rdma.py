@@ -4,7 +4,8 @@ numpy arrays and package buffers with READ and WRITE batches; every byte is chec
 every byte outside the destination ranges, and the notifications. Batches are futures:
 `concurrent.futures.wait` and `as_completed` over several, callbacks (run by the engine's waiter
 thread) on success and on failure (the peer's engine closed mid-batch), `asyncio.wrap_future`,
-`cancel()` refused; the waiter thread ends with its engine. `register_range`, `cache_counts` and
+`cancel()` refused; the waiter thread ends with its engine, and the interpreter exits cleanly with
+a batch pending. `register_range`, `cache_counts` and
 `listen_addrs` on the live NIC. Skipped (visibly) where no
 RDMA device exists (failed instead under PEERMEM_REQUIRE_RDMA=1, as testbed/guest-suite runs it
 in the guest):
@@ -19,6 +20,9 @@ import asyncio
 import concurrent.futures
 import gc
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import weakref
 
@@ -292,6 +296,23 @@ def test_a_collected_engine_ends_its_waiter_thread():
     waiter.join(10)
     assert not waiter.is_alive(), "the waiter thread outlived its collected engine"
     b.close()
+
+
+def test_the_interpreter_exits_cleanly_with_a_batch_pending():
+    code = textwrap.dedent(
+        """
+        import numpy as np, peermem
+        a, b = peermem.Engine(host="exit-a"), peermem.Engine(host="exit-b")
+        mine, theirs = np.zeros(16 << 20, np.uint8), np.ones(16 << 20, np.uint8)
+        rl, rr = a.register(mine), b.register(theirs)
+        f = a.read(a.connect(b.metadata()), [(rl, 0, rr, 0, 16 << 20)])
+        f.add_done_callback(lambda f: None)
+        print("posted", f.done(), flush=True)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "posted False\n", (r.returncode, r.stdout, r.stderr)
+    assert "panicked" not in r.stderr and "Fatal" not in r.stderr, r.stderr
 
 
 def test_register_range_cache_counts_and_listen_addrs_on_the_nic(engines):
