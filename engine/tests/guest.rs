@@ -2,16 +2,16 @@
 //! binary>`, run by `testbed/guest-suite`), two engines of one process talking over it through
 //! rdma_cm. What needs a NIC and a peer: a batch of writes and reads whose every byte lands
 //! where asked and nowhere else, its notification received once; registration of many regions
-//! at once, all or none; a peer that goes away mid-batch ends the batch within seconds; an
-//! engine connected by address alone; memory that bounces on the peer (the ivshmem BAR) staged
-//! by the peer's engine both ways.
+//! at once, all or none; several batches watched at once each end with their own report; a peer
+//! that goes away mid-batch ends the batch within seconds; an engine connected by address alone;
+//! memory that bounces on the peer (the ivshmem BAR) staged by the peer's engine both ways.
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peermem::{BarRegion, HostRegion, PeerMemory, Registry, Topology};
-use peermem_engine::{Engine, EngineError, EngineOptions, Op, Request};
+use peermem_engine::{Engine, EngineError, EngineOptions, Op, Request, Ticket};
 
 const DEV: &str = "rxe0";
 const BLOCK: u64 = 64 << 10;
@@ -121,6 +121,38 @@ fn registering_many_regions_is_all_or_none() {
     assert_eq!(after.registers - before.registers, 1, "c was registered");
     assert_eq!(after.deregisters - before.deregisters, 1, "and let go again");
     assert!(e.routes(ids[0]).is_ok(), "a, registered before the call, stays");
+}
+
+#[test]
+fn batches_watched_together_each_end_with_their_own_report() {
+    let (server, client) = (engine(), engine());
+    let far = host(6 * BLOCK, 7);
+    let near = host(6 * BLOCK, 0);
+    let remote = server.register(far).unwrap();
+    let local = client.register(near.clone()).unwrap();
+    let peer = client.connect(&server.metadata().unwrap()).unwrap();
+    // Batch k reads k + 1 blocks, after those of the batches before it.
+    let tickets: Vec<Ticket> = (0..3u64)
+        .map(|k| {
+            let first = k * (k + 1) / 2;
+            let batch: Vec<Request> =
+                (first..first + k + 1).map(|b| req(Op::Read, local, b * BLOCK, remote, b * BLOCK)).collect();
+            client.post(peer, &batch, None).unwrap()
+        })
+        .collect();
+    let mut got: Vec<Option<u64>> = vec![None; tickets.len()];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got.iter().any(Option::is_none) {
+        assert!(Instant::now() < deadline, "batches still pending after 60 s: {got:?}");
+        let pending: Vec<usize> = (0..tickets.len()).filter(|&i| got[i].is_none()).collect();
+        let refs: Vec<&Ticket> = pending.iter().map(|&i| &tickets[i]).collect();
+        for (i, r) in pending.into_iter().zip(Ticket::try_wait_any(&refs)) {
+            got[i] = r.map(|r| r.expect("the batch").bytes);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(got, [Some(BLOCK), Some(2 * BLOCK), Some(3 * BLOCK)]);
+    assert!(bytes(&*near, 0, 6 * BLOCK).iter().all(|&b| b == 7), "a block did not land");
 }
 
 #[test]

@@ -1,34 +1,32 @@
-//! `Engine`: the Python face of the transfer engine (`peermem_engine::Engine`). Memory is
-//! registered as the loader's destinations are (`memory::Target`: a package buffer, or any
-//! writable buffer export); batches of `(local_id, local_offset, remote_id, remote_offset,
-//! length)` tuples are posted as one unit and return a `Transfer`, whose `result()` waits for the
-//! engine's report with the GIL released, in short waits between which signals are checked.
+//! `_Engine`: the native face of the transfer engine (`peermem_engine::Engine`), subclassed by
+//! the package's `peermem.Engine` (`_engine.py`). Memory is registered as the loader's
+//! destinations are (`memory::Target`: a package buffer, or any writable buffer export); batches
+//! of `(local_id, local_offset, remote_id, remote_offset, length)` tuples are posted as one unit
+//! and return a `transfer::Ticket`, which `peermem.Engine` wraps in a `Transfer` future.
 //!
 //! Every call into the Rust engine is made with the GIL released: a thread that holds the
 //! engine's lock may drop the last reference to a Python buffer export, which takes the GIL.
 //!
 //! Owns: Python argument checks (batch tuples, options), what a registration holds until it is
-//! unregistered, the report as a dict. Must not: decide rails, check ranges against regions, or
+//! unregistered. Must not: decide rails, check ranges against regions, or
 //! let a buffer go while the engine may still use it (the engine refuses to unregister a region
 //! a posted batch uses, and holds the region itself until then).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use pyo3::exceptions::{PyTimeoutError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString, PyTuple};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyMemoryView, PyString, PyTuple};
 
 use peermem::Registry;
-use peermem_engine::{EngineOptions, Op, PeerId, RailReport, RegionId, Report, Request, Ticket};
+use peermem_engine::{EngineOptions, Op, PeerId, RegionId, Request};
 
 use crate::args;
 use crate::errors::{engine_err, peermem_err};
 use crate::memory::{registry, Target};
-
-/// The longest a wait holds on without checking for signals (Ctrl-C).
-const SLICE: Duration = Duration::from_millis(50);
+use crate::transfer::{rail_dict, Ticket, SLICE};
 
 /// The most work requests in flight per rail: half of a connection's send queue, the rest left
 /// for notifications.
@@ -116,136 +114,9 @@ fn requests(op: Op, batch: &Bound<'_, PyAny>) -> PyResult<Vec<Request>> {
     Ok(v)
 }
 
-/// One rail's report as a dict.
-fn rail_dict<'py>(py: Python<'py>, r: &RailReport) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("nic", &r.nic)?;
-    d.set_item("remote_nic", &r.remote_nic)?;
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("slices", r.slices)?;
-    d.set_item("state", &r.state)?;
-    d.set_item("error", &r.error)?;
-    Ok(d)
-}
-
-/// A batch's report as a dict (the Rust `Report`'s fields).
-fn report_dict<'py>(py: Python<'py>, r: &Report) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("bytes", r.bytes)?;
-    d.set_item("requests", r.requests)?;
-    d.set_item("seconds", r.seconds)?;
-    let rails = PyList::empty(py);
-    for rail in &r.rails {
-        rails.append(rail_dict(py, rail)?)?;
-    }
-    d.set_item("rails", rails)?;
-    d.set_item("retries", r.retries)?;
-    d.set_item("routes", &r.routes)?;
-    d.set_item("notified", r.notified)?;
-    Ok(d)
-}
-
-/// Where a posted batch stands.
-enum State {
-    Pending(Ticket),
-    /// The engine's outcome (the error made without the GIL; raised when asked for).
-    Done(Result<Report, PyErr>),
-}
-
-/// A posted batch (`Engine.read` / `Engine.write`): `done()`, `result(timeout=None)`.
-#[pyclass(module = "peermem", frozen)]
-pub struct Transfer {
-    /// Locked with the GIL released, for at most one short wait.
-    state: Mutex<State>,
-}
-
-impl Transfer {
-    /// Waits up to `limit` for the batch (GIL released by the caller); settles it when it ended.
-    fn wait_for(&self, limit: Duration) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let State::Pending(t) = &*st {
-            let out = match t.wait_timeout(limit) {
-                Ok(None) => return,
-                Ok(Some(r)) => Ok(r),
-                Err(e) => Err(engine_err(e)),
-            };
-            // The ticket goes with its batch ended: the engine forgets it.
-            *st = State::Done(out);
-        }
-    }
-
-    /// The outcome, if settled, with the GIL held.
-    fn outcome<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let st = self.state.lock().map_err(peermem_err)?;
-        match &*st {
-            State::Pending(_) => Ok(None),
-            State::Done(Ok(r)) => report_dict(py, r).map(Some),
-            State::Done(Err(e)) => Err(e.clone_ref(py)),
-        }
-    }
-}
-
-#[pymethods]
-impl Transfer {
-    /// True once the batch has ended, done or failed (makes progress without waiting).
-    fn done(&self, py: Python<'_>) -> bool {
-        py.detach(|| {
-            // A thread waiting in `result` holds the state: the batch is not known to be over.
-            let Ok(mut st) = self.state.try_lock() else { return false };
-            if let State::Pending(t) = &*st {
-                match t.try_wait() {
-                    None => return false,
-                    Some(out) => *st = State::Done(out.map_err(engine_err)),
-                }
-            }
-            true
-        })
-    }
-
-    /// The batch's report as a dict, or its error raised. `timeout` seconds at most, then
-    /// `TimeoutError` (the batch goes on); None: as long as the engine's bound on a batch.
-    #[pyo3(signature = (timeout=None))]
-    fn result<'py>(&self, py: Python<'py>, timeout: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
-        let limit = args::opt_seconds(timeout, "timeout")?;
-        let deadline = limit.map(|l| Instant::now() + l);
-        // At least one look at the batch, even with `timeout=0`.
-        let mut expired = false;
-        loop {
-            if let Some(r) = self.outcome(py)? {
-                return Ok(r);
-            }
-            if expired {
-                let secs = limit.unwrap_or_default().as_secs_f64();
-                return Err(PyTimeoutError::new_err(format!("the batch did not end within {secs} s")));
-            }
-            let left = deadline.map_or(SLICE, |d| d.saturating_duration_since(Instant::now()));
-            py.detach(|| self.wait_for(left.min(SLICE)));
-            expired = deadline.is_some_and(|d| Instant::now() >= d);
-            py.check_signals()?;
-        }
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        format!("<peermem.Transfer {}>", if self.done(py) { "done" } else { "pending" })
-    }
-}
-
-impl Drop for Transfer {
-    fn drop(&mut self) {
-        let st = std::mem::replace(
-            self.state.get_mut().unwrap_or_else(|p| p.into_inner()),
-            State::Done(Err(PyValueError::new_err("dropped"))),
-        );
-        if let State::Pending(t) = st {
-            // Dropped with the GIL held: the ticket takes the engine's lock (see the module).
-            Python::attach(|py| py.detach(move || drop(t)));
-        }
-    }
-}
-
 /// The transfer engine: registers memory with the host's RDMA NICs, exchanges metadata with
 /// peers, and moves batches of byte ranges between this host's memory and theirs.
-#[pyclass(module = "peermem", frozen)]
+#[pyclass(module = "peermem._native", name = "_Engine", frozen, subclass)]
 pub struct Engine {
     /// None once closed.
     engine: Mutex<Option<Arc<peermem_engine::Engine>>>,
@@ -266,13 +137,13 @@ impl Engine {
         peer: &Bound<'_, PyAny>,
         batch: &Bound<'_, PyAny>,
         notify: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Transfer> {
+    ) -> PyResult<Ticket> {
         let peer = PeerId(args::int(peer, "peer", 0, u32::MAX.into())? as u32);
         let reqs = requests(op, batch)?;
         let notify = notify.filter(|n| !n.is_none()).map(|n| byte_string(n, "notify")).transpose()?;
         let e = self.engine()?;
         let ticket = py.detach(|| e.post(peer, &reqs, notify.as_deref())).map_err(engine_err)?;
-        Ok(Transfer { state: Mutex::new(State::Pending(ticket)) })
+        Ok(Ticket::new(ticket))
     }
 }
 
@@ -330,6 +201,41 @@ impl Engine {
         py.detach(|| e.routes(id)).map_err(engine_err)
     }
 
+    /// Registers `length` bytes at `offset` of the registered `region` on their own with every
+    /// NIC, unless a registration covers them already (the engine's range cache).
+    fn register_range(
+        &self,
+        py: Python<'_>,
+        region: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        length: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let id = RegionId(args::int(region, "region", 0, u32::MAX.into())? as u32);
+        let offset = args::int(offset, "offset", 0, u64::MAX)?;
+        let len = args::int(length, "length", 1, u64::MAX)?;
+        let e = self.engine()?;
+        py.detach(|| e.register_range(id, offset, len)).map_err(engine_err)
+    }
+
+    /// The registration cache's counts, summed over the NICs: `registers` and `deregisters`
+    /// (calls into the NICs' registrars) and `hits` (registrations a cached one covered).
+    fn cache_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let e = self.engine()?;
+        let c = py.detach(|| e.cache_counts()).map_err(engine_err)?;
+        let d = PyDict::new(py);
+        d.set_item("registers", c.registers)?;
+        d.set_item("deregisters", c.deregisters)?;
+        d.set_item("hits", c.hits)?;
+        Ok(d)
+    }
+
+    /// Where peers connect: `(nic, "ip:port")` per listening NIC.
+    fn listen_addrs(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+        let e = self.engine()?;
+        let addrs = py.detach(|| e.listen_addrs()).map_err(engine_err)?;
+        Ok(addrs.into_iter().map(|(nic, a)| (nic, a.to_string())).collect())
+    }
+
     /// This host's metadata for a peer's `connect`: its NICs and the regions registered so far.
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         let e = self.engine()?;
@@ -353,7 +259,7 @@ impl Engine {
         peer: &Bound<'_, PyAny>,
         batch: &Bound<'_, PyAny>,
         notify: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Transfer> {
+    ) -> PyResult<Ticket> {
         self.post(py, Op::Read, peer, batch, notify)
     }
 
@@ -365,7 +271,7 @@ impl Engine {
         peer: &Bound<'_, PyAny>,
         batch: &Bound<'_, PyAny>,
         notify: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<Transfer> {
+    ) -> PyResult<Ticket> {
         self.post(py, Op::Write, peer, batch, notify)
     }
 
@@ -399,8 +305,8 @@ impl Engine {
     }
 
     /// Stops the listener and lets go of the registrations and connections (also done when the
-    /// engine is garbage-collected); a batch a `Transfer` still holds keeps its connection and
-    /// memory until it ends (or times out) and the `Transfer` goes.
+    /// engine is garbage-collected); a batch a ticket still holds keeps its connection and
+    /// memory until it ends (or times out) and the ticket goes.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let e = self.engine.lock().map_err(peermem_err)?.take();
         py.detach(move || drop(e));
@@ -413,9 +319,10 @@ impl Engine {
         slf
     }
 
+    /// Calls `close` by name, so that a subclass's `close` runs.
     #[pyo3(signature = (*_args))]
-    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
-        self.close(py)?;
+    fn __exit__(slf: &Bound<'_, Self>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        slf.call_method0("close")?;
         Ok(false)
     }
 }

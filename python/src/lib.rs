@@ -2,17 +2,19 @@
 //! over the Rust crates. It converts arguments, errors and results; every decision (verdicts,
 //! routes, direct or bounce) stays in the crates. The package's Python side (`python/peermem/`:
 //! `__init__.py` re-exports this module, `torch.py` is the PyTorch dataset) holds no logic of
-//! its own beyond what PyTorch needs.
+//! its own beyond what PyTorch needs and the engine's futures (`_engine.py`: `Engine` and its
+//! `Transfer` futures over `_Engine` and `_Ticket`).
 //!
 //! - [`args`]: Python arguments checked one by one, each error naming its argument.
 //! - [`bench`]: the same jobs run entirely in Rust, the benchmark's baseline.
-//! - [`engine`]: `Engine` (the transfer engine across hosts) and `Transfer`, a posted batch.
+//! - [`engine`]: `_Engine`, the transfer engine across hosts (`peermem.Engine` subclasses it).
 //! - [`errors`]: the exceptions (`PeerMemError`, `NotDirectError`) and the error conversions.
 //! - [`loader`]: `Loader.read` (GIL released while bytes move), `Loader.pread` futures, batches.
 //! - [`memory`]: `HostBuffer`, `VulkanBuffer`, `CudaBuffer`, any writable Python buffer, CUDA
 //!   tensors through DLPack; the package registry.
 //! - [`shard`]: `ShardReader`: record batches, partitioned, shuffled, prefetched into host buffers.
 //! - [`sys`]: the only `unsafe`: the buffer protocol, DLPack capsules, spans of lent memory.
+//! - [`transfer`]: `_Ticket`, a posted batch, and `_Watch`, the batches one thread waits on.
 //! - [`topology`]: `Topology`, its devices, `why` (the verdict) and `route` (the registry).
 
 use pyo3::prelude::*;
@@ -27,6 +29,7 @@ mod shard;
 #[allow(unsafe_code)]
 mod sys;
 mod topology;
+mod transfer;
 
 pub use errors::{NotDirectError, PeerMemError};
 
@@ -50,7 +53,8 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<loader::Report>()?;
     m.add_class::<loader::Future>()?;
     m.add_class::<engine::Engine>()?;
-    m.add_class::<engine::Transfer>()?;
+    m.add_class::<transfer::Ticket>()?;
+    m.add_class::<transfer::Watch>()?;
     m.add_class::<shard::ShardReader>()?;
     m.add_class::<shard::ShardIter>()?;
     m.add_class::<shard::Batch>()?;

@@ -1,7 +1,12 @@
 """peermem.Engine end to end over a real RDMA device (soft-RoCE rxe0 in the testbed guest): two
 engines in one process, each connected to the other's metadata, move scattered ranges between
 numpy arrays and package buffers with READ and WRITE batches; every byte is checked, and so is
-every byte outside the destination ranges, and the notifications. Skipped (visibly) where no
+every byte outside the destination ranges, and the notifications. Batches are futures:
+`concurrent.futures.wait` and `as_completed` over several, callbacks (run by the engine's waiter
+thread) on success and on failure (the peer's engine closed mid-batch), `asyncio.wrap_future`,
+`cancel()` refused; the waiter thread ends with its engine, and the interpreter exits cleanly with
+a batch pending. `register_range`, `cache_counts` and
+`listen_addrs` on the live NIC. Skipped (visibly) where no
 RDMA device exists (failed instead under PEERMEM_REQUIRE_RDMA=1, as testbed/guest-suite runs it
 in the guest):
 
@@ -11,8 +16,14 @@ in the guest):
         python/tests/test_engine_rdma.py'
 """
 
+import asyncio
+import concurrent.futures
 import gc
 import os
+import subprocess
+import sys
+import textwrap
+import threading
 import weakref
 
 import numpy as np
@@ -179,10 +190,156 @@ def test_a_closed_engine_refuses_calls_and_a_transfer_outlives_it():
     mine, theirs = np.zeros(MIB, dtype=np.uint8), np.full(MIB, 9, dtype=np.uint8)
     rl, rr = a.register(mine), b.register(theirs)
     t = a.read(a.connect(b.metadata()), [(rl, 0, rr, 0, MIB)])
+    waiter = a._waiter._thread
     a.close()
     with pytest.raises(peermem.PeerMemError, match="the engine is closed"):
         a.metadata()
-    # The posted batch keeps its memory and ends on its own.
-    assert t.result(timeout=120)["bytes"] == MIB
+    # The posted batch keeps its memory and ends on its own; the closed engine's waiter thread
+    # settles its future, then ends.
+    done, _ = concurrent.futures.wait([t], timeout=120)
+    assert t in done and t.result(timeout=0)["bytes"] == MIB
     assert np.all(mine == 9)
+    waiter.join(10)
+    assert not waiter.is_alive(), "the waiter thread outlived its closed engine"
     b.close()
+
+
+def pair(a, b, src: np.ndarray, dst: np.ndarray):
+    """`dst` registered with `a`, `src` with `b`, and `a`'s peer id for `b`."""
+    return a.register(dst), b.register(src), a.connect(b.metadata())
+
+
+def test_batches_are_futures_for_wait_as_completed_and_callbacks(engines):
+    a, b = engines
+    # Blocks large enough that each batch is still in flight when its callback is added.
+    n, block = 6, MIB
+    src = np.random.default_rng(11).integers(0, 256, size=2 * n * block, dtype=np.uint8)
+    dst = np.zeros(2 * n * block, dtype=np.uint8)
+    rl, rr, peer = pair(a, b, src, dst)
+    seen, all_seen = [], threading.Event()
+
+    def on_done(f):
+        seen.append((f, threading.current_thread().name, f.result()["bytes"]))
+        if len(seen) == n:
+            all_seen.set()
+
+    fs = []
+    for k in range(n):
+        f = a.read(peer, [(rl, k * block, rr, k * block, block)])
+        assert isinstance(f, concurrent.futures.Future)
+        assert f.cancel() is False and not f.cancelled(), "a posted batch was cancelled"
+        f.add_done_callback(on_done)
+        fs.append(f)
+    done, not_done = concurrent.futures.wait(fs, timeout=120)
+    assert not not_done and done == set(fs)
+    assert all_seen.wait(60), f"{len(seen)} of {n} callbacks ran"
+    assert {id(f) for f, _, _ in seen} == {id(f) for f in fs} and all(got == block for _, _, got in seen)
+    assert {name for _, name, _ in seen} == {"peermem-engine-waiter"}, "callbacks ran outside the waiter thread"
+    assert all(not f.running() and f.exception() is None for f in fs)
+    # A callback added once the batch is done runs at once, in the caller's thread.
+    late = []
+    fs[0].add_done_callback(lambda f: late.append(threading.current_thread().name))
+    assert late == [threading.current_thread().name]
+
+    more = [a.read(peer, [(rl, (n + k) * block, rr, (n + k) * block, block)]) for k in range(n)]
+    finished = list(concurrent.futures.as_completed(more, timeout=120))
+    assert sorted(map(id, finished)) == sorted(map(id, more))
+    assert np.array_equal(dst, src)
+
+
+def test_batches_await_in_asyncio_through_wrap_future(engines):
+    a, b = engines
+    n, block = 4, 32 << 10
+    src = np.random.default_rng(12).integers(0, 256, size=n * block, dtype=np.uint8)
+    theirs = np.full(n * block, SENTINEL, dtype=np.uint8)
+    rl, rr, peer = a.register(src), b.register(theirs), a.connect(b.metadata())
+
+    async def main():
+        fs = [asyncio.wrap_future(a.write(peer, [(rl, k * block, rr, k * block, block)])) for k in range(n)]
+        return await asyncio.wait_for(asyncio.gather(*fs), 120)
+
+    reports = asyncio.run(main())
+    assert [r["bytes"] for r in reports] == [block] * n
+    assert np.array_equal(theirs, src)
+
+
+def test_a_failed_batch_raises_its_error_in_result_exception_and_callbacks():
+    c = peermem.Engine(host="engine-e")
+    d = peermem.Engine(host="engine-f")
+    big = 16 * MIB
+    mine, theirs = np.zeros(big, dtype=np.uint8), np.full(big, 5, dtype=np.uint8)
+    rl, rr, peer = pair(c, d, theirs, mine)
+    f = c.read(peer, [(rl, 0, rr, 0, big)])
+    got, called = [], threading.Event()
+    f.add_done_callback(lambda f: (got.append(f.exception()), called.set()))
+    # Under emulation 16 MiB over soft-RoCE takes far longer than closing the peer's engine.
+    d.close()
+    done, _ = concurrent.futures.wait([f], timeout=120)
+    assert f in done and called.wait(30)
+    assert type(got[0]) is peermem.PeerMemError, got
+    with pytest.raises(peermem.PeerMemError) as e:
+        f.result()
+    assert e.value is got[0] and f.exception() is got[0]
+    c.close()
+
+
+def test_a_collected_engine_ends_its_waiter_thread():
+    a = peermem.Engine(host="engine-g")
+    b = peermem.Engine(host="engine-h")
+    mine, theirs = np.zeros(4096, dtype=np.uint8), np.full(4096, 1, dtype=np.uint8)
+    rl, rr, peer = pair(a, b, theirs, mine)
+    assert a.read(peer, [(rl, 0, rr, 0, 4096)]).result(timeout=120)["bytes"] == 4096
+    waiter = a._waiter._thread
+    assert waiter.is_alive() and waiter.daemon
+    del a
+    gc.collect()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the waiter thread outlived its collected engine"
+    b.close()
+
+
+def test_the_interpreter_exits_cleanly_with_a_batch_pending():
+    code = textwrap.dedent(
+        """
+        import numpy as np, peermem
+        a, b = peermem.Engine(host="exit-a"), peermem.Engine(host="exit-b")
+        mine, theirs = np.zeros(16 << 20, np.uint8), np.ones(16 << 20, np.uint8)
+        rl, rr = a.register(mine), b.register(theirs)
+        f = a.read(a.connect(b.metadata()), [(rl, 0, rr, 0, 16 << 20)])
+        f.add_done_callback(lambda f: None)
+        print("posted", f.done(), flush=True)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "posted False\n", (r.returncode, r.stdout, r.stderr)
+    assert "panicked" not in r.stderr and "Fatal" not in r.stderr, r.stderr
+
+
+def test_register_range_cache_counts_and_listen_addrs_on_the_nic(engines):
+    a, _ = engines
+    addrs = a.listen_addrs()
+    assert addrs and all(nic in DEVICES for nic, _ in addrs), addrs
+    for _, addr in addrs:
+        ip, port = addr.rsplit(":", 1)
+        assert ip and 0 < int(port) < 65536, addr
+    before = a.cache_counts()
+    assert set(before) == {"registers", "deregisters", "hits"} and all(type(v) is int for v in before.values())
+    arr = np.zeros(4 * MIB, dtype=np.uint8)
+    rid = a.register(arr)
+    mid = a.cache_counts()
+    assert mid["registers"] > before["registers"], (before, mid)
+    # Sub-ranges of a registered region: the region's own registration covers them.
+    for k in range(10):
+        a.register_range(rid, k * 4096 + 1, 65536)
+    after = a.cache_counts()
+    assert after["registers"] == mid["registers"] and after["hits"] - mid["hits"] >= 10, (mid, after)
+    with pytest.raises(ValueError, match="do not fit"):
+        a.register_range(rid, 4 * MIB - 10, 100)
+    with pytest.raises(ValueError, match="region 99999 is not registered"):
+        a.register_range(99999, 0, 1)
+    with pytest.raises(ValueError, match=r"length must be >= 1 \(got 0\)"):
+        a.register_range(rid, 0, 0)
+    with pytest.raises(ValueError, match=r"offset must be >= 0 \(got -1\)"):
+        a.register_range(rid, -1, 1)
+    a.unregister(rid)
+    assert a.cache_counts()["deregisters"] > after["deregisters"]

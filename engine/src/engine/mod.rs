@@ -358,6 +358,31 @@ impl Ticket {
         }
     }
 
+    /// `try_wait` of every ticket in `tickets` (in order), with one progress round per engine
+    /// rather than one per ticket: the way to watch many batches at once.
+    pub fn try_wait_any(tickets: &[&Ticket]) -> Vec<Option<Result<Report, EngineError>>> {
+        let mut out: Vec<Option<Result<Report, EngineError>>> = tickets.iter().map(|_| None).collect();
+        let mut seen = vec![false; tickets.len()];
+        for i in 0..tickets.len() {
+            if seen[i] {
+                continue;
+            }
+            let shared = &tickets[i].shared;
+            let mut inner = shared.lock();
+            if let Ok(inner) = inner.as_mut() {
+                inner.progress();
+            }
+            for (j, t) in tickets.iter().enumerate().skip(i).filter(|(_, t)| Arc::ptr_eq(&t.shared, shared)) {
+                seen[j] = true;
+                out[j] = match inner.as_mut() {
+                    Ok(inner) => inner.finished(t.id),
+                    Err(_) => Some(Err(EngineError::Poisoned)),
+                };
+            }
+        }
+        out
+    }
+
     /// Waits for the batch, at most `timeout`; `Ok(None)` when it has not ended by then.
     pub fn wait_timeout(&self, timeout: Duration) -> Result<Option<Report>, EngineError> {
         let deadline = Instant::now() + timeout;

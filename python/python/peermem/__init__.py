@@ -4,8 +4,9 @@ Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuff
 `VulkanBuffer`: buffer protocol and DLPack; `CudaBuffer`: DLPack on the GPU), a loader that
 reads files straight into them (`Loader.read`, `Loader.pread`), record batches for training
 (`ShardReader`) and the transfer engine across hosts (`Engine`: RDMA READ/WRITE batches between
-registered memories). A thin layer
-over the Rust crates: everything here is the native module `peermem._native`, re-exported.
+registered memories, each a `Transfer`, a `concurrent.futures.Future`). A thin layer over the
+Rust crates: everything here is the native module `peermem._native`, re-exported, but `Engine`
+and `Transfer` (`_engine.py`: the native engine with its batches as futures).
 
 `peermem.torch` (imported on its own; it imports torch, this module never does) has
 `ShardDataset`, a PyTorch `IterableDataset` over `ShardReader`.
@@ -15,7 +16,6 @@ from ._native import (
     Batch as Batch,
     CudaBuffer as CudaBuffer,
     Device as Device,
-    Engine as Engine,
     Future as Future,
     HostBuffer as HostBuffer,
     Loader as Loader,
@@ -26,9 +26,11 @@ from ._native import (
     ShardIter as ShardIter,
     ShardReader as ShardReader,
     Topology as Topology,
-    Transfer as Transfer,
     VulkanBuffer as VulkanBuffer,
     Why as Why,
+    _Engine as _Engine,
+    _Ticket as _Ticket,
+    _Watch as _Watch,
     __version__ as __version__,
     _rust_read_batch as _rust_read_batch,
     _rust_shards as _rust_shards,
@@ -36,6 +38,7 @@ from ._native import (
     registered_buffers as registered_buffers,
     vulkan_available as vulkan_available,
 )
+from ._engine import Engine as Engine, Transfer as Transfer
 
 __all__ = [
     "Batch",

@@ -3,7 +3,8 @@
 Topology and verdicts (`Topology`, `why`, `route`), zero-copy buffers (`HostBuffer`,
 `VulkanBuffer`: buffer protocol and DLPack), a loader that reads files straight into them
 (`Loader.read`, `Loader.pread`), record batches (`ShardReader`) and the transfer engine
-(`Engine`). A thin layer over the Rust crates.
+(`_Engine`, `_Ticket`, `_Watch`: `peermem.Engine` and its `Transfer` futures are built on them
+in `_engine.py`). A thin layer over the Rust crates.
 """
 
 import os
@@ -418,24 +419,40 @@ _Bytes = Union[bytes, bytearray, memoryview]
 _Request = Tuple[int, int, int, int, int]
 """`(local_id, local_offset, remote_id, remote_offset, length)`."""
 
-class Transfer:
-    """A batch posted by `Engine.read` or `Engine.write`."""
+class _Ticket:
+    """A batch posted by `_Engine.read` or `_Engine.write`; `peermem.Transfer` is its future.
+    Holds the batch's memory (in Rust) until the batch ends."""
 
     def done(self) -> bool:
-        """True once the batch has ended (done or failed)."""
-    def result(self, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """The report: `bytes`, `requests`, `seconds`, `rails` (dicts: `nic`, `remote_nic`,
-        `bytes`, `slices`, `state`, `error`), `retries`, `routes`, `notified`; or the batch's
-        error raised. `TimeoutError` after `timeout` seconds (the batch goes on); None waits as
-        long as the engine's `timeout` on a batch. The GIL is released while waiting; Ctrl-C
-        interrupts the wait."""
+        """True once the batch has ended (done or failed); makes progress without waiting."""
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Returns once the batch has ended. `TimeoutError` after `timeout` seconds (the batch
+        goes on); None waits as long as the engine's `timeout` on a batch. The GIL is released
+        while waiting; Ctrl-C interrupts the wait."""
+    def outcome(self) -> Dict[str, Any]:
+        """The ended batch's report: `bytes`, `requests`, `seconds`, `rails` (dicts: `nic`,
+        `remote_nic`, `bytes`, `slices`, `state`, `error`), `retries`, `routes`, `notified`; or
+        its error raised. `PeerMemError` while it is pending."""
 
-class Engine:
-    """The transfer engine across hosts over the RDMA NICs `nics` (default: every active one),
-    each listening on `port` (0: any). `host`: the name peers see (default: the hostname);
-    `timeout`: seconds a batch may take before it fails; `depth`: work requests in flight per
-    rail (1 to 64). `PeerMemError` when no NIC opens (the message names what is missing),
-    `TypeError`/`ValueError` for bad arguments. A context manager (`close` on exit)."""
+class _Watch:
+    """Pending batches of one engine, waited on together by one thread (the waiter thread of
+    `peermem.Engine`): one engine progress round per look, backed off while nothing ends."""
+
+    def __init__(self) -> None: ...
+    def add(self, ticket: _Ticket) -> None:
+        """Watches `ticket` until it has ended and `wait` returned it, or `discard`."""
+    def discard(self, ticket: _Ticket) -> None:
+        """Stops watching `ticket` (its batch was settled by another thread)."""
+    def wait(self, timeout: float) -> List[_Ticket]:
+        """Waits up to `timeout` seconds (GIL released) for watched batches to end; returns those
+        that have (no longer watched), possibly none (the time passed, or `wake`)."""
+    def wake(self) -> None:
+        """Makes the current wait, or the next, return at once."""
+    def __len__(self) -> int: ...
+
+class _Engine:
+    """The native transfer engine; `peermem.Engine` subclasses it and wraps the tickets of
+    `read` and `write` in `Transfer` futures. Arguments as `peermem.Engine`'s."""
 
     def __init__(
         self,
@@ -449,26 +466,37 @@ class Engine:
         """Registers `obj` with every NIC and returns its region id; the object is kept alive
         until it is unregistered or the engine closed. The same memory again gives the same
         id; memory overlapping another registration is a `PeerMemError`."""
+    def register_range(self, region: int, offset: int, length: int) -> None:
+        """Registers `length` bytes at `offset` of the registered `region` on their own with
+        every NIC, unless a registration covers them already (counted as a hit). `ValueError`
+        for an unknown region or a range past its end."""
     def unregister(self, region: int) -> None:
         """`PeerMemError` while a posted batch uses the region; `ValueError` for an unknown id."""
     def routes(self, region: int) -> List[str]:
         """How each NIC registered the region, and why."""
+    def cache_counts(self) -> Dict[str, int]:
+        """The registration cache, summed over the NICs: `registers` and `deregisters` (calls
+        into the NICs' registrars), `hits` (registrations a cached one covered)."""
+    def listen_addrs(self) -> List[Tuple[str, str]]:
+        """`(nic, "ip:port")` where each NIC listens for peers."""
     def metadata(self) -> bytes:
         """For the peer's `connect`: this host's NICs and the regions registered so far."""
     def connect(self, metadata: _Bytes) -> int:
         """Connects to the peer that `metadata` describes; returns its peer id."""
-    def read(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Transfer:
-        """The peer's bytes into local regions, as one batch; `notify` (at most 4096 bytes)
-        reaches the peer once every byte landed. `ValueError` for a bad tuple, an unknown
-        region or peer, or a range past a region's end; `TypeError` for a wrong type."""
-    def write(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Transfer:
+    def read(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Any:
+        """The peer's bytes into local regions, as one batch (a `_Ticket` here; a `Transfer`
+        from `peermem.Engine`); `notify` (at most 4096 bytes) reaches the peer once every byte
+        landed. `ValueError` for a bad tuple, an unknown region or peer, or a range past a
+        region's end; `TypeError` for a wrong type."""
+    def write(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Any:
         """Local bytes into the peer's regions; as `read`."""
     def notifications(self, timeout: float = 0.0) -> List[Tuple[str, bytes]]:
         """`(peer host, message)` received so far, waiting up to `timeout` s for the first."""
     def rails(self, peer: int) -> List[Dict[str, Any]]:
         """The rails to `peer`: dicts as in a report's `rails`."""
     def close(self) -> None:
-        """Stops the listener and lets go of the registrations and connections (a `Transfer`
-        still pending keeps its own until its batch ends); later calls raise `PeerMemError`."""
-    def __enter__(self) -> "Engine": ...
-    def __exit__(self, *args: Any) -> bool: ...
+        """Stops the listener and lets go of the registrations and connections (a batch still
+        pending keeps its own until it ends); later calls raise `PeerMemError`."""
+    def __enter__(self) -> "_Engine": ...
+    def __exit__(self, *args: Any) -> bool:
+        """Calls `self.close()` (a subclass's `close` included)."""
