@@ -250,6 +250,30 @@ impl Engine {
         Ok(py.detach(|| e.connect(&m)).map_err(engine_err)?.0)
     }
 
+    /// Connects to the engine listening at `address` (`"ip:port"`, one of its `listen_addrs`):
+    /// its metadata is read over that connection; returns the peer id.
+    fn connect_to(&self, py: Python<'_>, address: &str) -> PyResult<u32> {
+        let addr: std::net::SocketAddr = address
+            .parse()
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("address {address:?}: {e} (ip:port)")))?;
+        let e = self.engine()?;
+        Ok(py.detach(|| e.connect_to(addr)).map_err(engine_err)?.0)
+    }
+
+    /// The hosts connected to this engine, one per open accepted connection.
+    fn accepted(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        let e = self.engine()?;
+        py.detach(|| e.accepted()).map_err(engine_err)
+    }
+
+    /// The regions `peer` registered, as `(region, length)`.
+    fn remote_regions(&self, py: Python<'_>, peer: &Bound<'_, PyAny>) -> PyResult<Vec<(u32, u64)>> {
+        let peer = PeerId(args::int(peer, "peer", 0, u32::MAX.into())? as u32);
+        let e = self.engine()?;
+        let regions = py.detach(|| e.remote_regions(peer)).map_err(engine_err)?;
+        Ok(regions.into_iter().map(|(r, len)| (r.0, len)).collect())
+    }
+
     /// Posts a batch of RDMA READs (the peer's bytes into local regions); `notify` reaches the
     /// peer once every byte landed.
     #[pyo3(signature = (peer, batch, notify=None))]

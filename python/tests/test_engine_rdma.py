@@ -343,3 +343,19 @@ def test_register_range_cache_counts_and_listen_addrs_on_the_nic(engines):
         a.register_range(rid, -1, 1)
     a.unregister(rid)
     assert a.cache_counts()["deregisters"] > after["deregisters"]
+
+
+def test_connect_to_an_address_reads_the_peers_metadata_over_rdma(engines):
+    a, b = engines
+    theirs = np.arange(2 * MIB, dtype=np.uint32).view(np.uint8)[: 2 * MIB].copy()
+    rr = b.register(theirs)
+    mine = np.zeros(MIB, dtype=np.uint8)
+    rl = a.register(mine)
+    _, addr = b.listen_addrs()[0]
+    peer = a.connect_to(addr)
+    assert (rr, theirs.nbytes) in a.remote_regions(peer), a.remote_regions(peer)
+    a.read(peer, [(rl, 0, rr, MIB, MIB)]).result(timeout=60)
+    assert np.array_equal(mine, theirs[MIB:]), "the second MiB of the peer's array"
+    assert b.accepted(), "b lists a's connections"
+    with pytest.raises(ValueError, match="ip:port"):
+        a.connect_to("not an address")

@@ -483,6 +483,12 @@ class _Engine:
         """For the peer's `connect`: this host's NICs and the regions registered so far."""
     def connect(self, metadata: _Bytes) -> int:
         """Connects to the peer that `metadata` describes; returns its peer id."""
+    def connect_to(self, address: str) -> int:
+        """Connects to the engine listening at `"ip:port"`, its metadata read over RDMA."""
+    def accepted(self) -> List[str]:
+        """The hosts connected to this engine, one per open accepted connection."""
+    def remote_regions(self, peer: int) -> List[Tuple[int, int]]:
+        """`(region, length)` for each region `peer` had registered when connected."""
     def read(self, peer: int, batch: Iterable[_Request], notify: Optional[_Bytes] = None) -> Any:
         """The peer's bytes into local regions, as one batch (a `_Ticket` here; a `Transfer`
         from `peermem.Engine`); `notify` (at most 4096 bytes) reaches the peer once every byte
