@@ -120,9 +120,10 @@ pub enum CudaError {
     /// libcufile loaded but lacks an entry point used here.
     #[error("{library} lacks {symbol} (too old a cuFile library)")]
     CufileSymbol { library: String, symbol: &'static str },
-    /// `cuFileDriverOpen` (or a setting made before it) failed.
-    #[error("{0}")]
-    CufileDriver(CufileCall),
+    /// `cuFileDriverOpen` (or a setting made before it) failed; `here` adds what peermem sees of
+    /// its prerequisites (libcuda, the nvidia-fs driver), empty when there is nothing to add.
+    #[error("{call}{here}")]
+    CufileDriver { call: CufileCall, here: String },
     /// cuFile will not read this file directly, and why.
     #[error("{why}: {call}")]
     CufileFile { why: &'static str, call: CufileCall },

@@ -46,6 +46,17 @@ pub fn search_also(dir: impl Into<PathBuf>) {
     }
 }
 
+/// The library directories of NVIDIA's pip wheels under `nvidia` (a directory of the `nvidia`
+/// namespace package in a site-packages) that hold `libcufile.so.0`: `nvidia/cu13/lib` for
+/// `nvidia-cufile` (CUDA 13), `nvidia/cufile/lib` for `nvidia-cufile-cu12`. Sorted.
+pub fn wheel_dirs(nvidia: &std::path::Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(nvidia) else { return Vec::new() };
+    let mut v: Vec<PathBuf> =
+        rd.filter_map(|e| e.ok()).map(|e| e.path().join("lib")).filter(|d| d.join(NAMES[0]).is_file()).collect();
+    v.sort();
+    v
+}
+
 /// The libraries to try, in order: `env` (`PEERMEM_CUFILE`) alone when set, else the loader's
 /// names, then `libcufile.so.0` in each of `also`.
 pub fn candidates(env: Option<OsString>, also: &[PathBuf]) -> Vec<OsString> {
@@ -179,7 +190,24 @@ fn into_error(f: Failure) -> CudaError {
     match f {
         Failure::NoLibrary(tried) => CudaError::NoCufile { tried },
         Failure::Symbol(library, symbol) => CudaError::CufileSymbol { library, symbol },
-        Failure::Driver(c) => CudaError::CufileDriver(c),
+        Failure::Driver(call) => CudaError::CufileDriver { call, here: prerequisites() },
+    }
+}
+
+/// What this machine lacks of cuFile's prerequisites, as ` (here: ...)`: cuFile says only that
+/// its driver did not initialise (its log, `cufile.log`, has the detail).
+fn prerequisites() -> String {
+    let mut v = Vec::new();
+    if let Err(e) = crate::Cuda::driver_version() {
+        v.push(if e.is_unavailable() { "libcuda.so.1 not loadable or no GPU".to_string() } else { e.to_string() });
+    }
+    if !std::path::Path::new("/proc/driver/nvidia-fs").exists() {
+        v.push("no nvidia-fs driver (/proc/driver/nvidia-fs absent)".into());
+    }
+    if v.is_empty() {
+        String::new()
+    } else {
+        format!(" (here: {})", v.join("; "))
     }
 }
 
@@ -235,6 +263,19 @@ mod tests {
         let d = std::env::temp_dir();
         let c = candidates(Some(d.clone().into_os_string()), &[]);
         assert_eq!(c, vec![d.join("libcufile.so.0").into_os_string()], "a directory names the library in it");
+    }
+
+    #[test]
+    fn wheel_directories_are_those_holding_the_library() {
+        let d = tempfile::tempdir().unwrap();
+        for (sub, with) in [("cu13", true), ("cublas", false), ("cufile", true)] {
+            std::fs::create_dir_all(d.path().join(sub).join("lib")).unwrap();
+            if with {
+                std::fs::write(d.path().join(sub).join("lib/libcufile.so.0"), b"").unwrap();
+            }
+        }
+        assert_eq!(wheel_dirs(d.path()), vec![d.path().join("cu13/lib"), d.path().join("cufile/lib")]);
+        assert!(wheel_dirs(&d.path().join("absent")).is_empty());
     }
 
     #[test]
