@@ -155,6 +155,12 @@ fn vulkan_memory_of_the_same_gpu_imports_into_cuda_and_both_see_the_same_bytes()
         Ok(v) => v,
         Err(e) => return eprintln!("vulkan -> cuda: no Vulkan device at {bdf} ({e}): skipped"),
     };
+    // Vulkan on this driver: its PCI function (VK_EXT_pci_bus_info) and whether it exports dma-bufs.
+    let dma_buf = match vk.allocate_with(1 << 20, Placement::DeviceLocal, HandleType::DmaBuf) {
+        Ok(r) => format!("yes ({:?})", r.export().map(|e| e.handle)),
+        Err(e) => format!("no: {e}"),
+    };
+    eprintln!("vulkan -> cuda: {}; dma-buf export: {dma_buf}", vk.info());
     let len: u64 = 8 << 20;
     let v = Arc::new(vk.allocate_with(len, Placement::DeviceLocal, HandleType::OpaqueFd).unwrap());
     let e = v.export().unwrap();
