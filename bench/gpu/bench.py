@@ -1,5 +1,6 @@
-"""The GPU machine's benchmark: peermem's loader into CUDA memory against the loader into host
-memory and against PyTorch reading the same file into pinned memory then `.cuda()`, and a
+"""The GPU machine's benchmark: peermem's loader into CUDA memory (through GPUDirect Storage where
+the loader takes it, and through pinned staging) against the loader into host memory and against
+PyTorch reading the same file into pinned memory then `.cuda()`, and a
 ShardReader epoch on `cuda:0` against a `DataLoader(pin_memory=True)` + `.cuda(non_blocking=True)`
 baseline. Every byte of every result is checked (on the GPU, against the file's bytes). Methods
 run interleaved, round after round, on the same file. Writes `bench.json` under --out and prints
@@ -55,6 +56,7 @@ class Loads:
     def __init__(self, torch, path, nbytes):
         self.torch, self.path, self.n = torch, path, nbytes
         self.loader = peermem.Loader()
+        self.staged = peermem.Loader(gds=False)
         self.host = peermem.HostBuffer(nbytes)
         self.dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         self.pinned = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
@@ -87,16 +89,24 @@ class Loads:
             self.check_gpu(g, "torch pinned + .cuda()")
         return s
 
-    def loader_cuda(self):
+    def into_cuda(self, loader, key):
         self.dev.fill_(0xA5)
         self.torch.cuda.synchronize()
         t0 = time.perf_counter()
-        r = self.loader.read(self.path, self.dev)
+        r = loader.read(self.path, self.dev)
         self.torch.cuda.synchronize()
         s = time.perf_counter() - t0
-        self.reports["cuda"] = r
-        self.check_gpu(self.dev, "loader into CUDA")
+        self.reports[key] = r
+        self.check_gpu(self.dev, f"loader into CUDA ({r.method})")
         return s
+
+    def loader_cuda(self):
+        """The loader's own choice: cuFile where it is taken, else pinned staging."""
+        return self.into_cuda(self.loader, "cuda")
+
+    def loader_cuda_staged(self):
+        """Pinned staging always (gds=False): the path cuFile is measured against."""
+        return self.into_cuda(self.staged, "cuda_staged")
 
     def loader_host(self):
         t0 = time.perf_counter()
@@ -110,10 +120,16 @@ class Loads:
 
 def bench_loads(torch, path, nbytes, rounds):
     l = Loads(torch, path, nbytes)
-    times = {"torch_pinned_cuda": [], "loader_cuda": [], "loader_host": []}
     l.torch_pinned()  # warm-up, and the reference bytes
+    l.loader_cuda()  # warm-up: cuFile's driver and the route probe, and which path it takes
+    gds = l.reports["cuda"].method.startswith("gds")
+    log(f"  into CUDA: {l.reports['cuda'].method}; {l.reports['cuda'].cufile}")
+    order0 = [("torch_pinned_cuda", l.torch_pinned), ("loader_cuda", l.loader_cuda), ("loader_host", l.loader_host)]
+    if gds:
+        order0.append(("loader_cuda_staged", l.loader_cuda_staged))
+    times = {name: [] for name, _ in order0}
     for r in range(rounds):
-        order = [("torch_pinned_cuda", l.torch_pinned), ("loader_cuda", l.loader_cuda), ("loader_host", l.loader_host)]
+        order = list(order0)
         if r % 2:
             order.reverse()
         for name, fn in order:
@@ -127,7 +143,10 @@ def bench_loads(torch, path, nbytes, rounds):
         "median_gbps": {k: gbps(nbytes, v) for k, v in med.items()},
         "cuda_over_host": med["loader_host"] / med["loader_cuda"],
         "cuda_over_torch": med["torch_pinned_cuda"] / med["loader_cuda"],
-        "report_cuda": {"method": l.reports["cuda"].method, "io": l.reports["cuda"].io, "reasons": l.reports["cuda"].reasons},
+        "report_cuda": {"method": l.reports["cuda"].method, "io": l.reports["cuda"].io, "reasons": l.reports["cuda"].reasons,
+                        "cufile": l.reports["cuda"].cufile},
+        "gds_taken": gds,
+        "gds_over_staged": med["loader_cuda_staged"] / med["loader_cuda"] if gds else None,
         "report_host": {"method": l.reports["host"].method, "io": l.reports["host"].io},
         "verified": True,
     }
@@ -241,7 +260,9 @@ def main():
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=3)
     a = ap.parse_args()
-    res = {"peermem": peermem.__version__, "cuda_available": peermem.cuda_available()}
+    res = {"peermem": peermem.__version__, "cuda_available": peermem.cuda_available(),
+           "cufile_status": peermem.cufile_status()}
+    log(f"cufile_status: {res['cufile_status']}")
     import torch
 
     res["torch"] = torch.__version__
@@ -268,6 +289,10 @@ def main():
     for k, v in L["median_gbps"].items():
         log(f"  {k:24s} {v:6.2f} GB/s")
     log(f"  loader CUDA / host       {L['cuda_over_host']:.2f}x (target >= 0.8x)")
+    log(f"  into CUDA: {L['report_cuda']['method']}")
+    log(f"  {L['report_cuda']['cufile']}")
+    if L["gds_taken"]:
+        log(f"  cuFile / pinned staging  {L['gds_over_staged']:.2f}x")
     log(f"  loader CUDA / torch      {L['cuda_over_torch']:.2f}x")
     for k, v in S["median_gbps"].items():
         log(f"  {k:24s} {v:6.2f} GB/s")

@@ -1,7 +1,8 @@
-//! `peermem load FILE... --dest host|vulkan|vulkan-device|p2pmem:BDF|bar:BDF:N`: the loader from
-//! the shell (what `gdsio` is for GPUDirect Storage). Prints the route, how each file was read
-//! (O_DIRECT or through the page cache, and why), how the bytes moved, why, and MB/s; `--json`
-//! prints one object. A thin layer over `peermem-loader`.
+//! `peermem load FILE... --dest host|vulkan|vulkan-device|cuda[:N]|p2pmem:BDF|bar:BDF:N`: the
+//! loader from the shell (what `gdsio` is for GPUDirect Storage). Prints the route, how each file
+//! was read (O_DIRECT or through the page cache, and why), how the bytes moved (into CUDA memory:
+//! through cuFile or pinned staging, and why), why, and MB/s; `--json` prints one object. A thin
+//! layer over `peermem-loader`.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -21,7 +22,7 @@ pub struct LoadArgs {
     /// Files or block devices to read (each range lands after the previous one).
     #[arg(required = true)]
     files: Vec<PathBuf>,
-    /// host | vulkan | vulkan-device | p2pmem:BDF | bar:BDF:N
+    /// host | vulkan | vulkan-device | cuda[:N] | p2pmem:BDF | bar:BDF:N
     #[arg(long, default_value = "host")]
     dest: String,
     /// Byte offset into each file (K/M/G suffixes allowed).
@@ -98,6 +99,7 @@ pub fn run(root: &Path, args: LoadArgs) -> Result<()> {
 enum DestKind {
     Host,
     Vulkan(Placement),
+    Cuda(usize),
     P2pmem(Bdf),
     Bar(Bdf, u8),
 }
@@ -108,6 +110,10 @@ fn parse_dest(s: &str) -> Result<DestKind> {
         None if s == "host" => DestKind::Host,
         None if s == "vulkan" => DestKind::Vulkan(Placement::Mappable),
         None if s == "vulkan-device" => DestKind::Vulkan(Placement::DeviceLocal),
+        None if s == "cuda" => DestKind::Cuda(0),
+        Some(("cuda", n)) => {
+            DestKind::Cuda(n.parse().map_err(|_| BadInput(format!("--dest {s}: {n:?} is not a CUDA device ordinal")))?)
+        }
         Some(("p2pmem", b)) => DestKind::P2pmem(bdf(b)?),
         Some(("bar", rest)) => {
             let (b, n) = rest
@@ -122,7 +128,7 @@ fn parse_dest(s: &str) -> Result<DestKind> {
         }
         _ => {
             return Err(BadInput(format!(
-                "--dest {s:?}: expected host, vulkan, vulkan-device, p2pmem:BDF or bar:BDF:N"
+                "--dest {s:?}: expected host, vulkan, vulkan-device, cuda[:N], p2pmem:BDF or bar:BDF:N"
             ))
             .into())
         }
@@ -194,6 +200,18 @@ struct Target {
     _vk: Option<Device>,
 }
 
+/// `len` bytes of CUDA memory on device `ordinal`, as a destination the loader fills through
+/// cuFile or pinned staging.
+fn cuda_target(ordinal: usize, len: u64, reg: &Registry, loader: &Loader) -> Result<Target> {
+    let dev = peermem_cuda::Cuda::open(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
+    let c = Arc::new(dev.allocate(len)?);
+    let region: Arc<dyn PeerMemory> = c.clone();
+    let guard = reg.register(region.clone())?;
+    let dest = loader.cuda_dest(&guard, &dev, c)?;
+    let name = format!("CUDA memory of device {ordinal} ({}, PCI {})", dev.info().name, dev.info().pci_text);
+    Ok(Target { region, guard, dest, name, _vk: None })
+}
+
 fn target(kind: DestKind, len: u64, reg: &Registry, loader: &Loader) -> Result<Target> {
     let plain = |region: Arc<dyn PeerMemory>, name: String| -> Result<Target> {
         let guard = reg.register(region.clone())?;
@@ -213,6 +231,7 @@ fn target(kind: DestKind, len: u64, reg: &Registry, loader: &Loader) -> Result<T
             let name = format!("{what} Vulkan buffer on {}", vk.info().name);
             Ok(Target { region, guard, dest, name, _vk: Some(vk) })
         }
+        DestKind::Cuda(n) => cuda_target(n, len, reg, loader),
         DestKind::P2pmem(b) => {
             let r = peermem_nvme::P2pmemRegion::allocate(reg.topology(), b, len)?;
             plain(Arc::new(r), format!("p2pmem of {b}"))
@@ -276,6 +295,9 @@ fn print(a: &LoadArgs, opts: &Options, dest_name: &str, report: &Report, cpu: Op
         "requests": report.requests,
         "io": report.io,
         "reasons": report.reasons(),
+        // Into CUDA memory: whether cuFile (GPUDirect Storage) read it, and why (not).
+        "cufile": report.dests.first().and_then(|d| d.reasons.iter().find(|r| r.starts_with("cufile: taken")
+            || r.starts_with("cufile: not taken"))),
         "dests": report.dests.iter().map(|d| json!({
             "region": d.region.to_string(),
             "source": d.source,

@@ -64,6 +64,7 @@ fn bad_input_exits_2_with_one_line() {
         vec![ps, "--dest", "gpu"],
         vec![ps, "--dest", "bar:0000:01:00.0:9"],
         vec![ps, "--dest", "p2pmem:zz"],
+        vec![ps, "--dest", "cuda:x"],
         vec![ps, "--offset", "10000"],
         vec![ps, "--len", "10001"],
         vec![ps, "--depth", "0"],
@@ -131,4 +132,33 @@ fn a_closed_pipe_is_not_an_error() {
     let o = c.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
+
+/// `--dest cuda[:N]`: CUDA memory, filled through cuFile (GPUDirect Storage) or pinned staging,
+/// the JSON's `cufile` saying which and why. Without a CUDA driver: exit 1, the driver's absence
+/// in one line.
+#[test]
+fn load_into_cuda_memory_says_whether_cufile_read_it_or_why_the_driver_is_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.bin");
+    std::fs::write(&p, (0..2_000_000u32).map(|i| (i % 247) as u8).collect::<Vec<u8>>()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_peermem"))
+        .args(["load", p.to_str().unwrap(), "--dest", "cuda", "--json", "--verify"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    if o.status.code() == Some(1) && stderr(&o).contains("libcuda.so.1 not found") {
+        assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+        eprintln!("no CUDA driver: skipped the load ({})", stderr(&o).trim_end());
+        return;
+    }
+    let v = json(&o);
+    let cufile = v["cufile"].as_str().unwrap();
+    match v["method"].as_str().unwrap() {
+        "gds" => assert!(cufile.starts_with("cufile: taken"), "{v}"),
+        "staged-gpu-copy" => assert!(cufile.starts_with("cufile: not taken: "), "{v}"),
+        m => panic!("{m}: {v}"),
+    }
+    assert_eq!(v["verified"], true, "{v}");
+    eprintln!("{}: {cufile}", v["method"]);
 }

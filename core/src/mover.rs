@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::region::{Backing, Provider, RegionError};
 use crate::registry::{Entry, RegionId, ResolveError};
-use crate::route::{Peer, Route, RouteKind};
+use crate::route::{BounceWhy, Peer, Route, RouteKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MoveError {
@@ -107,6 +107,11 @@ pub enum Reach {
     /// any region with a CPU mapping (host pages, a mapped BAR, host-visible GPU memory),
     /// whatever the route; a region without one cannot be stored into.
     CpuCopy,
+    /// A GPU driver's storage path (GPUDirect Storage: cuFile with nvidia-fs or the kernel's
+    /// P2PDMA) has the storage device write GPU memory that the GPU's driver maps for it: direct
+    /// into a PCI GPU's device memory, a dma-buf or driver-private, wherever the pair's verdict
+    /// allows peer-to-peer; never into host memory or a raw BAR.
+    GpuStorage,
 }
 
 /// The one answer to "does this transfer go direct?": the plan, the route it rests on, and every
@@ -145,7 +150,13 @@ pub fn reachable(route: &RouteKind, entry: &Entry, reach: Reach) -> Result<(), S
     let host_memory = matches!(region.provider(), Provider::Host { .. });
     // Pages the kernel can pin through the CPU mapping: system memory, or P2PDMA pages.
     let pinnable = mapped && (host_memory || matches!(region.backing(), Backing::P2pmem { .. }));
+    let pci_device = matches!(region.provider(), Provider::Pci(_));
     match (reach, route) {
+        // The registry gives driver-private device memory this route unless the pair's verdict
+        // is not_supported (then `Bounce(NotSupported)`, refused below).
+        (Reach::GpuStorage, RouteKind::KernelImport | RouteKind::Bounce(BounceWhy::OpaqueToPeer)) if pci_device => {
+            Ok(())
+        }
         (_, RouteKind::Bounce(_)) => Err("no direct path exists for this pair".into()),
         (Reach::DeviceAddress, RouteKind::BusAddr(_) | RouteKind::HostBridge(_) | RouteKind::Iommu(_)) => Ok(()),
         (Reach::DeviceAddress, RouteKind::CpuMapped(_)) if host_memory => Ok(()),
@@ -165,6 +176,9 @@ pub fn reachable(route: &RouteKind, entry: &Entry, reach: Reach) -> Result<(), S
         (Reach::DmaBufImport, k) => Err(format!("the region is not a dma-buf (route {})", k.name())),
         (Reach::CpuCopy, _) if mapped => Ok(()),
         (Reach::CpuCopy, _) => Err("the region has no CPU mapping for the CPU to store into".into()),
+        (Reach::GpuStorage, k) => {
+            Err(format!("GPUDirect Storage writes a GPU's device memory only, not a {} region", k.name()))
+        }
     }
 }
 
@@ -377,7 +391,6 @@ fn region_hash(r: RegionId) -> u64 {
 mod tests {
     use super::*;
     use crate::pci::Bdf;
-    use crate::route::BounceWhy;
     use crate::{BarRegion, HostRegion, PeerMemory, Registration, Registry};
 
     fn registry() -> Registry {
@@ -530,6 +543,40 @@ mod tests {
         // Host memory needs no probe.
         let d = RouteHealth::new().decide::<String>(Ok(&cpu), ask(&host, Reach::KernelPages), None);
         assert_eq!(d.plan, Plan::Direct);
+    }
+
+    /// GPUDirect Storage goes direct into a PCI GPU's device memory, a dma-buf or driver-private,
+    /// unless the pair's verdict refuses peer-to-peer; never into host memory or a BAR.
+    #[test]
+    fn gpu_storage_reaches_gpu_memory_the_verdict_allows_and_nothing_else() {
+        #[derive(Debug)]
+        struct Gpu;
+        impl PeerMemory for Gpu {
+            fn len(&self) -> u64 {
+                4096
+            }
+            fn provider(&self) -> Provider {
+                Provider::Pci("0000:03:00.0".parse().unwrap())
+            }
+            fn backing(&self) -> Backing<'_> {
+                Backing::DriverPrivate
+            }
+        }
+        let reg = registry();
+        let gpu = reg.register(Arc::new(Gpu)).unwrap();
+        let host = reg.register(Arc::new(HostRegion::new(4096).unwrap())).unwrap();
+        let private = RouteKind::Bounce(BounceWhy::OpaqueToPeer);
+        assert!(reachable(&private, &gpu, Reach::GpuStorage).is_ok());
+        assert!(reachable(&RouteKind::KernelImport, &gpu, Reach::GpuStorage).is_ok());
+        assert!(reachable(&private, &gpu, Reach::KernelPages).is_err(), "only the GPU's driver reaches it");
+        let e = reachable(&RouteKind::Bounce(BounceWhy::NotSupported), &gpu, Reach::GpuStorage).unwrap_err();
+        assert!(e.contains("no direct path"), "{e}");
+        let va = host.cpu_range().unwrap().start();
+        let e = reachable(&RouteKind::CpuMapped(va), &host, Reach::GpuStorage).unwrap_err();
+        assert!(e.contains("GPU's device memory only"), "{e}");
+        assert!(reachable(&private, &host, Reach::GpuStorage).is_err(), "host memory is no GPU's");
+        let d = RouteHealth::new().decide::<String>(Ok(&route(private)), ask(&gpu, Reach::GpuStorage), None);
+        assert_eq!(d.plan, Plan::Direct, "{d:?}");
     }
 
     /// A buffered read's CPU copy out of the page cache needs only a CPU mapping: host pages and

@@ -658,7 +658,19 @@ impl Registry {
             }
             Kind::HostPages | Kind::OpaqueFd => match entry.va {
                 Some(va) => RouteKind::CpuMapped(va.start()),
-                None => RouteKind::Bounce(BounceWhy::OpaqueToPeer),
+                None => {
+                    // Only the memory's own driver reaches it; whether that driver could let this
+                    // peer in (GPUDirect Storage into GPU memory) still rests on the pair's verdict.
+                    if let Provider::Pci(bdf) = entry.provider {
+                        if let Ok(p) = self.shared.topo.idx(bdf) {
+                            route.verdict = Some(verdict(p, client));
+                        }
+                    }
+                    match route.verdict.as_ref().map(|v| v.map_type) {
+                        Some(MapType::NotSupported) => RouteKind::Bounce(BounceWhy::NotSupported),
+                        _ => RouteKind::Bounce(BounceWhy::OpaqueToPeer),
+                    }
+                }
             },
         };
         Ok(route)

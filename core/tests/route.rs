@@ -121,7 +121,9 @@ fn cached_and_uncached_resolves_agree() {
 }
 
 /// Device memory its driver keeps private (CUDA memory without a dma-buf): no peer reaches it
-/// directly, whatever the verdict for the pair, and the reason says so.
+/// directly, whatever the verdict for the pair, and the reason says so. The verdict still rides
+/// along (the memory's own driver may let a peer in, as GPUDirect Storage does): a pair the
+/// kernel refuses is `not_supported`, one it allows stays driver-private.
 #[test]
 fn driver_private_device_memory_bounces_for_every_peer() {
     #[derive(Debug)]
@@ -139,10 +141,12 @@ fn driver_private_device_memory_bounces_for_every_peer() {
     }
     let reg = registry("qemu-switch");
     let g = reg.register(Arc::new(Private(bdf("0000:03:00.0")))).unwrap();
-    for peer in ["0000:04:00.0", "0000:05:00.0"] {
-        let r = reg.resolve(&g, reg.peer(bdf(peer)).unwrap()).unwrap();
-        assert_eq!(r.kind, RouteKind::Bounce(BounceWhy::OpaqueToPeer), "{peer}");
-        assert!(r.reasons().iter().any(|s| s.contains("GPU memory without a dma-buf")), "{peer}");
-    }
+    let same_switch = reg.resolve(&g, reg.peer(bdf("0000:04:00.0")).unwrap()).unwrap();
+    assert_eq!(same_switch.kind, RouteKind::Bounce(BounceWhy::OpaqueToPeer));
+    assert!(same_switch.reasons().iter().any(|s| s.contains("GPU memory without a dma-buf")));
+    assert_eq!(same_switch.map_type().map(|m| m.as_str()), Some("bus_addr"), "the verdict rides along");
+    let refused = reg.resolve(&g, reg.peer(bdf("0000:05:00.0")).unwrap()).unwrap();
+    assert_eq!(refused.kind, RouteKind::Bounce(BounceWhy::NotSupported));
+    assert!(refused.reasons().iter().any(|s| s.contains("EREMOTEIO")), "{:?}", refused.reasons());
     assert!(reg.snapshot().lookup_va(peermem::VirtAddr::new(0x1000)).is_none());
 }

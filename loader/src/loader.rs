@@ -404,7 +404,7 @@ impl Worker {
         stages: &[Arc<Staging>],
         cpu_staged: bool,
     ) -> Moved {
-        let groups = engine_groups(&mut p.queue, reads);
+        let groups = engine_groups(&mut p.queue, reads, &p.dests);
         let layout = Layout::new(&p.dests, stages);
         let mut pools: Vec<&[Slot]> = vec![if cpu_staged { self.cpu.slots() } else { &[] }];
         pools.extend(layout.guards.iter().map(|g| g.as_slice()));
@@ -437,13 +437,23 @@ impl Worker {
         let mut out =
             Moved { result: Ok((vec![(0, 0); p.dests.len()], String::new())), fallbacks, abandoned: Vec::new(), fixed };
         let mut engines: Vec<String> = Vec::new();
-        for (engine_of, queue) in groups {
-            let mut engine = match engine_of {
-                None => {
+        for (by, queue) in groups {
+            let mut engine = match by {
+                By::Files => {
                     engines.push(self.engine.clone());
                     Engine::Files(&mut self.io)
                 }
-                Some(i) => {
+                By::Gds => match io::gds::Gds::new(gds_targets(&p.dests), self.opts.depth) {
+                    Ok(g) => {
+                        engines.push(format!("cuFile (GPUDirect Storage, {} readers)", g.window()));
+                        Engine::Gds(g)
+                    }
+                    Err(e) => {
+                        out.result = Err(e);
+                        return out;
+                    }
+                },
+                By::Nvme(i) => {
                     let src = &reads[i].source;
                     let bdf = src.device().map(|b| b.to_string()).unwrap_or_default();
                     engines.push(format!("VFIO NVMe driver ({bdf}, polled, one I/O queue)"));
@@ -496,6 +506,10 @@ impl Worker {
                     (Via::GpuStaged, ..) => {
                         "reads into pinned host staging buffers, GPU copies into the destination".into()
                     }
+                    (Via::Gds, ..) => format!(
+                        "cuFileRead (GPUDirect Storage): the storage device writes the GPU memory, up to {} reads in flight",
+                        self.opts.depth.clamp(1, io::gds::MAX_READERS)
+                    ),
                 };
                 DestReport {
                     region: d.entry.id(),
@@ -538,6 +552,17 @@ fn sources_io(reads: &[crate::batch::Read]) -> Vec<String> {
     out
 }
 
+/// Per destination run: what cuFile reads it into, for runs planned for GPUDirect Storage.
+fn gds_targets(dests: &[DestRun]) -> Vec<Option<io::gds::Target>> {
+    dests
+        .iter()
+        .map(|d| match (&d.gds, d.gpu.as_deref().map(|g| &g.gpu)) {
+            (Some(f), Some(crate::stage::Gpu::Cuda { region, .. })) => Some((f.clone(), region.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Where each destination run's staged bytes are copied to.
 fn sinks(dests: &[DestRun]) -> Vec<Sink<'_>> {
     dests
@@ -563,24 +588,42 @@ struct Moved {
 
 type Queue = std::collections::VecDeque<Req>;
 
-/// The batch's requests grouped by engine, in order: the file reads (`None`), then each
-/// controller's (the index of one of its reads).
-fn engine_groups(queue: &mut Queue, reads: &[crate::batch::Read]) -> Vec<(Option<usize>, Queue)> {
-    let mut groups: Vec<(Option<usize>, Queue)> = Vec::new();
+/// Which engine a group of requests runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum By {
+    /// The file engine (io_uring or the thread pool).
+    Files,
+    /// cuFile readers (destinations planned for GPUDirect Storage).
+    Gds,
+    /// The VFIO driver of the controller behind read `.0`.
+    Nvme(usize),
+}
+
+/// The batch's requests grouped by engine, in order: the file reads, the cuFile reads, then
+/// each controller's.
+fn engine_groups(queue: &mut Queue, reads: &[crate::batch::Read], dests: &[DestRun]) -> Vec<(By, Queue)> {
+    let mut groups: Vec<(By, Queue)> = Vec::new();
     for q in queue.drain(..) {
         let src = &reads[q.read].source;
-        let key = src.is_nvme().then_some(q.read);
+        let key = match (src.is_nvme(), dests[q.dest].via, q.target) {
+            (true, ..) => By::Nvme(q.read),
+            (false, Via::Gds, Target::Direct { .. }) => By::Gds,
+            _ => By::Files,
+        };
         let found = groups.iter().position(|(k, _)| match (k, key) {
-            (None, None) => true,
-            (Some(a), Some(_)) => reads[*a].source.same(src),
-            _ => false,
+            (By::Nvme(a), By::Nvme(_)) => reads[*a].source.same(src),
+            (a, b) => *a == b,
         });
         match found {
             Some(i) => groups[i].1.push_back(q),
             None => groups.push((key, std::iter::once(q).collect())),
         }
     }
-    groups.sort_by_key(|(k, _)| k.is_some());
+    groups.sort_by_key(|(k, _)| match k {
+        By::Nvme(_) => 2,
+        By::Gds => 1,
+        By::Files => 0,
+    });
     groups
 }
 

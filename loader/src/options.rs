@@ -136,6 +136,9 @@ pub struct Options {
     pub io: IoMode,
     /// Register host destinations' pages with io_uring as fixed buffers.
     pub fixed_buffers: bool,
+    /// Read into CUDA memory through GPUDirect Storage (cuFile) where the library, its driver,
+    /// the file and the route allow; off: always through pinned staging.
+    pub gds: bool,
     /// Bound of every wait for progress.
     pub timeout: Duration,
 }
@@ -150,6 +153,7 @@ impl Default for Options {
             engine: Engine::Auto,
             io: IoMode::Auto,
             fixed_buffers: true,
+            gds: true,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -201,7 +205,7 @@ impl Options {
     /// The defaults overridden by `PEERMEM_STRICT`, `PEERMEM_VERIFY` (off|hash|reread),
     /// `PEERMEM_CHUNK` (bytes, K/M/G suffixes), `PEERMEM_DEPTH`, `PEERMEM_ENGINE`
     /// (auto|uring|pool), `PEERMEM_IO` (auto|direct|buffered), `PEERMEM_FIXED_BUFFERS`,
-    /// `PEERMEM_TIMEOUT_MS`.
+    /// `PEERMEM_GDS`, `PEERMEM_TIMEOUT_MS`.
     pub fn from_env() -> Result<Options, LoadError> {
         Options::from_vars(|k| std::env::var(k).ok())
     }
@@ -230,6 +234,9 @@ impl Options {
         }
         if let Some(v) = get("PEERMEM_FIXED_BUFFERS") {
             o.fixed_buffers = flag("PEERMEM_FIXED_BUFFERS", &v)?;
+        }
+        if let Some(v) = get("PEERMEM_GDS") {
+            o.gds = flag("PEERMEM_GDS", &v)?;
         }
         if let Some(v) = get("PEERMEM_TIMEOUT_MS") {
             o.timeout = Duration::from_millis(parse("PEERMEM_TIMEOUT_MS", &v)?);
@@ -283,9 +290,11 @@ mod tests {
             ("PEERMEM_ENGINE", "pool"),
             ("PEERMEM_IO", "buffered"),
             ("PEERMEM_FIXED_BUFFERS", "off"),
+            ("PEERMEM_GDS", "0"),
             ("PEERMEM_TIMEOUT_MS", "1500"),
         ]))
         .unwrap();
+        assert!(!o.gds);
         assert!(o.strict);
         assert_eq!(o.verify, Verify::Reread);
         assert_eq!((o.chunk, o.depth, o.engine), (256 << 10, 8, Engine::Pool));
@@ -295,6 +304,7 @@ mod tests {
         let d = Options::from_vars(vars(&[])).unwrap();
         assert_eq!((d.strict, d.verify, d.chunk, d.depth), (false, Verify::Off, DEFAULT_CHUNK, DEFAULT_DEPTH));
         assert_eq!(d.io, IoMode::Auto);
+        assert!(d.gds, "GPUDirect Storage is tried by default");
         for (v, want) in [("auto", IoMode::Auto), ("direct", IoMode::Direct), (" buffered ", IoMode::Buffered)] {
             assert_eq!(Options::from_vars(vars(&[("PEERMEM_IO", v)])).unwrap().io, want, "{v:?}");
         }
@@ -309,6 +319,7 @@ mod tests {
             ("PEERMEM_CHUNK", "99999999999G"),
             ("PEERMEM_VERIFY", "maybe"),
             ("PEERMEM_STRICT", "2"),
+            ("PEERMEM_GDS", "maybe"),
             ("PEERMEM_ENGINE", "dpdk"),
             ("PEERMEM_IO", "bogus"),
             ("PEERMEM_IO", ""),

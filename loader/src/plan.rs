@@ -14,6 +14,7 @@ use std::sync::{Arc, Weak};
 
 use peermem::mover::{Ask, Decision, Plan as MoverPlan, Probe, Reach, RouteHealth};
 use peermem::{Entry, Peer, PeerMemory, Provider, RegionId, Registry, RouteKind};
+use peermem_cuda::{CudaRegion, Gds, GdsFile};
 
 use crate::batch::Read;
 use crate::dest::{cpu_window, GpuStage};
@@ -39,6 +40,8 @@ pub(crate) struct DestRun {
     /// verification. `None` for device-local GPU memory.
     pub window: Option<Arc<dyn PeerMemory>>,
     pub gpu: Option<Arc<GpuStage>>,
+    /// The source registered with cuFile, for a run read through GPUDirect Storage.
+    pub gds: Option<Arc<GdsFile>>,
 }
 
 /// Where a request's bytes land.
@@ -154,7 +157,11 @@ impl Planner {
             let found = dests.iter().position(|d| {
                 // One peer can read two ways (a controller through the kernel or through the VFIO
                 // driver); a file read through the page cache is read by the CPU.
-                d.entry.id() == r.dest.id() && d.peer == peer && d.source.reach() == r.source.reach()
+                d.entry.id() == r.dest.id()
+                    && d.peer == peer
+                    && d.source.reach() == r.source.reach()
+                    // Into CUDA memory each file is its own run: its own cuFile registration.
+                    && (r.dest.cuda_target().is_none() || d.source.same(&r.source))
             });
             let i = match found {
                 Some(i) => i,
@@ -187,8 +194,9 @@ impl Planner {
         Ok(planned)
     }
 
-    /// The run of destination `r.dest` as read by `peer`: the planner's decision, what it means
-    /// for the destination, and strictness.
+    /// The run of destination `r.dest` as read by `peer`: the planner's decision (for CUDA
+    /// memory, whether GPUDirect Storage reads it), what it means for the destination, and
+    /// strictness.
     fn dest_run(
         &mut self,
         reg: &Registry,
@@ -200,32 +208,48 @@ impl Planner {
         let entry = r.dest.entry.clone();
         // The CPU's view: the probe's poison and read-back, then staged copies and verification.
         let window = cpu_window(reg, &entry);
-        let probe = ProbeAt { window: window.as_ref().ok(), at: probe_at(r, &entry) };
-        let decision = self.decide(reg, &entry, &r.source, peer, probe, cpu);
+        let (decision, gds) = match r.dest.cuda_target() {
+            Some((dev, region)) => {
+                let (d, file) = self.decide_gds(reg, r, peer, opts, cpu, (dev, region));
+                (d, Some(file))
+            }
+            None => {
+                let probe = ProbeAt { window: window.as_ref().ok(), at: probe_at(r, &entry) };
+                (self.decide(reg, &entry, &r.source, peer, probe, cpu), None)
+            }
+        };
         let mut reasons = decision.reasons.clone();
         reasons.extend(r.source.io_reason());
-        let via = match (&decision.plan, &r.dest.gpu) {
-            (_, Some(g)) if g.staging.is_abandoned() => {
+        let via = match (&decision.plan, &r.dest.gpu, &gds) {
+            (MoverPlan::Direct, Some(_), Some(Ok(_))) => {
+                reasons.push("cufile: taken: cuFileRead has the storage device write the CUDA memory itself".into());
+                Via::Gds
+            }
+            (_, Some(g), _) if g.staging.is_abandoned() => {
                 return Err(LoadError::Engine(
                     "this destination's staging buffers still have reads of a timed-out batch in flight".into(),
                 ));
             }
-            (_, Some(g)) => {
+            (_, Some(g), gds) => {
+                if let Some(Err(why)) = gds {
+                    reasons.push(format!("cufile: not taken: {why}"));
+                }
                 reasons.push(format!("destination: {}", g.gpu.describe()));
                 Via::GpuStaged
             }
-            (MoverPlan::Direct, None) => Via::Direct,
-            (MoverPlan::Bounce(_), None) => Via::Bounce,
+            (MoverPlan::Direct, None, _) => Via::Direct,
+            (MoverPlan::Bounce(_), None, _) => Via::Bounce,
         };
-        if opts.strict && via != Via::Direct {
-            let why = match &decision.plan {
-                MoverPlan::Bounce(_) => decision.plan.to_string(),
-                MoverPlan::Direct => "device-local memory is filled through staging buffers and GPU copies".into(),
+        if opts.strict && !via.is_direct() {
+            let why = match (&decision.plan, &gds) {
+                (_, Some(Err(why))) => format!("GPUDirect Storage not possible: {why}"),
+                (MoverPlan::Bounce(_), _) => decision.plan.to_string(),
+                (MoverPlan::Direct, _) => "device-local memory is filled through staging buffers and GPU copies".into(),
             };
             return Err(LoadError::NotDirect { what: format!("region {}", entry.id()), why, reasons });
         }
         let window = match via {
-            Via::GpuStaged => None,
+            Via::GpuStaged | Via::Gds => None,
             _ => Some(window?),
         };
         Ok(DestRun {
@@ -237,7 +261,62 @@ impl Planner {
             reasons,
             window,
             gpu: r.dest.gpu.clone(),
+            gds: gds.and_then(Result::ok).filter(|_| via == Via::Gds),
         })
+    }
+
+    /// Whether GPUDirect Storage reads `r` into its CUDA memory `target`: the precondition (the
+    /// option, a known storage device, cuFile's library and driver, the file registered with
+    /// it), then the registry's route between the storage device and the GPU (`Reach::
+    /// GpuStorage`), then once per (destination, device) a probe: the source's bytes read by
+    /// cuFile into the destination (poisoned first) against the same bytes read through host
+    /// memory. The decision, and the registered file or why cuFile is not taken.
+    fn decide_gds(
+        &mut self,
+        reg: &Registry,
+        r: &Read,
+        peer: Peer,
+        opts: &Options,
+        cpu: &mut Pool,
+        (dev, region): (&peermem_cuda::Device, &Arc<CudaRegion>),
+    ) -> (Decision, Result<Arc<GdsFile>, String>) {
+        let (entry, src) = (&r.dest.entry, &r.source);
+        let ready = gds_ready(src, opts);
+        let key = (entry.id(), peer, Reach::GpuStorage);
+        let cached = self.decisions.get(&key).filter(|_| ready.is_ok()).map(|c| c.decision.clone());
+        let decision = cached.unwrap_or_else(|| {
+            let route = reg.resolve(entry, peer);
+            let probe = match (&ready, probe_at(r, entry)) {
+                (Ok((_, file)), Some((at, doff, n))) => {
+                    let n = n.min(cpu.slot_len() / src.align() * src.align());
+                    let (file, region2, region3) = (file.clone(), region.clone(), region.clone());
+                    let (dev1, dev2) = (dev.clone(), dev.clone());
+                    let known = move || -> Result<Vec<u8>, LoadError> { src.read_known(reg, cpu.first()?, at, n) };
+                    (n > 0).then(|| Probe::Known {
+                        len: n as usize,
+                        expected: Box::new(known),
+                        poison: Box::new(move |p: &[u8]| dev1.write(&region2, doff, p).map_err(LoadError::from)),
+                        transfer: Box::new(move || file.read(&region3, doff, at, n).map(drop).map_err(LoadError::from)),
+                        read_back: Box::new(move |b: &mut [u8]| dev2.read(region, doff, b).map_err(LoadError::from)),
+                    })
+                }
+                _ => None,
+            };
+            let precondition = ready.as_ref().map(drop).map_err(String::as_str);
+            let ask = Ask { entry, peer, reach: Reach::GpuStorage, precondition };
+            let mut d = self.health.decide(route.as_ref(), ask, probe);
+            if let Ok((gds, _)) = &ready {
+                d.reasons.push(format!("cufile: {}", gds.info().describe()));
+                self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: d.clone() });
+            }
+            d
+        });
+        let file = match (ready, &decision.plan) {
+            (Ok((_, f)), MoverPlan::Direct) => Ok(f),
+            (Ok(_), plan) => Err(plan.to_string()),
+            (Err(why), _) => Err(why),
+        };
+        (decision, file)
     }
 
     /// The planner's decision for (destination, reading device), cached. Device memory is probed
@@ -278,6 +357,19 @@ impl Planner {
         self.decisions.insert(key, Cached { entry: Arc::downgrade(entry), decision: decision.clone() });
         decision
     }
+}
+
+/// What GPUDirect Storage needs before the route is looked at: the option on, a storage device
+/// the registry can judge, cuFile's library and driver, and the source registered with cuFile.
+fn gds_ready(src: &Source, opts: &Options) -> Result<(Gds, Arc<GdsFile>), String> {
+    if !opts.gds {
+        return Err("GPUDirect Storage is switched off (PEERMEM_GDS=0)".into());
+    }
+    if let Some(why) = src.device_unknown() {
+        return Err(format!("the file's storage device is unknown ({why}): no route to the GPU can be judged"));
+    }
+    let gds = Gds::open().map_err(|e| e.to_string())?;
+    Ok((gds, src.gds_file(gds)?))
 }
 
 /// Where a probe can run: the destination as the CPU reaches it (`None`: it cannot), and the
@@ -323,7 +415,12 @@ fn split(p: &mut Planned, reads: &[Read], i: usize, opts: &Options) -> Result<bo
     let chunk = opts.block_chunk();
     let di = p.read_dest[i];
     let d = &p.dests[di];
-    let body = if d.via == Via::Direct { direct_body(r, &d.entry) } else { 0 };
+    // cuFile takes any offset and length (it aligns through its own GPU buffers).
+    let body = match d.via {
+        Via::Direct => direct_body(r, &d.entry),
+        Via::Gds => r.len,
+        Via::Bounce | Via::GpuStaged => 0,
+    };
     let mut o = 0;
     while o < body {
         let n = chunk.min(body - o);
@@ -386,4 +483,62 @@ fn split(p: &mut Planned, reads: &[Read], i: usize, opts: &Options) -> Result<bo
         at = pend;
     }
     Ok(misaligned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// `nvidia` package directories of the Python test environments (`python/run-tests`
+    /// installs torch, which brings the `nvidia-cufile` wheel).
+    fn nvidia_dirs() -> Vec<PathBuf> {
+        let ls = |p: &Path| -> Vec<PathBuf> {
+            let mut v: Vec<PathBuf> =
+                std::fs::read_dir(p).map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+            v.sort();
+            v
+        };
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        let venvs = ls(&home.join(".cache/peermem"));
+        let pys = venvs.iter().flat_map(|v| ls(&v.join("lib")));
+        pys.map(|p| p.join("site-packages/nvidia")).filter(|p| p.is_dir()).collect()
+    }
+
+    /// Why GPUDirect Storage is not taken, before any CUDA memory is needed: the option, a file
+    /// whose storage device is unknown, then cuFile itself (the wheel's library, found as the
+    /// Python package finds it; without CUDA its driver refuses to open, in its own words).
+    #[test]
+    fn gpudirect_storage_says_why_not_before_the_route_is_looked_at() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, vec![7u8; 1 << 16]).unwrap();
+        let live = Registry::new(Arc::new(peermem::Topology::discover("/").unwrap()));
+        let src = Source::open(&p, &live).unwrap();
+        let off = Options { gds: false, ..Options::default() };
+        let e = gds_ready(&src, &off).err().unwrap();
+        assert!(e.contains("switched off (PEERMEM_GDS=0)"), "{e}");
+
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/qemu-switch");
+        let elsewhere = Registry::new(Arc::new(peermem::Topology::discover(fixture).unwrap()));
+        let e = gds_ready(&Source::open(&p, &elsewhere).unwrap(), &Options::default()).err().unwrap();
+        assert!(e.contains("the file's storage device is unknown"), "{e}");
+
+        if let Some(why) = src.device_unknown() {
+            eprintln!("no PCI function serves {} here ({why}): the cuFile part skipped", p.display());
+            return;
+        }
+        let wheels: Vec<PathBuf> = nvidia_dirs().iter().flat_map(|n| peermem_cuda::gds::wheel_dirs(n)).collect();
+        wheels.iter().for_each(peermem_cuda::gds::search_also);
+        let cuda = peermem_cuda::Cuda::driver_version();
+        match (gds_ready(&src, &Options::default()), wheels.is_empty(), cuda) {
+            (Err(e), false, Err(_)) => assert!(e.starts_with("cuFileDriverOpen failed: CU_FILE_"), "{e}"),
+            (Err(e), true, Err(_)) => {
+                assert!(e.starts_with("libcufile.so not found"), "{e}");
+                eprintln!("no nvidia-cufile wheel in the Python test environment: only the missing library checked");
+            }
+            (r, _, Ok(v)) => eprintln!("CUDA {v} here: cuFile answered {:?}", r.map(|(g, _)| g.info().describe())),
+            (Ok(_), _, Err(e)) => panic!("cuFile opened without a CUDA driver ({e})"),
+        }
+    }
 }

@@ -17,14 +17,21 @@ pub enum Via {
     Bounce,
     /// Read into pinned host staging buffers, copied on by the GPU (device-local memory).
     GpuStaged,
+    /// GPUDirect Storage: cuFile has the storage device write the CUDA memory itself.
+    Gds,
 }
 
 impl Via {
+    /// The reading device wrote the destination itself (no staging buffer of the loader's).
+    pub fn is_direct(self) -> bool {
+        matches!(self, Via::Direct | Via::Gds)
+    }
     pub fn name(self) -> &'static str {
         match self {
             Via::Direct => "direct",
             Via::Bounce => "bounce",
             Via::GpuStaged => "staged-gpu-copy",
+            Via::Gds => "gds",
         }
     }
 }
@@ -94,9 +101,9 @@ impl Report {
     }
     /// Whether every destination was planned direct: the reader (a device, or the CPU for a
     /// buffered read) wrote it itself (only pieces its alignment rules out were staged, as
-    /// `bytes_staged` says).
+    /// `bytes_staged` says), GPUDirect Storage included.
     pub fn direct(&self) -> bool {
-        !self.dests.is_empty() && self.dests.iter().all(|d| d.via == Via::Direct)
+        !self.dests.is_empty() && self.dests.iter().all(|d| d.via.is_direct())
     }
     pub fn bytes_direct(&self) -> u64 {
         self.dests.iter().map(|d| d.bytes_direct).sum()

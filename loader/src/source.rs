@@ -21,6 +21,7 @@ use peermem::mover::Reach;
 use peermem::storage::serving_function;
 use peermem::sysroot::Sysroot;
 use peermem::{Bdf, Entry, Peer, PeerMemory, Provider, Registry};
+use peermem_cuda::{Gds, GdsFile};
 use peermem_nvme::driver::Namespace;
 use peermem_nvme::{Controller, Dir};
 
@@ -53,6 +54,8 @@ struct FileSource {
     /// An Auto source read through the page cache: the same file with O_DIRECT, for reads into
     /// device memory (opened on the first such read; `None` inside when that failed).
     twin: Option<OnceLock<Option<Source>>>,
+    /// The file registered with cuFile on the first read into CUDA memory, or why it cannot be.
+    gds: OnceLock<Result<Arc<GdsFile>, String>>,
 }
 
 /// How a file is read, and why in words.
@@ -103,6 +106,7 @@ impl FileSource {
             len: self.len,
             device: self.device.clone(),
             twin: None,
+            gds: OnceLock::new(),
         }))))
     }
 
@@ -196,7 +200,7 @@ fn settle(o: Opened, c: Choice, auto: bool, root: &Path) -> Result<Source, LoadE
     let device = Sysroot::open(root)
         .map_err(|e| e.to_string())
         .and_then(|sys| serving_function(&sys, &o.path).map(|s| s.bdf).map_err(|e| e.to_string()));
-    let f = FileSource { path: o.path, file: Arc::new(o.file), how, len: o.len, device, twin };
+    let f = FileSource { path: o.path, file: Arc::new(o.file), how, len: o.len, device, twin, gds: OnceLock::new() };
     Ok(Source(Arc::new(Kind::File(f))))
 }
 
@@ -382,6 +386,34 @@ impl Source {
                 twin.get_or_init(|| f.open_twin()).clone().unwrap_or_else(|| self.clone())
             }
             _ => self.clone(),
+        }
+    }
+
+    /// The source registered with cuFile (`gds`), made on the first call and kept with the open
+    /// file; `Err` says why GPUDirect Storage cannot read it (no O_DIRECT, a filesystem or device
+    /// cuFile does not read directly, a namespace of peermem's own NVMe driver).
+    pub(crate) fn gds_file(&self, gds: Gds) -> Result<Arc<GdsFile>, String> {
+        let f = match &*self.0 {
+            Kind::File(f) => f,
+            Kind::Nvme(n) => {
+                return Err(format!("{} is read by peermem's own NVMe driver (VFIO), not through a file", n.bdf))
+            }
+        };
+        let r = f.gds.get_or_init(|| match (f.how.direct, f.how.refused) {
+            (true, _) => gds.register(f.file.clone()).map(Arc::new).map_err(|e| e.to_string()),
+            (false, true) => Err("O_DIRECT not possible for this file: the filesystem refused it".into()),
+            (false, false) => {
+                Err(format!("O_DIRECT not possible for this file: it is read through the page cache ({})", f.how.why))
+            }
+        });
+        r.clone()
+    }
+
+    /// Why no PCI function is known to serve this file (`None`: one is, or not a file).
+    pub(crate) fn device_unknown(&self) -> Option<String> {
+        match &*self.0 {
+            Kind::File(f) => f.device.as_ref().err().cloned(),
+            Kind::Nvme(_) => None,
         }
     }
 

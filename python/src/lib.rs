@@ -61,6 +61,10 @@ fn peermem_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(memory::registered_buffers, m)?)?;
     m.add_function(wrap_pyfunction!(memory::vulkan_available, m)?)?;
     m.add_function(wrap_pyfunction!(memory::cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(memory::cufile_status, m)?)?;
+    // Where the nvidia-cufile wheel keeps libcufile: a lookup, nothing imported or loaded. A
+    // failed lookup only means no wheel directory is searched (`cufile_status` says what is).
+    let _ = memory::add_cufile_wheels(py);
     m.add_function(wrap_pyfunction!(bench::rust_read_batch, m)?)?;
     m.add_function(wrap_pyfunction!(bench::rust_shards, m)?)?;
     Ok(())

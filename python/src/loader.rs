@@ -53,6 +53,9 @@ pub struct Report {
     checksum: Option<u64>,
     /// xxh3-64 of the first read's source range, read a second time (`verify=True`).
     source_checksum: Option<u64>,
+    /// Into CUDA memory: whether cuFile (GPUDirect Storage) read it and why, or why not
+    /// (`"cufile: taken: ..."`, `"cufile: not taken: ..."`); `None` for other memory.
+    cufile: Option<String>,
 }
 
 impl Report {
@@ -73,6 +76,9 @@ impl Report {
             io: r.io.clone(),
             checksum: r.checksums.first().copied(),
             source_checksum: r.source_checksums.first().copied(),
+            cufile: first.and_then(|d| {
+                d.reasons.iter().find(|r| r.starts_with("cufile: taken") || r.starts_with("cufile: not taken")).cloned()
+            }),
         }
     }
 }
@@ -416,10 +422,12 @@ impl Loader {
     /// hash the destination and re-read the source to compare. `chunk`: bytes per request (a
     /// multiple of 4096). `depth`: requests in flight. `workers`: accepted for compatibility
     /// (1 to 1024); the loader's one I/O engine keeps `depth` requests in flight for all loads.
-    /// Every setting starts from its `PEERMEM_*` variable (`Options::from_env`); an argument
-    /// given (not None) wins.
+    /// `gds`: read into CUDA memory through GPUDirect Storage (cuFile) where it can (default),
+    /// or never. Every setting starts from its `PEERMEM_*` variable (`Options::from_env`); an
+    /// argument given (not None) wins.
     #[new]
-    #[pyo3(signature = (strict=None, verify=None, chunk=None, depth=None, workers=None, io=None))]
+    #[pyo3(signature = (strict=None, verify=None, chunk=None, depth=None, workers=None, io=None, gds=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         strict: Option<&Bound<'_, PyAny>>,
         verify: Option<&Bound<'_, PyAny>>,
@@ -427,7 +435,9 @@ impl Loader {
         depth: Option<&Bound<'_, PyAny>>,
         workers: Option<&Bound<'_, PyAny>>,
         io: Option<&Bound<'_, PyAny>>,
+        gds: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Loader> {
+        let gds = args::opt_flag(gds, "gds")?;
         let strict = args::opt_flag(strict, "strict")?;
         let verify = args::opt_flag(verify, "verify")?;
         let chunk = args::opt_int(chunk, "chunk", 4096, 1 << 30)?;
@@ -444,6 +454,7 @@ impl Loader {
             verify: verify.map_or(env.verify, |v| if v { Verify::Reread } else { Verify::Off }),
             chunk: chunk.unwrap_or(env.chunk),
             depth: depth.map_or(env.depth, |d| d as usize),
+            gds: gds.unwrap_or(env.gds),
             ..env
         };
         opts.check().map_err(|e| PyValueError::new_err(e.to_string()))?;

@@ -280,6 +280,36 @@ pub fn cuda_available(py: Python<'_>) -> bool {
     py.detach(|| cuda_device(0).is_ok())
 }
 
+/// Tells peermem's cuFile loader where NVIDIA's pip wheels keep `libcufile.so.0`
+/// (`nvidia-cufile`: `nvidia/cu13/lib`; `nvidia-cufile-cu12`: `nvidia/cufile/lib`), searched
+/// after `PEERMEM_CUFILE` and the dynamic loader. Imports nothing: the `nvidia` namespace
+/// package's directories come from importlib's spec.
+pub fn add_cufile_wheels(py: Python<'_>) -> PyResult<()> {
+    let spec = py.import("importlib.util")?.call_method1("find_spec", ("nvidia",))?;
+    if spec.is_none() {
+        return Ok(());
+    }
+    let locations = spec.getattr("submodule_search_locations")?;
+    if locations.is_none() {
+        return Ok(());
+    }
+    for p in locations.try_iter()? {
+        let p: std::path::PathBuf = p?.extract()?;
+        peermem_cuda::gds::wheel_dirs(&p).into_iter().for_each(peermem_cuda::gds::search_also);
+    }
+    Ok(())
+}
+
+/// Whether GPUDirect Storage (cuFile) is usable in this process: `(True, what the driver said)`
+/// or `(False, why not)` (no library, or its driver refused to open, in cuFile's own words).
+#[pyfunction]
+pub fn cufile_status(py: Python<'_>) -> (bool, String) {
+    py.detach(|| match peermem_cuda::Gds::open() {
+        Ok(g) => (true, g.info().describe()),
+        Err(e) => (false, e.to_string()),
+    })
+}
+
 /// `"cuda:N"`, `"cuda"` or an int: the device ordinal.
 pub fn cuda_ordinal(device: &Bound<'_, PyAny>) -> PyResult<usize> {
     if let Ok(n) = device.extract::<usize>() {

@@ -2,6 +2,8 @@
 `ShardReader(device="cuda:0")`. Without an NVIDIA driver each test first checks the typed error,
 then skips, saying so."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,30 @@ def test_cuda_buffer_round_trips_bytes_or_names_the_missing_driver():
         buf.read(1 << 20, 1)
 
 
+def cufile_wheel_libraries():
+    """`libcufile.so.0` of the nvidia-cufile wheel(s) importlib can see (nothing imported)."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, "*", "lib", "libcufile.so.0")))
+
+
+def test_cufile_is_found_in_the_wheel_and_says_why_it_cannot_serve():
+    ok, what = peermem.cufile_status()
+    assert peermem.cufile_status() == (ok, what), "opened once per process: the same answer"
+    wheels = cufile_wheel_libraries()
+    if ok:
+        assert what.startswith("cuFile ") and "direct storage:" in what, what
+    elif wheels and not CUDA and not os.environ.get("PEERMEM_CUFILE"):
+        # Found in the wheel (nothing on the loader path here): its driver refused to open.
+        assert what.startswith("cuFileDriverOpen failed: CU_FILE_"), (what, wheels)
+    elif not wheels:
+        assert "libcufile.so not found" in what, what
+    print(f"cufile_status: {ok} {what} (wheel libraries: {wheels})")
+
+
 def test_loader_reads_into_cuda_tensors(dataset):
     loader = peermem.Loader(verify=True)
     if not CUDA:
@@ -55,7 +81,8 @@ def test_loader_reads_into_cuda_tensors(dataset):
     for i, (off, size) in enumerate(dataset.records):
         out = torch.full((size + 7,), 0xA5, dtype=torch.uint8, device="cuda")
         r = loader.read(str(dataset.path), out, offset=off, size=size, out_offset=3)
-        assert r.bytes == size and "staged-gpu-copy" in r.method, (i, r.method)
+        assert r.bytes == size and r.method.startswith(("staged-gpu-copy", "gds")), (i, r.method)
+        assert r.cufile.startswith(("cufile: taken", "cufile: not taken: ")), r.cufile
         assert r.checksum == r.source_checksum
         got = out.cpu().numpy()
         assert (got[3 : 3 + size] == dataset.expect(i)).all(), i

@@ -13,7 +13,7 @@ use peermem::{HostRegion, PeerMemory};
 
 use crate::error::CudaError;
 use crate::info::{DeviceInfo, DmaBufRefusal, DriverVersion, KernelModule};
-use crate::region::{CudaRegion, Origin, PinnedHost};
+use crate::region::{CudaRegion, OpaqueFd, Origin, PinnedHost};
 use crate::sys::{self, Dir, Foreign, RawDevice, RawMemory};
 
 /// The default bound on one copy's wait.
@@ -159,6 +159,25 @@ impl Device {
             self.export(&mem)
         };
         Ok(CudaRegion::new(mem, Origin::Foreign, dma_buf))
+    }
+
+    /// Memory another API allocated on this GPU and exported as an opaque fd (a Vulkan
+    /// allocation), as a region with the same bytes: the exporter's PCI function must be this
+    /// device's and its UUID equal where given (`CudaError::DifferentGpu` otherwise, before the
+    /// driver sees the fd). The driver owns the fd once imported; the region unmaps and
+    /// destroys the import when dropped (the exporter's memory lives on with its own owner).
+    pub fn import_opaque_fd(&self, m: OpaqueFd) -> Result<CudaRegion, CudaError> {
+        let OpaqueFd { fd, len, alloc_size, dedicated, provider, device_uuid, exporter } = m;
+        let i = &self.raw.info;
+        i.same_gpu(provider, device_uuid).map_err(|why| CudaError::DifferentGpu {
+            ordinal: i.ordinal,
+            cuda: i.pci_text.clone(),
+            exporter,
+            why,
+        })?;
+        let mem = sys::external::import_opaque_fd(&self.raw, fd, alloc_size, dedicated, len)?;
+        let dma_buf = self.export(&mem);
+        Ok(CudaRegion::new(mem, Origin::Imported, dma_buf))
     }
 
     /// The memory as a dma-buf, or why not.

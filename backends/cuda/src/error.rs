@@ -39,6 +39,27 @@ impl std::fmt::Display for DriverCall {
     }
 }
 
+/// A cuFile call that returned an error: the entry point, cuFile's code and its name
+/// (`CU_FILE_DRIVER_NOT_INITIALIZED`, or `cuFile error <n>` for a code this build does not
+/// know), and for `CU_FILE_CUDA_DRIVER_ERROR` the CUDA driver's code behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CufileCall {
+    pub call: &'static str,
+    pub code: i32,
+    pub name: String,
+    pub cuda: Option<i32>,
+}
+
+impl std::fmt::Display for CufileCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed: {} ({})", self.call, self.name, self.code)?;
+        if let Some(c) = self.cuda {
+            write!(f, ", CUDA error {c}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Everything that can go wrong in the CUDA backend.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
@@ -90,6 +111,31 @@ pub enum CudaError {
     /// A copy that did not finish in time. Its memory stays alive until it does.
     #[error("GPU copy did not complete within {0:?} (the memory it uses is kept alive until it does)")]
     Timeout(Duration),
+    /// libcufile (GPUDirect Storage) could not be loaded.
+    #[error(
+        "libcufile.so not found (tried {tried}): GPUDirect Storage needs NVIDIA's cuFile library (CUDA's \
+         libcufile, or the nvidia-cufile wheel); set PEERMEM_CUFILE to the library or its directory"
+    )]
+    NoCufile { tried: String },
+    /// libcufile loaded but lacks an entry point used here.
+    #[error("{library} lacks {symbol} (too old a cuFile library)")]
+    CufileSymbol { library: String, symbol: &'static str },
+    /// `cuFileDriverOpen` (or a setting made before it) failed; `here` adds what peermem sees of
+    /// its prerequisites (libcuda, the nvidia-fs driver), empty when there is nothing to add.
+    #[error("{call}{here}")]
+    CufileDriver { call: CufileCall, here: String },
+    /// cuFile will not read this file directly, and why.
+    #[error("{why}: {call}")]
+    CufileFile { why: &'static str, call: CufileCall },
+    /// The file is not open with O_DIRECT, which GPUDirect Storage reads need.
+    #[error("O_DIRECT not possible for this file: {0}")]
+    NoDirectIo(String),
+    /// A cuFile read failed: cuFile's code, or the error it returned from the OS.
+    #[error("{0}")]
+    CufileRead(String),
+    /// Memory another API exported is not on this CUDA device (or cannot be shown to be).
+    #[error("{exporter} and CUDA device {ordinal} (PCI {cuda}) are different GPUs: {why}")]
+    DifferentGpu { ordinal: usize, cuda: String, exporter: String, why: String },
     /// A CPU access to host memory that could not happen.
     #[error(transparent)]
     Access(#[from] peermem::AccessError),

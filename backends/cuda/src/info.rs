@@ -205,11 +205,48 @@ impl DeviceInfo {
         (!self.dma_buf).then(|| DmaBufRefusal::DeviceCannot { module: module() })
     }
 
+    /// Whether memory another device exported is on this GPU: `provider` (the exporter's PCI
+    /// function, e.g. from VK_EXT_pci_bus_info) must be this device's (`cuDeviceGetPCIBusId`),
+    /// and `uuid` (the exporter's device UUID, Vulkan's `deviceUUID`) equal to this device's
+    /// where given. `Err` says why not.
+    pub fn same_gpu(&self, provider: Provider, uuid: Option<[u8; 16]>) -> Result<(), String> {
+        match (provider, self.pci) {
+            (Provider::Pci(theirs), Some(mine)) if theirs == mine => {}
+            (Provider::Pci(theirs), Some(mine)) => {
+                return Err(format!("the exporter is PCI function {theirs}, this device is {mine}"))
+            }
+            (Provider::Pci(theirs), None) => {
+                return Err(format!(
+                    "the exporter is PCI function {theirs}, and this device's PCI bus id {:?} is not an address",
+                    self.pci_text
+                ))
+            }
+            (Provider::Host { .. }, _) => {
+                return Err("the exporter names no PCI function (a device without VK_EXT_pci_bus_info, or host \
+                            memory), so it cannot be shown to be this GPU"
+                    .into())
+            }
+        }
+        match uuid {
+            Some(u) if u != self.uuid => Err(format!(
+                "the same PCI function, but the device UUIDs differ ({} here, {} exported)",
+                self.uuid_text(),
+                uuid_text(&u)
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The UUID as `nvidia-smi -L` prints it (`GPU-xxxxxxxx-xxxx-...`).
     pub fn uuid_text(&self) -> String {
-        let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
-        format!("GPU-{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+        uuid_text(&self.uuid)
     }
+}
+
+/// A device UUID as `nvidia-smi -L` prints it (`GPU-xxxxxxxx-xxxx-...`).
+fn uuid_text(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("GPU-{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
 }
 
 #[cfg(test)]
@@ -273,6 +310,23 @@ mod tests {
         assert!(r.to_string().contains("proprietary NVIDIA kernel module (535.1)"), "{r}");
         let r = info(13000, false).dma_buf_refusal(|| KernelModule::Unknown("no file".into())).unwrap();
         assert!(r.to_string().contains("no file"), "{r}");
+    }
+
+    #[test]
+    fn an_export_is_this_gpus_only_when_the_pci_functions_and_uuids_agree() {
+        let i = info(13000, true);
+        let here = Provider::Pci(Bdf::new(0, 0x3b, 0, 0).unwrap());
+        assert_eq!(i.same_gpu(here, Some([0xab; 16])), Ok(()));
+        assert_eq!(i.same_gpu(here, None), Ok(()), "no UUID given: the PCI function decides");
+        let other = Provider::Pci(Bdf::new(0, 0x5e, 0, 0).unwrap());
+        let e = i.same_gpu(other, Some([0xab; 16])).unwrap_err();
+        assert!(e.contains("0000:5e:00.0") && e.contains("0000:3b:00.0"), "{e}");
+        let e = i.same_gpu(here, Some([0xcd; 16])).unwrap_err();
+        assert!(e.contains("UUIDs differ") && e.contains("GPU-cdcdcdcd"), "{e}");
+        let e = i.same_gpu(Provider::Host { numa: None }, None).unwrap_err();
+        assert!(e.contains("VK_EXT_pci_bus_info"), "{e}");
+        let unparsed = DeviceInfo { pci: None, pci_text: "weird".into(), ..i };
+        assert!(unparsed.same_gpu(here, None).unwrap_err().contains("\"weird\""));
     }
 
     #[test]

@@ -9,9 +9,14 @@
 //! - `device`: [`Cuda`] (the driver: version, devices, `open`) and the opened [`Device`], which
 //!   allocates, adopts foreign memory, pins host memory and copies with bounded waits.
 //! - `region`: [`CudaRegion`], device memory as a `PeerMemory`, and [`PinnedHost`].
-//! - `error`: [`CudaError`], the backend's one error type (driver errors by their own name).
+//! - [`gds`]: GPUDirect Storage through cuFile ([`Gds`], [`GdsFile`]): where libcufile is looked
+//!   for, its driver opened once, files registered, reads from a file straight into a region.
+//! - `error`: [`CudaError`], the backend's one error type (driver and cuFile errors by their
+//!   own names).
 //! - `sys`: the only `unsafe`: driver calls, memory and copy lifetimes, and [`Foreign`], whose
-//!   `unsafe` constructor is where a caller vouches for memory it hands in.
+//!   `unsafe` constructor is where a caller vouches for memory it hands in; `sys::cufile`
+//!   (libcufile) and `sys::external` (opaque-fd imports, e.g. Vulkan memory:
+//!   [`Device::import_opaque_fd`] with an [`OpaqueFd`]).
 //!
 //! A region's provider is the GPU's PCI function (`cuDeviceGetPCIBusId`); its backing is a
 //! dma-buf where the driver exports one (the open kernel module, CUDA 11.7 or newer), which a
@@ -42,13 +47,15 @@
 
 mod device;
 mod error;
+pub mod gds;
 mod info;
 mod region;
 #[allow(unsafe_code)]
 mod sys;
 
 pub use device::{Alloc, Cuda, Device, DEFAULT_COPY_TIMEOUT};
-pub use error::{CudaError, DriverCall};
+pub use error::{CudaError, CufileCall, DriverCall};
+pub use gds::{Gds, GdsFile, GdsInfo};
 pub use info::{parse_pci_bus_id, DeviceInfo, DevicePtr, DmaBufRefusal, DriverVersion, KernelModule};
-pub use region::{CudaRegion, Origin, PinnedHost};
+pub use region::{CudaRegion, OpaqueFd, Origin, PinnedHost};
 pub use sys::Foreign;

@@ -25,6 +25,29 @@ pub enum Origin {
     /// Someone else's allocation (a PyTorch or CuPy tensor through DLPack), kept alive by the
     /// owner handed in with it.
     Foreign,
+    /// Another API's allocation on this GPU, exported as an opaque fd (a Vulkan allocation) and
+    /// imported (`cuImportExternalMemory`): the same bytes as the exporter's region.
+    Imported,
+}
+
+/// Memory another API allocated on a GPU and exported as an opaque fd (a Vulkan allocation
+/// through `VK_KHR_external_memory_fd`), as `Device::import_opaque_fd` takes it.
+#[derive(Debug)]
+pub struct OpaqueFd {
+    pub fd: OwnedFd,
+    /// Bytes of the region, from the allocation's start.
+    pub len: u64,
+    /// Bytes of the exported allocation (Vulkan's `allocationSize`).
+    pub alloc_size: u64,
+    /// A dedicated allocation (the import must say so).
+    pub dedicated: bool,
+    /// The exporter's PCI function (Vulkan: VK_EXT_pci_bus_info): it must be the importing
+    /// device's.
+    pub provider: Provider,
+    /// The exporter's device UUID (Vulkan's `deviceUUID`), compared where given.
+    pub device_uuid: Option<[u8; 16]>,
+    /// The exporter in words, for errors (`Vulkan device 'NVIDIA H100'`).
+    pub exporter: String,
 }
 
 /// Device memory of one CUDA device, as a peer-memory region.
@@ -89,6 +112,7 @@ impl CudaRegion {
                 Origin::Vmm => "a cuMemCreate allocation",
                 Origin::Alloc => "a cuMemAlloc allocation",
                 Origin::Foreign => "memory another library allocated (kept alive by its owner)",
+                Origin::Imported => "another API's allocation imported from its opaque fd (cuImportExternalMemory)",
             }
         )];
         n.push(format!("cuda: {}", i.provider_note()));

@@ -10,6 +10,8 @@
 //!
 //! cudarc panics when libcuda or one of its symbols is missing; `load` probes the library and
 //! every entry point used here first, so a missing driver is `CudaError::NoDriver`.
+//!
+//! Submodules: `cufile` (libcufile, GPUDirect Storage) and `external` (opaque-fd imports).
 
 use std::any::Any;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -23,6 +25,9 @@ use peermem::PeerMemory;
 
 use crate::error::{code, CudaError, DriverCall};
 use crate::info::{parse_pci_bus_id, DeviceInfo, DevicePtr, DriverVersion};
+
+pub(crate) mod cufile;
+pub(crate) mod external;
 
 /// Every entry point called below except the dma-buf export (optional: checked where used).
 const REQUIRED: &[&str] = &[
@@ -117,6 +122,17 @@ pub(crate) fn load() -> Result<DriverVersion, CudaError> {
         Err(LoadFailure::MissingSymbol(s)) => Err(CudaError::MissingSymbol { symbol: s }),
         Err(LoadFailure::Init(c)) => Err(CudaError::from_driver(c.call, c.code, Some(&c.name))),
     }
+}
+
+/// The status flags of an open file (`fcntl(F_GETFL)`: `O_DIRECT` among them).
+pub(crate) fn file_flags(file: &std::fs::File) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GETFL on an fd the borrowed file keeps open; no memory is passed.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
 }
 
 /// True when the loaded driver exports the dma-buf entry point (`load` succeeded first).
@@ -312,7 +328,18 @@ enum MemKind {
     Alloc,
     /// Someone else's allocation, kept alive by its owner.
     Foreign { _owner: Box<dyn Any + Send + Sync> },
+    /// An imported opaque fd (`cuImportExternalMemory`), mapped at `ptr`.
+    External { ext: ExtMem },
 }
+
+/// An imported external memory handle.
+pub(crate) struct ExtMem(cu::CUexternalMemory);
+
+// SAFETY: an opaque driver handle; the driver API is thread-safe and only `RawMemory::drop`
+// destroys it.
+unsafe impl Send for ExtMem {}
+// SAFETY: as above; nothing reads it but `drop`.
+unsafe impl Sync for ExtMem {}
 
 /// Device memory: `len` bytes at `ptr` on `dev`.
 pub(crate) struct RawMemory {
@@ -339,6 +366,10 @@ impl Drop for RawMemory {
                     let _ = cu::cuMemFree_v2(p);
                 }
                 MemKind::Foreign { .. } => {}
+                MemKind::External { ext } => {
+                    let _ = cu::cuMemFree_v2(p);
+                    let _ = cu::cuDestroyExternalMemory(ext.0);
+                }
             }
         }
     }

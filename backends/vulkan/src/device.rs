@@ -256,6 +256,25 @@ impl Device {
         self.allocate_as(len, placement, HandleType::OpaqueFd, caps.opaque_fd.dedicated_only)
     }
 
+    /// Allocates `len` bytes exportable as `handle` only: an opaque fd for an importer that
+    /// takes nothing else (CUDA's `cuImportExternalMemory` on the same GPU), a dma-buf for a
+    /// kernel importer. A device that cannot export that handle type is `VkError::Unsupported`.
+    pub fn allocate_with(&self, len: u64, placement: Placement, handle: HandleType) -> Result<VulkanRegion, VkError> {
+        let caps = &self.inner.info.caps;
+        let c = match handle {
+            HandleType::OpaqueFd => caps.opaque_fd,
+            HandleType::DmaBuf => caps.dma_buf,
+        };
+        let refused = handle == HandleType::DmaBuf && self.inner.dma_buf_export.load(Ordering::Relaxed) == REFUSED;
+        if !c.exportable || refused {
+            return Err(VkError::Unsupported {
+                device: self.inner.info.name.clone(),
+                what: format!("export buffer memory as a {handle} fd"),
+            });
+        }
+        self.allocate_as(len, placement, handle, c.dedicated_only)
+    }
+
     fn allocate_as(
         &self,
         len: u64,

@@ -225,3 +225,40 @@ fn a_copy_that_outlives_its_bounded_wait_keeps_its_regions_alive() {
     dev.copy(&dst, BIG - 4096, &small, 0, 4096).unwrap();
     assert_eq!(read(&small, 0, 4096), pattern(7, 4096));
 }
+
+/// What a CUDA import of Vulkan memory needs (`cuImportExternalMemory` takes opaque fds only):
+/// device-local memory exported as an opaque fd on request, a fresh fd per export (the importer
+/// owns the one it is given), the allocation's size and dedication, the exporter's UUID; the fd
+/// shows the same bytes to another importer. A handle type the device cannot export is refused.
+#[test]
+fn device_local_memory_exports_as_an_opaque_fd_on_request_with_what_an_importer_needs() {
+    let Some(a) = device() else { return };
+    if !a.info().caps.opaque_fd.exportable {
+        eprintln!("{}: no opaque-fd export: nothing to check", a.info());
+        return;
+    }
+    let r = a.allocate_with(LEN + 100, Placement::DeviceLocal, HandleType::OpaqueFd).unwrap();
+    assert_eq!(r.handle_type(), Some(HandleType::OpaqueFd));
+    let (e1, e2) = (r.export().unwrap(), r.export().unwrap());
+    use std::os::fd::AsRawFd;
+    assert_ne!(e1.fd.as_raw_fd(), e2.fd.as_raw_fd(), "each export is its own fd");
+    let l = e1.layout.expect("an opaque fd carries its allocation's layout");
+    assert!(l.alloc_size >= LEN + 100, "{l:?}");
+    assert_eq!(l.device_uuid, a.info().device_uuid);
+    assert_eq!(e1.provider, a.info().provider(), "the provider an importer checks is the device's");
+    // Written through the GPU into device-local memory, read back through the other fd.
+    let host = Arc::new(HostRegion::new(LEN).unwrap());
+    host.write_at(0, &pattern(9, LEN as usize)).unwrap();
+    let staged = a.import_host(host).unwrap();
+    a.copy(&staged, 0, &r, 0, LEN).unwrap();
+    let b = second_device(&a);
+    let rb = b.import(e2).unwrap();
+    let out = b.allocate(LEN, Placement::Mappable).unwrap();
+    b.copy(&rb, 0, &out, 0, LEN).unwrap();
+    assert!(read(&out, 0, LEN) == pattern(9, LEN as usize), "the opaque fd shows the same bytes");
+    drop(e1);
+    if !a.info().caps.dma_buf.exportable {
+        let e = a.allocate_with(4096, Placement::DeviceLocal, HandleType::DmaBuf).unwrap_err();
+        assert!(matches!(e, VkError::Unsupported { .. }) && e.to_string().contains("dma-buf"), "{e}");
+    }
+}

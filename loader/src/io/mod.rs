@@ -1,5 +1,6 @@
 //! The I/O stage: a batch's requests kept `depth` deep in an engine (files: io_uring or a
-//! thread pool; a namespace: the VFIO driver), direct requests landing in their destination,
+//! thread pool; a namespace: the VFIO driver; CUDA memory the plan sent to GPUDirect Storage:
+//! cuFile readers), direct requests landing in their destination,
 //! staged ones in a staging buffer that is copied on once all of its parts arrived (by the CPU,
 //! or by the GPU for device-local memory) on a copy thread, so reads keep flowing meanwhile.
 //!
@@ -8,6 +9,7 @@
 //! while a read into it may still be in flight.
 
 pub(crate) mod files;
+pub(crate) mod gds;
 pub(crate) mod nvme;
 
 use std::collections::HashMap;
@@ -39,6 +41,7 @@ struct Mem<'a> {
 pub(crate) enum Engine<'a> {
     Files(&'a mut files::Io),
     Nvme(nvme::Nvme<'a>),
+    Gds(gds::Gds),
 }
 
 impl Engine<'_> {
@@ -47,6 +50,7 @@ impl Engine<'_> {
         match self {
             Engine::Files(_) => depth,
             Engine::Nvme(_) => nvme::window(depth),
+            Engine::Gds(g) => g.window(),
         }
     }
 
@@ -73,6 +77,10 @@ impl Engine<'_> {
                     .ok_or_else(|| LoadError::Engine("a namespace read into an unregistered buffer".into()))?;
                 Ok(n.push(tag, q.off, entry, mem_off, q.len))
             }
+            Engine::Gds(g) => match q.target {
+                Target::Direct { doff } => g.push(tag, q.dest, q.off, doff, q.len),
+                Target::Stage { .. } => Err(LoadError::Engine("a staged request given to cuFile".into())),
+            },
         }
     }
 
@@ -88,6 +96,7 @@ impl Engine<'_> {
                 Ok(())
             }
             Engine::Nvme(n) => n.wait(out),
+            Engine::Gds(g) => g.wait(out, timeout),
         }
     }
 }

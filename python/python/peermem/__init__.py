@@ -35,6 +35,7 @@ from ._native import (
     _rust_read_batch as _rust_read_batch,
     _rust_shards as _rust_shards,
     cuda_available as cuda_available,
+    cufile_status as cufile_status,
     registered_buffers as registered_buffers,
     vulkan_available as vulkan_available,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "VulkanBuffer",
     "Why",
     "cuda_available",
+    "cufile_status",
     "registered_buffers",
     "vulkan_available",
 ]
