@@ -148,7 +148,11 @@ fn hostname() -> String {
 }
 
 impl Inner {
-    pub fn new(registry: Registry, options: EngineOptions) -> Result<(Inner, Vec<Listener>), EngineError> {
+    pub fn new(registry: Registry, mut options: EngineOptions) -> Result<(Inner, Vec<Listener>), EngineError> {
+        // A link's send queue holds its slices in flight and the notifications and staging
+        // requests sharing it (one per notification buffer at most).
+        let sends = options.depth.max(1).saturating_add(NOTIFY_SLOTS);
+        options.connect.max_send_wr = options.connect.max_send_wr.max(u32::try_from(sends).unwrap_or(u32::MAX));
         let (nics, listeners) = open_nics(&options.root, options.nics.as_deref(), options.port)?;
         let regions: Regions = Arc::new(Mutex::new(HashMap::new()));
         let caches = nics
