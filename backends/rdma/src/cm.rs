@@ -72,18 +72,26 @@ fn new_qp(nic: &Nic, opts: &ConnectOpts) -> Result<(sys::Qp, Arc<sys::Cq>, Arc<s
 /// The QP allows every remote operation: each MR's own access flags decide.
 const QP_ACCESS: u32 = sys::access::REMOTE_WRITE | sys::access::REMOTE_READ | sys::access::LOCAL_WRITE;
 
-fn to_state(qp: &sys::Qp, id: &CmId, nic: &Nic, state: u32, opts: &ConnectOpts) -> Result<Endpoint, RdmaError> {
+/// Moves `qp` to `state` with the attributes the CM gives, its READ depths capped by `depth`.
+fn to_state(
+    qp: &sys::Qp,
+    id: &CmId,
+    nic: &Nic,
+    state: u32,
+    opts: &ConnectOpts,
+    depth: (u8, u8),
+) -> Result<Endpoint, RdmaError> {
     let what = match state {
         qp_state::INIT => "ibv_modify_qp(INIT) by rdma_cm",
         qp_state::RTR => "ibv_modify_qp(RTR) by rdma_cm",
         _ => "ibv_modify_qp(RTS) by rdma_cm",
     };
-    let r = qp.modify_by_cm(id, state, QP_ACCESS, Some(opts.ack_timeout)).map_err(nic.verbs_err(what))?;
-    Ok(Endpoint { qpn: r.qpn, psn: r.psn, gid: r.gid, lid: r.lid, mtu: r.mtu })
+    let r = qp.modify_by_cm(id, state, QP_ACCESS, Some(opts.ack_timeout), depth).map_err(nic.verbs_err(what))?;
+    Ok(Endpoint { qpn: r.qpn, psn: r.psn, gid: r.gid, lid: r.lid, mtu: r.mtu, rd_atomic: (0, 0) })
 }
 
-fn param<'a>(qp: &sys::Qp, nic: &Nic, opts: &ConnectOpts, private_data: &'a [u8]) -> CmConnParam<'a> {
-    let (responder_resources, initiator_depth) = crate::conn::rd_atomic(nic, opts);
+fn param<'a>(qp: &sys::Qp, opts: &ConnectOpts, depth: (u8, u8), private_data: &'a [u8]) -> CmConnParam<'a> {
+    let (responder_resources, initiator_depth) = depth;
     CmConnParam {
         qpn: qp.qpn,
         private_data,
@@ -135,11 +143,14 @@ impl Connection {
         expect(next(&ch, &peer, deadline, "route resolution")?, cm_event::ROUTE_RESOLVED, &peer)?;
 
         let (qp, scq, rcq) = new_qp(nic, &opts)?;
-        to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
-        id.connect(&param(&qp, nic, &opts, private)).map_err(cm("rdma_connect"))?;
+        let depth = crate::conn::rd_atomic(nic, &opts);
+        to_state(&qp, &id, nic, qp_state::INIT, &opts, depth)?;
+        id.connect(&param(&qp, &opts, depth, private)).map_err(cm("rdma_connect"))?;
         let ev = expect(next(&ch, &peer, deadline, "the server's answer")?, cm_event::CONNECT_RESPONSE, &peer)?;
-        let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
-        to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
+        // The server's answer sets the depths; a server that ignored the request's is held
+        // to it here.
+        let remote = Endpoint { rd_atomic: ev.rd_atomic, ..to_state(&qp, &id, nic, qp_state::RTR, &opts, depth)? };
+        to_state(&qp, &id, nic, qp_state::RTS, &opts, depth)?;
         id.establish().map_err(cm("rdma_establish"))?;
         tracing::debug!(dev = nic.name(), qpn = qp.qpn, %peer, "rdma_cm connection up (active side)");
         Ok(Connection::from_parts(
@@ -151,6 +162,13 @@ impl Connection {
             remote,
         ))
     }
+}
+
+/// A connect request: its id, its private data and its READ depths.
+struct Request {
+    id: CmId,
+    private: Vec<u8>,
+    rd_atomic: (u8, u8),
 }
 
 /// The most private data a connect request carries (RoCE and InfiniBand: 56 bytes).
@@ -185,12 +203,12 @@ impl CmListener {
 
     /// The next connect request and its private data, waiting until `deadline`; other events
     /// are logged and skipped.
-    fn request(&self, deadline: Instant) -> Result<(CmId, Vec<u8>), RdmaError> {
+    fn request(&self, deadline: Instant) -> Result<Request, RdmaError> {
         let me = self.addr.to_string();
         loop {
             let ev = next(self.id.channel(), &me, deadline, "a connect request")?;
             if let Some(id) = ev.new_id {
-                return Ok((id, ev.private_data));
+                return Ok(Request { id, private: ev.private_data, rd_atomic: ev.rd_atomic });
             }
         }
     }
@@ -212,7 +230,7 @@ impl CmListener {
         offer: Option<RemoteBuf>,
         wait: Duration,
     ) -> Result<Connection, RdmaError> {
-        let (mut id, private) = self.request(Instant::now() + wait)?;
+        let Request { mut id, private, rd_atomic: asked } = self.request(Instant::now() + wait)?;
         let deadline = Instant::now() + opts.timeout;
         let peer = match id.peer_addr() {
             Some(a) => format!("{a} (client of {})", self.addr),
@@ -230,11 +248,13 @@ impl CmListener {
         let ch = CmChannel::create().map_err(cm("rdma_create_event_channel"))?;
         id.migrate(&ch).map_err(cm("rdma_migrate_id"))?;
         let (qp, scq, rcq) = new_qp(nic, &opts)?;
-        to_state(&qp, &id, nic, qp_state::INIT, &opts)?;
-        let remote = to_state(&qp, &id, nic, qp_state::RTR, &opts)?;
-        to_state(&qp, &id, nic, qp_state::RTS, &opts)?;
+        let depth = crate::conn::negotiate(crate::conn::rd_atomic(nic, &opts), asked);
+        to_state(&qp, &id, nic, qp_state::INIT, &opts, depth)?;
+        let remote = Endpoint { rd_atomic: asked, ..to_state(&qp, &id, nic, qp_state::RTR, &opts, depth)? };
+        to_state(&qp, &id, nic, qp_state::RTS, &opts, depth)?;
         let data = offer.map(offer_bytes);
-        id.accept(&param(&qp, nic, &opts, data.as_ref().map_or(&[][..], |d| &d[..]))).map_err(cm("rdma_accept"))?;
+        let p = param(&qp, &opts, depth, data.as_ref().map_or(&[][..], |d| &d[..]));
+        id.accept(&p).map_err(cm("rdma_accept"))?;
         expect(next(&ch, &peer, deadline, "the connection to be established")?, cm_event::ESTABLISHED, &peer)?;
         tracing::debug!(dev = nic.name(), qpn = qp.qpn, %peer, "rdma_cm connection up (passive side)");
         Ok(Connection::from_parts(
@@ -249,7 +269,7 @@ impl CmListener {
 
     /// Refuses the next connect request (within `timeout`): the client gets `Rejected`.
     pub fn reject_next(&self, timeout: Duration) -> Result<(), RdmaError> {
-        let (id, _) = self.request(Instant::now() + timeout)?;
+        let Request { id, .. } = self.request(Instant::now() + timeout)?;
         id.reject(REFUSAL).map_err(|source| RdmaError::Cm { peer: self.addr.to_string(), what: "rdma_reject", source })
     }
 }

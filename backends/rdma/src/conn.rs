@@ -23,14 +23,21 @@ use crate::sys::{self, SendOp};
 /// A completion: its work request id, and the request's result.
 pub type Outcome = (u64, Result<Wc, WcError>);
 
-/// READs in flight per queue pair as (responder, initiator): `opts.rd_atomic` within what the
-/// device takes (1 when it cannot be asked).
+/// READs in flight per queue pair as (responder, initiator) this side offers: `opts.rd_atomic`
+/// within what the device takes (1 when it cannot be asked).
 pub(crate) fn rd_atomic(nic: &Nic, opts: &ConnectOpts) -> (u8, u8) {
     let want = opts.rd_atomic.max(1);
     match nic.pd.context().rd_atom() {
         Ok((resp, init)) => (want.min(resp.max(1)), want.min(init.max(1))),
         Err(_) => (1, 1),
     }
+}
+
+/// The READ depths a side sets once it knows the peer's offer, both as (responder resources,
+/// initiator depth): no more READs served than the peer issues, none issued beyond what the
+/// peer serves, neither beyond this side's own offer.
+pub(crate) fn negotiate(own: (u8, u8), peer: (u8, u8)) -> (u8, u8) {
+    (own.0.min(peer.1), own.1.min(peer.0))
 }
 
 /// Connection parameters.
@@ -47,7 +54,9 @@ pub struct ConnectOpts {
     pub max_send_wr: u32,
     pub max_recv_wr: u32,
     /// RDMA READs (and atomics) in flight per queue pair, as initiator and as responder, capped
-    /// by the device (with one, each READ waits for the previous one's response).
+    /// by the device (with one, each READ waits for the previous one's response). This is an
+    /// offer: the connection serves no more than the peer issues and issues no more than the
+    /// peer serves (`Connection::rd_atomic` says what was agreed).
     pub rd_atomic: u8,
 }
 
@@ -73,31 +82,44 @@ pub struct Endpoint {
     pub gid: [u8; 16],
     pub lid: u16,
     pub mtu: u32,
+    /// The READ depths the side offers, as (responder resources, initiator depth).
+    pub rd_atomic: (u8, u8),
 }
 
-const MAGIC: &[u8; 4] = b"PMR1";
+const MAGIC: &[u8; 4] = b"PMR2";
+
+/// Bytes of an endpoint on the wire.
+pub const ENDPOINT_LEN: usize = 36;
 
 impl Endpoint {
-    pub fn to_bytes(self) -> [u8; 34] {
-        let mut b = [0u8; 34];
+    pub fn to_bytes(self) -> [u8; ENDPOINT_LEN] {
+        let mut b = [0u8; ENDPOINT_LEN];
         b[..4].copy_from_slice(MAGIC);
         b[4..8].copy_from_slice(&self.qpn.to_le_bytes());
         b[8..12].copy_from_slice(&self.psn.to_le_bytes());
         b[12..28].copy_from_slice(&self.gid);
         b[28..30].copy_from_slice(&self.lid.to_le_bytes());
         b[30..34].copy_from_slice(&self.mtu.to_le_bytes());
+        b[34] = self.rd_atomic.0;
+        b[35] = self.rd_atomic.1;
         b
     }
 
-    pub fn from_bytes(b: &[u8; 34]) -> Result<Endpoint, RdmaError> {
+    pub fn from_bytes(b: &[u8; ENDPOINT_LEN]) -> Result<Endpoint, RdmaError> {
         if &b[..4] != MAGIC {
             return Err(RdmaError::Invalid(format!("peer sent {:02x?} instead of a peermem endpoint", &b[..4])));
         }
         let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut gid = [0u8; 16];
         gid.copy_from_slice(&b[12..28]);
-        let ep =
-            Endpoint { qpn: u32_at(4), psn: u32_at(8), gid, lid: u16::from_le_bytes([b[28], b[29]]), mtu: u32_at(30) };
+        let ep = Endpoint {
+            qpn: u32_at(4),
+            psn: u32_at(8),
+            gid,
+            lid: u16::from_le_bytes([b[28], b[29]]),
+            mtu: u32_at(30),
+            rd_atomic: (b[34], b[35]),
+        };
         if ep.qpn == 0 || ep.qpn > 0xff_ffff || ep.psn > 0xff_ffff || !(1..=5).contains(&ep.mtu) {
             return Err(RdmaError::Invalid(format!("peer endpoint out of range: {ep:?}")));
         }
@@ -230,8 +252,9 @@ impl Connection {
             gid: nic.gid(opts.gid_index as i32)?,
             lid: port.lid,
             mtu: port.active_mtu,
+            rd_atomic: rd_atomic(nic, &opts),
         };
-        let mut buf = [0u8; 34];
+        let mut buf = [0u8; ENDPOINT_LEN];
         if client {
             stream.write_all(&local.to_bytes()).map_err(ex)?;
             stream.read_exact(&mut buf).map_err(ex)?;
@@ -240,6 +263,7 @@ impl Connection {
             stream.write_all(&local.to_bytes()).map_err(ex)?;
         }
         let remote = Endpoint::from_bytes(&buf)?;
+        let depth = negotiate(local.rd_atomic, remote.rd_atomic);
         qp.to_rtr(&sys::RtrAttr {
             port: port.port,
             sgid_index: opts.gid_index,
@@ -248,7 +272,7 @@ impl Connection {
             rq_psn: remote.psn,
             dgid: remote.gid,
             dlid: remote.lid,
-            max_dest_rd_atomic: rd_atomic(nic, &opts).0,
+            max_dest_rd_atomic: depth.0,
             min_rnr_timer: 12,
         })
         .map_err(nic.verbs_err("ibv_modify_qp(RTR)"))?;
@@ -257,7 +281,7 @@ impl Connection {
             timeout: opts.ack_timeout,
             retry_cnt: opts.retry_cnt,
             rnr_retry: 7,
-            max_rd_atomic: rd_atomic(nic, &opts).1,
+            max_rd_atomic: depth.1,
         })
         .map_err(nic.verbs_err("ibv_modify_qp(RTS)"))?;
         let mut conn = Connection {
@@ -286,6 +310,12 @@ impl Connection {
     pub fn remote_endpoint(&self) -> Endpoint {
         self.remote
     }
+    /// The READs the QP serves and issues at once, as (responder resources, initiator depth):
+    /// what the two sides agreed, within each device's limits.
+    pub fn rd_atomic(&self) -> Result<(u8, u8), RdmaError> {
+        self.qp.rd_atomic().map_err(|source| RdmaError::Verbs { dev: self.dev.clone(), what: "ibv_query_qp", source })
+    }
+
     /// True while the QP can send (not moved to the error state by a failed completion).
     pub fn is_ready(&self) -> bool {
         matches!(self.qp.state(), Ok(s) if s == sys::qp_state::RTS)
@@ -650,14 +680,23 @@ mod tests {
 
     #[test]
     fn endpoints_round_trip_and_garbage_is_rejected() {
-        let ep = Endpoint { qpn: 17, psn: 0x123456, gid: [0xfe; 16], lid: 0, mtu: 3 };
+        let ep = Endpoint { qpn: 17, psn: 0x123456, gid: [0xfe; 16], lid: 0, mtu: 3, rd_atomic: (16, 4) };
         assert_eq!(Endpoint::from_bytes(&ep.to_bytes()).unwrap(), ep);
-        assert!(Endpoint::from_bytes(&[0u8; 34]).is_err());
+        assert!(Endpoint::from_bytes(&[0u8; ENDPOINT_LEN]).is_err());
         let mut bad = ep.to_bytes();
         bad[30] = 9; // mtu 9 does not exist
         assert!(Endpoint::from_bytes(&bad).is_err());
         let mut bad = ep.to_bytes();
         bad[4..8].copy_from_slice(&0u32.to_le_bytes());
         assert!(Endpoint::from_bytes(&bad).is_err());
+    }
+
+    #[test]
+    fn each_side_serves_what_the_other_issues_and_issues_what_it_serves() {
+        // (responder resources, initiator depth) on each side.
+        assert_eq!(negotiate((16, 16), (16, 16)), (16, 16));
+        assert_eq!(negotiate((16, 16), (4, 1)), (1, 4), "a peer issuing 1 READ is served 1; it serves 4");
+        assert_eq!(negotiate((2, 8), (128, 128)), (2, 8), "never beyond this device");
+        assert_eq!(negotiate((16, 16), (0, 0)), (0, 0), "a peer that takes no READs gets none");
     }
 }

@@ -614,6 +614,18 @@ impl Qp {
         Ok(a.qp_state)
     }
 
+    /// READ depths the QP was given, as (responder resources, initiator depth).
+    pub fn rd_atomic(&self) -> io::Result<(u8, u8)> {
+        use ffi::ibv_qp_attr_mask as M;
+        // SAFETY: all-zero structs are valid out-parameters; the QP is live.
+        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
+        let mask = (M::IBV_QP_MAX_DEST_RD_ATOMIC.0 | M::IBV_QP_MAX_QP_RD_ATOMIC.0) as i32;
+        // SAFETY: as above.
+        rc(unsafe { ffi::ibv_query_qp(self.qp, &mut a, mask, &mut init) })?;
+        Ok((a.max_dest_rd_atomic, a.max_rd_atomic))
+    }
+
     /// Posts one signaled send work request with one scatter/gather entry.
     pub fn post_send(&self, wr_id: u64, op: SendOp, addr: u64, len: u32, lkey: u32) -> io::Result<()> {
         let mut sge = ffi::ibv_sge { addr, length: len, lkey };
@@ -687,6 +699,10 @@ pub struct CmEvent {
     pub private_data: Vec<u8>,
     /// A connect request's new id (on the listener's channel).
     pub new_id: Option<CmId>,
+    /// The READ depths a connect request or response offers, as the peer's (responder
+    /// resources, initiator depth): the READs it serves and issues at once. Zero for other
+    /// events.
+    pub rd_atomic: (u8, u8),
 }
 
 impl CmChannel {
@@ -746,9 +762,17 @@ impl CmChannel {
                 std::slice::from_raw_parts(conn.private_data.cast::<u8>(), conn.private_data_len as usize).to_vec()
             };
             let new_id = (kind == cm_event::CONNECT_REQUEST).then(|| CmId { id: e.id, ch: self.clone() });
+            // The kernel's CM hands them over from the receiver's side (its responder resources
+            // are the peer's initiator depth, and the reverse): turned back to the peer's.
+            let rd_atomic = match kind {
+                cm_event::CONNECT_REQUEST | cm_event::CONNECT_RESPONSE => {
+                    (conn.initiator_depth, conn.responder_resources)
+                }
+                _ => (0, 0),
+            };
             let status = e.status;
             ffi::rdma_ack_cm_event(ev);
-            Ok(Some(CmEvent { kind, name, status, private_data, new_id }))
+            Ok(Some(CmEvent { kind, name, status, private_data, new_id, rd_atomic }))
         }
     }
 }
@@ -985,7 +1009,17 @@ impl Qp {
     /// (path, GIDs, PSNs, remote QPN); `access` is ORed into the INIT access flags, and
     /// `ack_timeout` replaces the RTS local ACK timeout when given. Returns the remote end as
     /// the attributes name it (meaningful from RTR on).
-    pub fn modify_by_cm(&self, id: &CmId, state: u32, access: u32, ack_timeout: Option<u8>) -> io::Result<CmRemote> {
+    /// `rd_atomic` caps the READ depths the CM sets, as (responder resources, initiator depth):
+    /// the CM takes them from the peer's request or answer, which need not fit this device or
+    /// what this side agreed to.
+    pub fn modify_by_cm(
+        &self,
+        id: &CmId,
+        state: u32,
+        access: u32,
+        ack_timeout: Option<u8>,
+        rd_atomic: (u8, u8),
+    ) -> io::Result<CmRemote> {
         // SAFETY: all-zero is a valid ibv_qp_attr.
         let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = state;
@@ -999,6 +1033,13 @@ impl Qp {
         if let (Some(t), true) = (ack_timeout, state == ffi::ibv_qp_state::IBV_QPS_RTS) {
             a.timeout = t;
             mask |= ffi::ibv_qp_attr_mask::IBV_QP_TIMEOUT.0 as libc::c_int;
+        }
+        let has = |m: ffi::ibv_qp_attr_mask| mask & m.0 as libc::c_int != 0;
+        if has(ffi::ibv_qp_attr_mask::IBV_QP_MAX_DEST_RD_ATOMIC) {
+            a.max_dest_rd_atomic = a.max_dest_rd_atomic.min(rd_atomic.0);
+        }
+        if has(ffi::ibv_qp_attr_mask::IBV_QP_MAX_QP_RD_ATOMIC) {
+            a.max_rd_atomic = a.max_rd_atomic.min(rd_atomic.1);
         }
         // SAFETY: the QP is live; `a` and `mask` come from the CM for this state.
         rc(unsafe { ffi::ibv_modify_qp(self.qp, &mut a, mask) })?;

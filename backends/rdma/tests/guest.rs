@@ -68,12 +68,17 @@ fn no_leaks(f: impl FnOnce()) {
 
 /// A connected pair on one NIC over 127.0.0.1.
 fn pair(nic: &Nic, opts: ConnectOpts) -> (Connection, Connection) {
+    pair_with(nic, opts, opts)
+}
+
+/// As `pair`, the server with `server` options, the client with `client`.
+fn pair_with(nic: &Nic, server: ConnectOpts, client: ConnectOpts) -> (Connection, Connection) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     std::thread::scope(|s| {
-        let server = s.spawn(|| Connection::accept(nic, &l, opts));
-        let client = Connection::connect(nic, addr, opts).expect("connect");
-        (server.join().unwrap().expect("accept"), client)
+        let srv = s.spawn(|| Connection::accept(nic, &l, server));
+        let cli = Connection::connect(nic, addr, client).expect("connect");
+        (srv.join().unwrap().expect("accept"), cli)
     })
 }
 
@@ -93,12 +98,22 @@ fn cm_ip() -> std::net::IpAddr {
 
 /// A pair on one NIC connected by rdma_cm; the server offers `offer`.
 fn cm_pair(nic: &Nic, opts: ConnectOpts, offer: Option<peermem_rdma::RemoteBuf>) -> (Connection, Connection) {
+    cm_pair_with(nic, opts, opts, offer)
+}
+
+/// As `cm_pair`, the server with `server` options, the client with `client`.
+fn cm_pair_with(
+    nic: &Nic,
+    server: ConnectOpts,
+    client: ConnectOpts,
+    offer: Option<peermem_rdma::RemoteBuf>,
+) -> (Connection, Connection) {
     let l = CmListener::bind((cm_ip(), 0).into()).expect("rdma_cm listen");
     let addr = l.local_addr();
     std::thread::scope(|s| {
-        let server = s.spawn(|| l.accept(nic, opts, offer));
-        let client = Connection::connect_cm(nic, addr, opts).expect("rdma_cm connect");
-        (server.join().unwrap().expect("rdma_cm accept"), client)
+        let srv = s.spawn(|| l.accept(nic, server, offer));
+        let cli = Connection::connect_cm(nic, addr, client).expect("rdma_cm connect");
+        (srv.join().unwrap().expect("rdma_cm accept"), cli)
     })
 }
 
@@ -446,6 +461,46 @@ fn rdma_cm_connects_and_the_offered_buffer_takes_writes_and_reads() {
         client.send(Local::new(&smr, 0, 100).unwrap()).unwrap();
         assert_eq!(server.wait_recv().unwrap(), 100);
         assert!(matches!(server.send_oob(b"x"), Err(RdmaError::Invalid(_))), "no TCP stream on an rdma_cm connection");
+    });
+}
+
+#[test]
+fn read_depths_are_agreed_by_both_sides_over_rdma_cm_and_tcp() {
+    let nic = nic();
+    let reg = registry();
+    let shallow = ConnectOpts { rd_atomic: 2, ..ConnectOpts::default() };
+    no_leaks(|| {
+        // (responder resources, initiator depth) of the server's QP, then of the client's.
+        let depths = |(server, client): (Connection, Connection)| {
+            (server.rd_atomic().unwrap(), client.rd_atomic().unwrap(), server, client)
+        };
+        let (s, c, _, _) = depths(cm_pair(&nic, ConnectOpts::default(), None));
+        assert_eq!((s, c), ((16, 16), (16, 16)), "rxe takes the default 16 each way");
+        for (what, (s, c, server, mut client)) in [
+            ("rdma_cm, shallow client", depths(cm_pair_with(&nic, ConnectOpts::default(), shallow, None))),
+            ("rdma_cm, shallow server", depths(cm_pair_with(&nic, shallow, ConnectOpts::default(), None))),
+            ("tcp, shallow client", depths(pair_with(&nic, ConnectOpts::default(), shallow))),
+            ("tcp, shallow server", depths(pair_with(&nic, shallow, ConnectOpts::default()))),
+        ] {
+            assert_eq!((s, c), ((2, 2), (2, 2)), "{what}: neither side goes beyond the shallower one");
+            // Many READs at once still complete: no side issues more than the other serves.
+            let src = host(1 << 20, 0x5a);
+            let smr = nic.register(&reg, src, Access::REMOTE_READ).unwrap();
+            let dst = host(1 << 20, 0);
+            let dmr = nic.register(&reg, dst.clone(), Access::LOCAL_WRITE).unwrap();
+            let remote = smr.remote();
+            for i in 0..16u64 {
+                let (off, len) = (i << 16, 1u32 << 16);
+                let src = remote.slice(off, len.into()).unwrap();
+                client.post_read(Local::new(&dmr, off, len).unwrap(), src).unwrap();
+            }
+            let done = client.wait_send(16).unwrap_or_else(|e| panic!("{what}: 16 READs at depth 2: {e}"));
+            assert_eq!(done.len(), 16, "{what}");
+            let mut got = vec![0u8; 1 << 20];
+            dst.read_at(0, &mut got).unwrap();
+            assert!(got.iter().all(|&b| b == 0x5a), "{what}: every READ landed");
+            drop(server);
+        }
     });
 }
 
