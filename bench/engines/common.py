@@ -11,6 +11,7 @@ Block b's 8-byte word k is ((b << 40) ^ k) * 0x9e3779b97f4a7c15 mod 2**64, littl
 """
 import argparse
 import json
+import select
 import socket
 import struct
 import sys
@@ -122,6 +123,18 @@ class Control:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.5)
+
+    def closed(self):
+        """True once the peer closed the channel (a client that failed and exited): a server
+        waiting for it stops waiting. Never blocks."""
+        # A socket with a timeout waits for data before any recv, whatever its flags: select
+        # first, peek only at what is there.
+        if not select.select([self.s], [], [], 0)[0]:
+            return False
+        try:
+            return self.s.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def send(self, data):
         if isinstance(data, str):

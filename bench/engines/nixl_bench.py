@@ -52,6 +52,8 @@ def server(a):
     while not ag.check_remote_xfer_done(peer, b"batch"):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no notification from {peer} within {a.timeout} s")
+        if ctl.closed():
+            raise ConnectionError(f"{peer} closed the control channel before its notification")
         time.sleep(0.001)
     if a.op == "write":
         ok, untouched = common.verified_server(buf, a.blocks, a.block_size, a.want)

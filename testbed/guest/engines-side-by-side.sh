@@ -7,6 +7,9 @@
 # (PEERMEM_ENGINE_MIB, default 64):
 #   one      one M MiB block (out of a 2M MiB buffer)
 #   blocks   4M blocks of 256 KiB scattered among 8M slots of a 2M MiB buffer (M = 64: 256 blocks)
+# Each phase starts with one small untimed transfer per engine (warmup), and each round starts
+# with another engine (round 1 with peermem, round 2 with NIXL, ...): the first transfers of a
+# boot are the slowest, whichever engine runs them.
 # Phase 1, one rail: rxe1 is deleted on both hosts, so every engine (and peermem's export) sees
 # rxe0 only. Phase 2, two rails: rxe1 is added back. Before phase 2's rounds, one small Mooncake
 # run without MC_ENABLE_DEST_DEVICE_AFFINITY shows what its default pairing does on two links.
@@ -30,6 +33,7 @@ mkdir -p "$LOGS"
 W_one="--blocks 1 --block-size $((MIB << 20)) --want 1"
 W_blocks="--blocks $((MIB * 8)) --block-size 262144 --want $((MIB * 4))"
 W_probe="--blocks 64 --block-size 65536 --want 32"
+W_warmup=$W_probe
 # NIXL: its wheel's libibverbs finds Debian's rxe provider through the venv's link (see
 # bench/engines/install); UCX needs its `ib` module (rc_verbs, ud_verbs) for rxe, and its EFA
 # module is left out (it crashes the process at exit on a machine with libefa).
@@ -89,14 +93,32 @@ one() {
   [ $rc -eq 0 ] || grep -E '^[EF][0-9]|rror|ailed' "$log" | tail -n 15
 }
 
-# phase RAILS: the topology file, then the rounds.
+ENGINES="peermem nixl mooncake mooncake-topo"
+
+# rotated K: the engines, starting with the K-th (mod 4), so that no engine always runs first.
+rotated() {
+  k=$(($1 % 4)) head="" tail=""
+  n=0
+  for e in $ENGINES; do
+    if [ $n -lt $k ]; then tail="$tail $e"; else head="$head $e"; fi
+    n=$((n + 1))
+  done
+  echo $head $tail
+}
+
+# phase RAILS: the topology file, one untimed small transfer per engine (the first runs of a
+# boot pay for code and memory the emulator meets for the first time), then the rounds, each
+# starting with another engine.
 phase() {
   TOPO=/tmp/mooncake-topo-$1.json
   $PM export --mooncake-topo "$TOPO" >/dev/null 2>&1 || { echo "$PEERMEM_HOST: export --mooncake-topo failed"; exit 1; }
   echo "TOPO rails=$1 host=$PEERMEM_HOST $(tr -d ' \n' <"$TOPO")"
+  for engine in $ENGINES; do
+    one "$1" 0 warmup "$engine"
+  done
   for i in $(seq "$ROUNDS"); do
     for wl in one blocks; do
-      for engine in peermem nixl mooncake mooncake-topo; do
+      for engine in $(rotated $((i - 1))); do
         one "$1" "$i" "$wl" "$engine"
       done
     done
