@@ -19,10 +19,12 @@
 # and the retries it counted, so how often the link lost packets under that engine's load).
 # Control channels and metadata: TCP on link 1 (PEERMEM_PEER_IP), a fresh port per run.
 # Needs (host side, see bench/engines/run): target/release/{peermem,examples/kv_transfer} and
-# the venv of bench/engines/install ($PEERMEM_ENGINES_VENV). PEERMEM_ENGINE_ROUNDS (default 3).
+# the venv of bench/engines/install ($PEERMEM_ENGINES_VENV). PEERMEM_ENGINE_ROUNDS (default 3),
+# PEERMEM_ENGINE_PHASES (default "1 2": which phases run).
 set -u
 ROUNDS=${PEERMEM_ENGINE_ROUNDS:-3}
 MIB=${PEERMEM_ENGINE_MIB:-64}
+PHASES=${PEERMEM_ENGINE_PHASES:-1 2}
 V=${PEERMEM_ENGINES_VENV:?bench/engines/run sets PEERMEM_ENGINES_VENV}
 PY=$V/bin/python
 KV=target/release/examples/kv_transfer
@@ -136,10 +138,14 @@ wait_active() {
 
 case ${PEERMEM_HOST:-} in A | B) ;; *) echo "run me through testbed/run2 --nics 2 (bench/engines/run)" >&2; exit 2 ;; esac
 [ -x "$PY" ] && [ -x "$KV" ] && [ -x "$PM" ] || { echo "missing $PY, $KV or $PM (bench/engines/run builds them)" >&2; exit 2; }
-rdma link delete rxe1 || exit 1
-phase 1
-rdma link add rxe1 type rxe netdev "$PEERMEM_NETDEV1" || exit 1
-wait_active rxe1
-one 2 0 probe mooncake MC_GID_INDEX=1
-phase 2
+case " $PHASES " in *" 1 "*)
+  rdma link delete rxe1 || exit 1
+  phase 1
+  rdma link add rxe1 type rxe netdev "$PEERMEM_NETDEV1" || exit 1
+  wait_active rxe1 ;;
+esac
+case " $PHASES " in *" 2 "*)
+  one 2 0 probe mooncake MC_GID_INDEX=1
+  phase 2 ;;
+esac
 echo "$PEERMEM_HOST: done"
