@@ -5,11 +5,13 @@
 #   1. every byte verified, A notified, both rails carry bytes
 #   1w. the same with B writing its blocks into A's slots: A checks every byte, and that nothing
 #      outside the written blocks changed
-#   2. B takes its second link down mid-batch (256 blocks): every byte still verified, A notified, the report
-#      names the failed rail
+#   2. B takes its second link down mid-batch (512 blocks, so that the batch outlasts starting
+#      `ip` under emulation): every byte still verified, A notified, the report names the
+#      failed rail
 #   3. A unregisters its blocks mid-batch: B's batch fails with the peer's access error
 #   4. A's process exits mid-batch: B's batch fails within seconds, the peer gone (or its access
-#      error), long before the engine's bound
+#      error), long before the engine's bound. A's host stays up a while after it: a process
+#      that ends tells the peer (its kernel disconnects), a guest that powers off at once may not
 # Writes go 16 deep (see rdma-two-hosts.sh: the UDP links drop datagrams at 64 under load).
 # Usage (from the checkout, after `cargo build -p peermem-examples --example kv_transfer`):
 #   testbed/run2 --nics 2 switch -- testbed/guest/kv-two-hosts.sh -- testbed/guest/kv-two-hosts.sh
@@ -29,9 +31,10 @@ case ${PEERMEM_HOST:-} in
     S="$E server --blocks 256 --block-size 65536"
     $S || exit 1
     $S || exit 1
-    $S || exit 1
+    $S --blocks 512 || exit 1
     $S --fault unregister || exit 1
     $S --fault exit
+    sleep 20
     ;;
   B)
     client "two rails"
@@ -40,7 +43,7 @@ case ${PEERMEM_HOST:-} in
     client "two rails, write" --op write
     need '.op == "write" and .verified and .untouched and .notified' "two rails, write"
     need '[.rails[] | select(.bytes > 0)] | length == 2' "two rails, write"
-    client "link down" --want 256 --fault "link-down=$PEERMEM_NETDEV1"
+    client "link down" --want 512 --timeout 120 --fault "link-down=$PEERMEM_NETDEV1"
     need '.verified and .notified' "link down"
     need '[.rails[] | select(.state == "failed")] | length == 1' "link down"
     # The link is up again; rxe's port follows it.
