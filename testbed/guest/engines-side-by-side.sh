@@ -97,9 +97,12 @@ one() {
 
 ENGINES="peermem nixl mooncake mooncake-topo"
 
-# rotated K: the engines, starting with the K-th (mod 4), so that no engine always runs first.
+# rotated K: the engines, starting with the K-th (modulo their number), so that no engine
+# always runs first.
 rotated() {
-  k=$(($1 % 4)) head="" tail=""
+  # shellcheck disable=SC2086
+  set -- $1 $ENGINES
+  k=$(($1 % ($# - 1))) head="" tail=""
   n=0
   for e in $ENGINES; do
     if [ $n -lt $k ]; then tail="$tail $e"; else head="$head $e"; fi

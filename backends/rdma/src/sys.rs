@@ -605,24 +605,25 @@ impl Qp {
         )
     }
 
-    /// Current state (`ibv_qp_state` value).
-    pub fn state(&self) -> io::Result<u32> {
+    /// The QP's attributes named by `mask` (`ibv_qp_attr_mask` bits).
+    fn query(&self, mask: u32) -> io::Result<ffi::ibv_qp_attr> {
         // SAFETY: all-zero structs are valid out-parameters; the QP is live.
         let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
         let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        rc(unsafe { ffi::ibv_query_qp(self.qp, &mut a, ffi::ibv_qp_attr_mask::IBV_QP_STATE.0 as i32, &mut init) })?;
-        Ok(a.qp_state)
+        // SAFETY: as above.
+        rc(unsafe { ffi::ibv_query_qp(self.qp, &mut a, mask as i32, &mut init) })?;
+        Ok(a)
+    }
+
+    /// Current state (`ibv_qp_state` value).
+    pub fn state(&self) -> io::Result<u32> {
+        Ok(self.query(ffi::ibv_qp_attr_mask::IBV_QP_STATE.0)?.qp_state)
     }
 
     /// READ depths the QP was given, as (responder resources, initiator depth).
     pub fn rd_atomic(&self) -> io::Result<(u8, u8)> {
         use ffi::ibv_qp_attr_mask as M;
-        // SAFETY: all-zero structs are valid out-parameters; the QP is live.
-        let mut a: ffi::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        let mut init: ffi::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
-        let mask = (M::IBV_QP_MAX_DEST_RD_ATOMIC.0 | M::IBV_QP_MAX_QP_RD_ATOMIC.0) as i32;
-        // SAFETY: as above.
-        rc(unsafe { ffi::ibv_query_qp(self.qp, &mut a, mask, &mut init) })?;
+        let a = self.query(M::IBV_QP_MAX_DEST_RD_ATOMIC.0 | M::IBV_QP_MAX_QP_RD_ATOMIC.0)?;
         Ok((a.max_dest_rd_atomic, a.max_rd_atomic))
     }
 
